@@ -1,0 +1,50 @@
+"""Training data: JSON Lines with one ``{"source": str, "target": str}`` object per line."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+
+from loraexport.errors import DataFormatError
+from loraexport.io import require_file
+
+Pair = tuple[str, str]
+
+
+def read_pairs(path: str | Path) -> list[Pair]:
+    p = require_file(path, "data file")
+    pairs: list[Pair] = []
+    with open(p, encoding="utf-8") as f:
+        for n, line in enumerate(f, 1):
+            if not line.strip():
+                continue
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise DataFormatError(f"{p}:{n}: not valid JSON ({e.msg})") from e
+            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("source", "target")):
+                raise DataFormatError(f'{p}:{n}: expected {{"source": str, "target": str}}')
+            pairs.append((obj["source"], obj["target"]))
+    if not pairs:
+        raise DataFormatError(f"{p}: no examples")
+    return pairs
+
+
+def write_pairs(path: str | Path, pairs: list[Pair]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        for s, t in pairs:
+            f.write(json.dumps({"source": s, "target": t}) + "\n")
+
+
+def split(pairs: list[Pair], eval_fraction: float, seed: int) -> tuple[list[Pair], list[Pair]]:
+    """Deterministic held-out split; sources in the eval part never appear in training."""
+    if not 0 < eval_fraction < 1:
+        raise DataFormatError(f"eval fraction must be in (0, 1), got {eval_fraction}")
+    sources = sorted({s for s, _ in pairs})
+    random.Random(seed).shuffle(sources)
+    held = set(sources[: max(1, int(len(sources) * eval_fraction))])
+    train = [p for p in pairs if p[0] not in held]
+    if not train:
+        raise DataFormatError("data set too small to hold out an evaluation split")
+    return train, [p for p in pairs if p[0] in held]

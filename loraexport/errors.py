@@ -1,0 +1,68 @@
+"""One exception hierarchy for everything a user can get wrong.
+
+Library code raises these; only ``cli.py`` turns them into one line on stderr and the
+exit code that each class carries (documented in README.md).
+"""
+
+from __future__ import annotations
+
+EXIT_OK = 0
+EXIT_INTERNAL = 1
+EXIT_USAGE = 2
+EXIT_INVALID_INPUT = 3
+EXIT_VERIFICATION_FAILED = 4
+EXIT_INTERRUPTED = 130
+
+
+class LoraExportError(Exception):
+    """Base class of loraexport's own errors. Unexpected ones (bugs) exit with 1."""
+
+    exit_code = EXIT_INTERNAL
+
+
+class InvalidInputError(LoraExportError):
+    """Input files, formats or arguments that cannot be used (exit 3)."""
+
+    exit_code = EXIT_INVALID_INPUT
+
+
+class InputNotFoundError(InvalidInputError):
+    """A path given on the command line does not exist or cannot be read."""
+
+
+class ModelFormatError(InvalidInputError):
+    """A model directory that is not one loraexport can load."""
+
+
+class AdapterFormatError(InvalidInputError):
+    """An adapter directory whose files are missing, unreadable or malformed."""
+
+
+class UnsupportedAdapterError(InvalidInputError):
+    """An adapter that uses a PEFT feature loraexport does not implement (DoRA, ...)."""
+
+
+class AdapterMismatchError(InvalidInputError):
+    """An adapter that does not fit the base model (module missing, shape mismatch)."""
+
+
+class DataFormatError(InvalidInputError):
+    """A training or evaluation data file that cannot be used."""
+
+
+class OutputExistsError(InvalidInputError):
+    """The output path exists and ``--force`` was not given."""
+
+
+class OutputNotWritableError(InvalidInputError):
+    """The output location cannot be written (permissions, full disk)."""
+
+
+class ExportError(LoraExportError):
+    """torch.onnx could not export the model (exit 1: report it, it is our bug or torch's)."""
+
+
+class VerificationFailedError(LoraExportError):
+    """Parity failed; the report has been written (exit 4)."""
+
+    exit_code = EXIT_VERIFICATION_FAILED

@@ -1,0 +1,132 @@
+"""File helpers shared by every stage: JSON, safetensors, hashes and atomic output dirs."""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+
+from loraexport.errors import (
+    InputNotFoundError,
+    InvalidInputError,
+    OutputExistsError,
+    OutputNotWritableError,
+)
+
+
+def require_dir(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise InputNotFoundError(f"{what} not found: {p}")
+    if not p.is_dir():
+        raise InputNotFoundError(f"{what} must be a directory: {p}")
+    if not os.access(p, os.R_OK | os.X_OK):
+        raise InputNotFoundError(f"{what} is not readable: {p}")
+    return p
+
+
+def require_file(path: str | Path, what: str) -> Path:
+    p = Path(path)
+    if not p.is_file():
+        raise InputNotFoundError(f"{what} not found: {p}")
+    if not os.access(p, os.R_OK):
+        raise InputNotFoundError(f"{what} is not readable: {p}")
+    return p
+
+
+def read_json(path: Path, error: type[InvalidInputError]) -> Any:
+    """Parse a JSON file; a missing file or bad JSON raises ``error`` naming the file."""
+    if not path.is_file():
+        raise error(f"{path.name} not found in {path.parent}")
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise error(f"{path}: not valid JSON ({e})") from e
+
+
+def write_json(path: Path, data: Any) -> None:
+    path.write_text(json.dumps(data, indent=2, sort_keys=False) + "\n", encoding="utf-8")
+
+
+def load_safetensors(path: Path, error: type[InvalidInputError]) -> dict[str, torch.Tensor]:
+    """All tensors of a safetensors file; a truncated or corrupt file raises ``error``."""
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise error(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sha256_dir(path: Path) -> str:
+    """One digest over every file in a directory (names and contents, sorted by name)."""
+    h = hashlib.sha256()
+    for f in sorted(p for p in path.rglob("*") if p.is_file()):
+        h.update(str(f.relative_to(path)).encode())
+        h.update(sha256_file(f).encode())
+    return h.hexdigest()
+
+
+def check_output(path: str | Path, force: bool) -> Path:
+    """Refuse an existing output unless ``force``; check its parent can be written."""
+    p = Path(path)
+    if p.exists() and not force:
+        raise OutputExistsError(f"output exists: {p} (pass --force to replace it)")
+    parent = p.absolute().parent
+    if not parent.is_dir():
+        raise OutputNotWritableError(f"output's parent directory does not exist: {parent}")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise OutputNotWritableError(f"cannot write to {parent} (permission denied)")
+    return p
+
+
+@contextlib.contextmanager
+def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``path``; rename it to ``path`` only on success.
+
+    On any exception (including KeyboardInterrupt) the temporary folder is removed and the
+    previous ``path``, if any, is left exactly as it was. A full disk becomes
+    ``OutputNotWritableError``.
+    """
+    final = check_output(path, force)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.absolute().parent))
+    try:
+        yield tmp
+        if final.exists():
+            old = final.with_name(f".{final.name}.old-{os.getpid()}")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise OutputNotWritableError(f"no space left on device while writing {final}") from e
+        if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            raise OutputNotWritableError(f"cannot write {final}: {e.strerror}") from e
+        raise
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise

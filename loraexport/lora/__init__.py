@@ -1,0 +1,1 @@
+"""LoRA: config, layer, injection, adapter files and the merge math."""

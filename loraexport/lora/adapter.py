@@ -1,0 +1,188 @@
+"""``Adapter``: a ``LoraConfig`` plus ``{module_path: (A, B)}``, in PEFT's on-disk layout.
+
+A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
+``base_model.model.<module path>.lora_A.weight`` (r × in) and ``...lora_B.weight`` (out × r),
+exactly as ``peft.PeftModel.save_pretrained`` writes them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loraexport.errors import AdapterFormatError, AdapterMismatchError
+from loraexport.io import (
+    load_safetensors,
+    read_json,
+    require_dir,
+    save_safetensors,
+    sha256_dir,
+    write_json,
+)
+from loraexport.lora.config import LoraConfig
+from loraexport.lora.inject import inject, lora_layers, suggest, target_names
+
+CONFIG_NAME = "adapter_config.json"
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_NAME = "adapter_model.bin"
+PREFIX = "base_model.model."
+_KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+
+
+@dataclass
+class Adapter:
+    """A LoRA adapter: ``weights[path] = (A, B)`` with A (r × in), B (out × r)."""
+
+    config: LoraConfig
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    path: Path | None = None
+
+    # ---- reading ----------------------------------------------------------------------
+    @classmethod
+    def load(cls, directory: str | Path, allow_pickle: bool = False) -> Adapter:
+        """Read a PEFT adapter directory; every problem is an error naming the file or key."""
+        d = require_dir(directory, "adapter directory")
+        config = LoraConfig.from_dict(read_json(d / CONFIG_NAME, AdapterFormatError))
+        tensors = _read_tensors(d, allow_pickle)
+        weights: dict[str, dict[str, torch.Tensor]] = {}
+        for key, t in tensors.items():
+            m = _KEY.match(key)
+            if m is None:
+                raise AdapterFormatError(
+                    f"{d / WEIGHTS_NAME}: unexpected tensor {key!r} (expected "
+                    f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight')"
+                )
+            weights.setdefault(m["path"], {})[m["which"]] = t
+        if not weights:
+            raise AdapterFormatError(f"{d / WEIGHTS_NAME}: holds no LoRA tensors")
+        pairs = {}
+        for path, ab in sorted(weights.items()):
+            for which in "AB":
+                if which not in ab:
+                    raise AdapterFormatError(f"adapter: tensor missing: '{PREFIX}{path}.lora_{which}.weight'")
+            pairs[path] = (ab["A"], ab["B"])
+        adapter = cls(config, pairs, d)
+        adapter.validate()
+        return adapter
+
+    def validate(self) -> None:
+        """Shapes consistent with the config's ranks; values finite."""
+        for path, (a, b) in self.weights.items():
+            if a.ndim != 2 or b.ndim != 2:
+                raise AdapterFormatError(
+                    f"adapter: {path}: lora_A and lora_B must be matrices, got shapes "
+                    f"{tuple(a.shape)} and {tuple(b.shape)}"
+                )
+            if a.shape[0] != b.shape[1]:
+                raise AdapterFormatError(
+                    f"adapter: {path}: rank mismatch, lora_A is {tuple(a.shape)} (r × in) but "
+                    f"lora_B is {tuple(b.shape)} (out × r)"
+                )
+            r = self.config.rank(path)
+            if a.shape[0] != r:
+                raise AdapterFormatError(
+                    f"adapter: {path}: tensors have rank {a.shape[0]} but adapter_config.json "
+                    f"gives r={r} for this module"
+                )
+            for which, t in (("A", a), ("B", b)):
+                if not t.is_floating_point():
+                    raise AdapterFormatError(f"adapter: {path}.lora_{which}: dtype {t.dtype} is not floating point")
+                if not torch.isfinite(t).all():
+                    raise AdapterFormatError(
+                        f"adapter: '{PREFIX}{path}.lora_{which}.weight' contains NaN or Inf; refusing to merge"
+                    )
+
+    def check_fits(self, model: nn.Module) -> None:
+        """The adapter's modules are exactly the model's targeted linears, with fitting shapes."""
+        modules = dict(model.named_modules())
+        known = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
+        for path, (a, b) in self.weights.items():
+            mod = modules.get(path)
+            if not isinstance(mod, nn.Linear):
+                raise AdapterMismatchError(
+                    f"adapter module {path!r} is not a linear layer of the base model{suggest(path, known)}"
+                )
+            out_f, in_f = mod.out_features, mod.in_features
+            if a.shape[1] != in_f or b.shape[0] != out_f:
+                raise AdapterMismatchError(
+                    f"adapter module {path!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
+                    f"fit a linear layer of {in_f} -> {out_f} features"
+                )
+        expected = set(target_names(model, self.config))
+        missing = sorted(expected - set(self.weights))
+        if missing:
+            raise AdapterFormatError(
+                f"adapter: tensor missing for targeted module {missing[0]!r} "
+                f"('{PREFIX}{missing[0]}.lora_A.weight'); {len(missing)} module(s) missing in all"
+            )
+        extra = sorted(set(self.weights) - expected)
+        if extra:
+            raise AdapterMismatchError(
+                f"adapter holds tensors for {extra[0]!r}, which adapter_config.json's target_modules "
+                f"{self.config.target_modules!r} does not target"
+            )
+
+    # ---- writing ----------------------------------------------------------------------
+    def save(self, directory: str | Path) -> None:
+        """Write PEFT's layout into an existing (empty) directory."""
+        d = Path(directory)
+        write_json(d / CONFIG_NAME, self.config.to_dict())
+        tensors = {}
+        for path, (a, b) in self.weights.items():
+            tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach().cpu()
+            tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().cpu()
+        save_safetensors(d / WEIGHTS_NAME, tensors)
+
+    # ---- model interplay --------------------------------------------------------------
+    @classmethod
+    def from_model(cls, model: nn.Module, config: LoraConfig) -> Adapter:
+        """Collect the (trained) A and B of every ``LoRALinear`` in ``model``."""
+        return cls(config, {p: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+                            for p, m in lora_layers(model).items()})
+
+    def apply(self, model: nn.Module) -> nn.Module:
+        """Inject LoRA branches into ``model`` (in place) and load this adapter's tensors.
+
+        The result is the *unmerged* model: base weights untouched, LoRA active.
+        """
+        self.check_fits(model)
+        layers = inject(model, self.config)
+        with torch.no_grad():
+            for path, layer in layers.items():
+                a, b = self.weights[path]
+                layer.lora_A.copy_(a.to(layer.lora_A.dtype))
+                layer.lora_B.copy_(b.to(layer.lora_B.dtype))
+        return model
+
+    @property
+    def num_parameters(self) -> int:
+        return sum(a.numel() + b.numel() for a, b in self.weights.values())
+
+    def sha256(self) -> str:
+        if self.path is None:
+            raise ValueError("adapter was not loaded from a directory")
+        return sha256_dir(self.path)
+
+
+def _read_tensors(d: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
+    st, pkl = d / WEIGHTS_NAME, d / PICKLE_NAME
+    if st.is_file():
+        return load_safetensors(st, AdapterFormatError)
+    if pkl.is_file():
+        if not allow_pickle:
+            raise AdapterFormatError(
+                f"{pkl}: pickle adapter files are not loaded by default (they can run code); "
+                "convert it to safetensors, or pass --allow-pickle to load it with weights_only=True"
+            )
+        try:
+            data = torch.load(pkl, map_location="cpu", weights_only=True)
+        except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
+            raise AdapterFormatError(f"{pkl}: cannot be loaded with weights_only=True ({e})") from e
+        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
+            raise AdapterFormatError(f"{pkl}: does not hold a dict of tensors")
+        return data
+    raise AdapterFormatError(f"{WEIGHTS_NAME} not found in {d}")

@@ -1,0 +1,72 @@
+"""Wrap and unwrap target ``nn.Linear`` modules of a model with ``LoRALinear``."""
+
+from __future__ import annotations
+
+import difflib
+
+from torch import nn
+
+from loraexport.errors import AdapterMismatchError
+from loraexport.lora.config import LoraConfig
+from loraexport.lora.layer import LoRALinear
+
+
+def linear_names(model: nn.Module) -> list[str]:
+    """Module paths of every plain ``nn.Linear`` in ``model``."""
+    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+
+
+def target_names(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Module paths that ``config`` targets, matched as PEFT matches them.
+
+    Raises ``AdapterMismatchError`` when nothing matches (a typo in ``target_modules`` must not
+    silently train or merge nothing).
+    """
+    names = [n for n in linear_names(model) if config.matches(n)]
+    if not names:
+        candidates = sorted({n.rsplit(".", 1)[-1] for n in linear_names(model)})
+        raise AdapterMismatchError(
+            f"target_modules {config.target_modules!r} match no linear layer of the model "
+            f"(its linear layers are named {', '.join(candidates)})"
+        )
+    return names
+
+
+def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
+    parent_path, _, child = path.rpartition(".")
+    return (model.get_submodule(parent_path) if parent_path else model), child
+
+
+def suggest(path: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(path, known, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def inject(model: nn.Module, config: LoraConfig) -> dict[str, LoRALinear]:
+    """Replace each targeted ``nn.Linear`` of ``model`` in place by a ``LoRALinear``.
+
+    Every base parameter is frozen (including those not targeted); only ``lora_A`` and
+    ``lora_B`` are trainable. Returns ``{module_path: LoRALinear}``.
+    """
+    for p in model.parameters():
+        p.requires_grad_(False)
+    wrapped: dict[str, LoRALinear] = {}
+    for path in target_names(model, config):
+        parent, child = _parent(model, path)
+        base = getattr(parent, child)
+        layer = LoRALinear(base, config.rank(path), config.scaling(path), config.lora_dropout)
+        setattr(parent, child, layer)
+        wrapped[path] = layer
+    return wrapped
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def unwrap(model: nn.Module) -> nn.Module:
+    """Put every wrapped base ``nn.Linear`` back, dropping the LoRA branches (no merge)."""
+    for path, layer in lora_layers(model).items():
+        parent, child = _parent(model, path)
+        setattr(parent, child, layer.base_layer)
+    return model

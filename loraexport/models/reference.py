@@ -1,0 +1,163 @@
+"""Loading, saving, tokenising and greedy decoding for the reference Transformer.
+
+A model directory is ``config.json`` (``TransformerConfig``) + ``model.safetensors``.
+Tokens are single characters from ``config.vocab``; ids 0-3 are ``<pad> <bos> <eos> <sep>``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+
+from loraexport.errors import DataFormatError, ModelFormatError
+from loraexport.io import load_safetensors, read_json, require_dir, save_safetensors, write_json
+from loraexport.models.transformer import Transformer, TransformerConfig
+
+PAD, BOS, EOS, SEP = 0, 1, 2, 3
+SPECIALS = ["<pad>", "<bos>", "<eos>", "<sep>"]
+MODEL_TYPE = "loraexport-transformer"
+WEIGHTS = "model.safetensors"
+
+
+def is_reference_dir(directory: Path) -> bool:
+    cfg = directory / "config.json"
+    try:
+        return cfg.is_file() and read_json(cfg, ModelFormatError).get("model_type") == MODEL_TYPE
+    except (ModelFormatError, AttributeError):
+        return False
+
+
+def load_model(directory: str | Path) -> Transformer:
+    """Read ``config.json`` + ``model.safetensors`` into a ``Transformer`` (strict), in eval mode."""
+    d = require_dir(directory, "model directory")
+    raw = read_json(d / "config.json", ModelFormatError)
+    if not isinstance(raw, dict) or raw.get("model_type") != MODEL_TYPE:
+        raise ModelFormatError(f"{d / 'config.json'}: model_type is not {MODEL_TYPE!r}")
+    try:
+        config = TransformerConfig.from_dict(raw)
+    except (TypeError, ValueError) as e:
+        raise ModelFormatError(f"{d / 'config.json'}: {e}") from e
+    if not (d / WEIGHTS).is_file():
+        raise ModelFormatError(f"{WEIGHTS} not found in {d}")
+    state = load_safetensors(d / WEIGHTS, ModelFormatError)
+    model = Transformer(config)
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as e:
+        first = str(e).strip().splitlines()
+        raise ModelFormatError(f"{d / WEIGHTS} does not match config.json: {' '.join(first[:2])}") from e
+    return model.eval()
+
+
+def save_model(model: Transformer, directory: str | Path) -> None:
+    d = Path(directory)
+    write_json(d / "config.json", model.config.to_dict())
+    save_safetensors(d / WEIGHTS, {k: v.detach().cpu() for k, v in model.state_dict().items()})
+
+
+# ---- text ↔ ids --------------------------------------------------------------------------
+class Vocab:
+    def __init__(self, tokens: list[str]) -> None:
+        if tokens[: len(SPECIALS)] != SPECIALS:
+            raise ModelFormatError(f"vocab must start with {SPECIALS}, got {tokens[:4]}")
+        self.tokens = tokens
+        self.index = {t: i for i, t in enumerate(tokens)}
+
+    def encode(self, text: str, where: str = "") -> list[int]:
+        try:
+            return [self.index[ch] for ch in text]
+        except KeyError as e:
+            raise DataFormatError(f"{where}character {e.args[0]!r} is not in the model's vocabulary") from e
+
+    def decode(self, ids: list[int]) -> str:
+        out = []
+        for i in ids:
+            if i == EOS:
+                break
+            if i >= len(SPECIALS):
+                out.append(self.tokens[i])
+        return "".join(out)
+
+
+def batch_encode(
+    config: TransformerConfig, pairs: list[tuple[str, str]]
+) -> dict[str, torch.Tensor]:
+    """Teacher-forcing tensors for (source, target) text pairs, right-padded.
+
+    Returns ``input_ids``, ``attention_mask``, ``labels`` (−100 where no loss) and, for an
+    encoder-decoder, ``decoder_input_ids``.
+    """
+    vocab = Vocab(config.vocab)
+    srcs = [vocab.encode(s) for s, _ in pairs]
+    tgts = [vocab.encode(t) for _, t in pairs]
+    if config.is_encoder_decoder:
+        enc = [s + [EOS] for s in srcs]
+        dec = [[BOS] + t for t in tgts]
+        lab = [t + [EOS] for t in tgts]
+        out = _pad(enc, PAD)
+        out["decoder_input_ids"] = _pad(dec, PAD)["input_ids"]
+        out["labels"] = _pad(lab, -100)["input_ids"]
+        return out
+    seqs, labels = [], []
+    for s, t in zip(srcs, tgts, strict=True):
+        prompt = [BOS] + s + [SEP]
+        seqs.append(prompt + t)
+        labels.append([-100] * (len(prompt) - 1) + t + [EOS])
+    out = _pad(seqs, PAD)
+    out["labels"] = _pad(labels, -100)["input_ids"]
+    return out
+
+
+def _pad(seqs: list[list[int]], value: int) -> dict[str, torch.Tensor]:
+    n = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), n), value, dtype=torch.long)
+    mask = torch.zeros((len(seqs), n), dtype=torch.long)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)] = torch.tensor(s, dtype=torch.long)
+        mask[i, : len(s)] = 1
+    return {"input_ids": ids, "attention_mask": mask}
+
+
+def prompt_ids(config: TransformerConfig, sources: list[str]) -> dict[str, torch.Tensor]:
+    """Inputs for generation: the source (enc-dec) or ``<bos> source <sep>`` (decoder-only).
+
+    Decoder-only prompts must have equal length (callers group by length): positions are
+    counted from the first token, so left padding would shift them.
+    """
+    vocab = Vocab(config.vocab)
+    if config.is_encoder_decoder:
+        return _pad([vocab.encode(s) + [EOS] for s in sources], PAD)
+    seqs = [[BOS] + vocab.encode(s) + [SEP] for s in sources]
+    if len({len(s) for s in seqs}) > 1:
+        raise ValueError("decoder-only prompts in one batch must have equal length")
+    return _pad(seqs, PAD)
+
+
+@torch.no_grad()
+def greedy_generate(model: Transformer, inputs: dict[str, torch.Tensor], max_new_tokens: int) -> torch.Tensor:
+    """Greedy decoding with the KV cache; returns new token ids (B, max_new_tokens).
+
+    Rows keep decoding after their ``<eos>`` (``Vocab.decode`` stops there), so every row of
+    the batch advances in lockstep — the same loop the ONNX runtime path runs.
+    """
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    if model.config.is_encoder_decoder:
+        cross = model.cross_kv(model.encode(ids, mask))
+        logits, past = model.decode(torch.full((ids.shape[0], 1), BOS, dtype=torch.long),
+                                    cross=cross, encoder_attention_mask=mask)
+    else:
+        cross = None
+        logits, past = model.decode(ids, attention_mask=mask)
+    out = []
+    for step in range(max_new_tokens):
+        nxt = logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        out.append(nxt)
+        if step == max_new_tokens - 1:
+            break
+        if model.config.is_encoder_decoder:
+            logits, past = model.decode(nxt, past=past, cross=cross, encoder_attention_mask=mask)
+        else:
+            mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+            logits, past = model.decode(nxt, past=past, attention_mask=mask)
+    return torch.cat(out, dim=1)
