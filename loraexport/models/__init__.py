@@ -1,0 +1,1 @@
+"""Model families: what the pipeline needs to know about one kind of model."""
