@@ -43,6 +43,9 @@ def _fail(ctx: click.Context, message: str, code: int) -> None:
 
 def _quiet_third_parties(verbose: bool) -> None:
     if verbose:
+        from loraexport.export import onnx as onnx_export
+
+        onnx_export.SILENCE_EXPORTER_LOGS = False
         return
     warnings.filterwarnings("ignore")
     for name in ("torch", "torch.onnx", "onnxscript", "transformers", "onnx_ir"):
@@ -132,6 +135,187 @@ def train(ctx, base, data, out, eval_data, eval_fraction, rank, alpha, targets, 
         f"held-out exact match: base {result.eval_before:.1%} -> with adapter {result.eval_after:.1%}\n"
         f"adapter written to {out}"
     )
+
+
+# ---- merge / export / verify / merge-and-export ---------------------------------------------
+def _log(ctx: click.Context):
+    return (lambda msg: None) if ctx.obj["quiet"] else (lambda msg: click.echo(msg, err=True))
+
+
+def _print_report(ctx: click.Context, report, out: Path | None, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    rows = report.summary_rows()
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+    if out is not None:
+        click.echo(f"{'report':<{width}}  {out / 'report.md'} (and report.json)")
+
+
+_path = click.Path(path_type=Path)
+
+
+@main.command()
+@click.option("--base", required=True, type=_path, help="Base model directory.")
+@click.option("--adapter", "adapters", required=True, multiple=True, type=_path,
+              help="PEFT adapter directory; repeat to merge several.")
+@click.option("--weight", "weights", multiple=True, type=float,
+              help="Weight of each --adapter, in order (default 1.0 each).")
+@click.option("--out", required=True, type=_path, help="Merged model directory to write.")
+@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
+              help="Storage dtype of the merged weights (default: the base's).")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True).")
+@click.option("--json", "as_json", is_flag=True, help="Print the merge statistics as JSON.")
+@click.pass_context
+def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json):
+    """Merge LoRA adapter(s) into the base weights: W' = W0 + Σ w·s·B·A.
+
+    The sum is computed in float64 and cast once to the storage dtype; merge.json in the
+    output records, per module, max|ΔW| and the error the cast introduced.
+
+    \b
+    Example:
+      loraexport merge --base samples/base --adapter runs/demo-adapter --out runs/merged
+    """
+    from loraexport.pipeline import merge as merge_api
+
+    if weights and len(weights) != len(adapters):
+        raise click.BadParameter(f"{len(adapters)} --adapter but {len(weights)} --weight", param_hint="--weight")
+    stats = merge_api(base, list(adapters), out, weights=list(weights) or None, dtype=dtype, force=force,
+                      allow_pickle=allow_pickle)
+    if as_json:
+        from dataclasses import asdict
+
+        click.echo(json.dumps(asdict(stats), indent=2))
+        return
+    worst = max(stats.modules, key=lambda m: m.cast_max_rel_err)
+    click.echo(f"merged {stats.modules_merged} modules ({stats.compute_dtype} → {stats.storage_dtype}) "
+               f"into {out}; largest cast error {worst.cast_max_abs_err:.2g} ({worst.module})")
+
+
+@main.command()
+@click.option("--model", "model_dir", required=True, type=_path, help="Model directory (base or merged).")
+@click.option("--adapter", type=_path, help="Adapter to apply before export.")
+@click.option("--out", required=True, type=_path, help="Output directory for the ONNX file(s).")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(18))
+@click.option("--mode", type=click.Choice(["merged", "unmerged"]), default="merged", show_default=True,
+              help="With --adapter: merge it, or keep the LoRA branches in the graph.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True).")
+@click.pass_context
+def export(ctx, model_dir, adapter, out, opset, mode, force, allow_pickle):
+    """Export a model (optionally with an adapter) to ONNX with the dynamo exporter.
+
+    \b
+    Example:
+      loraexport export --model samples/base --adapter runs/demo-adapter --out runs/onnx
+    """
+    from loraexport.pipeline import export as export_api
+
+    _log(ctx)("exporting to ONNX …")
+    result = export_api(model_dir, out, adapter=adapter, mode=mode, opset=opset, force=force,
+                        allow_pickle=allow_pickle)
+    click.echo(f"exported {', '.join(result.files)} ({result.bytes / 1e6:.2f} MB, opset {result.opset}, "
+               f"{result.seconds:.1f} s) to {out}")
+
+
+def _verify_options(f):
+    for opt in reversed([
+        click.option("--provider", "providers", multiple=True, type=click.Choice(["cpu", "cuda"]),
+                     help="onnxruntime provider(s); default CPU, plus CUDA when available."),
+        click.option("--samples", default=6, show_default=True, type=click.IntRange(1),
+                     help="Parity cases (batch sizes and lengths vary)."),
+        click.option("--eval-data", type=_path, help="JSON Lines whose sources are used as generation prompts."),
+        click.option("--no-latency", is_flag=True, help="Skip the latency measurement."),
+        click.option("--threads", type=click.IntRange(1), help="Threads for torch and onnxruntime (default: cores)."),
+        click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True)."),
+        click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout."),
+    ]):
+        f = opt(f)
+    return f
+
+
+@main.command()
+@click.option("--base", required=True, type=_path, help="Base model directory.")
+@click.option("--adapter", required=True, type=_path, help="PEFT adapter directory.")
+@click.option("--onnx", "onnx_dir", required=True, type=_path, help="Exported (merged) ONNX directory.")
+@click.option("--report", "report_path", type=_path, help="Write report.json here (and report.md beside it).")
+@_verify_options
+@click.pass_context
+def verify(ctx, base, adapter, onnx_dir, report_path, providers, samples, eval_data, no_latency, threads,
+           allow_pickle, as_json):
+    """Check an exported model against base + adapter unmerged: parity and latency.
+
+    Exit 4 when parity fails (the report is still written).
+
+    \b
+    Example:
+      loraexport verify --base samples/base --adapter runs/demo-adapter --onnx runs/demo
+    """
+    from loraexport.errors import VerificationFailedError
+    from loraexport.io import write_json
+    from loraexport.pipeline import verify as verify_api
+
+    report = verify_api(base, adapter, onnx_dir, providers=list(providers) or None, samples=samples,
+                        eval_data=eval_data, latency=not no_latency, threads=threads,
+                        allow_pickle=allow_pickle, log=_log(ctx))
+    if report_path is not None:
+        write_json(report_path, report.to_json())
+        report_path.with_suffix(".md").write_text(report.to_markdown(), encoding="utf-8")
+    _print_report(ctx, report, None, as_json)
+    if report.passed is False:
+        raise VerificationFailedError(f"parity failed: {'; '.join(report.parity[0].failures[:2])}")
+
+
+@main.command("merge-and-export")
+@click.option("--base", required=True, type=_path, help="Base model directory.")
+@click.option("--adapter", required=True, type=_path, help="PEFT adapter directory.")
+@click.option("--out", required=True, type=_path, help="Output directory (written atomically).")
+@click.option("--opset", default=18, show_default=True, type=click.IntRange(18))
+@click.option("--no-verify", is_flag=True, help="Skip parity and latency.")
+@click.option("--force", is_flag=True, help="Replace --out if it exists.")
+@_verify_options
+@click.pass_context
+def merge_and_export(ctx, base, adapter, out, opset, no_verify, force, providers, samples, eval_data,
+                     no_latency, threads, allow_pickle, as_json):
+    """Merge an adapter, export to ONNX, verify parity and latency, write report.md/json.
+
+    Exit 0 when parity passes, 4 when it fails (the output and report are still written).
+
+    \b
+    Example:
+      loraexport merge-and-export --base samples/base --adapter runs/demo-adapter --out runs/demo
+    """
+    from loraexport.errors import VerificationFailedError
+    from loraexport.pipeline import merge_and_export as mae
+
+    try:
+        report = mae(base, adapter, out, providers=list(providers) or None, verify_output=not no_verify,
+                     latency=not no_latency, force=force, opset=opset, samples=samples, eval_data=eval_data,
+                     threads=threads, allow_pickle=allow_pickle, log=_log(ctx))
+    except VerificationFailedError:
+        _print_report(ctx, _read_report(out), out, as_json)
+        raise
+    _print_report(ctx, report, out, as_json)
+
+
+def _read_report(out: Path):
+    class _Saved:  # summary from the written report.json, for the failure path
+        def __init__(self, data: dict) -> None:
+            self.data = data
+
+        def to_json(self) -> dict:
+            return self.data
+
+        def summary_rows(self) -> list[tuple[str, str]]:
+            p = self.data.get("parity") or {}
+            return [("parity", f"{'PASSED' if p.get('passed') else 'FAILED'}: max abs err "
+                               f"{p.get('max_abs_err', float('nan')):.2e}, top-1 {p.get('top1_agreement', 0):.1%}")]
+
+    return _Saved(json.loads((out / "report.json").read_text()))
 
 
 def run() -> None:  # pragma: no cover - console-script shim

@@ -1,0 +1,100 @@
+"""torch → ONNX with the dynamo exporter: named I/O, dynamic axes, external data, checker.
+
+The exporter's own console output and warnings are captured; the CLI shows them with
+``--verbose``. Weights go to ``<name>.onnx.data`` (external data) when a graph's weights
+exceed ``EXTERNAL_DATA_BYTES``, below protobuf's 2 GiB limit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import onnx
+import torch
+
+from loraexport.errors import ExportError
+from loraexport.export.spec import GraphSpec
+
+DEFAULT_OPSET = 18
+MIN_OPSET = 18  # the dynamo exporter's translation table starts at opset 18
+EXTERNAL_DATA_BYTES = 1_800_000_000  # leave headroom under protobuf's 2 GiB message limit
+
+log = logging.getLogger(__name__)
+# The exporter logs through torch's own handlers (e.g. "torchvision is not installed"); the
+# CLI sets this False with --verbose to let those through.
+SILENCE_EXPORTER_LOGS = True
+
+
+@contextlib.contextmanager
+def _exporter_quiet(captured: io.StringIO):
+    """Capture the exporter's prints and warnings; mute torch's log records while it runs."""
+    previous = logging.root.manager.disable
+    if SILENCE_EXPORTER_LOGS:
+        logging.disable(logging.WARNING)
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured), \
+                warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            yield
+    finally:
+        logging.disable(previous)
+
+
+@dataclass
+class ExportResult:
+    files: list[str] = field(default_factory=list)  # relative to the output dir
+    opset: int = DEFAULT_OPSET
+    seconds: float = 0.0
+    bytes: int = 0
+    inputs: dict[str, list[str]] = field(default_factory=dict)  # per graph
+    outputs: dict[str, list[str]] = field(default_factory=dict)
+    exporter_log: str = ""
+
+
+def _param_bytes(module: torch.nn.Module) -> int:
+    return sum(t.numel() * t.element_size() for t in module.state_dict().values())
+
+
+def export_graphs(specs: list[GraphSpec], out_dir: Path, opset: int = DEFAULT_OPSET) -> ExportResult:
+    """Export each spec to ``out_dir/<name>.onnx`` and check it with ``onnx.checker``."""
+    if opset < MIN_OPSET:
+        raise ExportError(f"opset {opset} is too old: the dynamo exporter needs opset >= {MIN_OPSET}")
+    result = ExportResult(opset=opset)
+    t0 = time.perf_counter()
+    captured = io.StringIO()
+    for spec in specs:
+        path = out_dir / f"{spec.name}.onnx"
+        external = _param_bytes(spec.module) > EXTERNAL_DATA_BYTES
+        try:
+            with _exporter_quiet(captured), torch.no_grad():
+                program = torch.onnx.export(
+                    spec.module.eval(), spec.args, None, input_names=spec.input_names,
+                    output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes,
+                    opset_version=opset, dynamo=True, optimize=True, verbose=False,
+                )
+                program.save(str(path), external_data=external)
+        except (KeyboardInterrupt, MemoryError):
+            raise
+        except Exception as e:  # the exporter raises many types; keep its message
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise ExportError(f"torch.onnx.export failed for {spec.name}: {first}") from e
+        try:
+            onnx.checker.check_model(str(path), full_check=False)
+        except onnx.checker.ValidationError as e:
+            raise ExportError(f"{path.name} fails onnx.checker: {str(e).splitlines()[0]}") from e
+        result.files.append(path.name)
+        if external:
+            result.files.append(f"{path.name}.data")
+        result.inputs[spec.name] = list(spec.input_names)
+        result.outputs[spec.name] = list(spec.output_names)
+    result.seconds = time.perf_counter() - t0
+    result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
+    result.exporter_log = captured.getvalue()
+    log.debug("exporter output:\n%s", result.exporter_log)
+    return result

@@ -1,0 +1,316 @@
+"""The stages over directories — merge, export, verify — and ``merge_and_export`` chaining them.
+
+Every command writes its output into a temporary folder beside ``out`` and renames it into
+place only when complete (``io.atomic_output_dir``); verification failure still writes the
+report and then raises ``VerificationFailedError`` (exit 4).
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import platform
+import shutil
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from loraexport.data import read_pairs
+from loraexport.errors import InvalidInputError, ModelFormatError, VerificationFailedError
+from loraexport.export.onnx import DEFAULT_OPSET, ExportResult, export_graphs
+from loraexport.io import (
+    atomic_output_dir,
+    read_json,
+    require_dir,
+    sha256_dir,
+    sha256_file,
+    write_json,
+)
+from loraexport.lora.adapter import Adapter
+from loraexport.lora.merge import MergeStats, merge_state_dict
+from loraexport.models.base import ModelFamily, load_base
+from loraexport.report import Report, versions
+from loraexport.runtime import PROVIDERS, OnnxModel, RuntimeInputError
+from loraexport.verify.latency import LatencyCase, LatencyResult, time_interleaved
+from loraexport.verify.parity import ParityResult, check_parity
+
+DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+Log = Callable[[str], None]
+
+
+def _quiet(_: str) -> None:
+    pass
+
+
+@dataclass
+class Loaded:
+    family: ModelFamily
+    base: nn.Module
+    adapters: list[Adapter]
+
+
+def load_inputs(base: str | Path, adapters: list[str | Path], allow_pickle: bool = False) -> Loaded:
+    family, model = load_base(base)
+    loaded = [Adapter.load(a, allow_pickle) for a in adapters]
+    for a in loaded:
+        a.check_fits(model)
+    return Loaded(family, model, loaded)
+
+
+def unmerged_model(base: nn.Module, adapter: Adapter) -> nn.Module:
+    """A copy of ``base`` with the adapter's LoRA branches active (the parity reference)."""
+    return adapter.apply(copy.deepcopy(base)).eval()
+
+
+def merged_model(
+    base: nn.Module, adapters: list[Adapter], weights: list[float] | None = None,
+    storage_dtype: torch.dtype | None = None,
+) -> tuple[nn.Module, MergeStats]:
+    """A plain copy of ``base`` with ``W0 + Σ w·s·B·A`` loaded strictly (no LoRA modules)."""
+    merged_state, stats = merge_state_dict(base.state_dict(), adapters, weights, storage_dtype=storage_dtype)
+    model = copy.deepcopy(base)
+    model.load_state_dict(merged_state, strict=True)
+    return model.eval(), stats
+
+
+def _adapter_info(a: Adapter) -> dict:
+    return {"path": str(a.path), "sha256": a.sha256(), "r": a.config.r, "alpha": float(a.config.lora_alpha),
+            "targets": a.config.target_modules, "modules": len(a.weights),
+            "use_rslora": a.config.use_rslora, "parameters": a.num_parameters}
+
+
+def _base_info(path: str | Path, family: ModelFamily, model: nn.Module) -> dict:
+    return {"path": str(path), "family": family.name,
+            "parameters": sum(p.numel() for p in model.parameters())}
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return {"cpu": cpu, "cores": cores, "platform": platform.platform()}
+
+
+# ---- merge -----------------------------------------------------------------------------------
+def merge(
+    base: str | Path, adapters: list[str | Path], out: str | Path, *, weights: list[float] | None = None,
+    dtype: str | None = None, force: bool = False, allow_pickle: bool = False,
+) -> MergeStats:
+    """Write the merged model to ``out`` in the base's layout, plus ``merge.json`` (per-module stats)."""
+    loaded = load_inputs(base, adapters, allow_pickle)
+    model, stats = merged_model(loaded.base, loaded.adapters, weights, DTYPES[dtype] if dtype else None)
+    if dtype:
+        model = model.to(DTYPES[dtype])  # exact: the weights were rounded to dtype by the merge
+    with atomic_output_dir(out, force) as tmp:
+        loaded.family.save(model, tmp)
+        _copy_extra(loaded.family, Path(base), tmp)
+        report = Report(_base_info(base, loaded.family, loaded.base), [_adapter_info(a) for a in loaded.adapters],
+                        merge=stats)
+        write_json(tmp / "merge.json", {k: report.to_json()[k] for k in ("versions", "base", "adapters", "merge")})
+    return stats
+
+
+def _copy_extra(family: ModelFamily, src: Path, dst: Path) -> None:
+    for name in family.extra_files:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+# ---- export ----------------------------------------------------------------------------------
+def export_model(family: ModelFamily, model: nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET) -> ExportResult:
+    """Export ``model``'s graphs into ``out_dir`` (which exists) and write ``loraexport.json``."""
+    result = export_graphs(family.graph_specs(model), out_dir, opset)
+    meta = {"model": family.runtime_meta(model) | {"family": family.name}, "opset": opset,
+            "graphs": {g: {"inputs": result.inputs[g], "outputs": result.outputs[g]} for g in result.inputs}}
+    write_json(out_dir / "loraexport.json", meta)
+    return result
+
+
+def _write_provenance(out_dir: Path, inputs: dict, extra: dict | None = None) -> None:
+    """Complete ``loraexport.json``: inputs with sha256, versions, and sha256 of every file written."""
+    meta = read_json(out_dir / "loraexport.json", ModelFormatError)
+    meta["inputs"] = inputs
+    meta["versions"] = versions()
+    meta.update(extra or {})
+    meta["files"] = {p.name: sha256_file(p) for p in sorted(out_dir.iterdir())
+                     if p.is_file() and p.name != "loraexport.json"}
+    write_json(out_dir / "loraexport.json", meta)
+
+
+def export(
+    model_dir: str | Path, out: str | Path, *, adapter: str | Path | None = None, mode: str = "merged",
+    opset: int = DEFAULT_OPSET, force: bool = False, allow_pickle: bool = False,
+) -> ExportResult:
+    """Export a model directory (optionally with an adapter, ``merged`` or ``unmerged``) to ONNX."""
+    if mode not in ("merged", "unmerged"):
+        raise InvalidInputError(f"--mode must be merged or unmerged, got {mode!r}")
+    loaded = load_inputs(model_dir, [adapter] if adapter else [], allow_pickle)
+    model = loaded.base
+    if loaded.adapters:
+        model = (merged_model(model, loaded.adapters)[0] if mode == "merged"
+                 else unmerged_model(model, loaded.adapters[0]))
+    inputs = {"model": {"path": str(model_dir), "sha256": sha256_dir(Path(model_dir))}}
+    if loaded.adapters:
+        inputs["adapters"] = [{"path": str(a.path), "sha256": a.sha256()} for a in loaded.adapters]
+    with atomic_output_dir(out, force) as tmp:
+        result = export_model(loaded.family, model, tmp, opset)
+        _copy_extra(loaded.family, Path(model_dir), tmp)
+        _write_provenance(tmp, inputs, {"mode": mode if loaded.adapters else "base"})
+    return result
+
+
+# ---- verify ----------------------------------------------------------------------------------
+def resolve_providers(requested: list[str] | None) -> list[str]:
+    """CPU always; CUDA too when onnxruntime has it. An explicit but unavailable one is an error."""
+    available = ort.get_available_providers()
+    if not requested:
+        return ["cpu"] + (["cuda"] if PROVIDERS["cuda"] in available else [])
+    for p in requested:
+        if p not in PROVIDERS:
+            raise InvalidInputError(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+        if PROVIDERS[p] not in available:
+            raise InvalidInputError(f"provider {p!r} requested but onnxruntime has no {PROVIDERS[p]} here")
+    return list(dict.fromkeys(requested))
+
+
+def _open(directory: Path, provider: str, threads: int | None) -> OnnxModel:
+    try:
+        return OnnxModel(directory, provider, threads)
+    except RuntimeInputError as e:
+        raise InvalidInputError(str(e)) from e
+
+
+def measure_latency(
+    family: ModelFamily, provider: str, threads: int, models: dict[str, nn.Module],
+    onnx_dirs: dict[str, Path], log: Log = _quiet, budget_s: float = 4.0,
+) -> LatencyResult:
+    """Time torch (unmerged, merged) and ONNX (merged, base, unmerged), interleaved, per (batch, seq)."""
+    torch.set_num_threads(threads)
+    device = "cuda" if provider == "cuda" and torch.cuda.is_available() else "cpu"
+    sessions = {name: _open(d, provider, threads) for name, d in onnx_dirs.items()}
+    result = LatencyResult(provider, threads)
+    torch_models = {n: m.to(device) for n, m in models.items()} if provider == "cpu" or device == "cuda" else {}
+    for batch, seq in family.latency_points:
+        inputs = family.latency_inputs(models["torch_unmerged"], batch, seq)
+        np_in = {k: v.numpy() for k, v in inputs.items()}
+        dev_in = {k: v.to(device) for k, v in inputs.items()}
+        variants: dict[str, Callable[[], object]] = {}
+        for name, m in torch_models.items():
+            variants[name] = _torch_call(m, dev_in, device)
+        for name, s in sessions.items():
+            variants[name] = (lambda s=s: s.forward(**np_in))
+        log(f"latency [{provider}] batch {batch} × seq {seq}: {len(variants)} variants, interleaved …")
+        result.cases.append(LatencyCase(batch, seq, time_interleaved(variants, budget_s=budget_s)))
+    for m in torch_models.values():
+        m.to("cpu")
+    return result
+
+
+def _torch_call(model: nn.Module, inputs: dict, device: str) -> Callable[[], object]:
+    @torch.no_grad()
+    def call() -> object:
+        out = model(**inputs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return call
+
+
+def verify(
+    base: str | Path, adapter: str | Path, onnx_dir: str | Path, *, providers: list[str] | None = None,
+    samples: int = 6, eval_data: str | Path | None = None, latency: bool = True, threads: int | None = None,
+    seed: int = 0, allow_pickle: bool = False, log: Log = _quiet, merged_onnx_result: ExportResult | None = None,
+    loaded: Loaded | None = None, merge_stats: MergeStats | None = None,
+) -> Report:
+    """Parity of ``onnx_dir`` (merged export) against base + adapter unmerged, and latency.
+
+    Returns the report; callers raise ``VerificationFailedError`` when ``report.passed`` is False.
+    """
+    onnx_path = require_dir(onnx_dir, "ONNX directory")
+    loaded = loaded or load_inputs(base, [adapter], allow_pickle)
+    family, adapter_obj = loaded.family, loaded.adapters[0]
+    unmerged = unmerged_model(loaded.base, adapter_obj)
+    merged, stats = merged_model(loaded.base, loaded.adapters)
+    providers = resolve_providers(providers)
+    threads = threads or _machine()["cores"]
+    sources = [s for s, _ in read_pairs(eval_data)] if eval_data else None
+    report = Report(_base_info(base, family, loaded.base), [_adapter_info(a) for a in loaded.adapters],
+                    merge=merge_stats or stats, export=merged_onnx_result, machine=_machine())
+    torch.set_num_threads(threads)
+    for provider in providers:
+        log(f"parity [{provider}]: {samples} cases against the unmerged model (float32 and float64) …")
+        onnx_model = _open(onnx_path, provider, threads)
+        parity: ParityResult = check_parity(family, unmerged, onnx_model, samples=samples, seed=seed,
+                                            sources=sources)
+        report.parity.append(parity)
+    if latency:
+        with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:
+            dirs = {"onnx_merged": onnx_path}
+            for name, model in (("onnx_base", loaded.base), ("onnx_unmerged", unmerged)):
+                log(f"exporting {name.removeprefix('onnx_')} model for comparison …")
+                d = Path(td) / name
+                d.mkdir()
+                export_model(family, model, d)
+                dirs[name] = d
+            for provider in providers:
+                report.latency.append(measure_latency(
+                    family, provider, threads, {"torch_unmerged": unmerged, "torch_merged": merged}, dirs, log))
+    return report
+
+
+def write_report(report: Report, out_dir: Path) -> None:
+    write_json(out_dir / "report.json", report.to_json())
+    (out_dir / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+
+
+# ---- merge-and-export ------------------------------------------------------------------------
+def merge_and_export(
+    base: str | Path, adapter: str | Path, out: str | Path, *, providers: list[str] | None = None,
+    verify_output: bool = True, latency: bool = True, force: bool = False, opset: int = DEFAULT_OPSET,
+    samples: int = 6, eval_data: str | Path | None = None, threads: int | None = None,
+    allow_pickle: bool = False, log: Log = _quiet,
+) -> Report:
+    """Merge ``adapter`` into ``base``, export to ONNX, verify; write everything to ``out`` atomically.
+
+    Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
+    """
+    log(f"loading {base} and {adapter} …")
+    loaded = load_inputs(base, [adapter], allow_pickle)
+    merged, stats = merged_model(loaded.base, loaded.adapters)
+    log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
+    inputs = {"base": {"path": str(base), "sha256": sha256_dir(Path(base))},
+              "adapters": [{"path": str(a.path), "sha256": a.sha256()} for a in loaded.adapters]}
+    with atomic_output_dir(out, force) as tmp:
+        log("exporting to ONNX (torch.onnx dynamo exporter) …")
+        result = export_model(loaded.family, merged, tmp, opset)
+        log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
+        _copy_extra(loaded.family, Path(base), tmp)
+        if verify_output:
+            report = verify(base, adapter, tmp, providers=providers, samples=samples, eval_data=eval_data,
+                            latency=latency, threads=threads, log=log, merged_onnx_result=result,
+                            loaded=loaded, merge_stats=stats)
+        else:
+            report = Report(_base_info(base, loaded.family, loaded.base),
+                            [_adapter_info(a) for a in loaded.adapters], merge=stats, export=result,
+                            machine=_machine())
+        write_report(report, tmp)
+        _write_provenance(tmp, inputs, {"mode": "merged"})
+    if report.passed is False:
+        raise VerificationFailedError(
+            f"parity failed ({'; '.join(report.parity[0].failures[:2]) if report.parity else ''}); "
+            f"report written to {Path(out) / 'report.md'}"
+        )
+    return report
+

@@ -1,0 +1,166 @@
+"""Run an exported model with onnxruntime alone (no torch): sessions, forward, greedy decoding.
+
+``loraexport.json`` in the exported directory says which graphs exist and their tokens::
+
+    from loraexport.runtime import OnnxModel
+    model = OnnxModel("runs/demo")                 # CPU; provider="cuda" for CUDA
+    ids = model.generate(input_ids, attention_mask, max_new_tokens=10)
+
+This module imports only numpy and onnxruntime, so an app can ship without torch.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+
+
+class RuntimeInputError(ValueError):
+    """The exported directory cannot be run (missing files, unsafe external data)."""
+
+
+def session_options(threads: int | None = None) -> ort.SessionOptions:
+    """Fixed thread counts and no spinning: spinning threads distort timings on small machines."""
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or 0
+    so.inter_op_num_threads = 1
+    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    so.log_severity_level = 3
+    return so
+
+
+def check_external_data(path: Path) -> None:
+    """Refuse an ONNX file whose external-data locations point outside its own directory."""
+    import onnx  # part of the runtime dependencies; only the protobuf is parsed
+
+    model = onnx.load(str(path), load_external_data=False)
+    root = path.parent.resolve()
+    for tensor in model.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                target = (root / entry.value).resolve()
+                if root != target and root not in target.parents:
+                    raise RuntimeInputError(
+                        f"{path.name}: external data {entry.value!r} points outside {root}; refusing to load"
+                    )
+
+
+def open_session(path: str | Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+    p = Path(path)
+    if not p.is_file():
+        raise RuntimeInputError(f"ONNX file not found: {p}")
+    if provider not in PROVIDERS:
+        raise RuntimeInputError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
+    if PROVIDERS[provider] not in ort.get_available_providers():
+        raise RuntimeInputError(f"onnxruntime has no {PROVIDERS[provider]} on this machine")
+    check_external_data(p)
+    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
+    return ort.InferenceSession(str(p), sess_options=session_options(threads), providers=providers)
+
+
+class OnnxModel:
+    """An exported loraexport directory: ``model.onnx``, or ``encoder.onnx`` + ``decoder.onnx``."""
+
+    def __init__(self, directory: str | Path, provider: str = "cpu", threads: int | None = None) -> None:
+        self.dir = Path(directory)
+        meta_path = self.dir / "loraexport.json"
+        if not meta_path.is_file():
+            raise RuntimeInputError(f"{meta_path} not found: not a loraexport output directory")
+        self.meta = json.loads(meta_path.read_text())
+        self.kind = self.meta["model"]["kind"]  # "seq2seq" | "causal"
+        self.tokens = self.meta["model"].get("special_tokens", {})
+        self.provider = provider
+        self.threads = threads
+        names = ["encoder", "decoder"] if self.kind == "seq2seq" else ["model"]
+        self.sessions = {n: open_session(self.dir / f"{n}.onnx", provider, self.threads) for n in names}
+        dec = self.sessions["decoder" if self.kind == "seq2seq" else "model"]
+        past = [i for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
+        self.n_layers = len(past) // 2
+        self.n_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+
+    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        sess = self.sessions[graph]
+        outs = sess.run(None, feeds)
+        return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
+
+    def forward_all(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                    decoder_input_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+        """Every output of a full forward without a cache, keyed ``<graph>.<output>``."""
+        return chain_forward(self._run, self.kind, (self.n_layers, self.n_heads, self.head_dim),
+                             input_ids, attention_mask, decoder_input_ids)
+
+    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
+                decoder_input_ids: np.ndarray | None = None) -> np.ndarray:
+        """Logits (B, T, V) of a full forward — the same contract as the torch model's ``forward``."""
+        outs = self.forward_all(input_ids, attention_mask, decoder_input_ids)
+        return outs["decoder.logits" if self.kind == "seq2seq" else "model.logits"]
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
+        """Greedy decoding with the KV cache, all in onnxruntime; new ids (B, max_new_tokens).
+
+        Rows keep decoding after ``<eos>`` so the batch advances in lockstep (as the torch
+        reference does); cut each row at its first ``<eos>``.
+        """
+        input_ids = input_ids.astype(np.int64)
+        mask = attention_mask.astype(np.int64)
+        B = input_ids.shape[0]
+        if self.kind == "seq2seq":
+            dec = self.sessions["decoder"]
+            enc = self._run("encoder", {"input_ids": input_ids, "attention_mask": mask})
+            cross = {k: v for k, v in enc.items() if k.startswith("encoder_key_values.")}
+            step_ids = np.full((B, 1), self.tokens.get("bos", 1), dtype=np.int64)
+            past = empty_past(B, self.n_layers, self.n_heads, self.head_dim, np.float32)
+            fixed = {"encoder_attention_mask": mask, **cross}
+        else:
+            dec = self.sessions["model"]
+            step_ids, fixed = input_ids, {}
+            past = empty_past(B, self.n_layers, self.n_heads, self.head_dim, np.float32)
+        out_names = [o.name for o in dec.get_outputs()]
+        new = []
+        for _ in range(max_new_tokens):
+            feeds = {"input_ids": step_ids, **past, **fixed}
+            if self.kind == "causal":
+                feeds["attention_mask"] = mask
+            outs = dec.run(None, feeds)
+            nxt = outs[0][:, -1].argmax(-1).reshape(B, 1).astype(np.int64)
+            new.append(nxt)
+            past = {n.replace("present.", "past_key_values.", 1): o
+                    for n, o in zip(out_names, outs, strict=True) if n.startswith("present.")}
+            step_ids = nxt
+            if self.kind == "causal":
+                mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
+        return np.concatenate(new, axis=1)
+
+
+def empty_past(batch: int, layers: int, heads: int, head_dim: int, dtype: type) -> dict[str, np.ndarray]:
+    """A zero-length self-attention cache: the first call of a cached decoder."""
+    z = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+    return {f"past_key_values.{i}.{k}": z for i in range(layers) for k in ("key", "value")}
+
+
+def chain_forward(run, kind: str, shape: tuple[int, int, int], input_ids: np.ndarray,
+                  attention_mask: np.ndarray, decoder_input_ids: np.ndarray | None = None,
+                  dtype: type = np.float32) -> dict[str, np.ndarray]:
+    """A full forward through the exported graphs, whatever runs them.
+
+    ``run(graph, feeds) -> {output: array}`` is an onnxruntime session here, or the torch
+    modules that were exported (``loraexport.verify``), so both sides chain graphs alike.
+    """
+    input_ids = input_ids.astype(np.int64)
+    mask = attention_mask.astype(np.int64)
+    past = empty_past(input_ids.shape[0], *shape, dtype)
+    if kind == "seq2seq":
+        enc = run("encoder", {"input_ids": input_ids, "attention_mask": mask})
+        cross = {k: v for k, v in enc.items() if k.startswith("encoder_key_values.")}
+        dec = run("decoder", {"input_ids": decoder_input_ids.astype(np.int64),
+                              "encoder_attention_mask": mask, **past, **cross})
+        return {**{f"encoder.{k}": v for k, v in enc.items()}, **{f"decoder.{k}": v for k, v in dec.items()}}
+    out = run("model", {"input_ids": input_ids, "attention_mask": mask, **past})
+    return {f"model.{k}": v for k, v in out.items()}

@@ -1,0 +1,1 @@
+"""Verification: numerical parity and latency of an exported model."""

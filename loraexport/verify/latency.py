@@ -1,0 +1,85 @@
+"""Latency: interleaved timing of several variants, medians and spread.
+
+Variants are timed A B C A B C … after a warm-up, so that slow phases of a noisy machine
+hit every variant alike and the ratio of two medians holds. Threads are fixed for torch and
+onnxruntime (no spinning: see ``runtime.session_options``) and reported.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass
+class LatencyStats:
+    p50_ms: float
+    p90_ms: float
+    iqr_ms: float
+    runs: int
+
+    @classmethod
+    def of(cls, seconds: list[float]) -> LatencyStats:
+        ms = np.asarray(seconds) * 1e3
+        q25, q50, q75, q90 = np.percentile(ms, [25, 50, 75, 90])
+        return cls(float(q50), float(q90), float(q75 - q25), len(ms))
+
+
+@dataclass
+class LatencyCase:
+    batch: int
+    seq: int
+    stats: dict[str, LatencyStats] = field(default_factory=dict)
+
+    def ratio(self, a: str, b: str) -> float | None:
+        if a in self.stats and b in self.stats:
+            return self.stats[a].p50_ms / self.stats[b].p50_ms
+        return None
+
+
+@dataclass
+class LatencyResult:
+    provider: str
+    threads: int
+    cases: list[LatencyCase] = field(default_factory=list)
+
+
+def time_interleaved(
+    variants: dict[str, Callable[[], object]],
+    *,
+    warmup: int = 5,
+    min_runs: int = 20,
+    max_runs: int = 400,
+    budget_s: float = 4.0,
+    seed: int = 0,
+    on_round: Callable[[], None] | None = None,
+) -> dict[str, LatencyStats]:
+    """Time each variant in rounds (one call of each per round) within ``budget_s``.
+
+    The order is shuffled every round (seeded), so no variant always runs right after the
+    same other one: torch's OpenMP threads may still be busy-waiting when the next call starts,
+    which slows whatever follows a torch call. (A fixed or rotated order keeps neighbours.)
+    """
+    for _ in range(warmup):
+        for fn in variants.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    start = time.perf_counter()
+    rounds = 0
+    names = list(variants)
+    rng = random.Random(seed)
+    while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < budget_s):
+        rng.shuffle(names)
+        for name in names:
+            fn = variants[name]
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds += 1
+        if on_round:
+            on_round()
+    return {name: LatencyStats.of(ts) for name, ts in times.items()}

@@ -1,0 +1,212 @@
+"""Numerical parity of the exported graphs against the *unmerged* PyTorch model.
+
+Three computations of every output on the same inputs:
+  * ``ref32`` — the unmerged model (base + LoRA branches) in float32: what the user trusts;
+  * ``ref64`` — the same model in float64: the exact answer, up to float64 rounding;
+  * ``onnx``  — the exported (merged) graphs in onnxruntime.
+
+The tolerance is derived, not guessed. ``ref32``'s distance to ``ref64`` is the float32
+noise this model has on these inputs; the export passes an output when its own distance to
+``ref64`` is at most ``NOISE_MULTIPLE`` times that noise. Merging re-associates one sum per
+weight (``W0·x + s·B·(A·x)`` becomes ``(W0 + s·B·A)·x``) and onnxruntime accumulates GEMMs in
+another order; both move results by a few float32 roundings, the same order as torch's own
+noise. A wrong weight or scaling moves them by orders of magnitude more (tests plant one).
+"""
+
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from torch import nn
+
+from loraexport.models.base import ModelFamily
+from loraexport.runtime import OnnxModel, chain_forward
+
+# ONNX's error vs float64 may be this many times torch-float32's own error vs float64.
+# Different accumulation orders give errors of the same order (1-4x seen on these models);
+# 10x leaves room for that while a planted error (1e-2 and up) is still far outside.
+NOISE_MULTIPLE = 10.0
+# When torch-float32 happens to be almost exact on some output, the noise used is at least
+# this many float32 ulps of the output's magnitude (a few roundings are always allowed).
+FLOOR_ULPS = 4
+F32_EPS = float(np.finfo(np.float32).eps)
+
+
+@dataclass
+class OutputParity:
+    output: str
+    max_abs_err: float  # onnx vs ref32
+    max_rel_err: float  # max_abs_err / max |ref32|
+    min_cosine: float  # per position, over the last axis
+    onnx_err_vs_fp64: float
+    torch_err_vs_fp64: float
+    tolerance: float  # allowed onnx_err_vs_fp64
+    passed: bool
+    top1_agreement: float | None = None  # logits only
+
+
+@dataclass
+class ParityCaseResult:
+    name: str
+    batch: int
+    seq: int
+    outputs: list[OutputParity] = field(default_factory=list)
+
+    @property
+    def passed(self) -> bool:
+        return all(o.passed for o in self.outputs)
+
+
+@dataclass
+class GenerationResult:
+    rows: int
+    identical_rows: int
+    max_new_tokens: int
+    first_mismatch: str | None = None
+
+    @property
+    def agreement(self) -> float:
+        return self.identical_rows / self.rows if self.rows else 1.0
+
+
+@dataclass
+class ParityResult:
+    provider: str
+    cases: list[ParityCaseResult]
+    generation: GenerationResult | None
+    reference: str = "unmerged PyTorch float32 (base + LoRA branches); float64 for the noise floor"
+
+    @property
+    def passed(self) -> bool:
+        gen_ok = self.generation is None or self.generation.identical_rows == self.generation.rows
+        return all(c.passed for c in self.cases) and gen_ok
+
+    def _all(self) -> list[OutputParity]:
+        return [o for c in self.cases for o in c.outputs]
+
+    @property
+    def max_abs_err(self) -> float:
+        return max(o.max_abs_err for o in self._all())
+
+    @property
+    def max_rel_err(self) -> float:
+        return max(o.max_rel_err for o in self._all())
+
+    @property
+    def min_cosine(self) -> float:
+        return min(o.min_cosine for o in self._all())
+
+    @property
+    def top1_agreement(self) -> float:
+        vals = [o.top1_agreement for o in self._all() if o.top1_agreement is not None]
+        return min(vals) if vals else 1.0
+
+    @property
+    def failures(self) -> list[str]:
+        out = [f"{c.name}/{o.output}: onnx error {o.onnx_err_vs_fp64:.3g} > tolerance {o.tolerance:.3g}"
+               for c in self.cases for o in c.outputs if not o.passed]
+        if self.generation and self.generation.first_mismatch:
+            out.append(f"generation: {self.generation.first_mismatch}")
+        return out
+
+
+def torch_runner(family: ModelFamily, model: nn.Module):
+    """``run(graph, feeds)`` over the torch modules that are exported, for ``chain_forward``."""
+    specs = {s.name: s for s in family.graph_specs(model)}
+
+    @torch.no_grad()
+    def run(graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        spec = specs[graph]
+        outs = spec.module(*[torch.from_numpy(np.ascontiguousarray(feeds[n])) for n in spec.input_names])
+        return {n: o.numpy() for n, o in zip(spec.output_names, outs, strict=True)}
+
+    return run
+
+
+def _cache_shape(meta: dict) -> tuple[int, int, int]:
+    return meta["n_layers"], meta["n_heads"], meta["head_dim"]
+
+
+def compare_outputs(
+    name: str, ref32: np.ndarray, ref64: np.ndarray, onnx: np.ndarray, valid: np.ndarray | None
+) -> OutputParity:
+    """Errors of one output; ``valid`` (B, T) selects the positions of logits to compare."""
+    if onnx.shape != ref32.shape:
+        return OutputParity(name, float("inf"), float("inf"), -1.0, float("inf"), 0.0, 0.0, False)
+    if valid is not None:
+        ref32, ref64, onnx = ref32[valid], ref64[valid], onnx[valid]
+    ref32, ref64, onnx = (a.astype(np.float64) for a in (ref32, ref64, onnx))
+    abs_err = float(np.abs(onnx - ref32).max(initial=0.0))
+    scale = float(np.abs(ref64).max(initial=0.0))
+    onnx64 = float(np.abs(onnx - ref64).max(initial=0.0))
+    torch64 = float(np.abs(ref32 - ref64).max(initial=0.0))
+    tol = NOISE_MULTIPLE * max(torch64, FLOOR_ULPS * F32_EPS * scale)
+    flat_o, flat_r = onnx.reshape(-1, onnx.shape[-1]), ref32.reshape(-1, ref32.shape[-1])
+    num = (flat_o * flat_r).sum(-1)
+    den = np.linalg.norm(flat_o, axis=-1) * np.linalg.norm(flat_r, axis=-1)
+    cos = np.where(den > 0, num / np.maximum(den, 1e-300), 1.0)
+    top1 = None
+    if name.endswith("logits"):
+        top1 = float((flat_o.argmax(-1) == flat_r.argmax(-1)).mean()) if len(flat_o) else 1.0
+    finite = bool(np.isfinite(onnx).all())
+    passed = finite and onnx64 <= tol and (top1 is None or top1 == 1.0)
+    return OutputParity(name, abs_err, abs_err / max(scale, 1e-30), float(cos.min(initial=1.0)),
+                        onnx64, torch64, tol, passed, top1)
+
+
+def check_parity(
+    family: ModelFamily,
+    unmerged: nn.Module,
+    onnx_model: OnnxModel,
+    *,
+    samples: int = 6,
+    seed: int = 0,
+    sources: list[str] | None = None,
+    generation_rows: int = 64,
+) -> ParityResult:
+    """Compare every output of ``onnx_model`` with ``unmerged`` on ``samples`` cases, then greedy decoding."""
+    meta = onnx_model.meta["model"]
+    kind, shape = meta["kind"], _cache_shape(meta)
+    run32 = torch_runner(family, unmerged)
+    run64 = torch_runner(family, copy.deepcopy(unmerged).double())
+    results = []
+    for case in family.parity_cases(unmerged, samples, seed):
+        np_in = {k: v.numpy() for k, v in case.inputs.items()}
+        args = (np_in["input_ids"], np_in["attention_mask"], np_in.get("decoder_input_ids"))
+        r32 = chain_forward(run32, kind, shape, *args, dtype=np.float32)
+        r64 = chain_forward(run64, kind, shape, *args, dtype=np.float64)
+        ox = onnx_model.forward_all(*args)
+        B, T = case.valid.shape
+        res = ParityCaseResult(case.name, B, T)
+        for out_name in r32:
+            valid = case.valid.numpy() if out_name.endswith("logits") else None
+            res.outputs.append(compare_outputs(out_name, r32[out_name], r64[out_name], ox[out_name], valid))
+        results.append(res)
+    generation = compare_generation(family, unmerged, onnx_model, sources, generation_rows, seed)
+    return ParityResult(onnx_model.provider, results, generation)
+
+
+def compare_generation(
+    family: ModelFamily, unmerged: nn.Module, onnx_model: OnnxModel,
+    sources: list[str] | None, rows: int, seed: int,
+) -> GenerationResult:
+    """Greedy decoding, onnxruntime (with cache) vs torch unmerged, token for token up to <eos>."""
+    eos = onnx_model.meta["model"]["special_tokens"].get("eos")
+    total = same = 0
+    longest = 0
+    first = None
+    for inputs, max_new in family.prompts(unmerged, sources[:rows] if sources else None, rows, seed):
+        want = family.generate(unmerged, inputs, max_new).numpy()
+        got = onnx_model.generate(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), max_new)
+        longest = max(longest, max_new)
+        for i, (w, g) in enumerate(zip(want.tolist(), got.tolist(), strict=True)):
+            cut = w.index(eos) + 1 if eos in w else len(w)
+            total += 1
+            if w[:cut] == g[:cut]:
+                same += 1
+            elif first is None:
+                first = f"row {i} of a length-{inputs['input_ids'].shape[1]} batch: torch {w[:cut]} vs onnx {g[:cut]}"
+    return GenerationResult(total, same, longest, first)

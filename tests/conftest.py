@@ -1,0 +1,81 @@
+"""Shared fixtures: tiny reference Transformers, adapters with non-zero B, sample paths."""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # PEFT must never try the network in tests
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# One intra-op thread (also for CLI subprocesses): the tiny models here gain nothing from
+# parallel matmuls, and OpenMP workers spin-waiting on shared cores slow tests down 50x.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+from collections.abc import Callable  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+from torch import nn  # noqa: E402
+
+from loraexport.models.reference import SPECIALS  # noqa: E402
+from loraexport.models.transformer import Transformer, TransformerConfig  # noqa: E402
+
+torch.set_num_threads(1)
+
+REPO = Path(__file__).resolve().parents[1]
+SAMPLES = REPO / "samples"
+SAMPLE_BASE = SAMPLES / "base"
+SORT_TRAIN = SAMPLES / "data" / "sort_train.jsonl"
+TINY_VOCAB = SPECIALS + list("0123456789")
+SEED = 0
+
+
+def tiny_config(**overrides) -> TransformerConfig:
+    """d_model 16, 2 heads, one layer per stack: milliseconds per forward pass."""
+    kw = dict(vocab=list(TINY_VOCAB), d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
+              n_decoder_layers=1, max_len=32)
+    kw.update(overrides)
+    return TransformerConfig(**kw)
+
+
+def tiny_model(seed: int = SEED, **overrides) -> Transformer:
+    torch.manual_seed(seed)
+    return Transformer(tiny_config(**overrides)).eval()
+
+
+def randomize_lora_b(model: nn.Module, seed: int = 1, std: float = 0.5) -> None:
+    """Fill every ``lora_B`` (ours or PEFT's) with random values: B is zero-initialised."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g, dtype=p.dtype) * std)
+
+
+@pytest.fixture
+def make_model() -> Callable[..., Transformer]:
+    """``make_model(seed=0, **config_overrides)``: a fresh tiny Transformer in eval mode."""
+    return tiny_model
+
+
+@pytest.fixture
+def tiny_inputs() -> dict[str, torch.Tensor]:
+    """A padded batch for a tiny encoder-decoder: source ids/mask and decoder ids."""
+    g = torch.Generator().manual_seed(SEED)
+    ids = torch.randint(4, len(TINY_VOCAB), (3, 7), generator=g)
+    mask = torch.ones_like(ids)
+    mask[1, 5:] = 0  # right padding in one row
+    ids[1, 5:] = 0
+    dec = torch.randint(4, len(TINY_VOCAB), (3, 5), generator=g)
+    return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
+
+
+@pytest.fixture
+def randomize_b() -> Callable[..., None]:
+    """``randomize_b(model, seed=1, std=0.5)``: see ``randomize_lora_b``."""
+    return randomize_lora_b
+
+
+@pytest.fixture
+def make_config() -> Callable[..., TransformerConfig]:
+    return tiny_config
