@@ -25,6 +25,7 @@ from loraexport.errors import InvalidInputError, ModelFormatError, VerificationF
 from loraexport.export.onnx import DEFAULT_OPSET, ExportResult, export_graphs
 from loraexport.io import (
     atomic_output_dir,
+    check_output,
     read_json,
     require_dir,
     sha256_dir,
@@ -108,6 +109,7 @@ def merge(
     dtype: str | None = None, force: bool = False, allow_pickle: bool = False,
 ) -> MergeStats:
     """Write the merged model to ``out`` in the base's layout, plus ``merge.json`` (per-module stats)."""
+    check_output(out, force)
     loaded = load_inputs(base, adapters, allow_pickle)
     model, stats = merged_model(loaded.base, loaded.adapters, weights, DTYPES[dtype] if dtype else None)
     if dtype:
@@ -155,6 +157,7 @@ def export(
     """Export a model directory (optionally with an adapter, ``merged`` or ``unmerged``) to ONNX."""
     if mode not in ("merged", "unmerged"):
         raise InvalidInputError(f"--mode must be merged or unmerged, got {mode!r}")
+    check_output(out, force)
     loaded = load_inputs(model_dir, [adapter] if adapter else [], allow_pickle)
     model = loaded.base
     if loaded.adapters:
@@ -194,6 +197,7 @@ def _open(directory: Path, provider: str, threads: int | None) -> OnnxModel:
 def measure_latency(
     family: ModelFamily, provider: str, threads: int, models: dict[str, nn.Module],
     onnx_dirs: dict[str, Path], log: Log = _quiet, budget_s: float = 4.0,
+    points: tuple[tuple[int, int], ...] | None = None,
 ) -> LatencyResult:
     """Time torch (unmerged, merged) and ONNX (merged, base, unmerged), interleaved, per (batch, seq)."""
     torch.set_num_threads(threads)
@@ -201,7 +205,7 @@ def measure_latency(
     sessions = {name: _open(d, provider, threads) for name, d in onnx_dirs.items()}
     result = LatencyResult(provider, threads)
     torch_models = {n: m.to(device) for n, m in models.items()} if provider == "cpu" or device == "cuda" else {}
-    for batch, seq in family.latency_points:
+    for batch, seq in points or family.latency_points:
         inputs = family.latency_inputs(models["torch_unmerged"], batch, seq)
         np_in = {k: v.numpy() for k, v in inputs.items()}
         dev_in = {k: v.to(device) for k, v in inputs.items()}
@@ -233,6 +237,7 @@ def verify(
     samples: int = 6, eval_data: str | Path | None = None, latency: bool = True, threads: int | None = None,
     seed: int = 0, allow_pickle: bool = False, log: Log = _quiet, merged_onnx_result: ExportResult | None = None,
     loaded: Loaded | None = None, merge_stats: MergeStats | None = None,
+    latency_points: tuple[tuple[int, int], ...] | None = None, latency_budget_s: float = 4.0,
 ) -> Report:
     """Parity of ``onnx_dir`` (merged export) against base + adapter unmerged, and latency.
 
@@ -266,7 +271,8 @@ def verify(
                 dirs[name] = d
             for provider in providers:
                 report.latency.append(measure_latency(
-                    family, provider, threads, {"torch_unmerged": unmerged, "torch_merged": merged}, dirs, log))
+                    family, provider, threads, {"torch_unmerged": unmerged, "torch_merged": merged}, dirs,
+                    log, latency_budget_s, latency_points))
     return report
 
 
@@ -286,6 +292,7 @@ def merge_and_export(
 
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
+    check_output(out, force)
     log(f"loading {base} and {adapter} …")
     loaded = load_inputs(base, [adapter], allow_pickle)
     merged, stats = merged_model(loaded.base, loaded.adapters)

@@ -32,8 +32,15 @@ SEED = 0
 
 def tiny_config(**overrides) -> TransformerConfig:
     """d_model 16, 2 heads, one layer per stack: milliseconds per forward pass."""
-    kw = dict(vocab=list(TINY_VOCAB), d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1,
-              n_decoder_layers=1, max_len=32)
+    kw = dict(
+        vocab=list(TINY_VOCAB),
+        d_model=16,
+        n_heads=2,
+        d_ff=32,
+        n_encoder_layers=1,
+        n_decoder_layers=1,
+        max_len=32,
+    )
     kw.update(overrides)
     return TransformerConfig(**kw)
 
@@ -79,3 +86,29 @@ def randomize_b() -> Callable[..., None]:
 @pytest.fixture
 def make_config() -> Callable[..., TransformerConfig]:
     return tiny_config
+
+
+@pytest.fixture
+def sample_base() -> Path:
+    """The committed pre-trained sample model (encoder-decoder, d_model 128, reverses digits)."""
+    return SAMPLE_BASE
+
+
+@pytest.fixture
+def small_data(tmp_path) -> Path:
+    """The first 64 lines of samples/data/sort_train.jsonl, as a temporary JSON Lines file."""
+    lines = SORT_TRAIN.read_text(encoding="utf-8").splitlines()[:64]
+    p = tmp_path / "data.jsonl"
+    p.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return p
+
+
+# Session-scoped pipeline artifacts (tiny model dirs, adapters, ONNX exports).
+from artifacts import (  # noqa: E402, F401
+    causal_adapter,
+    causal_base,
+    causal_onnx,
+    seq2seq_adapter,
+    seq2seq_base,
+    seq2seq_onnx,
+)

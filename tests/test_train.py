@@ -19,8 +19,25 @@ STEPS = 20
 # 30 LoRA steps on sorting from a reversal base: the mean loss of the last 5 steps falls below
 # this fraction of the first 5 (measured ≈ LOSS_DROP/2 with seed 0); an untrained B stays at 1.
 LOSS_DROP = 0.8
-PAIRS = [(s, "".join(sorted(s))) for s in ["3141", "5926", "5358", "9793", "2384", "6264", "3383",
-                                             "2795", "0288", "4197", "1693", "9937", "5105", "8209"]]
+PAIRS = [
+    (s, "".join(sorted(s)))
+    for s in [
+        "3141",
+        "5926",
+        "5358",
+        "9793",
+        "2384",
+        "6264",
+        "3383",
+        "2795",
+        "0288",
+        "4197",
+        "1693",
+        "9937",
+        "5105",
+        "8209",
+    ]
+]
 EVAL = PAIRS[:4]
 
 
@@ -28,8 +45,17 @@ def _train(make_model, seed: int = 0, dropout: float = 0.1, mode: str = "encoder
     layers = dict(n_encoder_layers=0) if mode == "decoder-only" else {}
     model = make_model(**layers)
     config = LoraConfig(r=4, lora_alpha=8, target_modules=["q", "v"], lora_dropout=dropout)
-    adapter, result = train_lora(model, config, PAIRS, EVAL, steps=STEPS, lr=1e-2, batch_size=4,
-                                 seed=seed, show_progress=False)
+    adapter, result = train_lora(
+        model,
+        config,
+        PAIRS,
+        EVAL,
+        steps=STEPS,
+        lr=1e-2,
+        batch_size=4,
+        seed=seed,
+        show_progress=False,
+    )
     return model, adapter, result
 
 
@@ -55,8 +81,9 @@ def test_another_seed_gives_another_adapter(make_model):
 def test_training_moves_b_and_leaves_base_bit_identical(make_model):
     before = make_model().state_dict()
     model, adapter, result = _train(make_model)
-    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items()
-             if "lora_" not in k}
+    after = {
+        k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k
+    }
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert all(b.abs().max() > 0 for _, b in adapter.weights.values())  # B left its zero init
@@ -70,8 +97,14 @@ def test_training_moves_b_and_leaves_base_bit_identical(make_model):
 def test_trainable_fraction(make_model):
     model, adapter, result = _train(make_model)
     d, r = 16, 4
-    wrapped = ["encoder.0.self_attn.q", "encoder.0.self_attn.v", "decoder.0.self_attn.q",
-               "decoder.0.self_attn.v", "decoder.0.cross_attn.q", "decoder.0.cross_attn.v"]
+    wrapped = [
+        "encoder.0.self_attn.q",
+        "encoder.0.self_attn.v",
+        "decoder.0.self_attn.q",
+        "decoder.0.self_attn.v",
+        "decoder.0.cross_attn.q",
+        "decoder.0.cross_attn.v",
+    ]
     assert sorted(adapter.weights) == sorted(wrapped)
     expected_trainable = len(wrapped) * r * (d + d)
     assert result.trainable_parameters == expected_trainable == adapter.num_parameters
@@ -88,11 +121,12 @@ def test_eval_before_is_the_base_and_after_is_the_adapted_model(make_model):
 
 
 def test_lora_learns_a_new_task_on_the_sample_base():
-    """Sorting, on a base pre-trained to reverse: the training loss must fall well below its start."""
+    """Sorting, on a base pre-trained to reverse: the training loss must fall well below start."""
     pairs = read_pairs(SORT_TRAIN)[:256]
     model = load_model(SAMPLE_BASE)
     config = LoraConfig(r=8, lora_alpha=16, target_modules=["q", "v"])
-    _, result = train_lora(model, config, pairs, None, steps=30, lr=3e-3, batch_size=32, seed=0,
-                           show_progress=False)
+    _, result = train_lora(
+        model, config, pairs, None, steps=30, lr=3e-3, batch_size=32, seed=0, show_progress=False
+    )
     first, last = sum(result.losses[:5]) / 5, sum(result.losses[-5:]) / 5
     assert last < LOSS_DROP * first, (first, last)

@@ -47,8 +47,11 @@ def _logits(model, inputs) -> torch.Tensor:
 
 def _base_state(model) -> dict[str, torch.Tensor]:
     """The base parameters, keyed as in the unwrapped model (PEFT's ``.base_layer`` removed)."""
-    return {k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items()
-            if "lora_" not in k}
+    return {
+        k.replace(".base_layer", ""): v.clone()
+        for k, v in model.state_dict().items()
+        if "lora_" not in k
+    }
 
 
 def _ours_trained(make_model, randomize_b, kwargs: dict) -> tuple[torch.nn.Module, Adapter]:
@@ -122,7 +125,9 @@ def test_peft_save_ours_load_and_apply(name, tmp_path, make_model, randomize_b, 
     fresh.eval()
     for path, layer in lora_layers(fresh).items():
         assert layer.r == theirs[path][0].shape[0]
-        assert layer.scaling == pytest.approx(pm.base_model.model.get_submodule(path).scaling["default"])
+        assert layer.scaling == pytest.approx(
+            pm.base_model.model.get_submodule(path).scaling["default"]
+        )
     _close(_logits(fresh, tiny_inputs), _logits(pm, tiny_inputs))
     after = _base_state(fresh)
     assert after.keys() == before.keys()

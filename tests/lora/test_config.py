@@ -45,7 +45,7 @@ class _Inner(nn.Module):
 
 
 class _Nested(nn.Module):
-    """Paths like ``model.layers.1.attn.q`` and ``model.layers.2.experts.0.w`` (HF-style nesting)."""
+    """Paths like ``model.layers.1.attn.q``, ``model.layers.2.experts.0.w`` (HF-style nesting)."""
 
     def __init__(self) -> None:
         super().__init__()
@@ -93,7 +93,12 @@ def test_rank_alpha_scaling_per_module_equal_peft(use_rslora):
         lora_alpha=8,
         use_rslora=use_rslora,
         target_modules=["q", "k", "v", "fc"],
-        rank_pattern={"q": 2, "layers.1.attn.v": 6, r"layers\.2\.attn\.k": 3, "^model.layers.0.fc": 5},
+        rank_pattern={
+            "q": 2,
+            "layers.1.attn.v": 6,
+            r"layers\.2\.attn\.k": 3,
+            "^model.layers.0.fc": 5,
+        },
         alpha_pattern={"v": 16, r"model\.layers\.[01]\.attn\.q": 3, "fc": 12.5},
     )
     ours = _ours(**kwargs)
@@ -180,7 +185,11 @@ def test_matches_selects_exactly_what_peft_wraps_transformer(kwargs, make_model)
 
 # ---- (de)serialisation ---------------------------------------------------------------------
 def test_peft_written_config_loads_and_round_trips():
-    data = json.loads(json.dumps(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"]).to_dict(), default=sorted))
+    data = json.loads(
+        json.dumps(
+            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"]).to_dict(), default=sorted
+        )
+    )
     cfg = LoraConfig.from_dict(data)
     assert (cfg.r, cfg.lora_alpha) == (4, 8)
     again = LoraConfig.from_dict(cfg.to_dict())
@@ -190,8 +199,14 @@ def test_peft_written_config_loads_and_round_trips():
 
 
 def test_our_config_is_read_by_peft(tmp_path):
-    cfg = LoraConfig(r=3, lora_alpha=6, target_modules=["q", "v"], use_rslora=True,
-                     rank_pattern={"v": 2}, alpha_pattern={"q": 1.5})
+    cfg = LoraConfig(
+        r=3,
+        lora_alpha=6,
+        target_modules=["q", "v"],
+        use_rslora=True,
+        rank_pattern={"v": 2},
+        alpha_pattern={"q": 1.5},
+    )
     (tmp_path / "adapter_config.json").write_text(json.dumps(cfg.to_dict()))
     theirs = peft.LoraConfig.from_pretrained(str(tmp_path))
     assert (theirs.r, theirs.lora_alpha, theirs.use_rslora) == (3, 6, True)

@@ -206,7 +206,10 @@ def test_batch_encode_decoder_only(make_config):
     b = batch_encode(make_config(n_encoder_layers=0), [("12", "21"), ("3", "")])
     assert b["input_ids"].tolist() == [[BOS, 5, 6, SEP, 6, 5], [BOS, 7, SEP, PAD, PAD, PAD]]
     # labels are the next token: nothing is learnt on the prompt
-    assert b["labels"].tolist() == [[-100, -100, -100, 6, 5, EOS], [-100, -100, EOS, -100, -100, -100]]
+    assert b["labels"].tolist() == [
+        [-100, -100, -100, 6, 5, EOS],
+        [-100, -100, EOS, -100, -100, -100],
+    ]
     assert "decoder_input_ids" not in b
 
 

@@ -1,0 +1,344 @@
+"""Every documented input error through the CLI: one line on stderr, exit 3, no traceback."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from loraexport.cli import main
+
+FAST = ["--steps", "2", "--batch-size", "4"]
+
+
+def _train(*args: str) -> Result:
+    return CliRunner().invoke(main, ["train", *args, *FAST])
+
+
+def _assert_one_line_error(result: Result, code: int = 3, *needles: str) -> str:
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    assert isinstance(result.exception, SystemExit), result.exception  # no escaped exception
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr
+    assert lines[0].startswith("error: "), lines[0]
+    assert "Traceback" not in result.output + result.stderr
+    assert result.stdout == ""
+    for needle in needles:
+        assert needle in lines[0], (needle, lines[0])
+    return lines[0]
+
+
+@pytest.fixture
+def out(tmp_path) -> Path:
+    return tmp_path / "adapter"
+
+
+def _no_output_left(out: Path) -> None:
+    assert not out.exists()
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
+
+
+def test_missing_base_dir(tmp_path, small_data, out):
+    base = tmp_path / "no-such-model"
+    r = _train("--base", str(base), "--data", str(small_data), "--out", str(out))
+    _assert_one_line_error(r, 3, "model directory not found", str(base))
+    _no_output_left(out)
+
+
+def test_base_is_a_file(tmp_path, small_data, out):
+    r = _train("--base", str(small_data), "--data", str(small_data), "--out", str(out))
+    _assert_one_line_error(r, 3, "must be a directory")
+
+
+def test_base_without_config(tmp_path, small_data, out):
+    base = tmp_path / "empty-model"
+    base.mkdir()
+    r = _train("--base", str(base), "--data", str(small_data), "--out", str(out))
+    _assert_one_line_error(r, 3, "config.json")
+    _no_output_left(out)
+
+
+def test_base_of_unsupported_type(tmp_path, small_data, out):
+    base = tmp_path / "bert"
+    base.mkdir()
+    (base / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    r = _train("--base", str(base), "--data", str(small_data), "--out", str(out))
+    _assert_one_line_error(r, 3, "'bert'")
+
+
+def test_base_with_corrupt_weights(tmp_path, sample_base, small_data, out):
+    base = tmp_path / "corrupt"
+    base.mkdir()
+    (base / "config.json").write_bytes((sample_base / "config.json").read_bytes())
+    (base / "model.safetensors").write_bytes(b"\x00" * 64)
+    r = _train("--base", str(base), "--data", str(small_data), "--out", str(out))
+    _assert_one_line_error(r, 3, "model.safetensors")
+
+
+def test_data_file_missing(tmp_path, sample_base, out):
+    data = tmp_path / "nope.jsonl"
+    r = _train("--base", str(sample_base), "--data", str(data), "--out", str(out))
+    _assert_one_line_error(r, 3, "data file not found", str(data))
+    _no_output_left(out)
+
+
+def test_eval_data_missing(tmp_path, sample_base, small_data, out):
+    r = _train(
+        "--base",
+        str(sample_base),
+        "--data",
+        str(small_data),
+        "--out",
+        str(out),
+        "--eval-data",
+        str(tmp_path / "eval.jsonl"),
+    )
+    _assert_one_line_error(r, 3, "eval.jsonl")
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "needle"),
+    [
+        ("{not json", "not valid JSON"),
+        ('{"source": "123"}', '"target"'),
+        ('{"source": "123", "target": 321}', '"target"'),
+        ('["123", "321"]', '"source"'),
+    ],
+    ids=["not-json", "missing-target", "target-not-string", "not-an-object"],
+)
+def test_data_malformed_line_named_by_number(
+    tmp_path, sample_base, small_data, out, bad_line, needle
+):
+    lines = small_data.read_text().splitlines()
+    lines.insert(6, bad_line)  # becomes line 7
+    small_data.write_text("\n".join(lines) + "\n")
+    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
+    _assert_one_line_error(r, 3, f"{small_data}:7:", needle)
+    _no_output_left(out)
+
+
+def test_data_empty(tmp_path, sample_base, out):
+    data = tmp_path / "empty.jsonl"
+    data.write_text("\n\n")
+    r = _train("--base", str(sample_base), "--data", str(data), "--out", str(out))
+    _assert_one_line_error(r, 3, "no examples")
+
+
+def test_data_character_not_in_vocabulary(tmp_path, sample_base, small_data, out):
+    """Refused before training, wherever the line is (not only if a batch happens to draw it)."""
+    good = small_data.read_text().splitlines()
+    eval_data = tmp_path / "eval.jsonl"
+    eval_data.write_text("\n".join(good[:8]) + "\n")
+    lines = good[8:]
+    lines.insert(40, json.dumps({"source": "12x4", "target": "124x"}))  # line 41
+    small_data.write_text("\n".join(lines) + "\n")
+    r = _train(
+        "--base",
+        str(sample_base),
+        "--data",
+        str(small_data),
+        "--eval-data",
+        str(eval_data),
+        "--out",
+        str(out),
+    )
+    _assert_one_line_error(r, 3, "'x'", "vocabulary")
+    _no_output_left(out)
+
+
+def test_data_longer_than_the_model_max_len(tmp_path, sample_base, small_data, out):
+    """A sequence past config.max_len (32 here) is invalid input, not an internal error."""
+    lines = small_data.read_text().splitlines()[:8]
+    lines.append(json.dumps({"source": "1" * 40, "target": "1" * 40}))
+    small_data.write_text("\n".join(lines) + "\n")
+    eval_data = tmp_path / "eval.jsonl"
+    eval_data.write_text(json.dumps({"source": "21", "target": "12"}) + "\n")
+    # the batch holds every example, so the long one is used whether or not data is checked first
+    r = CliRunner().invoke(
+        main,
+        [
+            "train",
+            "--base",
+            str(sample_base),
+            "--data",
+            str(small_data),
+            "--eval-data",
+            str(eval_data),
+            "--out",
+            str(out),
+            "--steps",
+            "1",
+            "--batch-size",
+            "9",
+        ],
+    )
+    _assert_one_line_error(r, 3)
+    _no_output_left(out)
+
+
+def test_eval_data_character_not_in_vocabulary(tmp_path, sample_base, small_data, out):
+    eval_data = tmp_path / "eval.jsonl"
+    eval_data.write_text(json.dumps({"source": "1 2", "target": "12"}) + "\n")
+    r = _train(
+        "--base",
+        str(sample_base),
+        "--data",
+        str(small_data),
+        "--eval-data",
+        str(eval_data),
+        "--out",
+        str(out),
+    )
+    _assert_one_line_error(r, 3, "' '", "vocabulary")
+    _no_output_left(out)
+
+
+def test_output_exists_without_force_is_left_untouched(tmp_path, sample_base, small_data, out):
+    out.mkdir()
+    keep = out / "adapter_model.safetensors"
+    keep.write_bytes(b"precious bytes \x00\x01")
+    before = sorted(p.name for p in out.iterdir())
+    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
+    _assert_one_line_error(r, 3, "output exists", "--force")
+    assert keep.read_bytes() == b"precious bytes \x00\x01"
+    assert sorted(p.name for p in out.iterdir()) == before
+
+
+def test_targets_matching_no_module_lists_the_linear_names(sample_base, small_data, out):
+    r = _train(
+        "--base",
+        str(sample_base),
+        "--data",
+        str(small_data),
+        "--out",
+        str(out),
+        "--targets",
+        "nonexistent",
+    )
+    line = _assert_one_line_error(r, 3, "nonexistent")
+    for name in ("q", "k", "v", "o", "fc1", "fc2", "lm_head"):
+        assert name in line.split("named", 1)[-1], (name, line)
+    _no_output_left(out)
+
+
+def test_target_regex_invalid(sample_base, small_data, out):
+    r = _train(
+        "--base",
+        str(sample_base),
+        "--data",
+        str(small_data),
+        "--out",
+        str(out),
+        "--target-regex",
+        "(q|v",
+    )
+    _assert_one_line_error(r, 3, "target_modules")
+
+
+def test_dropout_out_of_range(sample_base, small_data, out):
+    r = _train(
+        "--base", str(sample_base), "--data", str(small_data), "--out", str(out), "--dropout", "1.5"
+    )
+    _assert_one_line_error(r, 3, "lora_dropout")
+
+
+def test_eval_fraction_out_of_range(sample_base, small_data, out):
+    r = _train(
+        "--base",
+        str(sample_base),
+        "--data",
+        str(small_data),
+        "--out",
+        str(out),
+        "--eval-fraction",
+        "0",
+    )
+    _assert_one_line_error(r, 3, "eval fraction")
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--base", "b", "--data", "d"],  # --out missing
+        ["--data", "d", "--out", "o"],  # --base missing
+        ["--base", "b", "--data", "d", "--out", "o", "--rank", "0"],
+        ["--base", "b", "--data", "d", "--out", "o", "--steps", "many"],
+        ["--base", "b", "--data", "d", "--out", "o", "--targets", " , "],
+        ["--base", "b", "--data", "d", "--out", "o", "--no-such-option"],
+    ],
+    ids=["no-out", "no-base", "rank-0", "steps-not-int", "empty-targets", "unknown-option"],
+)
+def test_usage_errors_exit_2(args):
+    r = CliRunner().invoke(main, ["train", *args])
+    assert r.exit_code == 2, (r.output, r.exception)
+    assert "Traceback" not in r.output
+    assert "Usage:" in r.stderr or "Error:" in r.stderr
+
+
+def test_unknown_command_exit_2():
+    r = CliRunner().invoke(main, ["trian"])
+    assert r.exit_code == 2
+    assert "No such command" in r.stderr
+
+
+def test_help_lists_exit_codes():
+    r = CliRunner().invoke(main, ["--help"])
+    assert r.exit_code == 0
+    assert "3 invalid input" in " ".join(r.stdout.split())
+
+
+def test_data_too_small_to_hold_out(tmp_path, sample_base, small_data, out):
+    small_data.write_text(small_data.read_text().splitlines()[0] + "\n")
+    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
+    _assert_one_line_error(r, 3, "too small")
+
+
+# ---- the error contract itself ---------------------------------------------------------------
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, small_data, out):
+    r = CliRunner().invoke(
+        main,
+        [
+            "--debug",
+            "train",
+            "--base",
+            str(tmp_path / "nope"),
+            "--data",
+            str(small_data),
+            "--out",
+            str(out),
+        ],
+    )
+    assert r.exit_code == 3
+    assert "Traceback" in r.stderr
+    assert r.stderr.strip().splitlines()[-1].startswith("error: ")
+
+
+def test_internal_error_is_exit_1_one_line(monkeypatch, sample_base, small_data, out):
+    import loraexport.api
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom\nsecond line")
+
+    monkeypatch.setattr(loraexport.api, "train_lora", boom)
+    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
+    assert r.exit_code == 1
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("internal error: RuntimeError: boom")
+    assert "--debug" in lines[0]
+    assert "Traceback" not in r.output
+    _no_output_left(out)
+
+
+def test_interrupt_is_exit_130_and_writes_nothing(monkeypatch, sample_base, small_data, out):
+    import loraexport.api
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(loraexport.api, "train_lora", interrupted)
+    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
+    assert r.exit_code == 130
+    assert r.stderr.strip().splitlines() == ["interrupted: nothing was written"]
+    _no_output_left(out)

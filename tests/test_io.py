@@ -1,0 +1,56 @@
+"""Output directories: refused when present without --force; replaced atomically."""
+
+from __future__ import annotations
+
+import pytest
+
+from loraexport.errors import OutputExistsError, OutputNotWritableError
+from loraexport.io import atomic_output_dir, check_output, sha256_dir
+
+
+def _leftovers(parent, name):
+    return [p.name for p in parent.iterdir() if p.name.startswith(f".{name}")]
+
+
+def test_check_output_refuses_existing_without_force(tmp_path):
+    (tmp_path / "out").mkdir()
+    with pytest.raises(OutputExistsError, match="--force"):
+        check_output(tmp_path / "out", force=False)
+    assert check_output(tmp_path / "out", force=True) == tmp_path / "out"
+
+
+def test_check_output_parent_missing(tmp_path):
+    with pytest.raises(OutputNotWritableError, match="parent"):
+        check_output(tmp_path / "a" / "b", force=False)
+
+
+def test_atomic_output_success_replaces(tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    with atomic_output_dir(out, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+        assert not (out / "new.txt").exists()  # nothing visible before success
+    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert _leftovers(tmp_path, "out") == []
+
+
+@pytest.mark.parametrize("exc", [RuntimeError("fail"), KeyboardInterrupt()])
+def test_atomic_output_failure_leaves_previous_untouched(tmp_path, exc):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.bin").write_bytes(b"\x00keep")
+    digest = sha256_dir(out)
+    with pytest.raises(type(exc)), atomic_output_dir(out, force=True) as tmp:
+        (tmp / "partial").write_text("x")
+        raise exc
+    assert sha256_dir(out) == digest
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_atomic_output_failure_creates_nothing(tmp_path):
+    with pytest.raises(ValueError), atomic_output_dir(tmp_path / "new") as tmp:
+        (tmp / "f").write_text("x")
+        raise ValueError
+    assert not (tmp_path / "new").exists()
+    assert _leftovers(tmp_path, "new") == []
