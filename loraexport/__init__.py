@@ -1,1 +1,41 @@
+"""loraexport: train or load a LoRA adapter, merge it exactly, export to ONNX, verify.
+
+The public API mirrors the CLI; each call takes and writes directories::
+
+    import loraexport
+    report = loraexport.merge_and_export("samples/base", "runs/demo-adapter", "runs/demo")
+
+Heavy modules (torch, onnx) are imported on first use, so ``import loraexport`` is cheap and
+``loraexport.runtime`` stays usable without torch.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
 __version__ = "0.1.0"
+
+_LAZY = {
+    "train": "loraexport.api",
+    "merge": "loraexport.pipeline",
+    "export": "loraexport.pipeline",
+    "verify": "loraexport.pipeline",
+    "merge_and_export": "loraexport.pipeline",
+    "Adapter": "loraexport.lora.adapter",
+    "LoraConfig": "loraexport.lora.config",
+}
+__all__ = ["Adapter", "LoraConfig", "__version__", "export", "merge", "merge_and_export", "train", "verify"]
+
+if TYPE_CHECKING:  # pragma: no cover
+    from loraexport.api import train
+    from loraexport.lora.adapter import Adapter
+    from loraexport.lora.config import LoraConfig
+    from loraexport.pipeline import export, merge, merge_and_export, verify
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        import importlib
+
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'loraexport' has no attribute {name!r}")

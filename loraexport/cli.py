@@ -30,8 +30,12 @@ class _Group(click.Group):
         except KeyboardInterrupt:
             _fail(ctx, "interrupted: nothing was written", EXIT_INTERRUPTED)
         except Exception as e:  # a bug: say so, keep the traceback behind --debug
-            _fail(ctx, f"internal error: {type(e).__name__}: {e} (run with --debug for the traceback)",
-                  EXIT_INTERNAL)
+            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            _fail(
+                ctx,
+                f"internal error: {type(e).__name__}: {first} (run with --debug for the traceback)",
+                EXIT_INTERNAL,
+            )
 
 
 def _fail(ctx: click.Context, message: str, code: int) -> None:
@@ -83,11 +87,18 @@ def _split_targets(value: str) -> list[str] | str:
 # ---- train -------------------------------------------------------------------------------
 @main.command()
 @click.option("--base", required=True, type=click.Path(path_type=Path), help="Base model directory.")
-@click.option("--data", required=True, type=click.Path(path_type=Path),
-              help='Training data, JSON Lines of {"source": ..., "target": ...}.')
+@click.option(
+    "--data",
+    required=True,
+    type=click.Path(path_type=Path),
+    help='Training data, JSON Lines of {"source": ..., "target": ...}.',
+)
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write.")
-@click.option("--eval-data", type=click.Path(path_type=Path),
-              help="Held-out data; default: hold out --eval-fraction of --data.")
+@click.option(
+    "--eval-data",
+    type=click.Path(path_type=Path),
+    help="Held-out data; default: hold out --eval-fraction of --data.",
+)
 @click.option("--eval-fraction", default=0.1, show_default=True, help="Held-out share when no --eval-data.")
 @click.option("--rank", "-r", default=8, show_default=True, type=click.IntRange(1), help="LoRA rank r.")
 @click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scaling alpha/r).")
@@ -102,8 +113,26 @@ def _split_targets(value: str) -> list[str] | str:
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.pass_context
-def train(ctx, base, data, out, eval_data, eval_fraction, rank, alpha, targets, target_regex,
-          dropout, rslora, steps, lr, batch_size, seed, force, as_json):
+def train(
+    ctx,
+    base,
+    data,
+    out,
+    eval_data,
+    eval_fraction,
+    rank,
+    alpha,
+    targets,
+    target_regex,
+    dropout,
+    rslora,
+    steps,
+    lr,
+    batch_size,
+    seed,
+    force,
+    as_json,
+):
     """Train a LoRA adapter on a base model and save it in PEFT's format.
 
     \b
@@ -114,16 +143,33 @@ def train(ctx, base, data, out, eval_data, eval_fraction, rank, alpha, targets, 
     from loraexport.api import train as train_api
 
     result = train_api(
-        base=base, data=data, out=out, eval_data=eval_data, eval_fraction=eval_fraction,
-        rank=rank, alpha=alpha, targets=target_regex or _split_targets(targets), dropout=dropout,
-        use_rslora=rslora, steps=steps, lr=lr, batch_size=batch_size, seed=seed, force=force,
+        base=base,
+        data=data,
+        out=out,
+        eval_data=eval_data,
+        eval_fraction=eval_fraction,
+        rank=rank,
+        alpha=alpha,
+        targets=target_regex or _split_targets(targets),
+        dropout=dropout,
+        use_rslora=rslora,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        force=force,
         show_progress=not ctx.obj["quiet"],
     )
     summary = {
-        "adapter": str(out), "steps": result.steps, "seconds": round(result.seconds, 2),
-        "final_loss": result.final_loss, "trainable_parameters": result.trainable_parameters,
-        "base_parameters": result.base_parameters, "trainable_fraction": result.trainable_fraction,
-        "eval_exact_match_before": result.eval_before, "eval_exact_match_after": result.eval_after,
+        "adapter": str(out),
+        "steps": result.steps,
+        "seconds": round(result.seconds, 2),
+        "final_loss": result.final_loss,
+        "trainable_parameters": result.trainable_parameters,
+        "base_parameters": result.base_parameters,
+        "trainable_fraction": result.trainable_fraction,
+        "eval_exact_match_before": result.eval_before,
+        "eval_exact_match_after": result.eval_after,
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
@@ -159,13 +205,27 @@ _path = click.Path(path_type=Path)
 
 @main.command()
 @click.option("--base", required=True, type=_path, help="Base model directory.")
-@click.option("--adapter", "adapters", required=True, multiple=True, type=_path,
-              help="PEFT adapter directory; repeat to merge several.")
-@click.option("--weight", "weights", multiple=True, type=float,
-              help="Weight of each --adapter, in order (default 1.0 each).")
+@click.option(
+    "--adapter",
+    "adapters",
+    required=True,
+    multiple=True,
+    type=_path,
+    help="PEFT adapter directory; repeat to merge several.",
+)
+@click.option(
+    "--weight",
+    "weights",
+    multiple=True,
+    type=float,
+    help="Weight of each --adapter, in order (default 1.0 each).",
+)
 @click.option("--out", required=True, type=_path, help="Merged model directory to write.")
-@click.option("--dtype", type=click.Choice(["float32", "float16", "bfloat16"]),
-              help="Storage dtype of the merged weights (default: the base's).")
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Storage dtype of the merged weights (default: the base's).",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True).")
 @click.option("--json", "as_json", is_flag=True, help="Print the merge statistics as JSON.")
@@ -183,17 +243,28 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
     from loraexport.pipeline import merge as merge_api
 
     if weights and len(weights) != len(adapters):
-        raise click.BadParameter(f"{len(adapters)} --adapter but {len(weights)} --weight", param_hint="--weight")
-    stats = merge_api(base, list(adapters), out, weights=list(weights) or None, dtype=dtype, force=force,
-                      allow_pickle=allow_pickle)
+        raise click.BadParameter(
+            f"{len(adapters)} --adapter but {len(weights)} --weight", param_hint="--weight"
+        )
+    stats = merge_api(
+        base,
+        list(adapters),
+        out,
+        weights=list(weights) or None,
+        dtype=dtype,
+        force=force,
+        allow_pickle=allow_pickle,
+    )
     if as_json:
         from dataclasses import asdict
 
         click.echo(json.dumps(asdict(stats), indent=2))
         return
     worst = max(stats.modules, key=lambda m: m.cast_max_rel_err)
-    click.echo(f"merged {stats.modules_merged} modules ({stats.compute_dtype} → {stats.storage_dtype}) "
-               f"into {out}; largest cast error {worst.cast_max_abs_err:.2g} ({worst.module})")
+    click.echo(
+        f"merged {stats.modules_merged} modules ({stats.compute_dtype} → {stats.storage_dtype}) "
+        f"into {out}; largest cast error {worst.cast_max_abs_err:.2g} ({worst.module})"
+    )
 
 
 @main.command()
@@ -201,8 +272,13 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
 @click.option("--adapter", type=_path, help="Adapter to apply before export.")
 @click.option("--out", required=True, type=_path, help="Output directory for the ONNX file(s).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(18))
-@click.option("--mode", type=click.Choice(["merged", "unmerged"]), default="merged", show_default=True,
-              help="With --adapter: merge it, or keep the LoRA branches in the graph.")
+@click.option(
+    "--mode",
+    type=click.Choice(["merged", "unmerged"]),
+    default="merged",
+    show_default=True,
+    help="With --adapter: merge it, or keep the LoRA branches in the graph.",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True).")
 @click.pass_context
@@ -216,24 +292,45 @@ def export(ctx, model_dir, adapter, out, opset, mode, force, allow_pickle):
     from loraexport.pipeline import export as export_api
 
     _log(ctx)("exporting to ONNX …")
-    result = export_api(model_dir, out, adapter=adapter, mode=mode, opset=opset, force=force,
-                        allow_pickle=allow_pickle)
-    click.echo(f"exported {', '.join(result.files)} ({result.bytes / 1e6:.2f} MB, opset {result.opset}, "
-               f"{result.seconds:.1f} s) to {out}")
+    result = export_api(
+        model_dir, out, adapter=adapter, mode=mode, opset=opset, force=force, allow_pickle=allow_pickle
+    )
+    click.echo(
+        f"exported {', '.join(result.files)} ({result.bytes / 1e6:.2f} MB, opset {result.opset}, "
+        f"{result.seconds:.1f} s) to {out}"
+    )
 
 
 def _verify_options(f):
-    for opt in reversed([
-        click.option("--provider", "providers", multiple=True, type=click.Choice(["cpu", "cuda"]),
-                     help="onnxruntime provider(s); default CPU, plus CUDA when available."),
-        click.option("--samples", default=6, show_default=True, type=click.IntRange(1),
-                     help="Parity cases (batch sizes and lengths vary)."),
-        click.option("--eval-data", type=_path, help="JSON Lines whose sources are used as generation prompts."),
-        click.option("--no-latency", is_flag=True, help="Skip the latency measurement."),
-        click.option("--threads", type=click.IntRange(1), help="Threads for torch and onnxruntime (default: cores)."),
-        click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True)."),
-        click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout."),
-    ]):
+    for opt in reversed(
+        [
+            click.option(
+                "--provider",
+                "providers",
+                multiple=True,
+                type=click.Choice(["cpu", "cuda"]),
+                help="onnxruntime provider(s); default CPU, plus CUDA when available.",
+            ),
+            click.option(
+                "--samples",
+                default=6,
+                show_default=True,
+                type=click.IntRange(1),
+                help="Parity cases (batch sizes and lengths vary).",
+            ),
+            click.option(
+                "--eval-data", type=_path, help="JSON Lines whose sources are used as generation prompts."
+            ),
+            click.option("--no-latency", is_flag=True, help="Skip the latency measurement."),
+            click.option(
+                "--threads",
+                type=click.IntRange(1),
+                help="Threads for torch and onnxruntime (default: cores).",
+            ),
+            click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True)."),
+            click.option("--json", "as_json", is_flag=True, help="Print report.json on stdout."),
+        ]
+    ):
         f = opt(f)
     return f
 
@@ -245,8 +342,20 @@ def _verify_options(f):
 @click.option("--report", "report_path", type=_path, help="Write report.json here (and report.md beside it).")
 @_verify_options
 @click.pass_context
-def verify(ctx, base, adapter, onnx_dir, report_path, providers, samples, eval_data, no_latency, threads,
-           allow_pickle, as_json):
+def verify(
+    ctx,
+    base,
+    adapter,
+    onnx_dir,
+    report_path,
+    providers,
+    samples,
+    eval_data,
+    no_latency,
+    threads,
+    allow_pickle,
+    as_json,
+):
     """Check an exported model against base + adapter unmerged: parity and latency.
 
     Exit 4 when parity fails (the report is still written).
@@ -259,9 +368,18 @@ def verify(ctx, base, adapter, onnx_dir, report_path, providers, samples, eval_d
     from loraexport.io import write_json
     from loraexport.pipeline import verify as verify_api
 
-    report = verify_api(base, adapter, onnx_dir, providers=list(providers) or None, samples=samples,
-                        eval_data=eval_data, latency=not no_latency, threads=threads,
-                        allow_pickle=allow_pickle, log=_log(ctx))
+    report = verify_api(
+        base,
+        adapter,
+        onnx_dir,
+        providers=list(providers) or None,
+        samples=samples,
+        eval_data=eval_data,
+        latency=not no_latency,
+        threads=threads,
+        allow_pickle=allow_pickle,
+        log=_log(ctx),
+    )
     if report_path is not None:
         write_json(report_path, report.to_json())
         report_path.with_suffix(".md").write_text(report.to_markdown(), encoding="utf-8")
@@ -279,8 +397,22 @@ def verify(ctx, base, adapter, onnx_dir, report_path, providers, samples, eval_d
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_verify_options
 @click.pass_context
-def merge_and_export(ctx, base, adapter, out, opset, no_verify, force, providers, samples, eval_data,
-                     no_latency, threads, allow_pickle, as_json):
+def merge_and_export(
+    ctx,
+    base,
+    adapter,
+    out,
+    opset,
+    no_verify,
+    force,
+    providers,
+    samples,
+    eval_data,
+    no_latency,
+    threads,
+    allow_pickle,
+    as_json,
+):
     """Merge an adapter, export to ONNX, verify parity and latency, write report.md/json.
 
     Exit 0 when parity passes, 4 when it fails (the output and report are still written).
@@ -293,9 +425,21 @@ def merge_and_export(ctx, base, adapter, out, opset, no_verify, force, providers
     from loraexport.pipeline import merge_and_export as mae
 
     try:
-        report = mae(base, adapter, out, providers=list(providers) or None, verify_output=not no_verify,
-                     latency=not no_latency, force=force, opset=opset, samples=samples, eval_data=eval_data,
-                     threads=threads, allow_pickle=allow_pickle, log=_log(ctx))
+        report = mae(
+            base,
+            adapter,
+            out,
+            providers=list(providers) or None,
+            verify_output=not no_verify,
+            latency=not no_latency,
+            force=force,
+            opset=opset,
+            samples=samples,
+            eval_data=eval_data,
+            threads=threads,
+            allow_pickle=allow_pickle,
+            log=_log(ctx),
+        )
     except VerificationFailedError:
         _print_report(ctx, _read_report(out), out, as_json)
         raise
@@ -312,10 +456,36 @@ def _read_report(out: Path):
 
         def summary_rows(self) -> list[tuple[str, str]]:
             p = self.data.get("parity") or {}
-            return [("parity", f"{'PASSED' if p.get('passed') else 'FAILED'}: max abs err "
-                               f"{p.get('max_abs_err', float('nan')):.2e}, top-1 {p.get('top1_agreement', 0):.1%}")]
+            return [
+                (
+                    "parity",
+                    f"{'PASSED' if p.get('passed') else 'FAILED'}: max abs err "
+                    f"{p.get('max_abs_err', float('nan')):.2e}, top-1 {p.get('top1_agreement', 0):.1%}",
+                )
+            ]
 
     return _Saved(json.loads((out / "report.json").read_text()))
+
+
+@main.command("inspect")
+@click.argument("path", type=_path)
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect_cmd(path, as_json):
+    """Say what PATH is: a PEFT adapter, a model directory or an exported directory.
+
+    \b
+    Example:
+      loraexport inspect runs/demo-adapter
+    """
+    from loraexport.api import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        click.echo(f"{k:<{width}}  {v}")
 
 
 def run() -> None:  # pragma: no cover - console-script shim

@@ -23,7 +23,9 @@ def read_pairs(path: str | Path) -> list[Pair]:
                 obj = json.loads(line)
             except json.JSONDecodeError as e:
                 raise DataFormatError(f"{p}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("source", "target")):
+            if not isinstance(obj, dict) or not all(
+                isinstance(obj.get(k), str) for k in ("source", "target")
+            ):
                 raise DataFormatError(f'{p}:{n}: expected {{"source": str, "target": str}}')
             pairs.append((obj["source"], obj["target"]))
     if not pairs:

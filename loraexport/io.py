@@ -94,8 +94,10 @@ def check_output(path: str | Path, force: bool) -> Path:
     if p.exists() and not force:
         raise OutputExistsError(f"output exists: {p} (pass --force to replace it)")
     parent = p.absolute().parent
+    while not parent.exists():  # missing parents are created; the first existing one must be writable
+        parent = parent.parent
     if not parent.is_dir():
-        raise OutputNotWritableError(f"output's parent directory does not exist: {parent}")
+        raise OutputNotWritableError(f"output's parent is not a directory: {parent}")
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputNotWritableError(f"cannot write to {parent} (permission denied)")
     return p
@@ -110,6 +112,10 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     ``OutputNotWritableError``.
     """
     final = check_output(path, force)
+    try:
+        final.absolute().parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise OutputNotWritableError(f"cannot create {final.absolute().parent}: {e.strerror}") from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.absolute().parent))
     try:
         yield tmp

@@ -41,7 +41,9 @@ class Progress:
         bar = "█" * int(frac * width) + "·" * (width - int(frac * width))
         elapsed = now - self.start
         extras = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
-        sys.stderr.write(f"\r{self.desc} {bar} {self.n}/{self.total} {self.unit} {elapsed:5.1f}s {extras}\x1b[K")
+        sys.stderr.write(
+            f"\r{self.desc} {bar} {self.n}/{self.total} {self.unit} {elapsed:5.1f}s {extras}\x1b[K"
+        )
         sys.stderr.flush()
 
     def close(self) -> None:

@@ -26,8 +26,13 @@ def versions() -> dict[str, str]:
 
     from loraexport import __version__
 
-    return {"loraexport": __version__, "torch": torch.__version__, "onnx": onnx.__version__,
-            "onnxruntime": onnxruntime.__version__, "python": platform.python_version()}
+    return {
+        "loraexport": __version__,
+        "torch": torch.__version__,
+        "onnx": onnx.__version__,
+        "onnxruntime": onnxruntime.__version__,
+        "python": platform.python_version(),
+    }
 
 
 @dataclass
@@ -46,20 +51,35 @@ class Report:
 
     # ---- JSON -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"schema": SCHEMA, "versions": versions(), "machine": self.machine,
-                               "base": self.base, "adapters": self.adapters}
+        out: dict[str, Any] = {
+            "schema": SCHEMA,
+            "versions": versions(),
+            "machine": self.machine,
+            "base": self.base,
+            "adapters": self.adapters,
+        }
         if self.merge is not None:
             m = self.merge
-            out["merge"] = {"modules_merged": m.modules_merged, "seconds": m.seconds,
-                            "compute_dtype": m.compute_dtype, "storage_dtype": m.storage_dtype,
-                            "modules": [asdict(x) for x in m.modules]}
+            out["merge"] = {
+                "modules_merged": m.modules_merged,
+                "seconds": m.seconds,
+                "compute_dtype": m.compute_dtype,
+                "storage_dtype": m.storage_dtype,
+                "modules": [asdict(x) for x in m.modules],
+            }
         if self.export is not None:
             e = self.export
             flat_in = list(dict.fromkeys(n for names in e.inputs.values() for n in names))
             flat_out = list(dict.fromkeys(n for names in e.outputs.values() for n in names))
-            out["export"] = {"files": e.files, "opset": e.opset, "seconds": e.seconds, "bytes": e.bytes,
-                             "inputs": flat_in, "outputs": flat_out,
-                             "graphs": {g: {"inputs": e.inputs[g], "outputs": e.outputs[g]} for g in e.inputs}}
+            out["export"] = {
+                "files": e.files,
+                "opset": e.opset,
+                "seconds": e.seconds,
+                "bytes": e.bytes,
+                "inputs": flat_in,
+                "outputs": flat_out,
+                "graphs": {g: {"inputs": e.inputs[g], "outputs": e.outputs[g]} for g in e.inputs},
+            }
         out["parity"] = _parity_json(self.parity[0]) if self.parity else None
         if len(self.parity) > 1:
             out["parity_by_provider"] = {p.provider: _parity_json(p) for p in self.parity}
@@ -73,87 +93,146 @@ class Report:
     def to_markdown(self) -> str:
         lines = ["# loraexport report", ""]
         verdict = {True: "**PASSED**", False: "**FAILED**", None: "not verified"}[self.passed]
-        lines += [f"Parity: {verdict}", "", f"- base: `{self.base['path']}` ({self.base['family']}, "
-                  f"{self.base['parameters']:,} parameters)"]
+        lines += [
+            f"Parity: {verdict}",
+            "",
+            f"- base: `{self.base['path']}` ({self.base['family']}, {self.base['parameters']:,} parameters)",
+        ]
         for a in self.adapters:
-            lines.append(f"- adapter: `{a['path']}` (r={a['r']}, alpha={a['alpha']:g}, targets "
-                         f"{a['targets']}, {a['modules']} modules, sha256 {a['sha256'][:12]}…)")
+            lines.append(
+                f"- adapter: `{a['path']}` (r={a['r']}, alpha={a['alpha']:g}, targets "
+                f"{a['targets']}, {a['modules']} modules, sha256 {a['sha256'][:12]}…)"
+            )
         if self.machine:
             lines.append(f"- machine: {self.machine.get('cpu', '?')}, {self.machine.get('cores', '?')} cores")
         if self.merge is not None:
             m = self.merge
-            lines += ["", "## Merge", "",
-                      f"{m.modules_merged} modules merged in {m.seconds * 1e3:.1f} ms; computed in "
-                      f"{m.compute_dtype}, stored in {m.storage_dtype}.", "",
-                      "| module | max abs ΔW | max abs W0 | cast error (abs) | cast error (rel) |",
-                      "|---|---:|---:|---:|---:|"]
+            lines += [
+                "",
+                "## Merge",
+                "",
+                f"{m.modules_merged} modules merged in {m.seconds * 1e3:.1f} ms; computed in "
+                f"{m.compute_dtype}, stored in {m.storage_dtype}.",
+                "",
+                "| module | max abs ΔW | max abs W0 | cast error (abs) | cast error (rel) |",
+                "|---|---:|---:|---:|---:|",
+            ]
             for x in m.modules:
-                lines.append(f"| `{x.module}` | {x.max_abs_delta:.3g} | {x.max_abs_weight:.3g} | "
-                             f"{x.cast_max_abs_err:.2g} | {x.cast_max_rel_err:.2g} |")
+                lines.append(
+                    f"| `{x.module}` | {x.max_abs_delta:.3g} | {x.max_abs_weight:.3g} | "
+                    f"{x.cast_max_abs_err:.2g} | {x.cast_max_rel_err:.2g} |"
+                )
         if self.export is not None:
             e = self.export
-            lines += ["", "## Export", "", f"Files {', '.join(f'`{f}`' for f in e.files)}: "
-                      f"{e.bytes / 1e6:.2f} MB, opset {e.opset}, {e.seconds:.1f} s."]
+            lines += [
+                "",
+                "## Export",
+                "",
+                f"Files {', '.join(f'`{f}`' for f in e.files)}: "
+                f"{e.bytes / 1e6:.2f} MB, opset {e.opset}, {e.seconds:.1f} s.",
+            ]
             for g in e.inputs:
-                lines.append(f"- `{g}.onnx`: inputs {', '.join(e.inputs[g][:4])}"
-                             f"{' …' if len(e.inputs[g]) > 4 else ''}; outputs "
-                             f"{', '.join(e.outputs[g][:3])}{' …' if len(e.outputs[g]) > 3 else ''}")
+                lines.append(
+                    f"- `{g}.onnx`: inputs {', '.join(e.inputs[g][:4])}"
+                    f"{' …' if len(e.inputs[g]) > 4 else ''}; outputs "
+                    f"{', '.join(e.outputs[g][:3])}{' …' if len(e.outputs[g]) > 3 else ''}"
+                )
         for p in self.parity:
-            lines += ["", f"## Parity ({p.provider})", "", f"Reference: {p.reference}. An output passes "
-                      "when its error against float64 is within the tolerance derived from torch "
-                      "float32's own error (see `loraexport/verify/parity.py`).", "",
-                      "| case | output | max abs err | max rel err | min cosine | top-1 | err vs fp64 "
-                      "(onnx / torch) | tolerance | ok |", "|---|---|---:|---:|---:|---:|---:|---:|:-:|"]
+            lines += [
+                "",
+                f"## Parity ({p.provider})",
+                "",
+                f"Reference: {p.reference}. An output passes "
+                "when its error against float64 is within the tolerance derived from torch "
+                "float32's own error (see `loraexport/verify/parity.py`).",
+                "",
+                "| case | output | max abs err | max rel err | min cosine | top-1 | err vs fp64 "
+                "(onnx / torch) | tolerance | ok |",
+                "|---|---|---:|---:|---:|---:|---:|---:|:-:|",
+            ]
             for c in p.cases:
                 for o in c.outputs:
                     if not (o.output.endswith("logits") or not o.passed):
                         continue
                     top1 = "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}"
-                    lines.append(f"| {c.name} | {o.output} | {o.max_abs_err:.2e} | {o.max_rel_err:.2e} | "
-                                 f"{o.min_cosine:.7f} | {top1} | {o.onnx_err_vs_fp64:.2e} / "
-                                 f"{o.torch_err_vs_fp64:.2e} | {o.tolerance:.2e} | "
-                                 f"{'✓' if o.passed else '✗'} |")
+                    lines.append(
+                        f"| {c.name} | {o.output} | {o.max_abs_err:.2e} | {o.max_rel_err:.2e} | "
+                        f"{o.min_cosine:.7f} | {top1} | {o.onnx_err_vs_fp64:.2e} / "
+                        f"{o.torch_err_vs_fp64:.2e} | {o.tolerance:.2e} | "
+                        f"{'✓' if o.passed else '✗'} |"
+                    )
             n_out = sum(len(c.outputs) for c in p.cases)
-            lines.append(f"\n{n_out} outputs compared (logits shown; cache and encoder outputs listed "
-                         "only when they fail); all in report.json.")
+            lines.append(
+                f"\n{n_out} outputs compared (logits shown; cache and encoder outputs listed "
+                "only when they fail); all in report.json."
+            )
             if p.generation:
                 g = p.generation
-                lines.append(f"\nGreedy decoding (onnxruntime with KV cache vs torch unmerged): "
-                             f"{g.identical_rows}/{g.rows} rows identical, up to {g.max_new_tokens} new tokens.")
+                lines.append(
+                    f"\nGreedy decoding (onnxruntime with KV cache vs torch unmerged): "
+                    f"{g.identical_rows}/{g.rows} rows identical, up to {g.max_new_tokens} new tokens."
+                )
             if p.failures:
                 lines += ["", "Failures:", *[f"- {f}" for f in p.failures]]
         for lat in self.latency:
-            lines += ["", f"## Latency ({lat.provider}, {lat.threads} threads, ms)", "",
-                      "Medians (p90) of interleaved runs after warm-up.", "",
-                      "| batch × seq | " + " | ".join(LATENCY_VARIANTS) + " | onnx merged / base | "
-                      "onnx merged / torch unmerged |", "|---|" + "---:|" * (len(LATENCY_VARIANTS) + 2)]
+            lines += [
+                "",
+                f"## Latency ({lat.provider}, {lat.threads} threads, ms)",
+                "",
+                "Medians (p90) of interleaved runs after warm-up.",
+                "",
+                "| batch × seq | " + " | ".join(LATENCY_VARIANTS) + " | onnx merged / base | "
+                "onnx merged / torch unmerged |",
+                "|---|" + "---:|" * (len(LATENCY_VARIANTS) + 2),
+            ]
             for c in lat.cases:
-                cells = [f"{c.stats[v].p50_ms:.3f} ({c.stats[v].p90_ms:.3f})" if v in c.stats else "–"
-                         for v in LATENCY_VARIANTS]
+                cells = [
+                    f"{c.stats[v].p50_ms:.3f} ({c.stats[v].p90_ms:.3f})" if v in c.stats else "–"
+                    for v in LATENCY_VARIANTS
+                ]
                 r1, r2 = c.ratio("onnx_merged", "onnx_base"), c.ratio("onnx_merged", "torch_unmerged")
-                lines.append(f"| {c.batch} × {c.seq} | " + " | ".join(cells) +
-                             f" | {_r(r1)} | {_r(r2)} |")
+                lines.append(f"| {c.batch} × {c.seq} | " + " | ".join(cells) + f" | {_r(r1)} | {_r(r2)} |")
         return "\n".join(lines) + "\n"
 
     def summary_rows(self) -> list[tuple[str, str]]:
         rows = [("base", f"{self.base['path']} ({self.base['family']})")]
         if self.merge:
-            rows.append(("merged", f"{self.merge.modules_merged} modules ({self.merge.compute_dtype} → "
-                                   f"{self.merge.storage_dtype})"))
+            rows.append(
+                (
+                    "merged",
+                    f"{self.merge.modules_merged} modules ({self.merge.compute_dtype} → "
+                    f"{self.merge.storage_dtype})",
+                )
+            )
         if self.export:
-            rows.append(("exported", f"{', '.join(self.export.files)} ({self.export.bytes / 1e6:.2f} MB, "
-                                     f"opset {self.export.opset}, {self.export.seconds:.1f} s)"))
+            rows.append(
+                (
+                    "exported",
+                    f"{', '.join(self.export.files)} ({self.export.bytes / 1e6:.2f} MB, "
+                    f"opset {self.export.opset}, {self.export.seconds:.1f} s)",
+                )
+            )
         for p in self.parity:
-            rows.append((f"parity [{p.provider}]",
-                         f"{'PASSED' if p.passed else 'FAILED'}: max abs err {p.max_abs_err:.2e}, "
-                         f"top-1 {p.top1_agreement:.1%}, generation "
-                         f"{p.generation.identical_rows}/{p.generation.rows}" if p.generation else ""))
+            rows.append(
+                (
+                    f"parity [{p.provider}]",
+                    f"{'PASSED' if p.passed else 'FAILED'}: max abs err {p.max_abs_err:.2e}, "
+                    f"top-1 {p.top1_agreement:.1%}, generation "
+                    f"{p.generation.identical_rows}/{p.generation.rows}"
+                    if p.generation
+                    else "",
+                )
+            )
         for lat in self.latency:
             for c in lat.cases:
-                rows.append((f"latency [{lat.provider}] {c.batch}×{c.seq}",
-                             f"onnx merged {c.stats['onnx_merged'].p50_ms:.2f} ms, merged/base "
-                             f"{_r(c.ratio('onnx_merged', 'onnx_base'))}, vs torch unmerged "
-                             f"{_r(c.ratio('onnx_merged', 'torch_unmerged'))}"))
+                rows.append(
+                    (
+                        f"latency [{lat.provider}] {c.batch}×{c.seq}",
+                        f"onnx merged {c.stats['onnx_merged'].p50_ms:.2f} ms, merged/base "
+                        f"{_r(c.ratio('onnx_merged', 'onnx_base'))}, vs torch unmerged "
+                        f"{_r(c.ratio('onnx_merged', 'torch_unmerged'))}",
+                    )
+                )
         return rows
 
 
@@ -163,17 +242,32 @@ def _r(x: float | None) -> str:
 
 def _parity_json(p: ParityResult) -> dict[str, Any]:
     return {
-        "passed": p.passed, "reference": p.reference, "provider": p.provider,
-        "max_abs_err": p.max_abs_err, "max_rel_err": p.max_rel_err, "min_cosine": p.min_cosine,
+        "passed": p.passed,
+        "reference": p.reference,
+        "provider": p.provider,
+        "max_abs_err": p.max_abs_err,
+        "max_rel_err": p.max_rel_err,
+        "min_cosine": p.min_cosine,
         "top1_agreement": p.top1_agreement,
         "generation_agreement": p.generation.agreement if p.generation else None,
         "generation": asdict(p.generation) if p.generation else None,
-        "tolerance": {"rule": "onnx_err_vs_fp64 <= noise_multiple * max(torch_fp32_err_vs_fp64, "
-                              "floor_ulps * eps32 * max|ref|)",
-                      "noise_multiple": _const("NOISE_MULTIPLE"), "floor_ulps": _const("FLOOR_ULPS")},
+        "tolerance": {
+            "rule": "onnx_err_vs_fp64 <= noise_multiple * max(torch_fp32_err_vs_fp64, "
+            "floor_ulps * eps32 * max|ref|)",
+            "noise_multiple": _const("NOISE_MULTIPLE"),
+            "floor_ulps": _const("FLOOR_ULPS"),
+        },
         "failures": p.failures,
-        "cases": [{"name": c.name, "batch": c.batch, "seq": c.seq, "passed": c.passed,
-                   "outputs": [asdict(o) for o in c.outputs]} for c in p.cases],
+        "cases": [
+            {
+                "name": c.name,
+                "batch": c.batch,
+                "seq": c.seq,
+                "passed": c.passed,
+                "outputs": [asdict(o) for o in c.outputs],
+            }
+            for c in p.cases
+        ],
     }
 
 
@@ -185,14 +279,23 @@ def _const(name: str) -> float:
 
 def _latency_json(lat: LatencyResult) -> dict[str, Any]:
     return {
-        "provider": lat.provider, "threads": lat.threads, "unit": "ms",
-        "cases": [{"batch": c.batch, "seq": c.seq,
-                   "p50": {v: s.p50_ms for v, s in c.stats.items()},
-                   "p90": {v: s.p90_ms for v, s in c.stats.items()},
-                   "iqr": {v: s.iqr_ms for v, s in c.stats.items()},
-                   "runs": {v: s.runs for v, s in c.stats.items()},
-                   "ratios": {"onnx_merged/onnx_base": c.ratio("onnx_merged", "onnx_base"),
-                              "onnx_merged/torch_unmerged": c.ratio("onnx_merged", "torch_unmerged"),
-                              "onnx_unmerged/onnx_merged": c.ratio("onnx_unmerged", "onnx_merged")}}
-                  for c in lat.cases],
+        "provider": lat.provider,
+        "threads": lat.threads,
+        "unit": "ms",
+        "cases": [
+            {
+                "batch": c.batch,
+                "seq": c.seq,
+                "p50": {v: s.p50_ms for v, s in c.stats.items()},
+                "p90": {v: s.p90_ms for v, s in c.stats.items()},
+                "iqr": {v: s.iqr_ms for v, s in c.stats.items()},
+                "runs": {v: s.runs for v, s in c.stats.items()},
+                "ratios": {
+                    "onnx_merged/onnx_base": c.ratio("onnx_merged", "onnx_base"),
+                    "onnx_merged/torch_unmerged": c.ratio("onnx_merged", "torch_unmerged"),
+                    "onnx_unmerged/onnx_merged": c.ratio("onnx_unmerged", "onnx_merged"),
+                },
+            }
+            for c in lat.cases
+        ],
     }

@@ -90,14 +90,22 @@ class OnnxModel:
         outs = sess.run(None, feeds)
         return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
-    def forward_all(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                    decoder_input_ids: np.ndarray | None = None) -> dict[str, np.ndarray]:
+    def forward_all(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray | None = None
+    ) -> dict[str, np.ndarray]:
         """Every output of a full forward without a cache, keyed ``<graph>.<output>``."""
-        return chain_forward(self._run, self.kind, (self.n_layers, self.n_heads, self.head_dim),
-                             input_ids, attention_mask, decoder_input_ids)
+        return chain_forward(
+            self._run,
+            self.kind,
+            (self.n_layers, self.n_heads, self.head_dim),
+            input_ids,
+            attention_mask,
+            decoder_input_ids,
+        )
 
-    def forward(self, input_ids: np.ndarray, attention_mask: np.ndarray,
-                decoder_input_ids: np.ndarray | None = None) -> np.ndarray:
+    def forward(
+        self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray | None = None
+    ) -> np.ndarray:
         """Logits (B, T, V) of a full forward — the same contract as the torch model's ``forward``."""
         outs = self.forward_all(input_ids, attention_mask, decoder_input_ids)
         return outs["decoder.logits" if self.kind == "seq2seq" else "model.logits"]
@@ -131,8 +139,11 @@ class OnnxModel:
             outs = dec.run(None, feeds)
             nxt = outs[0][:, -1].argmax(-1).reshape(B, 1).astype(np.int64)
             new.append(nxt)
-            past = {n.replace("present.", "past_key_values.", 1): o
-                    for n, o in zip(out_names, outs, strict=True) if n.startswith("present.")}
+            past = {
+                n.replace("present.", "past_key_values.", 1): o
+                for n, o in zip(out_names, outs, strict=True)
+                if n.startswith("present.")
+            }
             step_ids = nxt
             if self.kind == "causal":
                 mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
@@ -145,9 +156,15 @@ def empty_past(batch: int, layers: int, heads: int, head_dim: int, dtype: type) 
     return {f"past_key_values.{i}.{k}": z for i in range(layers) for k in ("key", "value")}
 
 
-def chain_forward(run, kind: str, shape: tuple[int, int, int], input_ids: np.ndarray,
-                  attention_mask: np.ndarray, decoder_input_ids: np.ndarray | None = None,
-                  dtype: type = np.float32) -> dict[str, np.ndarray]:
+def chain_forward(
+    run,
+    kind: str,
+    shape: tuple[int, int, int],
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    decoder_input_ids: np.ndarray | None = None,
+    dtype: type = np.float32,
+) -> dict[str, np.ndarray]:
     """A full forward through the exported graphs, whatever runs them.
 
     ``run(graph, feeds) -> {output: array}`` is an onnxruntime session here, or the torch
@@ -159,8 +176,15 @@ def chain_forward(run, kind: str, shape: tuple[int, int, int], input_ids: np.nda
     if kind == "seq2seq":
         enc = run("encoder", {"input_ids": input_ids, "attention_mask": mask})
         cross = {k: v for k, v in enc.items() if k.startswith("encoder_key_values.")}
-        dec = run("decoder", {"input_ids": decoder_input_ids.astype(np.int64),
-                              "encoder_attention_mask": mask, **past, **cross})
+        dec = run(
+            "decoder",
+            {
+                "input_ids": decoder_input_ids.astype(np.int64),
+                "encoder_attention_mask": mask,
+                **past,
+                **cross,
+            },
+        )
         return {**{f"encoder.{k}": v for k, v in enc.items()}, **{f"decoder.{k}": v for k, v in dec.items()}}
     out = run("model", {"input_ids": input_ids, "attention_mask": mask, **past})
     return {f"model.{k}": v for k, v in out.items()}

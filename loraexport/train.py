@@ -138,8 +138,17 @@ def train_lora(
     inject(model, config)
     trainable = [p for p in model.parameters() if p.requires_grad]
     t0 = time.perf_counter()
-    losses = fit(model, trainable, train_pairs, steps=steps, lr=lr, batch_size=batch_size,
-                 seed=seed, desc="train LoRA", show_progress=show_progress)
+    losses = fit(
+        model,
+        trainable,
+        train_pairs,
+        steps=steps,
+        lr=lr,
+        batch_size=batch_size,
+        seed=seed,
+        desc="train LoRA",
+        show_progress=show_progress,
+    )
     seconds = time.perf_counter() - t0
     after = exact_match(model, eval_pairs) if eval_pairs else None
     n_trainable = sum(p.numel() for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B))

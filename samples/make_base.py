@@ -40,13 +40,23 @@ def main() -> None:
     model = Transformer(TransformerConfig(**cfg))
     train = read_pairs(HERE / "data" / "reverse_train.jsonl")
     t0 = time.perf_counter()
-    fit(model, model.parameters(), train, steps=args.steps, lr=1e-3, batch_size=64, seed=SEED,
-        desc="pre-train")
+    fit(
+        model,
+        model.parameters(),
+        train,
+        steps=args.steps,
+        lr=1e-3,
+        batch_size=64,
+        seed=SEED,
+        desc="pre-train",
+    )
     acc_rev = exact_match(model, read_pairs(HERE / "data" / "reverse_eval.jsonl"))
     acc_sort = exact_match(model, read_pairs(HERE / "data" / "sort_eval.jsonl"))
     n = sum(p.numel() for p in model.parameters())
-    print(f"{n} parameters, {time.perf_counter() - t0:.0f}s; exact match: reverse {acc_rev:.1%}, "
-          f"sort {acc_sort:.1%}")
+    print(
+        f"{n} parameters, {time.perf_counter() - t0:.0f}s; exact match: reverse {acc_rev:.1%}, "
+        f"sort {acc_sort:.1%}"
+    )
     shutil.rmtree(args.out, ignore_errors=True)
     args.out.mkdir(parents=True)
     save_model(model, args.out)

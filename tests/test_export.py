@@ -71,9 +71,7 @@ def test_cached_decoding_matches_full_forward(which, request):
     past = empty_past(2, m.n_layers, m.n_heads, m.head_dim, np.float32)
     fixed = {}
     if which == "seq2seq":
-        enc = m._run(
-            "encoder", {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]}
-        )
+        enc = m._run("encoder", {"input_ids": x["input_ids"], "attention_mask": x["attention_mask"]})
         fixed = {
             "encoder_attention_mask": x["attention_mask"],
             **{k: v for k, v in enc.items() if k.startswith("encoder_key_values.")},
@@ -90,7 +88,7 @@ def test_cached_decoding_matches_full_forward(which, request):
         steps.append(outs[0])
         past = {
             n.replace("present.", "past_key_values."): o
-            for n, o in zip(names, outs)
+            for n, o in zip(names, outs, strict=True)
             if n.startswith("present.")
         }
         assert past["past_key_values.0.key"].shape[2] == t + 1  # the cache grows by one per step

@@ -19,9 +19,13 @@ def test_check_output_refuses_existing_without_force(tmp_path):
     assert check_output(tmp_path / "out", force=True) == tmp_path / "out"
 
 
-def test_check_output_parent_missing(tmp_path):
-    with pytest.raises(OutputNotWritableError, match="parent"):
-        check_output(tmp_path / "a" / "b", force=False)
+def test_missing_parents_are_created_but_a_file_parent_is_refused(tmp_path):
+    with atomic_output_dir(tmp_path / "a" / "b") as tmp:
+        (tmp / "x.txt").write_text("x")
+    assert (tmp_path / "a" / "b" / "x.txt").read_text() == "x"
+    (tmp_path / "file").write_text("not a directory")
+    with pytest.raises(OutputNotWritableError, match="not a directory"):
+        check_output(tmp_path / "file" / "out", force=False)
 
 
 def test_atomic_output_success_replaces(tmp_path):

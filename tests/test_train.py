@@ -17,27 +17,11 @@ SAMPLE_BASE = Path(__file__).resolve().parents[1] / "samples" / "base"
 SORT_TRAIN = SAMPLE_BASE.parent / "data" / "sort_train.jsonl"
 STEPS = 20
 # 30 LoRA steps on sorting from a reversal base: the mean loss of the last 5 steps falls below
-# this fraction of the first 5 (measured ≈ LOSS_DROP/2 with seed 0); an untrained B stays at 1.
-LOSS_DROP = 0.8
-PAIRS = [
-    (s, "".join(sorted(s)))
-    for s in [
-        "3141",
-        "5926",
-        "5358",
-        "9793",
-        "2384",
-        "6264",
-        "3383",
-        "2795",
-        "0288",
-        "4197",
-        "1693",
-        "9937",
-        "5105",
-        "8209",
-    ]
-]
+# this fraction of the first 5 (measured 0.18 with seed 0; a LoRA branch that does not train
+# leaves the ratio near 1), so the margin absorbs platform differences.
+LOSS_DROP = 0.5
+SOURCES = "3141 5926 5358 9793 2384 6264 3383 2795 0288 4197 1693 9937 5105 8209".split()
+PAIRS = [(s, "".join(sorted(s))) for s in SOURCES]
 EVAL = PAIRS[:4]
 
 
@@ -81,9 +65,7 @@ def test_another_seed_gives_another_adapter(make_model):
 def test_training_moves_b_and_leaves_base_bit_identical(make_model):
     before = make_model().state_dict()
     model, adapter, result = _train(make_model)
-    after = {
-        k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k
-    }
+    after = {k.replace(".base_layer", ""): v for k, v in model.state_dict().items() if "lora_" not in k}
     assert after.keys() == before.keys()
     assert all(torch.equal(after[k], before[k]) for k in before)
     assert all(b.abs().max() > 0 for _, b in adapter.weights.values())  # B left its zero init

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from artifacts import copy_dir
 from onnx import numpy_helper
 
 from loraexport.pipeline import verify
 from loraexport.verify.latency import LatencyStats, time_interleaved
 from loraexport.verify.parity import compare_outputs
-from artifacts import copy_dir
 
 PLANT = 0.05  # added to one weight: ~1% of a typical weight, far above float32 noise
 
@@ -33,17 +33,13 @@ def _corrupt_one_weight(onnx_dir, graph: str = "decoder") -> str:
 
 @pytest.mark.parametrize("which", ["seq2seq", "causal"])
 def test_parity_passes(which, request):
-    base, adapter, onnx_dir = (
-        request.getfixturevalue(f"{which}_{x}") for x in ("base", "adapter", "onnx")
-    )
+    base, adapter, onnx_dir = (request.getfixturevalue(f"{which}_{x}") for x in ("base", "adapter", "onnx"))
     report = verify(base, adapter, onnx_dir, samples=4, latency=False)
     p = report.parity[0]
     assert report.passed, p.failures
     assert p.max_abs_err <= 1e-4 and p.top1_agreement == 1.0
     assert p.generation.rows > 0 and p.generation.identical_rows == p.generation.rows
-    assert len(p.cases) == 4 and all(
-        len(c.outputs) > 1 for c in p.cases
-    )  # every output, not just logits
+    assert len(p.cases) == 4 and all(len(c.outputs) > 1 for c in p.cases)  # every output, not just logits
 
 
 def test_planted_weight_error_is_caught(seq2seq_base, seq2seq_adapter, seq2seq_onnx, tmp_path):
@@ -84,9 +80,7 @@ def test_time_interleaved_shuffles_and_reports_each_variant():
     calls = []
     variants = {n: (lambda n=n: calls.append(n)) for n in "abc"}
     stats = time_interleaved(variants, warmup=1, min_runs=30, max_runs=30, budget_s=0)
-    assert set(stats) == {"a", "b", "c"} and all(
-        isinstance(s, LatencyStats) for s in stats.values()
-    )
+    assert set(stats) == {"a", "b", "c"} and all(isinstance(s, LatencyStats) for s in stats.values())
     assert all(s.runs == 30 and s.p50_ms <= s.p90_ms for s in stats.values())
     rounds = [tuple(calls[i : i + 3]) for i in range(3, len(calls), 3)]
     assert len(set(rounds)) > 1  # the order changes between rounds

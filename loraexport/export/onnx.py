@@ -38,8 +38,11 @@ def _exporter_quiet(captured: io.StringIO):
     if SILENCE_EXPORTER_LOGS:
         logging.disable(logging.WARNING)
     try:
-        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured), \
-                warnings.catch_warnings():
+        with (
+            contextlib.redirect_stdout(captured),
+            contextlib.redirect_stderr(captured),
+            warnings.catch_warnings(),
+        ):
             warnings.simplefilter("ignore")
             yield
     finally:
@@ -74,9 +77,16 @@ def export_graphs(specs: list[GraphSpec], out_dir: Path, opset: int = DEFAULT_OP
         try:
             with _exporter_quiet(captured), torch.no_grad():
                 program = torch.onnx.export(
-                    spec.module.eval(), spec.args, None, input_names=spec.input_names,
-                    output_names=spec.output_names, dynamic_shapes=spec.dynamic_shapes,
-                    opset_version=opset, dynamo=True, optimize=True, verbose=False,
+                    spec.module.eval(),
+                    spec.args,
+                    None,
+                    input_names=spec.input_names,
+                    output_names=spec.output_names,
+                    dynamic_shapes=spec.dynamic_shapes,
+                    opset_version=opset,
+                    dynamo=True,
+                    optimize=True,
+                    verbose=False,
                 )
                 program.save(str(path), external_data=external)
         except (KeyboardInterrupt, MemoryError):

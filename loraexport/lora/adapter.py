@@ -90,10 +90,13 @@ class Adapter:
                 )
             for which, t in (("A", a), ("B", b)):
                 if not t.is_floating_point():
-                    raise AdapterFormatError(f"adapter: {path}.lora_{which}: dtype {t.dtype} is not floating point")
+                    raise AdapterFormatError(
+                        f"adapter: {path}.lora_{which}: dtype {t.dtype} is not floating point"
+                    )
                 if not torch.isfinite(t).all():
                     raise AdapterFormatError(
-                        f"adapter: '{PREFIX}{path}.lora_{which}.weight' contains NaN or Inf; refusing to merge"
+                        f"adapter: '{PREFIX}{path}.lora_{which}.weight' contains NaN or Inf; "
+                        "refusing to merge"
                     )
 
     def check_fits(self, model: nn.Module) -> None:
@@ -141,8 +144,13 @@ class Adapter:
     @classmethod
     def from_model(cls, model: nn.Module, config: LoraConfig) -> Adapter:
         """Collect the (trained) A and B of every ``LoRALinear`` in ``model``."""
-        return cls(config, {p: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
-                            for p, m in lora_layers(model).items()})
+        return cls(
+            config,
+            {
+                p: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
+                for p, m in lora_layers(model).items()
+            },
+        )
 
     def apply(self, model: nn.Module) -> nn.Module:
         """Inject LoRA branches into ``model`` (in place) and load this adapter's tensors.

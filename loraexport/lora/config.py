@@ -18,9 +18,18 @@ DEFAULT_TARGETS = ("q", "v")  # Wq and Wv: the LoRA paper's best choice at a fix
 
 # Keys PEFT writes that carry no math for a LoRA merge (bookkeeping, training-time only).
 _PASSIVE_KEYS = {
-    "auto_mapping", "inference_mode", "init_lora_weights", "peft_version", "revision",
-    "megatron_core", "qalora_group_size", "loftq_config", "ensure_weight_tying",
-    "lora_ga_config", "eva_config", "corda_config",  # initialisation schemes: weights are saved
+    "auto_mapping",
+    "inference_mode",
+    "init_lora_weights",
+    "peft_version",
+    "revision",
+    "megatron_core",
+    "qalora_group_size",
+    "loftq_config",
+    "ensure_weight_tying",
+    "lora_ga_config",
+    "eva_config",
+    "corda_config",  # initialisation schemes: weights are saved
 }
 # Keys that select a variant we do not implement; allowed only at their "off" value.
 _VARIANT_KEYS = {
@@ -112,8 +121,10 @@ class LoraConfig:
                 "adapter_config.json: 'target_modules' must be a regex string or a non-empty "
                 f"list of names, got {tm!r}"
             )
-        for name, pattern, kind in (("rank_pattern", self.rank_pattern, int),
-                                    ("alpha_pattern", self.alpha_pattern, (int, float))):
+        for name, pattern, kind in (
+            ("rank_pattern", self.rank_pattern, int),
+            ("alpha_pattern", self.alpha_pattern, (int, float)),
+        ):
             if not isinstance(pattern, dict) or not all(
                 isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool)
                 for k, v in pattern.items()
@@ -122,7 +133,9 @@ class LoraConfig:
                     f"adapter_config.json: {name!r} must map module patterns to numbers, got {pattern!r}"
                 )
         if any(v < 1 for v in self.rank_pattern.values()):
-            raise AdapterFormatError(f"adapter_config.json: rank_pattern ranks must be >= 1: {self.rank_pattern}")
+            raise AdapterFormatError(
+                f"adapter_config.json: rank_pattern ranks must be >= 1: {self.rank_pattern}"
+            )
         if self.modules_to_save:
             raise UnsupportedAdapterError(
                 f"adapter_config.json: modules_to_save={self.modules_to_save!r} is not supported yet"
@@ -193,7 +206,9 @@ class LoraConfig:
     @classmethod
     def from_dict(cls, data: Any) -> LoraConfig:
         if not isinstance(data, dict):
-            raise AdapterFormatError(f"adapter_config.json must hold a JSON object, got {type(data).__name__}")
+            raise AdapterFormatError(
+                f"adapter_config.json must hold a JSON object, got {type(data).__name__}"
+            )
         if "peft_type" not in data:
             raise AdapterFormatError("adapter_config.json: missing key 'peft_type'")
         known = {f.name for f in fields(cls)} - {"extra"}

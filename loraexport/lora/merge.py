@@ -43,7 +43,10 @@ class MergeStats:
 
 
 def delta_weight(
-    a: torch.Tensor, b: torch.Tensor, scaling: float, fan_in_fan_out: bool = False,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scaling: float,
+    fan_in_fan_out: bool = False,
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """``s·B·A`` in ``dtype``; transposed to (in, out) for ``fan_in_fan_out`` (GPT-2 Conv1D)."""
@@ -84,8 +87,9 @@ def merge_state_dict(
             key = f"{path}.weight"
             if key not in state:
                 raise AdapterMismatchError(f"adapter module {path!r}: base has no tensor {key!r}")
-            d = w * delta_weight(a, b, adapter.config.scaling(path), adapter.config.fan_in_fan_out,
-                                 compute_dtype)
+            d = w * delta_weight(
+                a, b, adapter.config.scaling(path), adapter.config.fan_in_fan_out, compute_dtype
+            )
             if d.shape != state[key].shape:
                 raise AdapterMismatchError(
                     f"adapter module {path!r}: update has shape {tuple(d.shape)} but {key!r} is "

@@ -36,12 +36,12 @@ def load_model(directory: str | Path) -> Transformer:
         raise ModelFormatError(f"{d / 'config.json'}: model_type is not {MODEL_TYPE!r}")
     try:
         config = TransformerConfig.from_dict(raw)
-    except (TypeError, ValueError) as e:
+        model = Transformer(config)
+    except (TypeError, ValueError, RuntimeError) as e:
         raise ModelFormatError(f"{d / 'config.json'}: {e}") from e
     if not (d / WEIGHTS).is_file():
         raise ModelFormatError(f"{WEIGHTS} not found in {d}")
     state = load_safetensors(d / WEIGHTS, ModelFormatError)
-    model = Transformer(config)
     try:
         model.load_state_dict(state, strict=True)
     except RuntimeError as e:
@@ -80,9 +80,22 @@ class Vocab:
         return "".join(out)
 
 
-def batch_encode(
-    config: TransformerConfig, pairs: list[tuple[str, str]]
-) -> dict[str, torch.Tensor]:
+def check_pairs(config: TransformerConfig, pairs: list[tuple[str, str]], where: str) -> None:
+    """Every pair tokenises and fits ``max_len``; errors name the file and example (1-based,
+    blank lines not counted)."""
+    vocab = Vocab(config.vocab)
+    extra = 2 if config.is_encoder_decoder else 3  # <eos> / <bos>…<eos>, or <bos> <sep> <eos>
+    for n, (src, tgt) in enumerate(pairs, 1):
+        vocab.encode(src, f"{where}: example {n}: source: ")
+        vocab.encode(tgt, f"{where}: example {n}: target: ")
+        longest = max(len(src), len(tgt)) + 1 if config.is_encoder_decoder else len(src) + len(tgt) + extra
+        if longest > config.max_len:
+            raise DataFormatError(
+                f"{where}: example {n} needs {longest} positions but the model's max_len is {config.max_len}"
+            )
+
+
+def batch_encode(config: TransformerConfig, pairs: list[tuple[str, str]]) -> dict[str, torch.Tensor]:
     """Teacher-forcing tensors for (source, target) text pairs, right-padded.
 
     Returns ``input_ids``, ``attention_mask``, ``labels`` (−100 where no loss) and, for an
@@ -144,8 +157,9 @@ def greedy_generate(model: Transformer, inputs: dict[str, torch.Tensor], max_new
     ids, mask = inputs["input_ids"], inputs["attention_mask"]
     if model.config.is_encoder_decoder:
         cross = model.cross_kv(model.encode(ids, mask))
-        logits, past = model.decode(torch.full((ids.shape[0], 1), BOS, dtype=torch.long),
-                                    cross=cross, encoder_attention_mask=mask)
+        logits, past = model.decode(
+            torch.full((ids.shape[0], 1), BOS, dtype=torch.long), cross=cross, encoder_attention_mask=mask
+        )
     else:
         cross = None
         logits, past = model.decode(ids, attention_mask=mask)

@@ -44,9 +44,14 @@ def _batch(model: Transformer, batch: int, seq: int, rng: torch.Generator, ragge
     ids = ids.masked_fill(mask == 0, ref.PAD)
     name = f"b{batch}xs{seq}{'-padded' if ragged else ''}"
     if c.is_encoder_decoder:
-        dec = torch.cat([torch.full((batch, 1), ref.BOS), _random_ids(rng, c.vocab_size, (batch, seq - 1))], 1)
-        return ParityCase(name, {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec},
-                          torch.ones(batch, seq, dtype=torch.bool))
+        dec = torch.cat(
+            [torch.full((batch, 1), ref.BOS), _random_ids(rng, c.vocab_size, (batch, seq - 1))], 1
+        )
+        return ParityCase(
+            name,
+            {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec},
+            torch.ones(batch, seq, dtype=torch.bool),
+        )
     return ParityCase(name, {"input_ids": ids, "attention_mask": mask}, mask.bool())
 
 
@@ -70,13 +75,17 @@ def _prompts(model: Transformer, sources: list[str] | None, n: int, seed: int) -
         groups.setdefault(len(s), []).append(s[:limit])
     out = []
     for length, group in sorted(groups.items()):
-        max_new = min(length + 1, model.config.max_len - (0 if model.config.is_encoder_decoder else length + 2))
+        max_new = min(
+            length + 1, model.config.max_len - (0 if model.config.is_encoder_decoder else length + 2)
+        )
         out.append((ref.prompt_ids(model.config, group), max(1, max_new)))
     return out
 
 
 def _latency_inputs(model: Transformer, batch: int, seq: int) -> Inputs:
-    return _batch(model, batch, min(seq, model.config.max_len), torch.Generator().manual_seed(0), False).inputs
+    return _batch(
+        model, batch, min(seq, model.config.max_len), torch.Generator().manual_seed(0), False
+    ).inputs
 
 
 REFERENCE = ModelFamily(

@@ -50,8 +50,9 @@ class Seq2SeqDecoderGraph(nn.Module):
 
     def forward(self, input_ids: torch.Tensor, encoder_attention_mask: torch.Tensor, *caches: torch.Tensor):
         past, cross = _pairs(caches[: 2 * self.n]), _pairs(caches[2 * self.n :])
-        logits, present = self.model.decode(input_ids, past=past, cross=cross,
-                                            encoder_attention_mask=encoder_attention_mask)
+        logits, present = self.model.decode(
+            input_ids, past=past, cross=cross, encoder_attention_mask=encoder_attention_mask
+        )
         return (logits, *[t for kv in present for t in kv])
 
 
@@ -70,9 +71,13 @@ def graph_specs(model: Transformer) -> list[GraphSpec]:
     c = model.config
     n, H, Dh = c.n_decoder_layers, c.n_heads, c.d_model // c.n_heads
     B, S, T, P = 2, 5, 3, 4  # example sizes; all distinct and >= 2 so none is specialised
-    batch, src, new, past, total = (Dim("batch", min=1, max=1024), Dim("src_len", min=2, max=c.max_len),
-                                    Dim("seq", min=1, max=c.max_len), Dim("past", min=0, max=c.max_len),
-                                    Dim("total", min=1, max=2 * c.max_len))
+    batch, src, new, past, total = (
+        Dim("batch", min=1, max=1024),
+        Dim("src_len", min=2, max=c.max_len),
+        Dim("seq", min=1, max=c.max_len),
+        Dim("past", min=0, max=c.max_len),
+        Dim("total", min=1, max=2 * c.max_len),
+    )
     ids = torch.randint(4, c.vocab_size, (B, T))
     kv = lambda L: torch.randn(B, H, L, Dh)  # noqa: E731
     self_names = _kv_names("past_key_values", n)
@@ -80,28 +85,42 @@ def graph_specs(model: Transformer) -> list[GraphSpec]:
     if c.is_encoder_decoder:
         cross_names = _kv_names("encoder_key_values", n)
         enc = GraphSpec(
-            name="encoder", module=EncoderGraph(model),
+            name="encoder",
+            module=EncoderGraph(model),
             args=(torch.randint(4, c.vocab_size, (B, S)), torch.ones(B, S, dtype=torch.long)),
             input_names=["input_ids", "attention_mask"],
             output_names=["last_hidden_state", *cross_names],
             dynamic_shapes=({0: batch, 1: src}, {0: batch, 1: src}),
         )
         dec = GraphSpec(
-            name="decoder", module=Seq2SeqDecoderGraph(model),
-            args=(ids, torch.ones(B, S, dtype=torch.long), *[kv(P) for _ in self_names],
-                  *[kv(S) for _ in cross_names]),
+            name="decoder",
+            module=Seq2SeqDecoderGraph(model),
+            args=(
+                ids,
+                torch.ones(B, S, dtype=torch.long),
+                *[kv(P) for _ in self_names],
+                *[kv(S) for _ in cross_names],
+            ),
             input_names=["input_ids", "encoder_attention_mask", *self_names, *cross_names],
             output_names=["logits", *present_names],
-            dynamic_shapes=({0: batch, 1: new}, {0: batch, 1: src},
-                            (*[{0: batch, 2: past} for _ in self_names],
-                             *[{0: batch, 2: src} for _ in cross_names])),
+            dynamic_shapes=(
+                {0: batch, 1: new},
+                {0: batch, 1: src},
+                (*[{0: batch, 2: past} for _ in self_names], *[{0: batch, 2: src} for _ in cross_names]),
+            ),
         )
         return [enc, dec]
-    return [GraphSpec(
-        name="model", module=CausalGraph(model),
-        args=(ids, torch.ones(B, P + T, dtype=torch.long), *[kv(P) for _ in self_names]),
-        input_names=["input_ids", "attention_mask", *self_names],
-        output_names=["logits", *present_names],
-        dynamic_shapes=({0: batch, 1: new}, {0: batch, 1: total},
-                        tuple({0: batch, 2: past} for _ in self_names)),
-    )]
+    return [
+        GraphSpec(
+            name="model",
+            module=CausalGraph(model),
+            args=(ids, torch.ones(B, P + T, dtype=torch.long), *[kv(P) for _ in self_names]),
+            input_names=["input_ids", "attention_mask", *self_names],
+            output_names=["logits", *present_names],
+            dynamic_shapes=(
+                {0: batch, 1: new},
+                {0: batch, 1: total},
+                tuple({0: batch, 2: past} for _ in self_names),
+            ),
+        )
+    ]

@@ -90,8 +90,12 @@ class DecoderLayer(nn.Module):
         self.drop = nn.Dropout(dropout)
 
     def forward(
-        self, x: torch.Tensor, self_mask: torch.Tensor, past: KV | None,
-        cross_kv: KV | None, cross_mask: torch.Tensor | None,
+        self,
+        x: torch.Tensor,
+        self_mask: torch.Tensor,
+        past: KV | None,
+        cross_kv: KV | None,
+        cross_mask: torch.Tensor | None,
     ) -> tuple[torch.Tensor, KV]:
         k, v = self.self_attn.project_kv(x)  # (B, H, T_new, Dh)
         if past is not None:
@@ -127,6 +131,16 @@ class TransformerConfig:
     model_type: str = "loraexport-transformer"
 
     def __post_init__(self) -> None:
+        if not isinstance(self.vocab, list) or not all(isinstance(t, str) for t in self.vocab):
+            raise ValueError("vocab must be a list of token strings")
+        for name in ("d_model", "n_heads", "d_ff", "n_decoder_layers", "max_len"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        if not isinstance(self.n_encoder_layers, int) or self.n_encoder_layers < 0:
+            raise ValueError(f"n_encoder_layers must be >= 0, got {self.n_encoder_layers!r}")
+        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
+            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
         if self.d_model % self.n_heads:
             raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
 
@@ -221,8 +235,13 @@ class Transformer(nn.Module):
         x = self.embed_tokens(input_ids, P)
         present: list[KV] = []
         for i, layer in enumerate(self.decoder):
-            x, kv = layer(x, self_mask, None if past is None else past[i],
-                          None if cross is None else cross[i], cross_mask)
+            x, kv = layer(
+                x,
+                self_mask,
+                None if past is None else past[i],
+                None if cross is None else cross[i],
+                cross_mask,
+            )
             present.append(kv)
         return self.lm_head(x), present
 
@@ -244,8 +263,9 @@ class Transformer(nn.Module):
             if decoder_input_ids is None:
                 raise ValueError("an encoder-decoder model needs decoder_input_ids")
             memory = self.encode(input_ids, attention_mask)
-            logits, _ = self.decode(decoder_input_ids, cross=self.cross_kv(memory),
-                                    encoder_attention_mask=attention_mask)
+            logits, _ = self.decode(
+                decoder_input_ids, cross=self.cross_kv(memory), encoder_attention_mask=attention_mask
+            )
             return logits
         logits, _ = self.decode(input_ids, attention_mask=attention_mask)
         return logits

@@ -33,6 +33,7 @@ NOISE_MULTIPLE = 10.0
 # this many float32 ulps of the output's magnitude (a few roundings are always allowed).
 FLOOR_ULPS = 4
 F32_EPS = float(np.finfo(np.float32).eps)
+RANDOM_PROMPTS = 64  # generation prompts when no held-out data is given
 
 
 @dataclass
@@ -106,8 +107,12 @@ class ParityResult:
 
     @property
     def failures(self) -> list[str]:
-        out = [f"{c.name}/{o.output}: onnx error {o.onnx_err_vs_fp64:.3g} > tolerance {o.tolerance:.3g}"
-               for c in self.cases for o in c.outputs if not o.passed]
+        out = [
+            f"{c.name}/{o.output}: onnx error {o.onnx_err_vs_fp64:.3g} > tolerance {o.tolerance:.3g}"
+            for c in self.cases
+            for o in c.outputs
+            if not o.passed
+        ]
         if self.generation and self.generation.first_mismatch:
             out.append(f"generation: {self.generation.first_mismatch}")
         return out
@@ -153,8 +158,17 @@ def compare_outputs(
         top1 = float((flat_o.argmax(-1) == flat_r.argmax(-1)).mean()) if len(flat_o) else 1.0
     finite = bool(np.isfinite(onnx).all())
     passed = finite and onnx64 <= tol and (top1 is None or top1 == 1.0)
-    return OutputParity(name, abs_err, abs_err / max(scale, 1e-30), float(cos.min(initial=1.0)),
-                        onnx64, torch64, tol, passed, top1)
+    return OutputParity(
+        name,
+        abs_err,
+        abs_err / max(scale, 1e-30),
+        float(cos.min(initial=1.0)),
+        onnx64,
+        torch64,
+        tol,
+        passed,
+        top1,
+    )
 
 
 def check_parity(
@@ -165,7 +179,7 @@ def check_parity(
     samples: int = 6,
     seed: int = 0,
     sources: list[str] | None = None,
-    generation_rows: int = 64,
+    generation_rows: int | None = None,
 ) -> ParityResult:
     """Compare every output of ``onnx_model`` with ``unmerged`` on ``samples`` cases, then greedy decoding."""
     meta = onnx_model.meta["model"]
@@ -190,15 +204,21 @@ def check_parity(
 
 
 def compare_generation(
-    family: ModelFamily, unmerged: nn.Module, onnx_model: OnnxModel,
-    sources: list[str] | None, rows: int, seed: int,
+    family: ModelFamily,
+    unmerged: nn.Module,
+    onnx_model: OnnxModel,
+    sources: list[str] | None,
+    rows: int | None,
+    seed: int,
 ) -> GenerationResult:
     """Greedy decoding, onnxruntime (with cache) vs torch unmerged, token for token up to <eos>."""
     eos = onnx_model.meta["model"]["special_tokens"].get("eos")
     total = same = 0
     longest = 0
     first = None
-    for inputs, max_new in family.prompts(unmerged, sources[:rows] if sources else None, rows, seed):
+    # every given source (held-out data), else ``rows`` (default 64) random prompts
+    chosen = sources[:rows] if sources and rows else sources
+    for inputs, max_new in family.prompts(unmerged, chosen, rows or RANDOM_PROMPTS, seed):
         want = family.generate(unmerged, inputs, max_new).numpy()
         got = onnx_model.generate(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), max_new)
         longest = max(longest, max_new)
@@ -208,5 +228,6 @@ def compare_generation(
             if w[:cut] == g[:cut]:
                 same += 1
             elif first is None:
-                first = f"row {i} of a length-{inputs['input_ids'].shape[1]} batch: torch {w[:cut]} vs onnx {g[:cut]}"
+                length = inputs["input_ids"].shape[1]
+                first = f"row {i} of a length-{length} batch: torch {w[:cut]} vs onnx {g[:cut]}"
     return GenerationResult(total, same, longest, first)

@@ -108,9 +108,7 @@ def test_eval_data_missing(tmp_path, sample_base, small_data, out):
     ],
     ids=["not-json", "missing-target", "target-not-string", "not-an-object"],
 )
-def test_data_malformed_line_named_by_number(
-    tmp_path, sample_base, small_data, out, bad_line, needle
-):
+def test_data_malformed_line_named_by_number(tmp_path, sample_base, small_data, out, bad_line, needle):
     lines = small_data.read_text().splitlines()
     lines.insert(6, bad_line)  # becomes line 7
     small_data.write_text("\n".join(lines) + "\n")
@@ -238,9 +236,7 @@ def test_target_regex_invalid(sample_base, small_data, out):
 
 
 def test_dropout_out_of_range(sample_base, small_data, out):
-    r = _train(
-        "--base", str(sample_base), "--data", str(small_data), "--out", str(out), "--dropout", "1.5"
-    )
+    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out), "--dropout", "1.5")
     _assert_one_line_error(r, 3, "lora_dropout")
 
 

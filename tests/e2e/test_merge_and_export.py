@@ -32,9 +32,24 @@ def test_merge_and_export_subprocess(seq2seq_base, seq2seq_adapter, tmp_path):
     out = tmp_path / "out"
     exe = Path(sys.executable).with_name("loraexport")
     cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "loraexport.cli"]
-    proc = subprocess.run([*cmd, "merge-and-export", "--base", str(seq2seq_base), "--adapter",
-                           str(seq2seq_adapter), "--out", str(out), "--no-latency", "--samples", "2"],
-                          capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [
+            *cmd,
+            "merge-and-export",
+            "--base",
+            str(seq2seq_base),
+            "--adapter",
+            str(seq2seq_adapter),
+            "--out",
+            str(out),
+            "--no-latency",
+            "--samples",
+            "2",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "PASSED" in proc.stdout and "Traceback" not in proc.stderr
     assert "torchvision" not in proc.stderr  # third-party noise is silenced
@@ -54,12 +69,29 @@ def test_existing_output_needs_force(seq2seq_base, seq2seq_adapter, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
-    r = _run("merge-and-export", "--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out",
-             str(out), "--no-verify")
+    r = _run(
+        "merge-and-export",
+        "--base",
+        str(seq2seq_base),
+        "--adapter",
+        str(seq2seq_adapter),
+        "--out",
+        str(out),
+        "--no-verify",
+    )
     assert r.exit_code == 3 and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert [p.name for p in out.iterdir()] == ["keep.txt"]
-    r = _run("merge-and-export", "--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out",
-             str(out), "--no-verify", "--force")
+    r = _run(
+        "merge-and-export",
+        "--base",
+        str(seq2seq_base),
+        "--adapter",
+        str(seq2seq_adapter),
+        "--out",
+        str(out),
+        "--no-verify",
+        "--force",
+    )
     assert r.exit_code == 0, r.stderr
     assert not (out / "keep.txt").exists() and (out / "decoder.onnx").exists()
     assert json.loads((out / "report.json").read_text())["parity"] is None  # --no-verify
@@ -76,8 +108,18 @@ def test_planted_error_exits_4_and_writes_report(seq2seq_base, seq2seq_adapter, 
 
     monkeypatch.setattr(pipeline, "merged_model", corrupted)
     out = tmp_path / "out"
-    r = _run("merge-and-export", "--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out",
-             str(out), "--no-latency", "--samples", "2")
+    r = _run(
+        "merge-and-export",
+        "--base",
+        str(seq2seq_base),
+        "--adapter",
+        str(seq2seq_adapter),
+        "--out",
+        str(out),
+        "--no-latency",
+        "--samples",
+        "2",
+    )
     assert r.exit_code == 4
     last = r.stderr.strip().splitlines()[-1]  # progress lines come first
     assert last.startswith("error: parity failed") and "Traceback" not in r.output
@@ -97,23 +139,55 @@ def test_merge_export_verify_commands(causal_base, causal_adapter, tmp_path):
     assert r.exit_code == 0, r.stderr
     assert (onnx_dir / "model.onnx").exists()
     rep = tmp_path / "verify.json"
-    r = _run("verify", "--base", str(causal_base), "--adapter", str(causal_adapter), "--onnx", str(onnx_dir),
-             "--no-latency", "--samples", "2", "--report", str(rep))
+    r = _run(
+        "verify",
+        "--base",
+        str(causal_base),
+        "--adapter",
+        str(causal_adapter),
+        "--onnx",
+        str(onnx_dir),
+        "--no-latency",
+        "--samples",
+        "2",
+        "--report",
+        str(rep),
+    )
     assert r.exit_code == 0, r.stderr
     assert json.loads(rep.read_text())["parity"]["passed"] is True and rep.with_suffix(".md").exists()
     # the base exported without the adapter does not verify against the adapter
     base_onnx = tmp_path / "base-onnx"
     assert _run("export", "--model", str(causal_base), "--out", str(base_onnx)).exit_code == 0
-    r = _run("verify", "--base", str(causal_base), "--adapter", str(causal_adapter), "--onnx", str(base_onnx),
-             "--no-latency", "--samples", "2")
+    r = _run(
+        "verify",
+        "--base",
+        str(causal_base),
+        "--adapter",
+        str(causal_adapter),
+        "--onnx",
+        str(base_onnx),
+        "--no-latency",
+        "--samples",
+        "2",
+    )
     assert r.exit_code == 4 and "parity failed" in r.stderr
 
 
 @pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
 def test_merge_half_precision_records_cast_error(causal_base, causal_adapter, tmp_path, dtype):
     out = tmp_path / dtype
-    r = _run("merge", "--base", str(causal_base), "--adapter", str(causal_adapter), "--out", str(out),
-             "--dtype", dtype, "--json")
+    r = _run(
+        "merge",
+        "--base",
+        str(causal_base),
+        "--adapter",
+        str(causal_adapter),
+        "--out",
+        str(out),
+        "--dtype",
+        dtype,
+        "--json",
+    )
     assert r.exit_code == 0, r.stderr
     stats = json.loads(r.stdout)
     assert stats["storage_dtype"] == dtype
@@ -125,13 +199,39 @@ def test_merge_half_precision_records_cast_error(causal_base, causal_adapter, tm
 
 
 def test_verify_errors(seq2seq_base, seq2seq_adapter, causal_adapter, seq2seq_onnx, tmp_path):
-    r = _run("verify", "--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--onnx",
-             str(tmp_path / "missing"), "--no-latency")
+    r = _run(
+        "verify",
+        "--base",
+        str(seq2seq_base),
+        "--adapter",
+        str(seq2seq_adapter),
+        "--onnx",
+        str(tmp_path / "missing"),
+        "--no-latency",
+    )
     assert r.exit_code == 3 and "not found" in r.stderr
-    r = _run("verify", "--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--onnx",
-             str(seq2seq_onnx), "--provider", "cuda", "--no-latency")
+    r = _run(
+        "verify",
+        "--base",
+        str(seq2seq_base),
+        "--adapter",
+        str(seq2seq_adapter),
+        "--onnx",
+        str(seq2seq_onnx),
+        "--provider",
+        "cuda",
+        "--no-latency",
+    )
     if r.exit_code != 0:  # no GPU here: a clear refusal, not a silent CPU run
         assert r.exit_code == 3 and "cuda" in r.stderr
-    r = _run("merge-and-export", "--base", str(seq2seq_base), "--adapter", str(causal_adapter), "--out",
-             str(tmp_path / "o"), "--no-verify")
+    r = _run(
+        "merge-and-export",
+        "--base",
+        str(seq2seq_base),
+        "--adapter",
+        str(causal_adapter),
+        "--out",
+        str(tmp_path / "o"),
+        "--no-verify",
+    )
     assert r.exit_code == 3 and not (tmp_path / "o").exists()  # adapter for another model

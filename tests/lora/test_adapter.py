@@ -48,9 +48,7 @@ def _logits(model, inputs) -> torch.Tensor:
 def _base_state(model) -> dict[str, torch.Tensor]:
     """The base parameters, keyed as in the unwrapped model (PEFT's ``.base_layer`` removed)."""
     return {
-        k.replace(".base_layer", ""): v.clone()
-        for k, v in model.state_dict().items()
-        if "lora_" not in k
+        k.replace(".base_layer", ""): v.clone() for k, v in model.state_dict().items() if "lora_" not in k
     }
 
 
@@ -125,9 +123,7 @@ def test_peft_save_ours_load_and_apply(name, tmp_path, make_model, randomize_b, 
     fresh.eval()
     for path, layer in lora_layers(fresh).items():
         assert layer.r == theirs[path][0].shape[0]
-        assert layer.scaling == pytest.approx(
-            pm.base_model.model.get_submodule(path).scaling["default"]
-        )
+        assert layer.scaling == pytest.approx(pm.base_model.model.get_submodule(path).scaling["default"])
     _close(_logits(fresh, tiny_inputs), _logits(pm, tiny_inputs))
     after = _base_state(fresh)
     assert after.keys() == before.keys()

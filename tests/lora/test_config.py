@@ -186,9 +186,7 @@ def test_matches_selects_exactly_what_peft_wraps_transformer(kwargs, make_model)
 # ---- (de)serialisation ---------------------------------------------------------------------
 def test_peft_written_config_loads_and_round_trips():
     data = json.loads(
-        json.dumps(
-            peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"]).to_dict(), default=sorted
-        )
+        json.dumps(peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q"]).to_dict(), default=sorted)
     )
     cfg = LoraConfig.from_dict(data)
     assert (cfg.r, cfg.lora_alpha) == (4, 8)

@@ -54,11 +54,7 @@ def test_forward_equals_lora_formula_in_float64(in_f, out_f, r, scaling, batch, 
     a, b = layer.lora_A.double(), layer.lora_B.double()
     bias = layer.base_layer.bias.double()
     ref = x.double() @ (w0 + scaling * b @ a).T + bias
-    size = (
-        x.double().abs() @ w0.abs().T
-        + bias.abs()
-        + scaling * (x.double().abs() @ a.abs().T) @ b.abs().T
-    )
+    size = x.double().abs() @ w0.abs().T + bias.abs() + scaling * (x.double().abs() @ a.abs().T) @ b.abs().T
     assert got.shape == (*batch, out_f)
     assert got.dtype == torch.float32
     err = (got.double() - ref).abs().max().item()
@@ -77,9 +73,7 @@ def test_merge_then_unmerge_returns_w0_within_float32_rounding(in_f, out_f, r, s
     layer = _layer(in_f, out_f, r, scaling, seed)
     w0 = layer.base_layer.weight.detach().clone()
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
-    adapter = Adapter(
-        LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["lin"]), {"lin": (a, b)}
-    )
+    adapter = Adapter(LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["lin"]), {"lin": (a, b)})
     state = {"lin.weight": w0, "lin.bias": layer.base_layer.bias.detach()}
     merged, stats = merge_state_dict(state, [adapter])
     assert merged["lin.weight"].dtype == torch.float32

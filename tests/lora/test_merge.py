@@ -29,8 +29,7 @@ ADAPTER_EFFECT_MIN = 1e-3
 def _adapter(shapes: dict[str, tuple[int, int]], r: int, alpha: float, seed: int) -> Adapter:
     g = torch.Generator().manual_seed(seed)
     weights = {
-        p: (torch.randn(r, i, generator=g), torch.randn(o, r, generator=g))
-        for p, (o, i) in shapes.items()
+        p: (torch.randn(r, i, generator=g), torch.randn(o, r, generator=g)) for p, (o, i) in shapes.items()
     }
     return Adapter(
         LoraConfig(r=r, lora_alpha=alpha, target_modules=[p.rsplit(".", 1)[-1] for p in shapes]),
@@ -86,9 +85,7 @@ def test_fan_in_fan_out_transposes():
 def test_half_precision_records_cast_error(dtype):
     g = torch.Generator().manual_seed(0)
     state = {"q.weight": torch.randn(8, 8, generator=g)}
-    merged, stats = merge_state_dict(
-        state, [_adapter({"q": (8, 8)}, 2, 2.0, 3)], storage_dtype=dtype
-    )
+    merged, stats = merge_state_dict(state, [_adapter({"q": (8, 8)}, 2, 2.0, 3)], storage_dtype=dtype)
     assert merged["q.weight"].dtype == dtype
     wide, _ = merge_state_dict(state, [_adapter({"q": (8, 8)}, 2, 2.0, 3)])
     true_err = float((merged["q.weight"].double() - wide["q.weight"].double()).abs().max())

@@ -93,9 +93,7 @@ def test_source_padding_is_invisible(make_model):
     torch.testing.assert_close(batched[1:], alone, rtol=0, atol=PAD_ATOL)
     other = padded.clone()
     other[1, 4:] = 5  # what sits under the mask does not matter
-    torch.testing.assert_close(
-        _full_logits(model, other, mask, tgt)[1:], alone, rtol=0, atol=PAD_ATOL
-    )
+    torch.testing.assert_close(_full_logits(model, other, mask, tgt)[1:], alone, rtol=0, atol=PAD_ATOL)
 
 
 def test_decoder_only_right_padding_is_invisible_to_real_tokens(make_model):
@@ -119,12 +117,8 @@ def test_sinusoidal_positions_formula():
     pe = sinusoidal_positions(10, 8)
     pos, i = 7, 3  # PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...)
     assert pe.shape == (10, 8) and pe.dtype == torch.float32
-    assert pe[pos, 2 * i].item() == pytest.approx(
-        torch.sin(torch.tensor(pos / 10000 ** (6 / 8))).item()
-    )
-    assert pe[pos, 2 * i + 1].item() == pytest.approx(
-        torch.cos(torch.tensor(pos / 10000 ** (6 / 8))).item()
-    )
+    assert pe[pos, 2 * i].item() == pytest.approx(torch.sin(torch.tensor(pos / 10000 ** (6 / 8))).item())
+    assert pe[pos, 2 * i + 1].item() == pytest.approx(torch.cos(torch.tensor(pos / 10000 ** (6 / 8))).item())
 
 
 def test_config_round_trip_and_validation():
@@ -137,7 +131,5 @@ def test_config_round_trip_and_validation():
 
 
 def test_linear_layers_are_named_for_lora(make_model):
-    names = {
-        n.rsplit(".", 1)[-1] for n, m in make_model().named_modules() if type(m) is torch.nn.Linear
-    }
+    names = {n.rsplit(".", 1)[-1] for n, m in make_model().named_modules() if type(m) is torch.nn.Linear}
     assert names == {"q", "k", "v", "o", "fc1", "fc2", "lm_head"}
