@@ -381,11 +381,12 @@ def verify(
         log=_log(ctx),
     )
     if report_path is not None:
+        report_path.absolute().parent.mkdir(parents=True, exist_ok=True)
         write_json(report_path, report.to_json())
         report_path.with_suffix(".md").write_text(report.to_markdown(), encoding="utf-8")
     _print_report(ctx, report, None, as_json)
     if report.passed is False:
-        raise VerificationFailedError(f"parity failed: {'; '.join(report.parity[0].failures[:2])}")
+        raise VerificationFailedError(f"parity failed: {'; '.join(report.failures[:2])}")
 
 
 @main.command("merge-and-export")

@@ -38,7 +38,7 @@ from loraexport.models.base import ModelFamily, load_base
 from loraexport.report import Report, versions
 from loraexport.runtime import PROVIDERS, OnnxModel, RuntimeInputError
 from loraexport.verify.latency import LatencyCase, LatencyResult, time_interleaved
-from loraexport.verify.parity import ParityResult, check_parity
+from loraexport.verify.parity import check_parity
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 Log = Callable[[str], None]
@@ -284,75 +284,92 @@ def _torch_call(model: nn.Module, inputs: dict, device: str) -> Callable[[], obj
     return call
 
 
+@dataclass
+class VerifyOptions:
+    """How ``verify`` checks an export (the CLI's --provider, --samples, ... options)."""
+
+    providers: list[str] | None = None  # default: CPU, plus CUDA when onnxruntime has it
+    samples: int = 6  # parity cases
+    eval_data: str | Path | None = None  # its sources are the generation prompts
+    latency: bool = True
+    threads: int | None = None  # default: the cores available
+    seed: int = 0
+    latency_points: tuple[tuple[int, int], ...] | None = None  # default: the family's
+    latency_budget_s: float = 4.0  # timing per (batch, seq) point
+
+
 def verify(
     base: str | Path,
     adapter: str | Path,
     onnx_dir: str | Path,
     *,
-    providers: list[str] | None = None,
-    samples: int = 6,
-    eval_data: str | Path | None = None,
-    latency: bool = True,
-    threads: int | None = None,
-    seed: int = 0,
     allow_pickle: bool = False,
     log: Log = _quiet,
-    merged_onnx_result: ExportResult | None = None,
-    loaded: Loaded | None = None,
-    merge_stats: MergeStats | None = None,
-    latency_points: tuple[tuple[int, int], ...] | None = None,
-    latency_budget_s: float = 4.0,
+    **options,
 ) -> Report:
     """Parity of ``onnx_dir`` (merged export) against base + adapter unmerged, and latency.
 
-    Returns the report; callers raise ``VerificationFailedError`` when ``report.passed`` is False.
+    ``options`` are the fields of ``VerifyOptions``. Returns the report; callers raise
+    ``VerificationFailedError`` when ``report.passed`` is False.
     """
     onnx_path = require_dir(onnx_dir, "ONNX directory")
-    loaded = loaded or load_inputs(base, [adapter], allow_pickle)
-    family, adapter_obj = loaded.family, loaded.adapters[0]
-    unmerged = unmerged_model(loaded.base, adapter_obj)
-    merged, stats = merged_model(loaded.base, loaded.adapters)
-    providers = resolve_providers(providers)
-    threads = threads or _machine()["cores"]
-    sources = [s for s, _ in read_pairs(eval_data)] if eval_data else None
-    report = Report(
-        _base_info(base, family, loaded.base),
+    loaded = load_inputs(base, [adapter], allow_pickle)
+    merged = merged_model(loaded.base, loaded.adapters)
+    report = _new_report(base, loaded, merged[1], None)
+    _verify_into(report, loaded, merged[0], onnx_path, VerifyOptions(**options), log)
+    return report
+
+
+def _new_report(base: str | Path, loaded: Loaded, stats: MergeStats, export: ExportResult | None) -> Report:
+    return Report(
+        _base_info(base, loaded.family, loaded.base),
         [_adapter_info(a) for a in loaded.adapters],
-        merge=merge_stats or stats,
-        export=merged_onnx_result,
+        merge=stats,
+        export=export,
         machine=_machine(),
     )
+
+
+def _verify_into(
+    report: Report, loaded: Loaded, merged: nn.Module, onnx_path: Path, opts: VerifyOptions, log: Log
+) -> None:
+    """Add parity (per provider) and latency to ``report``."""
+    family = loaded.family
+    unmerged = unmerged_model(loaded.base, loaded.adapters[0])
+    providers = resolve_providers(opts.providers)
+    threads = opts.threads or _machine()["cores"]
+    sources = [s for s, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
     torch.set_num_threads(threads)
     for provider in providers:
-        log(f"parity [{provider}]: {samples} cases against the unmerged model (float32 and float64) …")
+        log(f"parity [{provider}]: {opts.samples} cases against the unmerged model (float32 and float64) …")
         onnx_model = _open(onnx_path, provider, threads)
-        parity: ParityResult = check_parity(
-            family, unmerged, onnx_model, samples=samples, seed=seed, sources=sources
+        report.parity.append(
+            check_parity(family, unmerged, onnx_model, samples=opts.samples, seed=opts.seed, sources=sources)
         )
-        report.parity.append(parity)
-    if latency:
-        with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:
-            dirs = {"onnx_merged": onnx_path}
-            for name, model in (("onnx_base", loaded.base), ("onnx_unmerged", unmerged)):
-                log(f"exporting {name.removeprefix('onnx_')} model for comparison …")
-                d = Path(td) / name
-                d.mkdir()
-                export_model(family, model, d)
-                dirs[name] = d
-            for provider in providers:
-                report.latency.append(
-                    measure_latency(
-                        family,
-                        provider,
-                        threads,
-                        {"torch_unmerged": unmerged, "torch_merged": merged},
-                        dirs,
-                        log,
-                        latency_budget_s,
-                        latency_points,
-                    )
+    if not opts.latency:
+        return
+    with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:
+        dirs = {"onnx_merged": onnx_path}
+        for name, model in (("onnx_base", loaded.base), ("onnx_unmerged", unmerged)):
+            log(f"exporting {name.removeprefix('onnx_')} model for comparison …")
+            d = Path(td) / name
+            d.mkdir()
+            export_model(family, model, d)
+            dirs[name] = d
+        torch_models = {"torch_unmerged": unmerged, "torch_merged": merged}
+        for provider in providers:
+            report.latency.append(
+                measure_latency(
+                    family,
+                    provider,
+                    threads,
+                    torch_models,
+                    dirs,
+                    log,
+                    opts.latency_budget_s,
+                    opts.latency_points,
                 )
-    return report
+            )
 
 
 def write_report(report: Report, out_dir: Path) -> None:
@@ -366,19 +383,16 @@ def merge_and_export(
     adapter: str | Path,
     out: str | Path,
     *,
-    providers: list[str] | None = None,
     verify_output: bool = True,
-    latency: bool = True,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
-    samples: int = 6,
-    eval_data: str | Path | None = None,
-    threads: int | None = None,
     allow_pickle: bool = False,
     log: Log = _quiet,
+    **options,
 ) -> Report:
     """Merge ``adapter`` into ``base``, export to ONNX, verify; write everything to ``out`` atomically.
 
+    ``options`` are the fields of ``VerifyOptions`` (providers, samples, eval_data, ...).
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
     check_output(out, force)
@@ -395,34 +409,13 @@ def merge_and_export(
         result = export_model(loaded.family, merged, tmp, opset)
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
         _copy_extra(loaded.family, Path(base), tmp)
+        report = _new_report(base, loaded, stats, result)
         if verify_output:
-            report = verify(
-                base,
-                adapter,
-                tmp,
-                providers=providers,
-                samples=samples,
-                eval_data=eval_data,
-                latency=latency,
-                threads=threads,
-                log=log,
-                merged_onnx_result=result,
-                loaded=loaded,
-                merge_stats=stats,
-            )
-        else:
-            report = Report(
-                _base_info(base, loaded.family, loaded.base),
-                [_adapter_info(a) for a in loaded.adapters],
-                merge=stats,
-                export=result,
-                machine=_machine(),
-            )
+            _verify_into(report, loaded, merged, tmp, VerifyOptions(**options), log)
         write_report(report, tmp)
         _write_provenance(tmp, inputs, {"mode": "merged"})
     if report.passed is False:
         raise VerificationFailedError(
-            f"parity failed ({'; '.join(report.parity[0].failures[:2]) if report.parity else ''}); "
-            f"report written to {Path(out) / 'report.md'}"
+            f"parity failed ({'; '.join(report.failures[:2])}); report written to {Path(out) / 'report.md'}"
         )
     return report

@@ -49,6 +49,11 @@ class Report:
     def passed(self) -> bool | None:
         return all(p.passed for p in self.parity) if self.parity else None
 
+    @property
+    def failures(self) -> list[str]:
+        """Every parity failure, prefixed by its provider."""
+        return [f"[{p.provider}] {f}" for p in self.parity for f in p.failures]
+
     # ---- JSON -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
         out: dict[str, Any] = {

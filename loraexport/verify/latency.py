@@ -52,10 +52,11 @@ def time_interleaved(
     variants: dict[str, Callable[[], object]],
     *,
     warmup: int = 5,
-    min_runs: int = 20,
+    min_runs: int = 100,
     max_runs: int = 400,
     budget_s: float = 4.0,
     seed: int = 0,
+    gap_s: float = 0.002,
     on_round: Callable[[], None] | None = None,
 ) -> dict[str, LatencyStats]:
     """Time each variant in rounds (one call of each per round) within ``budget_s``.
@@ -63,6 +64,9 @@ def time_interleaved(
     The order is shuffled every round (seeded), so no variant always runs right after the
     same other one: torch's OpenMP threads may still be busy-waiting when the next call starts,
     which slows whatever follows a torch call. (A fixed or rotated order keeps neighbours.)
+    An untimed pause of ``gap_s`` before each call lets those threads go idle, so every call
+    starts from the same state; measured here, without it an ONNX graph timed right after a
+    batch-16 torch call ran ~8% slower than an identical one that was not.
     """
     for _ in range(warmup):
         for fn in variants.values():
@@ -76,6 +80,8 @@ def time_interleaved(
         rng.shuffle(names)
         for name in names:
             fn = variants[name]
+            if gap_s:
+                time.sleep(gap_s)
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
