@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraexport.errors import AdapterFormatError, AdapterMismatchError
+from loraexport.errors import AdapterFormatError, AdapterMismatchError, UnsupportedAdapterError
 from loraexport.io import (
     load_safetensors,
     read_json,
@@ -24,7 +24,15 @@ from loraexport.io import (
     write_json,
 )
 from loraexport.lora.config import LoraConfig
-from loraexport.lora.inject import inject, lora_layers, suggest, target_names
+from loraexport.lora.inject import (
+    inject,
+    is_transposed,
+    linear_names,
+    linear_shape,
+    lora_layers,
+    suggest,
+    target_names,
+)
 
 CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
@@ -40,6 +48,9 @@ class Adapter:
     config: LoraConfig
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     path: Path | None = None
+    # Base parameters the adapter replaces outright: biases trained with bias="all"/"lora_only"
+    # and the weights of ``modules_to_save`` (a classifier head, say), by parameter name.
+    replacements: dict[str, torch.Tensor] = field(default_factory=dict)
 
     # ---- reading ----------------------------------------------------------------------
     @classmethod
@@ -49,14 +60,22 @@ class Adapter:
         config = LoraConfig.from_dict(read_json(d / CONFIG_NAME, AdapterFormatError))
         tensors = _read_tensors(d, allow_pickle)
         weights: dict[str, dict[str, torch.Tensor]] = {}
+        replacements: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
             m = _KEY.match(key)
-            if m is None:
+            if m is not None:
+                weights.setdefault(m["path"], {})[m["which"]] = t
+                continue
+            name = _replacement_name(key, config)
+            if name is None:
                 raise AdapterFormatError(
                     f"{d / WEIGHTS_NAME}: unexpected tensor {key!r} (expected "
-                    f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight')"
+                    f"'{PREFIX}<module>.lora_A.weight' / '.lora_B.weight'"
+                    + (", a trained bias" if config.bias != "none" else "")
+                    + (", or a weight of modules_to_save" if config.modules_to_save else "")
+                    + ")"
                 )
-            weights.setdefault(m["path"], {})[m["which"]] = t
+            replacements[name] = t
         if not weights:
             raise AdapterFormatError(f"{d / WEIGHTS_NAME}: holds no LoRA tensors")
         pairs = {}
@@ -65,7 +84,7 @@ class Adapter:
                 if which not in ab:
                     raise AdapterFormatError(f"adapter: tensor missing: '{PREFIX}{path}.lora_{which}.weight'")
             pairs[path] = (ab["A"], ab["B"])
-        adapter = cls(config, pairs, d)
+        adapter = cls(config, pairs, d, replacements)
         adapter.validate()
         return adapter
 
@@ -98,18 +117,28 @@ class Adapter:
                         f"adapter: '{PREFIX}{path}.lora_{which}.weight' contains NaN or Inf; "
                         "refusing to merge"
                     )
+        for name, t in self.replacements.items():
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise AdapterFormatError(f"adapter: '{PREFIX}{name}' contains NaN or Inf; refusing to merge")
 
     def check_fits(self, model: nn.Module) -> None:
-        """The adapter's modules are exactly the model's targeted linears, with fitting shapes."""
+        """The adapter's modules are exactly the model's targeted linears, with fitting shapes.
+
+        Also resolves ``fan_in_fan_out`` as PEFT does: True for GPT-2's ``Conv1D`` targets
+        (weights stored (in, out)), False for ``nn.Linear``, whatever the config says.
+        """
         modules = dict(model.named_modules())
-        known = [n for n, m in modules.items() if isinstance(m, nn.Linear)]
-        for path, (a, b) in self.weights.items():
+        known = linear_names(model)
+        for path in sorted(self.weights):  # the first missing module, in a stable order
+            a, b = self.weights[path]
             mod = modules.get(path)
-            if not isinstance(mod, nn.Linear):
+            if mod is None or linear_shape(mod) is None:
+                what = "not found in" if mod is None else "not a linear layer of"
                 raise AdapterMismatchError(
-                    f"adapter module {path!r} is not a linear layer of the base model{suggest(path, known)}"
+                    f"target module {path!r} is {what} the base model{suggest(path, known)} "
+                    "(is this adapter for another architecture?)"
                 )
-            out_f, in_f = mod.out_features, mod.in_features
+            in_f, out_f = linear_shape(mod)
             if a.shape[1] != in_f or b.shape[0] != out_f:
                 raise AdapterMismatchError(
                     f"adapter module {path!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
@@ -128,13 +157,30 @@ class Adapter:
                 f"adapter holds tensors for {extra[0]!r}, which adapter_config.json's target_modules "
                 f"{self.config.target_modules!r} does not target"
             )
+        state = model.state_dict()
+        for name, t in self.replacements.items():
+            if name not in state:
+                raise AdapterMismatchError(
+                    f"adapter replaces {name!r}, which the base model does not have"
+                    f"{suggest(name, list(state))}"
+                )
+            if tuple(state[name].shape) != tuple(t.shape):
+                raise AdapterMismatchError(
+                    f"adapter tensor for {name!r} has shape {tuple(t.shape)} but the base's is "
+                    f"{tuple(state[name].shape)}"
+                )
+        transposed = {is_transposed(modules[p]) for p in self.weights}
+        if len(transposed) > 1:
+            raise UnsupportedAdapterError("adapter targets both Linear and Conv1D layers; not supported")
+        if transposed:
+            self.config.fan_in_fan_out = transposed.pop()
 
     # ---- writing ----------------------------------------------------------------------
     def save(self, directory: str | Path) -> None:
         """Write PEFT's layout into an existing (empty) directory."""
         d = Path(directory)
         write_json(d / CONFIG_NAME, self.config.to_dict())
-        tensors = {}
+        tensors = {f"{PREFIX}{name}": t.detach().cpu() for name, t in self.replacements.items()}
         for path, (a, b) in self.weights.items():
             tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach().cpu()
             tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().cpu()
@@ -158,6 +204,11 @@ class Adapter:
         The result is the *unmerged* model: base weights untouched, LoRA active.
         """
         self.check_fits(model)
+        with torch.no_grad():
+            params = dict(model.named_parameters())
+            params.update(dict(model.named_buffers()))
+            for name, t in self.replacements.items():
+                params[name].copy_(t.to(params[name].dtype))
         layers = inject(model, self.config)
         with torch.no_grad():
             for path, layer in layers.items():
@@ -174,6 +225,22 @@ class Adapter:
         if self.path is None:
             raise ValueError("adapter was not loaded from a directory")
         return sha256_dir(self.path)
+
+
+def _replacement_name(key: str, config: LoraConfig) -> str | None:
+    """The base parameter a non-LoRA adapter tensor replaces, or None if it may not replace one.
+
+    PEFT writes trained biases of targeted layers as ``<module>.base_layer.bias``, other trained
+    biases (bias="all") as ``<module>.bias``, and ``modules_to_save`` weights under their own names.
+    """
+    if not key.startswith(PREFIX):
+        return None
+    name = key[len(PREFIX) :].replace(".base_layer.", ".").replace(".modules_to_save.default.", ".")
+    if config.bias != "none" and name.endswith(".bias"):
+        return name
+    if config.saves_module(name):
+        return name
+    return None
 
 
 def _read_tensors(d: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:

@@ -105,11 +105,6 @@ class LoraConfig:
             raise AdapterFormatError(
                 f"adapter_config.json: 'bias' must be one of {_BIAS_VALUES}, got {self.bias!r}"
             )
-        if self.bias != "none":
-            raise UnsupportedAdapterError(
-                f"adapter_config.json: bias={self.bias!r} (trained biases) is not supported yet; "
-                "only bias='none'"
-            )
         tm = self.target_modules
         if isinstance(tm, str):
             try:
@@ -136,10 +131,17 @@ class LoraConfig:
             raise AdapterFormatError(
                 f"adapter_config.json: rank_pattern ranks must be >= 1: {self.rank_pattern}"
             )
-        if self.modules_to_save:
-            raise UnsupportedAdapterError(
-                f"adapter_config.json: modules_to_save={self.modules_to_save!r} is not supported yet"
+        mts = self.modules_to_save
+        if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
+            raise AdapterFormatError(
+                f"adapter_config.json: 'modules_to_save' must be a list of module names, got {mts!r}"
             )
+
+    def saves_module(self, param_name: str) -> bool:
+        """Whether ``param_name`` belongs to a module in ``modules_to_save`` (PEFT's rule)."""
+        return any(
+            re.match(rf"(^|.*\.){re.escape(m)}($|\..*)", param_name) for m in self.modules_to_save or []
+        )
 
     # ---- PEFT semantics ---------------------------------------------------------------
     @staticmethod

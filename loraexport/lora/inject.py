@@ -11,9 +11,26 @@ from loraexport.lora.config import LoraConfig
 from loraexport.lora.layer import LoRALinear
 
 
+def linear_shape(module: nn.Module) -> tuple[int, int] | None:
+    """(in, out) features of a layer LoRA can wrap: ``nn.Linear``, or transformers' ``Conv1D``
+    (GPT-2; weight stored (in, out), which PEFT marks ``fan_in_fan_out``); else None."""
+    if type(module) is nn.Linear:
+        return module.in_features, module.out_features
+    cls = type(module)
+    if cls.__name__ == "Conv1D" and cls.__module__.startswith("transformers."):
+        in_f, out_f = module.weight.shape
+        return int(in_f), int(out_f)
+    return None
+
+
+def is_transposed(module: nn.Module) -> bool:
+    """True for ``Conv1D``: its weight is (in, out), so ΔW is merged transposed."""
+    return type(module) is not nn.Linear and linear_shape(module) is not None
+
+
 def linear_names(model: nn.Module) -> list[str]:
-    """Module paths of every plain ``nn.Linear`` in ``model``."""
-    return [name for name, m in model.named_modules() if type(m) is nn.Linear]
+    """Module paths of every layer LoRA can wrap (``nn.Linear``, GPT-2's ``Conv1D``)."""
+    return [name for name, m in model.named_modules() if linear_shape(m) is not None]
 
 
 def target_names(model: nn.Module, config: LoraConfig) -> list[str]:
@@ -54,7 +71,9 @@ def inject(model: nn.Module, config: LoraConfig) -> dict[str, LoRALinear]:
     for path in target_names(model, config):
         parent, child = _parent(model, path)
         base = getattr(parent, child)
-        layer = LoRALinear(base, config.rank(path), config.scaling(path), config.lora_dropout)
+        layer = LoRALinear(
+            base, config.rank(path), config.scaling(path), config.lora_dropout, features=linear_shape(base)
+        )
         setattr(parent, child, layer)
         wrapped[path] = layer
     return wrapped

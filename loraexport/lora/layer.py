@@ -22,7 +22,14 @@ class LoRALinear(nn.Module):
         dropout: dropout applied to the input of the low-rank branch only (training).
     """
 
-    def __init__(self, base: nn.Linear, r: int, scaling: float, dropout: float = 0.0) -> None:
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int,
+        scaling: float,
+        dropout: float = 0.0,
+        features: tuple[int, int] | None = None,
+    ) -> None:
         super().__init__()
         if r < 1:
             raise ValueError(f"LoRA rank must be >= 1, got {r}")
@@ -30,8 +37,9 @@ class LoRALinear(nn.Module):
         for p in base.parameters():
             p.requires_grad_(False)
         w = base.weight
-        self.lora_A = nn.Parameter(torch.empty(r, base.in_features, dtype=w.dtype, device=w.device))
-        self.lora_B = nn.Parameter(torch.zeros(base.out_features, r, dtype=w.dtype, device=w.device))
+        in_f, out_f = features or (base.in_features, base.out_features)  # features: for Conv1D
+        self.lora_A = nn.Parameter(torch.empty(r, in_f, dtype=w.dtype, device=w.device))
+        self.lora_B = nn.Parameter(torch.zeros(out_f, r, dtype=w.dtype, device=w.device))
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))  # as nn.Linear and PEFT do
         self.r = r
         self.scaling = float(scaling)
@@ -39,11 +47,11 @@ class LoRALinear(nn.Module):
 
     @property
     def in_features(self) -> int:
-        return self.base_layer.in_features
+        return self.lora_A.shape[1]
 
     @property
     def out_features(self) -> int:
-        return self.base_layer.out_features
+        return self.lora_B.shape[0]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)

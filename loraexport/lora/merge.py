@@ -97,6 +97,15 @@ def merge_state_dict(
                 )
             deltas[key] = deltas[key] + d if key in deltas else d
     merged = dict(state)
+    replaced: dict[str, torch.Tensor] = {}
+    for adapter in adapters:  # trained biases, modules_to_save: taken as they are
+        for key, t in adapter.replacements.items():
+            if key not in state:
+                raise AdapterMismatchError(f"adapter replaces {key!r}, which the base does not have")
+            if key in replaced and not torch.equal(replaced[key], t):
+                raise AdapterMismatchError(f"two adapters replace {key!r} with different values")
+            replaced[key] = t
+            merged[key] = t.to(storage_dtype or state[key].dtype)
     stats = MergeStats(str(compute_dtype).removeprefix("torch."), "")
     for key, d in deltas.items():
         w0 = state[key]
