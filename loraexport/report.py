@@ -162,8 +162,8 @@ class Report:
                     top1 = "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}"
                     lines.append(
                         f"| {c.name} | {o.output} | {o.max_abs_err:.2e} | {o.max_rel_err:.2e} | "
-                        f"{o.min_cosine:.7f} | {top1} | {o.onnx_err_vs_fp64:.2e} / "
-                        f"{o.torch_err_vs_fp64:.2e} | {o.tolerance:.2e} | "
+                        f"{o.min_cosine:.7f} | {top1} | {_e(o.onnx_err_vs_fp64)} / "
+                        f"{_e(o.torch_err_vs_fp64)} | {o.tolerance:.2e} | "
                         f"{'✓' if o.passed else '✗'} |"
                     )
             n_out = sum(len(c.outputs) for c in p.cases)
@@ -218,16 +218,12 @@ class Report:
                 )
             )
         for p in self.parity:
-            rows.append(
-                (
-                    f"parity [{p.provider}]",
-                    f"{'PASSED' if p.passed else 'FAILED'}: max abs err {p.max_abs_err:.2e}, "
-                    f"top-1 {p.top1_agreement:.1%}, generation "
-                    f"{p.generation.identical_rows}/{p.generation.rows}"
-                    if p.generation
-                    else "",
-                )
-            )
+            text = f"{'PASSED' if p.passed else 'FAILED'}: max abs err {p.max_abs_err:.2e}"
+            if p.top1_agreement is not None:
+                text += f", top-1 {p.top1_agreement:.1%}"
+            if p.generation:
+                text += f", generation {p.generation.identical_rows}/{p.generation.rows}"
+            rows.append((f"parity [{p.provider}]", text))
         for lat in self.latency:
             for c in lat.cases:
                 rows.append(
@@ -239,6 +235,10 @@ class Report:
                     )
                 )
         return rows
+
+
+def _e(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2e}"
 
 
 def _r(x: float | None) -> str:

@@ -66,7 +66,11 @@ def open_session(path: str | Path, provider: str = "cpu", threads: int | None = 
 
 
 class OnnxModel:
-    """An exported loraexport directory: ``model.onnx``, or ``encoder.onnx`` + ``decoder.onnx``."""
+    """An exported loraexport directory: ``model.onnx``, or ``encoder.onnx`` + ``decoder.onnx``.
+
+    ``kind`` (from ``loraexport.json``) is ``seq2seq``, ``causal`` (a decoder with a KV cache)
+    or ``encoder`` (no cache, no generation).
+    """
 
     def __init__(self, directory: str | Path, provider: str = "cpu", threads: int | None = None) -> None:
         self.dir = Path(directory)
@@ -74,20 +78,26 @@ class OnnxModel:
         if not meta_path.is_file():
             raise RuntimeInputError(f"{meta_path} not found: not a loraexport output directory")
         self.meta = json.loads(meta_path.read_text())
-        self.kind = self.meta["model"]["kind"]  # "seq2seq" | "causal"
+        self.kind = self.meta["model"]["kind"]
         self.tokens = self.meta["model"].get("special_tokens", {})
         self.provider = provider
         self.threads = threads
         names = ["encoder", "decoder"] if self.kind == "seq2seq" else ["model"]
         self.sessions = {n: open_session(self.dir / f"{n}.onnx", provider, self.threads) for n in names}
+        self.input_names = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
         dec = self.sessions["decoder" if self.kind == "seq2seq" else "model"]
         past = [i for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
         self.n_layers = len(past) // 2
-        self.n_heads, self.head_dim = past[0].shape[1], past[0].shape[3]
+        self.n_heads, self.head_dim = (past[0].shape[1], past[0].shape[3]) if past else (0, 0)
+
+    @property
+    def cache_shape(self) -> tuple[int, int, int]:
+        return self.n_layers, self.n_heads, self.head_dim
 
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.sessions[graph]
-        outs = sess.run(None, feeds)
+        wanted = self.input_names[graph]
+        outs = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
         return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
     def forward_all(
@@ -95,59 +105,64 @@ class OnnxModel:
     ) -> dict[str, np.ndarray]:
         """Every output of a full forward without a cache, keyed ``<graph>.<output>``."""
         return chain_forward(
-            self._run,
-            self.kind,
-            (self.n_layers, self.n_heads, self.head_dim),
-            input_ids,
-            attention_mask,
-            decoder_input_ids,
+            self._run, self.kind, self.cache_shape, input_ids, attention_mask, decoder_input_ids
         )
 
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray | None = None
     ) -> np.ndarray:
-        """Logits (B, T, V) of a full forward — the same contract as the torch model's ``forward``."""
+        """The main output of a full forward: logits (B, T, V), or an encoder's first output."""
         outs = self.forward_all(input_ids, attention_mask, decoder_input_ids)
-        return outs["decoder.logits" if self.kind == "seq2seq" else "model.logits"]
+        if self.kind == "seq2seq":
+            return outs["decoder.logits"]
+        return outs["model.logits"] if "model.logits" in outs else next(iter(outs.values()))
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
         """Greedy decoding with the KV cache, all in onnxruntime; new ids (B, max_new_tokens).
 
-        Rows keep decoding after ``<eos>`` so the batch advances in lockstep (as the torch
-        reference does); cut each row at its first ``<eos>``.
+        Rows keep decoding after their end token so the batch advances in lockstep; cut each
+        row at its first end token. Causal prompts may be left-padded: positions count only
+        unmasked tokens (``position_ids``), as Hugging Face models expect.
         """
+        if self.kind == "encoder":
+            raise RuntimeInputError("an encoder model does not generate")
         input_ids = input_ids.astype(np.int64)
         mask = attention_mask.astype(np.int64)
         B = input_ids.shape[0]
+        past = empty_past(B, *self.cache_shape, np.float32)
         if self.kind == "seq2seq":
-            dec = self.sessions["decoder"]
+            graph = "decoder"
             enc = self._run("encoder", {"input_ids": input_ids, "attention_mask": mask})
-            cross = {k: v for k, v in enc.items() if k.startswith("encoder_key_values.")}
+            fixed = {"encoder_attention_mask": mask}
+            fixed.update({k: v for k, v in enc.items() if k.startswith("encoder_key_values.")})
             step_ids = np.full((B, 1), self.tokens.get("bos", 1), dtype=np.int64)
-            past = empty_past(B, self.n_layers, self.n_heads, self.head_dim, np.float32)
-            fixed = {"encoder_attention_mask": mask, **cross}
         else:
-            dec = self.sessions["model"]
-            step_ids, fixed = input_ids, {}
-            past = empty_past(B, self.n_layers, self.n_heads, self.head_dim, np.float32)
-        out_names = [o.name for o in dec.get_outputs()]
+            graph, fixed, step_ids = "model", {}, input_ids
         new = []
-        for _ in range(max_new_tokens):
+        for step in range(max_new_tokens):
             feeds = {"input_ids": step_ids, **past, **fixed}
             if self.kind == "causal":
                 feeds["attention_mask"] = mask
-            outs = dec.run(None, feeds)
-            nxt = outs[0][:, -1].argmax(-1).reshape(B, 1).astype(np.int64)
+                feeds["position_ids"] = positions(mask)[:, -step_ids.shape[1] :]
+            outs = self._run(graph, feeds)
+            nxt = outs["logits"][:, -1].argmax(-1).reshape(B, 1).astype(np.int64)
             new.append(nxt)
+            if step == max_new_tokens - 1:
+                break
             past = {
-                n.replace("present.", "past_key_values.", 1): o
-                for n, o in zip(out_names, outs, strict=True)
-                if n.startswith("present.")
+                k.replace("present.", "past_key_values.", 1): v
+                for k, v in outs.items()
+                if k.startswith("present.")
             }
             step_ids = nxt
             if self.kind == "causal":
                 mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
         return np.concatenate(new, axis=1)
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids from a 0/1 mask: unmasked tokens count 0, 1, 2, … (left padding gets 0)."""
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
 
 
 def empty_past(batch: int, layers: int, heads: int, head_dim: int, dtype: type) -> dict[str, np.ndarray]:
@@ -169,9 +184,13 @@ def chain_forward(
 
     ``run(graph, feeds) -> {output: array}`` is an onnxruntime session here, or the torch
     modules that were exported (``loraexport.verify``), so both sides chain graphs alike.
+    Each ``run`` takes from ``feeds`` only the inputs its graph declares.
     """
     input_ids = input_ids.astype(np.int64)
     mask = attention_mask.astype(np.int64)
+    if kind == "encoder":
+        feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
+        return {f"model.{k}": v for k, v in run("model", feeds).items()}
     past = empty_past(input_ids.shape[0], *shape, dtype)
     if kind == "seq2seq":
         enc = run("encoder", {"input_ids": input_ids, "attention_mask": mask})
@@ -186,5 +205,5 @@ def chain_forward(
             },
         )
         return {**{f"encoder.{k}": v for k, v in enc.items()}, **{f"decoder.{k}": v for k, v in dec.items()}}
-    out = run("model", {"input_ids": input_ids, "attention_mask": mask, **past})
-    return {f"model.{k}": v for k, v in out.items()}
+    feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions(mask), **past}
+    return {f"model.{k}": v for k, v in run("model", feeds).items()}

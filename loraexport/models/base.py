@@ -49,7 +49,14 @@ class ModelFamily:
 def _registry() -> list[ModelFamily]:
     from loraexport.models.reference_family import REFERENCE
 
-    return [REFERENCE]
+    families = [REFERENCE]
+    try:  # Hugging Face families need transformers (the `hf` extra)
+        from loraexport.models.hf import HF_CAUSAL, HF_ENCODER
+
+        families += [HF_CAUSAL, HF_ENCODER]
+    except ImportError:
+        pass
+    return families
 
 
 def detect_family(directory: str | Path) -> ModelFamily:

@@ -42,11 +42,12 @@ class OutputParity:
     max_abs_err: float  # onnx vs ref32
     max_rel_err: float  # max_abs_err / max |ref32|
     min_cosine: float  # per position, over the last axis
-    onnx_err_vs_fp64: float
-    torch_err_vs_fp64: float
-    tolerance: float  # allowed onnx_err_vs_fp64
+    onnx_err_vs_fp64: float | None  # None when the float64 run is not finite (see below)
+    torch_err_vs_fp64: float | None
+    tolerance: float  # allowed onnx_err_vs_fp64 (or max_abs_err when judged without float64)
     passed: bool
     top1_agreement: float | None = None  # logits only
+    note: str | None = None
 
 
 @dataclass
@@ -101,21 +102,22 @@ class ParityResult:
         return min(o.min_cosine for o in self._all())
 
     @property
-    def top1_agreement(self) -> float:
+    def top1_agreement(self) -> float | None:
         vals = [o.top1_agreement for o in self._all() if o.top1_agreement is not None]
-        return min(vals) if vals else 1.0
+        return min(vals) if vals else None
 
     @property
     def failures(self) -> list[str]:
-        out = [
-            f"{c.name}/{o.output}: onnx error {o.onnx_err_vs_fp64:.3g} > tolerance {o.tolerance:.3g}"
-            for c in self.cases
-            for o in c.outputs
-            if not o.passed
-        ]
+        out = [f"{c.name}/{o.output}: {_why(o)}" for c in self.cases for o in c.outputs if not o.passed]
         if self.generation and self.generation.first_mismatch:
             out.append(f"generation: {self.generation.first_mismatch}")
         return out
+
+
+def _why(o: OutputParity) -> str:
+    err = o.onnx_err_vs_fp64 if o.onnx_err_vs_fp64 is not None else o.max_abs_err
+    text = f"onnx error {err:.3g} > tolerance {o.tolerance:.3g}"
+    return text + ("" if o.top1_agreement in (None, 1.0) else f", top-1 agreement {o.top1_agreement:.1%}")
 
 
 def torch_runner(family: ModelFamily, model: nn.Module):
@@ -131,24 +133,34 @@ def torch_runner(family: ModelFamily, model: nn.Module):
     return run
 
 
-def _cache_shape(meta: dict) -> tuple[int, int, int]:
-    return meta["n_layers"], meta["n_heads"], meta["head_dim"]
+def seq_axis(name: str) -> int:
+    """Where the sequence is in an output: (B, H, T, D) for caches, (B, T, ...) otherwise."""
+    return 2 if ("present." in name or "key_values." in name) else 1
 
 
 def compare_outputs(
     name: str, ref32: np.ndarray, ref64: np.ndarray, onnx: np.ndarray, valid: np.ndarray | None
 ) -> OutputParity:
-    """Errors of one output; ``valid`` (B, T) selects the positions of logits to compare."""
+    """Errors of one output. ``valid`` (B, T) selects the unmasked positions (padding is not
+    compared: runtimes may differ on fully masked rows); it applies when the output's batch and
+    sequence axes (``seq_axis``) have its shape."""
     if onnx.shape != ref32.shape:
         return OutputParity(name, float("inf"), float("inf"), -1.0, float("inf"), 0.0, 0.0, False)
-    if valid is not None:
-        ref32, ref64, onnx = ref32[valid], ref64[valid], onnx[valid]
+    axis = seq_axis(name)
+    if (
+        valid is not None
+        and ref32.ndim > axis
+        and ref32.shape[0] == valid.shape[0]
+        and ref32.shape[axis] == valid.shape[1]
+    ):
+        ref32, ref64, onnx = (np.moveaxis(a, axis, 1)[valid] for a in (ref32, ref64, onnx))
     ref32, ref64, onnx = (a.astype(np.float64) for a in (ref32, ref64, onnx))
     abs_err = float(np.abs(onnx - ref32).max(initial=0.0))
-    scale = float(np.abs(ref64).max(initial=0.0))
-    onnx64 = float(np.abs(onnx - ref64).max(initial=0.0))
-    torch64 = float(np.abs(ref32 - ref64).max(initial=0.0))
-    tol = NOISE_MULTIPLE * max(torch64, FLOOR_ULPS * F32_EPS * scale)
+    have64 = bool(np.isfinite(ref64).all())
+    scale = float(np.abs(ref64 if have64 else ref32).max(initial=0.0))
+    onnx64 = float(np.abs(onnx - ref64).max(initial=0.0)) if have64 else None
+    torch64 = float(np.abs(ref32 - ref64).max(initial=0.0)) if have64 else None
+    tol = NOISE_MULTIPLE * max(torch64 or 0.0, FLOOR_ULPS * F32_EPS * scale)
     flat_o, flat_r = onnx.reshape(-1, onnx.shape[-1]), ref32.reshape(-1, ref32.shape[-1])
     num = (flat_o * flat_r).sum(-1)
     den = np.linalg.norm(flat_o, axis=-1) * np.linalg.norm(flat_r, axis=-1)
@@ -157,7 +169,8 @@ def compare_outputs(
     if name.endswith("logits"):
         top1 = float((flat_o.argmax(-1) == flat_r.argmax(-1)).mean()) if len(flat_o) else 1.0
     finite = bool(np.isfinite(onnx).all())
-    passed = finite and onnx64 <= tol and (top1 is None or top1 == 1.0)
+    err = onnx64 if have64 else abs_err
+    passed = finite and err <= tol and (top1 is None or top1 == 1.0)
     return OutputParity(
         name,
         abs_err,
@@ -182,8 +195,7 @@ def check_parity(
     generation_rows: int | None = None,
 ) -> ParityResult:
     """Compare every output of ``onnx_model`` with ``unmerged`` on ``samples`` cases, then greedy decoding."""
-    meta = onnx_model.meta["model"]
-    kind, shape = meta["kind"], _cache_shape(meta)
+    kind, shape = onnx_model.kind, onnx_model.cache_shape
     run32 = torch_runner(family, unmerged)
     run64 = torch_runner(family, copy.deepcopy(unmerged).double())
     results = []
@@ -195,12 +207,36 @@ def check_parity(
         ox = onnx_model.forward_all(*args)
         B, T = case.valid.shape
         res = ParityCaseResult(case.name, B, T)
+        valid = case.valid.numpy()
         for out_name in r32:
-            valid = case.valid.numpy() if out_name.endswith("logits") else None
             res.outputs.append(compare_outputs(out_name, r32[out_name], r64[out_name], ox[out_name], valid))
         results.append(res)
-    generation = compare_generation(family, unmerged, onnx_model, sources, generation_rows, seed)
+    _judge_without_float64(results)
+    generation = None
+    if onnx_model.kind != "encoder":
+        generation = compare_generation(family, unmerged, onnx_model, sources, generation_rows, seed)
     return ParityResult(onnx_model.provider, results, generation)
+
+
+def _judge_without_float64(results: list[ParityCaseResult]) -> None:
+    """Outputs whose float64 run is not finite are judged against float32 with the noise seen on
+    the same output in the other cases.
+
+    transformers' eager attention turns a fully masked row (a left-padded position) into NaN in
+    float64, and the NaN reaches real positions through ``0 × NaN`` in ``probs @ V``; float32
+    stays finite. The float32 reference is still valid there, its noise level is not.
+    """
+    noise: dict[str, float] = {}
+    for c in results:
+        for o in c.outputs:
+            if o.torch_err_vs_fp64 is not None:
+                noise[o.output] = max(noise.get(o.output, 0.0), o.tolerance)
+    for c in results:
+        for o in c.outputs:
+            if o.torch_err_vs_fp64 is None:
+                o.tolerance = max(o.tolerance, noise.get(o.output, 0.0))
+                o.passed = o.passed or (o.max_abs_err <= o.tolerance and o.top1_agreement in (None, 1.0))
+                o.note = "float64 run not finite (masked rows); judged vs float32 with other cases' noise"
 
 
 def compare_generation(
