@@ -273,6 +273,11 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
 @click.option("--out", required=True, type=_path, help="Output directory for the ONNX file(s).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(18))
 @click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "torchscript"]),
+    help="torch.onnx exporter (default: dynamo for the reference model, torchscript for HF models).",
+)
+@click.option(
     "--mode",
     type=click.Choice(["merged", "unmerged"]),
     default="merged",
@@ -282,7 +287,7 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True).")
 @click.pass_context
-def export(ctx, model_dir, adapter, out, opset, mode, force, allow_pickle):
+def export(ctx, model_dir, adapter, out, opset, exporter, mode, force, allow_pickle):
     """Export a model (optionally with an adapter) to ONNX with the dynamo exporter.
 
     \b
@@ -293,7 +298,14 @@ def export(ctx, model_dir, adapter, out, opset, mode, force, allow_pickle):
 
     _log(ctx)("exporting to ONNX …")
     result = export_api(
-        model_dir, out, adapter=adapter, mode=mode, opset=opset, force=force, allow_pickle=allow_pickle
+        model_dir,
+        out,
+        adapter=adapter,
+        mode=mode,
+        opset=opset,
+        exporter=exporter,
+        force=force,
+        allow_pickle=allow_pickle,
     )
     click.echo(
         f"exported {', '.join(result.files)} ({result.bytes / 1e6:.2f} MB, opset {result.opset}, "
@@ -394,6 +406,11 @@ def verify(
 @click.option("--adapter", required=True, type=_path, help="PEFT adapter directory.")
 @click.option("--out", required=True, type=_path, help="Output directory (written atomically).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(18))
+@click.option(
+    "--exporter",
+    type=click.Choice(["dynamo", "torchscript"]),
+    help="torch.onnx exporter (default: dynamo for the reference model, torchscript for HF models).",
+)
 @click.option("--no-verify", is_flag=True, help="Skip parity and latency.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_verify_options
@@ -404,6 +421,7 @@ def merge_and_export(
     adapter,
     out,
     opset,
+    exporter,
     no_verify,
     force,
     providers,
@@ -435,6 +453,7 @@ def merge_and_export(
             latency=not no_latency,
             force=force,
             opset=opset,
+            exporter=exporter,
             samples=samples,
             eval_data=eval_data,
             threads=threads,

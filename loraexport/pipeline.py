@@ -154,13 +154,18 @@ def _copy_extra(family: ModelFamily, src: Path, dst: Path) -> None:
 
 # ---- export ----------------------------------------------------------------------------------
 def export_model(
-    family: ModelFamily, model: nn.Module, out_dir: Path, opset: int = DEFAULT_OPSET
+    family: ModelFamily,
+    model: nn.Module,
+    out_dir: Path,
+    opset: int = DEFAULT_OPSET,
+    exporter: str | None = None,
 ) -> ExportResult:
     """Export ``model``'s graphs into ``out_dir`` (which exists) and write ``loraexport.json``."""
-    result = export_graphs(family.graph_specs(model), out_dir, opset)
+    result = export_graphs(family.graph_specs(model), out_dir, opset, exporter or family.exporter)
     meta = {
         "model": family.runtime_meta(model) | {"family": family.name},
         "opset": opset,
+        "exporter": result.exporter,
         "graphs": {g: {"inputs": result.inputs[g], "outputs": result.outputs[g]} for g in result.inputs},
     }
     write_json(out_dir / "loraexport.json", meta)
@@ -188,6 +193,7 @@ def export(
     adapter: str | Path | None = None,
     mode: str = "merged",
     opset: int = DEFAULT_OPSET,
+    exporter: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
 ) -> ExportResult:
@@ -207,7 +213,7 @@ def export(
     if loaded.adapters:
         inputs["adapters"] = [{"path": str(a.path), "sha256": a.sha256()} for a in loaded.adapters]
     with atomic_output_dir(out, force) as tmp:
-        result = export_model(loaded.family, model, tmp, opset)
+        result = export_model(loaded.family, model, tmp, opset, exporter)
         _copy_extra(loaded.family, Path(model_dir), tmp)
         _write_provenance(tmp, inputs, {"mode": mode if loaded.adapters else "base"})
     return result
@@ -350,11 +356,12 @@ def _verify_into(
         return
     with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:
         dirs = {"onnx_merged": onnx_path}
+        exporter = read_json(onnx_path / "loraexport.json", ModelFormatError).get("exporter")  # as the merged
         for name, model in (("onnx_base", loaded.base), ("onnx_unmerged", unmerged)):
             log(f"exporting {name.removeprefix('onnx_')} model for comparison …")
             d = Path(td) / name
             d.mkdir()
-            export_model(family, model, d)
+            export_model(family, model, d, exporter=exporter)
             dirs[name] = d
         torch_models = {"torch_unmerged": unmerged, "torch_merged": merged}
         for provider in providers:
@@ -386,6 +393,7 @@ def merge_and_export(
     verify_output: bool = True,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
+    exporter: str | None = None,
     allow_pickle: bool = False,
     log: Log = _quiet,
     **options,
@@ -405,8 +413,8 @@ def merge_and_export(
         "adapters": [{"path": str(a.path), "sha256": a.sha256()} for a in loaded.adapters],
     }
     with atomic_output_dir(out, force) as tmp:
-        log("exporting to ONNX (torch.onnx dynamo exporter) …")
-        result = export_model(loaded.family, merged, tmp, opset)
+        log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
+        result = export_model(loaded.family, merged, tmp, opset, exporter)
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
         _copy_extra(loaded.family, Path(base), tmp)
         report = _new_report(base, loaded, stats, result)

@@ -79,13 +79,20 @@ def test_compare_outputs_tolerance_is_derived():
 def test_time_interleaved_shuffles_and_reports_each_variant():
     calls = []
     variants = {n: (lambda n=n: calls.append(n)) for n in "abc"}
-    stats = time_interleaved(variants, warmup=1, min_runs=30, max_runs=30, budget_s=0)
+    stats = time_interleaved(variants, warmup=1, min_runs=30, max_runs=30, budget_s=60)
     assert set(stats) == {"a", "b", "c"} and all(isinstance(s, LatencyStats) for s in stats.values())
     assert all(s.runs == 30 and s.p50_ms <= s.p90_ms for s in stats.values())
     rounds = [tuple(calls[i : i + 3]) for i in range(3, len(calls), 3)]
     assert len(set(rounds)) > 1  # the order changes between rounds
     followers = {calls[i + 1] for i in range(3, len(calls) - 1) if calls[i] == "a"}
     assert followers >= {"b", "c"}  # "a" is followed by different variants
+
+
+def test_time_interleaved_stops_a_slow_model_at_twice_the_budget():
+    import time
+
+    stats = time_interleaved({"slow": lambda: time.sleep(0.04)}, warmup=1, min_runs=100, budget_s=0.05)
+    assert stats["slow"].runs == 3  # floor_runs: 3 rounds take > 2 × budget; not 100
 
 
 def test_latency_and_report_contract(seq2seq_base, seq2seq_adapter, seq2seq_onnx):

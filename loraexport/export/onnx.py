@@ -22,6 +22,7 @@ from loraexport.errors import ExportError
 from loraexport.export.spec import GraphSpec
 
 DEFAULT_OPSET = 18
+EXPORTERS = ("dynamo", "torchscript")
 MIN_OPSET = 18  # the dynamo exporter's translation table starts at opset 18
 EXTERNAL_DATA_BYTES = 1_800_000_000  # leave headroom under protobuf's 2 GiB message limit
 
@@ -58,17 +59,78 @@ class ExportResult:
     inputs: dict[str, list[str]] = field(default_factory=dict)  # per graph
     outputs: dict[str, list[str]] = field(default_factory=dict)
     exporter_log: str = ""
+    exporter: str = "dynamo"
 
 
 def _param_bytes(module: torch.nn.Module) -> int:
     return sum(t.numel() * t.element_size() for t in module.state_dict().values())
 
 
-def export_graphs(specs: list[GraphSpec], out_dir: Path, opset: int = DEFAULT_OPSET) -> ExportResult:
-    """Export each spec to ``out_dir/<name>.onnx`` and check it with ``onnx.checker``."""
+def _flat_dynamic_shapes(spec: GraphSpec) -> list[dict]:
+    """``dynamic_shapes`` (named args, then a tuple for ``*caches``) as one dict per input name."""
+    flat: list[dict] = []
+    for entry in spec.dynamic_shapes:
+        flat.extend(entry if isinstance(entry, tuple) else [entry])
+    return flat
+
+
+def _torchscript_axes(spec: GraphSpec) -> dict[str, dict[int, str]]:
+    """``dynamic_axes`` for the TorchScript exporter: the inputs' Dims by name; every output axis
+    but the last dynamic (their sizes follow from the inputs)."""
+    axes = {
+        n: {a: d.__name__ for a, d in dims.items()}
+        for n, dims in zip(spec.input_names, _flat_dynamic_shapes(spec), strict=True)
+    }
+    with torch.no_grad():
+        outs = spec.module(*spec.args)
+    for name, out in zip(spec.output_names, outs, strict=True):
+        axes[name] = {a: f"{name}_{a}" for a in range(out.ndim - 1)}
+    return axes
+
+
+def _export_one(spec: GraphSpec, path: Path, opset: int, exporter: str, external: bool) -> None:
+    if exporter == "dynamo":
+        program = torch.onnx.export(
+            spec.module.eval(),
+            spec.args,
+            None,
+            input_names=spec.input_names,
+            output_names=spec.output_names,
+            dynamic_shapes=spec.dynamic_shapes,
+            opset_version=opset,
+            dynamo=True,
+            optimize=True,
+            verbose=False,
+        )
+        program.save(str(path), external_data=external)
+        return
+    torch.onnx.export(
+        spec.module.eval(),
+        spec.args,
+        str(path),
+        input_names=spec.input_names,
+        output_names=spec.output_names,
+        dynamic_axes=_torchscript_axes(spec),
+        opset_version=opset,
+        dynamo=False,
+        do_constant_folding=True,
+    )
+
+
+def export_graphs(
+    specs: list[GraphSpec], out_dir: Path, opset: int = DEFAULT_OPSET, exporter: str = "dynamo"
+) -> ExportResult:
+    """Export each spec to ``out_dir/<name>.onnx`` and check it with ``onnx.checker``.
+
+    ``exporter``: ``dynamo`` (torch.export; smaller graphs, the maintained path) or
+    ``torchscript`` (the older tracer; 5-10x faster to export: on SmolLM2-135M 19 s against
+    135 s measured here, which is what makes a 120 s merge-and-export of that model possible).
+    """
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
     if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old: the dynamo exporter needs opset >= {MIN_OPSET}")
-    result = ExportResult(opset=opset)
+        raise ExportError(f"opset {opset} is too old: loraexport exports opset >= {MIN_OPSET}")
+    result = ExportResult(opset=opset, exporter=exporter)
     t0 = time.perf_counter()
     captured = io.StringIO()
     for spec in specs:
@@ -76,19 +138,7 @@ def export_graphs(specs: list[GraphSpec], out_dir: Path, opset: int = DEFAULT_OP
         external = _param_bytes(spec.module) > EXTERNAL_DATA_BYTES
         try:
             with _exporter_quiet(captured), torch.no_grad():
-                program = torch.onnx.export(
-                    spec.module.eval(),
-                    spec.args,
-                    None,
-                    input_names=spec.input_names,
-                    output_names=spec.output_names,
-                    dynamic_shapes=spec.dynamic_shapes,
-                    opset_version=opset,
-                    dynamo=True,
-                    optimize=True,
-                    verbose=False,
-                )
-                program.save(str(path), external_data=external)
+                _export_one(spec, path, opset, exporter, external)
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:  # the exporter raises many types; keep its message

@@ -44,6 +44,7 @@ class ModelFamily:
     latency_inputs: Callable[[nn.Module, int, int], Inputs]  # (model, batch, seq)
     latency_points: tuple[tuple[int, int], ...]
     extra_files: tuple[str, ...] = ()  # copied from the base into the output (tokenizer, ...)
+    exporter: str = "dynamo"  # default torch.onnx exporter (see export.onnx.export_graphs)
 
 
 def _registry() -> list[ModelFamily]:

@@ -55,11 +55,16 @@ def time_interleaved(
     min_runs: int = 100,
     max_runs: int = 400,
     budget_s: float = 4.0,
+    floor_runs: int = 3,
     seed: int = 0,
     gap_s: float = 0.002,
     on_round: Callable[[], None] | None = None,
 ) -> dict[str, LatencyStats]:
-    """Time each variant in rounds (one call of each per round) within ``budget_s``.
+    """Time each variant in rounds (one call of each per round).
+
+    Rounds go on until ``budget_s`` has passed and ``min_runs`` rounds are done; a slow model
+    that cannot reach ``min_runs`` stops at twice the budget once it has ``floor_runs`` rounds
+    (the report gives the count). Warm-up stops early after 1 round when a round is slow.
 
     The order is shuffled every round (seeded), so no variant always runs right after the
     same other one: torch's OpenMP threads may still be busy-waiting when the next call starts,
@@ -68,15 +73,27 @@ def time_interleaved(
     starts from the same state; measured here, without it an ONNX graph timed right after a
     batch-16 torch call ran ~8% slower than an identical one that was not.
     """
+    start = time.perf_counter()
     for _ in range(warmup):
         for fn in variants.values():
             fn()
+        if time.perf_counter() - start > budget_s / 4:
+            break
     times: dict[str, list[float]] = {name: [] for name in variants}
     start = time.perf_counter()
     rounds = 0
     names = list(variants)
     rng = random.Random(seed)
-    while rounds < max_runs and (rounds < min_runs or time.perf_counter() - start < budget_s):
+
+    def more() -> bool:
+        elapsed = time.perf_counter() - start
+        if rounds >= max_runs:
+            return False
+        if elapsed < budget_s or rounds < floor_runs:
+            return True
+        return rounds < min_runs and elapsed < 2 * budget_s
+
+    while more():
         rng.shuffle(names)
         for name in names:
             fn = variants[name]
