@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraexport.data import read_pairs, split
+from loraexport.errors import InvalidInputError
 from loraexport.io import atomic_output_dir, check_output, write_json
 from loraexport.lora.config import LoraConfig
 from loraexport.models.base import load_base
 from loraexport.models.reference import check_pairs
+from loraexport.models.transformer import Transformer
 from loraexport.train import TrainResult, train_lora
 
 
@@ -36,7 +38,12 @@ def train(
     ``out`` also gets ``training.json`` (hyper-parameters, losses, held-out accuracy).
     """
     check_output(out, force)
-    _, model = load_base(base)
+    family, model = load_base(base)
+    if not isinstance(model, Transformer):
+        raise InvalidInputError(
+            f"loraexport train supports the reference Transformer only; {base} is a {family.name} model "
+            "(train its adapter with PEFT, then use merge-and-export)"
+        )
     pairs = read_pairs(data)
     check_pairs(model.config, pairs, str(data))  # before any training: errors name the example
     if eval_data is not None:

@@ -61,11 +61,11 @@ def test_base_without_config(tmp_path, small_data, out):
 
 
 def test_base_of_unsupported_type(tmp_path, small_data, out):
-    base = tmp_path / "bert"
+    base = tmp_path / "t5"
     base.mkdir()
-    (base / "config.json").write_text(json.dumps({"model_type": "bert"}))
+    (base / "config.json").write_text(json.dumps({"model_type": "t5"}))
     r = _train("--base", str(base), "--data", str(small_data), "--out", str(out))
-    _assert_one_line_error(r, 3, "'bert'")
+    _assert_one_line_error(r, 3, "'t5'")
 
 
 def test_base_with_corrupt_weights(tmp_path, sample_base, small_data, out):

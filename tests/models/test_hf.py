@@ -278,3 +278,13 @@ def test_classifier_head_modules_to_save_and_trained_biases(tmp_path):
         tmp_path / "base", tmp_path / "adapter", tmp_path / "out", samples=2, latency=False
     )
     assert report.passed and report.export.outputs["model"] == ["logits"]
+
+
+def test_train_refuses_a_hugging_face_base(hf_case, tmp_path):
+    _, base_dir, _, _ = hf_case
+    data = tmp_path / "d.jsonl"
+    data.write_text('{"source": "12", "target": "21"}\n')
+    r = CliRunner().invoke(
+        main, ["train", "--base", str(base_dir), "--data", str(data), "--out", str(tmp_path / "o")]
+    )
+    assert r.exit_code == 3 and "reference Transformer only" in r.stderr and not (tmp_path / "o").exists()

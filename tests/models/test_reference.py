@@ -129,10 +129,10 @@ def test_config_not_a_json_object(model_dir, text):
 
 
 def test_wrong_model_type(model_dir):
-    _edit_config(model_dir, model_type="bert")
+    _edit_config(model_dir, model_type="t5")
     with pytest.raises(ModelFormatError, match="model_type"):
         load_model(model_dir)
-    with pytest.raises(ModelFormatError, match="bert"):
+    with pytest.raises(ModelFormatError, match="t5"):
         load_base(model_dir)
 
 
