@@ -288,3 +288,20 @@ def test_train_refuses_a_hugging_face_base(hf_case, tmp_path):
         main, ["train", "--base", str(base_dir), "--data", str(data), "--out", str(tmp_path / "o")]
     )
     assert r.exit_code == 3 and "reference Transformer only" in r.stderr and not (tmp_path / "o").exists()
+
+
+def test_dynamo_exporter_on_a_decoder(tmp_path):
+    """The default for HF models is TorchScript (export speed); dynamo must work as well."""
+    torch.manual_seed(0)
+    MODELS["llama"][0]().save_pretrained(tmp_path / "base")
+    p = peft.get_peft_model(
+        transformers.LlamaForCausalLM.from_pretrained(tmp_path / "base"),
+        peft.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]),
+    )
+    _randomize_b(p, 3)
+    p.save_pretrained(tmp_path / "adapter")
+    report = merge_and_export(
+        tmp_path / "base", tmp_path / "adapter", tmp_path / "out", exporter="dynamo", samples=2, latency=False
+    )
+    assert report.passed and report.export.exporter == "dynamo"
+    assert report.parity[0].generation.identical_rows == report.parity[0].generation.rows > 0
