@@ -254,6 +254,7 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
         dtype=dtype,
         force=force,
         allow_pickle=allow_pickle,
+        show_progress=not ctx.obj["quiet"],
     )
     if as_json:
         from dataclasses import asdict

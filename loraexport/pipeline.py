@@ -34,7 +34,9 @@ from loraexport.io import (
 )
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, merge_state_dict
+from loraexport.lora.stream import checkpoint_shards, stream_merge
 from loraexport.models.base import ModelFamily, load_base
+from loraexport.progress import Progress
 from loraexport.report import Report, versions
 from loraexport.runtime import PROVIDERS, OnnxModel, RuntimeInputError
 from loraexport.verify.latency import LatencyCase, LatencyResult, time_interleaved
@@ -125,19 +127,31 @@ def merge(
     dtype: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    show_progress: bool = True,
 ) -> MergeStats:
-    """Write the merged model to ``out`` in the base's layout, plus ``merge.json`` (per-module stats)."""
+    """Merge adapter(s) into the safetensors checkpoint in ``base``; write ``out`` in its layout.
+
+    Streams tensor by tensor (``lora.stream``): no model is built, memory stays bounded by the
+    largest tensor, untargeted tensors are copied without being decoded. ``merge.json`` records
+    per module max|ΔW| and the error of the final cast.
+    """
     check_output(out, force)
-    loaded = load_inputs(base, adapters, allow_pickle)
-    model, stats = merged_model(loaded.base, loaded.adapters, weights, DTYPES[dtype] if dtype else None)
-    if dtype:
-        model = model.to(DTYPES[dtype])  # exact: the weights were rounded to dtype by the merge
-    with atomic_output_dir(out, force) as tmp:
-        loaded.family.save(model, tmp)
-        _copy_extra(loaded.family, Path(base), tmp)
+    base_dir = require_dir(base, "base model directory")
+    loaded = [Adapter.load(a, allow_pickle) for a in adapters]
+    shards, _ = checkpoint_shards(base_dir)
+    total = sum((base_dir / s).stat().st_size for s in shards)
+    with atomic_output_dir(out, force) as tmp, Progress(total, "merge", "B", show_progress) as bar:
+        stats = stream_merge(
+            base_dir,
+            loaded,
+            tmp,
+            weights,
+            storage_dtype=DTYPES[dtype] if dtype else None,
+            on_bytes=bar.update,
+        )
         report = Report(
-            _base_info(base, loaded.family, loaded.base),
-            [_adapter_info(a) for a in loaded.adapters],
+            {"path": str(base), "family": "safetensors checkpoint", "parameters": 0},
+            [_adapter_info(a) for a in loaded],
             merge=stats,
         )
         write_json(

@@ -1,0 +1,227 @@
+"""Streaming merge of a safetensors checkpoint: one tensor in memory at a time.
+
+Reads each shard's header, then writes a new shard tensor by tensor: a targeted weight is
+decoded, merged (``merge.merge_state_dict`` on that one tensor, so the result is
+bit-identical to the in-memory merge) and encoded; every other tensor's bytes are copied
+as they are, never decoded. Sharded checkpoints keep their shards and index. No model
+object is built, so memory is bounded by the largest tensor plus the adapters.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from loraexport.errors import AdapterMismatchError, ModelFormatError
+from loraexport.lora.adapter import Adapter
+from loraexport.lora.merge import MergeStats, merge_state_dict
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+CODES = {v: k for k, v in DTYPES.items()}
+MAX_HEADER = 100 * 1024 * 1024  # safetensors' own limit
+COPY_CHUNK = 16 * 1024 * 1024
+
+
+@dataclass
+class TensorInfo:
+    name: str
+    dtype: str
+    shape: list[int]
+    start: int  # absolute byte offset in the file
+    end: int
+
+    @property
+    def nbytes(self) -> int:
+        return self.end - self.start
+
+
+def read_header(path: Path) -> tuple[list[TensorInfo], dict]:
+    """Tensors of a safetensors file (in data order) and its ``__metadata__``; every
+    inconsistency (length beyond the file, bad JSON, offsets out of range) is a ModelFormatError."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        raw = f.read(8)
+        if len(raw) < 8:
+            raise ModelFormatError(f"{path}: too short to be a safetensors file")
+        (n,) = struct.unpack("<Q", raw)
+        if n > MAX_HEADER or 8 + n > size:
+            raise ModelFormatError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
+        try:
+            header = json.loads(f.read(n))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise ModelFormatError(f"{path}: header is not valid JSON ({e})") from e
+    if not isinstance(header, dict):
+        raise ModelFormatError(f"{path}: header is not a JSON object")
+    meta = header.pop("__metadata__", {}) or {}
+    base = 8 + n
+    tensors = []
+    for name, info in header.items():
+        try:
+            dtype, shape, (b, e) = info["dtype"], list(info["shape"]), info["data_offsets"]
+        except (TypeError, KeyError, ValueError) as err:
+            raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry") from err
+        if dtype not in DTYPES:
+            raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
+        count = 1
+        for d in shape:
+            count *= d
+        if not (0 <= b <= e and base + e <= size and e - b == count * _itemsize(dtype)):
+            raise ModelFormatError(f"{path}: tensor {name!r} has data offsets [{b}, {e}] out of range")
+        tensors.append(TensorInfo(name, dtype, shape, base + b, base + e))
+    tensors.sort(key=lambda t: t.start)
+    return tensors, meta
+
+
+def _itemsize(code: str) -> int:
+    return torch.empty(0, dtype=DTYPES[code]).element_size()
+
+
+def checkpoint_shards(directory: Path) -> tuple[list[str], dict | None]:
+    """Shard file names (and the index JSON, if sharded) of a safetensors checkpoint."""
+    if (directory / INDEX).is_file():
+        try:
+            index = json.loads((directory / INDEX).read_text())
+            shards = sorted(set(index["weight_map"].values()))
+        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
+            raise ModelFormatError(f"{directory / INDEX}: not a valid safetensors index ({e})") from e
+        for s in shards:
+            if Path(s).name != s or not (directory / s).is_file():
+                raise ModelFormatError(f"{directory / INDEX}: shard {s!r} is missing or outside the folder")
+        return shards, index
+    if (directory / SINGLE).is_file():
+        return [SINGLE], None
+    raise ModelFormatError(f"{directory}: no {SINGLE} or {INDEX}")
+
+
+def _header_bytes(entries: list[tuple[str, str, list[int], int]], meta: dict) -> bytes:
+    header: dict = {"__metadata__": meta} if meta else {}
+    offset = 0
+    for name, dtype, shape, nbytes in entries:
+        header[name] = {"dtype": dtype, "shape": shape, "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)  # keep the data 8-byte aligned, as safetensors does
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def stream_merge(
+    base: Path,
+    adapters: list[Adapter],
+    out: Path,
+    weights: list[float] | None = None,
+    *,
+    storage_dtype: torch.dtype | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+) -> MergeStats:
+    """Merge ``adapters`` into the checkpoint in ``base``, writing shards to ``out`` (exists)."""
+    t0 = time.perf_counter()
+    shards, index = checkpoint_shards(base)
+    headers = {s: read_header(base / s) for s in shards}
+    by_name = {t.name: (s, t) for s, (ts, _) in headers.items() for t in ts}
+    targets: set[str] = set()
+    for adapter in adapters:
+        for path in sorted(adapter.weights):
+            key = f"{path}.weight"
+            if key not in by_name:
+                raise AdapterMismatchError(
+                    f"target module {path!r}: the checkpoint has no tensor {key!r} "
+                    "(is this adapter for another architecture?)"
+                )
+            targets.add(key)
+        for key in adapter.replacements:
+            if key not in by_name:
+                raise AdapterMismatchError(f"adapter replaces {key!r}, which the checkpoint does not have")
+            targets.add(key)
+    stats = MergeStats("float64", "")
+    for shard in shards:
+        tensors, meta = headers[shard]
+        plan = []
+        for t in tensors:
+            cast = storage_dtype is not None and DTYPES[t.dtype].is_floating_point
+            code = CODES[storage_dtype] if cast else t.dtype
+            plan.append(
+                (t, t.name in targets or cast, code, t.nbytes // _itemsize(t.dtype) * _itemsize(code))
+            )
+        with open(base / shard, "rb") as src, open(out / shard, "wb") as dst:
+            dst.write(_header_bytes([(t.name, dt, t.shape, nb) for t, _, dt, nb in plan], meta))
+            for t, decode, _, _ in plan:
+                src.seek(t.start)
+                if not decode:
+                    left = t.nbytes
+                    while left:
+                        chunk = src.read(min(COPY_CHUNK, left))
+                        if not chunk:
+                            raise ModelFormatError(f"{base / shard}: truncated in tensor {t.name!r}")
+                        dst.write(chunk)
+                        left -= len(chunk)
+                    if on_bytes:
+                        on_bytes(t.nbytes)
+                    continue
+                buf = bytearray(t.nbytes)
+                if src.readinto(buf) != t.nbytes:
+                    raise ModelFormatError(f"{base / shard}: truncated in tensor {t.name!r}")
+                w0 = (
+                    torch.frombuffer(buf, dtype=DTYPES[t.dtype]).reshape(t.shape)
+                    if t.nbytes
+                    else torch.empty(t.shape, dtype=DTYPES[t.dtype])
+                )
+                if t.name in targets:
+                    merged, one = merge_state_dict(
+                        {t.name: w0},
+                        [_restrict(a, t.name) for a in adapters],
+                        weights,
+                        storage_dtype=storage_dtype,
+                    )
+                    stats.modules.extend(one.modules)
+                    w = merged[t.name]
+                else:
+                    w = w0.to(storage_dtype)
+                if w.numel():
+                    dst.write(memoryview(w.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                if on_bytes:
+                    on_bytes(t.nbytes)
+    if index is not None:
+        (out / INDEX).write_text(json.dumps(index, indent=2))
+    for f in base.iterdir():  # config, tokenizer and other small files travel with the weights
+        if (
+            f.is_file()
+            and f.name not in shards
+            and f.name != INDEX
+            and f.suffix not in (".bin", ".pt", ".pth")
+        ):
+            shutil.copy2(f, out / f.name)
+    dtypes = {DTYPES[t.dtype] for ts, _ in headers.values() for t in ts if DTYPES[t.dtype].is_floating_point}
+    stats.storage_dtype = str(storage_dtype or (dtypes.pop() if len(dtypes) == 1 else "mixed")).removeprefix(
+        "torch."
+    )
+    stats.seconds = time.perf_counter() - t0
+    return stats
+
+
+def _restrict(adapter: Adapter, key: str) -> Adapter:
+    """The part of ``adapter`` that touches tensor ``key`` (so merge_state_dict sees one tensor and
+    sums the adapters in the same order as the in-memory merge: bit-identical results)."""
+    path = key.removesuffix(".weight")
+    lora = {path: adapter.weights[path]} if key.endswith(".weight") and path in adapter.weights else {}
+    repl = {key: adapter.replacements[key]} if key in adapter.replacements else {}
+    return Adapter(adapter.config, lora, adapter.path, repl)

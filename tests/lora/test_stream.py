@@ -1,0 +1,176 @@
+"""Streaming merge: bit-identical to the in-memory merge, sharded checkpoints, several adapters,
+bounded work on interruption or a full disk, and malformed safetensors refused."""
+
+from __future__ import annotations
+
+import errno
+import json
+import struct
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file, save_file
+
+from loraexport.cli import main
+from loraexport.errors import ModelFormatError
+from loraexport.lora.adapter import Adapter
+from loraexport.lora.config import LoraConfig
+from loraexport.lora.merge import merge_state_dict
+from loraexport.lora.stream import INDEX, read_header, stream_merge
+
+# Two adapters with weights against float64 (W0 + Σ w·s·B·A computed wide, then one cast to
+# float32): the stored value is within half a float32 ulp, far inside the 1e-6 contract.
+REL_TOL = 1e-6
+SHAPES = {"layers.0.q": (24, 16), "layers.0.v": (8, 16), "layers.1.q": (24, 16), "layers.1.v": (8, 16)}
+
+
+def _checkpoint(d, dtype=torch.float32, shards=2, seed=0):
+    """A sharded safetensors checkpoint with an index, plus untargeted tensors of other dtypes."""
+    g = torch.Generator().manual_seed(seed)
+    tensors = {f"{p}.weight": torch.randn(s, generator=g).to(dtype) for p, s in SHAPES.items()}
+    tensors.update({f"{p}.bias": torch.randn(s[0], generator=g).to(dtype) for p, s in SHAPES.items()})
+    tensors["embed.weight"] = torch.randn(10, 16, generator=g).to(dtype)
+    tensors["position_ids"] = torch.arange(7)  # an int64 buffer: copied as bytes
+    d.mkdir()
+    names = sorted(tensors)
+    weight_map = {}
+    for i in range(shards):
+        part = {n: tensors[n] for n in names[i::shards]}
+        fname = f"model-{i + 1:05d}-of-{shards:05d}.safetensors"
+        save_file(part, str(d / fname), metadata={"format": "pt"})
+        weight_map.update(dict.fromkeys(part, fname))
+    (d / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+    (d / "config.json").write_text("{}")
+    return tensors
+
+
+def _adapter(targets, r, alpha, seed, d=None):
+    g = torch.Generator().manual_seed(seed)
+    w = {
+        p: (torch.randn(r, SHAPES[p][1], generator=g), torch.randn(SHAPES[p][0], r, generator=g) * 0.3)
+        for p in targets
+    }
+    a = Adapter(
+        LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted({p.rsplit(".", 1)[1] for p in targets})), w
+    )
+    if d is not None:
+        d.mkdir()
+        a.save(d)
+        a = Adapter.load(d)
+    return a
+
+
+def _read_all(d):
+    out = {}
+    for f in sorted(d.glob("*.safetensors")):
+        out.update(load_file(str(f)))
+    return out
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+def test_bit_identical_to_in_memory_merge(tmp_path, dtype):
+    tensors = _checkpoint(tmp_path / "base", dtype)
+    adapters = [_adapter(["layers.0.q", "layers.1.v"], 4, 8, 1)]
+    (tmp_path / "out").mkdir()
+    stats = stream_merge(tmp_path / "base", adapters, tmp_path / "out")
+    want, mem_stats = merge_state_dict(tensors, adapters)
+    got = _read_all(tmp_path / "out")
+    assert set(got) == set(want)
+    for k in want:
+        assert got[k].dtype == want[k].dtype and torch.equal(got[k], want[k]), k
+    assert (tmp_path / "out" / INDEX).exists() and (tmp_path / "out" / "config.json").exists()
+    assert [m.module for m in stats.modules] == sorted(m.module for m in mem_stats.modules)
+    assert not torch.equal(
+        got["layers.0.q.weight"], tensors["layers.0.q.weight"]
+    )  # the adapter did something
+    if dtype != torch.float32:
+        assert all(m.cast_max_abs_err > 0 for m in stats.modules)  # the half-precision cast, accounted
+
+
+def test_two_adapters_with_weights_equal_float64(tmp_path):
+    tensors = _checkpoint(tmp_path / "base")
+    a1 = _adapter(["layers.0.q", "layers.0.v"], 4, 8, 1)
+    a2 = _adapter(["layers.0.q", "layers.1.q"], 2, 4, 2)  # another rank and other targets
+    w = [0.7, 0.3]
+    (tmp_path / "out").mkdir()
+    stream_merge(tmp_path / "base", [a1, a2], tmp_path / "out", w)
+    got = _read_all(tmp_path / "out")
+    for p in SHAPES:
+        ref = tensors[f"{p}.weight"].double()
+        for a, wi in zip((a1, a2), w, strict=True):
+            if p in a.weights:
+                A, B = a.weights[p]
+                ref = ref + wi * a.config.scaling(p) * (B.double() @ A.double())
+        err = float((got[f"{p}.weight"].double() - ref).abs().max() / ref.abs().max())
+        assert err <= REL_TOL, (p, err)
+
+
+def _adapter_dir(tmp_path):
+    return _adapter(["layers.0.q"], 2, 4, 3, tmp_path / "adapter").path
+
+
+def test_sigint_leaves_nothing(tmp_path, monkeypatch):
+    _checkpoint(tmp_path / "base")
+    adapter = _adapter_dir(tmp_path)
+    from loraexport.progress import Progress
+
+    def interrupt(self, n=1, **kw):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Progress, "update", interrupt)
+    r = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            "--base",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(adapter),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert r.exit_code == 130 and r.stderr.strip() == "interrupted: nothing was written"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no output, no temp dir
+
+
+def test_full_disk_leaves_nothing(tmp_path, monkeypatch):
+    _checkpoint(tmp_path / "base")
+    adapter = _adapter_dir(tmp_path)
+    from loraexport.lora import stream
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(stream.shutil, "copy2", full)
+    r = CliRunner().invoke(
+        main,
+        [
+            "merge",
+            "--base",
+            str(tmp_path / "base"),
+            "--adapter",
+            str(adapter),
+            "--out",
+            str(tmp_path / "out"),
+        ],
+    )
+    assert r.exit_code == 3 and "no space left on device" in r.stderr and "Traceback" not in r.output
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
+
+
+@pytest.mark.parametrize(
+    "corrupt, message",
+    [
+        (lambda raw: struct.pack("<Q", 10**9) + raw[8:], "past the end"),
+        (lambda raw: raw[:8] + b"{not json" + raw[17:], "not valid JSON"),
+        (lambda raw: raw[: len(raw) - 16], "out of range"),
+    ],
+)
+def test_malformed_safetensors_refused(tmp_path, corrupt, message):
+    path = tmp_path / "model.safetensors"
+    save_file({"w": torch.ones(4, 4)}, str(path))
+    path.write_bytes(corrupt(path.read_bytes()))
+    with pytest.raises(ModelFormatError, match=message):
+        read_header(path)
