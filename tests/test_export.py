@@ -116,3 +116,25 @@ def test_existing_output_is_refused(seq2seq_base, tmp_path):
     with pytest.raises(OutputExistsError, match="--force"):
         export(seq2seq_base, tmp_path / "out")
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+def test_external_data_above_the_threshold(causal_base, causal_adapter, tmp_path, monkeypatch, exporter):
+    """Graphs whose weights pass EXTERNAL_DATA_BYTES (protobuf's 2 GB limit, lowered here) are
+    written as <name>.onnx + <name>.onnx.data, load in onnxruntime and keep parity."""
+    from loraexport.export import onnx as onnx_export
+    from loraexport.pipeline import verify
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
+    export(causal_base, tmp_path / "out", adapter=causal_adapter, exporter=exporter)
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "config.json",
+        "loraexport.json",
+        "model.onnx",
+        "model.onnx.data",
+    ]
+    assert (tmp_path / "out" / "model.onnx.data").stat().st_size > (
+        tmp_path / "out" / "model.onnx"
+    ).stat().st_size
+    report = verify(causal_base, causal_adapter, tmp_path / "out", samples=2, latency=False)
+    assert report.passed

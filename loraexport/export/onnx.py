@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import io
 import logging
+import shutil
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -104,10 +105,14 @@ def _export_one(spec: GraphSpec, path: Path, opset: int, exporter: str, external
         )
         program.save(str(path), external_data=external)
         return
+    scratch = path.parent / f".{path.stem}-export"  # the tracer may write one file per tensor here
+    if external:
+        scratch.mkdir(exist_ok=True)
+    target = scratch / path.name if external else path
     torch.onnx.export(
         spec.module.eval(),
         spec.args,
-        str(path),
+        str(target),
         input_names=spec.input_names,
         output_names=spec.output_names,
         dynamic_axes=_torchscript_axes(spec),
@@ -115,6 +120,18 @@ def _export_one(spec: GraphSpec, path: Path, opset: int, exporter: str, external
         dynamo=False,
         do_constant_folding=True,
     )
+    if external:  # gather the weights into one <name>.onnx.data beside <name>.onnx
+        model = onnx.load(str(target))
+        onnx.save_model(
+            model,
+            str(path),
+            save_as_external_data=True,
+            all_tensors_to_one_file=True,
+            location=f"{path.name}.data",
+            size_threshold=1024,
+        )
+        del model
+        shutil.rmtree(scratch)
 
 
 def export_graphs(

@@ -8,6 +8,7 @@ storage dtype is applied once, at the end, and the error that cast adds is recor
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -50,8 +51,13 @@ def delta_weight(
     dtype: torch.dtype = torch.float64,
 ) -> torch.Tensor:
     """``s·B·A`` in ``dtype``; transposed to (in, out) for ``fan_in_fan_out`` (GPT-2 Conv1D)."""
-    d = scaling * (b.to(dtype) @ a.to(dtype))  # (out, in)
+    d = (b.to(dtype) @ a.to(dtype)).mul_(scaling)  # (out, in); in place: one full-size buffer
     return d.T if fan_in_fan_out else d
+
+
+def _amax(t: torch.Tensor) -> float:
+    """max |t| without a full-size temporary."""
+    return float(torch.linalg.vector_norm(t, ord=float("inf"))) if t.numel() else 0.0
 
 
 def merge_state_dict(
@@ -87,15 +93,15 @@ def merge_state_dict(
             key = f"{path}.weight"
             if key not in state:
                 raise AdapterMismatchError(f"adapter module {path!r}: base has no tensor {key!r}")
-            d = w * delta_weight(
-                a, b, adapter.config.scaling(path), adapter.config.fan_in_fan_out, compute_dtype
-            )
+            d = delta_weight(a, b, adapter.config.scaling(path), adapter.config.fan_in_fan_out, compute_dtype)
+            if w != 1.0:
+                d.mul_(w)
             if d.shape != state[key].shape:
                 raise AdapterMismatchError(
                     f"adapter module {path!r}: update has shape {tuple(d.shape)} but {key!r} is "
                     f"{tuple(state[key].shape)}"
                 )
-            deltas[key] = deltas[key] + d if key in deltas else d
+            deltas[key] = deltas[key].add_(d) if key in deltas else d
     merged = dict(state)
     replaced: dict[str, torch.Tensor] = {}
     for adapter in adapters:  # trained biases, modules_to_save: taken as they are
@@ -108,17 +114,20 @@ def merge_state_dict(
             merged[key] = t.to(storage_dtype or state[key].dtype)
     stats = MergeStats(str(compute_dtype).removeprefix("torch."), "")
     for key, d in deltas.items():
+        # Temporaries are few and in place: a streaming merge holds one tensor at a time, and
+        # the largest weights are hundreds of MB in float64.
         w0 = state[key]
-        wide = w0.to(compute_dtype) + d
-        if not torch.isfinite(wide).all():
+        mod = ModuleMerge(key.removesuffix(".weight"), _amax(d), _amax(w0))
+        wide = d.add_(w0)  # W0 + Σ w·s·B·A in compute_dtype (d is not needed any more)
+        top = _amax(wide)  # NaN or Inf anywhere makes this NaN or Inf: the finiteness check
+        if not math.isfinite(top):
             raise AdapterFormatError(f"merging into {key!r} gives NaN or Inf; refusing to write it")
         out_dtype = storage_dtype or w0.dtype
         stored = wide.to(out_dtype)
-        mod = ModuleMerge(key.removesuffix(".weight"), float(d.abs().max()), float(w0.abs().max()))
         if out_dtype not in WIDE_DTYPES or compute_dtype == torch.float64 and out_dtype == torch.float32:
-            err = (stored.to(compute_dtype) - wide).abs().max()
-            mod.cast_max_abs_err = float(err)
-            mod.cast_max_rel_err = float(err / wide.abs().max().clamp_min(1e-30))
+            mod.cast_max_abs_err = _amax(wide.sub_(stored))  # what the one final cast changed
+            mod.cast_max_rel_err = mod.cast_max_abs_err / max(top, 1e-30)
+        del wide, d
         merged[key] = stored
         stats.modules.append(mod)
     if storage_dtype is not None:

@@ -9,7 +9,9 @@ object is built, so memory is bounded by the largest tensor plus the adapters.
 
 from __future__ import annotations
 
+import errno
 import json
+import os
 import shutil
 import struct
 import time
@@ -162,18 +164,14 @@ def stream_merge(
             plan.append(
                 (t, t.name in targets or cast, code, t.nbytes // _itemsize(t.dtype) * _itemsize(code))
             )
-        with open(base / shard, "rb") as src, open(out / shard, "wb") as dst:
-            dst.write(_header_bytes([(t.name, dt, t.shape, nb) for t, _, dt, nb in plan], meta))
+        with open(base / shard, "rb", buffering=0) as src, open(out / shard, "wb", buffering=0) as dst:
+            _write_all(dst, _header_bytes([(t.name, dt, t.shape, nb) for t, _, dt, nb in plan], meta))
             for t, decode, _, _ in plan:
                 src.seek(t.start)
                 if not decode:
-                    left = t.nbytes
-                    while left:
-                        chunk = src.read(min(COPY_CHUNK, left))
-                        if not chunk:
-                            raise ModelFormatError(f"{base / shard}: truncated in tensor {t.name!r}")
-                        dst.write(chunk)
-                        left -= len(chunk)
+                    _copy_bytes(
+                        src, dst, t.start, t.nbytes, f"{base / shard}: truncated in tensor {t.name!r}"
+                    )
                     if on_bytes:
                         on_bytes(t.nbytes)
                     continue
@@ -197,7 +195,7 @@ def stream_merge(
                 else:
                     w = w0.to(storage_dtype)
                 if w.numel():
-                    dst.write(memoryview(w.contiguous().reshape(-1).view(torch.uint8).numpy()))
+                    _write_all(dst, memoryview(w.contiguous().reshape(-1).view(torch.uint8).numpy()))
                 if on_bytes:
                     on_bytes(t.nbytes)
     if index is not None:
@@ -216,6 +214,42 @@ def stream_merge(
     )
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _write_all(dst, data) -> None:
+    """Unbuffered writes may be partial (a single write(2) stops short of 2 GiB): loop."""
+    view = memoryview(data).cast("B")
+    while view:
+        n = dst.write(view)
+        view = view[n:]
+
+
+def _copy_bytes(src, dst, offset: int, count: int, truncated: str) -> None:
+    """Copy ``count`` bytes at ``offset`` of ``src`` to ``dst``'s position, in the kernel when it
+    can (copy_file_range: no user-space buffer), else in chunks."""
+    left = count
+    try:
+        while left:
+            n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30), offset + count - left)
+            if n == 0:
+                raise ModelFormatError(truncated)
+            left -= n
+        return
+    except (AttributeError, OSError) as e:
+        if isinstance(e, OSError) and e.errno not in (
+            errno.EXDEV,
+            errno.ENOSYS,
+            errno.EINVAL,
+            errno.EOPNOTSUPP,
+        ):
+            raise
+    src.seek(offset + count - left)
+    while left:
+        chunk = src.read(min(COPY_CHUNK, left))
+        if not chunk:
+            raise ModelFormatError(truncated)
+        _write_all(dst, chunk)
+        left -= len(chunk)
 
 
 def _restrict(adapter: Adapter, key: str) -> Adapter:
