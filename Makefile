@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-real test test-real lint demo demo-real bench bench-pipeline bench-merge clean
+.PHONY: install install-real test test-real lint demo demo-real bench bench-pipeline bench-merge bench-large clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -68,6 +68,10 @@ demo: $(STAMP)
 # Long measurements, never part of `make test`.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_latency.py
+
+# A generated 2.6 GB decoder: ONNX with external data, parity in onnxruntime (~20 GB of RAM).
+bench-large: $(STAMP)
+	$(BIN)/python benchmarks/bench_export_large.py --dir runs/bench-large
 
 # Streaming merge of a generated ~4.2 GB float16 checkpoint vs PEFT's in-memory path.
 bench-merge: $(STAMP)
