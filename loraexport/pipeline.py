@@ -366,6 +366,7 @@ def _verify_into(
         report.parity.append(
             check_parity(family, unmerged, onnx_model, samples=opts.samples, seed=opts.seed, sources=sources)
         )
+        del onnx_model  # its weights are a full copy; latency opens its own sessions
     if not opts.latency:
         return
     with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:

@@ -15,7 +15,6 @@ noise. A wrong weight or scaling moves them by orders of magnitude more (tests p
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -196,20 +195,32 @@ def check_parity(
 ) -> ParityResult:
     """Compare every output of ``onnx_model`` with ``unmerged`` on ``samples`` cases, then greedy decoding."""
     kind, shape = onnx_model.kind, onnx_model.cache_shape
-    run32 = torch_runner(family, unmerged)
-    run64 = torch_runner(family, copy.deepcopy(unmerged).double())
+    cases = family.parity_cases(unmerged, samples, seed)
+    args = [
+        (
+            c.inputs["input_ids"].numpy(),
+            c.inputs["attention_mask"].numpy(),
+            c.inputs["decoder_input_ids"].numpy() if "decoder_input_ids" in c.inputs else None,
+        )
+        for c in cases
+    ]
+    run = torch_runner(family, unmerged)
+    r32 = [chain_forward(run, kind, shape, *a, dtype=np.float32) for a in args]
+    ox = [onnx_model.forward_all(*a) for a in args]
+    # The float64 run converts the model in place and back (float32 → float64 → float32 is
+    # exact), so no second copy of the weights is held.
+    unmerged.double()
+    try:
+        r64 = [chain_forward(run, kind, shape, *a, dtype=np.float64) for a in args]
+    finally:
+        unmerged.float()
     results = []
-    for case in family.parity_cases(unmerged, samples, seed):
-        np_in = {k: v.numpy() for k, v in case.inputs.items()}
-        args = (np_in["input_ids"], np_in["attention_mask"], np_in.get("decoder_input_ids"))
-        r32 = chain_forward(run32, kind, shape, *args, dtype=np.float32)
-        r64 = chain_forward(run64, kind, shape, *args, dtype=np.float64)
-        ox = onnx_model.forward_all(*args)
+    for case, o32, o64, onx in zip(cases, r32, r64, ox, strict=True):
         B, T = case.valid.shape
         res = ParityCaseResult(case.name, B, T)
         valid = case.valid.numpy()
-        for out_name in r32:
-            res.outputs.append(compare_outputs(out_name, r32[out_name], r64[out_name], ox[out_name], valid))
+        for out_name in o32:
+            res.outputs.append(compare_outputs(out_name, o32[out_name], o64[out_name], onx[out_name], valid))
         results.append(res)
     _judge_without_float64(results)
     generation = None
