@@ -20,14 +20,6 @@ MODEL_TYPE = "loraexport-transformer"
 WEIGHTS = "model.safetensors"
 
 
-def is_reference_dir(directory: Path) -> bool:
-    cfg = directory / "config.json"
-    try:
-        return cfg.is_file() and read_json(cfg, ModelFormatError).get("model_type") == MODEL_TYPE
-    except (ModelFormatError, AttributeError):
-        return False
-
-
 def load_model(directory: str | Path) -> Transformer:
     """Read ``config.json`` + ``model.safetensors`` into a ``Transformer`` (strict), in eval mode."""
     d = require_dir(directory, "model directory")
