@@ -39,6 +39,7 @@ from loraexport.models.base import ModelFamily, load_base
 from loraexport.progress import Progress
 from loraexport.report import Report, versions
 from loraexport.runtime import PROVIDERS, OnnxModel, RuntimeInputError
+from loraexport.verify.half import half_precision_costs
 from loraexport.verify.latency import LatencyCase, LatencyResult, time_interleaved
 from loraexport.verify.parity import check_parity
 
@@ -316,6 +317,7 @@ class VerifyOptions:
     seed: int = 0
     latency_points: tuple[tuple[int, int], ...] | None = None  # default: the family's
     latency_budget_s: float = 4.0  # timing per (batch, seq) point
+    half: tuple[str, ...] = ()  # "float16"/"bfloat16": report what storing merged weights in them costs
 
 
 def verify(
@@ -367,6 +369,20 @@ def _verify_into(
             check_parity(family, unmerged, onnx_model, samples=opts.samples, seed=opts.seed, sources=sources)
         )
         del onnx_model  # its weights are a full copy; latency opens its own sessions
+    for dtype in opts.half:
+        log(f"half precision: what storing the merged weights in {dtype} costs …")
+        report.half.extend(
+            half_precision_costs(
+                family,
+                loaded.base,
+                loaded.adapters[0],
+                unmerged,
+                dtype,
+                seed=opts.seed,
+                samples=opts.samples,
+                sources=sources,
+            )
+        )
     if not opts.latency:
         return
     with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:

@@ -12,6 +12,7 @@ from typing import Any
 
 from loraexport.export.onnx import ExportResult
 from loraexport.lora.merge import MergeStats
+from loraexport.verify.half import HalfCost
 from loraexport.verify.latency import LatencyResult
 from loraexport.verify.parity import ParityResult
 
@@ -44,6 +45,7 @@ class Report:
     parity: list[ParityResult] = field(default_factory=list)  # one per provider
     latency: list[LatencyResult] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
+    half: list[HalfCost] = field(default_factory=list)  # informational (verify --half)
 
     @property
     def passed(self) -> bool | None:
@@ -91,6 +93,7 @@ class Report:
         out["latency"] = _latency_json(self.latency[0]) if self.latency else None
         if len(self.latency) > 1:
             out["latency_by_provider"] = {lat.provider: _latency_json(lat) for lat in self.latency}
+        out["half_precision"] = [asdict(h) for h in self.half] or None
         out["passed"] = self.passed
         return out
 
@@ -179,6 +182,22 @@ class Report:
                 )
             if p.failures:
                 lines += ["", "Failures:", *[f"- {f}" for f in p.failures]]
+        if self.half:
+            lines += [
+                "",
+                "## Half precision (informational)",
+                "",
+                "Against the unmerged float32 model. `merged`: W0 + s·B·A stored in the dtype; "
+                "`base_only`: base weights in the dtype, LoRA branches in float32 (the dtype's own cost).",
+                "",
+                "| dtype | variant | max abs err | top-1 | generation | max cast rel err |",
+                "|---|---|---:|---:|---:|---:|",
+            ]
+            for h in self.half:
+                lines.append(
+                    f"| {h.dtype} | {h.variant} | {h.max_abs_err:.3g} | {_pct(h.top1_agreement)} | "
+                    f"{_pct(h.generation_agreement)} | {_e(h.max_cast_rel_err)} |"
+                )
         for lat in self.latency:
             lines += [
                 "",
@@ -235,6 +254,10 @@ class Report:
                     )
                 )
         return rows
+
+
+def _pct(x: float | None) -> str:
+    return "–" if x is None else f"{x:.1%}"
 
 
 def _e(x: float | None) -> str:

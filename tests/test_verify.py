@@ -132,3 +132,18 @@ def test_latency_and_report_contract(seq2seq_base, seq2seq_adapter, seq2seq_onnx
         assert set(c["p50"]) == variants and set(c["p90"]) == variants
         assert all(v > 0 for v in c["p50"].values())
     assert "## Latency (cpu, 1 threads, ms)" in report.to_markdown()
+
+
+def test_half_precision_cost_is_reported(seq2seq_base, seq2seq_adapter, seq2seq_onnx):
+    report = verify(
+        seq2seq_base, seq2seq_adapter, seq2seq_onnx, samples=2, latency=False, half=("float16", "bfloat16")
+    )
+    costs = {(h.dtype, h.variant): h for h in report.half}
+    assert set(costs) == {(d, v) for d in ("float16", "bfloat16") for v in ("merged", "base_only")}
+    fp16, bf16 = costs["float16", "merged"], costs["bfloat16", "merged"]
+    assert 0 < fp16.max_abs_err < bf16.max_abs_err  # bfloat16 keeps 8 mantissa bits, float16 11
+    assert 0 < fp16.max_cast_rel_err < bf16.max_cast_rel_err
+    assert report.passed  # informational: the float32 export's verdict is unchanged
+    data = json.loads(json.dumps(report.to_json()))
+    assert len(data["half_precision"]) == 4
+    assert "## Half precision (informational)" in report.to_markdown()
