@@ -471,31 +471,10 @@ def merge_and_export(
             allow_pickle=allow_pickle,
             log=_log(ctx),
         )
-    except VerificationFailedError:
-        _print_report(ctx, _read_report(out), out, as_json)
+    except VerificationFailedError as e:
+        _print_report(ctx, e.report, out, as_json)
         raise
     _print_report(ctx, report, out, as_json)
-
-
-def _read_report(out: Path):
-    class _Saved:  # summary from the written report.json, for the failure path
-        def __init__(self, data: dict) -> None:
-            self.data = data
-
-        def to_json(self) -> dict:
-            return self.data
-
-        def summary_rows(self) -> list[tuple[str, str]]:
-            p = self.data.get("parity") or {}
-            return [
-                (
-                    "parity",
-                    f"{'PASSED' if p.get('passed') else 'FAILED'}: max abs err "
-                    f"{p.get('max_abs_err', float('nan')):.2e}, top-1 {p.get('top1_agreement', 0):.1%}",
-                )
-            ]
-
-    return _Saved(json.loads((out / "report.json").read_text()))
 
 
 @main.command("inspect")

@@ -63,6 +63,10 @@ class ExportError(LoraExportError):
 
 
 class VerificationFailedError(LoraExportError):
-    """Parity failed; the report has been written (exit 4)."""
+    """Parity failed; the report has been written (exit 4). ``report`` holds it, when known."""
 
     exit_code = EXIT_VERIFICATION_FAILED
+
+    def __init__(self, message: str, report: object | None = None) -> None:
+        super().__init__(message)
+        self.report = report

@@ -455,6 +455,7 @@ def merge_and_export(
         _write_provenance(tmp, inputs, {"mode": "merged"})
     if report.passed is False:
         raise VerificationFailedError(
-            f"parity failed ({'; '.join(report.failures[:2])}); report written to {Path(out) / 'report.md'}"
+            f"parity failed ({'; '.join(report.failures[:2])}); report written to {Path(out) / 'report.md'}",
+            report,
         )
     return report
