@@ -203,23 +203,40 @@ def _print_report(ctx: click.Context, report, out: Path | None, as_json: bool) -
 _path = click.Path(path_type=Path)
 
 
+def _adapter_options(required: bool = True):
+    """``--adapter`` (repeatable) and ``--weight`` (one per adapter, in order)."""
+
+    def deco(f):
+        f = click.option(
+            "--weight",
+            "weights",
+            multiple=True,
+            type=float,
+            help="Weight of each --adapter, in order (default 1.0 each): W0 + Σ w·s·B·A.",
+        )(f)
+        return click.option(
+            "--adapter",
+            "adapters",
+            required=required,
+            multiple=True,
+            type=_path,
+            help="PEFT adapter directory; repeat to combine several.",
+        )(f)
+
+    return deco
+
+
+def _check_weights(adapters, weights) -> list[float] | None:
+    if weights and len(weights) != len(adapters):
+        raise click.BadParameter(
+            f"{len(adapters)} --adapter but {len(weights)} --weight", param_hint="--weight"
+        )
+    return list(weights) or None
+
+
 @main.command()
 @click.option("--base", required=True, type=_path, help="Base model directory.")
-@click.option(
-    "--adapter",
-    "adapters",
-    required=True,
-    multiple=True,
-    type=_path,
-    help="PEFT adapter directory; repeat to merge several.",
-)
-@click.option(
-    "--weight",
-    "weights",
-    multiple=True,
-    type=float,
-    help="Weight of each --adapter, in order (default 1.0 each).",
-)
+@_adapter_options()
 @click.option("--out", required=True, type=_path, help="Merged model directory to write.")
 @click.option(
     "--dtype",
@@ -242,15 +259,11 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
     """
     from loraexport.pipeline import merge as merge_api
 
-    if weights and len(weights) != len(adapters):
-        raise click.BadParameter(
-            f"{len(adapters)} --adapter but {len(weights)} --weight", param_hint="--weight"
-        )
     stats = merge_api(
         base,
         list(adapters),
         out,
-        weights=list(weights) or None,
+        weights=_check_weights(adapters, weights),
         dtype=dtype,
         force=force,
         allow_pickle=allow_pickle,
@@ -270,7 +283,7 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
 
 @main.command()
 @click.option("--model", "model_dir", required=True, type=_path, help="Model directory (base or merged).")
-@click.option("--adapter", type=_path, help="Adapter to apply before export.")
+@_adapter_options(required=False)
 @click.option("--out", required=True, type=_path, help="Output directory for the ONNX file(s).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(18))
 @click.option(
@@ -288,8 +301,8 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True).")
 @click.pass_context
-def export(ctx, model_dir, adapter, out, opset, exporter, mode, force, allow_pickle):
-    """Export a model (optionally with an adapter) to ONNX with the dynamo exporter.
+def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, force, allow_pickle):
+    """Export a model (optionally with adapters, merged or not) to ONNX.
 
     \b
     Example:
@@ -301,7 +314,8 @@ def export(ctx, model_dir, adapter, out, opset, exporter, mode, force, allow_pic
     result = export_api(
         model_dir,
         out,
-        adapter=adapter,
+        adapter=list(adapters) or None,
+        weights=_check_weights(adapters, weights),
         mode=mode,
         opset=opset,
         exporter=exporter,
@@ -356,7 +370,7 @@ def _verify_options(f):
 
 @main.command()
 @click.option("--base", required=True, type=_path, help="Base model directory.")
-@click.option("--adapter", required=True, type=_path, help="PEFT adapter directory.")
+@_adapter_options()
 @click.option("--onnx", "onnx_dir", required=True, type=_path, help="Exported (merged) ONNX directory.")
 @click.option("--report", "report_path", type=_path, help="Write report.json here (and report.md beside it).")
 @_verify_options
@@ -364,7 +378,8 @@ def _verify_options(f):
 def verify(
     ctx,
     base,
-    adapter,
+    adapters,
+    weights,
     onnx_dir,
     report_path,
     providers,
@@ -390,8 +405,9 @@ def verify(
 
     report = verify_api(
         base,
-        adapter,
+        list(adapters),
         onnx_dir,
+        weights=_check_weights(adapters, weights),
         providers=list(providers) or None,
         samples=samples,
         eval_data=eval_data,
@@ -412,7 +428,7 @@ def verify(
 
 @main.command("merge-and-export")
 @click.option("--base", required=True, type=_path, help="Base model directory.")
-@click.option("--adapter", required=True, type=_path, help="PEFT adapter directory.")
+@_adapter_options()
 @click.option("--out", required=True, type=_path, help="Output directory (written atomically).")
 @click.option("--opset", default=18, show_default=True, type=click.IntRange(18))
 @click.option(
@@ -427,7 +443,8 @@ def verify(
 def merge_and_export(
     ctx,
     base,
-    adapter,
+    adapters,
+    weights,
     out,
     opset,
     exporter,
@@ -456,8 +473,9 @@ def merge_and_export(
     try:
         report = mae(
             base,
-            adapter,
+            list(adapters),
             out,
+            weights=_check_weights(adapters, weights),
             providers=list(providers) or None,
             verify_output=not no_verify,
             latency=not no_latency,

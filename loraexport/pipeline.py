@@ -7,7 +7,7 @@ report and then raises ``VerificationFailedError`` (exit 4).
 
 from __future__ import annotations
 
-import copy
+import math
 import os
 import platform
 import shutil
@@ -35,6 +35,7 @@ from loraexport.io import (
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, merge_state_dict
 from loraexport.lora.stream import checkpoint_shards, stream_merge
+from loraexport.lora.views import merged_view, unmerged_view
 from loraexport.models.base import ModelFamily, load_base
 from loraexport.progress import Progress
 from loraexport.report import Report, versions
@@ -56,19 +57,47 @@ class Loaded:
     family: ModelFamily
     base: nn.Module
     adapters: list[Adapter]
+    weights: list[float] | None = None  # per adapter; None: 1.0 each
 
 
-def load_inputs(base: str | Path, adapters: list[str | Path], allow_pickle: bool = False) -> Loaded:
+def _as_list(paths: str | Path | list | tuple) -> list:
+    return list(paths) if isinstance(paths, (list, tuple)) else [paths]
+
+
+def check_weights(adapters: list, weights: list[float] | None) -> list[float] | None:
+    """``weights`` is None or one finite float per adapter."""
+    if weights is None or len(weights) == 0:
+        return None
+    if len(weights) != len(adapters):
+        raise InvalidInputError(
+            f"{len(adapters)} adapter(s) but {len(weights)} weight(s): give one weight per adapter"
+        )
+    bad = [w for w in weights if not math.isfinite(w)]
+    if bad:
+        raise InvalidInputError(f"adapter weight {bad[0]} is not a finite number")
+    return [float(w) for w in weights]
+
+
+def load_inputs(
+    base: str | Path,
+    adapters: list[str | Path],
+    allow_pickle: bool = False,
+    weights: list[float] | None = None,
+) -> Loaded:
+    weights = check_weights(adapters, weights)
     family, model = load_base(base)
     loaded = [Adapter.load(a, allow_pickle) for a in adapters]
     for a in loaded:
         a.check_fits(model)
-    return Loaded(family, model, loaded)
+    return Loaded(family, model, loaded, weights)
 
 
-def unmerged_model(base: nn.Module, adapter: Adapter) -> nn.Module:
-    """A copy of ``base`` with the adapter's LoRA branches active (the parity reference)."""
-    return adapter.apply(copy.deepcopy(base)).eval()
+def unmerged_model(
+    base: nn.Module, adapters: Adapter | list[Adapter], weights: list[float] | None = None
+) -> nn.Module:
+    """``base`` with the adapters' LoRA branches active (the parity reference); shares the
+    base's untouched tensors (``lora.views``)."""
+    return unmerged_view(base, _as_list(adapters), weights)
 
 
 def merged_model(
@@ -77,15 +106,19 @@ def merged_model(
     weights: list[float] | None = None,
     storage_dtype: torch.dtype | None = None,
 ) -> tuple[nn.Module, MergeStats]:
-    """A plain copy of ``base`` with ``W0 + Σ w·s·B·A`` loaded strictly (no LoRA modules)."""
-    merged_state, stats = merge_state_dict(base.state_dict(), adapters, weights, storage_dtype=storage_dtype)
-    model = copy.deepcopy(base)
-    model.load_state_dict(merged_state, strict=True)
-    return model.eval(), stats
+    """``base`` with ``W0 + Σ w·s·B·A`` in place of the adapted weights (no LoRA modules).
+
+    Shares every tensor the merge leaves alone with ``base`` (``lora.views``): one extra copy
+    of the adapted weights, not of the model.
+    """
+    state = base.state_dict()
+    merged_state, stats = merge_state_dict(state, adapters, weights, storage_dtype=storage_dtype)
+    return merged_view(base, state, merged_state), stats
 
 
-def _adapter_info(a: Adapter) -> dict:
+def _adapter_info(a: Adapter, weight: float = 1.0) -> dict:
     return {
+        "weight": weight,
         "path": str(a.path),
         "sha256": a.sha256(),
         "r": a.config.r,
@@ -205,24 +238,25 @@ def export(
     model_dir: str | Path,
     out: str | Path,
     *,
-    adapter: str | Path | None = None,
+    adapter: str | Path | list[str | Path] | None = None,
+    weights: list[float] | None = None,
     mode: str = "merged",
     opset: int = DEFAULT_OPSET,
     exporter: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
 ) -> ExportResult:
-    """Export a model directory (optionally with an adapter, ``merged`` or ``unmerged``) to ONNX."""
+    """Export a model directory (optionally with adapters, ``merged`` or ``unmerged``) to ONNX."""
     if mode not in ("merged", "unmerged"):
         raise InvalidInputError(f"--mode must be merged or unmerged, got {mode!r}")
     check_output(out, force)
-    loaded = load_inputs(model_dir, [adapter] if adapter else [], allow_pickle)
+    loaded = load_inputs(model_dir, _as_list(adapter) if adapter else [], allow_pickle, weights)
     model = loaded.base
     if loaded.adapters:
         model = (
-            merged_model(model, loaded.adapters)[0]
+            merged_model(model, loaded.adapters, loaded.weights)[0]
             if mode == "merged"
-            else unmerged_model(model, loaded.adapters[0])
+            else unmerged_model(model, loaded.adapters, loaded.weights)
         )
     inputs = {"model": {"path": str(model_dir), "sha256": sha256_dir(Path(model_dir))}}
     if loaded.adapters:
@@ -322,21 +356,23 @@ class VerifyOptions:
 
 def verify(
     base: str | Path,
-    adapter: str | Path,
+    adapter: str | Path | list[str | Path],
     onnx_dir: str | Path,
     *,
+    weights: list[float] | None = None,
     allow_pickle: bool = False,
     log: Log = _quiet,
     **options,
 ) -> Report:
-    """Parity of ``onnx_dir`` (merged export) against base + adapter unmerged, and latency.
+    """Parity of ``onnx_dir`` (merged export) against base + adapter(s) unmerged, and latency.
 
+    ``adapter`` is one path or a list; ``weights`` one weight per adapter (default 1.0 each).
     ``options`` are the fields of ``VerifyOptions``. Returns the report; callers raise
     ``VerificationFailedError`` when ``report.passed`` is False.
     """
     onnx_path = require_dir(onnx_dir, "ONNX directory")
-    loaded = load_inputs(base, [adapter], allow_pickle)
-    merged = merged_model(loaded.base, loaded.adapters)
+    loaded = load_inputs(base, _as_list(adapter), allow_pickle, weights)
+    merged = merged_model(loaded.base, loaded.adapters, loaded.weights)
     report = _new_report(base, loaded, merged[1], None)
     _verify_into(report, loaded, merged[0], onnx_path, VerifyOptions(**options), log)
     return report
@@ -345,7 +381,10 @@ def verify(
 def _new_report(base: str | Path, loaded: Loaded, stats: MergeStats, export: ExportResult | None) -> Report:
     return Report(
         _base_info(base, loaded.family, loaded.base),
-        [_adapter_info(a) for a in loaded.adapters],
+        [
+            _adapter_info(a, w)
+            for a, w in zip(loaded.adapters, loaded.weights or [1.0] * len(loaded.adapters), strict=True)
+        ],
         merge=stats,
         export=export,
         machine=_machine(),
@@ -357,25 +396,33 @@ def _verify_into(
 ) -> None:
     """Add parity (per provider) and latency to ``report``."""
     family = loaded.family
-    unmerged = unmerged_model(loaded.base, loaded.adapters[0])
+    unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
     providers = resolve_providers(opts.providers)
     threads = opts.threads or _machine()["cores"]
     sources = [s for s, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
     torch.set_num_threads(threads)
     for provider in providers:
         log(f"parity [{provider}]: {opts.samples} cases against the unmerged model (float32 and float64) …")
-        onnx_model = _open(onnx_path, provider, threads)
+        # Opened inside and closed before the torch runs: never the session and the float64
+        # model at once (memory stays near twice the weights).
         report.parity.append(
-            check_parity(family, unmerged, onnx_model, samples=opts.samples, seed=opts.seed, sources=sources)
+            check_parity(
+                family,
+                unmerged,
+                lambda p=provider: _open(onnx_path, p, threads),
+                samples=opts.samples,
+                seed=opts.seed,
+                sources=sources,
+            )
         )
-        del onnx_model  # its weights are a full copy; latency opens its own sessions
     for dtype in opts.half:
         log(f"half precision: what storing the merged weights in {dtype} costs …")
         report.half.extend(
             half_precision_costs(
                 family,
                 loaded.base,
-                loaded.adapters[0],
+                loaded.adapters,
+                loaded.weights,
                 unmerged,
                 dtype,
                 seed=opts.seed,
@@ -418,9 +465,10 @@ def write_report(report: Report, out_dir: Path) -> None:
 # ---- merge-and-export ------------------------------------------------------------------------
 def merge_and_export(
     base: str | Path,
-    adapter: str | Path,
+    adapter: str | Path | list[str | Path],
     out: str | Path,
     *,
+    weights: list[float] | None = None,
     verify_output: bool = True,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -431,13 +479,15 @@ def merge_and_export(
 ) -> Report:
     """Merge ``adapter`` into ``base``, export to ONNX, verify; write everything to ``out`` atomically.
 
+    ``adapter`` is one path or a list (merged as ``W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` with ``weights``).
     ``options`` are the fields of ``VerifyOptions`` (providers, samples, eval_data, ...).
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
     check_output(out, force)
-    log(f"loading {base} and {adapter} …")
-    loaded = load_inputs(base, [adapter], allow_pickle)
-    merged, stats = merged_model(loaded.base, loaded.adapters)
+    adapters = _as_list(adapter)
+    log(f"loading {base} and {', '.join(map(str, adapters))} …")
+    loaded = load_inputs(base, adapters, allow_pickle, weights)
+    merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights)
     log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
     inputs = {
         "base": {"path": str(base), "sha256": sha256_dir(Path(base))},

@@ -109,7 +109,9 @@ class Report:
         for a in self.adapters:
             lines.append(
                 f"- adapter: `{a['path']}` (r={a['r']}, alpha={a['alpha']:g}, targets "
-                f"{a['targets']}, {a['modules']} modules, sha256 {a['sha256'][:12]}…)"
+                f"{a['targets']}, {a['modules']} modules, "
+                + (f"weight {a['weight']:g}, " if a.get("weight", 1.0) != 1.0 else "")
+                + f"sha256 {a['sha256'][:12]}…)"
             )
         if self.machine:
             lines.append(f"- machine: {self.machine.get('cpu', '?')}, {self.machine.get('cores', '?')} cores")

@@ -64,3 +64,43 @@ class LoRALinear(nn.Module):
 
     def extra_repr(self) -> str:
         return f"r={self.r}, scaling={self.scaling:g}"
+
+
+class WeightedLoRALinear(nn.Module):
+    """``base(x) + Σ cᵢ·Bᵢ·(Aᵢ·x)``: several adapters' branches on one layer, unmerged.
+
+    The verification reference for a weighted multi-adapter merge (``cᵢ = wᵢ·sᵢ``, kept as
+    Python floats so a float64 run of the model uses them exactly). Inference only.
+    """
+
+    def __init__(
+        self,
+        base: nn.Module,
+        branches: list[tuple[torch.Tensor, torch.Tensor, float]],
+        features: tuple[int, int] | None = None,
+    ) -> None:
+        super().__init__()
+        self.base_layer = base
+        in_f, out_f = features or (base.in_features, base.out_features)
+        for a, b, _ in branches:
+            if a.shape[1] != in_f or b.shape[0] != out_f or a.shape[0] != b.shape[1]:
+                raise ValueError(
+                    f"branch A {tuple(a.shape)} / B {tuple(b.shape)} does not fit {in_f}->{out_f}"
+                )
+        dtype = base.weight.dtype
+        frozen = [
+            (nn.Parameter(a.to(dtype), False), nn.Parameter(b.to(dtype), False)) for a, b, _ in branches
+        ]
+        self.lora_A = nn.ParameterList([a for a, _ in frozen])
+        self.lora_B = nn.ParameterList([b for _, b in frozen])
+        self.coefficients = [float(c) for _, _, c in branches]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.base_layer(x)
+        for a, b, c in zip(self.lora_A, self.lora_B, self.coefficients, strict=True):
+            out = out + c * ((x @ a.T) @ b.T)
+        return out
+
+    def extra_repr(self) -> str:
+        ranks = ", ".join(str(a.shape[0]) for a in self.lora_A)
+        return f"ranks=[{ranks}], coefficients={self.coefficients}"

@@ -12,7 +12,6 @@ does not decide ``passed`` (half precision is a choice, not an export error).
 
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +19,7 @@ from torch import nn
 
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import merge_state_dict
+from loraexport.lora.views import merged_view, set_tensor, shared_copy
 from loraexport.models.base import ModelFamily
 
 HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -77,7 +77,8 @@ def _compare(
 def half_precision_costs(
     family: ModelFamily,
     base: nn.Module,
-    adapter: Adapter,
+    adapters: list[Adapter],
+    weights: list[float] | None,
     unmerged: nn.Module,
     dtype: str,
     *,
@@ -86,11 +87,15 @@ def half_precision_costs(
     sources: list[str] | None = None,
 ) -> list[HalfCost]:
     torch_dtype = HALF[dtype]
-    merged_state, stats = merge_state_dict(base.state_dict(), [adapter], storage_dtype=torch_dtype)
-    merged = copy.deepcopy(base)
-    merged.load_state_dict(merged_state, strict=True)  # exact upcast of the stored half weights
-    base_only = copy.deepcopy(unmerged)
-    base_only.load_state_dict(_rounded(unmerged.state_dict(), torch_dtype), strict=True)
+    state = base.state_dict()
+    merged_state, stats = merge_state_dict(state, adapters, weights, storage_dtype=torch_dtype)
+    merged = merged_view(base, state, merged_state)  # upcast exactly to the base's float32
+    del merged_state
+    base_only = shared_copy(unmerged)
+    unmerged_state = unmerged.state_dict()
+    for name, t in _rounded(unmerged_state, torch_dtype).items():
+        if t is not unmerged_state[name]:
+            set_tensor(base_only, name, t)
     out = []
     for variant, model in (("merged", merged.eval()), ("base_only", base_only.eval())):
         err, top1, gen = _compare(family, model, unmerged, seed, samples, sources)

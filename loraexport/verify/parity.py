@@ -15,6 +15,7 @@ noise. A wrong weight or scaling moves them by orders of magnitude more (tests p
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -186,15 +187,20 @@ def compare_outputs(
 def check_parity(
     family: ModelFamily,
     unmerged: nn.Module,
-    onnx_model: OnnxModel,
+    onnx_model: OnnxModel | Callable[[], OnnxModel],
     *,
     samples: int = 6,
     seed: int = 0,
     sources: list[str] | None = None,
     generation_rows: int | None = None,
 ) -> ParityResult:
-    """Compare every output of ``onnx_model`` with ``unmerged`` on ``samples`` cases, then greedy decoding."""
-    kind, shape = onnx_model.kind, onnx_model.cache_shape
+    """Compare every output of ``onnx_model`` with ``unmerged`` on ``samples`` cases, then greedy decoding.
+
+    ``onnx_model`` may be a function opening the session: it is then closed before the torch
+    runs, so the onnxruntime copy of the weights and the float64 model are never held together.
+    """
+    opened = onnx_model if isinstance(onnx_model, OnnxModel) else onnx_model()
+    kind, shape, provider = opened.kind, opened.cache_shape, opened.provider
     cases = family.parity_cases(unmerged, samples, seed)
     args = [
         (
@@ -204,9 +210,20 @@ def check_parity(
         )
         for c in cases
     ]
+    ox = [opened.forward_all(*a) for a in args]
+    prompts, got_tokens, eos = [], [], None
+    if kind != "encoder":
+        eos = opened.meta["model"]["special_tokens"].get("eos")
+        # every given source (held-out data), else ``rows`` (default 64) random prompts
+        chosen = sources[:generation_rows] if sources and generation_rows else sources
+        prompts = list(family.prompts(unmerged, chosen, generation_rows or RANDOM_PROMPTS, seed))
+        got_tokens = [
+            opened.generate(p["input_ids"].numpy(), p["attention_mask"].numpy(), n) for p, n in prompts
+        ]
+    del opened  # when we opened it, this frees the session (and its copy of the weights)
     run = torch_runner(family, unmerged)
     r32 = [chain_forward(run, kind, shape, *a, dtype=np.float32) for a in args]
-    ox = [onnx_model.forward_all(*a) for a in args]
+    generation = compare_generation(family, unmerged, prompts, got_tokens, eos) if prompts else None
     # The float64 run converts the model in place and back (float32 → float64 → float32 is
     # exact), so no second copy of the weights is held.
     unmerged.double()
@@ -223,10 +240,7 @@ def check_parity(
             res.outputs.append(compare_outputs(out_name, o32[out_name], o64[out_name], onx[out_name], valid))
         results.append(res)
     _judge_without_float64(results)
-    generation = None
-    if onnx_model.kind != "encoder":
-        generation = compare_generation(family, unmerged, onnx_model, sources, generation_rows, seed)
-    return ParityResult(onnx_model.provider, results, generation)
+    return ParityResult(provider, results, generation)
 
 
 def _judge_without_float64(results: list[ParityCaseResult]) -> None:
@@ -253,21 +267,17 @@ def _judge_without_float64(results: list[ParityCaseResult]) -> None:
 def compare_generation(
     family: ModelFamily,
     unmerged: nn.Module,
-    onnx_model: OnnxModel,
-    sources: list[str] | None,
-    rows: int | None,
-    seed: int,
+    prompts: list[tuple[dict, int]],
+    got_tokens: list[np.ndarray],
+    eos: int | None,
 ) -> GenerationResult:
-    """Greedy decoding, onnxruntime (with cache) vs torch unmerged, token for token up to <eos>."""
-    eos = onnx_model.meta["model"]["special_tokens"].get("eos")
+    """Greedy decoding: onnxruntime's tokens (with cache, ``got_tokens``) vs torch unmerged, token
+    for token up to <eos>."""
     total = same = 0
     longest = 0
     first = None
-    # every given source (held-out data), else ``rows`` (default 64) random prompts
-    chosen = sources[:rows] if sources and rows else sources
-    for inputs, max_new in family.prompts(unmerged, chosen, rows or RANDOM_PROMPTS, seed):
+    for (inputs, max_new), got in zip(prompts, got_tokens, strict=True):
         want = family.generate(unmerged, inputs, max_new).numpy()
-        got = onnx_model.generate(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), max_new)
         longest = max(longest, max_new)
         for i, (w, g) in enumerate(zip(want.tolist(), got.tolist(), strict=True)):
             cut = w.index(eos) + 1 if eos in w else len(w)

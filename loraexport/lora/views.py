@@ -1,0 +1,105 @@
+"""Merged and unmerged models that share the base's tensors instead of copying them.
+
+Verification holds three models at once — the base, the unmerged reference and the merged
+model — and they differ only in the adapted layers. A *view* is a new module tree whose
+parameters are the base's own ``nn.Parameter`` objects except where the adapter changes them,
+so the three cost one copy of the weights plus the adapted tensors (``merge-and-export`` on a
+7B model would otherwise need three).
+
+A view must be treated as read-only where it shares: converting it in place (``.double()``
+and back, as parity does) converts the base too, which is exact and harmless when nothing
+runs in between; writing into a shared tensor would change the base.
+"""
+
+from __future__ import annotations
+
+import copy
+import itertools
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from loraexport.errors import AdapterMismatchError
+from loraexport.lora.adapter import Adapter
+from loraexport.lora.inject import linear_shape
+from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
+
+
+def shared_copy(model: nn.Module) -> nn.Module:
+    """A new module tree holding ``model``'s very parameters and buffers (no tensor copied)."""
+    memo = {id(t): t for t in itertools.chain(model.parameters(), model.buffers())}
+    return copy.deepcopy(model, memo)
+
+
+def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
+    path, _, attr = name.rpartition(".")
+    return (model.get_submodule(path) if path else model), attr
+
+
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
+    """Give ``model`` a new tensor for parameter or buffer ``name`` (the old one is not written)."""
+    owner, attr = _owner(model, name)
+    if attr in owner._parameters:
+        old = owner._parameters[attr]
+        owner._parameters[attr] = nn.Parameter(value.to(old.dtype), requires_grad=False)
+    elif attr in owner._buffers:
+        owner._buffers[attr] = value.to(owner._buffers[attr].dtype)
+    else:
+        raise AdapterMismatchError(f"the base model has no parameter or buffer {name!r}")
+
+
+def merged_view(base: nn.Module, base_state: dict[str, torch.Tensor], merged_state: dict) -> nn.Module:
+    """``base`` with the tensors of ``merged_state`` that are not ``base_state``'s own objects.
+
+    ``merged_state`` comes from ``merge_state_dict(base_state, ...)``, which keeps untouched
+    tensors as the very objects of ``base_state``; only the merged ones are new.
+    """
+    if set(merged_state) != set(base_state):
+        raise AdapterMismatchError("merged weights do not have the base model's tensor names")
+    model = shared_copy(base)
+    for name, t in merged_state.items():
+        if t is not base_state[name]:
+            set_tensor(model, name, t)
+    return model.eval()
+
+
+def unmerged_view(base: nn.Module, adapters: list[Adapter], weights: list[float] | None = None) -> nn.Module:
+    """``base`` with every adapter's LoRA branch active: ``W0·x + Σ wᵢ·sᵢ·Bᵢ·(Aᵢ·x)``.
+
+    The parity reference: nothing is merged. A layer one adapter targets gets a ``LoRALinear``
+    (scaling ``w·s``); a layer several target gets a ``WeightedLoRALinear``. Replaced tensors
+    (trained biases, ``modules_to_save``) are new tensors; two adapters replacing one tensor
+    with different values is an error, as in ``merge_state_dict``.
+    """
+    weights = [1.0] * len(adapters) if weights is None else list(weights)
+    if len(weights) != len(adapters):
+        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    model = shared_copy(base)
+    for a in adapters:
+        a.check_fits(model)
+    replaced: dict[str, torch.Tensor] = {}
+    for a in adapters:
+        for name, t in a.replacements.items():
+            if name in replaced and not torch.equal(replaced[name], t):
+                raise AdapterMismatchError(f"two adapters replace {name!r} with different values")
+            replaced[name] = t
+    for name, t in replaced.items():
+        set_tensor(model, name, t)
+    branches: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = defaultdict(list)
+    for a, w in zip(adapters, weights, strict=True):
+        for path, (lora_a, lora_b) in a.weights.items():
+            branches[path].append((lora_a, lora_b, w * a.config.scaling(path)))
+    with torch.no_grad():
+        for path, br in branches.items():
+            owner, attr = _owner(model, path)
+            layer = getattr(owner, attr)
+            if len(br) == 1:
+                lora_a, lora_b, c = br[0]
+                wrapped: nn.Module = LoRALinear(layer, lora_a.shape[0], c, features=linear_shape(layer))
+                wrapped.lora_A.copy_(lora_a.to(wrapped.lora_A.dtype))
+                wrapped.lora_B.copy_(lora_b.to(wrapped.lora_B.dtype))
+            else:
+                wrapped = WeightedLoRALinear(layer, br, features=linear_shape(layer))
+            setattr(owner, attr, wrapped)
+    return model.eval()
