@@ -7,6 +7,7 @@ import errno
 import hashlib
 import json
 import os
+import reprlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -24,9 +25,31 @@ from loraexport.errors import (
     OutputNotWritableError,
 )
 
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 40, 8, 8
+
+
+def short_repr(value: object) -> str:
+    """``repr`` cut short, for quoting values from untrusted files in one-line error messages
+    (a hostile file may nest values thousands deep or hold megabyte strings)."""
+    return _REPR.repr(value)
+
+
+def _stat_problem(p: Path) -> str | None:
+    """Why ``p`` cannot be looked at (a name too long, a loop of links...), or None."""
+    try:
+        p.stat()
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    except (OSError, ValueError) as e:
+        return getattr(e, "strerror", None) or str(e)
+    return None
+
 
 def require_dir(path: str | Path, what: str) -> Path:
     p = Path(path)
+    if problem := _stat_problem(p):
+        raise InputNotFoundError(f"{what} cannot be read: {p} ({problem})")
     if not p.exists():
         raise InputNotFoundError(f"{what} not found: {p}")
     if not p.is_dir():
@@ -38,6 +61,8 @@ def require_dir(path: str | Path, what: str) -> Path:
 
 def require_file(path: str | Path, what: str) -> Path:
     p = Path(path)
+    if problem := _stat_problem(p):
+        raise InputNotFoundError(f"{what} cannot be read: {p} ({problem})")
     if not p.is_file():
         raise InputNotFoundError(f"{what} not found: {p}")
     if not os.access(p, os.R_OK):
@@ -46,13 +71,31 @@ def require_file(path: str | Path, what: str) -> Path:
 
 
 def read_json(path: Path, error: type[InvalidInputError]) -> Any:
-    """Parse a JSON file; a missing file or bad JSON raises ``error`` naming the file."""
+    """Parse a JSON file; a missing or unreadable file or bad JSON raises ``error`` naming the file."""
     if not path.is_file():
         raise error(f"{path.name} not found in {path.parent}")
     try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise error(f"{path}: not valid JSON ({e})") from e
+        raw = path.read_bytes()
+    except OSError as e:
+        raise error(f"{path}: cannot be read ({e.strerror})") from e
+    return parse_json(raw, str(path), error)
+
+
+def parse_json(raw: bytes, where: str, error: type[InvalidInputError]) -> Any:
+    """Parse UTF-8 JSON bytes; anything that is not valid JSON raises ``error`` naming ``where``.
+
+    Besides syntax errors this covers what ``json.loads`` raises on hostile input: bytes that
+    are not UTF-8, nesting deep enough to exhaust the stack, integers over Python's digit limit.
+    """
+    try:
+        return json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as e:
+        raise error(f"{where}: not valid JSON (not UTF-8: byte {e.start} is {raw[e.start]:#04x})") from e
+    except RecursionError as e:
+        raise error(f"{where}: not valid JSON (nested too deeply)") from e
+    except ValueError as e:  # JSONDecodeError, or an integer literal over the digit limit
+        reason = str(e).split(";")[0].splitlines()[0]
+        raise error(f"{where}: not valid JSON ({reason})") from e
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -112,13 +112,13 @@ class Adapter:
                     raise AdapterFormatError(
                         f"adapter: {path}.lora_{which}: dtype {t.dtype} is not floating point"
                     )
-                if not torch.isfinite(t).all():
+                if not _all_finite(t):
                     raise AdapterFormatError(
                         f"adapter: '{PREFIX}{path}.lora_{which}.weight' contains NaN or Inf; "
                         "refusing to merge"
                     )
         for name, t in self.replacements.items():
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if t.is_floating_point() and not _all_finite(t):
                 raise AdapterFormatError(f"adapter: '{PREFIX}{name}' contains NaN or Inf; refusing to merge")
 
     def check_fits(self, model: nn.Module) -> None:
@@ -227,6 +227,13 @@ class Adapter:
         return sha256_dir(self.path)
 
 
+def _all_finite(t: torch.Tensor) -> bool:
+    """isfinite for every floating dtype (torch has no isfinite for some float8 types)."""
+    if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+        t = t.float()  # exact: float32 holds every float8 value, inf and nan included
+    return bool(torch.isfinite(t).all())
+
+
 def _replacement_name(key: str, config: LoraConfig) -> str | None:
     """The base parameter a non-LoRA adapter tensor replaces, or None if it may not replace one.
 
@@ -256,8 +263,21 @@ def _read_tensors(d: Path, allow_pickle: bool) -> dict[str, torch.Tensor]:
         try:
             data = torch.load(pkl, map_location="cpu", weights_only=True)
         except Exception as e:  # torch raises UnpicklingError, RuntimeError, EOFError, ...
-            raise AdapterFormatError(f"{pkl}: cannot be loaded with weights_only=True ({e})") from e
-        if not isinstance(data, dict) or not all(isinstance(v, torch.Tensor) for v in data.values()):
-            raise AdapterFormatError(f"{pkl}: does not hold a dict of tensors")
+            raise AdapterFormatError(f"{pkl}: cannot be loaded with weights_only=True ({_why(e)})") from e
+        if not isinstance(data, dict) or not all(
+            isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in data.items()
+        ):
+            raise AdapterFormatError(f"{pkl}: does not hold a dict of tensors by name")
         return data
     raise AdapterFormatError(f"{WEIGHTS_NAME} not found in {d}")
+
+
+def _why(e: Exception) -> str:
+    """One line from torch.load's many-line failure (which also suggests weights_only=False)."""
+    text = str(e)
+    if "WeightsUnpickler error:" in text:  # the weights-only unpickler met a forbidden object
+        detail = text.split("WeightsUnpickler error:", 1)[1]
+        line = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "")
+        return f"it holds something other than tensors: {line}"
+    line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    return f"{type(e).__name__}: {line}" if line else type(e).__name__

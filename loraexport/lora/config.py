@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import math
 import re
+import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
 from loraexport.errors import AdapterFormatError, UnsupportedAdapterError
+from loraexport.io import short_repr
 
 DEFAULT_TARGETS = ("q", "v")  # Wq and Wv: the LoRA paper's best choice at a fixed budget (§7.1)
 
@@ -48,6 +50,64 @@ _VARIANT_KEYS = {
     "velora_config": "VeLoRA",
 }
 _BIAS_VALUES = ("none", "all", "lora_only")
+
+
+# How PEFT embeds user patterns in its regexes: rank/alpha_pattern keys match a suffix of the
+# module path (get_pattern_key); layers_pattern names the module list before the layer index.
+_SUFFIX_REGEX = r"(.*\.)?({})$"
+_LAYERS_REGEX = r"(?:^|.*?\.){}\.(?P<idx>\d+)\."
+_MAX_RANK = 2**31 - 1  # no tensor dimension is larger; also keeps alpha/sqrt(r) a float
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def _is_finite_number(v: Any) -> bool:
+    try:
+        return _is_number(v) and math.isfinite(v)
+    except OverflowError:  # an integer too large for a float
+        return False
+
+
+def _is_index(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _is_rank(v: Any) -> bool:
+    return _is_index(v) and 1 <= v <= _MAX_RANK
+
+
+def _check_regex(key: str, pattern: str, template: str) -> None:
+    """``pattern`` compiles where PEFT puts it; re raises more than re.error on hostile input."""
+    try:
+        with warnings.catch_warnings():  # FutureWarning for "[[" and the like: not an error
+            warnings.simplefilter("ignore")
+            re.compile(template.format(pattern))
+    except (re.error, OverflowError, RecursionError, ValueError) as e:
+        raise AdapterFormatError(f"adapter_config.json: {key!r} regex {short_repr(pattern)}: {e}") from e
+
+
+def _invalid(key: str, must: str, value: Any) -> AdapterFormatError:
+    return AdapterFormatError(f"adapter_config.json: {key!r} must be {must}, got {short_repr(value)}")
+
+
+def _check_names(
+    key: str, value: Any, template: str, optional: bool = True, each_a_regex: bool = False
+) -> None:
+    """A regex string, or a list of names (non-empty unless ``optional``; regexes if ``each_a_regex``)."""
+    if value is None and optional:
+        return
+    if isinstance(value, str):
+        _check_regex(key, value, template)
+    elif isinstance(value, list) and (value or optional) and all(isinstance(t, str) for t in value):
+        for t in value if each_a_regex else ():
+            _check_regex(key, t, template)
+    else:
+        what = (
+            "a regex string or a list of names" if optional else "a regex string or a non-empty list of names"
+        )
+        raise _invalid(key, what, value)
 
 
 def _is_off(value: Any) -> bool:
@@ -86,56 +146,50 @@ class LoraConfig:
 
     # ---- validation -------------------------------------------------------------------
     def validate(self) -> None:
-        """Raise ``AdapterFormatError`` naming the key when a value is of the wrong kind."""
+        """Raise ``AdapterFormatError`` naming the key when a value is of the wrong kind.
+
+        Everything the merge later computes from the config is checked here, so an accepted
+        config cannot fail later: numbers finite, flags booleans, patterns compilable regexes.
+        """
         if self.peft_type != "LORA":
             raise UnsupportedAdapterError(
-                f"adapter_config.json: peft_type {self.peft_type!r} is not supported (only 'LORA')"
+                f"adapter_config.json: peft_type {short_repr(self.peft_type)} is not supported (only 'LORA')"
             )
-        if not isinstance(self.r, int) or isinstance(self.r, bool) or self.r < 1:
-            raise AdapterFormatError(f"adapter_config.json: 'r' must be a positive integer, got {self.r!r}")
-        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
-            raise AdapterFormatError(
-                f"adapter_config.json: 'lora_alpha' must be a number, got {self.lora_alpha!r}"
-            )
-        if not isinstance(self.lora_dropout, (int, float)) or not 0 <= self.lora_dropout < 1:
-            raise AdapterFormatError(
-                f"adapter_config.json: 'lora_dropout' must be in [0, 1), got {self.lora_dropout!r}"
-            )
-        if self.bias not in _BIAS_VALUES:
-            raise AdapterFormatError(
-                f"adapter_config.json: 'bias' must be one of {_BIAS_VALUES}, got {self.bias!r}"
-            )
-        tm = self.target_modules
-        if isinstance(tm, str):
-            try:
-                re.compile(tm)
-            except re.error as e:
-                raise AdapterFormatError(f"adapter_config.json: 'target_modules' regex {tm!r}: {e}") from e
-        elif not (isinstance(tm, list) and tm and all(isinstance(t, str) for t in tm)):
-            raise AdapterFormatError(
-                "adapter_config.json: 'target_modules' must be a regex string or a non-empty "
-                f"list of names, got {tm!r}"
-            )
-        for name, pattern, kind in (
-            ("rank_pattern", self.rank_pattern, int),
-            ("alpha_pattern", self.alpha_pattern, (int, float)),
+        if not _is_rank(self.r):
+            raise _invalid("r", "a positive integer below 2**31", self.r)
+        if not _is_finite_number(self.lora_alpha):
+            raise _invalid("lora_alpha", "a finite number", self.lora_alpha)
+        if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
+            raise _invalid("lora_dropout", "in [0, 1)", self.lora_dropout)
+        for key in ("fan_in_fan_out", "use_rslora"):
+            if not isinstance(getattr(self, key), bool):
+                raise _invalid(key, "true or false", getattr(self, key))
+        if not isinstance(self.bias, str) or self.bias not in _BIAS_VALUES:
+            raise _invalid("bias", f"one of {_BIAS_VALUES}", self.bias)
+        _check_names("target_modules", self.target_modules, "{}", optional=False)
+        _check_names("exclude_modules", self.exclude_modules, "{}")
+        _check_names("layers_pattern", self.layers_pattern, _LAYERS_REGEX, each_a_regex=True)
+        for name, pattern, ok, what in (
+            ("rank_pattern", self.rank_pattern, _is_rank, "ranks"),
+            ("alpha_pattern", self.alpha_pattern, _is_finite_number, "finite numbers"),
         ):
             if not isinstance(pattern, dict) or not all(
-                isinstance(k, str) and isinstance(v, kind) and not isinstance(v, bool)
-                for k, v in pattern.items()
+                isinstance(k, str) and ok(v) for k, v in pattern.items()
             ):
-                raise AdapterFormatError(
-                    f"adapter_config.json: {name!r} must map module patterns to numbers, got {pattern!r}"
-                )
-        if any(v < 1 for v in self.rank_pattern.values()):
-            raise AdapterFormatError(
-                f"adapter_config.json: rank_pattern ranks must be >= 1: {self.rank_pattern}"
-            )
+                raise _invalid(name, f"a map of module patterns to {what}", pattern)
+            for key in pattern:
+                _check_regex(name, key, _SUFFIX_REGEX)
+        layers = self.layers_to_transform
+        if not (
+            layers is None or _is_index(layers) or isinstance(layers, list) and all(map(_is_index, layers))
+        ):
+            raise _invalid("layers_to_transform", "a layer index or a list of them", layers)
         mts = self.modules_to_save
         if mts is not None and not (isinstance(mts, list) and all(isinstance(m, str) for m in mts)):
-            raise AdapterFormatError(
-                f"adapter_config.json: 'modules_to_save' must be a list of module names, got {mts!r}"
-            )
+            raise _invalid("modules_to_save", "a list of module names", mts)
+        for key in ("base_model_name_or_path", "task_type"):
+            if not isinstance(getattr(self, key), (str, type(None))):
+                raise _invalid(key, "a string or null", getattr(self, key))
 
     def saves_module(self, param_name: str) -> bool:
         """Whether ``param_name`` belongs to a module in ``modules_to_save`` (PEFT's rule)."""
@@ -148,7 +202,7 @@ class LoraConfig:
     def _pattern_key(patterns: dict[str, Any], module_path: str) -> str | None:
         # PEFT's get_pattern_key: the first pattern that matches a suffix of the path.
         for key in patterns:
-            if re.match(rf"(.*\.)?({key})$", module_path):
+            if re.match(_SUFFIX_REGEX.format(key), module_path):
                 return key
         return None
 
@@ -188,7 +242,7 @@ class LoraConfig:
         else:
             m = None
             for p in [patterns] if isinstance(patterns, str) else patterns:
-                m = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", module_path)
+                m = re.match(_LAYERS_REGEX.format(p), module_path)
                 if m:
                     break
         if m is None:
@@ -222,13 +276,15 @@ class LoraConfig:
             elif key in _VARIANT_KEYS:
                 if not _is_off(value):
                     raise UnsupportedAdapterError(
-                        f"adapter_config.json: {key}={value!r} ({_VARIANT_KEYS[key]}) is not supported"
+                        f"adapter_config.json: {key}={short_repr(value)} ({_VARIANT_KEYS[key]}) "
+                        "is not supported"
                     )
             elif key in _PASSIVE_KEYS or _is_off(value):
                 extra[key] = value
             else:
                 raise UnsupportedAdapterError(
-                    f"adapter_config.json: unknown key {key!r}={value!r}; refusing to guess what it changes"
+                    f"adapter_config.json: unknown key {short_repr(key)}={short_repr(value)}; "
+                    "refusing to guess what it changes"
                 )
         for key in ("r", "lora_alpha"):
             if key not in data:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 import shutil
 import struct
@@ -22,6 +23,7 @@ from pathlib import Path
 import torch
 
 from loraexport.errors import AdapterMismatchError, ModelFormatError
+from loraexport.io import parse_json, read_json, short_repr
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, merge_state_dict
 
@@ -59,7 +61,8 @@ class TensorInfo:
 
 def read_header(path: Path) -> tuple[list[TensorInfo], dict]:
     """Tensors of a safetensors file (in data order) and its ``__metadata__``; every
-    inconsistency (length beyond the file, bad JSON, offsets out of range) is a ModelFormatError."""
+    inconsistency (length beyond the file, bad JSON, malformed entries, offsets out of range,
+    overlapping or gapped data) is a ModelFormatError naming the file and the tensor."""
     size = path.stat().st_size
     with open(path, "rb") as f:
         raw = f.read(8)
@@ -68,30 +71,66 @@ def read_header(path: Path) -> tuple[list[TensorInfo], dict]:
         (n,) = struct.unpack("<Q", raw)
         if n > MAX_HEADER or 8 + n > size:
             raise ModelFormatError(f"{path}: header length {n} runs past the end of the file ({size} bytes)")
-        try:
-            header = json.loads(f.read(n))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise ModelFormatError(f"{path}: header is not valid JSON ({e})") from e
+        header = parse_json(f.read(n), f"{path}: header", ModelFormatError)
     if not isinstance(header, dict):
         raise ModelFormatError(f"{path}: header is not a JSON object")
-    meta = header.pop("__metadata__", {}) or {}
+    meta = header.pop("__metadata__", None)
+    if meta is None:
+        meta = {}
+    if not (isinstance(meta, dict) and all(isinstance(v, str) for v in meta.values())):
+        raise ModelFormatError(f"{path}: __metadata__ must map names to strings, got {short_repr(meta)}")
     base = 8 + n
     tensors = []
     for name, info in header.items():
-        try:
-            dtype, shape, (b, e) = info["dtype"], list(info["shape"]), info["data_offsets"]
-        except (TypeError, KeyError, ValueError) as err:
-            raise ModelFormatError(f"{path}: tensor {name!r} has a malformed header entry") from err
-        if dtype not in DTYPES:
-            raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {dtype!r}")
-        count = 1
-        for d in shape:
-            count *= d
-        if not (0 <= b <= e and base + e <= size and e - b == count * _itemsize(dtype)):
-            raise ModelFormatError(f"{path}: tensor {name!r} has data offsets [{b}, {e}] out of range")
-        tensors.append(TensorInfo(name, dtype, shape, base + b, base + e))
-    tensors.sort(key=lambda t: t.start)
+        tensors.append(_tensor_info(path, name, info, base, size))
+    tensors.sort(key=lambda t: (t.start, t.end))
+    end = base
+    for t in tensors:  # safetensors' layout: tensors back to back, from the header to the end
+        if t.start != end:
+            what = (
+                "overlaps the previous tensor" if t.start < end else f"leaves a gap of {t.start - end} bytes"
+            )
+            raise ModelFormatError(f"{path}: tensor {t.name!r}'s data {what}")
+        end = t.end
+    if end != size:
+        raise ModelFormatError(f"{path}: {size - end} bytes after the last tensor's data")
     return tensors, meta
+
+
+def _is_index(v: object) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
+
+
+def _tensor_info(path: Path, name: str, info: object, base: int, size: int) -> TensorInfo:
+    """One header entry, checked: dtype known, shape of non-negative ints, offsets in range."""
+    try:
+        name.encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate escape: JSON allows it, safetensors does not
+        raise ModelFormatError(f"{path}: tensor name {name!r} is not valid Unicode") from e
+    if not (isinstance(info, dict) and {"dtype", "shape", "data_offsets"} <= info.keys()):
+        raise ModelFormatError(
+            f"{path}: tensor {name!r} has a malformed header entry (needs dtype, shape and "
+            f"data_offsets): {short_repr(info)}"
+        )
+    dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+    if not isinstance(dtype, str) or dtype not in DTYPES:
+        raise ModelFormatError(f"{path}: tensor {name!r} has unsupported dtype {short_repr(dtype)}")
+    if not (isinstance(shape, list) and all(_is_index(d) for d in shape)):
+        raise ModelFormatError(
+            f"{path}: tensor {name!r} has shape {short_repr(shape)}, not a list of non-negative integers"
+        )
+    if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_index(o) for o in offsets)):
+        raise ModelFormatError(
+            f"{path}: tensor {name!r} has data_offsets {short_repr(offsets)}, not [begin, end]"
+        )
+    b, e = offsets
+    count = math.prod(shape)
+    if not (b <= e and base + e <= size and e - b == count * _itemsize(dtype)):
+        raise ModelFormatError(
+            f"{path}: tensor {name!r} has data offsets [{b}, {e}] out of range "
+            f"(or not the size of a {dtype} tensor of shape {shape})"
+        )
+    return TensorInfo(name, dtype, list(shape), base + b, base + e)
 
 
 def _itemsize(code: str) -> int:
@@ -101,18 +140,28 @@ def _itemsize(code: str) -> int:
 def checkpoint_shards(directory: Path) -> tuple[list[str], dict | None]:
     """Shard file names (and the index JSON, if sharded) of a safetensors checkpoint."""
     if (directory / INDEX).is_file():
-        try:
-            index = json.loads((directory / INDEX).read_text())
-            shards = sorted(set(index["weight_map"].values()))
-        except (json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise ModelFormatError(f"{directory / INDEX}: not a valid safetensors index ({e})") from e
+        index = read_json(directory / INDEX, ModelFormatError)
+        wmap = index.get("weight_map") if isinstance(index, dict) else None
+        if not (isinstance(wmap, dict) and wmap and all(isinstance(v, str) for v in wmap.values())):
+            raise ModelFormatError(
+                f"{directory / INDEX}: not a valid safetensors index (needs a 'weight_map' "
+                "of tensor names to shard file names)"
+            )
+        shards = sorted(set(wmap.values()))
         for s in shards:
-            if Path(s).name != s or not (directory / s).is_file():
+            if Path(s).name != s or not _is_file(directory / s):
                 raise ModelFormatError(f"{directory / INDEX}: shard {s!r} is missing or outside the folder")
         return shards, index
     if (directory / SINGLE).is_file():
         return [SINGLE], None
     raise ModelFormatError(f"{directory}: no {SINGLE} or {INDEX}")
+
+
+def _is_file(path: Path) -> bool:
+    try:
+        return path.is_file()
+    except (OSError, ValueError):  # a name too long, a NUL byte: not a file we can have
+        return False
 
 
 def _header_bytes(entries: list[tuple[str, str, list[int], int]], meta: dict) -> bytes:
