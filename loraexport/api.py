@@ -100,8 +100,8 @@ def inspect_path(path: str | Path) -> dict:
     from loraexport.lora.adapter import CONFIG_NAME, Adapter
 
     d = require_dir(path, "path")
-    if (d / "loraexport.json").is_file():
-        meta = read_json(d / "loraexport.json", ModelFormatError)
+    meta = read_json(d / "loraexport.json", ModelFormatError) if (d / "loraexport.json").is_file() else {}
+    if isinstance(meta, dict) and "graphs" in meta:  # an export; other outputs only list their files
         info = {
             "kind": "loraexport output",
             "path": str(d),

@@ -369,10 +369,21 @@ def _verify_options(f):
 
 
 @main.command()
-@click.option("--base", required=True, type=_path, help="Base model directory.")
-@_adapter_options()
-@click.option("--onnx", "onnx_dir", required=True, type=_path, help="Exported (merged) ONNX directory.")
+@click.option("--base", type=_path, help="Base model directory.  [required unless --check-files]")
+@_adapter_options(required=False)
+@click.option(
+    "--onnx",
+    "onnx_dir",
+    type=_path,
+    help="Exported (merged) ONNX directory.  [required unless --check-files]",
+)
 @click.option("--report", "report_path", type=_path, help="Write report.json here (and report.md beside it).")
+@click.option(
+    "--check-files",
+    "check_files",
+    type=_path,
+    help="Only re-check the sha256 of every file in this loraexport output against its loraexport.json.",
+)
 @_verify_options
 @click.pass_context
 def verify(
@@ -382,6 +393,7 @@ def verify(
     weights,
     onnx_dir,
     report_path,
+    check_files,
     providers,
     samples,
     eval_data,
@@ -393,16 +405,24 @@ def verify(
 ):
     """Check an exported model against base + adapter unmerged: parity and latency.
 
-    Exit 4 when parity fails (the report is still written).
+    Exit 4 when parity fails (the report is still written). With --check-files DIR: only
+    check that every file DIR's loraexport.json lists is there, unchanged (exit 4 if not).
 
     \b
-    Example:
+    Examples:
       loraexport verify --base samples/base --adapter runs/demo-adapter --onnx runs/demo
+      loraexport verify --check-files runs/demo
     """
     from loraexport.errors import VerificationFailedError
     from loraexport.io import write_json
     from loraexport.pipeline import verify as verify_api
 
+    if check_files is not None:
+        _check_files(ctx, check_files, as_json)
+        return
+    for value, name in ((base, "--base"), (adapters, "--adapter"), (onnx_dir, "--onnx")):
+        if not value:
+            raise click.UsageError(f"Missing option '{name}' (required unless --check-files).")
     report = verify_api(
         base,
         list(adapters),
@@ -424,6 +444,26 @@ def verify(
     _print_report(ctx, report, None, as_json)
     if report.passed is False:
         raise VerificationFailedError(f"parity failed: {'; '.join(report.failures[:2])}")
+
+
+def _check_files(ctx: click.Context, directory: Path, as_json: bool) -> None:
+    from loraexport.errors import VerificationFailedError
+    from loraexport.manifest import check_manifest
+
+    result = check_manifest(directory)
+    if as_json:
+        keys = ("checked", "changed", "missing", "unlisted")
+        click.echo(
+            json.dumps({"directory": str(directory), "ok": result.ok} | {k: getattr(result, k) for k in keys})
+        )
+    elif result.unlisted:
+        _say(ctx, f"not in the manifest (not checked): {', '.join(result.unlisted)}")
+    if not result.ok:
+        what = [f"changed: {', '.join(result.changed)}"] * bool(result.changed)
+        what += [f"missing: {', '.join(result.missing)}"] * bool(result.missing)
+        raise VerificationFailedError(f"{directory}: files do not match loraexport.json ({'; '.join(what)})")
+    if not as_json:
+        click.echo(f"{directory}: {result.checked} files match loraexport.json (sha256)")
 
 
 @main.command("merge-and-export")

@@ -24,6 +24,7 @@ from loraexport.errors import (
     OutputExistsError,
     OutputNotWritableError,
 )
+from loraexport.manifest import Hasher, write_manifest
 
 _REPR = reprlib.Repr()
 _REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 40, 8, 8
@@ -147,9 +148,11 @@ def check_output(path: str | Path, force: bool) -> Path:
 
 
 @contextlib.contextmanager
-def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
+def atomic_output_dir(path: str | Path, force: bool = False, hasher: Hasher | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; rename it to ``path`` only on success.
 
+    On success, ``loraexport.json`` in the folder gets the sha256 of every file in it
+    (``manifest.write_manifest``; files given to ``hasher`` were hashed while the work ran).
     On any exception (including KeyboardInterrupt) the temporary folder is removed and the
     previous ``path``, if any, is left exactly as it was. A full disk becomes
     ``OutputNotWritableError``.
@@ -162,6 +165,7 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.absolute().parent))
     try:
         yield tmp
+        write_manifest(tmp, hasher.digests() if hasher else None)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
             os.replace(final, old)
@@ -170,6 +174,8 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
         else:
             os.replace(tmp, final)
     except OSError as e:
+        if hasher:
+            hasher.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputNotWritableError(f"no space left on device while writing {final}") from e
@@ -177,5 +183,7 @@ def atomic_output_dir(path: str | Path, force: bool = False) -> Iterator[Path]:
             raise OutputNotWritableError(f"cannot write {final}: {e.strerror}") from e
         raise
     except BaseException:
+        if hasher:
+            hasher.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -29,13 +29,13 @@ from loraexport.io import (
     read_json,
     require_dir,
     sha256_dir,
-    sha256_file,
     write_json,
 )
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, merge_state_dict
 from loraexport.lora.stream import checkpoint_shards, stream_merge
 from loraexport.lora.views import merged_view, unmerged_view
+from loraexport.manifest import Hasher
 from loraexport.models.base import ModelFamily, load_base
 from loraexport.progress import Progress
 from loraexport.report import Report, versions
@@ -174,7 +174,11 @@ def merge(
     loaded = [Adapter.load(a, allow_pickle) for a in adapters]
     shards, _ = checkpoint_shards(base_dir)
     total = sum((base_dir / s).stat().st_size for s in shards)
-    with atomic_output_dir(out, force) as tmp, Progress(total, "merge", "B", show_progress) as bar:
+    hasher = Hasher()  # shards are hashed for the manifest while the next one is merged
+    with (
+        atomic_output_dir(out, force, hasher) as tmp,
+        Progress(total, "merge", "B", show_progress) as bar,
+    ):
         stats = stream_merge(
             base_dir,
             loaded,
@@ -182,6 +186,7 @@ def merge(
             weights,
             storage_dtype=DTYPES[dtype] if dtype else None,
             on_bytes=bar.update,
+            on_file=hasher.submit,
         )
         report = Report(
             {"path": str(base), "family": "safetensors checkpoint", "parameters": 0},
@@ -221,17 +226,12 @@ def export_model(
 
 
 def _write_provenance(out_dir: Path, inputs: dict, extra: dict | None = None) -> None:
-    """Complete ``loraexport.json``: inputs with sha256, versions, and sha256 of every file written."""
+    """Complete ``loraexport.json`` with the inputs (and their sha256) and versions."""
     meta = read_json(out_dir / "loraexport.json", ModelFormatError)
     meta["inputs"] = inputs
     meta["versions"] = versions()
     meta.update(extra or {})
-    meta["files"] = {
-        p.name: sha256_file(p)
-        for p in sorted(out_dir.iterdir())
-        if p.is_file() and p.name != "loraexport.json"
-    }
-    write_json(out_dir / "loraexport.json", meta)
+    write_json(out_dir / "loraexport.json", meta)  # "files" is added when the output is complete
 
 
 def export(

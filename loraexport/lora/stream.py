@@ -183,8 +183,12 @@ def stream_merge(
     *,
     storage_dtype: torch.dtype | None = None,
     on_bytes: Callable[[int], None] | None = None,
+    on_file: Callable[[Path], None] | None = None,
 ) -> MergeStats:
-    """Merge ``adapters`` into the checkpoint in ``base``, writing shards to ``out`` (exists)."""
+    """Merge ``adapters`` into the checkpoint in ``base``, writing shards to ``out`` (exists).
+
+    ``on_bytes(n)`` reports progress; ``on_file(path)`` is called when a shard is complete.
+    """
     t0 = time.perf_counter()
     shards, index = checkpoint_shards(base)
     headers = {s: read_header(base / s) for s in shards}
@@ -247,13 +251,15 @@ def stream_merge(
                     _write_all(dst, memoryview(w.contiguous().reshape(-1).view(torch.uint8).numpy()))
                 if on_bytes:
                     on_bytes(t.nbytes)
+        if on_file:
+            on_file(out / shard)  # complete: e.g. hashed in the background while the next is merged
     if index is not None:
         (out / INDEX).write_text(json.dumps(index, indent=2))
     for f in base.iterdir():  # config, tokenizer and other small files travel with the weights
         if (
             f.is_file()
             and f.name not in shards
-            and f.name != INDEX
+            and f.name not in (INDEX, "loraexport.json")  # the base's manifest describes the base
             and f.suffix not in (".bin", ".pt", ".pth")
         ):
             shutil.copy2(f, out / f.name)

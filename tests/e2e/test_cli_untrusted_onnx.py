@@ -1,0 +1,72 @@
+"""ONNX files from strangers, and interrupted exports: one line, a documented code, nothing lost."""
+
+from __future__ import annotations
+
+import os
+
+import onnx
+import pytest
+from artifacts import copy_dir
+from click.testing import CliRunner
+from onnx import external_data_helper
+
+from loraexport.cli import main
+from loraexport.export import onnx as onnx_export
+
+
+def _run(*args):
+    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+
+
+def _snapshot(root) -> dict[str, tuple[int, int]]:
+    return {
+        os.path.relpath(os.path.join(d, f), root): (
+            os.stat(os.path.join(d, f)).st_size,
+            os.stat(os.path.join(d, f)).st_mtime_ns,
+        )
+        for d, _, files in os.walk(root)
+        for f in files
+    }
+
+
+@pytest.mark.parametrize("location", ["../outside.bin", "/etc/hostname"])
+def test_external_data_outside_the_model_dir_is_refused(
+    causal_base, causal_adapter, causal_onnx, tmp_path, location
+):
+    onnx_dir = copy_dir(causal_onnx, tmp_path / "onnx")
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 4096)
+    path = onnx_dir / "model.onnx"
+    model = onnx.load(str(path))
+    weight = next(t for t in model.graph.initializer if len(t.raw_data) >= 256)
+    external_data_helper.set_external_data(weight, location=location, offset=0, length=len(weight.raw_data))
+    weight.ClearField("raw_data")
+    weight.data_location = onnx.TensorProto.EXTERNAL
+    onnx.save(model, str(path))
+    before = _snapshot(tmp_path)
+    r = _run("verify", "--base", causal_base, "--adapter", causal_adapter, "--onnx", onnx_dir, "--no-latency")
+    assert r.exit_code == 3, r.output
+    errors = [line for line in r.stderr.splitlines() if line.startswith("error")]  # progress lines aside
+    assert len(errors) == 1 and "points outside" in errors[0] and location in errors[0]
+    assert "Traceback" not in r.output
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("command", ["export", "merge-and-export"])
+def test_sigint_during_export_leaves_nothing(causal_base, causal_adapter, tmp_path, monkeypatch, command):
+    calls = []
+
+    def interrupted(*args, **kwargs):
+        calls.append(1)
+        raise KeyboardInterrupt  # what Ctrl-C raises inside torch.onnx.export
+
+    monkeypatch.setattr(onnx_export, "_export_one", interrupted)
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("an earlier output")  # replaced only on success, with --force
+    before = _snapshot(tmp_path)
+    model_opt = "--model" if command == "export" else "--base"
+    r = _run(command, model_opt, causal_base, "--adapter", causal_adapter, "--out", out, "--force")
+    assert calls and r.exit_code == 130
+    assert r.stderr.strip().splitlines()[-1] == "interrupted: nothing was written"
+    assert "Traceback" not in r.output
+    assert _snapshot(tmp_path) == before  # the old output untouched, no temporary folder left
