@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from loraexport.errors import AdapterMismatchError, ModelFormatError
+from loraexport.errors import AdapterFormatError, AdapterMismatchError, ModelFormatError
 from loraexport.io import parse_json, read_json, short_repr
-from loraexport.lora.adapter import Adapter
+from loraexport.lora.adapter import PREFIX, Adapter
 from loraexport.lora.merge import MergeStats, merge_state_dict
 
 INDEX = "model.safetensors.index.json"
@@ -203,9 +203,15 @@ def stream_merge(
                     "(is this adapter for another architecture?)"
                 )
             targets.add(key)
+        _check_targets(adapter, {name: t for name, (_, t) in by_name.items()})
         for key in adapter.replacements:
             if key not in by_name:
                 raise AdapterMismatchError(f"adapter replaces {key!r}, which the checkpoint does not have")
+            if list(adapter.replacements[key].shape) != by_name[key][1].shape:
+                raise AdapterMismatchError(
+                    f"adapter tensor for {key!r} has shape {tuple(adapter.replacements[key].shape)} but the "
+                    f"checkpoint's is {tuple(by_name[key][1].shape)}"
+                )
             targets.add(key)
     stats = MergeStats("float64", "")
     for shard in shards:
@@ -269,6 +275,27 @@ def stream_merge(
     )
     stats.seconds = time.perf_counter() - t0
     return stats
+
+
+def _check_targets(adapter: Adapter, tensors: dict[str, TensorInfo]) -> None:
+    """What ``Adapter.check_fits`` checks against a model, from the checkpoint's tensor names: the
+    adapter holds tensors for exactly the modules its config targets (2-D ``<module>.weight``)."""
+    modules = {
+        n.removesuffix(".weight") for n, t in tensors.items() if n.endswith(".weight") and len(t.shape) == 2
+    }
+    expected = {m for m in modules if adapter.config.matches(m)}
+    missing = sorted(expected - set(adapter.weights))
+    if missing:
+        raise AdapterFormatError(
+            f"adapter: tensor missing for targeted module {missing[0]!r} "
+            f"('{PREFIX}{missing[0]}.lora_A.weight'); {len(missing)} module(s) missing in all"
+        )
+    extra = sorted(set(adapter.weights) - expected)
+    if extra:
+        raise AdapterMismatchError(
+            f"adapter holds tensors for {extra[0]!r}, which adapter_config.json's target_modules "
+            f"{adapter.config.target_modules!r} does not target"
+        )
 
 
 def _write_all(dst, data) -> None:

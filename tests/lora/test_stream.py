@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import json
+import re
 import struct
 
 import pytest
@@ -13,7 +14,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file, save_file
 
 from loraexport.cli import main
-from loraexport.errors import ModelFormatError
+from loraexport.errors import AdapterFormatError, AdapterMismatchError, ModelFormatError
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.merge import merge_state_dict
@@ -51,9 +52,8 @@ def _adapter(targets, r, alpha, seed, d=None):
         p: (torch.randn(r, SHAPES[p][1], generator=g), torch.randn(SHAPES[p][0], r, generator=g) * 0.3)
         for p in targets
     }
-    a = Adapter(
-        LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted({p.rsplit(".", 1)[1] for p in targets})), w
-    )
+    # full module paths as targets: the adapter holds tensors for exactly what its config targets
+    a = Adapter(LoraConfig(r=r, lora_alpha=alpha, target_modules=sorted(targets)), w)
     if d is not None:
         d.mkdir()
         a.save(d)
@@ -104,6 +104,34 @@ def test_two_adapters_with_weights_equal_float64(tmp_path):
                 ref = ref + wi * a.config.scaling(p) * (B.double() @ A.double())
         err = float((got[f"{p}.weight"].double() - ref).abs().max() / ref.abs().max())
         assert err <= REL_TOL, (p, err)
+
+
+@pytest.mark.parametrize(
+    ("edit", "error", "message"),
+    [
+        (
+            lambda a: a.weights.pop("layers.1.q"),
+            AdapterFormatError,
+            "tensor missing for targeted module 'layers.1.q'",
+        ),
+        (lambda a: a.config.target_modules.remove("layers.1.q"), AdapterMismatchError, "does not target"),
+        (
+            lambda a: a.replacements.update({"layers.0.q.bias": torch.ones(3)}),
+            AdapterMismatchError,
+            "shape (3,)",
+        ),
+    ],
+    ids=["targeted-module-missing", "untargeted-module", "replacement-of-another-shape"],
+)
+def test_adapter_must_fit_the_checkpoint(tmp_path, edit, error, message):
+    """What check_fits refuses for merge-and-export, the streaming merge refuses from tensor names."""
+    _checkpoint(tmp_path / "base")
+    adapter = _adapter(["layers.0.q", "layers.1.q"], 2, 4, 5)
+    edit(adapter)
+    (tmp_path / "out").mkdir()
+    with pytest.raises(error, match=re.escape(message)):
+        stream_merge(tmp_path / "base", [adapter], tmp_path / "out")
+    assert list((tmp_path / "out").iterdir()) == []
 
 
 def _adapter_dir(tmp_path):
