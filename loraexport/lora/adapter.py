@@ -118,6 +118,10 @@ class Adapter:
                         "refusing to merge"
                     )
         for name, t in self.replacements.items():
+            if t.is_complex():  # merged by a cast that would drop the imaginary part
+                raise AdapterFormatError(
+                    f"adapter: '{PREFIX}{name}' has complex dtype {t.dtype}; refusing to merge"
+                )
             if t.is_floating_point() and not _all_finite(t):
                 raise AdapterFormatError(f"adapter: '{PREFIX}{name}' contains NaN or Inf; refusing to merge")
 

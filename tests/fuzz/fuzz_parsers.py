@@ -13,8 +13,9 @@ Targets, each fed inputs mutated from valid seeds:
 - ``pickle``: ``adapter_model.bin`` through ``Adapter.load(allow_pickle=True)``.
 
 Only ``LoraExportError`` subclasses may escape a target. Any other exception (ValueError, KeyError,
-TypeError, OverflowError, RecursionError, struct.error, ...) is a crash; so is an error message that
-is empty or spans several lines, or a file-level error that does not name the file. Each distinct
+TypeError, OverflowError, RecursionError, struct.error, ...) is a crash; so is a warning (turned
+into an error: a value silently changed, say), an error message that is empty or spans several
+lines, or a file-level error that does not name the file. Each distinct
 crash (by exception type and raising line) is saved once under ``--crashes`` with its input and
 traceback.
 
@@ -39,6 +40,7 @@ import sys
 import tempfile
 import time
 import traceback
+import warnings
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -533,7 +535,9 @@ class Fuzzer:
         self.stats.per_target[target] += 1
         t0 = time.perf_counter()
         try:
-            run()
+            with warnings.catch_warnings():  # a warning is a finding too: data silently changed
+                warnings.simplefilter("error")
+                run()
             self.stats.accepted[target] += 1
         except LoraExportError as e:
             self.stats.errors[type(e).__name__] += 1

@@ -251,3 +251,15 @@ def test_pickle_refused_by_weights_only_is_one_line_without_advice_to_disable_it
         Adapter.load(adapter_dir, allow_pickle=True)
     _one_line(e, PICKLE_NAME, "weights_only=True", "something other than tensors")
     assert "False" not in str(e.value)  # torch's own message suggests weights_only=False
+
+
+def test_complex_replacement_tensor_refused(tmp_path):
+    """A trained bias stored as complex64 would lose its imaginary part in the merge's cast."""
+    d = tmp_path / "adapter"
+    d.mkdir()
+    (d / CONFIG_NAME).write_text(json.dumps(_config(r=2, lora_alpha=4, target_modules=["q"], bias="all")))
+    tensors = _tensors(torch.float32) | {f"{PREFIX}q.base_layer.bias": torch.ones(4, dtype=torch.complex64)}
+    save_file(tensors, str(d / WEIGHTS_NAME))
+    with pytest.raises(AdapterFormatError) as e:  # was a UserWarning from the merge, and a wrong bias
+        Adapter.load(d)
+    _one_line(e, f"'{PREFIX}q.bias'", "complex")
