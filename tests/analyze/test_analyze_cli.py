@@ -1,0 +1,200 @@
+"""``loraexport analyze`` end to end through the CLI: files, fields, figures against direct math."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from artifacts import make_adapter
+from click.testing import CliRunner
+
+from loraexport.analyze.analysis import analyze, split_path
+from loraexport.cli import main
+from loraexport.lora.adapter import Adapter
+from loraexport.models.reference import load_model
+
+RTOL = 1e-6  # the issue's contract for every figure (float64 on both sides)
+MODULE_FIELDS = {
+    "module",
+    "rank",
+    "scaling",
+    "delta_fro",
+    "w_fro",
+    "singular_values",
+    "effective_rank",
+    "proj_delta",
+    "proj_top",
+    "proj_random",
+    "amplification",
+}
+PLOTS = {"spectra.png", "projections.png"}
+MANIFEST = "loraexport.json"  # every atomic output may carry the sha256 of its files
+
+
+def _files(out: Path) -> set[str]:
+    return {p.name for p in out.iterdir()} - {MANIFEST}
+
+
+def _run(*args: str):
+    result = CliRunner().invoke(main, ["-q", "analyze", *args])
+    assert result.exit_code == 0, (result.output, result.exception)
+    return result
+
+
+def _direct(w: np.ndarray, a: np.ndarray, b: np.ndarray, s: float) -> dict[str, object]:
+    """The figures from the formed ΔW and numpy's SVD."""
+    delta = s * b @ a  # (out, in)
+    k = min(a.shape[0], *w.shape)
+    u, sv, vt = np.linalg.svd(delta)
+    w_sv = np.linalg.svd(w, compute_uv=False)
+    proj = np.linalg.norm(u[:, :k].T @ w @ vt[:k].T)
+    return {
+        "delta_fro": np.linalg.norm(delta),
+        "w_fro": np.linalg.norm(w),
+        "singular_values": sv[:k],
+        "proj_delta": proj,
+        "proj_top": np.sqrt(np.sum(w_sv[:k] ** 2)),
+        "amplification": np.linalg.norm(delta) / proj,
+    }
+
+
+def _check_against_direct(modules: list[dict], weights: dict[str, np.ndarray], adapter: Adapter) -> None:
+    for m in modules:
+        a, b = (t.double().numpy() for t in adapter.weights[m["module"]])
+        expected = _direct(weights[m["module"]], a, b, adapter.config.scaling(m["module"]))
+        for key, value in expected.items():
+            np.testing.assert_allclose(m[key], value, rtol=RTOL, err_msg=f"{m['module']} {key}")
+
+
+def test_analyze_writes_json_markdown_plots_with_exact_figures(tmp_path, seq2seq_base, seq2seq_adapter):
+    out = tmp_path / "analysis"
+    result = _run("--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out))
+    assert "analysis written to" in result.stdout
+    assert _files(out) == {"analysis.json", "analysis.md"} | PLOTS
+    data = json.loads((out / "analysis.json").read_text())
+    adapter = Adapter.load(seq2seq_adapter)
+    assert [m["module"] for m in data["modules"]] == [
+        n for n, _ in load_model(seq2seq_base).named_modules() if n in adapter.weights
+    ]  # every adapted module, in the model's order
+    for m in data["modules"]:
+        assert MODULE_FIELDS <= set(m)
+        assert m["rank"] == 4 and m["scaling"] == 2.0
+    model = load_model(seq2seq_base)
+    weights = {p: model.get_submodule(p).weight.detach().double().numpy() for p in adapter.weights}
+    _check_against_direct(data["modules"], weights, adapter)
+    types = {t["type"]: t for t in data["types"]}
+    assert set(types) == {"self_attn.q", "self_attn.v", "cross_attn.q", "cross_attn.v"}
+    assert sum(t["modules"] for t in data["types"]) == sum(r["modules"] for r in data["layers"]) == 10
+    q = [m for m in data["modules"] if m["type"] == "self_attn.q"]
+    assert types["self_attn.q"]["delta_fro"] == pytest.approx(np.sqrt(sum(m["delta_fro"] ** 2 for m in q)))
+    assert data["plots"] == sorted(PLOTS, reverse=True) and data["compare"] is None
+    md = (out / "analysis.md").read_text()
+    for heading in ("## Per projection type", "## Per layer", "## Per module", "![spectra.png]"):
+        assert heading in md
+    assert "`decoder.1.cross_attn.v`" in md
+
+
+def test_json_flag_prints_analysis_json_and_force_replaces(tmp_path, seq2seq_base, seq2seq_adapter):
+    out = tmp_path / "analysis"
+    args = ["--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out), "--no-plots"]
+    printed = json.loads(_run(*args, "--json").stdout)
+    assert printed == json.loads((out / "analysis.json").read_text())
+    assert printed["plots"] == [] and printed["plots_note"] == "plots not requested"
+    again = CliRunner().invoke(main, ["analyze", *args])
+    assert again.exit_code == 3 and "output exists" in again.stderr
+    (out / "marker").write_text("old")
+    _run(*args, "--force")
+    assert not (out / "marker").exists()
+
+
+def test_compare_gives_phi_grids(tmp_path, seq2seq_base, seq2seq_adapter):
+    other = make_adapter(seq2seq_base, tmp_path / "r2", seed=5, r=2, lora_alpha=4)
+    out = tmp_path / "analysis"
+    _run(
+        "--base",
+        str(seq2seq_base),
+        "--adapter",
+        str(seq2seq_adapter),
+        "--compare",
+        str(other),
+        "--out",
+        str(out),
+    )
+    data = json.loads((out / "analysis.json").read_text())
+    assert "similarity.png" in data["plots"] and (out / "similarity.png").is_file()
+    entries = data["compare"]["modules"]
+    assert len(entries) == 10
+    for e in entries:
+        assert (e["rank_1"], e["rank_2"]) == (4, 2) and np.array(e["phi"]).shape == (4, 2)
+        assert 0 <= min(min(row) for row in e["phi"]) and max(max(row) for row in e["phi"]) <= 1 + 1e-12
+        assert e["phi_random_full"] == pytest.approx(4 / 16)
+    assert "## Subspace similarity" in (out / "analysis.md").read_text()
+
+    same = analyze(seq2seq_base, seq2seq_adapter, compare=seq2seq_adapter, show_progress=False)
+    for e in same["compare"]["modules"]:
+        np.testing.assert_allclose(e["phi"], np.ones((4, 4)), atol=1e-12)
+
+
+def test_without_matplotlib_writes_json_and_markdown_with_a_note(
+    tmp_path, seq2seq_base, seq2seq_adapter, monkeypatch
+):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    out = tmp_path / "analysis"
+    result = CliRunner().invoke(
+        main, ["analyze", "--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out)]
+    )
+    assert result.exit_code == 0, (result.output, result.exception)
+    assert _files(out) == {"analysis.json", "analysis.md"}
+    data = json.loads((out / "analysis.json").read_text())
+    assert data["plots"] == [] and "matplotlib is not installed" in data["plots_note"]
+    assert "matplotlib is not installed" in (out / "analysis.md").read_text()
+    assert "note: matplotlib is not installed" in result.stderr
+
+
+def test_gpt2_conv1d_weights_are_taken_as_out_by_in(tmp_path):
+    transformers = pytest.importorskip("transformers")
+    import torch
+
+    from loraexport.lora.config import LoraConfig
+
+    torch.manual_seed(0)
+    model = transformers.GPT2LMHeadModel(
+        transformers.GPT2Config(vocab_size=64, n_embd=16, n_layer=2, n_head=2)
+    )
+    model.save_pretrained(tmp_path / "gpt2")
+    g = torch.Generator().manual_seed(1)
+    weights = {
+        f"transformer.h.{i}.attn.c_attn": (torch.randn(3, 16, generator=g), torch.randn(48, 3, generator=g))
+        for i in range(2)
+    }
+    config = LoraConfig(r=3, lora_alpha=6, target_modules=["c_attn"], fan_in_fan_out=True)
+    (tmp_path / "adapter").mkdir()
+    Adapter(config, weights).save(tmp_path / "adapter")
+
+    data = analyze(tmp_path / "gpt2", tmp_path / "adapter", show_progress=False)
+    assert [m["shape"] for m in data["modules"]] == [[48, 16], [48, 16]]  # (out, in), not Conv1D's (in, out)
+    conv = {p: model.get_submodule(p).weight.detach().double().numpy().T for p in weights}
+    _check_against_direct(data["modules"], conv, Adapter.load(tmp_path / "adapter"))
+    assert [t["type"] for t in data["types"]] == ["attn.c_attn"]
+
+
+@pytest.mark.parametrize(
+    "path,expected",
+    [
+        ("decoder.1.cross_attn.q", ("decoder.1", "cross_attn.q")),
+        ("transformer.h.11.attn.c_attn", ("transformer.h.11", "attn.c_attn")),
+        ("model.layers.3.mlp.down_proj", ("model.layers.3", "mlp.down_proj")),
+        ("lm_head", ("-", "lm_head")),
+    ],
+)
+def test_split_path(path: str, expected: tuple[str, str]):
+    assert split_path(path) == expected
+
+
+def test_no_temporary_folder_is_left(tmp_path: Path, seq2seq_base, seq2seq_adapter):
+    out = tmp_path / "analysis"
+    _run("--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out), "--no-plots")
+    assert [p.name for p in tmp_path.iterdir()] == ["analysis"]
