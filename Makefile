@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-real test test-real lint fuzz demo demo-real bench bench-pipeline bench-merge bench-large clean
+.PHONY: install install-real test test-real lint fuzz demo demo-sweep demo-real bench bench-pipeline bench-merge bench-large clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -69,6 +69,15 @@ demo: $(STAMP)
 		--eval-data samples/data/sort_eval.jsonl --out runs/demo-adapter --force
 	$(BIN)/loraexport merge-and-export --base samples/base --adapter runs/demo-adapter \
 		--eval-data samples/data/sort_eval.jsonl --out runs/demo --force
+
+# The LoRA paper's tables 5 and 6 on the sample task (targets at one budget; ranks on q,v;
+# 3 seeds each, ~3 min), then ΔW of r=8 against r=64 (its section 7). One thread: on shared
+# cores two OpenMP threads ran 100 steps 6x slower than one (37 s vs 6 s) on this tiny model.
+demo-sweep: $(STAMP)
+	OMP_NUM_THREADS=1 $(BIN)/loraexport sweep --base samples/base --data samples/data/sort_train.jsonl \
+		--eval-data samples/data/sort_eval.jsonl --out runs/demo-sweep --force
+	OMP_NUM_THREADS=1 $(BIN)/loraexport analyze --base samples/base --adapter runs/demo-sweep/adapters/qv-r8-seed0 \
+		--compare runs/demo-sweep/adapters/qv-r64-seed0 --out runs/demo-sweep-analysis --force
 
 # Long measurements, never part of `make test`.
 bench: $(STAMP)
