@@ -229,6 +229,7 @@ def _adapter_info(adapter: Adapter) -> dict[str, Any]:
         "target_modules": c.target_modules,
         "modules": len(adapter.weights),
         "parameters": adapter.num_parameters,
+        "replaced_parameters": sorted(adapter.replacements),  # biases, modules_to_save: not analysed
     }
 
 

@@ -76,6 +76,14 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"- adapter: `{a['path']}` — r={a['r']}, alpha={a['lora_alpha']}"
         f"{', rsLoRA' if a['use_rslora'] else ''}, {a['modules']} modules, {a['parameters']:,} parameters",
         f"- computed in float64 in {result['seconds']:.1f} s",
+        *(
+            [
+                f"- not analysed: {len(a['replaced_parameters'])} parameter(s) the adapter replaces outright "
+                "(trained biases, modules_to_save)"
+            ]
+            if a["replaced_parameters"]
+            else []
+        ),
         "",
         "ΔW = s·B·A (out × in). U, V: the top-r left/right singular vectors of ΔW. "
         "`‖UᵀWV‖ ΔW` is how much of W lies in ΔW's subspace; `W top-r` the same for W's own top-r "

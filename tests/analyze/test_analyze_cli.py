@@ -198,3 +198,18 @@ def test_no_temporary_folder_is_left(tmp_path: Path, seq2seq_base, seq2seq_adapt
     out = tmp_path / "analysis"
     _run("--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out), "--no-plots")
     assert [p.name for p in tmp_path.iterdir()] == ["analysis"]
+
+
+def test_replaced_parameters_are_named_as_not_analysed(tmp_path, seq2seq_base, seq2seq_adapter):
+    import torch
+
+    adapter = Adapter.load(seq2seq_adapter)
+    adapter.config.bias = "all"
+    adapter.replacements = {"decoder.0.ff.fc1.bias": torch.zeros(32)}
+    (tmp_path / "with-bias").mkdir()
+    adapter.save(tmp_path / "with-bias")
+    data = analyze(seq2seq_base, tmp_path / "with-bias", tmp_path / "out", plots=False, show_progress=False)
+    assert data["adapter"]["replaced_parameters"] == ["decoder.0.ff.fc1.bias"]
+    assert (
+        "not analysed: 1 parameter(s) the adapter replaces" in (tmp_path / "out" / "analysis.md").read_text()
+    )
