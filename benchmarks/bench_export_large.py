@@ -1,8 +1,9 @@
 """A decoder whose weights exceed protobuf's 2 GB: export with external data, parity in ORT.
 
 Builds (once, in runs/bench-large/, never committed) a random Llama-shaped float32 model of
-~2.6 GB and a random LoRA adapter, then runs `loraexport merge-and-export --no-latency` on it
-and prints wall time, peak RSS and the parity verdict.
+~2.6 GB and a random LoRA adapter, then runs `loraexport export` and `loraexport
+merge-and-export --no-latency` on it, each in its own process, and prints wall time, peak RSS
+(also as a multiple of the weights) and the parity verdict.
 """
 
 from __future__ import annotations
@@ -10,7 +11,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -57,40 +57,53 @@ def build(root: Path) -> None:
     )
 
 
+def _measure(cmd: list[str]) -> tuple[int, float, float, str]:
+    """Run ``cmd`` in a fresh process; (exit code, wall s, its peak RSS in GB, its output)."""
+    probe = (
+        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
+        "sys.stdout.write(r.stdout + r.stderr[-2000:]); "
+        "print('\\nPEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
+    )
+    t0 = time.perf_counter()
+    proc = subprocess.run(
+        [sys.executable, "-c", probe, *cmd],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    wall = time.perf_counter() - t0
+    out, _, peak = proc.stdout.rpartition("\nPEAK ")
+    return proc.returncode, wall, int(peak or 0) / 1e6, out.strip()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("runs/bench-large"))
     args = ap.parse_args()
     build(args.dir)
     size = sum(f.stat().st_size for f in (args.dir / "base").glob("*.safetensors"))
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [
-            str(BIN / "loraexport"),
-            "merge-and-export",
-            "--base",
-            str(args.dir / "base"),
-            "--adapter",
-            str(args.dir / "adapter"),
-            "--out",
-            str(args.dir / "out"),
-            "--force",
-            "--no-latency",
-            "--samples",
-            "2",
+    base, adapter = str(args.dir / "base"), str(args.dir / "adapter")
+    stages = {
+        "export (merge in memory + ONNX)": [
+            str(BIN / "loraexport"), "export", "--model", base, "--adapter", adapter,
+            "--out", str(args.dir / "out-export"), "--force",
         ],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    wall = time.perf_counter() - t0
-    rss = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1e6
-    print(proc.stdout or proc.stderr[-2000:])
-    files = {f.name: f.stat().st_size for f in (args.dir / "out").iterdir()} if proc.returncode == 0 else {}
-    print(
-        f"weights {size / 1e9:.2f} GB; exit {proc.returncode}; {wall:.0f} s; peak RSS {rss:.1f} GB; files "
-        + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in files.items() if v > 1e6)
-    )
+        "merge-and-export --no-latency": [
+            str(BIN / "loraexport"), "merge-and-export", "--base", base, "--adapter", adapter,
+            "--out", str(args.dir / "out"), "--force", "--no-latency", "--samples", "2",
+        ],
+    }  # fmt: skip
+    rows = []
+    for name, cmd in stages.items():
+        code, wall, peak, out = _measure(cmd)
+        print(f"## {name}\n{out}\n")
+        rows.append((name, code, wall, peak))
+    files = {f.name: f.stat().st_size for f in (args.dir / "out").iterdir()} if rows[-1][1] == 0 else {}
+    print(f"weights {size / 1e9:.2f} GB (float32); output files: " + ", ".join(
+        f"{k} {v / 1e9:.2f} GB" for k, v in files.items() if v > 1e6))  # fmt: skip
+    print("\n| stage | exit | wall | peak RSS | peak / weights |\n|---|---:|---:|---:|---:|")
+    for name, code, wall, peak in rows:
+        print(f"| {name} | {code} | {wall:.0f} s | {peak:.1f} GB | {peak / (size / 1e9):.2f}x |")
 
 
 if __name__ == "__main__":

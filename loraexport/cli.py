@@ -298,10 +298,15 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
     show_default=True,
     help="With --adapter: merge it, or keep the LoRA branches in the graph.",
 )
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Store the ONNX weights in this dtype (merged weights rounded once; computation stays float32).",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True).")
 @click.pass_context
-def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, force, allow_pickle):
+def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, dtype, force, allow_pickle):
     """Export a model (optionally with adapters, merged or not) to ONNX.
 
     \b
@@ -317,6 +322,7 @@ def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, force,
         adapter=list(adapters) or None,
         weights=_check_weights(adapters, weights),
         mode=mode,
+        dtype=dtype,
         opset=opset,
         exporter=exporter,
         force=force,
@@ -476,6 +482,11 @@ def _check_files(ctx: click.Context, directory: Path, as_json: bool) -> None:
     type=click.Choice(["dynamo", "torchscript"]),
     help="torch.onnx exporter (default: dynamo for the reference model, torchscript for HF models).",
 )
+@click.option(
+    "--dtype",
+    type=click.Choice(["float32", "float16", "bfloat16"]),
+    help="Store the ONNX weights in this dtype (merged weights rounded once; computation stays float32).",
+)
 @click.option("--no-verify", is_flag=True, help="Skip parity and latency.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_verify_options
@@ -488,6 +499,7 @@ def merge_and_export(
     out,
     opset,
     exporter,
+    dtype,
     no_verify,
     force,
     providers,
@@ -516,6 +528,7 @@ def merge_and_export(
             list(adapters),
             out,
             weights=_check_weights(adapters, weights),
+            dtype=dtype,
             providers=list(providers) or None,
             verify_output=not no_verify,
             latency=not no_latency,

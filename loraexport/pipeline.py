@@ -22,7 +22,8 @@ from torch import nn
 
 from loraexport.data import read_pairs
 from loraexport.errors import InvalidInputError, ModelFormatError, VerificationFailedError
-from loraexport.export.onnx import DEFAULT_OPSET, ExportResult, export_graphs
+from loraexport.export.half import HALF_DTYPES, store_weights_half
+from loraexport.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportResult, export_graphs
 from loraexport.io import (
     atomic_output_dir,
     check_output,
@@ -199,6 +200,15 @@ def merge(
     return stats
 
 
+def _half_dtype(dtype: str | None) -> torch.dtype | None:
+    """The torch dtype for a float16/bfloat16 weights dtype; None for float32 or None."""
+    if dtype in (None, "float32"):
+        return None
+    if dtype not in HALF_DTYPES:
+        raise InvalidInputError(f"unknown dtype {dtype!r}; choose from float32, {', '.join(HALF_DTYPES)}")
+    return HALF_DTYPES[dtype]
+
+
 def _copy_extra(family: ModelFamily, src: Path, dst: Path) -> None:
     for name in family.extra_files:
         if (src / name).is_file():
@@ -212,13 +222,25 @@ def export_model(
     out_dir: Path,
     opset: int = DEFAULT_OPSET,
     exporter: str | None = None,
+    weights_dtype: str | None = None,
 ) -> ExportResult:
-    """Export ``model``'s graphs into ``out_dir`` (which exists) and write ``loraexport.json``."""
+    """Export ``model``'s graphs into ``out_dir`` (which exists) and write ``loraexport.json``.
+
+    ``weights_dtype`` (float16/bfloat16): store the weights in it (``export.half``); ``model``
+    must already hold weights rounded to it, so nothing is lost in the file.
+    """
     result = export_graphs(family.graph_specs(model), out_dir, opset, exporter or family.exporter)
+    if weights_dtype and weights_dtype != "float32":
+        for g in result.inputs:
+            store_weights_half(out_dir / f"{g}.onnx", weights_dtype, EXTERNAL_DATA_BYTES)
+        names = [f for g in result.inputs for f in (f"{g}.onnx", f"{g}.onnx.data")]
+        result.files = [f for f in names if (out_dir / f).is_file()]
+        result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
     meta = {
         "model": family.runtime_meta(model) | {"family": family.name},
         "opset": opset,
         "exporter": result.exporter,
+        "weights_dtype": weights_dtype or "float32",
         "graphs": {g: {"inputs": result.inputs[g], "outputs": result.outputs[g]} for g in result.inputs},
     }
     write_json(out_dir / "loraexport.json", meta)
@@ -245,24 +267,34 @@ def export(
     exporter: str | None = None,
     force: bool = False,
     allow_pickle: bool = False,
+    dtype: str | None = None,
 ) -> ExportResult:
-    """Export a model directory (optionally with adapters, ``merged`` or ``unmerged``) to ONNX."""
+    """Export a model directory (optionally with adapters, ``merged`` or ``unmerged``) to ONNX.
+
+    ``dtype`` float16/bfloat16: the merged (or base) weights are rounded to it once and stored
+    in it; the graph computes in float32.
+    """
     if mode not in ("merged", "unmerged"):
         raise InvalidInputError(f"--mode must be merged or unmerged, got {mode!r}")
+    half = _half_dtype(dtype)
+    if half and mode == "unmerged" and adapter:
+        raise InvalidInputError(
+            "--dtype float16/bfloat16 stores merged weights; it does not apply to --mode unmerged"
+        )
     check_output(out, force)
     loaded = load_inputs(model_dir, _as_list(adapter) if adapter else [], allow_pickle, weights)
     model = loaded.base
-    if loaded.adapters:
+    if loaded.adapters or half:
         model = (
-            merged_model(model, loaded.adapters, loaded.weights)[0]
-            if mode == "merged"
+            merged_model(model, loaded.adapters, loaded.weights, storage_dtype=half)[0]
+            if mode == "merged" or not loaded.adapters
             else unmerged_model(model, loaded.adapters, loaded.weights)
         )
     inputs = {"model": {"path": str(model_dir), "sha256": sha256_dir(Path(model_dir))}}
     if loaded.adapters:
         inputs["adapters"] = [{"path": str(a.path), "sha256": a.sha256()} for a in loaded.adapters]
     with atomic_output_dir(out, force) as tmp:
-        result = export_model(loaded.family, model, tmp, opset, exporter)
+        result = export_model(loaded.family, model, tmp, opset, exporter, dtype if half else None)
         _copy_extra(loaded.family, Path(model_dir), tmp)
         _write_provenance(tmp, inputs, {"mode": mode if loaded.adapters else "base"})
     return result
@@ -371,10 +403,19 @@ def verify(
     ``VerificationFailedError`` when ``report.passed`` is False.
     """
     onnx_path = require_dir(onnx_dir, "ONNX directory")
+    meta = (
+        read_json(onnx_path / "loraexport.json", ModelFormatError)
+        if (onnx_path / "loraexport.json").is_file()
+        else {}
+    )
+    weights_dtype = meta.get("weights_dtype") if isinstance(meta, dict) else None
+    half = _half_dtype(weights_dtype if isinstance(weights_dtype, str) else None)
     loaded = load_inputs(base, _as_list(adapter), allow_pickle, weights)
-    merged = merged_model(loaded.base, loaded.adapters, loaded.weights)
+    merged = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=half)
     report = _new_report(base, loaded, merged[1], None)
-    _verify_into(report, loaded, merged[0], onnx_path, VerifyOptions(**options), log)
+    _verify_into(
+        report, loaded, merged[0], onnx_path, VerifyOptions(**options), log, weights_dtype if half else None
+    )
     return report
 
 
@@ -392,30 +433,52 @@ def _new_report(base: str | Path, loaded: Loaded, stats: MergeStats, export: Exp
 
 
 def _verify_into(
-    report: Report, loaded: Loaded, merged: nn.Module, onnx_path: Path, opts: VerifyOptions, log: Log
+    report: Report,
+    loaded: Loaded,
+    merged: nn.Module,
+    onnx_path: Path,
+    opts: VerifyOptions,
+    log: Log,
+    weights_dtype: str | None = None,
 ) -> None:
-    """Add parity (per provider) and latency to ``report``."""
+    """Add parity (per provider) and latency to ``report``.
+
+    With half-stored weights (``weights_dtype``), parity is judged against ``merged`` (the
+    merged weights rounded to that dtype, which the file must hold exactly), and what the
+    rounding costs against the unmerged model is added to the half-precision section.
+    """
     family = loaded.family
     unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
     providers = resolve_providers(opts.providers)
     threads = opts.threads or _machine()["cores"]
     sources = [s for s, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
     torch.set_num_threads(threads)
+    reference, what = (
+        (merged, f"the {weights_dtype}-rounded merged model")
+        if weights_dtype
+        else (unmerged, "the unmerged model")
+    )
     for provider in providers:
-        log(f"parity [{provider}]: {opts.samples} cases against the unmerged model (float32 and float64) …")
+        log(f"parity [{provider}]: {opts.samples} cases against {what} (float32 and float64) …")
         # Opened inside and closed before the torch runs: never the session and the float64
         # model at once (memory stays near twice the weights).
-        report.parity.append(
-            check_parity(
-                family,
-                unmerged,
-                lambda p=provider: _open(onnx_path, p, threads),
-                samples=opts.samples,
-                seed=opts.seed,
-                sources=sources,
-            )
+        result = check_parity(
+            family,
+            reference,
+            lambda p=provider: _open(onnx_path, p, threads),
+            samples=opts.samples,
+            seed=opts.seed,
+            sources=sources,
         )
-    for dtype in opts.half:
+        if weights_dtype:
+            result.reference = (
+                f"the merged model with its weights rounded to {weights_dtype} (what the file stores), "
+                "in PyTorch float32; float64 for the noise floor. What the rounding costs against the "
+                "unmerged model: see Half precision"
+            )
+        report.parity.append(result)
+    half_dtypes = tuple(dict.fromkeys((*opts.half, *([weights_dtype] if weights_dtype else []))))
+    for dtype in half_dtypes:
         log(f"half precision: what storing the merged weights in {dtype} costs …")
         report.half.extend(
             half_precision_costs(
@@ -469,6 +532,7 @@ def merge_and_export(
     out: str | Path,
     *,
     weights: list[float] | None = None,
+    dtype: str | None = None,
     verify_output: bool = True,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -480,14 +544,17 @@ def merge_and_export(
     """Merge ``adapter`` into ``base``, export to ONNX, verify; write everything to ``out`` atomically.
 
     ``adapter`` is one path or a list (merged as ``W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` with ``weights``).
+    ``dtype`` float16/bfloat16: the merged weights are rounded to it once and the ONNX file
+    stores them in it (the graph computes in float32).
     ``options`` are the fields of ``VerifyOptions`` (providers, samples, eval_data, ...).
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
+    half = _half_dtype(dtype)
     check_output(out, force)
     adapters = _as_list(adapter)
     log(f"loading {base} and {', '.join(map(str, adapters))} …")
     loaded = load_inputs(base, adapters, allow_pickle, weights)
-    merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights)
+    merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=half)
     log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
     inputs = {
         "base": {"path": str(base), "sha256": sha256_dir(Path(base))},
@@ -495,12 +562,12 @@ def merge_and_export(
     }
     with atomic_output_dir(out, force) as tmp:
         log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
-        result = export_model(loaded.family, merged, tmp, opset, exporter)
+        result = export_model(loaded.family, merged, tmp, opset, exporter, dtype if half else None)
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
         _copy_extra(loaded.family, Path(base), tmp)
         report = _new_report(base, loaded, stats, result)
         if verify_output:
-            _verify_into(report, loaded, merged, tmp, VerifyOptions(**options), log)
+            _verify_into(report, loaded, merged, tmp, VerifyOptions(**options), log, dtype if half else None)
         write_report(report, tmp)
         _write_provenance(tmp, inputs, {"mode": "merged"})
     if report.passed is False:

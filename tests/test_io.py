@@ -35,7 +35,7 @@ def test_atomic_output_success_replaces(tmp_path):
     with atomic_output_dir(out, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
         assert not (out / "new.txt").exists()  # nothing visible before success
-    assert sorted(p.name for p in out.iterdir()) == ["new.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["loraexport.json", "new.txt"]  # and its manifest
     assert _leftovers(tmp_path, "out") == []
 
 

@@ -17,7 +17,7 @@ from loraexport.models.reference import load_model
 
 STEPS = "10"
 TRAIN_ARGS = ["--steps", STEPS, "--batch-size", "8", "--rank", "4", "--seed", "0"]
-EXPECTED_FILES = {CONFIG_NAME, WEIGHTS_NAME, "training.json"}
+EXPECTED_FILES = {CONFIG_NAME, WEIGHTS_NAME, "training.json", "loraexport.json"}  # the last: sha256 manifest
 
 
 def _program() -> list[str]:

@@ -305,3 +305,23 @@ def test_dynamo_exporter_on_a_decoder(tmp_path):
     )
     assert report.passed and report.export.exporter == "dynamo"
     assert report.parity[0].generation.identical_rows == report.parity[0].generation.rows > 0
+
+
+@pytest.mark.parametrize("name", ["gpt2", "bert"])
+def test_half_stored_weights_export_verifies(name, tmp_path):
+    """--dtype bfloat16 on a TorchScript export (Conv1D decoder; encoder): exact against the
+    rounded merge, and the rounding's cost against the unmerged model is reported."""
+    build, targets = MODELS[name]
+    torch.manual_seed(0)
+    build().eval().save_pretrained(tmp_path / "base")
+    p = peft.get_peft_model(
+        build().eval(), peft.LoraConfig(r=2, target_modules=targets, fan_in_fan_out=name == "gpt2")
+    )
+    _randomize_b(p, 4)  # only the adapter's tensors are saved; the base above is the one merged into
+    p.save_pretrained(tmp_path / "adapter")
+    report = merge_and_export(
+        tmp_path / "base", tmp_path / "adapter", tmp_path / "out", dtype="bfloat16", samples=2, latency=False
+    )
+    assert report.passed, report.failures
+    assert ("bfloat16", "merged") in {(h.dtype, h.variant) for h in report.half}
+    assert json.loads((tmp_path / "out" / "loraexport.json").read_text())["weights_dtype"] == "bfloat16"

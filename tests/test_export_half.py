@@ -1,0 +1,104 @@
+"""Half-stored ONNX weights: lossless against the rounded merge, verified, and errors caught."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from click.testing import CliRunner
+from onnx import helper, numpy_helper
+
+from loraexport.cli import main
+from loraexport.export.half import SUFFIX, store_weights_half
+from loraexport.export.onnx import EXTERNAL_DATA_BYTES
+from loraexport.lora.adapter import Adapter
+from loraexport.pipeline import export, export_model, merged_model, verify
+from loraexport.runtime import OnnxModel
+
+HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def test_only_exactly_representable_initializers_are_converted(tmp_path):
+    exact = np.array([0.5, -2.0, 1024.0, 0.0] * 8, dtype=np.float32)  # exact in float16 and bfloat16
+    inexact = np.full(32, 0.1, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "a"], ["y0"]), helper.make_node("Add", ["y0", "b"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [32])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [32])],
+        [numpy_helper.from_array(exact, "a"), numpy_helper.from_array(inexact, "b")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    counts = store_weights_half(path, "bfloat16", EXTERNAL_DATA_BYTES)
+    assert counts["converted"] == 1 and counts["kept"] == 1
+    inits = {i.name: i for i in onnx.load(str(path)).graph.initializer}
+    assert inits[f"a{SUFFIX}"].data_type == onnx.TensorProto.BFLOAT16 and "b" in inits
+    import onnxruntime as ort
+
+    x = np.arange(32, dtype=np.float32)
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(y, x + exact + inexact)  # the graph computes exactly what it did
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_half_stored_export_is_bit_identical_to_float32_export_of_the_rounded_merge(
+    causal_base, causal_adapter, tmp_path, dtype
+):
+    half_dir = tmp_path / "half"
+    export(causal_base, half_dir, adapter=causal_adapter, dtype=dtype)
+    # the float32 export of the same rounded weights
+    from loraexport.models.base import load_base
+
+    family, base = load_base(causal_base)
+    rounded, _ = merged_model(base, [Adapter.load(causal_adapter)], storage_dtype=HALF[dtype])
+    f32_dir = tmp_path / "f32"
+    f32_dir.mkdir()
+    export_model(family, rounded, f32_dir)
+
+    def init_bytes(d):
+        return sum(len(i.raw_data) for i in onnx.load(str(d / "model.onnx")).graph.initializer)
+
+    # the weights take half the bytes (a float32 positional table, not a weight, stays as it is)
+    assert init_bytes(half_dir) < 0.6 * init_bytes(f32_dir)
+    ids = np.random.default_rng(0).integers(4, 14, size=(3, 9))
+    mask = np.ones_like(ids)
+    a, b = OnnxModel(half_dir).forward_all(ids, mask), OnnxModel(f32_dir).forward_all(ids, mask)
+    for name in a:
+        assert np.array_equal(a[name], b[name]), name  # lossless: the same float32 weights at run time
+
+
+def test_verify_of_half_export_judges_against_rounded_merge_and_reports_the_cost(
+    causal_base, causal_adapter, tmp_path
+):
+    out = tmp_path / "half"
+    export(causal_base, out, adapter=causal_adapter, dtype="bfloat16")
+    report = verify(causal_base, causal_adapter, out, samples=2, latency=False)
+    assert report.passed, report.failures
+    assert "rounded to bfloat16" in report.parity[0].reference
+    variants = {(h.dtype, h.variant) for h in report.half}
+    assert ("bfloat16", "merged") in variants  # the rounding's cost vs the unmerged model, always reported
+    # a planted error in one stored bfloat16 weight is caught
+    model = onnx.load(str(out / "model.onnx"))
+    init = next(
+        i
+        for i in model.graph.initializer
+        if i.data_type == onnx.TensorProto.BFLOAT16 and len(i.raw_data) > 512
+    )
+    raw = bytearray(init.raw_data)
+    raw[1] ^= 0x40  # the high byte of the first value: an exponent bit
+    init.raw_data = bytes(raw)
+    onnx.save(model, str(out / "model.onnx"))
+    assert verify(causal_base, causal_adapter, out, samples=2, latency=False).passed is False
+
+
+def test_half_dtype_with_unmerged_mode_is_refused(causal_base, causal_adapter, tmp_path):
+    out = tmp_path / "out"
+    r = CliRunner().invoke(
+        main,
+        ["export", "--model", str(causal_base), "--adapter", str(causal_adapter), "--out", str(out)]
+        + ["--mode", "unmerged", "--dtype", "float16"],
+    )
+    assert r.exit_code == 3 and "does not apply to --mode unmerged" in r.stderr
+    assert not out.exists()
