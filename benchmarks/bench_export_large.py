@@ -1,9 +1,10 @@
 """A decoder whose weights exceed protobuf's 2 GB: export with external data, parity in ORT.
 
 Builds (once, in runs/bench-large/, never committed) a random Llama-shaped float32 model of
-~2.6 GB and a random LoRA adapter, then runs `loraexport export` and `loraexport
-merge-and-export --no-latency` on it, each in its own process, and prints wall time, peak RSS
-(also as a multiple of the weights) and the parity verdict.
+~2.6 GB and a random LoRA adapter, then runs `loraexport export`, `loraexport
+merge-and-export --no-latency` and the same with `--dtype bfloat16` on it, each in its own
+process, and prints wall time, peak RSS (also as a multiple of the weights) and the parity
+verdict.
 """
 
 from __future__ import annotations
@@ -92,15 +93,22 @@ def main() -> None:
             str(BIN / "loraexport"), "merge-and-export", "--base", base, "--adapter", adapter,
             "--out", str(args.dir / "out"), "--force", "--no-latency", "--samples", "2",
         ],
+        "merge-and-export --dtype bfloat16 --no-latency": [
+            str(BIN / "loraexport"), "merge-and-export", "--base", base, "--adapter", adapter,
+            "--out", str(args.dir / "out-bf16"), "--force", "--no-latency", "--samples", "2",
+            "--dtype", "bfloat16",
+        ],
     }  # fmt: skip
     rows = []
     for name, cmd in stages.items():
         code, wall, peak, out = _measure(cmd)
         print(f"## {name}\n{out}\n")
         rows.append((name, code, wall, peak))
-    files = {f.name: f.stat().st_size for f in (args.dir / "out").iterdir()} if rows[-1][1] == 0 else {}
-    print(f"weights {size / 1e9:.2f} GB (float32); output files: " + ", ".join(
-        f"{k} {v / 1e9:.2f} GB" for k, v in files.items() if v > 1e6))  # fmt: skip
+    print(f"weights {size / 1e9:.2f} GB (float32)")
+    for out in ("out", "out-bf16"):
+        d = args.dir / out
+        files = {f.name: f.stat().st_size for f in d.iterdir()} if d.is_dir() else {}
+        print(f"{out}: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in files.items() if v > 1e6))
     print("\n| stage | exit | wall | peak RSS | peak / weights |\n|---|---:|---:|---:|---:|")
     for name, code, wall, peak in rows:
         print(f"| {name} | {code} | {wall:.0f} s | {peak:.1f} GB | {peak / (size / 1e9):.2f}x |")
