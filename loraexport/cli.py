@@ -200,7 +200,8 @@ def _print_report(ctx: click.Context, report, out: Path | None, as_json: bool) -
         click.echo(f"{'report':<{width}}  {out / 'report.md'} (and report.json)")
 
 
-_path = click.Path(path_type=Path)
+# readable=False: the library checks paths and says what is wrong in one line (exit 3)
+_path = click.Path(path_type=Path, readable=False)
 
 
 def _adapter_options(required: bool = True):

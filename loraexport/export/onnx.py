@@ -8,6 +8,7 @@ exceed ``EXTERNAL_DATA_BYTES``, below protobuf's 2 GiB limit.
 from __future__ import annotations
 
 import contextlib
+import errno
 import io
 import logging
 import shutil
@@ -134,6 +135,17 @@ def _export_one(spec: GraphSpec, path: Path, opset: int, exporter: str, external
         shutil.rmtree(scratch)
 
 
+def _disk_error(e: BaseException) -> OSError | None:
+    """The OSError for a full, over-quota or read-only disk in ``e``'s chain of causes, if any."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            return e
+        e = e.__cause__ or e.__context__
+    return None
+
+
 def export_graphs(
     specs: list[GraphSpec], out_dir: Path, opset: int = DEFAULT_OPSET, exporter: str = "dynamo"
 ) -> ExportResult:
@@ -159,6 +171,9 @@ def export_graphs(
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:  # the exporter raises many types; keep its message
+            disk = _disk_error(e)
+            if disk is not None:  # a full or read-only disk: the output's problem, said by atomic_output_dir
+                raise disk  # noqa: B904 (disk is already in the chain of e; "from" could make a cycle)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
             raise ExportError(f"torch.onnx.export failed for {spec.name}: {first}") from e
         try:

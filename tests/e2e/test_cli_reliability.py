@@ -130,11 +130,6 @@ def test_missing_path_is_named(work, command, which):
     assert _snapshot(work) == before
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="cli.py: click.Path(path_type=Path) checks readability itself (readable=True by default) and "
-    "exits 2 with a usage message, where README documents 3 for unreadable paths",
-)
 @pytest.mark.parametrize("command", COMMANDS)
 def test_unreadable_adapter_directory(work, command, monkeypatch):
     _deny(monkeypatch, work / "adapter")
@@ -444,11 +439,6 @@ def test_output_in_a_read_only_folder_is_not_writable(work, command, monkeypatch
         parent.chmod(0o755)
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="export/onnx.py wraps every exporter exception, OSError(ENOSPC) included, in ExportError: "
-    "exit 1 'torch.onnx.export failed ... No space left on device' instead of exit 3",
-)
 def test_disk_full_during_export_leaves_nothing(work, monkeypatch):
     """merge's full disk is test_stream.py::test_full_disk_leaves_nothing; this is the ONNX stage."""
     from loraexport.export import onnx as onnx_export
