@@ -14,6 +14,8 @@ from pathlib import Path
 
 import click
 
+from loraexport.analyze.cli import analyze as analyze_cmd
+from loraexport.analyze.cli import sweep as sweep_cmd
 from loraexport.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, LoraExportError
 
 
@@ -568,6 +570,10 @@ def inspect_cmd(path, as_json):
     width = max(len(k) for k in info)
     for k, v in info.items():
         click.echo(f"{k:<{width}}  {v}")
+
+
+main.add_command(analyze_cmd)  # loraexport analyze (loraexport/analyze/cli.py)
+main.add_command(sweep_cmd)  # loraexport sweep
 
 
 def run() -> None:  # pragma: no cover - console-script shim
