@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import signal
 import sys
 import traceback
 import warnings
@@ -16,7 +17,7 @@ import click
 
 from loraexport.analyze.cli import analyze as analyze_cmd
 from loraexport.analyze.cli import sweep as sweep_cmd
-from loraexport.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, LoraExportError
+from loraexport.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, LoraExportError, Terminated
 
 
 class _Group(click.Group):
@@ -29,6 +30,8 @@ class _Group(click.Group):
             raise
         except LoraExportError as e:
             _fail(ctx, f"error: {e}", e.exit_code)
+        except Terminated:
+            _fail(ctx, "terminated: nothing was written", EXIT_TERMINATED)
         except KeyboardInterrupt:
             _fail(ctx, "interrupted: nothing was written", EXIT_INTERRUPTED)
         except Exception as e:  # a bug: say so, keep the traceback behind --debug
@@ -68,7 +71,7 @@ def main(ctx: click.Context, quiet: bool, verbose: bool, debug: bool) -> None:
     """loraexport: train or load a LoRA adapter, merge it exactly, export to ONNX, verify.
 
     Exit codes: 0 success, 1 internal error (a bug), 2 usage error, 3 invalid input,
-    4 verification failed (report still written), 130 interrupted.
+    4 verification failed (report still written), 130 interrupted, 143 terminated.
     """
     ctx.obj = {"quiet": quiet, "verbose": verbose, "debug": debug}
     _quiet_third_parties(verbose)
@@ -576,7 +579,13 @@ main.add_command(analyze_cmd)  # loraexport analyze (loraexport/analyze/cli.py)
 main.add_command(sweep_cmd)  # loraexport sweep
 
 
+def _terminate(signum, frame) -> None:
+    raise Terminated
+
+
 def run() -> None:  # pragma: no cover - console-script shim
+    # SIGTERM (a CI job's timeout, `kill`) cleans up like Ctrl-C: no temporary output is left.
+    signal.signal(signal.SIGTERM, _terminate)
     main(prog_name="loraexport")
 
 

@@ -12,6 +12,12 @@ EXIT_USAGE = 2
 EXIT_INVALID_INPUT = 3
 EXIT_VERIFICATION_FAILED = 4
 EXIT_INTERRUPTED = 130
+EXIT_TERMINATED = 143  # 128 + SIGTERM
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM turned into an exception (by the console script), so that every cleanup path
+    Ctrl-C takes — temporary outputs removed, nothing half-written left — runs for it too."""
 
 
 class LoraExportError(Exception):

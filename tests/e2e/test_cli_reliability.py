@@ -520,8 +520,15 @@ SLOW_MERGE = textwrap.dedent(
 
 
 @pytest.mark.skipif(not BIN.exists(), reason="the console script is not installed")
-def test_real_sigint_during_merge_exits_130_and_leaves_nothing(work):
-    """A real SIGINT to the real console script, in the middle of writing the merged shard."""
+@pytest.mark.parametrize(
+    "sig, code, message",
+    [
+        (signal.SIGINT, 130, "interrupted: nothing was written"),
+        (signal.SIGTERM, 143, "terminated: nothing was written"),
+    ],
+)
+def test_real_signal_during_merge_exits_and_leaves_nothing(work, sig, code, message):
+    """A real SIGINT / SIGTERM to the real console script, in the middle of writing the merged shard."""
     hook = work.parent / f"{work.name}-hook"
     hook.mkdir()
     (hook / "sitecustomize.py").write_text(SLOW_MERGE)
@@ -542,10 +549,10 @@ def test_real_sigint_during_merge_exits_130_and_leaves_nothing(work):
         ready, _, _ = select.select([proc.stderr], [], [], 120)  # start-up imports torch: seconds
         assert ready and proc.stderr.readline().strip() == "READY"  # the output is half written now
         time.sleep(0.2)
-        proc.send_signal(signal.SIGINT)
+        proc.send_signal(sig)
         _, err = proc.communicate(timeout=60)
     finally:
         proc.kill()
-    assert proc.returncode == 130, err
-    assert err.strip().splitlines() == ["interrupted: nothing was written"]
+    assert proc.returncode == code, err
+    assert err.strip().splitlines() == [message]
     assert _snapshot(work) == before
