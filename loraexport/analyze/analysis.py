@@ -30,7 +30,14 @@ from loraexport.models.base import load_base
 from loraexport.progress import Progress
 
 SCHEMA = 1
+# Seeds: a signed 64-bit integer, which every JSON reader of analysis.json can hold (torch itself
+# takes up to 2**64 - 1 and fails beyond with "Overflow when unpacking long long").
+MAX_SEED = 2**63 - 1
 EFFECTIVE_RANK = "exp(entropy of σᵢ/Σσ) (Roy & Vetterli 2007): 1 = one direction, k = k equal directions"
+RANK_TOLERANCE = (
+    "rank_used = the singular values of ΔW above max(out, in)·eps·σ₁ (float64 eps), ΔW's numerical "
+    "rank: the k of proj_delta, proj_top and proj_random; 0 for ΔW = 0, whose projections are null"
+)
 _LAYER = re.compile(r"^(?P<layer>.*?\.\d+)\.(?P<type>.+)$")  # 'decoder.layers.1' + 'self_attn.q'
 
 
@@ -77,6 +84,8 @@ def analyze(
     """
     if draws < 1:
         raise InvalidInputError(f"random draws must be at least 1, got {draws}")
+    if not 0 <= seed <= MAX_SEED:
+        raise InvalidInputError(f"seed must be in [0, 2**63 - 1], got {seed}")
     if out is not None:
         check_output(out, force)  # before any work
     t0 = time.perf_counter()
@@ -106,6 +115,7 @@ def analyze(
             "seed": seed,
             "effective_rank": EFFECTIVE_RANK,
             "energy_threshold": ENERGY_THRESHOLD,
+            "rank_tolerance": RANK_TOLERANCE,
         },
         "modules": modules,
         "layers": summarise(modules, "layer"),

@@ -12,6 +12,7 @@ from pathlib import Path
 import click
 
 _path = click.Path(path_type=Path)
+MAX_SEED = 2**63 - 1  # = analysis.MAX_SEED (not imported here: the CLI loads torch lazily)
 
 
 def _log(ctx: click.Context):
@@ -38,7 +39,13 @@ def _g(x: float | None, digits: int = 4) -> str:
     type=click.IntRange(1),
     help="Random subspaces averaged for the random baseline.",
 )
-@click.option("--seed", default=0, show_default=True, help="Seed of the random subspaces.")
+@click.option(
+    "--seed",
+    default=0,
+    show_default=True,
+    type=click.IntRange(0, MAX_SEED),
+    help="Seed of the random subspaces.",
+)
 @click.option("--no-plots", is_flag=True, help="Write analysis.json and analysis.md only.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True).")
@@ -49,10 +56,10 @@ def analyze(ctx, base, adapter, compare, out, draws, seed, no_plots, force, allo
 
     Per adapted module, summarised per layer and per projection type: ‖ΔW‖_F, the singular
     values of ΔW, its effective rank and energy in the top directions; how much of W lies in
-    ΔW's top-r subspace (‖UᵀWV‖_F) against W's own top-r directions and random ones; the
-    amplification factor ‖ΔW‖_F / ‖UᵀWV‖_F. With --compare, the normalized subspace
-    similarity φ(i, j) between the two adapters' lora_A. Writes analysis.json, analysis.md
-    and PNG plots (with matplotlib) to --out.
+    ΔW's subspace (‖UᵀWV‖_F, U, V for its nonzero singular values) against W's own top
+    directions and random ones; the amplification factor ‖ΔW‖_F / ‖UᵀWV‖_F. With --compare,
+    the normalized subspace similarity φ(i, j) between the two adapters' lora_A. Writes
+    analysis.json, analysis.md and PNG plots (with matplotlib) to --out.
 
     \b
     Example:

@@ -85,9 +85,11 @@ def to_markdown(result: dict[str, Any]) -> str:
             else []
         ),
         "",
-        "ΔW = s·B·A (out × in). U, V: the top-r left/right singular vectors of ΔW. "
-        "`‖UᵀWV‖ ΔW` is how much of W lies in ΔW's subspace; `W top-r` the same for W's own top-r "
-        f"singular vectors (its maximum); `random` for random orthonormal U, V (mean of "
+        "ΔW = s·B·A (out × in). U, V: the left/right singular vectors of ΔW's k nonzero singular "
+        "values (k = its numerical rank, `rank_used` in analysis.json: r unless ΔW is rank-deficient; "
+        "for ΔW = 0 the projection columns are –). "
+        "`‖UᵀWV‖ ΔW` is how much of W lies in ΔW's subspace; `W top-r` the same for W's own top-k "
+        f"singular vectors (its maximum); `random` for random orthonormal U, V of k columns (mean of "
         f"{s['random_draws']}). Amplification = ‖ΔW‖_F / ‖UᵀWV‖_F for ΔW's subspace "
         "(the LoRA paper's section 7). Effective rank: " + s["effective_rank"] + ". "
         f"rank@{s['energy_threshold']:.0%}: the fewest directions holding that share of ‖ΔW‖_F².",

@@ -13,6 +13,7 @@ from click.testing import CliRunner
 
 from loraexport.analyze.analysis import analyze, split_path
 from loraexport.cli import main
+from loraexport.errors import InvalidInputError
 from loraexport.lora.adapter import Adapter
 from loraexport.models.reference import load_model
 
@@ -213,3 +214,89 @@ def test_replaced_parameters_are_named_as_not_analysed(tmp_path, seq2seq_base, s
     assert (
         "not analysed: 1 parameter(s) the adapter replaces" in (tmp_path / "out" / "analysis.md").read_text()
     )
+
+
+def _with_zero_b(src: Path, dst: Path, modules: list[str] | None = None) -> Path:
+    """A copy of the adapter ``src`` with B = 0 (as right after initialisation) in ``modules`` (all: None)."""
+    import torch
+
+    adapter = Adapter.load(src)
+    for path in modules if modules is not None else list(adapter.weights):
+        a, b = adapter.weights[path]
+        adapter.weights[path] = (a, torch.zeros_like(b))
+    dst.mkdir()
+    adapter.save(dst)
+    return dst
+
+
+def test_a_zero_module_has_null_projections_and_summaries_skip_it(tmp_path, seq2seq_base, seq2seq_adapter):
+    zero = "decoder.0.self_attn.q"
+    adapter = _with_zero_b(seq2seq_adapter, tmp_path / "one-zero", [zero])
+    out = tmp_path / "analysis"
+    _run("--base", str(seq2seq_base), "--adapter", str(adapter), "--out", str(out))  # plots included
+    data = json.loads((out / "analysis.json").read_text())
+    assert "rank_tolerance" in data["settings"]
+    by_module = {m["module"]: m for m in data["modules"]}
+    assert by_module[zero]["rank_used"] == 0 and by_module[zero]["delta_fro"] == 0.0
+    for key in ("proj_delta", "proj_top", "proj_random", "amplification"):
+        assert by_module[zero][key] is None, key
+    others = [m for m in data["modules"] if m["module"] != zero]
+    assert all(m["rank_used"] == 4 for m in others)
+    q = {t["type"]: t for t in data["types"]}["self_attn.q"]
+    rest = [m for m in others if m["type"] == "self_attn.q"]
+    assert q["modules"] == len(rest) + 1
+    for key in ("proj_delta", "proj_top", "proj_random", "amplification"):
+        assert q[f"{key}_mean"] == pytest.approx(np.mean([m[key] for m in rest])), key
+    row = next(line for line in (out / "analysis.md").read_text().splitlines() if f"`{zero}`" in line)
+    assert row.rstrip(" |").endswith("| – | – | – | –")
+
+
+def test_a_freshly_initialised_adapter_reports_no_projections(tmp_path, seq2seq_base, seq2seq_adapter):
+    adapter = _with_zero_b(seq2seq_adapter, tmp_path / "all-zero")
+    out = tmp_path / "analysis"
+    result = _run("--base", str(seq2seq_base), "--adapter", str(adapter), "--out", str(out))
+    data = json.loads((out / "analysis.json").read_text())
+    assert {m["rank_used"] for m in data["modules"]} == {0}
+    for t in data["types"] + data["layers"]:
+        assert t["delta_fro"] == 0.0 and t["amplification_mean"] is None and t["proj_delta_mean"] is None
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith("type") and len(lines) == 1 + len(data["types"]) + 1
+    for line in lines[1:-1]:
+        assert line.split()[-2:] == ["–", "–"]  # amplification, ΔW/random
+    assert data["plots"] == sorted(PLOTS, reverse=True)
+
+
+def test_seed_out_of_range_is_a_usage_error(tmp_path, seq2seq_base, seq2seq_adapter):
+    from loraexport.analyze import analysis, cli
+
+    out = tmp_path / "analysis"
+    for seed in (str(2**64), str(2**63), "-1"):
+        r = CliRunner().invoke(
+            main,
+            ["analyze", "--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out)]
+            + ["--seed", seed],
+        )
+        assert r.exit_code == 2, (seed, r.output, r.exception)
+        assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output
+        errors = [line for line in r.stderr.splitlines() if line.startswith("Error:")]
+        assert len(errors) == 1 and "'--seed'" in errors[0], r.stderr
+        assert "0<=x<=9223372036854775807" in errors[0], r.stderr
+        assert not out.exists()
+    assert cli.MAX_SEED == analysis.MAX_SEED == 2**63 - 1
+    largest = str(2**63 - 1)
+    _run(
+        "--base",
+        str(seq2seq_base),
+        "--adapter",
+        str(seq2seq_adapter),
+        "--out",
+        str(out),
+        "--no-plots",
+        "--seed",
+        largest,
+    )
+    assert json.loads((out / "analysis.json").read_text())["settings"]["seed"] == 2**63 - 1
+    with pytest.raises(
+        InvalidInputError, match=r"seed must be in \[0, 2\*\*63 - 1\], got 18446744073709551616"
+    ):
+        analyze(seq2seq_base, seq2seq_adapter, seed=2**64, show_progress=False)  # the library checks too

@@ -15,8 +15,10 @@ from loraexport.analyze.spectra import (
     effective_rank,
     energy,
     module_figures,
+    numerical_rank,
     random_bases,
     rank_at,
+    rank_tolerance,
     subspace_similarity,
     top_singular_values,
 )
@@ -66,6 +68,7 @@ def test_every_figure_matches_the_formed_delta(out_f, in_f, r, seed):
 
     f = module_figures(_t(w), _t(a), _t(b), s, draws=DRAWS, seed=seed % 1000)
 
+    assert f.rank_used == k  # Gaussian factors: full rank
     _close(f.singular_values, sv_ref)
     _close(f.delta_fro, np.linalg.norm(delta))
     _close(f.w_fro, np.linalg.norm(w))
@@ -115,13 +118,74 @@ def test_effective_rank_and_energy_on_known_spectra():
     assert rank_at(cumulative) == 1 and rank_at([0.5, 0.89, 1.0]) == 3 and rank_at([0.0, 0.0]) == 0
 
 
-def test_zero_delta_has_zero_norm_rank_and_amplification():
+@pytest.mark.parametrize("zero", ["B", "A", "scaling"])
+def test_zero_delta_has_no_subspace_and_no_projection_figures(zero):
+    """ΔW = 0 (B = 0 right after initialisation): its singular vectors are arbitrary QR
+    directions, so no projection figure means anything; they are None, not numbers."""
     g = torch.Generator().manual_seed(0)
     w = torch.randn(6, 5, generator=g, dtype=torch.float64)
-    f = module_figures(w, torch.randn(3, 5, generator=g), torch.zeros(6, 3), 2.0)
-    assert f.delta_fro == 0.0 and f.singular_values == [0.0, 0.0, 0.0]
+    a = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    b = torch.randn(6, 3, generator=g, dtype=torch.float64)
+    a, b, s = (
+        (a * 0 if zero == "A" else a),
+        (b * 0 if zero == "B" else b),
+        (0.0 if zero == "scaling" else 2.0),
+    )
+    f = module_figures(w, a, b, s)
+    assert f.delta_fro == 0.0 and f.singular_values == [0.0, 0.0, 0.0] and f.rank == 3
     assert f.effective_rank == 0.0 and f.rank_90 == 0 and f.energy == [0.0, 0.0, 0.0]
-    assert f.amplification == 0.0
+    assert f.rank_used == 0
+    assert f.proj_delta is None and f.proj_top is None and f.proj_random is None
+    assert f.amplification is None
+    assert f.w_fro == pytest.approx(float(torch.linalg.matrix_norm(w)))
+
+
+def _rank_deficient_case(seed: int = 3) -> tuple[np.ndarray, ...]:
+    """W (40, 24) and an r=4 adapter whose B (40, 4) has rank 2: ΔW = s·B·A has rank 2."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((40, 24))
+    b2 = rng.standard_normal((40, 2))
+    m = rng.standard_normal((2, 4))
+    a = rng.standard_normal((4, 24))
+    return w, a, b2 @ m, b2, m @ a
+
+
+def test_rank_deficient_delta_projects_on_its_numerical_rank_only():
+    w, a, b, b2, a2 = _rank_deficient_case()
+    s = 1.5
+    delta = s * b @ a  # formed, float64
+    assert np.linalg.matrix_rank(delta) == 2  # the direct reference agrees ΔW has rank 2
+    u, sv, vt = np.linalg.svd(delta)
+    u2, v2 = u[:, :2], vt[:2].T
+    w_sv = np.linalg.svd(w, compute_uv=False)
+
+    f = module_figures(_t(w), _t(a), _t(b), s, draws=DRAWS, seed=7)
+
+    assert f.rank == 4 and f.rank_used == 2
+    _close(f.singular_values, sv[:4])  # all r reported; the last two are round-off
+    assert max(f.singular_values[2:]) <= rank_tolerance(f.singular_values[0], 40, 24)
+    proj_delta = np.linalg.norm(u2.T @ w @ v2)
+    _close(f.proj_delta, proj_delta, scale=np.linalg.norm(w))
+    _close(f.proj_top, np.sqrt(np.sum(w_sv[:2] ** 2)))  # W's top 2, not top 4
+    bases = random_bases(40, 24, 2, DRAWS, 7)  # random subspaces of dimension 2, like ΔW's
+    _close(f.proj_random, np.mean([np.linalg.norm(u.numpy().T @ w @ v.numpy()) for u, v in bases]))
+    _close(f.amplification, np.linalg.norm(delta) / proj_delta)
+
+    # The same ΔW from a genuine r=2 adapter: every figure but the rank is the same.
+    g = module_figures(_t(w), _t(a2), _t(b2), s, draws=DRAWS, seed=7)
+    assert g.rank == 2 and g.rank_used == 2
+    for name in ("proj_delta", "proj_top", "proj_random", "amplification", "delta_fro", "effective_rank"):
+        _close(getattr(f, name), getattr(g, name), scale=max(abs(getattr(g, name)), 1.0))
+
+
+def test_numerical_rank_against_numpy_matrix_rank():
+    rng = np.random.default_rng(0)
+    for true_rank in (0, 1, 3, 5):
+        delta = rng.standard_normal((30, true_rank)) @ rng.standard_normal((true_rank, 12))
+        sv = torch.from_numpy(np.linalg.svd(delta, compute_uv=False))
+        assert numerical_rank(sv, 30, 12) == np.linalg.matrix_rank(delta) == true_rank
+    assert numerical_rank(torch.zeros(0, dtype=torch.float64), 3, 3) == 0
+    assert rank_tolerance(2.0, 30, 12) == 30 * np.finfo(np.float64).eps * 2.0
 
 
 def test_delta_orthogonal_to_w_has_no_amplification():
