@@ -120,8 +120,8 @@ def rank_tolerance(sigma_1: float, out_features: int, in_features: int) -> float
     ``max(out, in)·eps·σ₁`` is the standard bound for that error (Golub & Van Loan; numpy's
     ``matrix_rank`` default). Over 7,000 random rank-deficient factor pairs (out, in up to 200,
     r up to 16, factors scaled by up to 10^±6 as a whole or per rank direction) the largest
-    spurious σ was 0.11 of it. A real direction that small (σ < 1e-11·σ₁ up to 45,000 features) is invisible in
-    every figure anyway.
+    spurious σ was 0.11 of it. A real direction that small (σ < 1e-11·σ₁ up to 45,000
+    features) is invisible in every figure anyway.
     """
     return max(out_features, in_features) * torch.finfo(F64).eps * sigma_1
 
