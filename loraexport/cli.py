@@ -455,7 +455,7 @@ def verify(
         report_path.with_suffix(".md").write_text(report.to_markdown(), encoding="utf-8")
     _print_report(ctx, report, None, as_json)
     if report.passed is False:
-        raise VerificationFailedError(f"parity failed: {'; '.join(report.failures[:2])}")
+        raise VerificationFailedError(f"{report.verdict}: {'; '.join(report.failures[:2])}")
 
 
 def _check_files(ctx: click.Context, directory: Path, as_json: bool) -> None:

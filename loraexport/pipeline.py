@@ -41,7 +41,7 @@ from loraexport.models.base import ModelFamily, load_base
 from loraexport.progress import Progress
 from loraexport.report import Report, versions
 from loraexport.runtime import PROVIDERS, OnnxModel, RuntimeInputError
-from loraexport.verify.half import half_precision_costs
+from loraexport.verify.half import MIN_ADAPTER_RETAINED, half_precision_costs
 from loraexport.verify.latency import LatencyCase, LatencyResult, time_interleaved
 from loraexport.verify.parity import check_parity
 
@@ -131,6 +131,15 @@ def _adapter_info(a: Adapter, weight: float = 1.0) -> dict:
     }
 
 
+def _adapter_inputs(loaded: Loaded) -> list[dict]:
+    """Provenance of each adapter: path, sha256 and the weight it was merged with."""
+    weights = loaded.weights or [1.0] * len(loaded.adapters)
+    return [
+        {"path": str(a.path), "sha256": a.sha256(), "weight": w}
+        for a, w in zip(loaded.adapters, weights, strict=True)
+    ]
+
+
 def _base_info(path: str | Path, family: ModelFamily, model: nn.Module) -> dict:
     return {
         "path": str(path),
@@ -170,6 +179,7 @@ def merge(
     largest tensor, untargeted tensors are copied without being decoded. ``merge.json`` records
     per module max|ΔW| and the error of the final cast.
     """
+    weights = check_weights(adapters, weights)
     check_output(out, force)
     base_dir = require_dir(base, "base model directory")
     loaded = [Adapter.load(a, allow_pickle) for a in adapters]
@@ -191,7 +201,7 @@ def merge(
         )
         report = Report(
             {"path": str(base), "family": "safetensors checkpoint", "parameters": 0},
-            [_adapter_info(a) for a in loaded],
+            [_adapter_info(a, w) for a, w in zip(loaded, weights or [1.0] * len(loaded), strict=True)],
             merge=stats,
         )
         write_json(
@@ -292,7 +302,7 @@ def export(
         )
     inputs = {"model": {"path": str(model_dir), "sha256": sha256_dir(Path(model_dir))}}
     if loaded.adapters:
-        inputs["adapters"] = [{"path": str(a.path), "sha256": a.sha256()} for a in loaded.adapters]
+        inputs["adapters"] = _adapter_inputs(loaded)
     with atomic_output_dir(out, force) as tmp:
         result = export_model(loaded.family, model, tmp, opset, exporter, dtype if half else None)
         _copy_extra(loaded.family, Path(model_dir), tmp)
@@ -480,19 +490,28 @@ def _verify_into(
     half_dtypes = tuple(dict.fromkeys((*opts.half, *([weights_dtype] if weights_dtype else []))))
     for dtype in half_dtypes:
         log(f"half precision: what storing the merged weights in {dtype} costs …")
-        report.half.extend(
-            half_precision_costs(
-                family,
-                loaded.base,
-                loaded.adapters,
-                loaded.weights,
-                unmerged,
-                dtype,
-                seed=opts.seed,
-                samples=opts.samples,
-                sources=sources,
-            )
+        stored = dtype == weights_dtype  # ``merged`` already holds these rounded weights: reuse it
+        cast_err = max((m.cast_max_rel_err for m in report.merge.modules), default=0.0) if stored else None
+        rows = half_precision_costs(
+            family,
+            loaded.base,
+            loaded.adapters,
+            loaded.weights,
+            unmerged,
+            dtype,
+            merged=merged if stored else None,
+            max_cast_rel_err=cast_err,
+            seed=opts.seed,
+            samples=opts.samples,
+            sources=sources,
         )
+        report.half.extend(rows)
+        kept = rows[0].adapter_retained
+        if stored and kept is not None and kept < MIN_ADAPTER_RETAINED:
+            report.half_failures.append(
+                f"only {kept:.0%} of the adapter's effect on the outputs survives rounding the merged "
+                f"weights to {dtype} (at least {MIN_ADAPTER_RETAINED:.0%} required); export in float32"
+            )
     if not opts.latency:
         return
     with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:
@@ -558,7 +577,7 @@ def merge_and_export(
     log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
     inputs = {
         "base": {"path": str(base), "sha256": sha256_dir(Path(base))},
-        "adapters": [{"path": str(a.path), "sha256": a.sha256()} for a in loaded.adapters],
+        "adapters": _adapter_inputs(loaded),
     }
     with atomic_output_dir(out, force) as tmp:
         log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
@@ -572,7 +591,8 @@ def merge_and_export(
         _write_provenance(tmp, inputs, {"mode": "merged"})
     if report.passed is False:
         raise VerificationFailedError(
-            f"parity failed ({'; '.join(report.failures[:2])}); report written to {Path(out) / 'report.md'}",
+            f"{report.verdict} ({'; '.join(report.failures[:2])}); "
+            f"report written to {Path(out) / 'report.md'}",
             report,
         )
     return report

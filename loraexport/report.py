@@ -45,16 +45,25 @@ class Report:
     parity: list[ParityResult] = field(default_factory=list)  # one per provider
     latency: list[LatencyResult] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
-    half: list[HalfCost] = field(default_factory=list)  # informational (verify --half)
+    half: list[HalfCost] = field(default_factory=list)  # verify --half, and --dtype exports
+    # a half-precision export whose rounding loses the adapter (verify.half.MIN_ADAPTER_RETAINED)
+    half_failures: list[str] = field(default_factory=list)
 
     @property
     def passed(self) -> bool | None:
-        return all(p.passed for p in self.parity) if self.parity else None
+        return all(p.passed for p in self.parity) and not self.half_failures if self.parity else None
 
     @property
     def failures(self) -> list[str]:
-        """Every parity failure, prefixed by its provider."""
-        return [f"[{p.provider}] {f}" for p in self.parity for f in p.failures]
+        """Every parity failure, prefixed by its provider, then half-precision failures."""
+        return [f"[{p.provider}] {f}" for p in self.parity for f in p.failures] + [
+            f"[half precision] {f}" for f in self.half_failures
+        ]
+
+    @property
+    def verdict(self) -> str:
+        """``parity failed`` or ``adapter lost in half precision``, for a one-line error."""
+        return "parity failed" if any(not p.passed for p in self.parity) else "adapter lost in half precision"
 
     # ---- JSON -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -94,6 +103,7 @@ class Report:
         if len(self.latency) > 1:
             out["latency_by_provider"] = {lat.provider: _latency_json(lat) for lat in self.latency}
         out["half_precision"] = [asdict(h) for h in self.half] or None
+        out["half_precision_failures"] = self.half_failures
         out["passed"] = self.passed
         return out
 
@@ -190,16 +200,23 @@ class Report:
                 "## Half precision (informational)",
                 "",
                 "Against the unmerged float32 model. `merged`: W0 + s·B·A stored in the dtype; "
-                "`base_only`: base weights in the dtype, LoRA branches in float32 (the dtype's own cost).",
+                "`base_only`: base weights in the dtype, LoRA branches in float32 (the dtype's own cost); "
+                "`no_adapter`: the float32 base alone (how far the adapter moves the outputs). "
+                "Adapter retained: 1 − rms(merged) / rms(no_adapter), the share of the adapter's effect "
+                "that survives the rounding.",
                 "",
-                "| dtype | variant | max abs err | top-1 | generation | max cast rel err |",
-                "|---|---|---:|---:|---:|---:|",
+                "| dtype | variant | max abs err | rms err | top-1 | generation | max cast rel err | "
+                "adapter retained |",
+                "|---|---|---:|---:|---:|---:|---:|---:|",
             ]
             for h in self.half:
                 lines.append(
-                    f"| {h.dtype} | {h.variant} | {h.max_abs_err:.3g} | {_pct(h.top1_agreement)} | "
-                    f"{_pct(h.generation_agreement)} | {_e(h.max_cast_rel_err)} |"
+                    f"| {h.dtype} | {h.variant} | {h.max_abs_err:.3g} | {h.rms_err:.3g} | "
+                    f"{_pct(h.top1_agreement)} | {_pct(h.generation_agreement)} | {_e(h.max_cast_rel_err)} | "
+                    f"{_pct(h.adapter_retained)} |"
                 )
+            if self.half_failures:
+                lines += ["", "Failures:", *[f"- {f}" for f in self.half_failures]]
         for lat in self.latency:
             lines += [
                 "",

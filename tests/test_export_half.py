@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import onnx
 import pytest
@@ -102,3 +104,33 @@ def test_half_dtype_with_unmerged_mode_is_refused(causal_base, causal_adapter, t
     )
     assert r.exit_code == 3 and "does not apply to --mode unmerged" in r.stderr
     assert not out.exists()
+
+
+def test_adapter_lost_to_rounding_fails_verification(causal_base, causal_adapter, tmp_path):
+    """A ΔW far below bfloat16's spacing of W rounds away: the file is exact against its rounded
+    weights, and useless; verification must say so (exit 4), not pass."""
+    tiny = Adapter.load(causal_adapter)
+    tiny.weights = {p: (a, b * 1e-6) for p, (a, b) in tiny.weights.items()}
+    (tmp_path / "tiny").mkdir()
+    tiny.save(tmp_path / "tiny")
+    out = tmp_path / "out"
+    r = CliRunner().invoke(
+        main,
+        [
+            "merge-and-export",
+            "--base",
+            str(causal_base),
+            "--adapter",
+            str(tmp_path / "tiny"),
+            "--out",
+            str(out),
+        ]
+        + ["--dtype", "bfloat16", "--no-latency", "--samples", "2"],
+    )
+    assert r.exit_code == 4, r.output
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: adapter lost in half precision") and "survives rounding" in last
+    report = json.loads((out / "report.json").read_text())
+    assert report["passed"] is False and report["parity"]["passed"] is True  # exact, and still refused
+    merged = next(h for h in report["half_precision"] if h["variant"] == "merged")
+    assert merged["adapter_retained"] < 0.5

@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraexport.errors import AdapterFormatError, AdapterMismatchError
+from loraexport.errors import AdapterFormatError, AdapterMismatchError, InvalidInputError
 from loraexport.lora.adapter import Adapter
 
 WIDE_DTYPES = (torch.float32, torch.float64)
@@ -58,6 +58,18 @@ def delta_weight(
 def _amax(t: torch.Tensor) -> float:
     """max |t| without a full-size temporary."""
     return float(torch.linalg.vector_norm(t, ord=float("inf"))) if t.numel() else 0.0
+
+
+def cast_checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor:
+    """``t.to(dtype)``, refusing values the dtype cannot hold (float16 overflows to ±inf past 65504)."""
+    out = t.to(dtype)
+    if out.is_floating_point() and out.numel() and not math.isfinite(_amax(out)) and math.isfinite(_amax(t)):
+        info = torch.finfo(dtype)
+        raise InvalidInputError(
+            f"{name!r} holds values beyond {str(dtype).removeprefix('torch.')}'s range (±{info.max:g}); "
+            "store it in bfloat16 or float32"
+        )
+    return out
 
 
 def merge_state_dict(
@@ -123,7 +135,7 @@ def merge_state_dict(
         if not math.isfinite(top):
             raise AdapterFormatError(f"merging into {key!r} gives NaN or Inf; refusing to write it")
         out_dtype = storage_dtype or w0.dtype
-        stored = wide.to(out_dtype)
+        stored = cast_checked(wide, out_dtype, key)
         if out_dtype not in WIDE_DTYPES or compute_dtype == torch.float64 and out_dtype == torch.float32:
             mod.cast_max_abs_err = _amax(wide.sub_(stored))  # what the one final cast changed
             mod.cast_max_rel_err = mod.cast_max_abs_err / max(top, 1e-30)
@@ -131,9 +143,13 @@ def merge_state_dict(
         merged[key] = stored
         stats.modules.append(mod)
     if storage_dtype is not None:
+        cast: dict[tuple, torch.Tensor] = {}  # tied tensors (one storage, several names) stay one
         for key, t in merged.items():
             if t.is_floating_point() and t.dtype != storage_dtype:
-                merged[key] = t.to(storage_dtype)
+                alias = (t.data_ptr(), t.shape, t.stride(), t.dtype)
+                if alias not in cast:
+                    cast[alias] = cast_checked(t, storage_dtype, key)
+                merged[key] = cast[alias]
     stats.storage_dtype = str(storage_dtype or next(iter(state.values())).dtype).removeprefix("torch.")
     stats.seconds = time.perf_counter() - t0
     return merged, stats

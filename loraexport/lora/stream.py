@@ -25,7 +25,7 @@ import torch
 from loraexport.errors import AdapterFormatError, AdapterMismatchError, ModelFormatError
 from loraexport.io import parse_json, read_json, short_repr
 from loraexport.lora.adapter import PREFIX, Adapter
-from loraexport.lora.merge import MergeStats, merge_state_dict
+from loraexport.lora.merge import MergeStats, cast_checked, merge_state_dict
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -252,7 +252,7 @@ def stream_merge(
                     stats.modules.extend(one.modules)
                     w = merged[t.name]
                 else:
-                    w = w0.to(storage_dtype)
+                    w = cast_checked(w0, storage_dtype, t.name)
                 if w.numel():
                     _write_all(dst, memoryview(w.contiguous().reshape(-1).view(torch.uint8).numpy()))
                 if on_bytes:

@@ -37,14 +37,23 @@ def _owner(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     return (model.get_submodule(path) if path else model), attr
 
 
-def set_tensor(model: nn.Module, name: str, value: torch.Tensor) -> None:
-    """Give ``model`` a new tensor for parameter or buffer ``name`` (the old one is not written)."""
+def set_tensor(model: nn.Module, name: str, value: torch.Tensor, made: dict | None = None) -> None:
+    """Give ``model`` a new tensor for parameter or buffer ``name`` (the old one is not written).
+
+    ``made`` maps ``id(value)`` to what was made of it, so a value given for several names
+    (tied weights: an embedding and the output head) stays one tensor.
+    """
     owner, attr = _owner(model, name)
+    made = {} if made is None else made
     if attr in owner._parameters:
         old = owner._parameters[attr]
-        owner._parameters[attr] = nn.Parameter(value.to(old.dtype), requires_grad=False)
+        if id(value) not in made:
+            made[id(value)] = nn.Parameter(value.to(old.dtype), requires_grad=False)
+        owner._parameters[attr] = made[id(value)]
     elif attr in owner._buffers:
-        owner._buffers[attr] = value.to(owner._buffers[attr].dtype)
+        if id(value) not in made:
+            made[id(value)] = value.to(owner._buffers[attr].dtype)
+        owner._buffers[attr] = made[id(value)]
     else:
         raise AdapterMismatchError(f"the base model has no parameter or buffer {name!r}")
 
@@ -58,9 +67,10 @@ def merged_view(base: nn.Module, base_state: dict[str, torch.Tensor], merged_sta
     if set(merged_state) != set(base_state):
         raise AdapterMismatchError("merged weights do not have the base model's tensor names")
     model = shared_copy(base)
+    made: dict = {}
     for name, t in merged_state.items():
         if t is not base_state[name]:
-            set_tensor(model, name, t)
+            set_tensor(model, name, t, made)
     return model.eval()
 
 

@@ -38,6 +38,16 @@ def test_two_weighted_adapters_export_and_verify(causal_base, causal_adapter, tm
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["passed"] is True
     assert [a["weight"] for a in report["adapters"]] == [0.7, 0.3]
+    provenance = json.loads((out / "loraexport.json").read_text())["inputs"]["adapters"]
+    assert [a["weight"] for a in provenance] == [0.7, 0.3]  # the export can be reproduced
+    merged = tmp_path / "merged"
+    r = _run("merge", "--base", causal_base, *pair, "--weight", "0.7", "--weight", "0.3", "--out", merged)
+    assert r.exit_code == 0, r.stderr
+    assert [a["weight"] for a in json.loads((merged / "merge.json").read_text())["adapters"]] == [0.7, 0.3]
+    r = _run(
+        "merge", "--base", causal_base, *pair, "--weight", "nan", "--weight", "1", "--out", tmp_path / "m2"
+    )
+    assert r.exit_code == 3 and "adapter weight nan is not a finite number" in r.stderr
     assert report["parity"]["generation"]["identical_rows"] == report["parity"]["generation"]["rows"]
     # the same export against other weights: the unmerged reference differs, parity must fail
     r = _run(
