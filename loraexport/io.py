@@ -148,6 +148,21 @@ def check_output(path: str | Path, force: bool) -> Path:
 
 
 @contextlib.contextmanager
+def _signals_deferred():
+    """Hold SIGINT and SIGTERM until the block is done (they are delivered right after)."""
+    import signal
+
+    if not hasattr(signal, "pthread_sigmask"):  # pragma: no cover - not on POSIX
+        yield
+        return
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+@contextlib.contextmanager
 def atomic_output_dir(path: str | Path, force: bool = False, hasher: Hasher | None = None) -> Iterator[Path]:
     """Yield a temporary folder beside ``path``; rename it to ``path`` only on success.
 
@@ -168,8 +183,13 @@ def atomic_output_dir(path: str | Path, force: bool = False, hasher: Hasher | No
         write_manifest(tmp, hasher.digests() if hasher else None)
         if final.exists():
             old = final.with_name(f".{final.name}.old-{os.getpid()}")
-            os.replace(final, old)
-            os.replace(tmp, final)
+            with _signals_deferred():  # Ctrl-C between the two renames must not lose the old output
+                os.replace(final, old)
+                try:
+                    os.replace(tmp, final)
+                except BaseException:
+                    os.replace(old, final)
+                    raise
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)

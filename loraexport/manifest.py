@@ -47,9 +47,12 @@ class Hasher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _files(directory: Path) -> list[Path]:
+def _files(directory: Path, links: bool = False) -> list[Path]:
+    """Regular files under ``directory`` (links too with ``links``: reported, never hashed)."""
     return sorted(
-        p for p in directory.rglob("*") if p.is_file() and not p.is_symlink() and p.name != MANIFEST
+        p
+        for p in directory.rglob("*")
+        if p.name != MANIFEST and ((p.is_file() and not p.is_symlink()) or (links and p.is_symlink()))
     )
 
 
@@ -94,7 +97,10 @@ def check_manifest(directory: str | Path) -> ManifestCheck:
     result = ManifestCheck(d)
     root = d.resolve()
     for rel, digest in sorted(files.items()):
-        p = (d / rel).resolve()
+        try:
+            p = (d / rel).resolve()
+        except (ValueError, OSError) as e:  # a NUL byte, a name too long, a loop of links
+            raise InvalidInputError(f"{d / MANIFEST} lists {rel!r}, which is not a usable path ({e})") from e
         if root not in p.parents:
             raise InvalidInputError(f"{d / MANIFEST} lists {rel!r}, which is outside {d}")
         if not p.is_file():
@@ -103,6 +109,6 @@ def check_manifest(directory: str | Path) -> ManifestCheck:
         result.checked += 1
         if _sha256(p) != digest:
             result.changed.append(rel)
-    present = (p.relative_to(d).as_posix() for p in _files(d))
+    present = (p.relative_to(d).as_posix() for p in _files(d, links=True))
     result.unlisted = [rel for rel in present if rel not in files]
     return result

@@ -134,3 +134,24 @@ def test_adapter_lost_to_rounding_fails_verification(causal_base, causal_adapter
     assert report["passed"] is False and report["parity"]["passed"] is True  # exact, and still refused
     merged = next(h for h in report["half_precision"] if h["variant"] == "merged")
     assert merged["adapter_retained"] < 0.5
+
+
+def test_stored_names_never_shadow_existing_ones(tmp_path):
+    """An initializer already called ``a__stored_half`` does not collide with ``a``'s half copy."""
+    a = np.full(32, 0.5, dtype=np.float32)
+    b = np.full(32, 2.0, dtype=np.float32)
+    graph = helper.make_graph(
+        [helper.make_node("Add", ["x", "a"], ["y0"]), helper.make_node("Mul", ["y0", f"a{SUFFIX}"], ["y"])],
+        "g",
+        [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [32])],
+        [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [32])],
+        [numpy_helper.from_array(a, "a"), numpy_helper.from_array(b, f"a{SUFFIX}")],
+    )
+    path = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)]), str(path))
+    assert store_weights_half(path, "float16", EXTERNAL_DATA_BYTES)["converted"] == 2
+    import onnxruntime as ort
+
+    x = np.arange(32, dtype=np.float32)
+    (y,) = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(y, (x + a) * b)

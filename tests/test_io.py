@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 
 from loraexport.errors import OutputExistsError, OutputNotWritableError
@@ -58,3 +61,27 @@ def test_atomic_output_failure_creates_nothing(tmp_path):
         raise ValueError
     assert not (tmp_path / "new").exists()
     assert _leftovers(tmp_path, "new") == []
+
+
+@pytest.mark.parametrize("fault", [KeyboardInterrupt, OSError])
+def test_failed_swap_restores_the_previous_output(tmp_path, monkeypatch, fault):
+    """A failure (or Ctrl-C) between moving the old output aside and moving the new one in
+    puts the old one back: the previous output is never lost."""
+    import loraexport.io as lio
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real, calls = os.replace, []
+
+    def replace(src, dst):
+        calls.append((Path(src).name, Path(dst).name))
+        if len(calls) == 2:  # moving the new output into place
+            raise fault()
+        return real(src, dst)
+
+    monkeypatch.setattr(lio.os, "replace", replace)
+    with pytest.raises((fault, lio.OutputNotWritableError)), atomic_output_dir(out, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert _leftovers(tmp_path, "out") == []

@@ -9,6 +9,8 @@ the bytes: verification of the file against the rounded model is exact, and what
 rounding costs against the unmerged model is reported beside it (``verify.half``).
 
 onnxruntime folds the casts when it loads the model: the session holds float32 weights.
+Initializers that are also graph inputs (overridable) and those inside subgraphs are left
+as they are.
 """
 
 from __future__ import annotations
@@ -47,10 +49,13 @@ def store_weights_half(path: Path, dtype: str, external_threshold: int) -> dict[
         raise ExportError(f"unknown weights dtype {dtype!r}; choose from {', '.join(HALF_DTYPES)}")
     model = onnx.load(str(path))  # with its external data, if any
     graph = model.graph
+    taken = {i.name for i in graph.initializer} | {i.name for i in graph.input}
+    taken |= {o for n in graph.node for o in n.output}
+    inputs = {i.name for i in graph.input}
     casts = []
     counts = {"converted": 0, "kept": 0, "bytes_before": 0, "bytes_after": 0}
     for init in graph.initializer:
-        if init.data_type != onnx.TensorProto.FLOAT:
+        if init.data_type != onnx.TensorProto.FLOAT or init.name in inputs:  # an overridable input: leave it
             continue
         arr = numpy_helper.to_array(init)
         counts["bytes_before"] += arr.nbytes
@@ -59,11 +64,15 @@ def store_weights_half(path: Path, dtype: str, external_threshold: int) -> dict[
             counts["kept"] += 1
             counts["bytes_after"] += arr.nbytes
             continue
-        name = init.name
-        stored = onnx.TensorProto(name=name + SUFFIX, data_type=_ONNX_TYPE[dtype], dims=list(arr.shape))
+        name, half_name, n = init.name, init.name + SUFFIX, 0
+        while half_name in taken:  # never shadow an existing name
+            n += 1
+            half_name = f"{name}{SUFFIX}{n}"
+        taken.add(half_name)
+        stored = onnx.TensorProto(name=half_name, data_type=_ONNX_TYPE[dtype], dims=list(arr.shape))
         stored.raw_data = data
         init.CopyFrom(stored)
-        casts.append(helper.make_node("Cast", [name + SUFFIX], [name], to=onnx.TensorProto.FLOAT))
+        casts.append(helper.make_node("Cast", [half_name], [name], to=onnx.TensorProto.FLOAT))
         counts["converted"] += 1
         counts["bytes_after"] += len(data)
     nodes = casts + list(graph.node)

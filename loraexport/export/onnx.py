@@ -135,13 +135,21 @@ def _export_one(spec: GraphSpec, path: Path, opset: int, exporter: str, external
         shutil.rmtree(scratch)
 
 
-def _disk_error(e: BaseException) -> OSError | None:
-    """The OSError for a full, over-quota or read-only disk in ``e``'s chain of causes, if any."""
+def _disk_error(e: BaseException, out_dir: Path) -> OSError | None:
+    """The OSError in ``e``'s chain of causes that is the output's: a full or over-quota disk,
+    or a read-only / permission error on a file under ``out_dir``; else None."""
     seen = set()
+    root = out_dir.resolve()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
-        if isinstance(e, OSError) and e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
-            return e
+        if isinstance(e, OSError):
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                return e
+            name = e.filename if isinstance(e.filename, str) else None
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and name:
+                target = Path(name).resolve()
+                if target == root or root in target.parents:
+                    return e
         e = e.__cause__ or e.__context__
     return None
 
@@ -171,7 +179,7 @@ def export_graphs(
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:  # the exporter raises many types; keep its message
-            disk = _disk_error(e)
+            disk = _disk_error(e, out_dir)
             if disk is not None:  # a full or read-only disk: the output's problem, said by atomic_output_dir
                 raise disk  # noqa: B904 (disk is already in the chain of e; "from" could make a cycle)
             first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__

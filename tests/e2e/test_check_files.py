@@ -67,8 +67,9 @@ def test_check_files_passes_then_catches_changes(seq2seq_onnx, tmp_path):
     r = _run("verify", "--check-files", out)
     assert r.exit_code == 0 and "files match loraexport.json" in r.stdout
     (out / "notes.txt").write_text("mine")  # an added file is reported, not a failure
+    (out / "link").symlink_to("/etc/hostname")  # so is a link (never followed)
     r = _run("verify", "--check-files", out)
-    assert r.exit_code == 0 and "notes.txt" in r.stderr
+    assert r.exit_code == 0 and "notes.txt" in r.stderr and "link" in r.stderr
     with open(out / "decoder.onnx", "r+b") as f:  # one flipped byte
         f.seek(100)
         b = f.read(1)
@@ -89,6 +90,7 @@ def test_check_files_passes_then_catches_changes(seq2seq_onnx, tmp_path):
         ("not json", "loraexport.json"),
         ({"files": ["a"]}, 'has no "files" table'),
         ({"files": {"../escape": "00"}}, "outside"),
+        ({"files": {"a\u0000b": "00"}}, "not a usable path"),
     ],
 )
 def test_check_files_bad_manifest(tmp_path, manifest, message):

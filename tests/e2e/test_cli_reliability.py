@@ -443,7 +443,12 @@ def test_disk_full_during_export_leaves_nothing(work, monkeypatch):
     """merge's full disk is test_stream.py::test_full_disk_leaves_nothing; this is the ONNX stage."""
     from loraexport.export import onnx as onnx_export
 
-    def full(*args, **kwargs):
+    real = onnx_export._export_one
+
+    def full(spec, path, *args, **kwargs):
+        real(spec, path, *args, **kwargs)  # one graph written, then the disk fills up
+        with open(path, "ab") as f:
+            f.write(b"partial")
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(onnx_export, "_export_one", full)

@@ -54,10 +54,12 @@ def test_external_data_outside_the_model_dir_is_refused(
 @pytest.mark.parametrize("command", ["export", "merge-and-export"])
 def test_sigint_during_export_leaves_nothing(causal_base, causal_adapter, tmp_path, monkeypatch, command):
     calls = []
+    real = onnx_export._export_one
 
-    def interrupted(*args, **kwargs):
-        calls.append(1)
-        raise KeyboardInterrupt  # what Ctrl-C raises inside torch.onnx.export
+    def interrupted(spec, path, *args, **kwargs):
+        real(spec, path, *args, **kwargs)  # a graph is on disk in the temporary folder ...
+        calls.append(path)
+        raise KeyboardInterrupt  # ... when Ctrl-C arrives
 
     monkeypatch.setattr(onnx_export, "_export_one", interrupted)
     out = tmp_path / "out"
@@ -66,7 +68,7 @@ def test_sigint_during_export_leaves_nothing(causal_base, causal_adapter, tmp_pa
     before = _snapshot(tmp_path)
     model_opt = "--model" if command == "export" else "--base"
     r = _run(command, model_opt, causal_base, "--adapter", causal_adapter, "--out", out, "--force")
-    assert calls and r.exit_code == 130
+    assert calls and r.exit_code == 130 and not calls[0].exists()  # the half-done graph was removed
     assert r.stderr.strip().splitlines()[-1] == "interrupted: nothing was written"
     assert "Traceback" not in r.output
     assert _snapshot(tmp_path) == before  # the old output untouched, no temporary folder left
