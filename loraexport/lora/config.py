@@ -16,6 +16,13 @@ from typing import Any
 from loraexport.errors import AdapterFormatError, UnsupportedAdapterError
 from loraexport.io import short_repr
 
+try:  # the parser behind re.compile, to look at a pattern's structure (renamed in Python 3.11)
+    from re import _constants as _sre
+    from re import _parser as _sre_parse
+except ImportError:  # Python 3.10
+    import sre_constants as _sre  # type: ignore[no-redef]
+    import sre_parse as _sre_parse  # type: ignore[no-redef]
+
 DEFAULT_TARGETS = ("q", "v")  # Wq and Wv: the LoRA paper's best choice at a fixed budget (§7.1)
 
 # Keys PEFT writes that carry no math for a LoRA merge (bookkeeping, training-time only).
@@ -78,14 +85,74 @@ def _is_rank(v: Any) -> bool:
     return _is_index(v) and 1 <= v <= _MAX_RANK
 
 
+# Regexes from adapter_config.json are matched (as PEFT matches them, with re) against every module
+# name, and Python's re has no timeout: a pattern that backtracks exponentially, like "(a+)+$",
+# would hang the tool on one long module name. Such patterns are refused when the config is read.
+#
+# _MAX_REGEX_LEN bounds what re.compile, the structure check below and re's cache spend on one
+# pattern, and keeps a hostile file from packing thousands of groups into one. Real patterns are
+# far shorter: PEFT's own examples are under 100 characters ('.*\.(q_proj|v_proj)$'), and the
+# longest common ones, Unsloth's generated vision-model patterns (get_peft_regex: every linear
+# layer name in one alternation, twice), run 300-700; hence a cap well above those.
+_MAX_REGEX_LEN = 2000
+_REPEATS = {_sre.MAX_REPEAT, _sre.MIN_REPEAT, getattr(_sre, "POSSESSIVE_REPEAT", _sre.MAX_REPEAT)}
+_GROUPS = {_sre.SUBPATTERN, _sre.ASSERT, _sre.ASSERT_NOT, getattr(_sre, "ATOMIC_GROUP", _sre.SUBPATTERN)}
+
+
+def _nested_repeat(pattern: str) -> str | None:
+    r"""What in ``pattern`` (a valid regex) can backtrack exponentially, or None.
+
+    The rule: inside a repetition that may repeat more than once (``*``, ``+``, ``{2,}``...),
+    no other repetition (``(a+)+``, ``(a?)*``, ``(\w+\.)*``), no alternation (``(a|aa)+``) and
+    no back-reference: each lets the engine split the same text in exponentially many ways before
+    it gives up. Real PEFT patterns repeat single characters or classes (``.*``, ``\d+``,
+    ``[\d]{1,}``) and keep alternations and optional groups (``(q|v)_proj``, ``(.*\.)?``) outside
+    any repetition, so they never trip it. Polynomial backtracking (``.*.*.*x``) is not caught.
+    """
+    stack: list[tuple[Any, bool]] = [(_sre_parse.parse(pattern), False)]
+    while stack:  # iterative: a pattern nested hundreds of groups deep must not hit the recursion limit
+        items, inside = stack.pop()
+        for op, av in items:
+            if op in _REPEATS:
+                if inside:
+                    return "a repetition inside a repetition"
+                stack.append((av[2], av[1] > 1))
+            elif op is _sre.BRANCH:
+                if inside:
+                    return "an alternation inside a repetition"
+                stack.extend((branch, inside) for branch in av[1])
+            elif op is _sre.GROUPREF_EXISTS:
+                if inside:
+                    return "a conditional group inside a repetition"
+                stack.extend((branch, inside) for branch in av[1:] if branch is not None)
+            elif op is _sre.GROUPREF:
+                if inside:
+                    return "a back-reference inside a repetition"
+            elif op in _GROUPS:
+                stack.append((av if op is getattr(_sre, "ATOMIC_GROUP", None) else av[-1], inside))
+    return None
+
+
 def _check_regex(key: str, pattern: str, template: str) -> None:
-    """``pattern`` compiles where PEFT puts it; re raises more than re.error on hostile input."""
+    """``pattern`` compiles where PEFT puts it, and cannot backtrack for hours on a module name."""
+    if len(pattern) > _MAX_REGEX_LEN:
+        raise UnsupportedAdapterError(
+            f"adapter_config.json: {key!r} regex {short_repr(pattern)} is {len(pattern)} characters long; "
+            f"refusing regexes over {_MAX_REGEX_LEN}"
+        )
+    regex = template.format(pattern)
     try:
         with warnings.catch_warnings():  # FutureWarning for "[[" and the like: not an error
             warnings.simplefilter("ignore")
-            re.compile(template.format(pattern))
+            re.compile(regex)
+            nested = _nested_repeat(regex)  # as embedded: the template may hold the user's groups
     except (re.error, OverflowError, RecursionError, ValueError) as e:
         raise AdapterFormatError(f"adapter_config.json: {key!r} regex {short_repr(pattern)}: {e}") from e
+    if nested:
+        raise UnsupportedAdapterError(
+            f"adapter_config.json: {key!r} regex {short_repr(pattern)} has {nested}, which can take "
+            "exponential time to match; refusing it (rewrite it without nesting)"
+        )
 
 
 def _invalid(key: str, must: str, value: Any) -> AdapterFormatError:

@@ -21,7 +21,8 @@ traceback.
 
     python tests/fuzz/fuzz_parsers.py --inputs 100000 --seconds 600   # what `make fuzz` runs
 
-Exit status: 0 no crash, 1 crashes found.
+Exit status: 0 when every requested input ran without a crash; 1 on a crash, or when the time
+limit stopped the run before ``--inputs`` inputs (the reason is the last line, on stderr).
 """
 
 from __future__ import annotations
@@ -65,6 +66,9 @@ REPO = Path(__file__).resolve().parents[2]
 WEIGHTS = {"safetensors": 40, "index": 10, "config": 30, "adapter": 18, "pickle": 2}
 SLOW_INPUT_S = 2.0  # one input taking longer than this is reported (a parser that hangs)
 MODULE_PATHS = ["blocks.0.q", "blocks.1.v", "blocks.0.o", "q", "blocks.10.attn.q", ""]
+# A name on which a nested quantifier in a config regex ("(a+)+$") backtracks for seconds (2**27
+# splits), so an accepted config with one is reported as a slow input, not hung on at length.
+MODULE_PATHS += ["a" * 27 + ".q"]
 
 # ---- random values ---------------------------------------------------------------------------
 INTERESTING_INTS = [0, 1, -1, 2, 3, 4, 7, 8, 16, 255, 256, 2**31 - 1, 2**31, 2**32, 2**53 + 1]
@@ -75,6 +79,7 @@ INTERESTING_STRS = (
 )
 INTERESTING_STRS += ["", ".*", "(", ")", "[", "*", "(?P<", "\\", "a{99999999999}", "(a+)+$", "\x00", "\u00e9"]
 INTERESTING_STRS += ["\ud800", "lora_A", "base_model.model.", "x" * 300]
+INTERESTING_STRS += ["(a|aa)+", "(a*)*$", r"(\w+\.?)+x", ".*\\.(q|v)$", "q|" * 1001]  # regexes
 KEY_POOL = (
     "r lora_alpha target_modules lora_dropout fan_in_fan_out bias use_rslora rank_pattern alpha_pattern "
     "layers_to_transform layers_pattern exclude_modules modules_to_save base_model_name_or_path task_type "
@@ -640,12 +645,20 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  {t:12s} {stats.per_target[t]:7d} inputs, {stats.accepted[t]:6d} accepted")
     print("  errors raised: " + ", ".join(f"{k} {v}" for k, v in stats.errors.most_common()))
     print(f"  slowest input: {stats.slowest[0] * 1000:.0f} ms ({stats.slowest[1]})")
-    if stats.inputs < args.inputs:
-        print(f"  stopped by the time limit ({args.seconds:g} s) before {args.inputs} inputs")
     print(f"crashes: {sum(c for c, _, _ in stats.crashes.values())} ({len(stats.crashes)} distinct)")
     for sig, (count, where, summary) in sorted(stats.crashes.items()):
         print(f"  {count:6d}x {sig.split(':')[0]}: {summary}\n          saved in {where}")
-    return 1 if stats.crashes else 0
+    failures = []
+    if stats.crashes:
+        failures.append(f"crashes found ({len(stats.crashes)} distinct)")
+    if stats.inputs < args.inputs:  # a fuzz run that did not run what it was asked proves less
+        failures.append(
+            f"ran {stats.inputs} of {args.inputs} inputs before the time limit ({args.seconds:g} s)"
+        )
+    if failures:
+        print("fuzz: FAILED: " + "; ".join(failures), file=sys.stderr)
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
