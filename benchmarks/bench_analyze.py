@@ -15,11 +15,7 @@ import time
 from pathlib import Path
 
 RANK, LAYERS, WIDTH = 8, 12, 768
-# The CLI with `analyze` registered (a no-op once loraexport/cli.py registers it itself).
-CLI = (
-    "import sys; from loraexport.cli import main; from loraexport.analyze.cli import analyze; "
-    "'analyze' in main.commands or main.add_command(analyze); sys.exit(main(prog_name='loraexport'))"
-)
+LORAEXPORT = Path(sys.executable).parent / "loraexport"  # the installed console script
 
 
 def build(root: Path) -> tuple[Path, Path]:
@@ -56,7 +52,7 @@ def main() -> None:
     p.add_argument("--dir", type=Path, default=Path("runs/bench-analyze"))
     args = p.parse_args()
     base, adapter = build(args.dir)
-    cmd = [sys.executable, "-c", CLI, "-q", "analyze", "--base", str(base), "--adapter", str(adapter)]
+    cmd = [str(LORAEXPORT), "-q", "analyze", "--base", str(base), "--adapter", str(adapter)]
     cmd += ["--out", str(args.dir / "analysis"), "--force"]
     t0 = time.perf_counter()
     subprocess.run(cmd, check=True)
