@@ -125,6 +125,22 @@ class Adapter:
             if t.is_floating_point() and not _all_finite(t):
                 raise AdapterFormatError(f"adapter: '{PREFIX}{name}' contains NaN or Inf; refusing to merge")
 
+    def check_targets(self, expected: set[str]) -> None:
+        """The adapter holds tensors for exactly the ``expected`` module paths (those its config
+        targets in the base): none missing, none extra."""
+        missing = sorted(expected - set(self.weights))
+        if missing:
+            raise AdapterFormatError(
+                f"adapter: tensor missing for targeted module {missing[0]!r} "
+                f"('{PREFIX}{missing[0]}.lora_A.weight'); {len(missing)} module(s) missing in all"
+            )
+        extra = sorted(set(self.weights) - expected)
+        if extra:
+            raise AdapterMismatchError(
+                f"adapter holds tensors for {extra[0]!r}, which adapter_config.json's target_modules "
+                f"{self.config.target_modules!r} does not target"
+            )
+
     def check_fits(self, model: nn.Module) -> None:
         """The adapter's modules are exactly the model's targeted linears, with fitting shapes.
 
@@ -148,19 +164,7 @@ class Adapter:
                     f"adapter module {path!r}: lora_A {tuple(a.shape)} / lora_B {tuple(b.shape)} do not "
                     f"fit a linear layer of {in_f} -> {out_f} features"
                 )
-        expected = set(target_names(model, self.config))
-        missing = sorted(expected - set(self.weights))
-        if missing:
-            raise AdapterFormatError(
-                f"adapter: tensor missing for targeted module {missing[0]!r} "
-                f"('{PREFIX}{missing[0]}.lora_A.weight'); {len(missing)} module(s) missing in all"
-            )
-        extra = sorted(set(self.weights) - expected)
-        if extra:
-            raise AdapterMismatchError(
-                f"adapter holds tensors for {extra[0]!r}, which adapter_config.json's target_modules "
-                f"{self.config.target_modules!r} does not target"
-            )
+        self.check_targets(set(target_names(model, self.config)))
         state = model.state_dict()
         for name, t in self.replacements.items():
             if name not in state:

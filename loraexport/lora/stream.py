@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 
-from loraexport.errors import AdapterFormatError, AdapterMismatchError, ModelFormatError
+from loraexport.errors import AdapterMismatchError, ModelFormatError
 from loraexport.io import parse_json, read_json, short_repr
-from loraexport.lora.adapter import PREFIX, Adapter
+from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, cast_checked, merge_state_dict
 
 INDEX = "model.safetensors.index.json"
@@ -283,19 +283,7 @@ def _check_targets(adapter: Adapter, tensors: dict[str, TensorInfo]) -> None:
     modules = {
         n.removesuffix(".weight") for n, t in tensors.items() if n.endswith(".weight") and len(t.shape) == 2
     }
-    expected = {m for m in modules if adapter.config.matches(m)}
-    missing = sorted(expected - set(adapter.weights))
-    if missing:
-        raise AdapterFormatError(
-            f"adapter: tensor missing for targeted module {missing[0]!r} "
-            f"('{PREFIX}{missing[0]}.lora_A.weight'); {len(missing)} module(s) missing in all"
-        )
-    extra = sorted(set(adapter.weights) - expected)
-    if extra:
-        raise AdapterMismatchError(
-            f"adapter holds tensors for {extra[0]!r}, which adapter_config.json's target_modules "
-            f"{adapter.config.target_modules!r} does not target"
-        )
+    adapter.check_targets({m for m in modules if adapter.config.matches(m)})
 
 
 def _write_all(dst, data) -> None:
