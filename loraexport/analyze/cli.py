@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-_path = click.Path(path_type=Path)
+_path = click.Path(path_type=Path, readable=False)  # the library says what is wrong (exit 3)
 MAX_SEED = 2**63 - 1  # = analysis.MAX_SEED (not imported here: the CLI loads torch lazily)
 
 
