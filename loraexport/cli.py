@@ -30,10 +30,15 @@ class _Group(click.Group):
             raise
         except LoraExportError as e:
             _fail(ctx, f"error: {e}", e.exit_code)
-        except Terminated:
-            _fail(ctx, "terminated: nothing was written", EXIT_TERMINATED)
-        except KeyboardInterrupt:
-            _fail(ctx, "interrupted: nothing was written", EXIT_INTERRUPTED)
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
+            term = isinstance(e, Terminated)
+            written = getattr(e, "loraexport_written", None)  # set when it came just after the output
+            detail = f"{written} was written completely" if written else "nothing was written"
+            _fail(
+                ctx,
+                f"{'terminated' if term else 'interrupted'}: {detail}",
+                EXIT_TERMINATED if term else EXIT_INTERRUPTED,
+            )
         except Exception as e:  # a bug: say so, keep the traceback behind --debug
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             _fail(

@@ -178,11 +178,12 @@ def atomic_output_dir(path: str | Path, force: bool = False, hasher: Hasher | No
     except OSError as e:
         raise OutputNotWritableError(f"cannot create {final.absolute().parent}: {e.strerror}") from e
     tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.tmp-", dir=final.absolute().parent))
+    old = final.with_name(f".{final.name}.old-{os.getpid()}")
+    written = False
     try:
         yield tmp
         write_manifest(tmp, hasher.digests() if hasher else None)
         if final.exists():
-            old = final.with_name(f".{final.name}.old-{os.getpid()}")
             with _signals_deferred():  # Ctrl-C between the two renames must not lose the old output
                 os.replace(final, old)
                 try:
@@ -190,9 +191,11 @@ def atomic_output_dir(path: str | Path, force: bool = False, hasher: Hasher | No
                 except BaseException:
                     os.replace(old, final)
                     raise
+                written = True
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, final)
+            written = True
     except OSError as e:
         if hasher:
             hasher.cancel()
@@ -202,8 +205,11 @@ def atomic_output_dir(path: str | Path, force: bool = False, hasher: Hasher | No
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
             raise OutputNotWritableError(f"cannot write {final}: {e.strerror}") from e
         raise
-    except BaseException:
+    except BaseException as e:
         if hasher:
             hasher.cancel()
         shutil.rmtree(tmp, ignore_errors=True)
+        if written:  # a signal held back during the swap arrived once it was done: the output is whole
+            shutil.rmtree(old, ignore_errors=True)
+            e.loraexport_written = str(final)
         raise

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -84,4 +85,28 @@ def test_failed_swap_restores_the_previous_output(tmp_path, monkeypatch, fault):
     with pytest.raises((fault, lio.OutputNotWritableError)), atomic_output_dir(out, force=True) as tmp:
         (tmp / "new.txt").write_text("new")
     assert sorted(p.name for p in out.iterdir()) == ["old.txt"]
+    assert _leftovers(tmp_path, "out") == []
+
+
+def test_interrupt_just_after_the_swap_keeps_the_new_output_and_says_so(tmp_path, monkeypatch):
+    """Ctrl-C held back during the swap arrives right after it: the new output is whole and
+    stays, the old one is cleaned up, and the exception says the output was written."""
+    import loraexport.io as lio
+
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "old.txt").write_text("old")
+    real, calls = shutil.rmtree, []
+
+    def rmtree(path, *args, **kwargs):
+        calls.append(Path(path).name)
+        if len(calls) == 1:  # removing the old output: the delayed signal lands here
+            raise KeyboardInterrupt
+        return real(path, *args, **kwargs)
+
+    monkeypatch.setattr(lio.shutil, "rmtree", rmtree)
+    with pytest.raises(KeyboardInterrupt) as info, atomic_output_dir(out, force=True) as tmp:
+        (tmp / "new.txt").write_text("new")
+    assert info.value.loraexport_written == str(out)
+    assert sorted(p.name for p in out.iterdir()) == ["loraexport.json", "new.txt"]
     assert _leftovers(tmp_path, "out") == []
