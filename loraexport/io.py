@@ -117,9 +117,12 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+    try:
+        with open(path, "rb") as f:
+            while block := f.read(chunk):
+                h.update(block)
+    except OSError as e:
+        raise InputNotFoundError(f"cannot read {path}: {e.strerror or e}") from e
     return h.hexdigest()
 
 
@@ -145,6 +148,13 @@ def check_output(path: str | Path, force: bool) -> Path:
     if not os.access(parent, os.W_OK | os.X_OK):
         raise OutputNotWritableError(f"cannot write to {parent} (permission denied)")
     return p
+
+
+def _inside(path: Path, places: tuple[Path, ...]) -> bool:
+    """``path`` is one of ``places`` (the output, its temporary folder, its parent) or in the
+    first two: a permission error there is the output's."""
+    p = path.absolute()
+    return any(p == q.absolute() for q in places) or any(q.absolute() in p.parents for q in places[:2])
 
 
 @contextlib.contextmanager
@@ -194,8 +204,9 @@ def atomic_output_dir(path: str | Path, force: bool = False, hasher: Hasher | No
                 written = True
             shutil.rmtree(old, ignore_errors=True)
         else:
-            os.replace(tmp, final)
-            written = True
+            with _signals_deferred():  # so that "written" is true exactly when the output is there
+                os.replace(tmp, final)
+                written = True
     except OSError as e:
         if hasher:
             hasher.cancel()
@@ -203,6 +214,9 @@ def atomic_output_dir(path: str | Path, force: bool = False, hasher: Hasher | No
         if e.errno in (errno.ENOSPC, errno.EDQUOT):
             raise OutputNotWritableError(f"no space left on device while writing {final}") from e
         if e.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+            name = e.filename if isinstance(e.filename, str) else None
+            if name and not _inside(Path(name), (tmp, final, final.absolute().parent)):
+                raise InputNotFoundError(f"cannot read {name}: {e.strerror}") from e  # an input's fault
             raise OutputNotWritableError(f"cannot write {final}: {e.strerror}") from e
         raise
     except BaseException as e:

@@ -472,14 +472,17 @@ def _verify_into(
         log(f"parity [{provider}]: {opts.samples} cases against {what} (float32 and float64) …")
         # Opened inside and closed before the torch runs: never the session and the float64
         # model at once (memory stays near twice the weights).
-        result = check_parity(
-            family,
-            reference,
-            lambda p=provider: _open(onnx_path, p, threads),
-            samples=opts.samples,
-            seed=opts.seed,
-            sources=sources,
-        )
+        try:
+            result = check_parity(
+                family,
+                reference,
+                lambda p=provider: _open(onnx_path, p, threads),
+                samples=opts.samples,
+                seed=opts.seed,
+                sources=sources,
+            )
+        except RuntimeInputError as e:  # the export does not run on this model's inputs
+            raise InvalidInputError(str(e)) from e
         if weights_dtype:
             result.reference = (
                 f"the merged model with its weights rounded to {weights_dtype} (what the file stores), "

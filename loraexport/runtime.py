@@ -18,6 +18,15 @@ import numpy as np
 import onnxruntime as ort
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
+# What onnxruntime raises for a model it cannot load (bad graph, bad protobuf, missing data...).
+_ORT_LOAD_ERRORS = tuple(
+    getattr(ort.capi.onnxruntime_pybind11_state, name)
+    for name in ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "NotImplemented")
+    if hasattr(ort.capi.onnxruntime_pybind11_state, name)
+)
+
+
+KINDS = ("seq2seq", "causal", "encoder")
 
 
 class RuntimeInputError(ValueError):
@@ -36,16 +45,44 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     return so
 
 
+def _tensors(graph):
+    """Every TensorProto of ``graph``: initializers, sparse ones, and node attributes
+    (``Constant`` values, tensors in subgraphs of ``If``/``Loop``/``Scan``), recursively."""
+    yield from graph.initializer
+    for sparse in graph.sparse_initializer:
+        yield sparse.values
+        yield sparse.indices
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("t"):
+                yield attr.t
+            yield from attr.tensors
+            if attr.HasField("g"):
+                yield from _tensors(attr.g)
+            for g in attr.graphs:
+                yield from _tensors(g)
+
+
 def check_external_data(path: Path) -> None:
-    """Refuse an ONNX file whose external-data locations point outside its own directory."""
+    """Refuse an ONNX file that cannot be parsed, or any of whose tensors keeps its data outside
+    the file's own directory (``../x``, an absolute path, a link leading out)."""
     import onnx  # part of the runtime dependencies; only the protobuf is parsed
 
-    model = onnx.load(str(path), load_external_data=False)
+    try:
+        model = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeInputError(f"{path}: not a readable ONNX model ({first})") from e
     root = path.parent.resolve()
-    for tensor in model.graph.initializer:
+    for tensor in _tensors(model.graph):
         for entry in tensor.external_data:
             if entry.key == "location":
-                target = (root / entry.value).resolve()
+                try:
+                    target = (root / entry.value).resolve()
+                except (ValueError, OSError) as e:
+                    raise RuntimeInputError(
+                        f"{path.name}: unusable external data location {entry.value!r}"
+                    ) from e
                 if root != target and root not in target.parents:
                     raise RuntimeInputError(
                         f"{path.name}: external data {entry.value!r} points outside {root}; refusing to load"
@@ -62,7 +99,11 @@ def open_session(path: str | Path, provider: str = "cpu", threads: int | None = 
         raise RuntimeInputError(f"onnxruntime has no {PROVIDERS[provider]} on this machine")
     check_external_data(p)
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    return ort.InferenceSession(str(p), sess_options=session_options(threads), providers=providers)
+    try:
+        return ort.InferenceSession(str(p), sess_options=session_options(threads), providers=providers)
+    except _ORT_LOAD_ERRORS as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RuntimeInputError(f"onnxruntime cannot load {p}: {first}") from e
 
 
 class OnnxModel:
@@ -77,9 +118,20 @@ class OnnxModel:
         meta_path = self.dir / "loraexport.json"
         if not meta_path.is_file():
             raise RuntimeInputError(f"{meta_path} not found: not a loraexport output directory")
-        self.meta = json.loads(meta_path.read_text())
-        self.kind = self.meta["model"]["kind"]
-        self.tokens = self.meta["model"].get("special_tokens", {})
+        try:
+            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
+            self.kind = self.meta["model"]["kind"]
+            self.tokens = self.meta["model"].get("special_tokens", {})
+        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
+            raise RuntimeInputError(
+                f"{meta_path}: not a loraexport export description ({type(e).__name__})"
+            ) from e
+        if self.kind not in KINDS:
+            raise RuntimeInputError(
+                f"{meta_path}: unknown model kind {self.kind!r} (one of {', '.join(KINDS)})"
+            )
+        if not isinstance(self.tokens, dict):
+            raise RuntimeInputError(f"{meta_path}: special_tokens must be an object")
         self.provider = provider
         self.threads = threads
         names = ["encoder", "decoder"] if self.kind == "seq2seq" else ["model"]
@@ -97,7 +149,11 @@ class OnnxModel:
     def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         sess = self.sessions[graph]
         wanted = self.input_names[graph]
-        outs = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        try:
+            outs = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
+        except _ORT_LOAD_ERRORS as e:  # e.g. an export of another model: its inputs do not fit
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise RuntimeInputError(f"onnxruntime cannot run {graph}.onnx of {self.dir}: {first}") from e
         return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
     def forward_all(

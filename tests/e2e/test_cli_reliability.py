@@ -561,3 +561,25 @@ def test_real_signal_during_merge_exits_and_leaves_nothing(work, sig, code, mess
     assert proc.returncode == code, err
     assert err.strip().splitlines() == [message]
     assert _snapshot(work) == before
+
+
+@pytest.mark.parametrize("command", ["merge", "merge-and-export"])
+def test_unreadable_base_shard_is_blamed_on_the_input(work, monkeypatch, command):
+    """A permission error on an input is the input's: exit 3 naming it, not 'cannot write OUT'."""
+    import builtins
+
+    shard = str(work / "base" / "model.safetensors")
+    real_open = builtins.open
+
+    def guarded(file, *args, **kwargs):
+        if str(file) == shard:
+            raise PermissionError(errno.EACCES, "Permission denied", shard)
+        return real_open(file, *args, **kwargs)
+
+    before = _snapshot(work)
+    with monkeypatch.context() as m:
+        m.setattr(builtins, "open", guarded)
+        r = _merge(command, work / "base", work / "adapter", work / "out")
+    line = _refused(r, 3, "model.safetensors")
+    assert "cannot write" not in line
+    assert _snapshot(work) == before

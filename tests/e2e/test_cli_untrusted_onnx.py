@@ -72,3 +72,49 @@ def test_sigint_during_export_leaves_nothing(causal_base, causal_adapter, tmp_pa
     assert r.stderr.strip().splitlines()[-1] == "interrupted: nothing was written"
     assert "Traceback" not in r.output
     assert _snapshot(tmp_path) == before  # the old output untouched, no temporary folder left
+
+
+def _verify(base, adapter, onnx_dir):
+    return _run(
+        "verify", "--base", base, "--adapter", adapter, "--onnx", onnx_dir, "--no-latency", "--samples", "1"
+    )
+
+
+def _one_error_line(r, needle):
+    errors = [line for line in r.stderr.splitlines() if line.startswith(("error", "internal error"))]
+    assert r.exit_code == 3, r.output
+    assert len(errors) == 1 and errors[0].startswith("error: ") and needle in errors[0], errors
+    assert "Traceback" not in r.output
+
+
+def test_truncated_onnx_file_is_invalid_input(causal_base, causal_adapter, causal_onnx, tmp_path):
+    onnx_dir = copy_dir(causal_onnx, tmp_path / "onnx")
+    data = (onnx_dir / "model.onnx").read_bytes()
+    (onnx_dir / "model.onnx").write_bytes(data[: len(data) // 3])
+    before = _snapshot(tmp_path)
+    _one_error_line(_verify(causal_base, causal_adapter, onnx_dir), "not a readable ONNX model")
+    assert _snapshot(tmp_path) == before
+
+
+@pytest.mark.parametrize("meta", ['{"model": {}}', "[1, 2]", '{"model": {"kind": "gan"}}', "{not json"])
+def test_broken_export_description_is_invalid_input(causal_base, causal_adapter, causal_onnx, tmp_path, meta):
+    onnx_dir = copy_dir(causal_onnx, tmp_path / "onnx")
+    (onnx_dir / "loraexport.json").write_text(meta)
+    _one_error_line(_verify(causal_base, causal_adapter, onnx_dir), "loraexport.json")
+
+
+def test_external_data_of_a_constant_node_outside_the_dir_is_refused(
+    causal_base, causal_adapter, causal_onnx, tmp_path
+):
+    """Not only initializers: a Constant node's tensor may point outside too."""
+    onnx_dir = copy_dir(causal_onnx, tmp_path / "onnx")
+    (tmp_path / "outside.bin").write_bytes(b"\0" * 64)
+    path = onnx_dir / "model.onnx"
+    model = onnx.load(str(path))
+    value = onnx.helper.make_tensor("c", onnx.TensorProto.FLOAT, [16], bytes(64), raw=True)
+    external_data_helper.set_external_data(value, location="../outside.bin", offset=0, length=64)
+    value.ClearField("raw_data")
+    value.data_location = onnx.TensorProto.EXTERNAL
+    model.graph.node.insert(0, onnx.helper.make_node("Constant", [], ["planted_constant"], value=value))
+    onnx.save(model, str(path))
+    _one_error_line(_verify(causal_base, causal_adapter, onnx_dir), "points outside")
