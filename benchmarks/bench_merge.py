@@ -13,6 +13,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import time
@@ -151,6 +152,7 @@ def run(code: str, *args: str) -> tuple[float, float]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("runs/bench-merge"))
+    ap.add_argument("--repeat", type=int, default=3, help="runs of each path; the median is reported")
     args = ap.parse_args()
     t0 = time.perf_counter()
     build(args.dir)
@@ -161,21 +163,31 @@ def main() -> None:
         f"(ready in {time.perf_counter() - t0:.0f} s)",
         file=sys.stderr,
     )
+    paths = {
+        "loraexport merge (streaming)": STREAM_PATH,
+        "PEFT load → merge_and_unload → save_pretrained": PEFT_PATH,
+    }
+    runs: dict[str, list[tuple[float, float]]] = {name: [] for name in paths}
+    for _ in range(args.repeat):  # the two paths alternate, so both see the same machine state
+        for name, code in paths.items():
+            out = args.dir / "out"
+            shutil.rmtree(out, ignore_errors=True)
+            subprocess.run(["sync"], check=False)
+            runs[name].append(run(code, str(base), str(adapter), str(out)))
+            shutil.rmtree(out, ignore_errors=True)
     rows = []
-    for name, code in (
-        ("loraexport merge (streaming)", STREAM_PATH),
-        ("PEFT load → merge_and_unload → save_pretrained", PEFT_PATH),
-    ):
-        out = args.dir / "out"
-        shutil.rmtree(out, ignore_errors=True)
-        subprocess.run(["sync"], check=False)
-        seconds, rss = run(code, str(base), str(adapter), str(out))
+    for name, results in runs.items():
+        seconds = statistics.median(s for s, _ in results)
+        rss = max(r for _, r in results)
         rows.append((name, seconds, rss, size / seconds / 1e6))
-        shutil.rmtree(out, ignore_errors=True)
+        print(f"{name}: " + ", ".join(f"{s:.1f} s" for s, _ in results), file=sys.stderr)
     print(
         f"\nmerge of a {size / 1e9:.2f} GB float16 checkpoint (9 Llama-7B-shaped layers), LoRA r=16 on q/v\n"
     )
-    print("| path | wall s | peak RSS GB | MB/s (checkpoint bytes / wall) |\n|---|---:|---:|---:|")
+    print(
+        f"| path | median wall s of {args.repeat} | peak RSS GB | MB/s (checkpoint bytes / median wall) |"
+        "\n|---|---:|---:|---:|"
+    )
     for name, s, rss, mbps in rows:
         print(f"| {name} | {s:.1f} | {rss:.2f} | {mbps:.0f} |")
     _ = resource  # (peak RSS is measured inside each child)
