@@ -102,3 +102,11 @@ def test_check_files_bad_manifest(tmp_path, manifest, message):
     r = _run("verify", "--check-files", d)
     assert r.exit_code == 3 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
+
+
+def test_analyze_output_has_a_true_manifest(seq2seq_base, seq2seq_adapter, tmp_path):
+    out = tmp_path / "analysis"
+    r = _run("analyze", "--base", seq2seq_base, "--adapter", seq2seq_adapter, "--out", out)
+    assert r.exit_code == 0, r.stderr
+    _assert_manifest_true(out)
+    assert _run("verify", "--check-files", out).exit_code == 0

@@ -583,3 +583,26 @@ def test_unreadable_base_shard_is_blamed_on_the_input(work, monkeypatch, command
     line = _refused(r, 3, "model.safetensors")
     assert "cannot write" not in line
     assert _snapshot(work) == before
+
+
+def test_disk_full_in_the_middle_of_a_shard_leaves_nothing(work, monkeypatch):
+    """The disk fills up after the merged shard is partly written: exit 3, one line, and the
+    output location exactly as before (the half-written shard and its folder removed)."""
+    from loraexport.lora import stream
+
+    real, calls = stream._write_all, []
+
+    def fill_up(dst, data):
+        calls.append(1)
+        if len(calls) == 3:  # the header and a tensor are written; the next write fails
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(dst, data)
+
+    monkeypatch.setattr(stream, "_write_all", fill_up)
+    out = work / "out"
+    out.mkdir()
+    (out / "keep.txt").write_text("the previous result")
+    before = _snapshot(work)
+    r = _merge("merge", work / "base", work / "adapter", out, "--force")
+    _refused(r, 3, "no space left on device", str(out))
+    assert len(calls) == 3 and _snapshot(work) == before

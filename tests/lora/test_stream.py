@@ -202,3 +202,25 @@ def test_malformed_safetensors_refused(tmp_path, corrupt, message):
     path.write_bytes(corrupt(path.read_bytes()))
     with pytest.raises(ModelFormatError, match=message):
         read_header(path)
+
+
+def test_only_targeted_tensors_are_decoded_and_progress_counts_every_byte(tmp_path, monkeypatch):
+    """Untargeted tensors travel as bytes (never decoded into tensors); progress sums to the
+    bytes of every tensor in the checkpoint."""
+    from loraexport.lora import stream
+
+    tensors = _checkpoint(tmp_path / "base")
+    adapters = [_adapter(["layers.0.q", "layers.1.v"], 4, 8, 1)]
+    decoded, real = [], torch.frombuffer
+
+    def spy(buf, *args, **kwargs):
+        decoded.append(len(buf))
+        return real(buf, *args, **kwargs)
+
+    monkeypatch.setattr(stream.torch, "frombuffer", spy)
+    progress: list[int] = []
+    (tmp_path / "out").mkdir()
+    stream_merge(tmp_path / "base", adapters, tmp_path / "out", on_bytes=progress.append)
+    targeted = [tensors[k] for k in ("layers.0.q.weight", "layers.1.v.weight")]
+    assert sorted(decoded) == sorted(t.numel() * t.element_size() for t in targeted)
+    assert sum(progress) == sum(t.numel() * t.element_size() for t in tensors.values())
