@@ -292,27 +292,32 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
     )
 
 
+def _export_options(f):
+    """--opset, --exporter and --dtype, shared by export and merge-and-export."""
+    f = click.option(
+        "--dtype",
+        type=click.Choice(["float32", "float16", "bfloat16"]),
+        help="Store the ONNX weights in this dtype (merged weights rounded once; computation stays float32).",
+    )(f)
+    f = click.option(
+        "--exporter",
+        type=click.Choice(["dynamo", "torchscript"]),
+        help="torch.onnx exporter (default: dynamo for the reference model, torchscript for HF models).",
+    )(f)
+    return click.option("--opset", default=18, show_default=True, type=click.IntRange(18))(f)
+
+
 @main.command()
 @click.option("--model", "model_dir", required=True, type=_path, help="Model directory (base or merged).")
 @_adapter_options(required=False)
 @click.option("--out", required=True, type=_path, help="Output directory for the ONNX file(s).")
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(18))
-@click.option(
-    "--exporter",
-    type=click.Choice(["dynamo", "torchscript"]),
-    help="torch.onnx exporter (default: dynamo for the reference model, torchscript for HF models).",
-)
+@_export_options
 @click.option(
     "--mode",
     type=click.Choice(["merged", "unmerged"]),
     default="merged",
     show_default=True,
     help="With --adapter: merge it, or keep the LoRA branches in the graph.",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    help="Store the ONNX weights in this dtype (merged weights rounded once; computation stays float32).",
 )
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True).")
@@ -487,17 +492,7 @@ def _check_files(ctx: click.Context, directory: Path, as_json: bool) -> None:
 @click.option("--base", required=True, type=_path, help="Base model directory.")
 @_adapter_options()
 @click.option("--out", required=True, type=_path, help="Output directory (written atomically).")
-@click.option("--opset", default=18, show_default=True, type=click.IntRange(18))
-@click.option(
-    "--exporter",
-    type=click.Choice(["dynamo", "torchscript"]),
-    help="torch.onnx exporter (default: dynamo for the reference model, torchscript for HF models).",
-)
-@click.option(
-    "--dtype",
-    type=click.Choice(["float32", "float16", "bfloat16"]),
-    help="Store the ONNX weights in this dtype (merged weights rounded once; computation stays float32).",
-)
+@_export_options
 @click.option("--no-verify", is_flag=True, help="Skip parity and latency.")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @_verify_options

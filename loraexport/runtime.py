@@ -29,6 +29,12 @@ _ORT_LOAD_ERRORS = tuple(
 KINDS = ("seq2seq", "causal", "encoder")
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (or its type's name), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class RuntimeInputError(ValueError):
     """The exported directory cannot be run (missing files, unsafe external data)."""
 
@@ -71,8 +77,7 @@ def check_external_data(path: Path) -> None:
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeInputError(f"{path}: not a readable ONNX model ({first})") from e
+        raise RuntimeInputError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
     root = path.parent.resolve()
     for tensor in _tensors(model.graph):
         for entry in tensor.external_data:
@@ -102,8 +107,7 @@ def open_session(path: str | Path, provider: str = "cpu", threads: int | None = 
     try:
         return ort.InferenceSession(str(p), sess_options=session_options(threads), providers=providers)
     except _ORT_LOAD_ERRORS as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RuntimeInputError(f"onnxruntime cannot load {p}: {first}") from e
+        raise RuntimeInputError(f"onnxruntime cannot load {p}: {first_line(e)}") from e
 
 
 class OnnxModel:
@@ -152,8 +156,9 @@ class OnnxModel:
         try:
             outs = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
         except _ORT_LOAD_ERRORS as e:  # e.g. an export of another model: its inputs do not fit
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise RuntimeInputError(f"onnxruntime cannot run {graph}.onnx of {self.dir}: {first}") from e
+            raise RuntimeInputError(
+                f"onnxruntime cannot run {graph}.onnx of {self.dir}: {first_line(e)}"
+            ) from e
         return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
     def forward_all(

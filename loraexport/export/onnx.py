@@ -22,6 +22,7 @@ import torch
 
 from loraexport.errors import ExportError
 from loraexport.export.spec import GraphSpec
+from loraexport.runtime import first_line
 
 DEFAULT_OPSET = 18
 EXPORTERS = ("dynamo", "torchscript")
@@ -182,7 +183,7 @@ def export_graphs(
             disk = _disk_error(e, out_dir)
             if disk is not None:  # a full or read-only disk: the output's problem, said by atomic_output_dir
                 raise disk  # noqa: B904 (disk is already in the chain of e; "from" could make a cycle)
-            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            first = first_line(e)
             raise ExportError(f"torch.onnx.export failed for {spec.name}: {first}") from e
         try:
             onnx.checker.check_model(str(path), full_check=False)

@@ -28,6 +28,7 @@ from loraexport.errors import ModelFormatError
 from loraexport.export.spec import GraphSpec
 from loraexport.io import read_json
 from loraexport.models.base import Inputs, ModelFamily, ParityCase
+from loraexport.runtime import first_line
 
 CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 ENCODER_TYPES = ("bert", "roberta")
@@ -92,7 +93,7 @@ def _load(directory: Path, encoder: bool) -> nn.Module:
                 attn_implementation="eager",
             )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        first = first_line(e)
         raise ModelFormatError(f"{directory}: transformers cannot load it: {first}") from e
     model.config.use_cache = not encoder
     return model.eval()
