@@ -8,26 +8,20 @@ from pathlib import Path
 
 from loraexport.errors import DataFormatError
 from loraexport.io import require_file
+from loraexport.untrusted import read_json_lines
 
 Pair = tuple[str, str]
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
+    """Every example of a JSON Lines file; each line is bounded and checked (not UTF-8, not
+    JSON, nested too deeply, a number too long: ``DataFormatError`` naming the line)."""
     p = require_file(path, "data file")
     pairs: list[Pair] = []
-    with open(p, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise DataFormatError(f"{p}:{n}: not valid JSON ({e.msg})") from e
-            if not isinstance(obj, dict) or not all(
-                isinstance(obj.get(k), str) for k in ("source", "target")
-            ):
-                raise DataFormatError(f'{p}:{n}: expected {{"source": str, "target": str}}')
-            pairs.append((obj["source"], obj["target"]))
+    for n, obj in read_json_lines(p, DataFormatError):
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("source", "target")):
+            raise DataFormatError(f'{p}:{n}: expected {{"source": str, "target": str}}')
+        pairs.append((obj["source"], obj["target"]))
     if not pairs:
         raise DataFormatError(f"{p}: no examples")
     return pairs

@@ -7,7 +7,6 @@ import errno
 import hashlib
 import json
 import os
-import reprlib
 import shutil
 import tempfile
 from collections.abc import Iterator
@@ -25,15 +24,7 @@ from loraexport.errors import (
     OutputNotWritableError,
 )
 from loraexport.manifest import Hasher, write_manifest
-
-_REPR = reprlib.Repr()
-_REPR.maxlevel, _REPR.maxstring, _REPR.maxother, _REPR.maxlist, _REPR.maxdict = 3, 60, 40, 8, 8
-
-
-def short_repr(value: object) -> str:
-    """``repr`` cut short, for quoting values from untrusted files in one-line error messages
-    (a hostile file may nest values thousands deep or hold megabyte strings)."""
-    return _REPR.repr(value)
+from loraexport.untrusted import parse_json, read_json, short_repr  # noqa: F401 (re-exported)
 
 
 def _stat_problem(p: Path) -> str | None:
@@ -69,34 +60,6 @@ def require_file(path: str | Path, what: str) -> Path:
     if not os.access(p, os.R_OK):
         raise InputNotFoundError(f"{what} is not readable: {p}")
     return p
-
-
-def read_json(path: Path, error: type[InvalidInputError]) -> Any:
-    """Parse a JSON file; a missing or unreadable file or bad JSON raises ``error`` naming the file."""
-    if not path.is_file():
-        raise error(f"{path.name} not found in {path.parent}")
-    try:
-        raw = path.read_bytes()
-    except OSError as e:
-        raise error(f"{path}: cannot be read ({e.strerror})") from e
-    return parse_json(raw, str(path), error)
-
-
-def parse_json(raw: bytes, where: str, error: type[InvalidInputError]) -> Any:
-    """Parse UTF-8 JSON bytes; anything that is not valid JSON raises ``error`` naming ``where``.
-
-    Besides syntax errors this covers what ``json.loads`` raises on hostile input: bytes that
-    are not UTF-8, nesting deep enough to exhaust the stack, integers over Python's digit limit.
-    """
-    try:
-        return json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as e:
-        raise error(f"{where}: not valid JSON (not UTF-8: byte {e.start} is {raw[e.start]:#04x})") from e
-    except RecursionError as e:
-        raise error(f"{where}: not valid JSON (nested too deeply)") from e
-    except ValueError as e:  # JSONDecodeError, or an integer literal over the digit limit
-        reason = str(e).split(";")[0].splitlines()[0]
-        raise error(f"{where}: not valid JSON ({reason})") from e
 
 
 def write_json(path: Path, data: Any) -> None:
