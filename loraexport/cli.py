@@ -17,11 +17,47 @@ import click
 
 from loraexport.analyze.cli import analyze as analyze_cmd
 from loraexport.analyze.cli import sweep as sweep_cmd
-from loraexport.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, EXIT_TERMINATED, LoraExportError, Terminated
+from loraexport.cli_types import Number, PositiveInt, Seed
+from loraexport.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, LoraExportError, Terminated
+
+
+def _interrupted(e: BaseException, written: str | None = None) -> tuple[str, int]:
+    """The one line and exit code for Ctrl-C (130) or a signal (128 + its number)."""
+    detail = f"{written} was written completely" if written else "nothing was written"
+    if isinstance(e, Terminated):
+        what = "terminated" if e.name == "SIGTERM" else f"terminated ({e.name})"
+        return f"{what}: {detail}", e.exit_code
+    return f"interrupted: {detail}", EXIT_INTERRUPTED
+
+
+def _usage_line(e: click.ClickException) -> str:
+    """click's usage errors as one line: the message, then where to read more."""
+    message = " ".join(e.format_message().split())
+    ctx = getattr(e, "ctx", None)
+    hint = f" (see '{ctx.command_path} --help')" if isinstance(e, click.UsageError) and ctx else ""
+    return f"error: {message}{hint}"
 
 
 class _Group(click.Group):
     """Turns loraexport errors into one line and an exit code; ``--debug`` shows tracebacks."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra):
+        """click's own errors (usage, bad values) as one line too, and Ctrl-C or a signal
+        while the arguments are parsed as an interruption, not click's "Aborted!" (exit 1)."""
+        try:
+            rv = super().main(args, prog_name, complete_var, standalone_mode=False, **extra)
+        except click.exceptions.Abort as e:
+            line, code = _interrupted(e.__cause__ or e.__context__ or e)
+            click.echo(line, err=True)
+            sys.exit(code)
+        except click.ClickException as e:
+            click.echo(_usage_line(e), err=True)
+            sys.exit(e.exit_code)
+        except KeyboardInterrupt as e:  # after click's own handling
+            line, code = _interrupted(e)
+            click.echo(line, err=True)
+            sys.exit(code)
+        sys.exit(rv if isinstance(rv, int) else 0)
 
     def invoke(self, ctx: click.Context):
         try:
@@ -30,15 +66,9 @@ class _Group(click.Group):
             raise
         except LoraExportError as e:
             _fail(ctx, f"error: {e}", e.exit_code)
-        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM (Terminated)
-            term = isinstance(e, Terminated)
-            written = getattr(e, "loraexport_written", None)  # set when it came just after the output
-            detail = f"{written} was written completely" if written else "nothing was written"
-            _fail(
-                ctx,
-                f"{'terminated' if term else 'interrupted'}: {detail}",
-                EXIT_TERMINATED if term else EXIT_INTERRUPTED,
-            )
+        except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (Terminated)
+            # loraexport_written: set when the signal came just after the output was complete
+            _fail(ctx, *_interrupted(e, getattr(e, "loraexport_written", None)))
         except Exception as e:  # a bug: say so, keep the traceback behind --debug
             first = str(e).strip().splitlines()[0] if str(e).strip() else ""
             _fail(
@@ -76,7 +106,9 @@ def main(ctx: click.Context, quiet: bool, verbose: bool, debug: bool) -> None:
     """loraexport: train or load a LoRA adapter, merge it exactly, export to ONNX, verify.
 
     Exit codes: 0 success, 1 internal error (a bug), 2 usage error, 3 invalid input,
-    4 verification failed (report still written), 130 interrupted, 143 terminated.
+    4 verification failed (report still written), 129 hangup (SIGHUP), 130 interrupted
+    (Ctrl-C), 143 terminated (SIGTERM). An output is never an input and never replaces
+    anything but a previous output of loraexport (with --force).
     """
     ctx.obj = {"quiet": quiet, "verbose": verbose, "debug": debug}
     _quiet_third_parties(verbose)
@@ -109,17 +141,44 @@ def _split_targets(value: str) -> list[str] | str:
     type=click.Path(path_type=Path),
     help="Held-out data; default: hold out --eval-fraction of --data.",
 )
-@click.option("--eval-fraction", default=0.1, show_default=True, help="Held-out share when no --eval-data.")
-@click.option("--rank", "-r", default=8, show_default=True, type=click.IntRange(1), help="LoRA rank r.")
-@click.option("--alpha", default=16.0, show_default=True, help="LoRA alpha (scaling alpha/r).")
+@click.option(
+    "--eval-fraction",
+    default=0.1,
+    show_default=True,
+    type=Number(float, 0, 1, lo_open=True, hi_open=True),
+    help="Held-out share when no --eval-data.",
+)
+@click.option(
+    "--rank",
+    "-r",
+    default=8,
+    show_default=True,
+    type=PositiveInt(65536),
+    help="LoRA rank r (at most the smallest dimension of a targeted layer).",
+)
+@click.option(
+    "--alpha",
+    default=16.0,
+    show_default=True,
+    type=Number(float, 0, 1e6, lo_open=True),
+    help="LoRA alpha (scaling alpha/r).",
+)
 @click.option("--targets", default="q,v", show_default=True, help="Comma-separated module names.")
 @click.option("--target-regex", help="A regex over full module paths instead of --targets.")
-@click.option("--dropout", default=0.0, show_default=True, help="LoRA dropout.")
+@click.option(
+    "--dropout", default=0.0, show_default=True, type=Number(float, 0, 1, hi_open=True), help="LoRA dropout."
+)
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) (rsLoRA).")
-@click.option("--steps", default=600, show_default=True, type=click.IntRange(1))
-@click.option("--lr", default=3e-3, show_default=True)
-@click.option("--batch-size", default=64, show_default=True, type=click.IntRange(1))
-@click.option("--seed", default=0, show_default=True)
+@click.option("--steps", default=600, show_default=True, type=PositiveInt(10**7), help="Optimizer steps.")
+@click.option(
+    "--lr",
+    default=3e-3,
+    show_default=True,
+    type=Number(float, 0, 10, lo_open=True),
+    help="Peak learning rate.",
+)
+@click.option("--batch-size", default=64, show_default=True, type=PositiveInt(65536))
+@click.option("--seed", default=0, show_default=True, type=Seed(), help="Seed of the run (0 to 2**63 - 1).")
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON on stdout.")
 @click.pass_context
@@ -169,6 +228,7 @@ def train(
         seed=seed,
         force=force,
         show_progress=not ctx.obj["quiet"],
+        log=_log(ctx),
     )
     summary = {
         "adapter": str(out),
@@ -222,7 +282,7 @@ def _adapter_options(required: bool = True):
             "--weight",
             "weights",
             multiple=True,
-            type=float,
+            type=Number(float),
             help="Weight of each --adapter, in order (default 1.0 each): W0 + Σ w·s·B·A.",
         )(f)
         return click.option(
@@ -279,6 +339,7 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
         force=force,
         allow_pickle=allow_pickle,
         show_progress=not ctx.obj["quiet"],
+        log=_log(ctx),
     )
     if as_json:
         from dataclasses import asdict
@@ -343,6 +404,7 @@ def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, dtype,
         exporter=exporter,
         force=force,
         allow_pickle=allow_pickle,
+        log=_log(ctx),
     )
     click.echo(
         f"exported {', '.join(result.files)} ({result.bytes / 1e6:.2f} MB, opset {result.opset}, "
@@ -364,7 +426,7 @@ def _verify_options(f):
                 "--samples",
                 default=6,
                 show_default=True,
-                type=click.IntRange(1),
+                type=PositiveInt(1000),
                 help="Parity cases (batch sizes and lengths vary).",
             ),
             click.option(
@@ -379,7 +441,7 @@ def _verify_options(f):
             ),
             click.option(
                 "--threads",
-                type=click.IntRange(1),
+                type=PositiveInt(256),
                 help="Threads for torch and onnxruntime (default: cores).",
             ),
             click.option("--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True)."),
@@ -399,7 +461,13 @@ def _verify_options(f):
     type=_path,
     help="Exported (merged) ONNX directory.  [required unless --check-files]",
 )
-@click.option("--report", "report_path", type=_path, help="Write report.json here (and report.md beside it).")
+@click.option(
+    "--report",
+    "report_path",
+    type=_path,
+    help="Write report.json here (and report.md beside it); never into an input.",
+)
+@click.option("--force", is_flag=True, help="Replace a previous --report.")
 @click.option(
     "--check-files",
     "check_files",
@@ -416,6 +484,7 @@ def verify(
     onnx_dir,
     report_path,
     check_files,
+    force,
     providers,
     samples,
     eval_data,
@@ -436,7 +505,6 @@ def verify(
       loraexport verify --check-files runs/demo
     """
     from loraexport.errors import VerificationFailedError
-    from loraexport.io import write_json
     from loraexport.pipeline import verify as verify_api
 
     if check_files is not None:
@@ -457,12 +525,10 @@ def verify(
         half=tuple(half),
         threads=threads,
         allow_pickle=allow_pickle,
+        report_path=report_path,
+        force=force,
         log=_log(ctx),
     )
-    if report_path is not None:
-        report_path.absolute().parent.mkdir(parents=True, exist_ok=True)
-        write_json(report_path, report.to_json())
-        report_path.with_suffix(".md").write_text(report.to_markdown(), encoding="utf-8")
     _print_report(ctx, report, None, as_json)
     if report.passed is False:
         raise VerificationFailedError(f"{report.verdict}: {'; '.join(report.failures[:2])}")
@@ -580,12 +646,15 @@ main.add_command(sweep_cmd)  # loraexport sweep
 
 
 def _terminate(signum, frame) -> None:
-    raise Terminated
+    raise Terminated(signum, signal.Signals(signum).name)
 
 
 def run() -> None:  # pragma: no cover - console-script shim
-    # SIGTERM (a CI job's timeout, `kill`) cleans up like Ctrl-C: no temporary output is left.
-    signal.signal(signal.SIGTERM, _terminate)
+    # SIGTERM (a CI job's timeout, `kill`) and SIGHUP (the terminal closed) clean up like
+    # Ctrl-C: no temporary output is left.
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _terminate)
     main(prog_name="loraexport")
 
 

@@ -13,17 +13,34 @@ EXIT_INVALID_INPUT = 3
 EXIT_VERIFICATION_FAILED = 4
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
+EXIT_HANGUP = 129  # 128 + SIGHUP
 
 
 class Terminated(KeyboardInterrupt):
-    """SIGTERM turned into an exception (by the console script), so that every cleanup path
-    Ctrl-C takes — temporary outputs removed, nothing half-written left — runs for it too."""
+    """SIGTERM or SIGHUP turned into an exception (by the console script), so that every cleanup
+    path Ctrl-C takes — temporary outputs removed, nothing half-written left — runs for it too.
+    ``signum`` says which; the exit code is 128 + signum, as a shell reports a signal."""
+
+    def __init__(self, signum: int = 15, name: str = "SIGTERM") -> None:
+        super().__init__(name)
+        self.signum, self.name = signum, name
+
+    @property
+    def exit_code(self) -> int:
+        return 128 + self.signum
 
 
 class LoraExportError(Exception):
     """Base class of loraexport's own errors. Unexpected ones (bugs) exit with 1."""
 
     exit_code = EXIT_INTERNAL
+
+
+class UsageError(LoraExportError):
+    """Arguments that cannot work, found by the library (exit 2, as click's usage errors): an
+    output that would be, contain or sit inside an input, a path that names no output."""
+
+    exit_code = EXIT_USAGE
 
 
 class InvalidInputError(LoraExportError):
@@ -56,8 +73,16 @@ class DataFormatError(InvalidInputError):
     """A training or evaluation data file that cannot be used."""
 
 
+class TrainingDivergedError(InvalidInputError):
+    """The training loss became NaN or infinite: nothing is written (exit 3)."""
+
+
 class OutputExistsError(InvalidInputError):
     """The output path exists and ``--force`` was not given."""
+
+
+class OutputTakenError(OutputExistsError):
+    """Something else took the output path while the run worked; it was left alone (exit 3)."""
 
 
 class OutputNotWritableError(InvalidInputError):

@@ -1,12 +1,14 @@
 """The stages over directories — merge, export, verify — and ``merge_and_export`` chaining them.
 
 Every command writes its output into a temporary folder beside ``out`` and renames it into
-place only when complete (``io.atomic_output_dir``); verification failure still writes the
-report and then raises ``VerificationFailedError`` (exit 4).
+place only when complete (``output.write_output``), after checking before any work that it
+is no input (``output.plan_output``); verification failure still writes the report and then
+raises ``VerificationFailedError`` (exit 4).
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import platform
@@ -21,23 +23,17 @@ import torch
 from torch import nn
 
 from loraexport.data import read_pairs
-from loraexport.errors import InvalidInputError, ModelFormatError, VerificationFailedError
+from loraexport.errors import InvalidInputError, ModelFormatError, UsageError, VerificationFailedError
 from loraexport.export.half import HALF_DTYPES, store_weights_half
 from loraexport.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportResult, export_graphs
-from loraexport.io import (
-    atomic_output_dir,
-    check_output,
-    read_json,
-    require_dir,
-    sha256_dir,
-    write_json,
-)
+from loraexport.io import read_json, require_dir, sha256_dir, write_json
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, merge_state_dict
 from loraexport.lora.stream import checkpoint_shards, stream_merge
 from loraexport.lora.views import merged_view, unmerged_view
 from loraexport.manifest import Hasher
 from loraexport.models.base import ModelFamily, load_base
+from loraexport.output import OutputPlan, plan_files, plan_output, write_files, write_output
 from loraexport.progress import Progress
 from loraexport.report import Report, versions
 from loraexport.runtime import PROVIDERS, OnnxModel, RuntimeInputError
@@ -161,6 +157,14 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": cores, "platform": platform.platform()}
 
 
+def _plan(out: str | Path, force: bool, log: Log, inputs: dict) -> OutputPlan:
+    """Check ``out`` against every input before any work (``output.plan_output``)."""
+    plan = plan_output(out, force=force, inputs=inputs)
+    for stale in plan.removed_stale:
+        log(f"removed {stale.name}, left by a run that was killed")
+    return plan
+
+
 # ---- merge -----------------------------------------------------------------------------------
 def merge(
     base: str | Path,
@@ -172,6 +176,7 @@ def merge(
     force: bool = False,
     allow_pickle: bool = False,
     show_progress: bool = True,
+    log: Log = _quiet,
 ) -> MergeStats:
     """Merge adapter(s) into the safetensors checkpoint in ``base``; write ``out`` in its layout.
 
@@ -180,14 +185,14 @@ def merge(
     per module max|ΔW| and the error of the final cast.
     """
     weights = check_weights(adapters, weights)
-    check_output(out, force)
+    plan = _plan(out, force, log, {"--base": base, "--adapter": adapters})
     base_dir = require_dir(base, "base model directory")
     loaded = [Adapter.load(a, allow_pickle) for a in adapters]
     shards, _ = checkpoint_shards(base_dir)
     total = sum((base_dir / s).stat().st_size for s in shards)
     hasher = Hasher()  # shards are hashed for the manifest while the next one is merged
     with (
-        atomic_output_dir(out, force, hasher) as tmp,
+        write_output(plan, hasher) as tmp,
         Progress(total, "merge", "B", show_progress) as bar,
     ):
         stats = stream_merge(
@@ -278,6 +283,7 @@ def export(
     force: bool = False,
     allow_pickle: bool = False,
     dtype: str | None = None,
+    log: Log = _quiet,
 ) -> ExportResult:
     """Export a model directory (optionally with adapters, ``merged`` or ``unmerged``) to ONNX.
 
@@ -291,8 +297,9 @@ def export(
         raise InvalidInputError(
             "--dtype float16/bfloat16 stores merged weights; it does not apply to --mode unmerged"
         )
-    check_output(out, force)
-    loaded = load_inputs(model_dir, _as_list(adapter) if adapter else [], allow_pickle, weights)
+    adapters = _as_list(adapter) if adapter else []
+    plan = _plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
+    loaded = load_inputs(model_dir, adapters, allow_pickle, weights)
     model = loaded.base
     if loaded.adapters or half:
         model = (
@@ -303,7 +310,7 @@ def export(
     inputs = {"model": {"path": str(model_dir), "sha256": sha256_dir(Path(model_dir))}}
     if loaded.adapters:
         inputs["adapters"] = _adapter_inputs(loaded)
-    with atomic_output_dir(out, force) as tmp:
+    with write_output(plan) as tmp:
         result = export_model(loaded.family, model, tmp, opset, exporter, dtype if half else None)
         _copy_extra(loaded.family, Path(model_dir), tmp)
         _write_provenance(tmp, inputs, {"mode": mode if loaded.adapters else "base"})
@@ -403,15 +410,26 @@ def verify(
     *,
     weights: list[float] | None = None,
     allow_pickle: bool = False,
+    report_path: str | Path | None = None,
+    force: bool = False,
     log: Log = _quiet,
     **options,
 ) -> Report:
     """Parity of ``onnx_dir`` (merged export) against base + adapter(s) unmerged, and latency.
 
     ``adapter`` is one path or a list; ``weights`` one weight per adapter (default 1.0 each).
-    ``options`` are the fields of ``VerifyOptions``. Returns the report; callers raise
-    ``VerificationFailedError`` when ``report.passed`` is False.
+    ``report_path``: write report.json there and report.md beside it (checked before any work,
+    like every output; replaced only with ``force``, and only if verify wrote it). ``options``
+    are the fields of ``VerifyOptions``. Returns the report, also when parity failed (then
+    ``report.passed`` is False: callers raise ``VerificationFailedError``).
     """
+    inputs = {
+        "--base": base,
+        "--adapter": _as_list(adapter),
+        "--onnx": onnx_dir,
+        "--eval-data": options.get("eval_data"),
+    }
+    plan = _plan_report(report_path, force, inputs) if report_path is not None else None
     onnx_path = require_dir(onnx_dir, "ONNX directory")
     meta = (
         read_json(onnx_path / "loraexport.json", ModelFormatError)
@@ -426,7 +444,25 @@ def verify(
     _verify_into(
         report, loaded, merged[0], onnx_path, VerifyOptions(**options), log, weights_dtype if half else None
     )
+    if plan is not None:
+        write_files(plan, dict(zip(plan.targets, _report_texts(report), strict=True)))
     return report
+
+
+def _plan_report(path: str | Path, force: bool, inputs: dict) -> OutputPlan:
+    """``--report FILE``: FILE (report.json) and FILE with the suffix .md beside it."""
+    p = Path(path)
+    if p.suffix == ".md":
+        raise UsageError(
+            f"--report {p} ends in .md: it names the JSON report, and the Markdown one is written "
+            "beside it with the suffix .md; give e.g. --report report.json"
+        )
+    return plan_files([p, p.with_suffix(".md")], force=force, inputs=inputs, label="--report")
+
+
+def _report_texts(report: Report) -> tuple[str, str]:
+    """report.json and report.md, as written by every command."""
+    return json.dumps(report.to_json(), indent=2) + "\n", report.to_markdown()
 
 
 def _new_report(base: str | Path, loaded: Loaded, stats: MergeStats, export: ExportResult | None) -> Report:
@@ -543,8 +579,9 @@ def _verify_into(
 
 
 def write_report(report: Report, out_dir: Path) -> None:
-    write_json(out_dir / "report.json", report.to_json())
-    (out_dir / "report.md").write_text(report.to_markdown(), encoding="utf-8")
+    as_json, as_md = _report_texts(report)
+    (out_dir / "report.json").write_text(as_json, encoding="utf-8")
+    (out_dir / "report.md").write_text(as_md, encoding="utf-8")
 
 
 # ---- merge-and-export ------------------------------------------------------------------------
@@ -572,8 +609,9 @@ def merge_and_export(
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
     half = _half_dtype(dtype)
-    check_output(out, force)
     adapters = _as_list(adapter)
+    inputs_ = {"--base": base, "--adapter": adapters, "--eval-data": options.get("eval_data")}
+    plan = _plan(out, force, log, inputs_)
     log(f"loading {base} and {', '.join(map(str, adapters))} …")
     loaded = load_inputs(base, adapters, allow_pickle, weights)
     merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=half)
@@ -582,7 +620,7 @@ def merge_and_export(
         "base": {"path": str(base), "sha256": sha256_dir(Path(base))},
         "adapters": _adapter_inputs(loaded),
     }
-    with atomic_output_dir(out, force) as tmp:
+    with write_output(plan) as tmp:
         log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
         result = export_model(loaded.family, merged, tmp, opset, exporter, dtype if half else None)
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from loraexport.data import Pair
+from loraexport.errors import TrainingDivergedError
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import inject, lora_layers
@@ -77,6 +78,11 @@ def fit(
         for step in range(steps):
             batch = batch_encode(model.config, rng.sample(pairs, min(batch_size, len(pairs))))
             loss, n_tok = _loss(model, batch)
+            if not math.isfinite(loss.item()):  # a loss that is NaN once stays NaN: stop, write nothing
+                raise TrainingDivergedError(
+                    f"training diverged at step {step + 1} of {steps}: the loss is {loss.item()} "
+                    f"(learning rate {lr:g}; try a lower --lr); nothing was written"
+                )
             opt.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -151,6 +157,11 @@ def train_lora(
     )
     seconds = time.perf_counter() - t0
     after = exact_match(model, eval_pairs) if eval_pairs else None
-    n_trainable = sum(p.numel() for m in lora_layers(model).values() for p in (m.lora_A, m.lora_B))
+    layers = lora_layers(model).values()
+    if not all(bool(torch.isfinite(p).all()) for m in layers for p in (m.lora_A, m.lora_B)):
+        raise TrainingDivergedError(
+            "training diverged: the adapter's weights are not finite; nothing was written"
+        )
+    n_trainable = sum(p.numel() for m in layers for p in (m.lora_A, m.lora_B))
     result = TrainResult(steps, seconds, losses[-1], n_trainable, base_params, before, after, losses)
     return Adapter.from_model(model, config), result

@@ -23,10 +23,10 @@ from loraexport.analyze.spectra import (
     subspace_similarity,
 )
 from loraexport.errors import AdapterFormatError, AdapterMismatchError, InvalidInputError
-from loraexport.io import check_output
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.inject import is_transposed
 from loraexport.models.base import load_base
+from loraexport.output import plan_output
 from loraexport.progress import Progress
 
 SCHEMA = 1
@@ -86,8 +86,11 @@ def analyze(
         raise InvalidInputError(f"random draws must be at least 1, got {draws}")
     if not 0 <= seed <= MAX_SEED:
         raise InvalidInputError(f"seed must be in [0, 2**63 - 1], got {seed}")
-    if out is not None:
-        check_output(out, force)  # before any work
+    plan = None
+    if out is not None:  # before any work
+        plan = plan_output(
+            out, force=force, inputs={"--base": base, "--adapter": adapter, "--compare": compare}
+        )
     t0 = time.perf_counter()
     first = Adapter.load(adapter, allow_pickle)
     second = Adapter.load(compare, allow_pickle) if compare is not None else None
@@ -129,7 +132,7 @@ def analyze(
     if out is not None:
         from loraexport.analyze.report import write_analysis
 
-        write_analysis(result, out, force=force, plots=plots)
+        write_analysis(result, plan, plots=plots)
     return result
 
 

@@ -11,8 +11,11 @@ from pathlib import Path
 
 import click
 
+from loraexport.cli_types import MAX_SEED, PositiveInt, Seed  # noqa: F401 (MAX_SEED: tests)
+
 _path = click.Path(path_type=Path, readable=False)  # the library says what is wrong (exit 3)
-MAX_SEED = 2**63 - 1  # = analysis.MAX_SEED (not imported here: the CLI loads torch lazily)
+MAX_RANK = 65536
+RANKS = (1, 2, 4, 8, 64)  # = analyze.sweep.RANKS (not imported here: the CLI loads torch lazily)
 
 
 def _log(ctx: click.Context):
@@ -36,14 +39,14 @@ def _g(x: float | None, digits: int = 4) -> str:
     "--draws",
     default=10,
     show_default=True,
-    type=click.IntRange(1),
+    type=PositiveInt(10_000),
     help="Random subspaces averaged for the random baseline.",
 )
 @click.option(
     "--seed",
     default=0,
     show_default=True,
-    type=click.IntRange(0, MAX_SEED),
+    type=Seed(),
     help="Seed of the random subspaces.",
 )
 @click.option("--no-plots", is_flag=True, help="Write analysis.json and analysis.md only.")
@@ -121,19 +124,22 @@ def analyze(ctx, base, adapter, compare, out, draws, seed, no_plots, force, allo
 )
 @click.option("--out", required=True, type=_path, help="Output directory (written atomically).")
 @click.option(
-    "--steps", default=100, show_default=True, type=click.IntRange(1), help="Training steps per adapter."
+    "--steps", default=100, show_default=True, type=PositiveInt(10**7), help="Training steps per adapter."
 )
 @click.option(
-    "--seeds", default=3, show_default=True, type=click.IntRange(1), help="Training runs per configuration."
+    "--seeds", default=3, show_default=True, type=PositiveInt(100), help="Training runs per configuration."
 )
 @click.option(
     "--budget-rank",
     default=8,
     show_default=True,
-    type=click.IntRange(1),
+    type=PositiveInt(MAX_RANK),
     help="Rank of a single target type; n types get budget-rank/n each (equal parameters).",
 )
-@click.option("--ranks", default="1,2,4,8,64", show_default=True, help="Ranks tried on {q,v}.")
+@click.option(
+    "--ranks",
+    help="Ranks tried on {q,v}, comma-separated.  [default: 1,2,4,8,64, those at most d_model]",
+)
 @click.option("--force", is_flag=True, help="Replace --out if it exists.")
 @click.option("--json", "as_json", is_flag=True, help="Print sweep.json on stdout.")
 @click.pass_context
@@ -152,14 +158,14 @@ def sweep(ctx, base, data, eval_data, out, steps, seeds, budget_rank, ranks, for
     """
     from loraexport.analyze.sweep import sweep as sweep_api
 
-    try:
-        rank_list = [int(x) for x in ranks.split(",") if x.strip()]
-    except ValueError:
+    items = [x.strip() for x in (ranks or ",".join(map(str, RANKS))).split(",") if x.strip()]
+    if not items or not all(x.isdigit() and len(x) <= 6 for x in items):
+        raise click.BadParameter(f"expected comma-separated integers, got {ranks!r}", param_hint="--ranks")
+    rank_list = [int(x) for x in items]
+    if min(rank_list) < 1 or max(rank_list) > MAX_RANK:
         raise click.BadParameter(
-            f"expected comma-separated integers, got {ranks!r}", param_hint="--ranks"
-        ) from None
-    if not rank_list or min(rank_list) < 1:
-        raise click.BadParameter(f"expected positive ranks, got {ranks!r}", param_hint="--ranks")
+            f"expected positive ranks up to {MAX_RANK}, got {ranks!r}", param_hint="--ranks"
+        )
     result = sweep_api(
         base,
         data,
@@ -168,7 +174,7 @@ def sweep(ctx, base, data, eval_data, out, steps, seeds, budget_rank, ranks, for
         steps=steps,
         seeds=seeds,
         budget_rank=budget_rank,
-        ranks=rank_list,
+        ranks=rank_list if ranks is not None else None,
         force=force,
         show_progress=not ctx.obj["quiet"],
         log=_log(ctx),

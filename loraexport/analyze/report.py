@@ -7,17 +7,20 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loraexport.io import atomic_output_dir, write_json
+from loraexport.io import write_json
+from loraexport.output import OutputPlan, plan_output, write_output
 
 MD_MAX_MODULES = 96  # analysis.md lists modules one per row up to this many (the JSON has all)
 MD_MAX_PHI = 8  # φ(i, i) columns shown in analysis.md
 
 
 def write_analysis(
-    result: dict[str, Any], out: str | Path, *, force: bool = False, plots: bool = True
+    result: dict[str, Any], out: str | Path | OutputPlan, *, force: bool = False, plots: bool = True
 ) -> None:
-    """Write ``result`` (from ``analyze``) to ``out`` atomically; sets ``result["plots"]``."""
-    with atomic_output_dir(out, force) as tmp:
+    """Write ``result`` (from ``analyze``) to ``out`` (a path, or the plan ``analyze`` checked
+    before its work) atomically; sets ``result["plots"]``."""
+    plan = out if isinstance(out, OutputPlan) else plan_output(out, force=force)
+    with write_output(plan) as tmp:
         result["plots"], result["plots_note"] = [], None
         if plots:
             try:

@@ -24,11 +24,12 @@ import torch.nn.functional as F
 from loraexport.api import train
 from loraexport.data import read_pairs, split, write_pairs
 from loraexport.errors import InvalidInputError
-from loraexport.io import atomic_output_dir, check_output, write_json
+from loraexport.io import write_json
 from loraexport.lora.adapter import Adapter
 from loraexport.models.base import load_base
 from loraexport.models.reference import batch_encode, check_pairs, load_model
 from loraexport.models.transformer import Transformer
+from loraexport.output import plan_output, write_output
 from loraexport.progress import Progress
 
 SCHEMA = 1
@@ -82,7 +83,7 @@ def sweep(
     steps: int = 100,
     seeds: int = 3,
     budget_rank: int = 8,
-    ranks: Sequence[int] = RANKS,
+    ranks: Sequence[int] | None = None,
     target_sets: Sequence[Sequence[str]] = TARGET_SETS,
     lr: float = 3e-3,
     batch_size: int = 64,
@@ -100,7 +101,9 @@ def sweep(
         InvalidInputError (and subclasses): a base that is not the reference Transformer,
             unreadable data, a budget rank that does not split, ``out`` existing.
     """
-    check_output(out, force)
+    out_plan = plan_output(
+        out, force=force, inputs={"--base": base, "--data": data, "--eval-data": eval_data}
+    )
     if seeds < 1 or steps < 1:
         raise InvalidInputError(f"steps and seeds must be at least 1, got steps={steps}, seeds={seeds}")
     family, model = load_base(base)
@@ -109,13 +112,21 @@ def sweep(
             f"sweep trains with loraexport train, which supports the reference Transformer only; "
             f"{base} is a {family.name} model"
         )
+    if ranks is None:  # the paper's ranks, those the model's d_model × d_model projections can use
+        ranks = [r for r in RANKS if r <= model.config.d_model]
     tables = plan(budget_rank, ranks, target_sets)
+    widest = max(c.rank for cs in tables.values() for c in cs)
+    if widest > model.config.d_model:  # every attention projection is d_model × d_model
+        raise InvalidInputError(
+            f"rank {widest} is larger than the {model.config.d_model}×{model.config.d_model} attention "
+            f"projections of {base} can use (ΔW = B·A has rank at most {model.config.d_model})"
+        )
     pairs = read_pairs(data)
     check_pairs(model.config, pairs, str(data))
     configs = list(dict.fromkeys(c for cs in tables.values() for c in cs))
     runs: list[dict[str, Any]] = []
     t0 = time.perf_counter()
-    with atomic_output_dir(out, force) as tmp:
+    with write_output(out_plan) as tmp:
         train_file, eval_file = _split_files(tmp, data, eval_data, pairs, model)
         eval_pairs = read_pairs(eval_file)
         with Progress(len(configs) * seeds, "sweep", "runs", show_progress) as bar:

@@ -49,6 +49,19 @@ def target_names(model: nn.Module, config: LoraConfig) -> list[str]:
     return names
 
 
+def check_ranks(model: nn.Module, config: LoraConfig) -> None:
+    """Every targeted layer can hold its rank: r <= min(in, out). A larger r adds parameters
+    (memory grows with r) but cannot raise the rank of ΔW = B·A; refused naming the layer."""
+    for path in target_names(model, config):
+        in_f, out_f = linear_shape(model.get_submodule(path))
+        r = config.rank(path)
+        if r > min(in_f, out_f):
+            raise AdapterMismatchError(
+                f"rank {r} is larger than {path} can use: it is {out_f}×{in_f}, so ΔW = B·A has rank "
+                f"at most {min(in_f, out_f)}; choose a rank of at most {min(in_f, out_f)}"
+            )
+
+
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:
     parent_path, _, child = path.rpartition(".")
     return (model.get_submodule(parent_path) if parent_path else model), child

@@ -143,14 +143,14 @@ def test_unreadable_adapter_directory(work, command, monkeypatch):
 def test_unreadable_adapter_config(work, command, monkeypatch):
     config = work / "adapter" / CONFIG_NAME
     config.chmod(0)
-    real = Path.read_bytes
+    import loraexport.untrusted
 
-    def denied(self):  # root reads a mode-000 file anyway: make the read fail as it would for a user
-        if self == config:
+    def denied(file, *args, **kwargs):  # root reads a mode-000 file anyway: fail as for a user
+        if Path(file) == config:
             raise PermissionError(errno.EACCES, "Permission denied")
-        return real(self)
+        return open(file, *args, **kwargs)
 
-    monkeypatch.setattr(Path, "read_bytes", denied)
+    monkeypatch.setattr(loraexport.untrusted, "open", denied, raising=False)  # where JSON is read
     try:
         _refused_untouched(work, command, 3, str(config), "Permission denied")
     finally:
@@ -455,6 +455,7 @@ def test_disk_full_during_export_leaves_nothing(work, monkeypatch):
     out = work / "out"
     out.mkdir()
     (out / "keep.txt").write_text("the previous result")
+    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
     before = _snapshot(work)
     r = _merge("merge-and-export", work / "base", work / "adapter", out, "--force")
     _refused(r, 3, "no space left on device", str(out))
@@ -500,6 +501,7 @@ def test_interrupt_during_the_in_memory_merge_leaves_nothing(work, monkeypatch):
     out = work / "out"
     out.mkdir()
     (out / "keep.txt").write_text("the previous result")
+    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
     before = _snapshot(work)
     r = _merge("merge-and-export", work / "base", work / "adapter", out, "--force")
     assert r.exit_code == 130, r.output
@@ -541,6 +543,7 @@ def test_real_signal_during_merge_exits_and_leaves_nothing(work, sig, code, mess
     out = work / "out"
     out.mkdir()
     (out / "keep.txt").write_text("the previous result")
+    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
     before = _snapshot(work)
     cmd = [str(BIN), "--quiet", "merge", "--base", str(work / "base"), "--adapter", str(work / "adapter")]
     proc = subprocess.Popen(
@@ -602,6 +605,7 @@ def test_disk_full_in_the_middle_of_a_shard_leaves_nothing(work, monkeypatch):
     out = work / "out"
     out.mkdir()
     (out / "keep.txt").write_text("the previous result")
+    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
     before = _snapshot(work)
     r = _merge("merge", work / "base", work / "adapter", out, "--force")
     _refused(r, 3, "no space left on device", str(out))

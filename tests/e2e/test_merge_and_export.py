@@ -69,6 +69,7 @@ def test_existing_output_needs_force(seq2seq_base, seq2seq_adapter, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("precious")
+    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
     r = _run(
         "merge-and-export",
         "--base",
@@ -80,7 +81,7 @@ def test_existing_output_needs_force(seq2seq_base, seq2seq_adapter, tmp_path):
         "--no-verify",
     )
     assert r.exit_code == 3 and "--force" in r.stderr and len(r.stderr.strip().splitlines()) == 1
-    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert sorted(p.name for p in out.iterdir()) == ["keep.txt", "loraexport.json"]
     r = _run(
         "merge-and-export",
         "--base",

@@ -47,7 +47,7 @@ def test_two_weighted_adapters_export_and_verify(causal_base, causal_adapter, tm
     r = _run(
         "merge", "--base", causal_base, *pair, "--weight", "nan", "--weight", "1", "--out", tmp_path / "m2"
     )
-    assert r.exit_code == 3 and "adapter weight nan is not a finite number" in r.stderr
+    assert r.exit_code == 2 and "'--weight': nan is not a finite number" in r.stderr  # the option's type
     assert report["parity"]["generation"]["identical_rows"] == report["parity"]["generation"]["rows"]
     # the same export against other weights: the unmerged reference differs, parity must fail
     r = _run(

@@ -74,6 +74,7 @@ def test_train_human_output_and_force_replaces(tmp_path, sample_base, small_data
     out = tmp_path / "adapter"
     out.mkdir()
     (out / "stale.txt").write_text("old")
+    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
     args = [
         "train",
         "--base",

@@ -1,0 +1,83 @@
+"""click parameter types for numbers: a value that cannot work is a usage error (exit 2) naming
+the option, before any work starts.
+
+click's ``FLOAT`` takes ``nan`` and ``inf`` (and ``FloatRange`` lets ``nan`` through: every
+comparison with it is false); its ``INT`` takes integers of any size. These take finite
+numbers within bounds that the code behind each option can honour.
+"""
+
+from __future__ import annotations
+
+import math
+
+import click
+
+MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy take 64-bit seeds; 2**63 - 1 in every one
+
+
+def _bound(x: float) -> str:
+    return f"{x:g}" if isinstance(x, float) else f"{x:,}"
+
+
+class Number(click.ParamType):
+    """A finite ``int`` or ``float`` in ``[lo, hi]`` (``lo_open``/``hi_open`` exclude an end)."""
+
+    def __init__(
+        self,
+        kind: type = float,
+        lo: float | None = None,
+        hi: float | None = None,
+        *,
+        lo_open: bool = False,
+        hi_open: bool = False,
+    ) -> None:
+        self.kind, self.lo, self.hi, self.lo_open, self.hi_open = kind, lo, hi, lo_open, hi_open
+        self.name = "integer" if kind is int else "number"
+
+    def _range(self) -> str:
+        if self.lo is not None and self.hi is not None:
+            left, right = "(" if self.lo_open else "[", ")" if self.hi_open else "]"
+            return f"in {left}{_bound(self.lo)}, {_bound(self.hi)}{right}"
+        if self.lo is not None:
+            return f"{'>' if self.lo_open else '>='} {_bound(self.lo)}"
+        return f"{'<' if self.hi_open else '<='} {_bound(self.hi)}"
+
+    def convert(self, value, param, ctx):
+        if isinstance(value, bool):
+            self.fail(f"{value!r} is not a number", param, ctx)
+        if self.kind is int:
+            if isinstance(value, float) and value.is_integer():
+                value = int(value)
+            if not isinstance(value, int):
+                text = str(value).strip()
+                if len(text) > 30:  # int() of a 5,000-digit string is slow and then out of range
+                    self.fail(f"{text[:20]}… is not an integer {self._range()}", param, ctx)
+                try:
+                    value = int(text)
+                except ValueError:
+                    self.fail(f"{value!r} is not an integer", param, ctx)
+        else:
+            try:
+                value = float(value)
+            except (TypeError, ValueError, OverflowError):
+                self.fail(f"{value!r} is not a number", param, ctx)
+            if not math.isfinite(value):
+                self.fail(f"{value!r} is not a finite number", param, ctx)
+        lo_bad = self.lo is not None and (value <= self.lo if self.lo_open else value < self.lo)
+        hi_bad = self.hi is not None and (value >= self.hi if self.hi_open else value > self.hi)
+        if lo_bad or hi_bad:
+            self.fail(f"{value} is not {self._range()}", param, ctx)
+        return value
+
+    def __repr__(self) -> str:
+        return f"Number({self.kind.__name__}, {self._range()})"
+
+
+def PositiveInt(hi: int) -> Number:  # noqa: N802 (reads as a type)
+    """An integer in [1, hi]."""
+    return Number(int, 1, hi)
+
+
+def Seed() -> Number:  # noqa: N802
+    """A seed in [0, 2**63 - 1]."""
+    return Number(int, 0, MAX_SEED)
