@@ -157,6 +157,13 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": cores, "platform": platform.platform()}
 
 
+def _check_eval_data(path: str | Path | None) -> None:
+    """Read the generation prompts once before any work: a bad file fails in a second, not
+    after the merge and export."""
+    if path is not None:
+        read_pairs(path)
+
+
 def _plan(out: str | Path, force: bool, log: Log, inputs: dict) -> OutputPlan:
     """Check ``out`` against every input before any work (``output.plan_output``)."""
     plan = plan_output(out, force=force, inputs=inputs)
@@ -430,6 +437,7 @@ def verify(
         "--eval-data": options.get("eval_data"),
     }
     plan = _plan_report(report_path, force, inputs) if report_path is not None else None
+    _check_eval_data(options.get("eval_data"))
     onnx_path = require_dir(onnx_dir, "ONNX directory")
     meta = (
         read_json(onnx_path / "loraexport.json", ModelFormatError)
@@ -612,6 +620,7 @@ def merge_and_export(
     adapters = _as_list(adapter)
     inputs_ = {"--base": base, "--adapter": adapters, "--eval-data": options.get("eval_data")}
     plan = _plan(out, force, log, inputs_)
+    _check_eval_data(options.get("eval_data"))
     log(f"loading {base} and {', '.join(map(str, adapters))} …")
     loaded = load_inputs(base, adapters, allow_pickle, weights)
     merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=half)

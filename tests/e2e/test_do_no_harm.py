@@ -1,0 +1,518 @@
+"""Issue 11, "do no harm", through the CLI: a test per class of defect plus the issue's recipes.
+
+Each case asserts the exit code, one line on stderr, no traceback, and every input (and any
+file that was there before) byte-identical afterwards. The recipes use the issue's set-up: a
+tiny Llama in ``llama/``, a PEFT r=4 q,v adapter in ``ad/``, a copy of ``samples/base`` in
+``ref/``, side by side in one folder.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from artifacts import copy_dir
+from clihelp import BIN, peak_rss_mb, program, refused, run, snapshot
+from conftest import SAMPLE_BASE
+
+transformers = pytest.importorskip("transformers")
+peft = pytest.importorskip("peft")
+
+pytestmark = pytest.mark.skipif(not BIN.exists(), reason="the console script is not installed")
+RSS_LIMIT_MB = 1024  # the issue's bound for every hostile-size case
+
+
+@pytest.fixture(scope="module")
+def recipes(tmp_path_factory) -> Path:
+    """llama/ (tiny Llama), ad/ (PEFT r=4 q,v, B non-zero), ref/ (samples/base)."""
+    root = tmp_path_factory.mktemp("recipes")
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=128,
+        vocab_size=96,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    model = transformers.LlamaForCausalLM(config).eval()
+    model.save_pretrained(root / "llama")
+    peft_model = peft.get_peft_model(
+        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
+    )
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft_model.save_pretrained(root / "ad")
+    shutil.copytree(SAMPLE_BASE, root / "ref")
+    (root / "eval.jsonl").write_text('{"source": "123", "target": "321"}\n')
+    return root
+
+
+@pytest.fixture
+def w(recipes, tmp_path, monkeypatch) -> Path:
+    """A fresh copy of the recipes' folder, as the working directory."""
+    root = copy_dir(recipes, tmp_path / "w")
+    monkeypatch.chdir(root)
+    return root
+
+
+def _untouched(root: Path, r, code: int, *needles: str, before: dict) -> str:
+    line = refused(r, code, *needles)
+    assert snapshot(root) == before
+    return line
+
+
+# ---- 1. data loss: an output may never be, contain or sit inside an input ------------------------
+COMMANDS = {  # every command that writes an output, with the inputs it reads
+    "merge": (["merge", "--base", "llama", "--adapter", "ad"], ["llama", "ad"]),
+    "export": (["export", "--model", "llama", "--adapter", "ad"], ["llama", "ad"]),
+    "merge-and-export": (
+        ["merge-and-export", "--base", "llama", "--adapter", "ad", "--eval-data", "eval.jsonl"],
+        ["llama", "ad", "eval.jsonl"],
+    ),
+    "train": (["train", "--base", "ref", "--data", "eval.jsonl"], ["ref", "eval.jsonl"]),
+    "analyze": (["analyze", "--base", "llama", "--adapter", "ad"], ["llama", "ad"]),
+    "sweep": (["sweep", "--base", "ref", "--data", "eval.jsonl"], ["ref", "eval.jsonl"]),
+}
+CASES = [
+    (command, out, expected)
+    for command, (_, inputs) in COMMANDS.items()
+    for out, expected in [
+        *((i, "is the") for i in inputs),
+        (f"{inputs[0]}/sub", "sits inside the"),
+        (".", "does not name"),  # the parent of every input, as the issue's recipe gives it
+        ("..", "does not name"),
+        ("", "does not name"),
+    ]
+]
+
+
+@pytest.mark.parametrize("command, out, expected", CASES)
+def test_output_is_never_an_input(w, command, out, expected):
+    """The issue's first recipe and its neighbours, for every command that writes, with --force."""
+    args, _ = COMMANDS[command]
+    before = snapshot(w.parent)
+    line = _untouched(w.parent, run(*args, "--out", out, "--force"), 2, expected, before=before)
+    if expected != "does not name":
+        assert str(w / out) in line and "an output may never be, contain or sit inside an input" in line
+
+
+def test_the_parent_of_every_input_is_refused(w, tmp_path):
+    before = snapshot(tmp_path)
+    r = run("merge", "--base", w / "llama", "--adapter", w / "ad", "--out", w, "--force")
+    line = _untouched(tmp_path, r, 2, "contains the --base", before=before)
+    assert str(w / "llama") in line
+
+
+def test_links_are_resolved(w):
+    (w / "to-llama").symlink_to(w / "llama")
+    (w / "models").mkdir()
+    (w / "models" / "base").symlink_to(w / "llama")
+    before = snapshot(w)
+    _untouched(
+        w,
+        run("merge", "--base", "llama", "--adapter", "ad", "--out", "to-llama", "--force"),
+        2,
+        "is the --base",
+        before=before,
+    )
+    _untouched(
+        w,
+        run("merge", "--base", "models/base", "--adapter", "ad", "--out", "llama", "--force"),
+        2,
+        "is the --base",
+        before=before,
+    )
+    _untouched(
+        w,
+        run("merge", "--base", "models/base", "--adapter", "ad", "--out", "to-llama/x"),
+        2,
+        "sits inside",
+        before=before,
+    )
+
+
+def test_every_input_of_verify_and_merge_and_export_is_guarded(w):
+    """--eval-data and --onnx are inputs too."""
+    (w / "evals").mkdir()
+    shutil.move(w / "eval.jsonl", w / "evals" / "eval.jsonl")
+    before = snapshot(w)
+    r = run(
+        "merge-and-export",
+        "--base",
+        "ref",
+        "--adapter",
+        "ad",
+        "--eval-data",
+        "evals/eval.jsonl",
+        "--out",
+        "evals",
+        "--force",
+    )
+    _untouched(w, r, 2, "contains the --eval-data", before=before)
+    r = run("verify", "--base", "ref", "--adapter", "ad", "--onnx", "ref", "--report", "ref/report.json")
+    _untouched(w, r, 2, "sits inside the --base", before=before)
+    r = run("verify", "--base", "llama", "--adapter", "ad", "--onnx", "ref", "--report", "ref/r.json")
+    _untouched(w, r, 2, "sits inside the --onnx", before=before)
+
+
+# ---- --report follows the same rules, checked before any work ------------------------------------
+def test_report_cannot_overwrite_an_input_or_any_file(w):
+    """The issue's recipe (--report llama/config.json) and its neighbours. --onnx names a folder
+    that does not exist: the report's error comes first, so it was checked before any work."""
+    (w / "notes.json").write_text('{"mine": true}')
+    (w / "reports").mkdir()
+    (w / "file").write_text("x")
+    before = snapshot(w)
+    verify = ["verify", "--base", "llama", "--adapter", "ad", "--onnx", "no-such-onnx"]
+    _untouched(w, run(*verify, "--report", "llama/config.json"), 2, "sits inside the --base", before=before)
+    _untouched(w, run(*verify, "--report", "notes.json"), 3, "output exists", "--force", before=before)
+    _untouched(
+        w, run(*verify, "--report", "notes.json", "--force"), 3, "not a loraexport report", before=before
+    )
+    _untouched(w, run(*verify, "--report", "reports", "--force"), 3, "is a folder", before=before)
+    _untouched(w, run(*verify, "--report", "file/report.json"), 3, "not a directory", before=before)
+    _untouched(w, run(*verify, "--report", "report.md"), 2, "ends in .md", before=before)
+    (w / "r.md").write_text("my notes")  # the .md written beside the report is an output too
+    before = snapshot(w)
+    _untouched(w, run(*verify, "--report", "r.json"), 3, "output exists", str(w / "r.md"), before=before)
+
+
+def test_report_is_written_atomically_and_replaced_only_when_ours(
+    w, causal_base, causal_adapter, causal_onnx
+):
+    args = [
+        "verify",
+        "--base",
+        causal_base,
+        "--adapter",
+        causal_adapter,
+        "--onnx",
+        causal_onnx,
+        "--no-latency",
+        "--samples",
+        "1",
+    ]
+    r = run(*args, "--report", "out/r.json")
+    assert r.exit_code == 0, r.stderr
+    report = json.loads((w / "out" / "r.json").read_text())
+    assert report["passed"] is True and (w / "out" / "r.md").read_text().startswith("# loraexport report")
+    refused(run(*args, "--report", "out/r.json"), 3, "output exists")
+    assert run(*args, "--report", "out/r.json", "--force").exit_code == 0
+    assert sorted(p.name for p in (w / "out").iterdir()) == ["r.json", "r.md"]  # no temporary left
+
+
+# ---- the swap: never removes what it did not write -----------------------------------------------
+BARRIER = textwrap.dedent(
+    """
+    # Injected by the test (sitecustomize runs at start-up): each run waits at the final swap
+    # until the other has arrived there too, so both have done all their work when they race.
+    import os, time
+    from pathlib import Path
+    from loraexport import output
+
+    real = output._swap_in
+
+    def swap(*args):
+        barrier = Path(os.environ["BARRIER"])
+        (barrier / str(os.getpid())).touch()
+        deadline = time.time() + 120
+        while len(list(barrier.iterdir())) < 2 and time.time() < deadline:
+            time.sleep(0.02)
+        return real(*args)
+
+    output._swap_in = swap
+    """
+)
+
+
+@pytest.mark.parametrize("race", ["at the swap", "free"])
+def test_two_concurrent_runs_to_one_new_output(w, causal_base, causal_adapter, tmp_path, race):
+    """Exactly one succeeds, the other exits 3 and leaves the winner's output alone, which
+    `verify --check-files` then passes. "at the swap": both finished their work before either
+    swapped (made certain by a barrier); "free": as it comes."""
+    env = {}
+    if race == "at the swap":
+        hook = tmp_path / "hook"
+        hook.mkdir()
+        (hook / "sitecustomize.py").write_text(BARRIER)
+        (tmp_path / "barrier").mkdir()
+        env = {"PYTHONPATH": str(hook), "BARRIER": str(tmp_path / "barrier")}
+    args = [
+        str(BIN),
+        "--quiet",
+        "merge-and-export",
+        "--base",
+        str(causal_base),
+        "--adapter",
+        str(causal_adapter),
+    ]
+    args += ["--out", str(w / "out"), "--no-latency", "--samples", "1"]
+    procs = [
+        subprocess.Popen(
+            args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=dict(os.environ, **env)
+        )
+        for _ in range(2)
+    ]
+    results = [(p.wait(timeout=300), *p.communicate()) for p in procs]
+    codes = sorted(code for code, _, _ in results)
+    assert codes == [0, 3], results
+    loser = next(err for code, _, err in results if code == 3)
+    assert len(loser.strip().splitlines()) == 1, loser
+    if race == "at the swap":
+        assert "created or replaced by someone else while this run worked" in loser
+    check = program("verify", "--check-files", w / "out")
+    assert check.returncode == 0, check.stderr
+    assert not [p for p in w.iterdir() if p.name.startswith(".out.")]  # no temporary folder left
+
+
+# ---- 2. leftovers --------------------------------------------------------------------------------
+def test_symlink_or_file_at_out_is_refused_and_nothing_left(w):
+    (w / "prev").mkdir()
+    (w / "prev" / "loraexport.json").write_text("{}")
+    (w / "link").symlink_to(w / "prev")
+    (w / "a-file").write_text("x")
+    before = snapshot(w)
+    for out in ("link", "a-file"):
+        r = run("merge", "--base", "llama", "--adapter", "ad", "--out", out, "--force")
+        _untouched(w, r, 3, out, before=before)
+
+
+def test_stale_temporary_folder_of_a_killed_run_is_removed(w, tmp_path):
+    """A run killed with SIGKILL leaves its temporary folder; the next run to that output
+    removes it (owned by name and PID: the process is gone)."""
+    env = dict(os.environ, PYTHONPATH=str(tmp_path / "hook"))
+    (tmp_path / "hook").mkdir()
+    (tmp_path / "hook" / "sitecustomize.py").write_text(
+        "import os, signal\nfrom loraexport import output\n"
+        "output._swap_in = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+    )
+    cmd = [str(BIN), "--quiet", "merge", "--base", "llama", "--adapter", "ad", "--out", "out"]
+    killed = subprocess.run(cmd, capture_output=True, env=env, timeout=300)
+    assert killed.returncode == -signal.SIGKILL
+    stale = [p for p in w.iterdir() if p.name.startswith(".out.tmp-")]
+    assert len(stale) == 1
+    r = subprocess.run([*cmd[:2], *cmd[2:]], capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    assert not stale[0].exists() and (w / "out" / "model.safetensors").is_file()
+
+
+def test_output_gets_the_users_umask(w):
+    r = subprocess.run(
+        ["sh", "-c", f"umask 027 && exec {BIN} --quiet merge --base llama --adapter ad --out out"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert r.returncode == 0, r.stderr
+    assert (w / "out").stat().st_mode & 0o777 == 0o750
+
+
+def test_sighup_cleans_up_like_sigterm(w, tmp_path):
+    hook = tmp_path / "hook"
+    hook.mkdir()
+    (hook / "sitecustomize.py").write_text(
+        "import sys, time\nfrom loraexport import progress\n"
+        "def update(self, n=1, **kw):\n    sys.stderr.write('READY\\n'); sys.stderr.flush(); time.sleep(60)\n"
+        "progress.Progress.update = update\n"
+    )
+    before = snapshot(w)
+    proc = subprocess.Popen(
+        [str(BIN), "--quiet", "merge", "--base", "llama", "--adapter", "ad", "--out", "out"],
+        stderr=subprocess.PIPE,
+        text=True,
+        env=dict(os.environ, PYTHONPATH=str(hook)),
+    )
+    try:
+        assert proc.stderr.readline().strip() == "READY"
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGHUP)
+        _, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+    assert proc.returncode == 129, err
+    assert err.strip().splitlines() == ["terminated (SIGHUP): nothing was written"]
+    assert snapshot(w) == before
+
+
+def test_name_too_long_leaves_no_parent_behind(w):
+    before = snapshot(w)
+    r = run("merge", "--base", "llama", "--adapter", "ad", "--out", "new/" + "x" * 250)
+    _untouched(w, r, 2, "too long", before=before)
+
+
+# ---- 3. numbers the code cannot use: exit 2 naming the option ------------------------------------
+NUMBERS = [
+    ("train", "--lr", "nan"),
+    ("train", "--lr", "-1"),
+    ("train", "--lr", "inf"),
+    ("train", "--seed", "1e23"),
+    ("train", "--seed", str(10**23)),
+    ("train", "--rank", "1e8"),
+    ("train", "--rank", str(10**8)),
+    ("train", "--dropout", "1"),
+    ("train", "--alpha", "nan"),
+    ("train", "--steps", "0"),
+    ("train", "--batch-size", str(2**40)),
+    ("train", "--eval-fraction", "1"),
+    ("verify", "--threads", str(2**40)),
+    ("verify", "--samples", str(10**9)),
+    ("verify", "--weight", "inf"),
+    ("merge-and-export", "--threads", "0"),
+    ("sweep", "--budget-rank", str(10**8)),
+    ("sweep", "--ranks", "1,99999999"),
+    ("sweep", "--seeds", str(10**6)),
+    ("analyze", "--draws", str(10**9)),
+    ("analyze", "--seed", "-1"),
+]
+
+
+@pytest.mark.parametrize("command, option, value", NUMBERS)
+def test_numbers_that_cannot_work_are_usage_errors(w, command, option, value):
+    base = {
+        "train": ["--base", "ref", "--data", "eval.jsonl", "--out", "o"],
+        "sweep": ["--base", "ref", "--data", "eval.jsonl", "--out", "o"],
+    }
+    base |= {
+        "verify": ["--base", "ref", "--adapter", "ad", "--onnx", "ref"],
+        "merge-and-export": ["--base", "ref", "--adapter", "ad", "--out", "o"],
+        "analyze": ["--base", "ref", "--adapter", "ad", "--out", "o"],
+    }
+    extra = ["--adapter", "ad"] if option == "--weight" else []
+    before = snapshot(w)
+    _untouched(w, run(command, *base[command], *extra, option, value), 2, option, before=before)
+
+
+def test_rank_beyond_the_layers_is_refused_before_allocating(w):
+    """--rank 2000000 on a 128-wide model would allocate gigabytes: bounded by the layer."""
+    before = snapshot(w)
+    r, mb = peak_rss_mb(
+        "train",
+        "--base",
+        "ref",
+        "--data",
+        "eval.jsonl",
+        "--eval-data",
+        "eval.jsonl",
+        "--out",
+        "o",
+        "--rank",
+        "60000",
+    )
+    _untouched(w, r, 3, "rank 60000 is larger than", "at most 128", before=before)
+    assert mb < RSS_LIMIT_MB, mb
+
+
+def test_training_that_diverges_writes_nothing(w, monkeypatch):
+    """A loss that becomes NaN (here: forced at step 3) stops training with exit 3."""
+    from loraexport import train as train_module
+
+    real, calls = train_module._loss, []
+
+    def nan_at_step_3(model, batch):
+        loss, n = real(model, batch)
+        calls.append(1)
+        return (loss * float("nan"), n) if len(calls) == 3 else (loss, n)
+
+    monkeypatch.setattr(train_module, "_loss", nan_at_step_3)
+    before = snapshot(w)
+    r = run(
+        "train",
+        "--base",
+        "ref",
+        "--data",
+        "eval.jsonl",
+        "--eval-data",
+        "eval.jsonl",
+        "--out",
+        "o",
+        "--steps",
+        "10",
+    )
+    _untouched(w, r, 3, "training diverged at step 3 of 10", "nothing was written", before=before)
+
+
+# ---- data files: bad bytes are bad input (exit 3), never an internal error -----------------------
+HOSTILE_DATA = {
+    "not-utf8": b'{"source": "\xff\xfe", "target": "1"}\n',
+    "deep": b"[" * 100_000 + b"]" * 100_000 + b"\n",
+    "long-number": b'{"source": "1", "target": "1", "n": ' + b"9" * 5000 + b"}\n",
+    "endless-line": b'{"source": "' + b"1" * (5 * 1024 * 1024),
+}
+
+
+@pytest.mark.parametrize("kind", HOSTILE_DATA)
+@pytest.mark.parametrize("command", ["train", "verify", "merge-and-export"])
+def test_hostile_data_files(w, kind, command):
+    (w / "bad.jsonl").write_bytes(HOSTILE_DATA[kind])
+    if command == "train":
+        args = ["train", "--base", "ref", "--data", "bad.jsonl", "--out", "o"]
+    elif command == "verify":
+        args = ["verify", "--base", "llama", "--adapter", "ad", "--onnx", "o", "--eval-data", "bad.jsonl"]
+    else:
+        args = [
+            "merge-and-export",
+            "--base",
+            "llama",
+            "--adapter",
+            "ad",
+            "--out",
+            "o",
+            "--eval-data",
+            "bad.jsonl",
+        ]
+    before = snapshot(w)
+    _untouched(w, run(*args), 3, "bad.jsonl:1", before=before)
+
+
+# ---- 5. unbounded memory: sizes checked before anything is read ----------------------------------
+def test_huge_adapter_config_is_refused_unread(w):
+    """A 5 GB (sparse) adapter_config.json: refused by its size, in bounded memory."""
+    with open(w / "ad" / "adapter_config.json", "r+b") as f:
+        f.truncate(5 * 1024**3)
+    r, mb = peak_rss_mb("merge", "--base", "llama", "--adapter", "ad", "--out", "o")
+    refused(r, 3, "adapter_config.json", "over the 8.4 MB")
+    assert mb < RSS_LIMIT_MB, mb
+    assert not (w / "o").exists()
+
+
+def test_help_documents_the_exit_codes_and_the_promise():
+    r = run("--help")
+    text = " ".join(r.stdout.split())
+    for code in (
+        "2 usage error",
+        "3 invalid input",
+        "4 verification failed",
+        "129 hangup",
+        "130 interrupted",
+        "143 terminated",
+    ):
+        assert code in text, code
+    assert "An output is never an input" in text
+
+
+def test_cli_rank_defaults_match_the_library():
+    from loraexport.analyze import cli as analyze_cli
+    from loraexport.analyze import sweep
+
+    assert analyze_cli.RANKS == sweep.RANKS
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(pytest.main([__file__, "-q"]))
