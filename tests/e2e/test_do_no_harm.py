@@ -13,7 +13,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import textwrap
 import time
 from pathlib import Path
@@ -514,5 +513,16 @@ def test_cli_rank_defaults_match_the_library():
     assert analyze_cli.RANKS == sweep.RANKS
 
 
-if __name__ == "__main__":  # pragma: no cover
-    sys.exit(pytest.main([__file__, "-q"]))
+@pytest.mark.parametrize("signum, code, line", [(15, 143, "terminated: "), (1, 129, "terminated (SIGHUP): ")])
+def test_a_signal_while_arguments_are_parsed(monkeypatch, signum, code, line):
+    """Before a command runs (click parsing its options), SIGTERM or SIGHUP is still a
+    termination with its exit code and one line, not click's "Aborted!" and exit 1."""
+    from loraexport.cli_types import Number
+    from loraexport.errors import Terminated
+
+    def terminated(self, value, param, ctx):
+        raise Terminated(signum, signal.Signals(signum).name)
+
+    monkeypatch.setattr(Number, "convert", terminated)
+    r = run("train", "--base", "b", "--data", "d", "--out", "o", "--lr", "0.1")
+    assert r.exit_code == code and r.stderr.strip() == line + "nothing was written", r.stderr
