@@ -409,6 +409,20 @@ class VerifyOptions:
     latency_budget_s: float = 4.0  # timing per (batch, seq) point
     half: tuple[str, ...] = ()  # "float16"/"bfloat16": report what storing merged weights in them costs
 
+    def __post_init__(self) -> None:
+        """The bounds the CLI's option types enforce, for callers of the Python API too."""
+        checks = {
+            "samples": isinstance(self.samples, int) and 1 <= self.samples <= 1000,
+            "threads": self.threads is None or isinstance(self.threads, int) and 1 <= self.threads <= 256,
+            "seed": isinstance(self.seed, int) and 0 <= self.seed <= 2**63 - 1,
+            "latency_budget_s": isinstance(self.latency_budget_s, (int, float))
+            and math.isfinite(self.latency_budget_s)
+            and 0 < self.latency_budget_s <= 3600,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise InvalidInputError(f"verify option {name}={getattr(self, name)!r} cannot be used")
+
 
 def verify(
     base: str | Path,
@@ -437,7 +451,8 @@ def verify(
         "--eval-data": options.get("eval_data"),
     }
     plan = _plan_report(report_path, force, inputs) if report_path is not None else None
-    _check_eval_data(options.get("eval_data"))
+    opts = VerifyOptions(**options)  # checked before any work
+    _check_eval_data(opts.eval_data)
     onnx_path = require_dir(onnx_dir, "ONNX directory")
     meta = (
         read_json(onnx_path / "loraexport.json", ModelFormatError)
@@ -449,9 +464,7 @@ def verify(
     loaded = load_inputs(base, _as_list(adapter), allow_pickle, weights)
     merged = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=half)
     report = _new_report(base, loaded, merged[1], None)
-    _verify_into(
-        report, loaded, merged[0], onnx_path, VerifyOptions(**options), log, weights_dtype if half else None
-    )
+    _verify_into(report, loaded, merged[0], onnx_path, opts, log, weights_dtype if half else None)
     if plan is not None:
         write_files(plan, dict(zip(plan.targets, _report_texts(report), strict=True)))
     return report
@@ -620,7 +633,8 @@ def merge_and_export(
     adapters = _as_list(adapter)
     inputs_ = {"--base": base, "--adapter": adapters, "--eval-data": options.get("eval_data")}
     plan = _plan(out, force, log, inputs_)
-    _check_eval_data(options.get("eval_data"))
+    opts = VerifyOptions(**options)  # checked before any work
+    _check_eval_data(opts.eval_data)
     log(f"loading {base} and {', '.join(map(str, adapters))} …")
     loaded = load_inputs(base, adapters, allow_pickle, weights)
     merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=half)
@@ -636,7 +650,7 @@ def merge_and_export(
         _copy_extra(loaded.family, Path(base), tmp)
         report = _new_report(base, loaded, stats, result)
         if verify_output:
-            _verify_into(report, loaded, merged, tmp, VerifyOptions(**options), log, dtype if half else None)
+            _verify_into(report, loaded, merged, tmp, opts, log, dtype if half else None)
         write_report(report, tmp)
         _write_provenance(tmp, inputs, {"mode": "merged"})
     if report.passed is False:

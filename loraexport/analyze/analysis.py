@@ -33,6 +33,7 @@ SCHEMA = 1
 # Seeds: a signed 64-bit integer, which every JSON reader of analysis.json can hold (torch itself
 # takes up to 2**64 - 1 and fails beyond with "Overflow when unpacking long long").
 MAX_SEED = 2**63 - 1
+MAX_DRAWS = 10_000  # = the CLI's --draws bound; each draw is a random subspace per module
 EFFECTIVE_RANK = "exp(entropy of σᵢ/Σσ) (Roy & Vetterli 2007): 1 = one direction, k = k equal directions"
 RANK_TOLERANCE = (
     "rank_used = the singular values of ΔW above max(out, in)·eps·σ₁ (float64 eps), ΔW's numerical "
@@ -82,8 +83,8 @@ def analyze(
         InvalidInputError (and subclasses): unreadable inputs, an adapter that does not fit the
             base, a ``compare`` adapter sharing no module with ``adapter``, ``out`` existing.
     """
-    if draws < 1:
-        raise InvalidInputError(f"random draws must be at least 1, got {draws}")
+    if not 1 <= draws <= MAX_DRAWS:
+        raise InvalidInputError(f"random draws must be in [1, {MAX_DRAWS}], got {draws}")
     if not 0 <= seed <= MAX_SEED:
         raise InvalidInputError(f"seed must be in [0, 2**63 - 1], got {seed}")
     plan = None

@@ -104,8 +104,10 @@ def sweep(
     out_plan = plan_output(
         out, force=force, inputs={"--base": base, "--data": data, "--eval-data": eval_data}
     )
-    if seeds < 1 or steps < 1:
-        raise InvalidInputError(f"steps and seeds must be at least 1, got steps={steps}, seeds={seeds}")
+    if not (1 <= seeds <= 100 and 1 <= steps <= 10**7):
+        raise InvalidInputError(
+            f"steps must be in [1, 10**7] and seeds in [1, 100], got steps={steps}, seeds={seeds}"
+        )
     family, model = load_base(base)
     if not isinstance(model, Transformer):
         raise InvalidInputError(
