@@ -398,22 +398,13 @@ def test_numbers_that_cannot_work_are_usage_errors(w, command, option, value):
     _untouched(w, run(command, *base[command], *extra, option, value), 2, option, before=before)
 
 
+TRAIN = ["train", "--base", "ref", "--data", "eval.jsonl", "--eval-data", "eval.jsonl", "--out", "o"]
+
+
 def test_rank_beyond_the_layers_is_refused_before_allocating(w):
     """--rank 2000000 on a 128-wide model would allocate gigabytes: bounded by the layer."""
     before = snapshot(w)
-    r, mb = peak_rss_mb(
-        "train",
-        "--base",
-        "ref",
-        "--data",
-        "eval.jsonl",
-        "--eval-data",
-        "eval.jsonl",
-        "--out",
-        "o",
-        "--rank",
-        "60000",
-    )
+    r, mb = peak_rss_mb(*TRAIN, "--rank", "60000")
     _untouched(w, r, 3, "rank 60000 is larger than", "at most 128", before=before)
     assert mb < RSS_LIMIT_MB, mb
 
@@ -431,19 +422,7 @@ def test_training_that_diverges_writes_nothing(w, monkeypatch):
 
     monkeypatch.setattr(train_module, "_loss", nan_at_step_3)
     before = snapshot(w)
-    r = run(
-        "train",
-        "--base",
-        "ref",
-        "--data",
-        "eval.jsonl",
-        "--eval-data",
-        "eval.jsonl",
-        "--out",
-        "o",
-        "--steps",
-        "10",
-    )
+    r = run(*TRAIN, "--steps", "10")
     _untouched(w, r, 3, "training diverged at step 3 of 10", "nothing was written", before=before)
 
 
