@@ -14,7 +14,7 @@ import pytest
 
 import loraexport.output as lout
 from loraexport.errors import OutputExistsError, OutputNotWritableError, OutputTakenError, UsageError
-from loraexport.output import plan_files, plan_output, write_files, write_output
+from loraexport.output import plan_files, plan_output, swap, write_files, write_output
 from loraexport.untrusted import read_json
 
 
@@ -190,7 +190,7 @@ def test_a_previous_output_replaced_meanwhile_is_put_back(tmp_path):
 
 def test_swap_without_renameat2_still_never_replaces(tmp_path, monkeypatch):
     """Where renameat2 is missing (not Linux, an old file system): the portable fallback."""
-    monkeypatch.setattr(lout, "_renameat2_fn", None)
+    monkeypatch.setattr(swap, "_renameat2_fn", None)
     out = _previous_output(tmp_path / "out", "old.txt")
     _write(out, force=True)
     assert sorted(p.name for p in out.iterdir()) == ["loraexport.json", "new.txt"]
@@ -213,7 +213,7 @@ def test_interrupt_just_after_the_swap_keeps_the_new_output_and_says_so(tmp_path
         yield
         raise KeyboardInterrupt  # delivered as the signal mask is lifted
 
-    monkeypatch.setattr(lout, "signals_deferred", deferred_then_delivered)
+    monkeypatch.setattr(swap, "signals_deferred", deferred_then_delivered)
     with pytest.raises(KeyboardInterrupt) as info, write_output(plan_output(out, force=True)) as tmp:
         (tmp / "new.txt").write_text("new")
     assert info.value.loraexport_written == str(out)

@@ -224,9 +224,9 @@ BARRIER = textwrap.dedent(
     # until the other has arrived there too, so both have done all their work when they race.
     import os, time
     from pathlib import Path
-    from loraexport import output
+    from loraexport.output import swap as output
 
-    real = output._swap_in
+    real = output.swap_in
 
     def swap(*args):
         barrier = Path(os.environ["BARRIER"])
@@ -236,7 +236,7 @@ BARRIER = textwrap.dedent(
             time.sleep(0.02)
         return real(*args)
 
-    output._swap_in = swap
+    output.swap_in = swap
     """
 )
 
@@ -299,8 +299,8 @@ def test_stale_temporary_folder_of_a_killed_run_is_removed(w, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(tmp_path / "hook"))
     (tmp_path / "hook").mkdir()
     (tmp_path / "hook" / "sitecustomize.py").write_text(
-        "import os, signal\nfrom loraexport import output\n"
-        "output._swap_in = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "import os, signal\nfrom loraexport.output import swap\n"
+        "swap.swap_in = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
     )
     cmd = [str(BIN), "--quiet", "merge", "--base", "llama", "--adapter", "ad", "--out", "out"]
     killed = subprocess.run(cmd, capture_output=True, env=env, timeout=300)
