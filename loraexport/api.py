@@ -6,11 +6,13 @@ from pathlib import Path
 
 from loraexport.data import read_pairs, split
 from loraexport.errors import InvalidInputError
-from loraexport.io import atomic_output_dir, check_output, write_json
+from loraexport.io import write_json
 from loraexport.lora.config import LoraConfig
+from loraexport.lora.inject import check_ranks
 from loraexport.models.base import load_base
 from loraexport.models.reference import check_pairs
 from loraexport.models.transformer import Transformer
+from loraexport.output import plan_output, write_output
 from loraexport.train import TrainResult, train_lora
 
 
@@ -32,12 +34,16 @@ def train(
     seed: int = 0,
     force: bool = False,
     show_progress: bool = True,
+    log=None,
 ) -> TrainResult:
     """Train a LoRA adapter on ``base`` and write it to ``out`` in PEFT's layout.
 
     ``out`` also gets ``training.json`` (hyper-parameters, losses, held-out accuracy).
     """
-    check_output(out, force)
+    _check_numbers(steps=steps, lr=lr, batch_size=batch_size, seed=seed, eval_fraction=eval_fraction)
+    plan = plan_output(out, force=force, inputs={"--base": base, "--data": data, "--eval-data": eval_data})
+    for stale in plan.removed_stale:
+        (log or (lambda _: None))(f"removed {stale.name}, left by a run that was killed")
     family, model = load_base(base)
     if not isinstance(model, Transformer):
         raise InvalidInputError(
@@ -59,6 +65,7 @@ def train(
         use_rslora=use_rslora,
         base_model_name_or_path=str(base),
     )
+    check_ranks(model, config)  # before any allocation: r is bounded by the layers' dimensions
     adapter, result = train_lora(
         model,
         config,
@@ -70,7 +77,7 @@ def train(
         seed=seed,
         show_progress=show_progress,
     )
-    with atomic_output_dir(out, force) as tmp:
+    with write_output(plan) as tmp:
         adapter.save(tmp)
         write_json(
             tmp / "training.json",
@@ -93,28 +100,50 @@ def train(
     return result
 
 
+def _check_numbers(*, steps: int, lr: float, batch_size: int, seed: int, eval_fraction: float) -> None:
+    """The CLI's types refuse these first (exit 2); callers of the Python API get exit 3's error."""
+    import math
+
+    ok = {
+        "steps": isinstance(steps, int) and 1 <= steps <= 10**7,
+        "lr": isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 10,
+        "batch_size": isinstance(batch_size, int) and 1 <= batch_size <= 65536,
+        "seed": isinstance(seed, int) and 0 <= seed <= 2**63 - 1,
+        "eval_fraction": isinstance(eval_fraction, (int, float)) and 0 < eval_fraction < 1,
+    }
+    bad = [k for k, good in ok.items() if not good]
+    if bad:
+        values = {
+            "steps": steps,
+            "lr": lr,
+            "batch_size": batch_size,
+            "seed": seed,
+            "eval_fraction": eval_fraction,
+        }
+        raise InvalidInputError(f"{bad[0]} {values[bad[0]]!r} cannot be used for training")
+
+
 def inspect_path(path: str | Path) -> dict:
     """Say what ``path`` is — a PEFT adapter, a model directory, or a loraexport output — and its facts."""
-    from loraexport.errors import InvalidInputError, ModelFormatError
-    from loraexport.io import read_json, require_dir
+    from loraexport.errors import InvalidInputError
+    from loraexport.io import require_dir
     from loraexport.lora.adapter import CONFIG_NAME, Adapter
 
     d = require_dir(path, "path")
-    meta = read_json(d / "loraexport.json", ModelFormatError) if (d / "loraexport.json").is_file() else {}
-    if isinstance(meta, dict) and "graphs" in meta:  # an export; other outputs only list their files
+    meta = _output_meta(d / "loraexport.json")
+    if "graphs" in meta:  # an export; other outputs only list their files
         info = {
             "kind": "loraexport output",
             "path": str(d),
-            "model": meta.get("model", {}).get("kind"),
-            "family": meta.get("model", {}).get("family"),
+            "model": meta["model"]["kind"],
+            "family": meta["model"].get("family"),
             "mode": meta.get("mode"),
             "opset": meta.get("opset"),
             "files": sorted(meta.get("files", {})),
-            "graphs": meta.get("graphs", {}),
+            "graphs": meta["graphs"],
         }
         if (d / "report.json").is_file():
-            report = read_json(d / "report.json", ModelFormatError)
-            info["parity_passed"] = report.get("passed")
+            info["parity_passed"] = _report_passed(d / "report.json")
         return info
     if (d / CONFIG_NAME).is_file():
         adapter = Adapter.load(d)
@@ -146,3 +175,39 @@ def inspect_path(path: str | Path) -> dict:
     raise InvalidInputError(
         f"{d}: neither an adapter (adapter_config.json), a model (config.json) nor a loraexport output"
     )
+
+
+def _output_meta(path: Path) -> dict:
+    """``loraexport.json`` of a folder loraexport wrote ({} when there is none), read bounded and
+    checked: an export description (it has ``graphs``) key by key, any other as a manifest."""
+    from loraexport.errors import ModelFormatError
+    from loraexport.io import read_json
+    from loraexport.runtime import check_export_meta
+    from loraexport.untrusted import short_repr
+
+    if not path.is_file():
+        return {}
+    meta = read_json(path, ModelFormatError)
+    if not isinstance(meta, dict) or "graphs" in meta:
+        return check_export_meta(meta, path, ModelFormatError)  # names the file and the key
+    files = meta.get("files", {})
+    if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+        raise ModelFormatError(
+            f"{path}: 'files' must be an object of sha256 digests, not {short_repr(files)}"
+        )
+    return meta
+
+
+def _report_passed(path: Path) -> bool | None:
+    """``passed`` of a ``report.json`` verify wrote: true, false, or null (parity not run)."""
+    from loraexport.errors import ModelFormatError
+    from loraexport.io import read_json
+    from loraexport.untrusted import short_repr
+
+    report = read_json(path, ModelFormatError)
+    if not isinstance(report, dict):
+        raise ModelFormatError(f"{path}: not a loraexport report (a JSON object), but {short_repr(report)}")
+    passed = report.get("passed")
+    if passed is not None and not isinstance(passed, bool):
+        raise ModelFormatError(f"{path}: 'passed' must be true, false or null, not {short_repr(passed)}")
+    return passed

@@ -11,14 +11,23 @@ hashlib releases the GIL), so a multi-GB merge does not pay for a second pass at
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
+import os
+import stat
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraexport.errors import InvalidInputError, ModelFormatError
+from loraexport.untrusted import short_repr
 
 MANIFEST = "loraexport.json"
+_CHUNK = 1 << 20
+# open() errors that mean a path is no longer what was written: a link (O_NOFOLLOW), a file
+# where a folder was.
+_NOT_AS_WRITTEN = (errno.ELOOP, errno.ENOTDIR)
 
 
 def _sha256(path: Path) -> str:
@@ -47,13 +56,26 @@ class Hasher:
         self._pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _files(directory: Path, links: bool = False) -> list[Path]:
-    """Regular files under ``directory`` (links too with ``links``: reported, never hashed)."""
-    return sorted(
-        p
-        for p in directory.rglob("*")
-        if p.name != MANIFEST and ((p.is_file() and not p.is_symlink()) or (links and p.is_symlink()))
-    )
+def _entries(directory: Path) -> list[tuple[str, bool]]:
+    """``(relative path, is a regular file)`` for everything under ``directory`` but folders and
+    the manifest, sorted; links (to folders too) are listed, never followed."""
+    found: list[tuple[str, bool]] = []
+    todo = [(directory, "")]  # a stack, not recursion: a hostile tree may nest thousands deep
+    while todo:
+        d, prefix = todo.pop()
+        with os.scandir(d) as it:
+            for entry in it:
+                rel = prefix + entry.name
+                if entry.is_dir(follow_symlinks=False):
+                    todo.append((Path(entry.path), rel + "/"))
+                elif rel != MANIFEST:
+                    found.append((rel, entry.is_file(follow_symlinks=False)))
+    return sorted(found)
+
+
+def _files(directory: Path) -> list[Path]:
+    """Regular files under ``directory``: what a manifest lists (links are never hashed)."""
+    return [directory / rel for rel, regular in _entries(directory) if regular]
 
 
 def write_manifest(directory: Path, known: dict[Path, str] | None = None) -> dict[str, str]:
@@ -85,30 +107,112 @@ class ManifestCheck:
         return not self.changed and not self.missing
 
 
+def _listed_path(manifest: Path, rel: object) -> list[str]:
+    """The components of a path the manifest lists; an absolute one, one with ``..``, an empty
+    or unusable one makes the manifest invalid (it may only name files inside its folder)."""
+    if not isinstance(rel, str) or not rel or "\0" in rel:
+        raise InvalidInputError(f"{manifest} lists {short_repr(rel)}, which is not a usable path")
+    parts = rel.split("/")
+    if rel.startswith("/") or ".." in parts:
+        raise InvalidInputError(f"{manifest} lists {short_repr(rel)}, which is outside {manifest.parent}")
+    if any(part in ("", ".") for part in parts):
+        raise InvalidInputError(f"{manifest} lists {short_repr(rel)}, which is not a usable path")
+    return parts
+
+
+def _digest_unfollowed(root_fd: int, parts: list[str]) -> str | None:
+    """The sha256 of the regular file at ``parts`` under the folder ``root_fd``, or None if it is
+    missing; ``_Changed`` if any component is a link, or the file is not a regular file.
+
+    No link is followed: every folder on the way is opened with ``O_NOFOLLOW`` relative to the
+    previous one, the file is lstat-ed, then opened ``O_NOFOLLOW | O_NONBLOCK`` (a FIFO swapped in
+    meanwhile cannot block) and checked again on the open descriptor.
+    """
+    fd = root_fd
+    try:
+        for part in parts[:-1]:
+            try:
+                nxt = os.open(part, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
+            except FileNotFoundError:
+                return None
+            except OSError as e:
+                if e.errno in _NOT_AS_WRITTEN:
+                    raise _Changed from e
+                raise
+            if fd != root_fd:
+                os.close(fd)
+            fd = nxt
+        try:
+            st = os.lstat(parts[-1], dir_fd=fd)
+        except FileNotFoundError:
+            return None
+        if not stat.S_ISREG(st.st_mode):
+            raise _Changed
+        try:
+            f = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK, dir_fd=fd)
+        except FileNotFoundError:
+            return None
+        except OSError as e:
+            if e.errno in _NOT_AS_WRITTEN:  # replaced by a link since the lstat
+                raise _Changed from e
+            raise
+        with open(f, "rb") as stream:
+            if not stat.S_ISREG(os.fstat(stream.fileno()).st_mode):
+                raise _Changed
+            h = hashlib.sha256()
+            while block := stream.read(_CHUNK):
+                h.update(block)
+            return h.hexdigest()
+    finally:
+        if fd != root_fd:
+            os.close(fd)
+
+
+class _Changed(Exception):
+    """A listed path that is now a link, a folder, a FIFO... anything but the file written."""
+
+
 def check_manifest(directory: str | Path) -> ManifestCheck:
-    """Re-hash every file ``directory/loraexport.json`` lists; report the changed and missing ones."""
+    """Re-hash every file ``directory/loraexport.json`` lists; report the changed and missing ones.
+
+    Nothing is followed: a listed file replaced by a link (wherever it leads), a folder or a FIFO
+    is *changed*. A manifest that lists a path outside ``directory`` is invalid (exit 3).
+    """
     from loraexport.io import read_json, require_dir
 
     d = require_dir(directory, "output directory")
-    meta = read_json(d / MANIFEST, ModelFormatError)
+    manifest = d / MANIFEST
+    if os.path.islink(manifest):
+        raise ModelFormatError(f"{manifest} is a symbolic link; a manifest must be the file written there")
+    meta = read_json(manifest, ModelFormatError)
     files = meta.get("files") if isinstance(meta, dict) else None
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
-        raise ModelFormatError(f'{d / MANIFEST} has no "files" table of sha256 digests')
+        raise ModelFormatError(f'{manifest} has no "files" table of sha256 digests')
+    listed = {rel: _listed_path(manifest, rel) for rel in sorted(files)}  # all checked before any work
     result = ManifestCheck(d)
-    root = d.resolve()
-    for rel, digest in sorted(files.items()):
-        try:
-            p = (d / rel).resolve()
-        except (ValueError, OSError) as e:  # a NUL byte, a name too long, a loop of links
-            raise InvalidInputError(f"{d / MANIFEST} lists {rel!r}, which is not a usable path ({e})") from e
-        if root not in p.parents:
-            raise InvalidInputError(f"{d / MANIFEST} lists {rel!r}, which is outside {d}")
-        if not p.is_file():
-            result.missing.append(rel)
-            continue
-        result.checked += 1
-        if _sha256(p) != digest:
-            result.changed.append(rel)
-    present = (p.relative_to(d).as_posix() for p in _files(d, links=True))
-    result.unlisted = [rel for rel in present if rel not in files]
+    try:
+        root_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    except OSError as e:
+        raise InvalidInputError(f"output directory cannot be read: {d} ({e.strerror})") from e
+    try:
+        for rel, parts in listed.items():
+            try:
+                digest = _digest_unfollowed(root_fd, parts)
+            except _Changed:
+                result.changed.append(rel)
+                continue
+            except OSError as e:  # unreadable (permissions, an I/O error): cannot be checked at all
+                raise InvalidInputError(f"{d / rel} cannot be read ({e.strerror or e})") from e
+            if digest is None:
+                result.missing.append(rel)
+                continue
+            result.checked += 1
+            if digest != files[rel]:
+                result.changed.append(rel)
+    finally:
+        os.close(root_fd)
+    try:
+        result.unlisted = [rel for rel, _ in _entries(d) if rel not in files]
+    except OSError as e:  # a folder inside that cannot be listed
+        raise InvalidInputError(f"{d}: cannot list {e.filename} ({e.strerror})") from e
     return result

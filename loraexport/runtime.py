@@ -6,16 +6,24 @@
     model = OnnxModel("runs/demo")                 # CPU; provider="cuda" for CUDA
     ids = model.generate(input_ids, attention_mask, max_new_tokens=10)
 
-This module imports only numpy and onnxruntime, so an app can ship without torch.
+Everything is checked before it is used: ``loraexport.json`` is read bounded and key by key
+(``read_export_meta``), an ONNX file's size and its external data's bounds before onnxruntime
+reads or maps them (``check_external_data``).
+
+This module imports only numpy, onnxruntime, onnx (when a file is checked) and the standard
+library (through ``loraexport.untrusted``), so an app can ship without torch.
 """
 
 from __future__ import annotations
 
-import json
+import os
+import stat
 from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
+
+from loraexport.untrusted import read_json, short_repr
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # What onnxruntime raises for a model it cannot load (bad graph, bad protobuf, missing data...).
@@ -24,9 +32,28 @@ _ORT_LOAD_ERRORS = tuple(
     for name in ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "NotImplemented")
     if hasattr(ort.capi.onnxruntime_pybind11_state, name)
 )
-
+# onnxruntime's own severities: 0 verbose … 3 error, 4 fatal. Its errors reach loraexport as
+# exceptions (one line each); logged as well, they would print a coloured copy on fd 2 first.
+_ORT_FATAL_ONLY = 4
 
 KINDS = ("seq2seq", "causal", "encoder")
+EXPORTERS = ("dynamo", "torchscript")  # the torch.onnx exporters (loraexport.export.onnx)
+WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
+META = "loraexport.json"
+# protobuf cannot parse a message over 2 GiB (INT_MAX bytes): a larger .onnx is no ONNX model,
+# and is refused from its size alone, before a byte of it is read. Weights beyond it live in
+# external data (<name>.onnx.data), which onnxruntime maps instead of reading.
+MAX_ONNX_BYTES = 2**31 - 1
+# Storage bits of the element types narrower than a byte (packed); the others take whole bytes.
+_SUB_BYTE_BITS = {
+    "INT4": 4,
+    "UINT4": 4,
+    "FLOAT4E2M1": 4,
+    "INT2": 2,
+    "UINT2": 2,
+    "FLOAT6E2M3": 6,
+    "FLOAT6E3M2": 6,
+}
 
 
 def first_line(e: BaseException) -> str:
@@ -39,15 +66,110 @@ class RuntimeInputError(ValueError):
     """The exported directory cannot be run (missing files, unsafe external data)."""
 
 
+# ---- loraexport.json ----------------------------------------------------------------------------
+_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer"}
+_JSON_TYPES.update({float: "a number", type(None): "null"})
+
+
+def _describe(value: object) -> str:
+    return f"{_JSON_TYPES.get(type(value), type(value).__name__)} {short_repr(value)}"
+
+
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _str_list(value: object) -> bool:
+    return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+
+def _choice(*values: str):
+    return lambda v: v in values, f"one of {', '.join(values)}"
+
+
+# Optional top-level keys of an export description: (is it valid, what it must be).
+_TOP_LEVEL = {
+    "opset": (_is_int, "an integer"),
+    "exporter": _choice(*EXPORTERS),
+    "weights_dtype": _choice(*WEIGHTS_DTYPES),
+    "mode": (lambda v: isinstance(v, str), "a string"),
+    "inputs": (lambda v: isinstance(v, dict), "an object"),
+    "versions": (lambda v: isinstance(v, dict), "an object"),
+    "files": (
+        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
+        "an object of sha256 digests",
+    ),
+}
+
+
+def check_export_meta(meta: object, where: str | Path, error: type[Exception] = RuntimeInputError) -> dict:
+    """``meta`` (a parsed ``loraexport.json``) if it is an export description whose every key
+    that loraexport reads has the right type; else ``error`` naming ``where`` and the key.
+
+    Checked: ``model`` (an object: ``kind`` one of ``KINDS``; ``family`` a string;
+    ``special_tokens`` an object of integers or null, required), ``graphs`` (an object of
+    ``{"inputs": [...], "outputs": [...]}``), and the optional keys of ``_TOP_LEVEL``.
+    """
+
+    def bad(key: str, want: str, value: object) -> Exception:
+        return error(f"{where}: {key!r} must be {want}, not {_describe(value)}")
+
+    if not isinstance(meta, dict):
+        raise error(f"{where}: not a loraexport export description (a JSON object), but {_describe(meta)}")
+    if "model" not in meta:
+        raise error(f"{where}: not a loraexport export description (no 'model' key)")
+    model = meta["model"]
+    if not isinstance(model, dict):
+        raise bad("model", "an object", model)
+    kind = model.get("kind")
+    if not isinstance(kind, str) or kind not in KINDS:
+        raise bad("model.kind", f"one of {', '.join(KINDS)}", kind)
+    if "family" in model and not isinstance(model["family"], str):
+        raise bad("model.family", "a string", model["family"])
+    tokens = model.get("special_tokens")  # every family writes them (pad, eos ...)
+    if not isinstance(tokens, dict):
+        raise bad("model.special_tokens", "an object", tokens)
+    for name, token in tokens.items():
+        if token is not None and not _is_int(token):
+            raise bad(f"model.special_tokens.{name}", "an integer or null", token)
+    graphs = meta.get("graphs", {})
+    if not isinstance(graphs, dict):
+        raise bad("graphs", "an object", graphs)
+    for name, graph in graphs.items():
+        if not isinstance(graph, dict):
+            raise bad(f"graphs.{name}", "an object", graph)
+        for key in ("inputs", "outputs"):
+            if key in graph and not _str_list(graph[key]):
+                raise bad(f"graphs.{name}.{key}", "an array of names", graph[key])
+    for key, (valid, want) in _TOP_LEVEL.items():
+        if key in meta and not valid(meta[key]):
+            raise bad(key, want, meta[key])
+    return meta
+
+
+def read_export_meta(directory: str | Path, error: type[Exception] = RuntimeInputError) -> dict:
+    """``directory/loraexport.json``, read bounded (``untrusted.MAX_JSON_BYTES``) and checked
+    (``check_export_meta``); a missing, oversized, malformed or mistyped one raises ``error``."""
+    path = Path(directory) / META
+    if not os.path.lexists(path):
+        raise error(f"{path} not found: not a loraexport output directory")
+    return check_export_meta(read_json(path, error), path, error)
+
+
+# ---- sessions -----------------------------------------------------------------------------------
 def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Fixed thread counts and no spinning: spinning threads distort timings on small machines."""
+    """Fixed thread counts and no spinning: spinning threads distort timings on small machines.
+
+    onnxruntime logs only fatal errors: every error it has also raises, and loraexport says
+    it in one line (the log would print a second, ANSI-coloured copy on stderr first).
+    """
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or 0
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     so.add_session_config_entry("session.intra_op.allow_spinning", "0")
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = 3
+    so.log_severity_level = _ORT_FATAL_ONLY
     return so
 
 
@@ -69,35 +191,96 @@ def _tensors(graph):
                 yield from _tensors(g)
 
 
+def _regular_size(path: Path, what: str) -> int:
+    """The size of ``path``, a regular file (a FIFO or a device would block or never end)."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError as e:
+        raise RuntimeInputError(f"{what} not found: {path}") from e
+    except (OSError, ValueError) as e:  # a loop of links, a name too long, a NUL byte
+        raise RuntimeInputError(f"{what} cannot be read: {path} ({getattr(e, 'strerror', None) or e})") from e
+    if not stat.S_ISREG(st.st_mode):
+        raise RuntimeInputError(f"{what} is not a regular file: {path}")
+    return st.st_size
+
+
+def _min_bytes(tensor) -> int | None:
+    """The fewest bytes ``tensor``'s elements take (packed sub-byte types too); None for strings
+    and unknown types, whose size the shape does not give."""
+    import onnx
+
+    try:
+        name = onnx.TensorProto.DataType.Name(tensor.data_type)
+        bits = _SUB_BYTE_BITS.get(name) or 8 * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (ValueError, KeyError, TypeError):
+        return None
+    if name == "STRING":
+        return None
+    n = 1
+    for d in tensor.dims:
+        n *= max(d, 0)
+    return (n * bits + 7) // 8
+
+
+def _check_external_tensor(path: Path, root: Path, tensor) -> None:
+    """Refuse external data that is outside ``root``, not a regular file, or too short for the
+    tensor (onnxruntime maps it: reading past the end of a mapping kills the process)."""
+    info = {e.key: e.value for e in tensor.external_data}
+    location = info.get("location", "")
+    try:
+        target = (root / location).resolve()
+    except (ValueError, OSError) as e:
+        raise RuntimeInputError(f"{path.name}: unusable external data location {location!r}") from e
+    if root not in target.parents:  # the directory itself is no data file either
+        raise RuntimeInputError(
+            f"{path.name}: external data {location!r} points outside {root}; refusing to load"
+        )
+    size = _regular_size(target, f"external data of {path.name}")
+    fields = {}
+    for key in ("offset", "length"):
+        value = info.get(key, "0" if key == "offset" else None)
+        if value is None:
+            continue
+        if not value.isascii() or not value.isdigit() or len(value) > 20:
+            raise RuntimeInputError(
+                f"{path.name}: tensor {tensor.name!r} has external data {key} {short_repr(value)}, "
+                "not a non-negative integer"
+            )
+        fields[key] = int(value)
+    offset = fields["offset"]
+    needed = max(n for n in (fields.get("length"), _min_bytes(tensor), 0) if n is not None)
+    if offset + needed > size:
+        raise RuntimeInputError(
+            f"{path.name}: tensor {tensor.name!r} needs bytes {offset:,}..{offset + needed:,} of "
+            f"{location}, which holds {size:,}; refusing to load"
+        )
+
+
 def check_external_data(path: Path) -> None:
-    """Refuse an ONNX file that cannot be parsed, or any of whose tensors keeps its data outside
-    the file's own directory (``../x``, an absolute path, a link leading out)."""
+    """Refuse an ONNX file that cannot be one (over protobuf's 2 GiB, not a regular file), cannot
+    be parsed, or any of whose tensors keeps its data outside the file's own directory (``../x``,
+    an absolute path, a link leading out) or beyond the end of its data file. Sizes are checked
+    before anything is read."""
     import onnx  # part of the runtime dependencies; only the protobuf is parsed
 
+    size = _regular_size(path, "ONNX file")
+    if size > MAX_ONNX_BYTES:
+        raise RuntimeInputError(
+            f"{path}: {size:,} bytes, over protobuf's 2 GiB limit for an ONNX file (weights that "
+            "large belong in external data, <name>.onnx.data); refusing to read it"
+        )
     try:
         model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model
         raise RuntimeInputError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
     root = path.parent.resolve()
     for tensor in _tensors(model.graph):
-        for entry in tensor.external_data:
-            if entry.key == "location":
-                try:
-                    target = (root / entry.value).resolve()
-                except (ValueError, OSError) as e:
-                    raise RuntimeInputError(
-                        f"{path.name}: unusable external data location {entry.value!r}"
-                    ) from e
-                if root != target and root not in target.parents:
-                    raise RuntimeInputError(
-                        f"{path.name}: external data {entry.value!r} points outside {root}; refusing to load"
-                    )
+        if tensor.external_data:
+            _check_external_tensor(path, root, tensor)
 
 
 def open_session(path: str | Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
     p = Path(path)
-    if not p.is_file():
-        raise RuntimeInputError(f"ONNX file not found: {p}")
     if provider not in PROVIDERS:
         raise RuntimeInputError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
     if PROVIDERS[provider] not in ort.get_available_providers():
@@ -119,23 +302,9 @@ class OnnxModel:
 
     def __init__(self, directory: str | Path, provider: str = "cpu", threads: int | None = None) -> None:
         self.dir = Path(directory)
-        meta_path = self.dir / "loraexport.json"
-        if not meta_path.is_file():
-            raise RuntimeInputError(f"{meta_path} not found: not a loraexport output directory")
-        try:
-            self.meta = json.loads(meta_path.read_text(encoding="utf-8"))
-            self.kind = self.meta["model"]["kind"]
-            self.tokens = self.meta["model"].get("special_tokens", {})
-        except (ValueError, KeyError, TypeError, AttributeError, RecursionError) as e:
-            raise RuntimeInputError(
-                f"{meta_path}: not a loraexport export description ({type(e).__name__})"
-            ) from e
-        if self.kind not in KINDS:
-            raise RuntimeInputError(
-                f"{meta_path}: unknown model kind {self.kind!r} (one of {', '.join(KINDS)})"
-            )
-        if not isinstance(self.tokens, dict):
-            raise RuntimeInputError(f"{meta_path}: special_tokens must be an object")
+        self.meta = read_export_meta(self.dir)
+        self.kind = self.meta["model"]["kind"]
+        self.tokens = self.meta["model"]["special_tokens"]
         self.provider = provider
         self.threads = threads
         names = ["encoder", "decoder"] if self.kind == "seq2seq" else ["model"]

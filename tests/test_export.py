@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import json
+import os
+import sys
 
 import numpy as np
 import onnx
 import pytest
 import torch
+from clihelp import BIN, program, refused, run, snapshot
 
-from loraexport.errors import OutputExistsError
+from loraexport.errors import ExportError, InvalidInputError, OutputExistsError
 from loraexport.lora.adapter import Adapter
 from loraexport.models.reference import load_model
 from loraexport.pipeline import export, unmerged_model
@@ -138,3 +141,183 @@ def test_external_data_above_the_threshold(causal_base, causal_adapter, tmp_path
     assert locations == {"model.onnx.data"}  # the weights live in the one data file beside it
     report = verify(causal_base, causal_adapter, tmp_path / "out", samples=2, latency=False)
     assert report.passed
+
+
+# ---- opsets: refused before exporting, read back after ---------------------------------------------
+@pytest.mark.parametrize(
+    "exporter, opset",
+    [
+        ("dynamo", 17),
+        ("dynamo", 29),
+        ("dynamo", 99),
+        ("torchscript", 21),
+        ("torchscript", 99),
+        ("dynamo", True),
+    ],
+)
+def test_an_opset_the_exporter_cannot_write_is_refused_before_exporting(
+    causal_base, tmp_path, monkeypatch, exporter, opset
+):
+    from loraexport.export import onnx as onnx_export
+
+    def never(*args, **kwargs):
+        raise AssertionError("the exporter ran")
+
+    monkeypatch.setattr(onnx_export, "_export_one", never)
+    with pytest.raises(InvalidInputError, match=f"opset {opset!r}.*{exporter}") as e:
+        export(causal_base, tmp_path / "out", opset=opset, exporter=exporter)
+    assert len(str(e.value).splitlines()) == 1
+    assert not (tmp_path / "out").exists()
+
+
+def test_opset_range_matches_the_libraries():
+    """The maxima are what torch, onnx and onnxruntime honour; a version bump that changes them
+    fails here rather than writing opset 18 files labelled otherwise."""
+    import onnxruntime as ort
+    from torch.onnx import _constants
+
+    from loraexport.export.onnx import MAX_OPSET, MAX_OPSETS, MIN_OPSET
+
+    assert MAX_OPSETS["torchscript"] == _constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET
+    assert MAX_OPSETS["dynamo"] == onnx.defs.onnx_opset_version() == MAX_OPSET
+    assert MIN_OPSET == 18
+    model = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [onnx.helper.make_node("Relu", ["x"], ["y"])],
+            "g",
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+        ),
+        opset_imports=[onnx.helper.make_opsetid("", MAX_OPSET)],
+    )
+    ort.InferenceSession(model.SerializeToString())  # onnxruntime loads the newest we write
+
+
+@pytest.mark.parametrize("exporter, opset", [("dynamo", 19), ("torchscript", 20)])
+def test_the_opset_written_is_the_one_recorded(causal_base, causal_adapter, tmp_path, exporter, opset):
+    from loraexport.export.onnx import opset_written
+
+    out = tmp_path / "out"
+    result = export(causal_base, out, adapter=causal_adapter, opset=opset, exporter=exporter)
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    in_file = {o.domain: o.version for o in model.opset_import}[""]
+    assert result.opset == in_file == opset_written(out / "model.onnx") == opset
+    assert json.loads((out / "loraexport.json").read_text())["opset"] == opset
+    x = {k: v.numpy() for k, v in _inputs(2, 4, seq2seq=False).items()}
+    assert np.isfinite(OnnxModel(out).forward(**x)).all()
+
+
+def test_an_exporter_that_writes_another_opset_fails(causal_base, tmp_path, monkeypatch):
+    """The dynamo exporter silently writes opset 18 when it cannot convert: not a success."""
+    from loraexport.export import onnx as onnx_export
+
+    real = onnx_export._export_one
+    monkeypatch.setattr(onnx_export, "_export_one", lambda spec, path, opset, *a: real(spec, path, 18, *a))
+    with pytest.raises(ExportError, match="opset 19 was asked for, the exporter wrote opset 18"):
+        export(causal_base, tmp_path / "out", opset=19)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_refuses_an_opset_of_the_other_exporter(causal_base, tmp_path):
+    before = snapshot(tmp_path)
+    r = run(
+        "export", "--model", causal_base, "--exporter", "torchscript", "--opset", 21, "--out", tmp_path / "x"
+    )
+    refused(r, 3, "opset 21", "torchscript", "18 to 20")
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(not BIN.exists(), reason="the console script is not installed")
+def test_hf_model_with_an_opset_torchscript_cannot_write_prints_one_line(tmp_path):
+    """A Hugging Face model exports with TorchScript by default; it used to fail (exit 1) after
+    printing its whole IR graph on fd 1. A real process: that output bypassed sys.stdout."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
+    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
+    before = snapshot(tmp_path)
+    r = program("export", "--model", tmp_path / "gpt2", "--opset", 21, "--out", tmp_path / "out")
+    refused(r, 3, "opset 21", "torchscript")
+    assert snapshot(tmp_path) == before
+
+
+# ---- the exporter's console output: captured at the fd level too --------------------------------
+MARKS = ("python-print", "fd1-write", "fd2-write", "c-printf")
+
+
+def _noisy(real):
+    """``_export_one`` that also writes everywhere an exporter's C++ or Python half may."""
+    import ctypes
+
+    def export_one(*args):
+        print(MARKS[0])
+        os.write(1, f"{MARKS[1]}\n".encode())
+        os.write(2, f"{MARKS[2]}\n".encode())
+        ctypes.CDLL(None).printf(f"{MARKS[3]}\n".encode())  # buffered in C's stdio
+        return real(*args)
+
+    return export_one
+
+
+def _fd_ids() -> list[tuple[int, int]]:
+    return [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
+
+
+def test_exporter_output_is_captured_at_the_fd_level(causal_base, tmp_path, monkeypatch, capfd):
+    from loraexport.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "_export_one", _noisy(onnx_export._export_one))
+    fds = _fd_ids()
+    result = export(causal_base, tmp_path / "out")
+    seen = capfd.readouterr()
+    for mark in MARKS:
+        assert mark not in seen.out + seen.err, mark
+        assert mark in result.exporter_log, mark
+    assert _fd_ids() == fds
+    print("after")  # the fds and sys.stdout are the test's again
+    assert capfd.readouterr().out == "after\n"
+    assert not any(p.name.startswith(".exporter-output") for p in (tmp_path / "out").iterdir())
+
+
+def test_fds_are_restored_on_keyboard_interrupt(causal_base, tmp_path, monkeypatch, capfd):
+    from loraexport.export import onnx as onnx_export
+
+    noisy = _noisy(onnx_export._export_one)
+
+    def interrupted(*args):
+        noisy(*args)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(onnx_export, "_export_one", interrupted)
+    fds, stdout, stderr = _fd_ids(), sys.stdout, sys.stderr
+    with pytest.raises(KeyboardInterrupt):
+        export(causal_base, tmp_path / "out")
+    assert _fd_ids() == fds and sys.stdout is stdout and sys.stderr is stderr
+    seen = capfd.readouterr()
+    assert not any(mark in seen.out + seen.err for mark in MARKS)
+    os.write(1, b"after\n")
+    assert capfd.readouterr().out == "after\n"
+    assert not (tmp_path / "out").exists()
+
+
+def test_restoring_the_fds_survives_an_interrupt_midway(tmp_path, capfd):
+    """Ctrl-C while the fds are being put back: they are put back all the same, then it is raised."""
+    import io as std_io
+
+    from loraexport.export import onnx as onnx_export
+
+    real_dup2, calls = os.dup2, []
+
+    def dup2_interrupted_once(fd, fd2, *a):
+        calls.append(fd2)
+        if len(calls) == 2:  # fd 1 put back ... Ctrl-C before fd 2
+            raise KeyboardInterrupt
+        return real_dup2(fd, fd2, *a)
+
+    fds = _fd_ids()
+    with pytest.MonkeyPatch.context() as mp:
+        with pytest.raises(KeyboardInterrupt), onnx_export._fd_output_to(std_io.StringIO(), tmp_path):
+            mp.setattr(os, "dup2", dup2_interrupted_once)
+    assert calls == [1, 2, 1, 2]
+    assert _fd_ids() == fds
+    os.write(2, b"after\n")
+    assert capfd.readouterr().err == "after\n"

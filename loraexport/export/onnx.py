@@ -1,8 +1,10 @@
 """torch → ONNX with the dynamo exporter: named I/O, dynamic axes, external data, checker.
 
-The exporter's own console output and warnings are captured; the CLI shows them with
-``--verbose``. Weights go to ``<name>.onnx.data`` (external data) when a graph's weights
-exceed ``EXTERNAL_DATA_BYTES``, below protobuf's 2 GiB limit.
+The exporter's own console output and warnings are captured — Python's ``print`` and
+warnings, and what its C++ half writes straight to file descriptors 1 and 2 (TorchScript
+prints its whole IR graph there when it fails) — into ``ExportResult.exporter_log``, which
+the CLI shows with ``--verbose``. Weights go to ``<name>.onnx.data`` (external data) when a
+graph's weights exceed ``EXTERNAL_DATA_BYTES``, below protobuf's 2 GiB limit.
 """
 
 from __future__ import annotations
@@ -11,23 +13,40 @@ import contextlib
 import errno
 import io
 import logging
+import os
 import shutil
+import sys
+import tempfile
 import time
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import BinaryIO
 
 import onnx
 import torch
 
-from loraexport.errors import ExportError
+from loraexport.errors import ExportError, InvalidInputError
 from loraexport.export.spec import GraphSpec
-from loraexport.runtime import first_line
+from loraexport.runtime import EXPORTERS, first_line
 
 DEFAULT_OPSET = 18
-EXPORTERS = ("dynamo", "torchscript")
-MIN_OPSET = 18  # the dynamo exporter's translation table starts at opset 18
+# The opsets each exporter writes as asked, and onnxruntime loads (1.32: "official support for
+# domain ai.onnx is till opset 28"); anything else is refused before exporting.
+MIN_OPSET = 18  # the dynamo exporter's translation table (torchlib) starts at opset 18
+MAX_OPSETS = {
+    # onnxscript converts the graph up to 25 itself, up to onnx's newest (onnx 1.23: 28) through
+    # onnx's converter, and above that silently writes opset 18.
+    "dynamo": 28,
+    # torch.onnx._constants.ONNX_TORCHSCRIPT_EXPORTER_MAX_OPSET: above it torch warns "not
+    # supported"; from 24 it fails, printing its IR graph.
+    "torchscript": 20,
+}
+MAX_OPSET = max(MAX_OPSETS.values())  # for a command-line option; each exporter has its own
 EXTERNAL_DATA_BYTES = 1_800_000_000  # leave headroom under protobuf's 2 GiB message limit
+# What is kept of the exporter's console output (the end, where failures are said).
+MAX_EXPORTER_LOG_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
 # The exporter logs through torch's own handlers (e.g. "torchvision is not installed"); the
@@ -35,14 +54,83 @@ log = logging.getLogger(__name__)
 SILENCE_EXPORTER_LOGS = True
 
 
+def check_opset(opset: int, exporter: str) -> None:
+    """Refuse (``InvalidInputError``) an opset ``exporter`` cannot write as asked."""
+    if exporter not in EXPORTERS:
+        raise ExportError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
+    top = MAX_OPSETS[exporter]
+    if not isinstance(opset, int) or isinstance(opset, bool) or not MIN_OPSET <= opset <= top:
+        best = "" if exporter == "dynamo" else f" (the dynamo exporter writes up to {MAX_OPSETS['dynamo']})"
+        raise InvalidInputError(
+            f"opset {opset!r} is not one the {exporter} exporter writes: choose {MIN_OPSET} to {top}{best}"
+        )
+
+
+def _flush_all() -> None:
+    """Flush Python's streams and C's stdio buffers, so what was written lands on the fd it was
+    written for (before or after the fds are swapped)."""
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        with contextlib.suppress(Exception):  # closed, detached or replaced by a test runner
+            stream.flush()
+    with contextlib.suppress(Exception):
+        import ctypes
+
+        ctypes.CDLL(None).fflush(None)
+
+
 @contextlib.contextmanager
-def _exporter_quiet(captured: io.StringIO):
-    """Capture the exporter's prints and warnings; mute torch's log records while it runs."""
+def _fd_output_to(captured: io.StringIO, scratch: Path) -> Iterator[None]:
+    """While the block runs, fds 1 and 2 write to an unlinked file in ``scratch``; its end
+    (``MAX_EXPORTER_LOG_BYTES``) goes to ``captured`` afterwards. The fds are put back whatever
+    ends the block, a KeyboardInterrupt (or SIGTERM) during the restoring included."""
+    _flush_all()
+    saved: dict[int, int] = {}
+    with tempfile.TemporaryFile(dir=scratch, prefix=".exporter-output-") as sink:
+        try:
+            for fd in (1, 2):
+                with contextlib.suppress(OSError):  # not open (a daemon): nothing to capture
+                    saved[fd] = os.dup(fd)
+                    os.dup2(sink.fileno(), fd)
+            yield
+        finally:
+            _restore_fds(saved)
+            captured.write(_tail(sink))
+
+
+def _restore_fds(saved: dict[int, int]) -> None:
+    interrupted = None
+    while True:
+        try:
+            _flush_all()
+            for fd, copy in saved.items():
+                os.dup2(copy, fd)
+            break
+        except KeyboardInterrupt as e:  # Ctrl-C now would leave the terminal's fds lost: finish
+            interrupted = e
+    for copy in saved.values():
+        os.close(copy)
+    if interrupted is not None:
+        raise interrupted
+
+
+def _tail(f: BinaryIO) -> str:
+    size = f.seek(0, os.SEEK_END)
+    f.seek(max(0, size - MAX_EXPORTER_LOG_BYTES))
+    return f.read().decode("utf-8", errors="replace")
+
+
+@contextlib.contextmanager
+def _exporter_quiet(captured: io.StringIO, scratch: Path) -> Iterator[None]:
+    """Capture the exporter's prints, fd output and warnings; mute torch's log records meanwhile.
+
+    ``scratch``: a folder for the (unlinked, never visible) file that holds the fd output.
+    """
     previous = logging.root.manager.disable
     if SILENCE_EXPORTER_LOGS:
         logging.disable(logging.WARNING)
     try:
         with (
+            _fd_output_to(captured, scratch),
             contextlib.redirect_stdout(captured),
             contextlib.redirect_stderr(captured),
             warnings.catch_warnings(),
@@ -155,6 +243,56 @@ def _disk_error(e: BaseException, out_dir: Path) -> OSError | None:
     return None
 
 
+def _varint(f: BinaryIO) -> int:
+    value = shift = 0
+    while True:
+        b = f.read(1)
+        if not b or shift > 63:
+            raise ValueError("truncated or overlong varint")
+        value |= (b[0] & 0x7F) << shift
+        shift += 7
+        if b[0] < 0x80:
+            return value
+
+
+def _fields(f: BinaryIO, end: int, keep: int) -> Iterator[tuple[int, int | bytes]]:
+    """``(field number, value)`` of a protobuf message in ``f`` up to offset ``end``: varints
+    as ints, length-delimited field ``keep`` as bytes; all else is skipped over, not read."""
+    while f.tell() < end:
+        key = _varint(f)
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            yield number, _varint(f)
+        elif wire in (1, 5):  # fixed 64 / 32 bits
+            f.seek(8 if wire == 1 else 4, os.SEEK_CUR)
+        elif wire == 2:
+            n = _varint(f)
+            if number == keep:
+                yield number, f.read(n)
+            else:
+                f.seek(n, os.SEEK_CUR)
+        else:
+            raise ValueError(f"unexpected protobuf wire type {wire}")
+
+
+_OPSET_IMPORT = 8  # ModelProto.opset_import: OperatorSetIdProto {domain = 1, version = 2}
+
+
+def opset_written(path: Path) -> int | None:
+    """The default domain's opset in ``path``'s ``opset_import`` (None if it names none), read
+    from the protobuf's top-level fields alone: the graph (up to 2 GB) is skipped, not read."""
+    with open(path, "rb") as f:
+        size = os.fstat(f.fileno()).st_size
+        for number, raw in _fields(f, size, keep=_OPSET_IMPORT):
+            if number != _OPSET_IMPORT or not isinstance(raw, bytes):
+                continue
+            entry = dict(_fields(io.BytesIO(raw), len(raw), keep=1))
+            domain = entry.get(1, b"")
+            if domain in (b"", b"ai.onnx") and isinstance(entry.get(2), int):
+                return entry[2]
+    return None
+
+
 def export_graphs(
     specs: list[GraphSpec], out_dir: Path, opset: int = DEFAULT_OPSET, exporter: str = "dynamo"
 ) -> ExportResult:
@@ -164,10 +302,7 @@ def export_graphs(
     ``torchscript`` (the older tracer; 5-10x faster to export: on SmolLM2-135M 19 s against
     135 s measured here, which is what makes a 120 s merge-and-export of that model possible).
     """
-    if exporter not in EXPORTERS:
-        raise ExportError(f"unknown exporter {exporter!r}; choose from {', '.join(EXPORTERS)}")
-    if opset < MIN_OPSET:
-        raise ExportError(f"opset {opset} is too old: loraexport exports opset >= {MIN_OPSET}")
+    check_opset(opset, exporter)
     result = ExportResult(opset=opset, exporter=exporter)
     t0 = time.perf_counter()
     captured = io.StringIO()
@@ -175,11 +310,12 @@ def export_graphs(
         path = out_dir / f"{spec.name}.onnx"
         external = _param_bytes(spec.module) > EXTERNAL_DATA_BYTES
         try:
-            with _exporter_quiet(captured), torch.no_grad():
+            with _exporter_quiet(captured, out_dir), torch.no_grad():
                 _export_one(spec, path, opset, exporter, external)
         except (KeyboardInterrupt, MemoryError):
             raise
         except Exception as e:  # the exporter raises many types; keep its message
+            log.debug("exporter output:\n%s", captured.getvalue())
             disk = _disk_error(e, out_dir)
             if disk is not None:  # a full or read-only disk: the output's problem, said by atomic_output_dir
                 raise disk  # noqa: B904 (disk is already in the chain of e; "from" could make a cycle)
@@ -189,6 +325,13 @@ def export_graphs(
             onnx.checker.check_model(str(path), full_check=False)
         except onnx.checker.ValidationError as e:
             raise ExportError(f"{path.name} fails onnx.checker: {str(e).splitlines()[0]}") from e
+        try:
+            written = opset_written(path)
+        except ValueError as e:
+            raise ExportError(f"{path.name}: cannot read its opset back ({e})") from e
+        if written != opset:  # e.g. the dynamo exporter writes 18 when it cannot convert
+            raise ExportError(f"{path.name}: opset {opset} was asked for, the exporter wrote opset {written}")
+        result.opset = written  # what the files hold, not what was asked
         result.files.append(path.name)
         if external:
             result.files.append(f"{path.name}.data")

@@ -4,13 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import shutil
 from pathlib import Path
 
 import pytest
 from artifacts import copy_dir
 from click.testing import CliRunner
+from clihelp import BIN, program, refused, run, snapshot
 
 from loraexport.cli import main
+from loraexport.manifest import write_manifest
 
 
 def _run(*args):
@@ -90,7 +94,12 @@ def test_check_files_passes_then_catches_changes(seq2seq_onnx, tmp_path):
         ("not json", "loraexport.json"),
         ({"files": ["a"]}, 'has no "files" table'),
         ({"files": {"../escape": "00"}}, "outside"),
+        ({"files": {"a/../../escape": "00"}}, "outside"),
+        ({"files": {"/etc/hostname": "00"}}, "outside"),
         ({"files": {"a\u0000b": "00"}}, "not a usable path"),
+        ({"files": {"": "00"}}, "not a usable path"),
+        ({"files": {"./a": "00"}}, "not a usable path"),
+        ({"files": {"a//b": "00"}}, "not a usable path"),
     ],
 )
 def test_check_files_bad_manifest(tmp_path, manifest, message):
@@ -102,6 +111,97 @@ def test_check_files_bad_manifest(tmp_path, manifest, message):
     r = _run("verify", "--check-files", d)
     assert r.exit_code == 3 and message in r.stderr and len(r.stderr.strip().splitlines()) == 1
     assert "Traceback" not in r.stderr
+
+
+def _replace(path: Path, how: str, outside: Path) -> None:
+    """Put something that is not the file written at ``path``."""
+    data = path.read_bytes()
+    path.unlink()
+    if how == "link inside":
+        path.symlink_to("encoder.onnx")
+    elif how == "link outside":
+        path.symlink_to("/etc/hostname")
+    elif how == "link to the same bytes outside":  # the digest would match: a link is a change
+        (outside / "copy.onnx").write_bytes(data)
+        path.symlink_to(outside / "copy.onnx")
+    elif how == "relative link to the same bytes outside":
+        (outside / "copy.onnx").write_bytes(data)
+        path.symlink_to(os.path.relpath(outside / "copy.onnx", path.parent))
+    elif how == "folder":
+        path.mkdir()
+    elif how == "fifo":
+        os.mkfifo(path)
+
+
+REPLACEMENTS = [
+    "link inside",
+    "link outside",
+    "link to the same bytes outside",
+    "relative link to the same bytes outside",
+    "folder",
+]
+
+
+@pytest.mark.parametrize("how", REPLACEMENTS)
+def test_a_listed_file_replaced_by_a_non_file_is_changed(seq2seq_onnx, tmp_path, how):
+    """Nothing is followed: a link (wherever it leads), a folder is a changed file (exit 4), not
+    an invalid manifest."""
+    out = copy_dir(seq2seq_onnx, tmp_path / "onnx")
+    (tmp_path / "elsewhere").mkdir()
+    _replace(out / "decoder.onnx", how, tmp_path / "elsewhere")
+    before = snapshot(tmp_path)
+    line = refused(run("verify", "--check-files", out), 4, "changed: decoder.onnx")
+    assert "missing" not in line
+    r = run("verify", "--check-files", out, "--json")
+    assert json.loads(r.stdout)["changed"] == ["decoder.onnx"] and r.exit_code == 4
+    assert snapshot(tmp_path) == before
+
+
+@pytest.mark.skipif(not BIN.exists(), reason="the console script is not installed")
+def test_a_listed_file_replaced_by_a_fifo_is_changed_without_blocking(seq2seq_onnx, tmp_path):
+    """A FIFO would block whoever opens it for reading: it is never opened (a real process, with
+    a timeout, so that a regression fails instead of hanging the suite)."""
+    out = copy_dir(seq2seq_onnx, tmp_path / "onnx")
+    _replace(out / "decoder.onnx", "fifo", tmp_path)
+    refused(program("verify", "--check-files", out, timeout=120), 4, "changed: decoder.onnx")
+
+
+def _nested_output(root: Path) -> Path:
+    out = root / "out"
+    (out / "sub").mkdir(parents=True)
+    (out / "sub" / "a.txt").write_text("written")
+    (out / "top.txt").write_text("written too")
+    write_manifest(out)
+    return out
+
+
+@pytest.mark.parametrize("how", ["link to a copy", "file", "gone"])
+def test_a_listed_folder_replaced_is_changed_or_missing(tmp_path, how):
+    """Every component of a listed path is checked unfollowed, not only the last one."""
+    out = _nested_output(tmp_path)
+    shutil.move(out / "sub", tmp_path / "sub-copy")
+    if how == "link to a copy":
+        (out / "sub").symlink_to(tmp_path / "sub-copy", target_is_directory=True)
+    elif how == "file":
+        (out / "sub").write_text("a file where the folder was")
+    expected = "missing: sub/a.txt" if how == "gone" else "changed: sub/a.txt"
+    line = refused(run("verify", "--check-files", out), 4, expected)
+    assert "top.txt" not in line
+
+
+def test_nested_output_passes_and_a_link_beside_is_only_reported(tmp_path):
+    out = _nested_output(tmp_path)
+    (out / "sub" / "loop").symlink_to("..", target_is_directory=True)  # never descended into
+    r = _run("verify", "--check-files", out)
+    assert r.exit_code == 0 and "2 files match" in r.stdout and "sub/loop" in r.stderr
+
+
+def test_a_manifest_that_is_a_link_is_refused(seq2seq_onnx, tmp_path):
+    """The manifest is what the files are checked against: one borrowed from elsewhere is none."""
+    out = copy_dir(seq2seq_onnx, tmp_path / "onnx")
+    (out / "loraexport.json").rename(tmp_path / "manifest.json")
+    (out / "loraexport.json").symlink_to(tmp_path / "manifest.json")
+    refused(run("verify", "--check-files", out), 3, "loraexport.json", "symbolic link")
 
 
 def test_analyze_output_has_a_true_manifest(seq2seq_base, seq2seq_adapter, tmp_path):

@@ -65,7 +65,6 @@ def test_sigint_during_export_leaves_nothing(causal_base, causal_adapter, tmp_pa
     out = tmp_path / "out"
     out.mkdir()
     (out / "keep.txt").write_text("an earlier output")  # replaced only on success, with --force
-    (out / "loraexport.json").write_text('{"files": {}}')  # (only a folder loraexport wrote)
     (out / "loraexport.json").write_text("{}")  # (--force replaces only a previous output)
     before = _snapshot(tmp_path)
     model_opt = "--model" if command == "export" else "--base"

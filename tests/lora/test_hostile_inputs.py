@@ -138,10 +138,13 @@ def test_read_json_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / CONFIG_NAME
     path.write_text("{}")
 
-    def denied(self):
+    import loraexport.untrusted
+
+    def denied(file, *args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
-    monkeypatch.setattr(Path, "read_bytes", denied)  # chmod does not stop root, who runs CI here
+    # chmod does not stop root, who runs CI here: fail the open where JSON is read
+    monkeypatch.setattr(loraexport.untrusted, "open", denied, raising=False)
     with pytest.raises(AdapterFormatError) as e:
         read_json(path, AdapterFormatError)
     _one_line(e, str(path), "Permission denied")
