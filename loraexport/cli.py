@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import signal
 import sys
 import traceback
@@ -17,8 +18,14 @@ import click
 
 from loraexport.analyze.cli import analyze as analyze_cmd
 from loraexport.analyze.cli import sweep as sweep_cmd
-from loraexport.cli_types import Number, PositiveInt, Seed
-from loraexport.errors import EXIT_INTERNAL, EXIT_INTERRUPTED, LoraExportError, Terminated
+from loraexport.cli_types import MAX_OPSET, MAX_OPSET_TORCHSCRIPT, MIN_OPSET, Number, PositiveInt, Seed
+from loraexport.errors import (
+    EXIT_BROKEN_PIPE,
+    EXIT_INTERNAL,
+    EXIT_INTERRUPTED,
+    LoraExportError,
+    Terminated,
+)
 
 
 def _interrupted(e: BaseException, written: str | None = None) -> tuple[str, int]:
@@ -64,6 +71,9 @@ class _Group(click.Group):
             return super().invoke(ctx)
         except (click.exceptions.Exit, click.ClickException, click.exceptions.Abort):
             raise
+        except BrokenPipeError:  # the reader of stdout went away (`| head`): end as a shell tool does
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing more to flush there
+            ctx.exit(EXIT_BROKEN_PIPE)
         except LoraExportError as e:
             _fail(ctx, f"error: {e}", e.exit_code)
         except KeyboardInterrupt as e:  # Ctrl-C, or SIGTERM / SIGHUP (Terminated)
@@ -258,6 +268,12 @@ def _log(ctx: click.Context):
     return (lambda msg: None) if ctx.obj["quiet"] else (lambda msg: click.echo(msg, err=True))
 
 
+def _exporter_log(ctx: click.Context, result) -> None:
+    """With --verbose: what torch.onnx printed while it exported (captured, fd level included)."""
+    if ctx.obj["verbose"] and result is not None and result.exporter_log.strip():
+        click.echo(result.exporter_log.rstrip(), err=True)
+
+
 def _print_report(ctx: click.Context, report, out: Path | None, as_json: bool) -> None:
     if as_json:
         click.echo(json.dumps(report.to_json(), indent=2))
@@ -365,7 +381,14 @@ def _export_options(f):
         type=click.Choice(["dynamo", "torchscript"]),
         help="torch.onnx exporter (default: dynamo for the reference model, torchscript for HF models).",
     )(f)
-    return click.option("--opset", default=18, show_default=True, type=click.IntRange(18))(f)
+    return click.option(
+        "--opset",
+        default=MIN_OPSET,
+        show_default=True,
+        type=Number(int, MIN_OPSET, MAX_OPSET),
+        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} "
+        f"(the torchscript exporter writes up to {MAX_OPSET_TORCHSCRIPT}).",
+    )(f)
 
 
 @main.command()
@@ -406,6 +429,7 @@ def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, dtype,
         allow_pickle=allow_pickle,
         log=_log(ctx),
     )
+    _exporter_log(ctx, result)
     click.echo(
         f"exported {', '.join(result.files)} ({result.bytes / 1e6:.2f} MB, opset {result.opset}, "
         f"{result.seconds:.1f} s) to {out}"
@@ -615,8 +639,10 @@ def merge_and_export(
             log=_log(ctx),
         )
     except VerificationFailedError as e:
+        _exporter_log(ctx, e.report.export)
         _print_report(ctx, e.report, out, as_json)
         raise
+    _exporter_log(ctx, report.export)
     _print_report(ctx, report, out, as_json)
 
 

@@ -13,6 +13,9 @@ import math
 import click
 
 MAX_SEED = 2**63 - 1  # torch.manual_seed and numpy take 64-bit seeds; 2**63 - 1 in every one
+# = export.onnx.MIN_OPSET, MAX_OPSET, MAX_OPSETS["torchscript"] (not imported: that loads torch;
+# tests/test_export.py holds them equal)
+MIN_OPSET, MAX_OPSET, MAX_OPSET_TORCHSCRIPT = 18, 28, 20
 
 
 def _bound(x: float) -> str:

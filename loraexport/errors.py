@@ -14,6 +14,7 @@ EXIT_VERIFICATION_FAILED = 4
 EXIT_INTERRUPTED = 130
 EXIT_TERMINATED = 143  # 128 + SIGTERM
 EXIT_HANGUP = 129  # 128 + SIGHUP
+EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`loraexport inspect X | head`)
 
 
 class Terminated(KeyboardInterrupt):

@@ -25,18 +25,24 @@ from torch import nn
 from loraexport.data import read_pairs
 from loraexport.errors import InvalidInputError, ModelFormatError, UsageError, VerificationFailedError
 from loraexport.export.half import HALF_DTYPES, store_weights_half
-from loraexport.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportResult, export_graphs
+from loraexport.export.onnx import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_BYTES,
+    ExportResult,
+    check_opset,
+    export_graphs,
+)
 from loraexport.io import read_json, require_dir, sha256_dir, write_json
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, merge_state_dict
 from loraexport.lora.stream import checkpoint_shards, stream_merge
 from loraexport.lora.views import merged_view, unmerged_view
 from loraexport.manifest import Hasher
-from loraexport.models.base import ModelFamily, load_base
+from loraexport.models.base import ModelFamily, detect_family, load_base
 from loraexport.output import OutputPlan, plan_files, plan_output, write_files, write_output
 from loraexport.progress import Progress
 from loraexport.report import Report, versions
-from loraexport.runtime import PROVIDERS, OnnxModel, RuntimeInputError
+from loraexport.runtime import PROVIDERS, OnnxModel, RuntimeInputError, read_export_meta
 from loraexport.verify.half import MIN_ADAPTER_RETAINED, half_precision_costs
 from loraexport.verify.latency import LatencyCase, LatencyResult, time_interleaved
 from loraexport.verify.parity import check_parity
@@ -260,7 +266,7 @@ def export_model(
         result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
     meta = {
         "model": family.runtime_meta(model) | {"family": family.name},
-        "opset": opset,
+        "opset": result.opset,  # as written (read back from the file)
         "exporter": result.exporter,
         "weights_dtype": weights_dtype or "float32",
         "graphs": {g: {"inputs": result.inputs[g], "outputs": result.outputs[g]} for g in result.inputs},
@@ -306,6 +312,7 @@ def export(
         )
     adapters = _as_list(adapter) if adapter else []
     plan = _plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
+    check_opset(opset, exporter or detect_family(model_dir).exporter)  # before the weights are read
     loaded = load_inputs(model_dir, adapters, allow_pickle, weights)
     model = loaded.base
     if loaded.adapters or half:
@@ -454,17 +461,15 @@ def verify(
     opts = VerifyOptions(**options)  # checked before any work
     _check_eval_data(opts.eval_data)
     onnx_path = require_dir(onnx_dir, "ONNX directory")
-    meta = (
-        read_json(onnx_path / "loraexport.json", ModelFormatError)
-        if (onnx_path / "loraexport.json").is_file()
-        else {}
-    )
-    weights_dtype = meta.get("weights_dtype") if isinstance(meta, dict) else None
-    half = _half_dtype(weights_dtype if isinstance(weights_dtype, str) else None)
+    meta = read_export_meta(onnx_path, ModelFormatError)  # once, bounded and type-checked
+    weights_dtype = meta.get("weights_dtype")
+    half = _half_dtype(weights_dtype)
     loaded = load_inputs(base, _as_list(adapter), allow_pickle, weights)
     merged = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=half)
     report = _new_report(base, loaded, merged[1], None)
-    _verify_into(report, loaded, merged[0], onnx_path, opts, log, weights_dtype if half else None)
+    _verify_into(
+        report, loaded, merged[0], onnx_path, opts, log, weights_dtype if half else None, meta.get("exporter")
+    )
     if plan is not None:
         write_files(plan, dict(zip(plan.targets, _report_texts(report), strict=True)))
     return report
@@ -507,8 +512,10 @@ def _verify_into(
     opts: VerifyOptions,
     log: Log,
     weights_dtype: str | None = None,
+    exporter: str | None = None,
 ) -> None:
-    """Add parity (per provider) and latency to ``report``.
+    """Add parity (per provider) and latency to ``report``; the comparison graphs for latency
+    are exported with ``exporter``, the one the checked export was made with.
 
     With half-stored weights (``weights_dtype``), parity is judged against ``merged`` (the
     merged weights rounded to that dtype, which the file must hold exactly), and what the
@@ -576,7 +583,6 @@ def _verify_into(
         return
     with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:
         dirs = {"onnx_merged": onnx_path}
-        exporter = read_json(onnx_path / "loraexport.json", ModelFormatError).get("exporter")  # as the merged
         for name, model in (("onnx_base", loaded.base), ("onnx_unmerged", unmerged)):
             log(f"exporting {name.removeprefix('onnx_')} model for comparison …")
             d = Path(td) / name
@@ -636,6 +642,7 @@ def merge_and_export(
     opts = VerifyOptions(**options)  # checked before any work
     _check_eval_data(opts.eval_data)
     log(f"loading {base} and {', '.join(map(str, adapters))} …")
+    check_opset(opset, exporter or detect_family(base).exporter)  # before the weights are read
     loaded = load_inputs(base, adapters, allow_pickle, weights)
     merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=half)
     log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
@@ -650,7 +657,7 @@ def merge_and_export(
         _copy_extra(loaded.family, Path(base), tmp)
         report = _new_report(base, loaded, stats, result)
         if verify_output:
-            _verify_into(report, loaded, merged, tmp, opts, log, dtype if half else None)
+            _verify_into(report, loaded, merged, tmp, opts, log, dtype if half else None, result.exporter)
         write_report(report, tmp)
         _write_provenance(tmp, inputs, {"mode": "merged"})
     if report.passed is False:

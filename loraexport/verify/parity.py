@@ -17,13 +17,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from loraexport.models.base import ModelFamily
-from loraexport.runtime import OnnxModel, chain_forward
+from loraexport.runtime import OnnxModel, RuntimeInputError, chain_forward
 
 # ONNX's error vs float64 may be this many times torch-float32's own error vs float64.
 # Different accumulation orders give errors of the same order (1-4x seen on these models);
@@ -184,6 +185,21 @@ def compare_outputs(
     )
 
 
+def check_same_model(expected: dict, kind: str, shape: tuple[int, int, int], where: Path) -> None:
+    """The export is of this model's kind and cache shape (layers, key/value heads, head size);
+    else it is an export of another model (``RuntimeInputError``: exit 3, before any run)."""
+    want = (expected.get("n_layers"), expected.get("n_heads"), expected.get("head_dim"))
+    if kind != expected["kind"] or (kind != "encoder" and tuple(shape) != want):
+        raise RuntimeInputError(
+            f"{where} is an export of another model: a {_described(kind, shape)}, "
+            f"but the base is a {_described(expected['kind'], want)}"
+        )
+
+
+def _described(kind: str, shape: tuple) -> str:
+    return kind if kind == "encoder" else f"{kind} model with cache (layers, heads, head size) {tuple(shape)}"
+
+
 def check_parity(
     family: ModelFamily,
     unmerged: nn.Module,
@@ -201,6 +217,7 @@ def check_parity(
     """
     opened = onnx_model if isinstance(onnx_model, OnnxModel) else onnx_model()
     kind, shape, provider = opened.kind, opened.cache_shape, opened.provider
+    check_same_model(family.runtime_meta(unmerged), kind, shape, opened.dir)
     cases = family.parity_cases(unmerged, samples, seed)
     args = [
         (
@@ -213,7 +230,7 @@ def check_parity(
     ox = [opened.forward_all(*a) for a in args]
     prompts, got_tokens, eos = [], [], None
     if kind != "encoder":
-        eos = opened.meta["model"]["special_tokens"].get("eos")
+        eos = opened.tokens.get("eos")
         # every given source (held-out data), else ``rows`` (default 64) random prompts
         chosen = sources[:generation_rows] if sources and generation_rows else sources
         prompts = list(family.prompts(unmerged, chosen, generation_rows or RANDOM_PROMPTS, seed))

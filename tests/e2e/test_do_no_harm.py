@@ -505,3 +505,41 @@ def test_a_signal_while_arguments_are_parsed(monkeypatch, signum, code, line):
     monkeypatch.setattr(Number, "convert", terminated)
     r = run("train", "--base", "b", "--data", "d", "--out", "o", "--lr", "0.1")
     assert r.exit_code == code and r.stderr.strip() == line + "nothing was written", r.stderr
+
+
+def test_verify_against_an_export_of_another_model(causal_base, causal_adapter, seq2seq_onnx, tmp_path):
+    """Another kind (a seq2seq export for a decoder-only base), or the same kind with another
+    cache shape: exit 3 naming both, before any comparison runs."""
+    from artifacts import make_base
+
+    before = snapshot(seq2seq_onnx)
+    r = run("verify", "--base", causal_base, "--adapter", causal_adapter, "--onnx", seq2seq_onnx)
+    refused(r, 3, "is an export of another model", "seq2seq", "causal")
+    deeper = make_base(tmp_path / "deeper", n_encoder_layers=0, n_decoder_layers=3)
+    deeper_onnx = tmp_path / "deeper-onnx"
+    assert run("export", "--model", deeper, "--out", deeper_onnx).exit_code == 0
+    r = run(
+        "verify", "--base", causal_base, "--adapter", causal_adapter, "--onnx", deeper_onnx, "--no-latency"
+    )
+    refused(r, 3, "is an export of another model", "(3, 2, 8)", "(2, 2, 8)")
+    assert snapshot(seq2seq_onnx) == before
+
+
+def test_a_closed_stdout_is_not_an_internal_error(tmp_path):
+    """`loraexport inspect DIR | head -0`: the reader went away; exit 141 as a shell tool, silently."""
+    proc = subprocess.Popen(
+        [str(BIN), "inspect", str(SAMPLE_BASE)], stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    proc.stdout.close()  # before the command prints its answer
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=120) == 141, err
+    assert err == ""
+
+
+def test_cli_opset_bounds_match_the_exporters():
+    from loraexport import cli_types
+    from loraexport.export import onnx as onnx_export
+
+    assert cli_types.MIN_OPSET == onnx_export.MIN_OPSET
+    assert cli_types.MAX_OPSET == onnx_export.MAX_OPSET
+    assert cli_types.MAX_OPSET_TORCHSCRIPT == onnx_export.MAX_OPSETS["torchscript"]
