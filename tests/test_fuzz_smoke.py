@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 FUZZER = Path(__file__).parent / "fuzz" / "fuzz_parsers.py"
-INPUTS = 1500  # ~0.5 s on one idle core
+INPUTS = 1500  # ~2.5 s on one idle core (a few dozen model and tokenizer loads)
 HANG_S = 300.0  # only a hang gets near this, not a loaded machine
 
 
@@ -50,6 +50,21 @@ def test_fuzzer_reports_a_foreign_exception_as_a_crash(fuzzer, tmp_path, monkeyp
     assert summary.startswith("KeyError") and count == stats.per_target["safetensors"]
     saved = Path(where)
     assert (saved / "traceback.txt").is_file() and (saved / "model.safetensors").is_file()
+
+
+def test_fuzzer_reports_a_foreign_exception_from_a_model_load(fuzzer, tmp_path, monkeypatch):
+    """The model targets (reference and Hugging Face configs, tokenizer configs) go through
+    ``load_base``: an exception escaping it is a crash of that target, its input saved."""
+
+    def broken(directory):
+        raise TypeError("unsupported operand")
+
+    monkeypatch.setattr(fuzzer, "load_base", broken)
+    stats = fuzzer.fuzz(300, HANG_S, jobs=1, seed=7, crashes=tmp_path / "crashes")
+    crashed = {sig.split(":")[0]: count for sig, (count, _, _) in stats.crashes.items()}
+    assert crashed["model"] == stats.per_target["model"] > 0, (crashed, stats.per_target)
+    if "hf_config" in fuzzer.WEIGHTS:
+        assert crashed["hf_config"] == stats.per_target["hf_config"] > 0, (crashed, stats.per_target)
 
 
 def test_fuzzer_reports_a_multi_line_message(fuzzer, tmp_path, monkeypatch):

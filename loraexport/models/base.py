@@ -16,7 +16,8 @@ from torch import nn
 
 from loraexport.errors import ModelFormatError
 from loraexport.export.spec import GraphSpec
-from loraexport.io import read_json, require_dir
+from loraexport.io import require_dir
+from loraexport.untrusted import read_json, short_repr
 
 Inputs = dict[str, torch.Tensor]
 
@@ -69,7 +70,7 @@ def detect_family(directory: str | Path) -> ModelFamily:
         if family.detect(cfg):
             return family
     raise ModelFormatError(
-        f"{d}: model_type {cfg.get('model_type')!r} is not supported "
+        f"{d / 'config.json'}: model_type {short_repr(cfg.get('model_type'))} is not supported "
         f"(supported families: {', '.join(f.name for f in _registry())})"
     )
 

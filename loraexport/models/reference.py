@@ -6,13 +6,16 @@ Tokens are single characters from ``config.vocab``; ids 0-3 are ``<pad> <bos> <e
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import torch
 
 from loraexport.errors import DataFormatError, ModelFormatError
-from loraexport.io import load_safetensors, read_json, require_dir, save_safetensors, write_json
+from loraexport.io import load_safetensors, require_dir, save_safetensors, write_json
+from loraexport.models.checks import check_state_shapes, checkpoint_tensors
 from loraexport.models.transformer import Transformer, TransformerConfig
+from loraexport.untrusted import read_json, short_repr
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<sep>"]
@@ -20,23 +23,73 @@ MODEL_TYPE = "loraexport-transformer"
 WEIGHTS = "model.safetensors"
 
 
-def load_model(directory: str | Path) -> Transformer:
-    """Read ``config.json`` + ``model.safetensors`` into a ``Transformer`` (strict), in eval mode."""
-    d = require_dir(directory, "model directory")
-    raw = read_json(d / "config.json", ModelFormatError)
+# A position table (max_len × d_model, not stored: recomputed at load) may be as large as the
+# weights together, or this many values (16 MB) for small models. A table beyond both is no
+# model anyone trained (the paper's base: 512 × 512 positions beside 65M weights), and the check
+# bounds what ``Transformer(config)`` allocates by the size of the checkpoint.
+POSITIONS_FLOOR = 2**22
+# The export traces a 4-token cache plus 3 new tokens (``reference_onnx.graph_specs``): 7
+# positions; a shorter context cannot be exported (nor hold a prompt worth the name).
+MIN_MAX_LEN = 8
+
+
+def read_config(directory: Path) -> TransformerConfig:
+    """``config.json`` of a model directory, every value checked (see ``TransformerConfig``)."""
+    path = directory / "config.json"
+    raw = read_json(path, ModelFormatError)
     if not isinstance(raw, dict) or raw.get("model_type") != MODEL_TYPE:
-        raise ModelFormatError(f"{d / 'config.json'}: model_type is not {MODEL_TYPE!r}")
+        raise ModelFormatError(f"{path}: model_type is not {MODEL_TYPE!r}")
     try:
         config = TransformerConfig.from_dict(raw)
-        model = Transformer(config)
-    except (TypeError, ValueError, RuntimeError) as e:
-        raise ModelFormatError(f"{d / 'config.json'}: {e}") from e
-    if not (d / WEIGHTS).is_file():
+    except (TypeError, ValueError) as e:
+        raise ModelFormatError(f"{path}: {e}") from e
+    if config.vocab[: len(SPECIALS)] != SPECIALS or config.vocab_size == len(SPECIALS):
+        raise ModelFormatError(
+            f"{path}: vocab must be {SPECIALS} followed by at least one token, got {short_repr(config.vocab)}"
+        )
+    chars = config.vocab[len(SPECIALS) :]
+    if bad := next((t for t in chars if len(t) != 1), None):
+        raise ModelFormatError(
+            f"{path}: vocab token {short_repr(bad)} is not one character (tokens are characters)"
+        )
+    seen: set[str] = set()
+    for t in chars:
+        if t in seen:
+            raise ModelFormatError(f"{path}: vocab lists {t!r} more than once")
+        seen.add(t)
+    if config.max_len < MIN_MAX_LEN:
+        raise ModelFormatError(f"{path}: max_len must be at least {MIN_MAX_LEN}, got {config.max_len}")
+    return config
+
+
+def load_model(directory: str | Path) -> Transformer:
+    """Read ``config.json`` + ``model.safetensors`` into a ``Transformer`` (strict), in eval mode.
+
+    Nothing is allocated before the config has been checked against the checkpoint's header:
+    the model is first built on the meta device (shapes, no storage) and its state dict compared
+    with the header's names, shapes and dtypes (``checks.check_state_shapes``).
+    """
+    d = require_dir(directory, "model directory")
+    config = read_config(d)
+    weights = d / WEIGHTS
+    if not weights.is_file():
         raise ModelFormatError(f"{WEIGHTS} not found in {d}")
-    state = load_safetensors(d / WEIGHTS, ModelFormatError)
+    tensors = [t for _, t in checkpoint_tensors(d, [WEIGHTS]).values()]
+    with torch.device("meta"):
+        expected = {k: tuple(v.shape) for k, v in Transformer(config).state_dict().items()}
+    check_state_shapes(expected, tensors, weights)
+    values = sum(math.prod(t.shape) for t in tensors)
+    if config.max_len * config.d_model > max(values, POSITIONS_FLOOR):
+        raise ModelFormatError(
+            f"{d / 'config.json'}: max_len {config.max_len} needs a position table of "
+            f"{config.max_len * config.d_model:,} values (max_len × d_model {config.d_model}), more than "
+            f"the {values:,} weights in {WEIGHTS} (or {POSITIONS_FLOOR:,} for a small model)"
+        )
+    model = Transformer(config)
+    state = load_safetensors(weights, ModelFormatError)
     try:
         model.load_state_dict(state, strict=True)
-    except RuntimeError as e:
+    except RuntimeError as e:  # the header was checked: only a file changed meanwhile gets here
         first = str(e).strip().splitlines()
         raise ModelFormatError(f"{d / WEIGHTS} does not match config.json: {' '.join(first[:2])}") from e
     return model.eval()

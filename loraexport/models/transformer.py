@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from loraexport.untrusted import short_repr
+
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (B, H, T, Dh)
 
 
@@ -110,10 +112,22 @@ def sinusoidal_positions(max_len: int, d_model: int) -> torch.Tensor:
     """PE(pos, 2i) = sin(pos / 10000^(2i/d)), PE(pos, 2i+1) = cos(...). Shape (max_len, d_model)."""
     pos = torch.arange(max_len, dtype=torch.float64).unsqueeze(1)
     div = torch.exp(torch.arange(0, d_model, 2, dtype=torch.float64) * (-math.log(10000.0) / d_model))
-    pe = torch.zeros(max_len, d_model, dtype=torch.float64)
-    pe[:, 0::2] = torch.sin(pos * div)
-    pe[:, 1::2] = torch.cos(pos * div)
-    return pe.float()
+    angle = pos * div  # (max_len, ⌈d_model/2⌉), float64; rounded to float32 once, when stored
+    pe = torch.empty(max_len, d_model)
+    pe[:, 0::2] = torch.sin(angle)
+    pe[:, 1::2] = torch.cos(angle[:, : d_model // 2])
+    return pe
+
+
+# (name, lowest, highest) of every integer field; see ``TransformerConfig.__post_init__``.
+LIMITS = (
+    ("d_model", 1, 2**16),
+    ("n_heads", 1, 2**16),
+    ("d_ff", 1, 2**18),
+    ("n_encoder_layers", 0, 256),  # 0 means decoder-only
+    ("n_decoder_layers", 1, 256),
+    ("max_len", 1, 2**20),
+)
 
 
 @dataclass
@@ -131,18 +145,23 @@ class TransformerConfig:
     model_type: str = "loraexport-transformer"
 
     def __post_init__(self) -> None:
+        """Types and ranges: a config.json is untrusted, and a value outside these bounds is a
+        mistake (or an attack), never a model (the paper's largest: d_model 1024, d_ff 4096, 6+6
+        layers). The bounds keep every size product far from int64 overflow."""
         if not isinstance(self.vocab, list) or not all(isinstance(t, str) for t in self.vocab):
-            raise ValueError("vocab must be a list of token strings")
-        for name in ("d_model", "n_heads", "d_ff", "n_decoder_layers", "max_len"):
+            raise ValueError(f"vocab must be a list of token strings, got {short_repr(self.vocab)}")
+        for name, low, high in LIMITS:
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
-        if not isinstance(self.n_encoder_layers, int) or self.n_encoder_layers < 0:
-            raise ValueError(f"n_encoder_layers must be >= 0, got {self.n_encoder_layers!r}")
-        if not isinstance(self.dropout, (int, float)) or not 0 <= self.dropout < 1:
-            raise ValueError(f"dropout must be in [0, 1), got {self.dropout!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or not low <= value <= high:
+                raise ValueError(f"{name} must be an integer from {low} to {high}, got {short_repr(value)}")
+        if (
+            isinstance(self.dropout, bool)
+            or not isinstance(self.dropout, (int, float))
+            or not 0 <= self.dropout < 1
+        ):
+            raise ValueError(f"dropout must be a number in [0, 1), got {short_repr(self.dropout)}")
         if self.d_model % self.n_heads:
-            raise ValueError(f"d_model={self.d_model} is not divisible by n_heads={self.n_heads}")
+            raise ValueError(f"d_model {self.d_model} is not divisible by n_heads {self.n_heads}")
 
     @property
     def vocab_size(self) -> int:
@@ -160,7 +179,7 @@ class TransformerConfig:
         names = {f.name for f in fields(cls)}
         unknown = sorted(set(data) - names)
         if unknown:
-            raise ValueError(f"unknown config keys: {', '.join(unknown)}")
+            raise ValueError(f"unknown config keys: {', '.join(short_repr(k) for k in unknown[:8])}")
         return cls(**data)
 
 

@@ -10,7 +10,14 @@ Targets, each fed inputs mutated from valid seeds:
   then every method the pipeline calls on an accepted config (rank, scaling, matches, to_dict);
 - ``adapter``: an adapter directory (mutated config and/or tensors) through ``Adapter.load`` and,
   when it loads, ``Adapter.check_fits`` on a small model and ``merge_state_dict``;
-- ``pickle``: ``adapter_model.bin`` through ``Adapter.load(allow_pickle=True)``.
+- ``pickle``: ``adapter_model.bin`` through ``Adapter.load(allow_pickle=True)``;
+- ``model``: a reference model directory's ``config.json`` through ``models.base.load_base``
+  (the checks against the weights' header, then the load) and, when it loads, what the pipeline
+  asks of the model (runtime metadata, graph specs, a forward pass per parity case, generation);
+- ``hf_config``: the same for tiny GPT-2, Llama and BERT directories (``config.json``, sometimes
+  ``generation_config.json``), when transformers is installed;
+- ``tokenizer``: ``tokenizer_config.json`` of a tiny GPT-2 directory through
+  ``models.hf.load_tokenizer`` and the tokenisation of a few prompts.
 
 Only ``LoraExportError`` subclasses may escape a target. Any other exception (ValueError, KeyError,
 TypeError, OverflowError, RecursionError, struct.error, ...) is a crash; so is a warning (turned
@@ -28,6 +35,7 @@ limit stopped the run before ``--inputs`` inputs (the reason is the last line, o
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import io
 import json
@@ -44,7 +52,7 @@ import traceback
 import warnings
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
@@ -59,11 +67,24 @@ from loraexport.lora.adapter import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NA
 from loraexport.lora.config import _PASSIVE_KEYS, _VARIANT_KEYS, LoraConfig  # noqa: E402
 from loraexport.lora.merge import merge_state_dict  # noqa: E402
 from loraexport.lora.stream import INDEX, checkpoint_shards, read_header  # noqa: E402
+from loraexport.models.base import load_base  # noqa: E402
+from loraexport.models.checks import HF_FLOATS, HF_INTS, TOKEN_IDS, TOKENIZER_SPECIALS  # noqa: E402
+from loraexport.models.reference import SPECIALS, save_model  # noqa: E402
+from loraexport.models.transformer import Transformer, TransformerConfig  # noqa: E402
+
+try:
+    import transformers  # noqa: E402
+
+    from loraexport.models import hf  # noqa: E402
+except ImportError:  # the `hf` extra is not installed: no Hugging Face targets
+    transformers = hf = None
 
 REPO = Path(__file__).resolve().parents[2]
 # Share of inputs per target: cheap byte-level parsers get most, Adapter.load (two files
 # written and a model checked per input) fewer, torch.save + torch.load fewest.
-WEIGHTS = {"safetensors": 40, "index": 10, "config": 30, "adapter": 18, "pickle": 2}
+WEIGHTS = {"safetensors": 40, "index": 10, "config": 30, "adapter": 18, "pickle": 2, "model": 6}
+if hf is not None:  # a model load by transformers takes ~20 ms, a tokenizer ~5 ms
+    WEIGHTS |= {"hf_config": 2, "tokenizer": 2}
 SLOW_INPUT_S = 2.0  # one input taking longer than this is reported (a parser that hangs)
 MODULE_PATHS = ["blocks.0.q", "blocks.1.v", "blocks.0.o", "q", "blocks.10.attn.q", ""]
 # A name on which a nested quantifier in a config regex ("(a+)+$") backtracks for seconds (2**27
@@ -86,6 +107,33 @@ KEY_POOL = (
     "peft_type extra"
 ).split()
 KEY_POOL += sorted(_VARIANT_KEYS) + sorted(_PASSIVE_KEYS) + ["dtype", "shape", "data_offsets", "__metadata__"]
+# Keys and values of model configs (reference and Hugging Face) and tokenizer configs.
+MODEL_KEYS = (
+    [f.name for f in fields(TransformerConfig)] + sorted(HF_INTS) + sorted(HF_FLOATS) + list(TOKEN_IDS)
+)
+MODEL_KEYS += (
+    "architectures model_type hidden_act activation_function rope_scaling rope_parameters dtype torch_dtype "
+    "tie_word_embeddings is_decoder add_cross_attention is_encoder_decoder id2label label2id layer_types "
+    "quantization_config use_sliding_window attention_bias mlp_bias partial_rotary_factor auto_map "
+    "position_embedding_type problem_type pretraining_tp use_cache tokenizer_class"
+).split()
+TOKENIZER_KEYS = (
+    list(TOKENIZER_SPECIALS)
+    + (
+        "tokenizer_class model_max_length added_tokens_decoder padding_side truncation_side chat_template "
+        "clean_up_tokenization_spaces model_input_names auto_map backend add_bos_token add_eos_token "
+        "additional_special_tokens extra_special_tokens do_lower_case tokenizer_file vocab_file"
+    ).split()
+)
+MODEL_INTS = [0, 1, 2, 3, 5, 6, 7, 8, 9, 15, 16, 17, 31, 32, 33, 64, 95, 96, 97, 128, 1024, 16384, 65536]
+MODEL_INTS += [2**20, 2**24 + 1, 10**7, 2**31, 10**30, -1, -2]
+MODEL_STRS = (
+    "gpt2 llama mistral qwen2 bert roberta t5 loraexport-transformer gelu gelu_new silu relu nope linear "
+    "dynamic yarn llama3 default float16 bfloat16 float32 int8 absolute relative_key full_attention "
+    "sliding_attention GPT2LMHeadModel BertForSequenceClassification LlamaForCausalLM GPT2Tokenizer "
+    "BertTokenizer LlamaTokenizer PreTrainedTokenizerFast TokenizersBackend AutoTokenizer T5Tokenizer "
+    "CLIPTokenizer WhisperTokenizer XLNetTokenizer <s> </s> <unk> left right"
+).split()
 JSON_TOKENS = [b'"', b"{", b"}", b"[", b"]", b",", b":", b"NaN", b"-Infinity", b"1e999", b"null", b"true"]
 JSON_TOKENS += [b'"\\ud800"', b"\\", b"\x00", b"\xff", b"\xef\xbb\xbf", b"-", b"0x10", b"1" * 5000]
 
@@ -300,6 +348,75 @@ def adapter_seeds() -> list[AdapterSeed]:
 INDEX_SEED = {"metadata": {"total_size": 48}, "weight_map": {"w": "model-00001-of-00001.safetensors"}}
 
 
+def _files(d: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(d.iterdir()) if f.is_file()}
+
+
+def _hf_tokenizer():
+    """A word-level tokenizer over 32 tokens, built in memory (nothing downloaded)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    words = ["<unk>", "<s>", "</s>"] + [chr(c) for c in range(97, 123)] + ["the", "of", "is"]
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    return transformers.PreTrainedTokenizerFast(
+        tokenizer_object=tk, unk_token="<unk>", bos_token="<s>", eos_token="</s>"
+    )
+
+
+HF_VOCAB = 32  # the tokenizer's 32 words
+
+
+@functools.cache
+def model_seeds() -> dict[str, dict[str, bytes]]:
+    """The files of tiny model directories, by name; built once per process (seeded)."""
+    seeds: dict[str, dict[str, bytes]] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, layers in (("reference-s2s", 1), ("reference-causal", 0)):
+            torch.manual_seed(0)
+            cfg = TransformerConfig(
+                vocab=SPECIALS + list("0123456789"),
+                d_model=16,
+                n_heads=2,
+                d_ff=32,
+                n_encoder_layers=layers,
+                n_decoder_layers=1,
+                max_len=16,
+            )
+            (Path(tmp) / name).mkdir()
+            save_model(Transformer(cfg).eval(), Path(tmp) / name)
+            seeds[name] = _files(Path(tmp) / name)
+        if hf is None:
+            return seeds
+        small = dict(vocab_size=HF_VOCAB, num_hidden_layers=1, max_position_embeddings=32)
+        small |= dict(hidden_size=16, intermediate_size=32, num_attention_heads=2)
+        builds = {
+            "gpt2": lambda: transformers.GPT2LMHeadModel(
+                transformers.GPT2Config(
+                    vocab_size=HF_VOCAB,
+                    n_embd=16,
+                    n_layer=1,
+                    n_head=2,
+                    n_positions=32,
+                    bos_token_id=1,
+                    eos_token_id=2,
+                )
+            ),
+            "llama": lambda: transformers.LlamaForCausalLM(
+                transformers.LlamaConfig(**small, num_key_value_heads=1)
+            ),
+            "bert": lambda: transformers.BertModel(transformers.BertConfig(**small)),
+        }
+        with hf._quiet_transformers():
+            for name, build in builds.items():
+                torch.manual_seed(0)
+                build().save_pretrained(Path(tmp) / name)
+            _hf_tokenizer().save_pretrained(Path(tmp) / "gpt2")
+        for name in builds:
+            seeds[name] = _files(Path(tmp) / name)
+    return seeds
+
+
 # ---- mutators per target --------------------------------------------------------------------
 def mutate_safetensors(rng: random.Random, seed: bytes) -> bytes:
     (n,) = struct.unpack("<Q", seed[:8])
@@ -337,6 +454,33 @@ def mutate_config(rng: random.Random, seed: dict) -> bytes:
         obj = mutate_structure(rng, obj)
     if rng.random() < 0.1:
         obj = rand_value(rng)
+    return json_text(rng, obj)
+
+
+def model_value(rng: random.Random, old: object):
+    """A value for a model or tokenizer config key: sizes around the seed's, sizes that do not
+    fit the weights or memory, names of other classes, or anything ``rand_value`` makes."""
+    r = rng.random()
+    if r < 0.3 and isinstance(old, int) and not isinstance(old, bool):
+        return rng.choice([old + 1, old - 1, old * 2, old // 2, -old, old + 16, 0])
+    if r < 0.55:
+        return rng.choice(MODEL_INTS)
+    if r < 0.75:
+        return rng.choice(MODEL_STRS)
+    return rand_value(rng)
+
+
+def mutate_model_json(rng: random.Random, seed: dict, keys: list[str]) -> bytes:
+    """A config: known keys set to interesting values, structural mutations, or byte havoc."""
+    if rng.random() < 0.15:
+        return mutate_bytes(rng, json.dumps(seed).encode())
+    obj = dict(seed)
+    for _ in range(rng.choice([1, 1, 2, 3])):
+        if rng.random() < 0.6:
+            key = rng.choice(keys + list(obj))
+            obj[key] = model_value(rng, obj.get(key))
+        else:
+            obj = mutate_structure(rng, obj)
     return json_text(rng, obj)
 
 
@@ -407,6 +551,29 @@ def exercise_config(config: LoraConfig) -> None:
     json.dumps(config.to_dict())
 
 
+PROMPTS = ["", "the of is", "a\x00b \u00e9\ud7ff", "x" * 300, "<s></s><unk>", "\n\t "]
+
+
+def exercise_model(d: Path) -> None:
+    """What the pipeline asks of a loaded model: none of it may fail on a foreign error."""
+    family, model = load_base(d)
+    meta = family.runtime_meta(model)
+    json.dumps(meta)
+    family.graph_specs(model)
+    with torch.no_grad():
+        for case in family.parity_cases(model, 3, 0):
+            model(**case.inputs)
+        if meta["kind"] != "encoder":
+            for inputs, n in family.prompts(model, None, 2, 0)[:2]:
+                family.generate(model, inputs, min(n, 2))
+
+
+def exercise_tokenizer(d: Path) -> None:
+    tok = hf.load_tokenizer(d, HF_VOCAB)
+    if tok is not None:
+        hf._encode(tok, PROMPTS, HF_VOCAB)
+
+
 @dataclass
 class Stats:
     inputs: int = 0
@@ -447,7 +614,11 @@ class Fuzzer:
             "config": self._config,
             "adapter": self._adapter,
             "pickle": self._pickle,
+            "model": self._model,
+            "hf_config": self._hf_config,
+            "tokenizer": self._tokenizer,
         }
+        self.model_seeds = model_seeds()
         self.schedule = [t for t, w in WEIGHTS.items() for _ in range(w)]
         shard = work / "index"
         shard.mkdir()
@@ -527,6 +698,30 @@ class Fuzzer:
             Adapter.load(d, allow_pickle=True).check_fits(self.model)
 
         return run, None, d
+
+    def _model_dir(self, seed: str, name: str, keys: list[str]) -> Path:
+        """A fresh copy of model directory ``seed`` with file ``name`` mutated."""
+        d = self.work / "model"
+        if d.exists():
+            shutil.rmtree(d)
+        d.mkdir()
+        for f, data in self.model_seeds[seed].items():
+            (d / f).write_bytes(mutate_model_json(self.rng, json.loads(data), keys) if f == name else data)
+        return d
+
+    def _model(self):
+        d = self._model_dir(self.rng.choice(["reference-s2s", "reference-causal"]), "config.json", MODEL_KEYS)
+        return lambda: exercise_model(d), "config.json", d / "config.json"
+
+    def _hf_config(self):
+        seed = self.rng.choice(["gpt2", "llama", "bert"])
+        name = "generation_config.json" if seed == "gpt2" and self.rng.random() < 0.15 else "config.json"
+        d = self._model_dir(seed, name, MODEL_KEYS)
+        return lambda: exercise_model(d), name, d / name
+
+    def _tokenizer(self):
+        d = self._model_dir("gpt2", "tokenizer_config.json", TOKENIZER_KEYS)
+        return lambda: exercise_tokenizer(d), "tokenizer_config.json", d / "tokenizer_config.json"
 
     # ---- the loop --------------------------------------------------------------------------
     def one(self) -> None:
