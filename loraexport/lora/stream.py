@@ -202,6 +202,11 @@ def stream_merge(
                     f"target module {path!r}: the checkpoint has no tensor {key!r} "
                     "(is this adapter for another architecture?)"
                 )
+            if not DTYPES[by_name[key][1].dtype].is_floating_point:
+                raise ModelFormatError(
+                    f"{base / by_name[key][0]}: tensor {key!r}, which the adapter targets, is stored as "
+                    f"{by_name[key][1].dtype}; a merge needs floating-point weights"
+                )
             targets.add(key)
         _check_targets(adapter, {name: t for name, (_, t) in by_name.items()})
         for key in adapter.replacements:

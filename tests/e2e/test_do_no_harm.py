@@ -543,3 +543,19 @@ def test_cli_opset_bounds_match_the_exporters():
     assert cli_types.MIN_OPSET == onnx_export.MIN_OPSET
     assert cli_types.MAX_OPSET == onnx_export.MAX_OPSET
     assert cli_types.MAX_OPSET_TORCHSCRIPT == onnx_export.MAX_OPSETS["torchscript"]
+
+
+@pytest.mark.parametrize("command", ["merge", "merge-and-export"])
+def test_a_targeted_weight_stored_as_integers(w, command):
+    """The streaming merge (merge) reads headers only, the in-memory one (merge-and-export)
+    builds the model: both refuse an int32 q_proj weight in one line (exit 3)."""
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(str(w / "llama" / "model.safetensors"))
+    key = "model.layers.0.self_attn.q_proj.weight"
+    tensors[key] = tensors[key].to(torch.int32)
+    save_file(tensors, str(w / "llama" / "model.safetensors"), metadata={"format": "pt"})
+    before = snapshot(w)
+    extra = ["--no-verify"] if command == "merge-and-export" else []
+    r = run(command, "--base", "llama", "--adapter", "ad", "--out", "o", *extra)
+    _untouched(w, r, 3, "q_proj", before=before)
