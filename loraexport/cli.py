@@ -25,6 +25,7 @@ from loraexport.errors import (
     EXIT_INTERRUPTED,
     LoraExportError,
     Terminated,
+    first_line,
 )
 
 
@@ -80,7 +81,7 @@ class _Group(click.Group):
             # loraexport_written: set when the signal came just after the output was complete
             _fail(ctx, *_interrupted(e, getattr(e, "loraexport_written", None)))
         except Exception as e:  # a bug: say so, keep the traceback behind --debug
-            first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+            first = first_line(e) if str(e).strip() else ""
             _fail(
                 ctx,
                 f"internal error: {type(e).__name__}: {first} (run with --debug for the traceback)",

@@ -17,6 +17,12 @@ EXIT_HANGUP = 129  # 128 + SIGHUP
 EXIT_BROKEN_PIPE = 141  # 128 + SIGPIPE: the reader of stdout went away (`loraexport inspect X | head`)
 
 
+def first_line(e: BaseException) -> str:
+    """An exception's message cut to its first line (or its type's name), for one-line errors."""
+    text = str(e).strip()
+    return text.splitlines()[0] if text else type(e).__name__
+
+
 class Terminated(KeyboardInterrupt):
     """SIGTERM or SIGHUP turned into an exception (by the console script), so that every cleanup
     path Ctrl-C takes — temporary outputs removed, nothing half-written left — runs for it too.

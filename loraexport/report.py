@@ -25,7 +25,7 @@ def versions() -> dict[str, str]:
     import onnxruntime
     import torch
 
-    from loraexport import __version__
+    from loraexport._version import __version__
 
     return {
         "loraexport": __version__,

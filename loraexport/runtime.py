@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from loraexport.errors import first_line
 from loraexport.untrusted import read_json, short_repr
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -54,12 +55,6 @@ _SUB_BYTE_BITS = {
     "FLOAT6E2M3": 6,
     "FLOAT6E3M2": 6,
 }
-
-
-def first_line(e: BaseException) -> str:
-    """An exception's message cut to its first line (or its type's name), for one-line errors."""
-    text = str(e).strip()
-    return text.splitlines()[0] if text else type(e).__name__
 
 
 class RuntimeInputError(ValueError):

@@ -248,6 +248,6 @@ def _adapter_info(adapter: Adapter) -> dict[str, Any]:
 
 
 def _versions() -> dict[str, str]:
-    from loraexport import __version__
+    from loraexport._version import __version__
 
     return {"loraexport": __version__, "torch": torch.__version__, "python": platform.python_version()}

@@ -23,7 +23,7 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from loraexport.errors import ExportError
+from loraexport.errors import ExportError, first_line
 
 HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 _ONNX_TYPE = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
@@ -161,6 +161,6 @@ def store_weights_half(path: Path, dtype: str, external_threshold: int) -> dict[
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as e:
         raise ExportError(
-            f"{path.name} with {dtype} weights fails onnx.checker: {str(e).splitlines()[0]}"
+            f"{path.name} with {dtype} weights fails onnx.checker: {first_line(e)}"
         ) from e
     return counts

@@ -27,9 +27,9 @@ from typing import BinaryIO
 import onnx
 import torch
 
-from loraexport.errors import ExportError, InvalidInputError
+from loraexport.errors import ExportError, InvalidInputError, first_line
 from loraexport.export.spec import GraphSpec
-from loraexport.runtime import EXPORTERS, first_line
+from loraexport.runtime import EXPORTERS
 
 DEFAULT_OPSET = 18
 # The opsets each exporter writes as asked, and onnxruntime loads (1.32: "official support for
@@ -324,7 +324,7 @@ def export_graphs(
         try:
             onnx.checker.check_model(str(path), full_check=False)
         except onnx.checker.ValidationError as e:
-            raise ExportError(f"{path.name} fails onnx.checker: {str(e).splitlines()[0]}") from e
+            raise ExportError(f"{path.name} fails onnx.checker: {first_line(e)}") from e
         try:
             written = opset_written(path)
         except ValueError as e:
