@@ -54,12 +54,12 @@ def test_fuzzer_reports_a_foreign_exception_as_a_crash(fuzzer, tmp_path, monkeyp
 
 def test_fuzzer_reports_a_foreign_exception_from_a_model_load(fuzzer, tmp_path, monkeypatch):
     """The model targets (reference and Hugging Face configs, tokenizer configs) go through
-    ``load_base``: an exception escaping it is a crash of that target, its input saved."""
+    ``load_model_dir``: an exception escaping it is a crash of that target, its input saved."""
 
     def broken(directory):
         raise TypeError("unsupported operand")
 
-    monkeypatch.setattr(fuzzer, "load_base", broken)
+    monkeypatch.setattr(fuzzer, "load_model_dir", broken)
     stats = fuzzer.fuzz(300, HANG_S, jobs=1, seed=7, crashes=tmp_path / "crashes")
     crashed = {sig.split(":")[0]: count for sig, (count, _, _) in stats.crashes.items()}
     assert crashed["model"] == stats.per_target["model"] > 0, (crashed, stats.per_target)

@@ -68,8 +68,11 @@ def _parity_cases(model: Transformer, n: int, seed: int) -> list[ParityCase]:
     return [_batch(model, *shapes[i % len(shapes)], rng, ragged=i % 2 == 1) for i in range(n)]
 
 
-def _prompts(model: Transformer, sources: list[str] | None, n: int, seed: int) -> list[tuple[Inputs, int]]:
-    """Generation batches: held-out sources if given (else random digit strings), grouped by length."""
+def _prompts(
+    model: Transformer, tokenizer: None, sources: list[str] | None, n: int, seed: int
+) -> list[tuple[Inputs, int]]:
+    """Generation batches: held-out sources if given (else random digit strings), grouped by
+    length. The reference model has no tokenizer: its config lists its characters (``ref.Vocab``)."""
     if sources is None:
         rng = random.Random(seed)
         alphabet = model.config.vocab[N_SPECIAL:]
@@ -97,6 +100,7 @@ REFERENCE = ModelFamily(
     name="reference-transformer",
     detect=lambda cfg: cfg.get("model_type") == ref.MODEL_TYPE,
     load=ref.load_model,
+    tokenizer=lambda directory: None,
     save=ref.save_model,
     graph_specs=graph_specs,
     runtime_meta=_runtime_meta,

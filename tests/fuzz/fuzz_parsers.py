@@ -11,13 +11,13 @@ Targets, each fed inputs mutated from valid seeds:
 - ``adapter``: an adapter directory (mutated config and/or tensors) through ``Adapter.load`` and,
   when it loads, ``Adapter.check_fits`` on a small model and ``merge_state_dict``;
 - ``pickle``: ``adapter_model.bin`` through ``Adapter.load(allow_pickle=True)``;
-- ``model``: a reference model directory's ``config.json`` through ``models.base.load_base``
+- ``model``: a reference model directory's ``config.json`` through ``models.registry.load_model_dir``
   (the checks against the weights' header, then the load) and, when it loads, what the pipeline
   asks of the model (runtime metadata, graph specs, a forward pass per parity case, generation);
 - ``hf_config``: the same for tiny GPT-2, Llama and BERT directories (``config.json``, sometimes
   ``generation_config.json``), when transformers is installed;
 - ``tokenizer``: ``tokenizer_config.json`` of a tiny GPT-2 directory through
-  ``models.hf.load_tokenizer`` and the tokenisation of a few prompts.
+  ``models.hf.tokenizer.load_tokenizer`` and the tokenisation of a few prompts.
 
 Only ``LoraExportError`` subclasses may escape a target. Any other exception (ValueError, KeyError,
 TypeError, OverflowError, RecursionError, struct.error, ...) is a crash; so is a warning (turned
@@ -67,23 +67,24 @@ from loraexport.lora.adapter import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NA
 from loraexport.lora.config import _PASSIVE_KEYS, _VARIANT_KEYS, LoraConfig  # noqa: E402
 from loraexport.lora.merge import merge_state_dict  # noqa: E402
 from loraexport.lora.stream import INDEX, checkpoint_shards, read_header  # noqa: E402
-from loraexport.models.base import load_base  # noqa: E402
 from loraexport.models.checks import HF_FLOATS, HF_INTS, TOKEN_IDS, TOKENIZER_SPECIALS  # noqa: E402
 from loraexport.models.reference import SPECIALS, save_model  # noqa: E402
+from loraexport.models.registry import load_model_dir  # noqa: E402
 from loraexport.models.transformer import Transformer, TransformerConfig  # noqa: E402
 
 try:
     import transformers  # noqa: E402
 
-    from loraexport.models import hf  # noqa: E402
+    from loraexport.models.hf.common import quiet_transformers  # noqa: E402
+    from loraexport.models.hf.tokenizer import encode, load_tokenizer  # noqa: E402
 except ImportError:  # the `hf` extra is not installed: no Hugging Face targets
-    transformers = hf = None
+    transformers = None
 
 REPO = Path(__file__).resolve().parents[2]
 # Share of inputs per target: cheap byte-level parsers get most, Adapter.load (two files
 # written and a model checked per input) fewer, torch.save + torch.load fewest.
 WEIGHTS = {"safetensors": 40, "index": 10, "config": 30, "adapter": 18, "pickle": 2, "model": 6}
-if hf is not None:  # a model load by transformers takes ~20 ms, a tokenizer ~5 ms
+if transformers is not None:  # a model load by transformers takes ~20 ms, a tokenizer ~5 ms
     WEIGHTS |= {"hf_config": 2, "tokenizer": 2}
 SLOW_INPUT_S = 2.0  # one input taking longer than this is reported (a parser that hangs)
 MODULE_PATHS = ["blocks.0.q", "blocks.1.v", "blocks.0.o", "q", "blocks.10.attn.q", ""]
@@ -386,7 +387,7 @@ def model_seeds() -> dict[str, dict[str, bytes]]:
             (Path(tmp) / name).mkdir()
             save_model(Transformer(cfg).eval(), Path(tmp) / name)
             seeds[name] = _files(Path(tmp) / name)
-        if hf is None:
+        if transformers is None:
             return seeds
         small = dict(vocab_size=HF_VOCAB, num_hidden_layers=1, max_position_embeddings=32)
         small |= dict(hidden_size=16, intermediate_size=32, num_attention_heads=2)
@@ -407,7 +408,7 @@ def model_seeds() -> dict[str, dict[str, bytes]]:
             ),
             "bert": lambda: transformers.BertModel(transformers.BertConfig(**small)),
         }
-        with hf._quiet_transformers():
+        with quiet_transformers():
             for name, build in builds.items():
                 torch.manual_seed(0)
                 build().save_pretrained(Path(tmp) / name)
@@ -556,7 +557,8 @@ PROMPTS = ["", "the of is", "a\x00b \u00e9\ud7ff", "x" * 300, "<s></s><unk>", "\
 
 def exercise_model(d: Path) -> None:
     """What the pipeline asks of a loaded model: none of it may fail on a foreign error."""
-    family, model = load_base(d)
+    loaded = load_model_dir(d)
+    family, model = loaded.family, loaded.model
     meta = family.runtime_meta(model)
     json.dumps(meta)
     family.graph_specs(model)
@@ -564,14 +566,14 @@ def exercise_model(d: Path) -> None:
         for case in family.parity_cases(model, 3, 0):
             model(**case.inputs)
         if meta["kind"] != "encoder":
-            for inputs, n in family.prompts(model, None, 2, 0)[:2]:
+            for inputs, n in family.prompts(model, loaded.tokenizer, None, 2, 0)[:2]:
                 family.generate(model, inputs, min(n, 2))
 
 
 def exercise_tokenizer(d: Path) -> None:
-    tok = hf.load_tokenizer(d, HF_VOCAB)
+    tok = load_tokenizer(d, HF_VOCAB)
     if tok is not None:
-        hf._encode(tok, PROMPTS, HF_VOCAB)
+        encode(tok, PROMPTS, HF_VOCAB)
 
 
 @dataclass

@@ -20,7 +20,7 @@ peft = pytest.importorskip("peft")
 
 from loraexport.cli import main  # noqa: E402
 from loraexport.lora.adapter import Adapter  # noqa: E402
-from loraexport.models.base import load_base  # noqa: E402
+from loraexport.models.registry import load_base  # noqa: E402
 from loraexport.pipeline import merge_and_export, merged_model  # noqa: E402
 from loraexport.runtime import OnnxModel, RuntimeInputError, positions  # noqa: E402
 

@@ -15,7 +15,6 @@ from loraexport.errors import (
     InvalidInputError,
     ModelFormatError,
 )
-from loraexport.models.base import detect_family, load_base
 from loraexport.models.reference import (
     BOS,
     EOS,
@@ -29,6 +28,7 @@ from loraexport.models.reference import (
     prompt_ids,
     save_model,
 )
+from loraexport.models.registry import detect_family, load_base
 from loraexport.models.transformer import Transformer
 
 SAMPLE_BASE = Path(__file__).resolve().parents[2] / "samples" / "base"

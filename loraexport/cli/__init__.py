@@ -1,0 +1,39 @@
+"""The ``loraexport`` command line: parses, calls the library, prints; no logic of its own.
+
+``group`` (errors → one line and an exit code), ``options`` (types and the options commands
+share), ``commands`` (merge, export, verify, merge-and-export, inspect), ``train``, ``analyze``
+(analyze, sweep). click is imported nowhere else in the package.
+"""
+
+from __future__ import annotations
+
+import signal
+import sys
+
+from loraexport.cli.analyze import analyze, sweep
+from loraexport.cli.commands import export, inspect_cmd, merge, merge_and_export, verify
+from loraexport.cli.group import main
+from loraexport.cli.train import train
+from loraexport.errors import Terminated
+
+for _command in (train, merge, export, verify, merge_and_export, inspect_cmd, analyze, sweep):
+    main.add_command(_command)
+
+__all__ = ["main", "run"]
+
+
+def _terminate(signum, frame) -> None:
+    raise Terminated(signum, signal.Signals(signum).name)
+
+
+def run() -> None:  # pragma: no cover - console-script shim
+    # SIGTERM (a CI job's timeout, `kill`) and SIGHUP (the terminal closed) clean up like
+    # Ctrl-C: no temporary output is left.
+    for sig in (signal.SIGTERM, getattr(signal, "SIGHUP", None)):
+        if sig is not None:
+            signal.signal(sig, _terminate)
+    main(prog_name="loraexport")
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,255 @@
+"""``merge``, ``export``, ``verify``, ``merge-and-export`` and ``inspect``: parse, call the
+library, print. The library checks everything and raises; the group turns that into one line."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+
+import click
+
+from loraexport.cli.options import (
+    PATH,
+    adapter_options,
+    export_options,
+    exporter_log,
+    force_option,
+    json_option,
+    log,
+    mode_option,
+    pickle_option,
+    print_report,
+    print_table,
+    verify_options,
+)
+from loraexport.enums import Precision
+from loraexport.errors import VerificationFailedError
+
+
+@click.command()
+@click.option("--base", required=True, type=PATH, help="Base model directory.")
+@adapter_options()
+@click.option("--out", required=True, type=PATH, help="Merged model directory to write.")
+@click.option(
+    "--dtype",
+    type=click.Choice(Precision.choices()),
+    help="Storage dtype of the merged weights (default: the base's).",
+)
+@force_option
+@pickle_option
+@json_option("Print the merge statistics as JSON.")
+@click.pass_context
+def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json):
+    """Merge LoRA adapter(s) into the base weights: W' = W0 + Σ w·s·B·A.
+
+    The sum is computed in float64 and cast once to the storage dtype; merge.json in the
+    output records, per module, max|ΔW| and the error the cast introduced.
+
+    \b
+    Example:
+      loraexport merge --base samples/base --adapter runs/demo-adapter --out runs/merged
+    """
+    from loraexport.pipeline import merge as merge_api
+
+    stats = merge_api(
+        base,
+        list(adapters),
+        out,
+        weights=list(weights) or None,
+        dtype=dtype,
+        force=force,
+        allow_pickle=allow_pickle,
+        show_progress=not ctx.obj["quiet"],
+        log=log(ctx),
+    )
+    if as_json:
+        click.echo(json.dumps(asdict(stats), indent=2))
+        return
+    worst = max(stats.modules, key=lambda m: m.cast_max_rel_err)
+    click.echo(
+        f"merged {stats.modules_merged} modules ({stats.compute_dtype} → {stats.storage_dtype}) "
+        f"into {out}; largest cast error {worst.cast_max_abs_err:.2g} ({worst.module})"
+    )
+
+
+@click.command()
+@click.option("--model", "model_dir", required=True, type=PATH, help="Model directory (base or merged).")
+@adapter_options(required=False)
+@click.option("--out", required=True, type=PATH, help="Output directory for the ONNX file(s).")
+@export_options
+@mode_option
+@force_option
+@pickle_option
+@click.pass_context
+def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, dtype, force, allow_pickle):
+    """Export a model (optionally with adapters, merged or not) to ONNX.
+
+    \b
+    Example:
+      loraexport export --model samples/base --adapter runs/demo-adapter --out runs/onnx
+    """
+    from loraexport.pipeline import export as export_api
+
+    log(ctx)("exporting to ONNX …")
+    result = export_api(
+        model_dir,
+        out,
+        adapter=list(adapters) or None,
+        weights=list(weights) or None,
+        mode=mode,
+        dtype=dtype,
+        opset=opset,
+        exporter=exporter,
+        force=force,
+        allow_pickle=allow_pickle,
+        log=log(ctx),
+    )
+    exporter_log(ctx, result)
+    click.echo(
+        f"exported {', '.join(result.files)} ({result.bytes / 1e6:.2f} MB, opset {result.opset}, "
+        f"{result.seconds:.1f} s) to {out}"
+    )
+
+
+@click.command()
+@click.option("--base", type=PATH, help="Base model directory.  [required unless --check-files]")
+@adapter_options(required=False)
+@click.option(
+    "--onnx",
+    "onnx_dir",
+    type=PATH,
+    help="Exported (merged) ONNX directory.  [required unless --check-files]",
+)
+@click.option(
+    "--report",
+    "report_path",
+    type=PATH,
+    help="Write report.json here (and report.md beside it); never into an input.",
+)
+@click.option("--force", is_flag=True, help="Replace a previous --report.")
+@click.option(
+    "--check-files",
+    "check_files",
+    type=PATH,
+    help="Only re-check the sha256 of every file in this loraexport output against its loraexport.json.",
+)
+@verify_options
+@click.pass_context
+def verify(
+    ctx, base, adapters, weights, onnx_dir, report_path, force, check_files, verify_options, allow_pickle, as_json
+):
+    """Check an exported model against base + adapter unmerged: parity and latency.
+
+    Exit 4 when parity fails (the report is still written). With --check-files DIR: only
+    check that every file DIR's loraexport.json lists is there, unchanged (exit 4 if not).
+
+    \b
+    Examples:
+      loraexport verify --base samples/base --adapter runs/demo-adapter --onnx runs/demo
+      loraexport verify --check-files runs/demo
+    """
+    if check_files is not None:
+        _check_files(ctx, check_files, as_json)
+        return
+    for value, name in ((base, "--base"), (adapters, "--adapter"), (onnx_dir, "--onnx")):
+        if not value:
+            raise click.UsageError(f"Missing option '{name}' (required unless --check-files).")
+    from loraexport.pipeline import verify as verify_api
+
+    try:
+        report = verify_api(
+            base,
+            list(adapters),
+            onnx_dir,
+            weights=list(weights) or None,
+            options=verify_options,
+            allow_pickle=allow_pickle,
+            report_path=report_path,
+            force=force,
+            log=log(ctx),
+        )
+    except VerificationFailedError as e:
+        print_report(e.report, None, as_json)
+        raise
+    print_report(report, None, as_json)
+
+
+def _check_files(ctx: click.Context, directory, as_json: bool) -> None:
+    from loraexport.manifest import check_files
+
+    try:
+        result = check_files(directory)
+    except VerificationFailedError as e:
+        if as_json:
+            click.echo(json.dumps(e.report.to_json()))
+        raise
+    if as_json:
+        click.echo(json.dumps(result.to_json()))
+        return
+    if result.unlisted:
+        log(ctx)(f"not in the manifest (not checked): {', '.join(result.unlisted)}")
+    click.echo(f"{directory}: {result.checked} files match loraexport.json (sha256)")
+
+
+@click.command("merge-and-export")
+@click.option("--base", required=True, type=PATH, help="Base model directory.")
+@adapter_options()
+@click.option("--out", required=True, type=PATH, help="Output directory (written atomically).")
+@export_options
+@click.option("--no-verify", is_flag=True, help="Skip parity and latency.")
+@force_option
+@verify_options
+@click.pass_context
+def merge_and_export(
+    ctx, base, adapters, weights, out, opset, exporter, dtype, no_verify, force, verify_options, allow_pickle, as_json
+):
+    """Merge an adapter, export to ONNX, verify parity and latency, write report.md/json.
+
+    Exit 0 when parity passes, 4 when it fails (the output and report are still written).
+
+    \b
+    Example:
+      loraexport merge-and-export --base samples/base --adapter runs/demo-adapter --out runs/demo
+    """
+    from loraexport.pipeline import merge_and_export as mae
+
+    try:
+        report = mae(
+            base,
+            list(adapters),
+            out,
+            weights=list(weights) or None,
+            dtype=dtype,
+            verify_output=not no_verify,
+            options=verify_options,
+            force=force,
+            opset=opset,
+            exporter=exporter,
+            allow_pickle=allow_pickle,
+            log=log(ctx),
+        )
+    except VerificationFailedError as e:
+        exporter_log(ctx, e.report.export)
+        print_report(e.report, out, as_json)
+        raise
+    exporter_log(ctx, report.export)
+    print_report(report, out, as_json)
+
+
+@click.command("inspect")
+@click.argument("path", type=PATH)
+@json_option("Print as JSON.")
+def inspect_cmd(path, as_json):
+    """Say what PATH is: a PEFT adapter, a model directory or an exported directory.
+
+    \b
+    Example:
+      loraexport inspect runs/demo-adapter
+    """
+    from loraexport.api import inspect_path
+
+    info = inspect_path(path)
+    if as_json:
+        click.echo(json.dumps(info, indent=2))
+        return
+    print_table(info)

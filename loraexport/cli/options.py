@@ -1,0 +1,168 @@
+"""The options several commands share (one decorator each) and how results are printed.
+
+``verify_options`` hands a command one ``VerifyOptions`` (the library's own type), built from
+the options verify and merge-and-export share; the library checks it before any work.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+import click
+
+from loraexport.cli.types import MAX_OPSET, MAX_OPSET_TORCHSCRIPT, MIN_OPSET, Number, PositiveInt
+from loraexport.enums import ExportMode, Precision
+from loraexport.verify.options import VerifyOptions
+
+# readable=False: the library checks paths and says what is wrong in one line (exit 3)
+PATH = click.Path(path_type=Path, readable=False)
+
+force_option = click.option("--force", is_flag=True, help="Replace --out if it exists.")
+pickle_option = click.option(
+    "--allow-pickle", is_flag=True, help="Load adapter_model.bin (weights_only=True)."
+)
+
+
+def json_option(what: str):
+    return click.option("--json", "as_json", is_flag=True, help=what)
+
+
+def adapter_options(required: bool = True):
+    """``--adapter`` (repeatable) and ``--weight`` (one per adapter, in order)."""
+
+    def deco(f):
+        f = click.option(
+            "--weight",
+            "weights",
+            multiple=True,
+            type=Number(float),
+            help="Weight of each --adapter, in order (default 1.0 each): W0 + Σ w·s·B·A.",
+        )(f)
+        return click.option(
+            "--adapter",
+            "adapters",
+            required=required,
+            multiple=True,
+            type=PATH,
+            help="PEFT adapter directory; repeat to combine several.",
+        )(f)
+
+    return deco
+
+
+def export_options(f):
+    """--opset, --exporter and --dtype, shared by export and merge-and-export."""
+    f = click.option(
+        "--dtype",
+        type=click.Choice(Precision.choices()),
+        help="Store the ONNX weights in this dtype (merged weights rounded once; computation stays float32).",
+    )(f)
+    f = click.option(
+        "--exporter",
+        type=click.Choice(["dynamo", "torchscript"]),
+        help="torch.onnx exporter (default: dynamo for the reference model, torchscript for HF models).",
+    )(f)
+    return click.option(
+        "--opset",
+        default=MIN_OPSET,
+        show_default=True,
+        type=Number(int, MIN_OPSET, MAX_OPSET),
+        help=f"ONNX opset, {MIN_OPSET} to {MAX_OPSET} "
+        f"(the torchscript exporter writes up to {MAX_OPSET_TORCHSCRIPT}).",
+    )(f)
+
+
+mode_option = click.option(
+    "--mode",
+    type=click.Choice(ExportMode.choices()),
+    default=ExportMode.MERGED.value,
+    show_default=True,
+    help="With --adapter: merge it, or keep the LoRA branches in the graph.",
+)
+
+
+def verify_options(f):
+    """The checking options of verify and merge-and-export, given to the command as one
+    ``VerifyOptions`` (keyword ``verify_options``), then ``--allow-pickle`` and ``--json``."""
+
+    @functools.wraps(f)
+    def command(*args, providers, samples, eval_data, no_latency, half, threads, **kwargs):
+        options = VerifyOptions(
+            providers=list(providers) or None,
+            samples=samples,
+            eval_data=eval_data,
+            latency=not no_latency,
+            half=tuple(half),
+            threads=threads,
+        )
+        return f(*args, verify_options=options, **kwargs)
+
+    for opt in reversed(
+        [
+            click.option(
+                "--provider",
+                "providers",
+                multiple=True,
+                type=click.Choice(["cpu", "cuda"]),
+                help="onnxruntime provider(s); default CPU, plus CUDA when available.",
+            ),
+            click.option(
+                "--samples",
+                default=6,
+                show_default=True,
+                type=PositiveInt(1000),
+                help="Parity cases (batch sizes and lengths vary).",
+            ),
+            click.option(
+                "--eval-data", type=PATH, help="JSON Lines whose sources are used as generation prompts."
+            ),
+            click.option("--no-latency", is_flag=True, help="Skip the latency measurement."),
+            click.option(
+                "--half",
+                multiple=True,
+                type=click.Choice(Precision.choices(half_only=True)),
+                help="Also report what storing the merged weights in this dtype costs (repeatable).",
+            ),
+            click.option(
+                "--threads",
+                type=PositiveInt(256),
+                help="Threads for torch and onnxruntime (default: cores).",
+            ),
+            pickle_option,
+            json_option("Print report.json on stdout."),
+        ]
+    ):
+        command = opt(command)
+    return command
+
+
+# ---- printing ----------------------------------------------------------------------------------
+def log(ctx: click.Context):
+    """Progress messages for stderr, or nothing with --quiet."""
+    return (lambda msg: None) if ctx.obj["quiet"] else (lambda msg: click.echo(msg, err=True))
+
+
+def exporter_log(ctx: click.Context, result) -> None:
+    """With --verbose: what torch.onnx printed while it exported (captured, fd level included)."""
+    if ctx.obj["verbose"] and result is not None and result.exporter_log.strip():
+        click.echo(result.exporter_log.rstrip(), err=True)
+
+
+def print_report(report, out: Path | None, as_json: bool) -> None:
+    if as_json:
+        click.echo(json.dumps(report.to_json(), indent=2))
+        return
+    rows = report.summary_rows()
+    width = max(len(k) for k, _ in rows)
+    for k, v in rows:
+        click.echo(f"{k:<{width}}  {v}")
+    if out is not None:
+        click.echo(f"{'report':<{width}}  {out / 'report.md'} (and report.json)")
+
+
+def print_table(info: dict) -> None:
+    width = max(len(k) for k in info)
+    for k, v in info.items():
+        click.echo(f"{k:<{width}}  {v}")

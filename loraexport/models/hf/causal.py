@@ -1,0 +1,228 @@
+"""Hugging Face decoders (GPT-2, Llama, Mistral, Qwen2) with a KV cache, as a ``ModelFamily``.
+
+One ``model.onnx``, under the names Optimum and onnxruntime-genai use, for the prompt (P = 0)
+and each new token:
+  input_ids (B,T), attention_mask (B,P+T), position_ids (B,T), past_key_values.{i}.key/value
+  (B,KV,P,Dh) → logits (B,T,V), present.{i}.key/value (B,KV,P+T,Dh)
+"""
+
+from __future__ import annotations
+
+import inspect
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from loraexport.errors import ModelFormatError
+from loraexport.export.spec import GraphSpec
+from loraexport.models.base import Inputs, ModelFamily, ParityCase
+from loraexport.models.hf.common import (
+    EXPORTER,
+    cache_dims,
+    latency_inputs,
+    load,
+    max_positions,
+    random_cases,
+    save,
+    text_config,
+)
+from loraexport.models.hf.tokenizer import DEFAULT_PROMPTS, TOKENIZER_FILES, encode, model_tokenizer
+
+CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+NEW_TOKENS = 32  # greedy tokens compared per prompt
+# (batch, length, padding) of the parity cases: batch sizes 1, 2, 4; lengths 2 to 64
+PARITY_SHAPES = [
+    (1, 16, "none"),
+    (4, 32, "left"),
+    (2, 64, "right"),
+    (1, 2, "none"),
+    (4, 24, "right"),
+    (2, 8, "left"),
+]
+
+
+# ---- the exported graph -------------------------------------------------------------------------
+class CausalGraph(nn.Module):
+    """Flat tensors in and out; the ``DynamicCache`` is built inside ``forward``."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids, attention_mask, position_ids, *past_flat):
+        from transformers import DynamicCache
+
+        pairs = [(past_flat[i], past_flat[i + 1]) for i in range(0, len(past_flat), 2)]
+        cache = DynamicCache(ddp_cache_data=pairs)
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            use_cache=True,
+            return_dict=True,
+            **_cache_kwargs(self.model, cache),
+        )
+        present = [t for layer in _returned_cache(out).layers for t in (layer.keys, layer.values)]
+        return (out.logits, *present)
+
+
+def _cache_kwargs(model: nn.Module, cache) -> dict[str, Any]:
+    """transformers 5 renamed ``past_key_values`` to ``cache``; pass whichever forward takes."""
+    params = inspect.signature(model.forward).parameters
+    return {"cache" if "cache" in params else "past_key_values": cache}
+
+
+def _returned_cache(out):
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
+
+
+def _kv_names(prefix: str, n: int) -> list[str]:
+    return [f"{prefix}.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
+
+
+def _specs(model: nn.Module) -> list[GraphSpec]:
+    n, kv, hd = cache_dims(model)
+    B, T, P = 2, 3, 4
+    vocab = text_config(model).vocab_size
+    batch = Dim("batch", min=1, max=1024)
+    seq, past, total = (
+        Dim("seq", min=1, max=8192),
+        Dim("past", min=0, max=8192),
+        Dim("total", min=1, max=16384),
+    )
+    args = (
+        torch.randint(0, vocab, (B, T)),
+        torch.ones(B, P + T, dtype=torch.long),
+        torch.arange(P, P + T).repeat(B, 1),
+        *[torch.randn(B, kv, P, hd) for _ in range(2 * n)],  # (B, KV, P, Dh) each
+    )
+    return [
+        GraphSpec(
+            name="model",
+            module=CausalGraph(model),
+            args=args,
+            input_names=["input_ids", "attention_mask", "position_ids", *_kv_names("past_key_values", n)],
+            output_names=["logits", *_kv_names("present", n)],
+            dynamic_shapes=(
+                {0: batch, 1: seq},
+                {0: batch, 1: total},
+                {0: batch, 1: seq},
+                tuple({0: batch, 2: past} for _ in range(2 * n)),
+            ),
+        )
+    ]
+
+
+# ---- metadata, parity, generation ---------------------------------------------------------------
+def _special_tokens(model: nn.Module) -> dict[str, int | None]:
+    c = text_config(model)
+    gen = getattr(model, "generation_config", None)
+    eos = getattr(gen, "eos_token_id", None) or c.eos_token_id
+    if isinstance(eos, list):
+        eos = eos[0]
+    return {"bos": c.bos_token_id, "eos": eos, "pad": c.pad_token_id}
+
+
+def _meta(model: nn.Module) -> dict[str, Any]:
+    n, kv, hd = cache_dims(model)
+    return {
+        "kind": "causal",
+        "model_type": model.config.model_type,
+        "special_tokens": _special_tokens(model),
+        "n_layers": n,
+        "n_heads": kv,
+        "head_dim": hd,
+    }
+
+
+def _parity_cases(model: nn.Module, n: int, seed: int) -> list[ParityCase]:
+    """Unpadded, left- and right-padded batches of ``PARITY_SHAPES``."""
+    return random_cases(model, PARITY_SHAPES, n, seed)
+
+
+def _prompts(
+    model: nn.Module, tokenizer, sources: list[str] | None, n: int, seed: int
+) -> list[tuple[Inputs, int]]:
+    """Tokenised prompts (the given sources, else a few built-in ones) or, without a tokenizer,
+    random token ids; batched by token length, so no prompt is padded. Prompts are cut so that
+    prompt and new tokens fit the model's positions."""
+    vocab = text_config(model).vocab_size
+    if tokenizer is not None:
+        try:
+            seqs = [s for s in encode(tokenizer, list(sources or DEFAULT_PROMPTS), vocab) if s]
+        except ModelFormatError as e:
+            raise ModelFormatError(f"{Path(tokenizer.name_or_path) / 'tokenizer_config.json'}: {e}") from e
+    else:
+        rng = torch.Generator().manual_seed(seed)
+        seqs = [
+            torch.randint(0, vocab, (int(torch.randint(3, 12, (1,), generator=rng)),), generator=rng).tolist()
+            for _ in range(min(n, 8))
+        ]
+    room = max_positions(text_config(model))
+    new = min(NEW_TOKENS, room // 2)
+    groups: dict[int, list[list[int]]] = {}
+    for s in seqs:
+        s = s[: room - new]
+        groups.setdefault(len(s), []).append(s)
+    out = []
+    for _, group in sorted(groups.items()):
+        ids = torch.tensor(group, dtype=torch.long)  # (B, T): one length per group, no padding
+        out.append(({"input_ids": ids, "attention_mask": torch.ones_like(ids)}, new))
+    return out
+
+
+def _positions(mask: torch.Tensor) -> torch.Tensor:
+    return (mask.cumsum(-1) - 1).clamp_min(0)
+
+
+@torch.no_grad()
+def _generate(model: nn.Module, inputs: Inputs, max_new: int) -> torch.Tensor:
+    """Greedy decoding with transformers' own ``DynamicCache`` (the torch reference)."""
+    from transformers import DynamicCache
+
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    cache = DynamicCache()
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=_positions(mask),
+        use_cache=True,
+        **_cache_kwargs(model, cache),
+    )
+    new = []
+    for step in range(max_new):
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # (B, 1)
+        new.append(nxt)
+        if step == max_new - 1:
+            break
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        out = model(
+            input_ids=nxt,
+            attention_mask=mask,
+            position_ids=_positions(mask)[:, -1:],
+            use_cache=True,
+            **_cache_kwargs(model, _returned_cache(out)),
+        )
+    return torch.cat(new, dim=1)  # (B, max_new)
+
+
+HF_CAUSAL = ModelFamily(
+    name="hf-causal",
+    detect=lambda cfg: cfg.get("model_type") in CAUSAL_TYPES,
+    load=lambda directory: load(directory, encoder=False),
+    tokenizer=model_tokenizer,
+    save=save,
+    graph_specs=_specs,
+    runtime_meta=_meta,
+    parity_cases=_parity_cases,
+    prompts=_prompts,
+    generate=_generate,
+    latency_inputs=latency_inputs,
+    latency_points=((1, 16), (1, 128)),
+    extra_files=TOKENIZER_FILES,
+    exporter=EXPORTER,
+)

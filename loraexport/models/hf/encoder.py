@@ -1,0 +1,104 @@
+"""Hugging Face encoders (BERT, RoBERTa) as a ``ModelFamily``.
+
+One ``model.onnx``: input_ids, attention_mask, token_type_ids (B,T) → last_hidden_state
+(B,T,H), or logits (B,labels) with a classification head. Encoders do not generate.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+from torch.export import Dim
+
+from loraexport.export.spec import GraphSpec
+from loraexport.models.base import Inputs, ModelFamily, ParityCase
+from loraexport.models.hf.common import EXPORTER, latency_inputs, load, max_positions, random_cases, save
+from loraexport.models.hf.tokenizer import TOKENIZER_FILES, model_tokenizer
+
+ENCODER_TYPES = ("bert", "roberta")
+# (batch, length, padding) of the parity cases: unpadded and right-padded (token_type_ids are
+# fed as zeros by the runners)
+PARITY_SHAPES = [(1, 16, "none"), (4, 32, "right"), (2, 64, "right"), (1, 2, "none"), (4, 24, "right")]
+
+
+class EncoderGraph(nn.Module):
+    def __init__(self, model: nn.Module, output: str) -> None:
+        super().__init__()
+        self.model, self.output = model, output
+
+    def forward(self, input_ids, attention_mask, token_type_ids):
+        out = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            token_type_ids=token_type_ids,
+            return_dict=True,
+        )
+        return (getattr(out, self.output),)
+
+
+def _output(model: nn.Module) -> str:
+    return (
+        "logits"
+        if model.config.architectures
+        and any(a.endswith("ForSequenceClassification") for a in model.config.architectures)
+        and hasattr(model, "classifier")
+        else "last_hidden_state"
+    )
+
+
+def _specs(model: nn.Module) -> list[GraphSpec]:
+    B, S = 2, 5
+    batch, seq = Dim("batch", min=1, max=1024), Dim("seq", min=2, max=max_positions(model.config))
+    ids = torch.randint(0, model.config.vocab_size, (B, S))
+    out = _output(model)
+    return [
+        GraphSpec(
+            name="model",
+            module=EncoderGraph(model, out),
+            args=(ids, torch.ones(B, S, dtype=torch.long), torch.zeros(B, S, dtype=torch.long)),
+            input_names=["input_ids", "attention_mask", "token_type_ids"],
+            output_names=[out],
+            dynamic_shapes=({0: batch, 1: seq}, {0: batch, 1: seq}, {0: batch, 1: seq}),
+        )
+    ]
+
+
+def _meta(model: nn.Module) -> dict[str, Any]:
+    return {
+        "kind": "encoder",
+        "model_type": model.config.model_type,
+        "output": _output(model),
+        "special_tokens": {"pad": model.config.pad_token_id},
+    }
+
+
+def _parity_cases(model: nn.Module, n: int, seed: int) -> list[ParityCase]:
+    return random_cases(model, PARITY_SHAPES, n, seed)
+
+
+def _no_prompts(model: nn.Module, tokenizer, sources: list[str] | None, n: int, seed: int) -> list:
+    return []
+
+
+def _no_generation(model: nn.Module, inputs: Inputs, max_new: int) -> torch.Tensor:
+    raise NotImplementedError("encoders do not generate")
+
+
+HF_ENCODER = ModelFamily(
+    name="hf-encoder",
+    detect=lambda cfg: cfg.get("model_type") in ENCODER_TYPES,
+    load=lambda directory: load(directory, encoder=True),
+    tokenizer=model_tokenizer,
+    save=save,
+    graph_specs=_specs,
+    runtime_meta=_meta,
+    parity_cases=_parity_cases,
+    prompts=_no_prompts,
+    generate=_no_generation,
+    latency_inputs=latency_inputs,
+    latency_points=((1, 16), (1, 128), (8, 128)),
+    extra_files=TOKENIZER_FILES,
+    exporter=EXPORTER,
+)
