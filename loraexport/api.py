@@ -9,8 +9,8 @@ from loraexport.errors import InvalidInputError
 from loraexport.io import write_json
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import check_ranks
-from loraexport.models.base import load_base
 from loraexport.models.reference import check_pairs
+from loraexport.models.registry import load_base
 from loraexport.models.transformer import Transformer
 from loraexport.output import plan_output, write_output
 from loraexport.train import TrainResult, train_lora

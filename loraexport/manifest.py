@@ -20,7 +20,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraexport.errors import InvalidInputError, ModelFormatError
+from loraexport.errors import InvalidInputError, ModelFormatError, VerificationFailedError
 from loraexport.untrusted import short_repr
 
 MANIFEST = "loraexport.json"
@@ -105,6 +105,23 @@ class ManifestCheck:
     @property
     def ok(self) -> bool:
         return not self.changed and not self.missing
+
+    def to_json(self) -> dict:
+        keys = ("checked", "changed", "missing", "unlisted")
+        return {"directory": str(self.directory), "ok": self.ok} | {k: getattr(self, k) for k in keys}
+
+
+def check_files(directory: str | Path) -> ManifestCheck:
+    """``verify --check-files``: the check, and ``VerificationFailedError`` (exit 4, with the
+    check as ``.report``) naming the changed and missing files when any is."""
+    result = check_manifest(directory)
+    if not result.ok:
+        what = [f"changed: {', '.join(result.changed)}"] * bool(result.changed)
+        what += [f"missing: {', '.join(result.missing)}"] * bool(result.missing)
+        raise VerificationFailedError(
+            f"{directory}: files do not match loraexport.json ({'; '.join(what)})", result
+        )
+    return result
 
 
 def _listed_path(manifest: Path, rel: object) -> list[str]:

@@ -38,13 +38,15 @@ from loraexport.lora.merge import MergeStats, merge_state_dict
 from loraexport.lora.stream import checkpoint_shards, stream_merge
 from loraexport.lora.views import merged_view, unmerged_view
 from loraexport.manifest import Hasher
-from loraexport.models.base import ModelFamily, detect_family, load_base
+from loraexport.models.base import ModelFamily
+from loraexport.models.registry import detect_family, load_model_dir
 from loraexport.output import OutputPlan, plan_files, plan_output, write_files, write_output
 from loraexport.progress import Progress
 from loraexport.report import Report, versions
 from loraexport.runtime import PROVIDERS, OnnxModel, RuntimeInputError, read_export_meta
 from loraexport.verify.half import MIN_ADAPTER_RETAINED, half_precision_costs
 from loraexport.verify.latency import LatencyCase, LatencyResult, time_interleaved
+from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import check_parity
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,6 +63,7 @@ class Loaded:
     base: nn.Module
     adapters: list[Adapter]
     weights: list[float] | None = None  # per adapter; None: 1.0 each
+    tokenizer: object | None = None  # the base's (``ModelFamily.tokenizer``); None: it has none
 
 
 def _as_list(paths: str | Path | list | tuple) -> list:
@@ -72,8 +75,8 @@ def check_weights(adapters: list, weights: list[float] | None) -> list[float] | 
     if weights is None or len(weights) == 0:
         return None
     if len(weights) != len(adapters):
-        raise InvalidInputError(
-            f"{len(adapters)} adapter(s) but {len(weights)} weight(s): give one weight per adapter"
+        raise UsageError(
+            f"{len(adapters)} --adapter but {len(weights)} --weight: give one weight per adapter"
         )
     bad = [w for w in weights if not math.isfinite(w)]
     if bad:
@@ -88,11 +91,11 @@ def load_inputs(
     weights: list[float] | None = None,
 ) -> Loaded:
     weights = check_weights(adapters, weights)
-    family, model = load_base(base)
+    model_dir = load_model_dir(base)
     loaded = [Adapter.load(a, allow_pickle) for a in adapters]
     for a in loaded:
-        a.check_fits(model)
-    return Loaded(family, model, loaded, weights)
+        a.check_fits(model_dir.model)
+    return Loaded(model_dir.family, model_dir.model, loaded, weights, model_dir.tokenizer)
 
 
 def unmerged_model(
@@ -402,35 +405,6 @@ def _torch_call(model: nn.Module, inputs: dict, device: str) -> Callable[[], obj
     return call
 
 
-@dataclass
-class VerifyOptions:
-    """How ``verify`` checks an export (the CLI's --provider, --samples, ... options)."""
-
-    providers: list[str] | None = None  # default: CPU, plus CUDA when onnxruntime has it
-    samples: int = 6  # parity cases
-    eval_data: str | Path | None = None  # its sources are the generation prompts
-    latency: bool = True
-    threads: int | None = None  # default: the cores available
-    seed: int = 0
-    latency_points: tuple[tuple[int, int], ...] | None = None  # default: the family's
-    latency_budget_s: float = 4.0  # timing per (batch, seq) point
-    half: tuple[str, ...] = ()  # "float16"/"bfloat16": report what storing merged weights in them costs
-
-    def __post_init__(self) -> None:
-        """The bounds the CLI's option types enforce, for callers of the Python API too."""
-        checks = {
-            "samples": isinstance(self.samples, int) and 1 <= self.samples <= 1000,
-            "threads": self.threads is None or isinstance(self.threads, int) and 1 <= self.threads <= 256,
-            "seed": isinstance(self.seed, int) and 0 <= self.seed <= 2**63 - 1,
-            "latency_budget_s": isinstance(self.latency_budget_s, (int, float))
-            and math.isfinite(self.latency_budget_s)
-            and 0 < self.latency_budget_s <= 3600,
-        }
-        for name, ok in checks.items():
-            if not ok:
-                raise InvalidInputError(f"verify option {name}={getattr(self, name)!r} cannot be used")
-
-
 def verify(
     base: str | Path,
     adapter: str | Path | list[str | Path],
@@ -440,25 +414,26 @@ def verify(
     allow_pickle: bool = False,
     report_path: str | Path | None = None,
     force: bool = False,
+    options: VerifyOptions | None = None,
     log: Log = _quiet,
-    **options,
+    **option_fields,
 ) -> Report:
     """Parity of ``onnx_dir`` (merged export) against base + adapter(s) unmerged, and latency.
 
     ``adapter`` is one path or a list; ``weights`` one weight per adapter (default 1.0 each).
     ``report_path``: write report.json there and report.md beside it (checked before any work,
     like every output; replaced only with ``force``, and only if verify wrote it). ``options``
-    are the fields of ``VerifyOptions``. Returns the report, also when parity failed (then
-    ``report.passed`` is False: callers raise ``VerificationFailedError``).
+    (or its fields as keywords): how to check. Returns the report; raises
+    ``VerificationFailedError`` (with ``.report``, after writing it) when parity fails.
     """
+    opts = options or VerifyOptions(**option_fields)  # checked before any work
     inputs = {
         "--base": base,
         "--adapter": _as_list(adapter),
         "--onnx": onnx_dir,
-        "--eval-data": options.get("eval_data"),
+        "--eval-data": opts.eval_data,
     }
     plan = _plan_report(report_path, force, inputs) if report_path is not None else None
-    opts = VerifyOptions(**options)  # checked before any work
     _check_eval_data(opts.eval_data)
     onnx_path = require_dir(onnx_dir, "ONNX directory")
     meta = read_export_meta(onnx_path, ModelFormatError)  # once, bounded and type-checked
@@ -472,6 +447,9 @@ def verify(
     )
     if plan is not None:
         write_files(plan, dict(zip(plan.targets, _report_texts(report), strict=True)))
+    if report.passed is False:
+        where = f"; report written to {plan.targets[1]}" if plan is not None else ""
+        raise VerificationFailedError(f"{report.verdict}: {'; '.join(report.failures[:2])}{where}", report)
     return report
 
 
@@ -544,6 +522,7 @@ def _verify_into(
                 samples=opts.samples,
                 seed=opts.seed,
                 sources=sources,
+                tokenizer=loaded.tokenizer,
             )
         except RuntimeInputError as e:  # the export does not run on this model's inputs
             raise InvalidInputError(str(e)) from e
@@ -571,6 +550,7 @@ def _verify_into(
             seed=opts.seed,
             samples=opts.samples,
             sources=sources,
+            tokenizer=loaded.tokenizer,
         )
         report.half.extend(rows)
         kept = rows[0].adapter_retained
@@ -624,22 +604,23 @@ def merge_and_export(
     opset: int = DEFAULT_OPSET,
     exporter: str | None = None,
     allow_pickle: bool = False,
+    options: VerifyOptions | None = None,
     log: Log = _quiet,
-    **options,
+    **option_fields,
 ) -> Report:
     """Merge ``adapter`` into ``base``, export to ONNX, verify; write everything to ``out`` atomically.
 
     ``adapter`` is one path or a list (merged as ``W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` with ``weights``).
     ``dtype`` float16/bfloat16: the merged weights are rounded to it once and the ONNX file
     stores them in it (the graph computes in float32).
-    ``options`` are the fields of ``VerifyOptions`` (providers, samples, eval_data, ...).
+    ``options`` (or its fields as keywords: providers, samples, eval_data, ...): how to verify.
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
     half = _half_dtype(dtype)
     adapters = _as_list(adapter)
-    inputs_ = {"--base": base, "--adapter": adapters, "--eval-data": options.get("eval_data")}
+    opts = options or VerifyOptions(**option_fields)  # checked before any work
+    inputs_ = {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data}
     plan = _plan(out, force, log, inputs_)
-    opts = VerifyOptions(**options)  # checked before any work
     _check_eval_data(opts.eval_data)
     log(f"loading {base} and {', '.join(map(str, adapters))} …")
     check_opset(opset, exporter or detect_family(base).exporter)  # before the weights are read

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from loraexport.cli import main
+from loraexport.errors import VerificationFailedError
 from loraexport.export.half import SUFFIX, store_weights_half
 from loraexport.export.onnx import EXTERNAL_DATA_BYTES
 from loraexport.lora.adapter import Adapter
@@ -56,7 +57,7 @@ def test_half_stored_export_is_bit_identical_to_float32_export_of_the_rounded_me
     export(causal_base, half_dir, adapter=causal_adapter, dtype=dtype)
     assert (half_dir / "model.onnx.data").is_file() == external
     # the float32 export of the same rounded weights
-    from loraexport.models.base import load_base
+    from loraexport.models.registry import load_base
 
     family, base = load_base(causal_base)
     rounded, _ = merged_model(base, [Adapter.load(causal_adapter)], storage_dtype=HALF[dtype])
@@ -99,7 +100,9 @@ def test_verify_of_half_export_judges_against_rounded_merge_and_reports_the_cost
     raw[1] ^= 0x40  # the high byte of the first value: an exponent bit
     init.raw_data = bytes(raw)
     onnx.save(model, str(out / "model.onnx"))
-    assert verify(causal_base, causal_adapter, out, samples=2, latency=False).passed is False
+    with pytest.raises(VerificationFailedError) as e:
+        verify(causal_base, causal_adapter, out, samples=2, latency=False)
+    assert e.value.report.passed is False
 
 
 def test_half_dtype_with_unmerged_mode_is_refused(causal_base, causal_adapter, tmp_path):

@@ -10,6 +10,7 @@ import pytest
 from artifacts import copy_dir
 from onnx import numpy_helper
 
+from loraexport.errors import VerificationFailedError
 from loraexport.pipeline import verify
 from loraexport.verify.latency import LatencyStats, time_interleaved
 from loraexport.verify.parity import compare_outputs
@@ -45,7 +46,9 @@ def test_parity_passes(which, request):
 def test_planted_weight_error_is_caught(seq2seq_base, seq2seq_adapter, seq2seq_onnx, tmp_path):
     broken = copy_dir(seq2seq_onnx, tmp_path / "broken")
     _corrupt_one_weight(broken)
-    report = verify(seq2seq_base, seq2seq_adapter, broken, samples=3, latency=False)
+    with pytest.raises(VerificationFailedError, match="parity failed") as e:
+        verify(seq2seq_base, seq2seq_adapter, broken, samples=3, latency=False)
+    report = e.value.report  # the library raises, the report travels with the error
     assert report.passed is False
     failures = report.parity[0].failures
     assert failures and failures[0].startswith("b1xs8/")  # the report names the case and output
@@ -59,8 +62,9 @@ def test_wrong_scaling_is_caught(seq2seq_base, seq2seq_adapter, seq2seq_onnx, tm
     cfg = json.loads((wrong / "adapter_config.json").read_text())
     cfg["lora_alpha"] *= 1.1  # the export was made with the original scaling
     (wrong / "adapter_config.json").write_text(json.dumps(cfg))
-    report = verify(seq2seq_base, wrong, seq2seq_onnx, samples=2, latency=False)
-    assert report.passed is False
+    with pytest.raises(VerificationFailedError) as e:
+        verify(seq2seq_base, wrong, seq2seq_onnx, samples=2, latency=False)
+    assert e.value.report.passed is False
 
 
 def test_compare_outputs_tolerance_is_derived():

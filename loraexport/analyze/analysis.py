@@ -25,7 +25,7 @@ from loraexport.analyze.spectra import (
 from loraexport.errors import AdapterFormatError, AdapterMismatchError, InvalidInputError
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.inject import is_transposed
-from loraexport.models.base import load_base
+from loraexport.models.registry import load_base
 from loraexport.output import plan_output
 from loraexport.progress import Progress
 

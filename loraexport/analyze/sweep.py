@@ -26,8 +26,8 @@ from loraexport.data import read_pairs, split, write_pairs
 from loraexport.errors import InvalidInputError
 from loraexport.io import write_json
 from loraexport.lora.adapter import Adapter
-from loraexport.models.base import load_base
 from loraexport.models.reference import batch_encode, check_pairs, load_model
+from loraexport.models.registry import load_base
 from loraexport.models.transformer import Transformer
 from loraexport.output import plan_output, write_output
 from loraexport.progress import Progress

@@ -1,8 +1,9 @@
 """The ``loraexport`` command line: parses, calls the library, prints; no logic of its own.
 
-``group`` (errors → one line and an exit code), ``options`` (types and the options commands
-share), ``commands`` (merge, export, verify, merge-and-export, inspect), ``train``, ``analyze``
-(analyze, sweep). click is imported nowhere else in the package.
+``group`` (errors → one line and an exit code), ``types`` (numbers that refuse what cannot
+work), ``options`` (the options commands share, printing), ``commands`` (merge, export,
+merge-and-export, inspect), ``verify``, ``train``, ``analyze`` (analyze, sweep). click is
+imported nowhere else in the package.
 """
 
 from __future__ import annotations
@@ -11,9 +12,10 @@ import signal
 import sys
 
 from loraexport.cli.analyze import analyze, sweep
-from loraexport.cli.commands import export, inspect_cmd, merge, merge_and_export, verify
+from loraexport.cli.commands import export, inspect_cmd, merge, merge_and_export
 from loraexport.cli.group import main
 from loraexport.cli.train import train
+from loraexport.cli.verify import verify
 from loraexport.errors import Terminated
 
 for _command in (train, merge, export, verify, merge_and_export, inspect_cmd, analyze, sweep):

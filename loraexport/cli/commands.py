@@ -1,5 +1,5 @@
-"""``merge``, ``export``, ``verify``, ``merge-and-export`` and ``inspect``: parse, call the
-library, print. The library checks everything and raises; the group turns that into one line."""
+"""``merge``, ``export``, ``merge-and-export`` and ``inspect``: parse, call the library, print.
+The library checks everything and raises; the group turns that into one line."""
 
 from __future__ import annotations
 
@@ -111,86 +111,6 @@ def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, dtype,
     )
 
 
-@click.command()
-@click.option("--base", type=PATH, help="Base model directory.  [required unless --check-files]")
-@adapter_options(required=False)
-@click.option(
-    "--onnx",
-    "onnx_dir",
-    type=PATH,
-    help="Exported (merged) ONNX directory.  [required unless --check-files]",
-)
-@click.option(
-    "--report",
-    "report_path",
-    type=PATH,
-    help="Write report.json here (and report.md beside it); never into an input.",
-)
-@click.option("--force", is_flag=True, help="Replace a previous --report.")
-@click.option(
-    "--check-files",
-    "check_files",
-    type=PATH,
-    help="Only re-check the sha256 of every file in this loraexport output against its loraexport.json.",
-)
-@verify_options
-@click.pass_context
-def verify(
-    ctx, base, adapters, weights, onnx_dir, report_path, force, check_files, verify_options, allow_pickle, as_json
-):
-    """Check an exported model against base + adapter unmerged: parity and latency.
-
-    Exit 4 when parity fails (the report is still written). With --check-files DIR: only
-    check that every file DIR's loraexport.json lists is there, unchanged (exit 4 if not).
-
-    \b
-    Examples:
-      loraexport verify --base samples/base --adapter runs/demo-adapter --onnx runs/demo
-      loraexport verify --check-files runs/demo
-    """
-    if check_files is not None:
-        _check_files(ctx, check_files, as_json)
-        return
-    for value, name in ((base, "--base"), (adapters, "--adapter"), (onnx_dir, "--onnx")):
-        if not value:
-            raise click.UsageError(f"Missing option '{name}' (required unless --check-files).")
-    from loraexport.pipeline import verify as verify_api
-
-    try:
-        report = verify_api(
-            base,
-            list(adapters),
-            onnx_dir,
-            weights=list(weights) or None,
-            options=verify_options,
-            allow_pickle=allow_pickle,
-            report_path=report_path,
-            force=force,
-            log=log(ctx),
-        )
-    except VerificationFailedError as e:
-        print_report(e.report, None, as_json)
-        raise
-    print_report(report, None, as_json)
-
-
-def _check_files(ctx: click.Context, directory, as_json: bool) -> None:
-    from loraexport.manifest import check_files
-
-    try:
-        result = check_files(directory)
-    except VerificationFailedError as e:
-        if as_json:
-            click.echo(json.dumps(e.report.to_json()))
-        raise
-    if as_json:
-        click.echo(json.dumps(result.to_json()))
-        return
-    if result.unlisted:
-        log(ctx)(f"not in the manifest (not checked): {', '.join(result.unlisted)}")
-    click.echo(f"{directory}: {result.checked} files match loraexport.json (sha256)")
-
-
 @click.command("merge-and-export")
 @click.option("--base", required=True, type=PATH, help="Base model directory.")
 @adapter_options()
@@ -201,7 +121,19 @@ def _check_files(ctx: click.Context, directory, as_json: bool) -> None:
 @verify_options
 @click.pass_context
 def merge_and_export(
-    ctx, base, adapters, weights, out, opset, exporter, dtype, no_verify, force, verify_options, allow_pickle, as_json
+    ctx,
+    base,
+    adapters,
+    weights,
+    out,
+    opset,
+    exporter,
+    dtype,
+    no_verify,
+    force,
+    verify_options,
+    allow_pickle,
+    as_json,
 ):
     """Merge an adapter, export to ONNX, verify parity and latency, write report.md/json.
 

@@ -47,7 +47,9 @@ from loraexport.cli.types import Names, Number, PositiveInt, Seed
     type=Number(float, 0, 1e6, lo_open=True),
     help="LoRA alpha (scaling alpha/r).",
 )
-@click.option("--targets", default="q,v", show_default=True, type=Names(), help="Comma-separated module names.")
+@click.option(
+    "--targets", default="q,v", show_default=True, type=Names(), help="Comma-separated module names."
+)
 @click.option("--target-regex", help="A regex over full module paths instead of --targets.")
 @click.option(
     "--dropout", default=0.0, show_default=True, type=Number(float, 0, 1, hi_open=True), help="LoRA dropout."

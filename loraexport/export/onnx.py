@@ -49,9 +49,6 @@ EXTERNAL_DATA_BYTES = 1_800_000_000  # leave headroom under protobuf's 2 GiB mes
 MAX_EXPORTER_LOG_BYTES = 1 << 20
 
 log = logging.getLogger(__name__)
-# The exporter logs through torch's own handlers (e.g. "torchvision is not installed"); the
-# CLI sets this False with --verbose to let those through.
-SILENCE_EXPORTER_LOGS = True
 
 
 def check_opset(opset: int, exporter: str) -> None:
@@ -121,24 +118,19 @@ def _tail(f: BinaryIO) -> str:
 
 @contextlib.contextmanager
 def _exporter_quiet(captured: io.StringIO, scratch: Path) -> Iterator[None]:
-    """Capture the exporter's prints, fd output and warnings; mute torch's log records meanwhile.
+    """Capture the exporter's prints, fd output, log records written to stderr and warnings.
 
-    ``scratch``: a folder for the (unlinked, never visible) file that holds the fd output.
+    ``scratch``: a folder for the (unlinked, never visible) file that holds the fd output. The
+    CLI prints what was captured with ``--verbose`` (``ExportResult.exporter_log``).
     """
-    previous = logging.root.manager.disable
-    if SILENCE_EXPORTER_LOGS:
-        logging.disable(logging.WARNING)
-    try:
-        with (
-            _fd_output_to(captured, scratch),
-            contextlib.redirect_stdout(captured),
-            contextlib.redirect_stderr(captured),
-            warnings.catch_warnings(),
-        ):
-            warnings.simplefilter("ignore")
-            yield
-    finally:
-        logging.disable(previous)
+    with (
+        _fd_output_to(captured, scratch),
+        contextlib.redirect_stdout(captured),
+        contextlib.redirect_stderr(captured),
+        warnings.catch_warnings(),
+    ):
+        warnings.simplefilter("ignore")
+        yield
 
 
 @dataclass

@@ -20,6 +20,7 @@ fails verification: the file would be exact against its rounded weights and stil
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from torch import nn
@@ -74,6 +75,7 @@ def _compare(
     seed: int,
     samples: int,
     sources: list[str] | None,
+    tokenizer: Any | None,
 ) -> tuple[float, float | None, float | None]:
     err, agree, total, sq, n = 0.0, 0, 0, 0.0, 0
     for case in family.parity_cases(reference, samples, seed):
@@ -90,7 +92,7 @@ def _compare(
         total += int(valid.sum())
     top1 = agree / total if total else None
     gen_rows = gen_same = 0
-    for inputs, max_new in family.prompts(reference, sources, 16, seed):
+    for inputs, max_new in family.prompts(reference, tokenizer, sources, 16, seed):
         a, b = family.generate(reference, inputs, max_new), family.generate(model, inputs, max_new)
         gen_rows += a.shape[0]
         gen_same += int((a == b).all(dim=1).sum())
@@ -110,8 +112,10 @@ def half_precision_costs(
     seed: int = 0,
     samples: int = 6,
     sources: list[str] | None = None,
+    tokenizer: Any | None = None,
 ) -> list[HalfCost]:
-    """The three comparisons of the module docstring, for ``dtype``.
+    """The three comparisons of the module docstring, for ``dtype``; ``tokenizer`` (the
+    base's, or None) makes the generation prompts of ``sources``.
 
     ``merged``: the merged model already rounded to ``dtype`` (``merged_model(...,
     storage_dtype=...)``), when the caller holds it; else it is built here. One rounded copy
@@ -124,7 +128,7 @@ def half_precision_costs(
         merged = merged_view(base, state, merged_state)  # upcast exactly to the base's float32
         del merged_state, state
         max_cast_rel_err = max((m.cast_max_rel_err for m in stats.modules), default=0.0)
-    err, top1, gen, rms = _compare(family, merged.eval(), unmerged, seed, samples, sources)
+    err, top1, gen, rms = _compare(family, merged.eval(), unmerged, seed, samples, sources, tokenizer)
     rows = [HalfCost(dtype, "merged", err, top1, gen, max_cast_rel_err, rms)]
     del merged  # this function's reference only; the rounded base below takes its place
     base_only = shared_copy(unmerged)
@@ -134,10 +138,10 @@ def half_precision_costs(
         if t is not unmerged_state[name]:
             set_tensor(base_only, name, t, made)
     del unmerged_state, made
-    err, top1, gen, rms = _compare(family, base_only.eval(), unmerged, seed, samples, sources)
+    err, top1, gen, rms = _compare(family, base_only.eval(), unmerged, seed, samples, sources, tokenizer)
     rows.append(HalfCost(dtype, "base_only", err, top1, gen, None, rms))
     del base_only
-    err, top1, gen, rms = _compare(family, base.eval(), unmerged, seed, samples, sources)
+    err, top1, gen, rms = _compare(family, base.eval(), unmerged, seed, samples, sources, tokenizer)
     rows.append(HalfCost(dtype, "no_adapter", err, top1, gen, None, rms))
     if rms > 0:
         rows[0].adapter_retained = 1.0 - rows[0].rms_err / rms

@@ -18,6 +18,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -209,11 +210,14 @@ def check_parity(
     seed: int = 0,
     sources: list[str] | None = None,
     generation_rows: int | None = None,
+    tokenizer: Any | None = None,
 ) -> ParityResult:
     """Compare every output of ``onnx_model`` with ``unmerged`` on ``samples`` cases, then greedy decoding.
 
     ``onnx_model`` may be a function opening the session: it is then closed before the torch
     runs, so the onnxruntime copy of the weights and the float64 model are never held together.
+    ``tokenizer``: the base's (``ModelFamily.tokenizer``), which turns ``sources`` into
+    generation prompts; without one, a family makes prompts of its own.
     """
     opened = onnx_model if isinstance(onnx_model, OnnxModel) else onnx_model()
     kind, shape, provider = opened.kind, opened.cache_shape, opened.provider
@@ -233,7 +237,7 @@ def check_parity(
         eos = opened.tokens.get("eos")
         # every given source (held-out data), else ``rows`` (default 64) random prompts
         chosen = sources[:generation_rows] if sources and generation_rows else sources
-        prompts = list(family.prompts(unmerged, chosen, generation_rows or RANDOM_PROMPTS, seed))
+        prompts = list(family.prompts(unmerged, tokenizer, chosen, generation_rows or RANDOM_PROMPTS, seed))
         got_tokens = [
             opened.generate(p["input_ids"].numpy(), p["attention_mask"].numpy(), n) for p, n in prompts
         ]

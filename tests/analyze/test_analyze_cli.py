@@ -267,7 +267,8 @@ def test_a_freshly_initialised_adapter_reports_no_projections(tmp_path, seq2seq_
 
 
 def test_seed_out_of_range_is_a_usage_error(tmp_path, seq2seq_base, seq2seq_adapter):
-    from loraexport.analyze import analysis, cli
+    from loraexport.analyze import analysis
+    from loraexport.cli import types as cli
 
     out = tmp_path / "analysis"
     for seed in (str(2**64), str(2**63), "-1"):

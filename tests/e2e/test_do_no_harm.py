@@ -486,8 +486,8 @@ def test_help_documents_the_exit_codes_and_the_promise():
 
 
 def test_cli_rank_defaults_match_the_library():
-    from loraexport.analyze import cli as analyze_cli
     from loraexport.analyze import sweep
+    from loraexport.cli import types as analyze_cli
 
     assert analyze_cli.RANKS == sweep.RANKS
 
@@ -496,7 +496,7 @@ def test_cli_rank_defaults_match_the_library():
 def test_a_signal_while_arguments_are_parsed(monkeypatch, signum, code, line):
     """Before a command runs (click parsing its options), SIGTERM or SIGHUP is still a
     termination with its exit code and one line, not click's "Aborted!" and exit 1."""
-    from loraexport.cli_types import Number
+    from loraexport.cli.types import Number
     from loraexport.errors import Terminated
 
     def terminated(self, value, param, ctx):
@@ -537,7 +537,7 @@ def test_a_closed_stdout_is_not_an_internal_error(tmp_path):
 
 
 def test_cli_opset_bounds_match_the_exporters():
-    from loraexport import cli_types
+    from loraexport.cli import types as cli_types
     from loraexport.export import onnx as onnx_export
 
     assert cli_types.MIN_OPSET == onnx_export.MIN_OPSET

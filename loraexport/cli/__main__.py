@@ -1,0 +1,5 @@
+"""``python -m loraexport.cli``: the console script."""
+
+from loraexport.cli import run
+
+run()

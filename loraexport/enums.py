@@ -1,0 +1,87 @@
+"""The two concepts every stage shares, named once: what an export holds (``ExportMode``) and
+in which precision weights are stored (``Precision``).
+
+The CLI's choices, ``loraexport.json``'s ``"mode"`` and ``"weights_dtype"``, the export and
+verify stages and ``loraexport.runtime`` all use these values. No torch here (the runtime and
+the CLI import it); ``Precision.torch_dtype`` imports torch when asked.
+"""
+
+from __future__ import annotations
+
+from enum import Enum
+from typing import Any
+
+from loraexport.errors import InvalidInputError
+
+
+class ExportMode(str, Enum):
+    """What the exported graph holds."""
+
+    MERGED = "merged"  # W0 + Σ w·s·B·A baked into the weights: the fastest graph for one adapter
+    UNMERGED = "unmerged"  # the LoRA branches kept in the graph, their A and B as constants
+    BASE = "base"  # no adapter given: the base model as it is
+
+    @classmethod
+    def choices(cls) -> list[str]:
+        """The modes a user may ask for (``base`` is what an export without adapters is)."""
+        return [m.value for m in cls if m is not cls.BASE]
+
+    @classmethod
+    def parse(cls, value: Any) -> ExportMode:
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidInputError(
+                f"mode must be one of {', '.join(cls.choices())}, got {value!r}"
+            ) from None
+
+
+class Precision(str, Enum):
+    """How weights are stored: float32, or half precision behind a lossless Cast to float32."""
+
+    FLOAT32 = "float32"
+    FLOAT16 = "float16"
+    BFLOAT16 = "bfloat16"
+
+    @classmethod
+    def choices(cls, half_only: bool = False) -> list[str]:
+        return [p.value for p in cls if p.is_half or not half_only]
+
+    @classmethod
+    def parse(cls, value: Any) -> Precision:
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            raise InvalidInputError(
+                f"unknown dtype {value!r}; choose from {', '.join(cls.choices())}"
+            ) from None
+
+    @property
+    def is_half(self) -> bool:
+        return self in (Precision.FLOAT16, Precision.BFLOAT16)
+
+    @property
+    def torch_dtype(self):
+        import torch
+
+        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.value]
+
+    @property
+    def onnx_type(self) -> int:
+        import onnx
+
+        return {
+            "float32": onnx.TensorProto.FLOAT,
+            "float16": onnx.TensorProto.FLOAT16,
+            "bfloat16": onnx.TensorProto.BFLOAT16,
+        }[self.value]
+
+
+def half_precision(value: str | Precision | None) -> Precision | None:
+    """The half precision named by ``value``; None for float32 or None (no rounding)."""
+    if value is None:
+        return None
+    p = Precision.parse(value)
+    return p if p.is_half else None

@@ -1,0 +1,42 @@
+"""``VerifyOptions``: how an export is checked (the CLI's --provider, --samples, ... options).
+
+Checked when made, before any work, with the bounds the CLI's option types enforce, so callers
+of the Python API get them too. No torch here: the CLI builds it while parsing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraexport.errors import InvalidInputError
+
+
+@dataclass
+class VerifyOptions:
+    """How ``verify`` checks an export (the CLI's --provider, --samples, ... options)."""
+
+    providers: list[str] | None = None  # default: CPU, plus CUDA when onnxruntime has it
+    samples: int = 6  # parity cases
+    eval_data: str | Path | None = None  # its sources are the generation prompts
+    latency: bool = True
+    threads: int | None = None  # default: the cores available
+    seed: int = 0
+    latency_points: tuple[tuple[int, int], ...] | None = None  # default: the family's
+    latency_budget_s: float = 4.0  # timing per (batch, seq) point
+    half: tuple[str, ...] = ()  # "float16"/"bfloat16": report what storing merged weights in them costs
+
+    def __post_init__(self) -> None:
+        """The bounds the CLI's option types enforce, for callers of the Python API too."""
+        checks = {
+            "samples": isinstance(self.samples, int) and 1 <= self.samples <= 1000,
+            "threads": self.threads is None or isinstance(self.threads, int) and 1 <= self.threads <= 256,
+            "seed": isinstance(self.seed, int) and 0 <= self.seed <= 2**63 - 1,
+            "latency_budget_s": isinstance(self.latency_budget_s, (int, float))
+            and math.isfinite(self.latency_budget_s)
+            and 0 < self.latency_budget_s <= 3600,
+        }
+        for name, ok in checks.items():
+            if not ok:
+                raise InvalidInputError(f"verify option {name}={getattr(self, name)!r} cannot be used")

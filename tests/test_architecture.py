@@ -1,0 +1,144 @@
+"""The package's shape, read from its source with ``ast`` (every ``import``, including those
+inside functions, which is where import circles hide):
+
+- no import circle between loraexport's modules;
+- no module imports the package root (``loraexport/__init__.py`` is the public API, not a
+  shared namespace) or the CLI, except the CLI itself;
+- click only under ``loraexport/cli/``; torch never in ``loraexport.runtime`` (apps ship it
+  without torch) or in the modules it imports;
+- no file over 400 lines, no CLI module over 250.
+"""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+PACKAGE = Path(__file__).resolve().parents[1] / "loraexport"
+MAX_LINES = 400
+MAX_CLI_LINES = 250
+
+
+def _module_name(path: Path) -> str:
+    rel = path.relative_to(PACKAGE.parent).with_suffix("")
+    parts = list(rel.parts)
+    if parts[-1] == "__init__":
+        parts.pop()
+    return ".".join(parts)
+
+
+def _modules() -> dict[str, Path]:
+    return {_module_name(p): p for p in sorted(PACKAGE.rglob("*.py"))}
+
+
+def _imports(path: Path, name: str, modules: dict[str, Path]) -> set[str]:
+    """The loraexport modules ``path`` imports (``from a import b`` counts as ``a.b`` when that
+    is a module, else ``a``), and every other top-level package it imports (as ``pkg``)."""
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+    found: set[str] = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom):
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")
+                anchor = anchor[: len(anchor) - node.level + 1]
+                base = ".".join([*anchor, base] if base else anchor)
+            for alias in node.names:
+                full = f"{base}.{alias.name}"
+                found.add(full if full in modules else base)
+    return found
+
+
+def _graph() -> tuple[dict[str, set[str]], dict[str, set[str]]]:
+    modules = _modules()
+    internal, external = {}, {}
+    for name, path in modules.items():
+        imported = _imports(path, name, modules)
+        internal[name] = {m for m in imported if m in modules and m != name}
+        external[name] = {m.split(".")[0] for m in imported if not m.startswith("loraexport")}
+    return internal, external
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """Strongly connected components with more than one module (Tarjan)."""
+    index, low, stack, on, out, counter = {}, {}, [], set(), [], [0]
+
+    def visit(v: str) -> None:
+        index[v] = low[v] = counter[0]
+        counter[0] += 1
+        stack.append(v)
+        on.add(v)
+        for w in graph[v]:
+            if w not in index:
+                visit(w)
+                low[v] = min(low[v], low[w])
+            elif w in on:
+                low[v] = min(low[v], index[w])
+        if low[v] == index[v]:
+            comp = []
+            while True:
+                w = stack.pop()
+                on.discard(w)
+                comp.append(w)
+                if w == v:
+                    break
+            if len(comp) > 1:
+                out.append(sorted(comp))
+
+    for v in sorted(graph):
+        if v not in index:
+            visit(v)
+    return out
+
+
+def _parents(module: str) -> set[str]:
+    """A package's ``__init__`` runs when any module below it is imported: not an import edge
+    a module chooses, so it is not counted."""
+    parts = module.split(".")
+    return {".".join(parts[:i]) for i in range(1, len(parts))}
+
+
+def test_no_import_circle():
+    internal, _ = _graph()
+    graph = {m: {i for i in deps if i not in _parents(m)} for m, deps in internal.items()}
+    assert _cycles(graph) == []
+
+
+def test_nothing_imports_the_package_root_or_the_cli():
+    internal, _ = _graph()
+    for module, deps in internal.items():
+        if module == "loraexport":
+            continue
+        assert "loraexport" not in deps, f"{module} imports the package root"
+        if not module.startswith("loraexport.cli"):
+            assert not any(d.startswith("loraexport.cli") for d in deps), f"{module} imports the CLI"
+
+
+def test_click_only_in_the_cli_and_no_torch_in_the_runtime():
+    internal, external = _graph()
+    for module, packages in external.items():
+        if "click" in packages:
+            assert module.startswith("loraexport.cli"), f"{module} imports click"
+    reachable, todo = set(), ["loraexport.runtime"]
+    while todo:
+        m = todo.pop()
+        if m not in reachable:
+            reachable.add(m)
+            todo.extend(internal[m])
+    for module in reachable:
+        assert "torch" not in external[module], f"loraexport.runtime reaches torch through {module}"
+
+
+def test_files_stay_small():
+    for name, path in _modules().items():
+        lines = len(path.read_text(encoding="utf-8").splitlines())
+        limit = MAX_CLI_LINES if name.startswith("loraexport.cli") else MAX_LINES
+        assert lines <= limit, f"{path.relative_to(PACKAGE.parent)}: {lines} lines (at most {limit})"
+
+
+def test_the_checker_sees_a_planted_circle():
+    assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
+    assert _cycles({"a": {"b"}, "b": set()}) == []
