@@ -14,9 +14,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loraexport.api import train  # noqa: E402
-from loraexport.pipeline import export, verify  # noqa: E402
 from loraexport.report import LATENCY_VARIANTS  # noqa: E402
+from loraexport.stages.export import export  # noqa: E402
+from loraexport.stages.train import train  # noqa: E402
+from loraexport.stages.verify import verify  # noqa: E402
 
 BASE = REPO / "samples" / "base"
 DATA = REPO / "samples" / "data"

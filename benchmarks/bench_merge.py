@@ -129,7 +129,7 @@ print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrs
 
 STREAM_PATH = """
 import sys, time, resource
-from loraexport.pipeline import merge
+from loraexport.stages.merge import merge
 t = time.perf_counter()
 merge(sys.argv[1], [sys.argv[2]], sys.argv[3], force=True, show_progress=False)
 print(time.perf_counter() - t, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)

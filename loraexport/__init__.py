@@ -16,10 +16,10 @@ from typing import TYPE_CHECKING, Any
 from loraexport._version import __version__
 
 _LAZY = {
-    "train": "loraexport.api",
-    "merge": "loraexport.pipeline",
-    "export": "loraexport.pipeline",
-    "verify": "loraexport.pipeline",
+    "train": "loraexport.stages.train",
+    "merge": "loraexport.stages.merge",
+    "export": "loraexport.stages.export",
+    "verify": "loraexport.stages.verify",
     "merge_and_export": "loraexport.pipeline",
     "Adapter": "loraexport.lora.adapter",
     "LoraConfig": "loraexport.lora.config",
@@ -27,10 +27,13 @@ _LAZY = {
 __all__ = ["Adapter", "LoraConfig", "__version__", "export", "merge", "merge_and_export", "train", "verify"]
 
 if TYPE_CHECKING:  # pragma: no cover
-    from loraexport.api import train
     from loraexport.lora.adapter import Adapter
     from loraexport.lora.config import LoraConfig
-    from loraexport.pipeline import export, merge, merge_and_export, verify
+    from loraexport.pipeline import merge_and_export
+    from loraexport.stages.export import export
+    from loraexport.stages.merge import merge
+    from loraexport.stages.train import train
+    from loraexport.stages.verify import verify
 
 
 def __getattr__(name: str) -> Any:

@@ -3,7 +3,7 @@ in which precision weights are stored (``Precision``).
 
 The CLI's choices, ``loraexport.json``'s ``"mode"`` and ``"weights_dtype"``, the export and
 verify stages and ``loraexport.runtime`` all use these values. No torch here (the runtime and
-the CLI import it); ``Precision.torch_dtype`` imports torch when asked.
+the CLI import it); ``loraexport.dtypes`` maps them to torch and ONNX types.
 """
 
 from __future__ import annotations
@@ -61,22 +61,6 @@ class Precision(str, Enum):
     @property
     def is_half(self) -> bool:
         return self in (Precision.FLOAT16, Precision.BFLOAT16)
-
-    @property
-    def torch_dtype(self):
-        import torch
-
-        return {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[self.value]
-
-    @property
-    def onnx_type(self) -> int:
-        import onnx
-
-        return {
-            "float32": onnx.TensorProto.FLOAT,
-            "float16": onnx.TensorProto.FLOAT16,
-            "bfloat16": onnx.TensorProto.BFLOAT16,
-        }[self.value]
 
 
 def half_precision(value: str | Precision | None) -> Precision | None:

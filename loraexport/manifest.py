@@ -1,9 +1,10 @@
 """Output integrity: ``loraexport.json`` lists the sha256 of every file an output holds.
 
-Every command writes its output through ``io.atomic_output_dir``, which calls
-``write_manifest`` on the finished temporary folder just before renaming it into place, so
-every output directory carries the digests of exactly what was written.
-``loraexport verify --check-files DIR`` re-reads them (``check_manifest``).
+Every command writes its output through ``output.write_output``, which has
+``provenance.write`` list the finished temporary folder's files just before renaming it into
+place, so every output directory carries the digests of exactly what was written. This module
+holds the hashing (``Hasher``, ``files_in``) and the other side: ``loraexport verify
+--check-files DIR`` re-reads them (``check_manifest``, ``check_files``).
 
 Large files may be hashed while the command still works (``Hasher``: a background thread;
 hashlib releases the GIL), so a multi-GB merge does not pay for a second pass at the end.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import json
 import os
 import stat
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -30,7 +30,7 @@ _CHUNK = 1 << 20
 _NOT_AS_WRITTEN = (errno.ELOOP, errno.ENOTDIR)
 
 
-def _sha256(path: Path) -> str:
+def sha256(path: Path) -> str:
     from loraexport.io import sha256_file
 
     return sha256_file(path)
@@ -44,7 +44,7 @@ class Hasher:
         self._jobs: dict[Path, Future[str]] = {}
 
     def submit(self, path: Path) -> None:
-        self._jobs[Path(path)] = self._pool.submit(_sha256, Path(path))
+        self._jobs[Path(path)] = self._pool.submit(sha256, Path(path))
 
     def digests(self) -> dict[Path, str]:
         try:
@@ -73,25 +73,9 @@ def _entries(directory: Path) -> list[tuple[str, bool]]:
     return sorted(found)
 
 
-def _files(directory: Path) -> list[Path]:
+def files_in(directory: Path) -> list[Path]:
     """Regular files under ``directory``: what a manifest lists (links are never hashed)."""
     return [directory / rel for rel, regular in _entries(directory) if regular]
-
-
-def write_manifest(directory: Path, known: dict[Path, str] | None = None) -> dict[str, str]:
-    """Add ``"files": {relative path: sha256}`` for every file in ``directory`` to its manifest.
-
-    ``known`` holds digests already computed (by a ``Hasher``) for files that have not changed
-    since. Keeps whatever else ``loraexport.json`` already holds (export metadata).
-    """
-    path = directory / MANIFEST
-    meta = json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    known = {Path(k).resolve(): v for k, v in (known or {}).items()}
-    meta["files"] = {
-        p.relative_to(directory).as_posix(): known.get(p.resolve()) or _sha256(p) for p in _files(directory)
-    }
-    path.write_text(json.dumps(meta, indent=2) + "\n", encoding="utf-8")
-    return meta["files"]
 
 
 @dataclass

@@ -6,34 +6,18 @@ Numbers are stored as numbers; they are formatted only when rendered.
 
 from __future__ import annotations
 
-import platform
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from loraexport.export.onnx import ExportResult
 from loraexport.lora.merge import MergeStats
+from loraexport.provenance import versions
 from loraexport.verify.half import HalfCost
 from loraexport.verify.latency import LatencyResult
 from loraexport.verify.parity import ParityResult
 
 SCHEMA = 1
 LATENCY_VARIANTS = ("torch_unmerged", "torch_merged", "onnx_merged", "onnx_base", "onnx_unmerged")
-
-
-def versions() -> dict[str, str]:
-    import onnx
-    import onnxruntime
-    import torch
-
-    from loraexport._version import __version__
-
-    return {
-        "loraexport": __version__,
-        "torch": torch.__version__,
-        "onnx": onnx.__version__,
-        "onnxruntime": onnxruntime.__version__,
-        "python": platform.python_version(),
-    }
 
 
 @dataclass
@@ -76,13 +60,7 @@ class Report:
         }
         if self.merge is not None:
             m = self.merge
-            out["merge"] = {
-                "modules_merged": m.modules_merged,
-                "seconds": m.seconds,
-                "compute_dtype": m.compute_dtype,
-                "storage_dtype": m.storage_dtype,
-                "modules": [asdict(x) for x in m.modules],
-            }
+            out["merge"] = m.to_json()
         if self.export is not None:
             e = self.export
             flat_in = list(dict.fromkeys(n for names in e.inputs.values() for n in names))

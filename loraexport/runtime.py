@@ -23,8 +23,9 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
+from loraexport.description import KINDS, check_export_meta, read_export_meta  # noqa: F401 (re-exported)
 from loraexport.errors import first_line
-from loraexport.untrusted import read_json, short_repr
+from loraexport.untrusted import short_repr
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # What onnxruntime raises for a model it cannot load (bad graph, bad protobuf, missing data...).
@@ -37,10 +38,6 @@ _ORT_LOAD_ERRORS = tuple(
 # exceptions (one line each); logged as well, they would print a coloured copy on fd 2 first.
 _ORT_FATAL_ONLY = 4
 
-KINDS = ("seq2seq", "causal", "encoder")
-EXPORTERS = ("dynamo", "torchscript")  # the torch.onnx exporters (loraexport.export.onnx)
-WEIGHTS_DTYPES = ("float32", "float16", "bfloat16")
-META = "loraexport.json"
 # protobuf cannot parse a message over 2 GiB (INT_MAX bytes): a larger .onnx is no ONNX model,
 # and is refused from its size alone, before a byte of it is read. Weights beyond it live in
 # external data (<name>.onnx.data), which onnxruntime maps instead of reading.
@@ -59,96 +56,6 @@ _SUB_BYTE_BITS = {
 
 class RuntimeInputError(ValueError):
     """The exported directory cannot be run (missing files, unsafe external data)."""
-
-
-# ---- loraexport.json ----------------------------------------------------------------------------
-_JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer"}
-_JSON_TYPES.update({float: "a number", type(None): "null"})
-
-
-def _describe(value: object) -> str:
-    return f"{_JSON_TYPES.get(type(value), type(value).__name__)} {short_repr(value)}"
-
-
-def _is_int(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
-def _str_list(value: object) -> bool:
-    return isinstance(value, list) and all(isinstance(v, str) for v in value)
-
-
-def _choice(*values: str):
-    return lambda v: v in values, f"one of {', '.join(values)}"
-
-
-# Optional top-level keys of an export description: (is it valid, what it must be).
-_TOP_LEVEL = {
-    "opset": (_is_int, "an integer"),
-    "exporter": _choice(*EXPORTERS),
-    "weights_dtype": _choice(*WEIGHTS_DTYPES),
-    "mode": (lambda v: isinstance(v, str), "a string"),
-    "inputs": (lambda v: isinstance(v, dict), "an object"),
-    "versions": (lambda v: isinstance(v, dict), "an object"),
-    "files": (
-        lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
-        "an object of sha256 digests",
-    ),
-}
-
-
-def check_export_meta(meta: object, where: str | Path, error: type[Exception] = RuntimeInputError) -> dict:
-    """``meta`` (a parsed ``loraexport.json``) if it is an export description whose every key
-    that loraexport reads has the right type; else ``error`` naming ``where`` and the key.
-
-    Checked: ``model`` (an object: ``kind`` one of ``KINDS``; ``family`` a string;
-    ``special_tokens`` an object of integers or null, required), ``graphs`` (an object of
-    ``{"inputs": [...], "outputs": [...]}``), and the optional keys of ``_TOP_LEVEL``.
-    """
-
-    def bad(key: str, want: str, value: object) -> Exception:
-        return error(f"{where}: {key!r} must be {want}, not {_describe(value)}")
-
-    if not isinstance(meta, dict):
-        raise error(f"{where}: not a loraexport export description (a JSON object), but {_describe(meta)}")
-    if "model" not in meta:
-        raise error(f"{where}: not a loraexport export description (no 'model' key)")
-    model = meta["model"]
-    if not isinstance(model, dict):
-        raise bad("model", "an object", model)
-    kind = model.get("kind")
-    if not isinstance(kind, str) or kind not in KINDS:
-        raise bad("model.kind", f"one of {', '.join(KINDS)}", kind)
-    if "family" in model and not isinstance(model["family"], str):
-        raise bad("model.family", "a string", model["family"])
-    tokens = model.get("special_tokens")  # every family writes them (pad, eos ...)
-    if not isinstance(tokens, dict):
-        raise bad("model.special_tokens", "an object", tokens)
-    for name, token in tokens.items():
-        if token is not None and not _is_int(token):
-            raise bad(f"model.special_tokens.{name}", "an integer or null", token)
-    graphs = meta.get("graphs", {})
-    if not isinstance(graphs, dict):
-        raise bad("graphs", "an object", graphs)
-    for name, graph in graphs.items():
-        if not isinstance(graph, dict):
-            raise bad(f"graphs.{name}", "an object", graph)
-        for key in ("inputs", "outputs"):
-            if key in graph and not _str_list(graph[key]):
-                raise bad(f"graphs.{name}.{key}", "an array of names", graph[key])
-    for key, (valid, want) in _TOP_LEVEL.items():
-        if key in meta and not valid(meta[key]):
-            raise bad(key, want, meta[key])
-    return meta
-
-
-def read_export_meta(directory: str | Path, error: type[Exception] = RuntimeInputError) -> dict:
-    """``directory/loraexport.json``, read bounded (``untrusted.MAX_JSON_BYTES``) and checked
-    (``check_export_meta``); a missing, oversized, malformed or mistyped one raises ``error``."""
-    path = Path(directory) / META
-    if not os.path.lexists(path):
-        raise error(f"{path} not found: not a loraexport output directory")
-    return check_export_meta(read_json(path, error), path, error)
 
 
 # ---- sessions -----------------------------------------------------------------------------------
@@ -295,9 +202,21 @@ class OnnxModel:
     or ``encoder`` (no cache, no generation).
     """
 
-    def __init__(self, directory: str | Path, provider: str = "cpu", threads: int | None = None) -> None:
+    def __init__(
+        self,
+        directory: str | Path,
+        provider: str = "cpu",
+        threads: int | None = None,
+        meta: dict | None = None,
+    ) -> None:
+        """``meta``: the export's description when the caller holds it already (a pipeline
+        checking its own export before ``loraexport.json`` is written); it is checked all the same."""
         self.dir = Path(directory)
-        self.meta = read_export_meta(self.dir)
+        self.meta = (
+            read_export_meta(self.dir, RuntimeInputError)
+            if meta is None
+            else check_export_meta(meta, self.dir / "loraexport.json", RuntimeInputError)
+        )
         self.kind = self.meta["model"]["kind"]
         self.tokens = self.meta["model"]["special_tokens"]
         self.provider = provider

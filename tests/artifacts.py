@@ -17,7 +17,7 @@ from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import inject, lora_layers
 from loraexport.models.reference import SPECIALS, save_model
 from loraexport.models.transformer import Transformer, TransformerConfig
-from loraexport.pipeline import export
+from loraexport.stages.export import export
 
 VOCAB = SPECIALS + list("0123456789")
 B_STD = 0.3  # LoRA B values: large enough that the adapter visibly changes every output

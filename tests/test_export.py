@@ -15,8 +15,9 @@ from clihelp import BIN, program, refused, run, snapshot
 from loraexport.errors import ExportError, InvalidInputError, OutputExistsError
 from loraexport.lora.adapter import Adapter
 from loraexport.models.reference import load_model
-from loraexport.pipeline import export, unmerged_model
 from loraexport.runtime import OnnxModel, empty_past
+from loraexport.stages.export import export
+from loraexport.stages.merge import unmerged_model
 
 # ORT vs torch float32 on a width-16 model: a handful of roundings, O(1) logits.
 ATOL = 1e-5
@@ -126,7 +127,7 @@ def test_external_data_above_the_threshold(causal_base, causal_adapter, tmp_path
     """Graphs whose weights pass EXTERNAL_DATA_BYTES (protobuf's 2 GB limit, lowered here) are
     written as <name>.onnx + <name>.onnx.data, load in onnxruntime and keep parity."""
     from loraexport.export import onnx as onnx_export
-    from loraexport.pipeline import verify
+    from loraexport.stages.verify import verify
 
     monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 0)
     export(causal_base, tmp_path / "out", adapter=causal_adapter, exporter=exporter)

@@ -7,19 +7,20 @@ import json
 import numpy as np
 import onnx
 import pytest
-import torch
 from click.testing import CliRunner
 from onnx import helper, numpy_helper
 
 from loraexport.cli import main
+from loraexport.dtypes import torch_dtype
+from loraexport.enums import ExportMode
 from loraexport.errors import VerificationFailedError
 from loraexport.export.half import SUFFIX, store_weights_half
 from loraexport.export.onnx import EXTERNAL_DATA_BYTES
 from loraexport.lora.adapter import Adapter
-from loraexport.pipeline import export, export_model, merged_model, verify
 from loraexport.runtime import OnnxModel
-
-HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
+from loraexport.stages.export import describe, export, export_model
+from loraexport.stages.merge import merged_model
+from loraexport.stages.verify import verify
 
 
 def test_only_exactly_representable_initializers_are_converted(tmp_path):
@@ -60,10 +61,11 @@ def test_half_stored_export_is_bit_identical_to_float32_export_of_the_rounded_me
     from loraexport.models.registry import load_base
 
     family, base = load_base(causal_base)
-    rounded, _ = merged_model(base, [Adapter.load(causal_adapter)], storage_dtype=HALF[dtype])
+    rounded, _ = merged_model(base, [Adapter.load(causal_adapter)], storage_dtype=torch_dtype(dtype))
     f32_dir = tmp_path / "f32"
     f32_dir.mkdir()
-    export_model(family, rounded, f32_dir)
+    result = export_model(family, rounded, f32_dir)
+    f32_meta = describe(family, rounded, result, None, ExportMode.MERGED)
 
     def init_bytes(d):
         return sum(
@@ -74,7 +76,10 @@ def test_half_stored_export_is_bit_identical_to_float32_export_of_the_rounded_me
     assert init_bytes(half_dir) < 0.6 * init_bytes(f32_dir)
     ids = np.random.default_rng(0).integers(4, 14, size=(3, 9))
     mask = np.ones_like(ids)
-    a, b = OnnxModel(half_dir).forward_all(ids, mask), OnnxModel(f32_dir).forward_all(ids, mask)
+    a, b = (
+        OnnxModel(half_dir).forward_all(ids, mask),
+        OnnxModel(f32_dir, meta=f32_meta).forward_all(ids, mask),
+    )
     for name in a:
         assert np.array_equal(a[name], b[name]), name  # lossless: the same float32 weights at run time
 

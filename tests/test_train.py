@@ -11,7 +11,7 @@ from loraexport.data import read_pairs
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import lora_layers
 from loraexport.models.reference import load_model
-from loraexport.train import count_parameters, exact_match, train_lora
+from loraexport.training import count_parameters, exact_match, train_lora
 
 SAMPLE_BASE = Path(__file__).resolve().parents[1] / "samples" / "base"
 SORT_TRAIN = SAMPLE_BASE.parent / "data" / "sort_train.jsonl"

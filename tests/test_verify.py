@@ -11,7 +11,7 @@ from artifacts import copy_dir
 from onnx import numpy_helper
 
 from loraexport.errors import VerificationFailedError
-from loraexport.pipeline import verify
+from loraexport.stages.verify import verify
 from loraexport.verify.latency import LatencyStats, time_interleaved
 from loraexport.verify.parity import compare_outputs
 

@@ -4,7 +4,7 @@ Table "targets": adapt {q}, {k}, {v}, {o}, {q,v}, {q,k,v,o} at one budget of tra
 parameters (a single type at ``budget_rank``, n types at ``budget_rank/n`` each; every
 attention projection of the reference Transformer is d_model × d_model, so the budgets are
 equal exactly). Table "ranks": {q,v} at several ranks. Each configuration is trained with
-``loraexport.api.train`` once per seed; quality is held-out exact match (greedy decoding)
+``loraexport.stages.train.train`` once per seed; quality is held-out exact match (greedy decoding)
 and held-out token cross-entropy. ``lora_alpha`` is fixed (the paper fixes α and lets the
 scaling α/r follow r).
 """
@@ -21,7 +21,6 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraexport.api import train
 from loraexport.data import read_pairs, split, write_pairs
 from loraexport.errors import InvalidInputError
 from loraexport.io import write_json
@@ -31,6 +30,7 @@ from loraexport.models.registry import load_base
 from loraexport.models.transformer import Transformer
 from loraexport.output import plan_output, write_output
 from loraexport.progress import Progress
+from loraexport.stages.train import train
 
 SCHEMA = 1
 TARGET_SETS: tuple[tuple[str, ...], ...] = (("q",), ("k",), ("v",), ("o",), ("q", "v"), ("q", "k", "v", "o"))

@@ -10,6 +10,8 @@ from loraexport.cli.options import PATH as _path
 from loraexport.cli.options import force_option, json_option, log, pickle_option
 from loraexport.cli.types import MAX_RANK, MAX_SEED, RANKS, IntList, PositiveInt, Seed  # noqa: F401 (MAX_SEED, RANKS: tests)
 
+DRAWS_HELP = "Random subspaces averaged for the random baseline."
+
 
 def _g(x: float | None, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}g}"
@@ -24,20 +26,8 @@ def _g(x: float | None, digits: int = 4) -> str:
     help="A second adapter for the same base (another rank or seed): subspace similarity grids.",
 )
 @click.option("--out", required=True, type=_path, help="Output directory (written atomically).")
-@click.option(
-    "--draws",
-    default=10,
-    show_default=True,
-    type=PositiveInt(10_000),
-    help="Random subspaces averaged for the random baseline.",
-)
-@click.option(
-    "--seed",
-    default=0,
-    show_default=True,
-    type=Seed(),
-    help="Seed of the random subspaces.",
-)
+@click.option("--draws", default=10, show_default=True, type=PositiveInt(10_000), help=DRAWS_HELP)
+@click.option("--seed", default=0, show_default=True, type=Seed(), help="Seed of the random subspaces.")
 @click.option("--no-plots", is_flag=True, help="Write analysis.json and analysis.md only.")
 @force_option
 @pickle_option

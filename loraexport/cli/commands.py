@@ -49,7 +49,7 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
     Example:
       loraexport merge --base samples/base --adapter runs/demo-adapter --out runs/merged
     """
-    from loraexport.pipeline import merge as merge_api
+    from loraexport.stages.merge import merge as merge_api
 
     stats = merge_api(
         base,
@@ -88,7 +88,7 @@ def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, dtype,
     Example:
       loraexport export --model samples/base --adapter runs/demo-adapter --out runs/onnx
     """
-    from loraexport.pipeline import export as export_api
+    from loraexport.stages.export import export as export_api
 
     log(ctx)("exporting to ONNX …")
     result = export_api(
@@ -178,7 +178,7 @@ def inspect_cmd(path, as_json):
     Example:
       loraexport inspect runs/demo-adapter
     """
-    from loraexport.api import inspect_path
+    from loraexport.stages.inspect import inspect_path
 
     info = inspect_path(path)
     if as_json:

@@ -1,4 +1,4 @@
-"""``loraexport train``: parse, call ``loraexport.api.train``, print."""
+"""``loraexport train``: parse, call ``loraexport.stages.train.train``, print."""
 
 from __future__ import annotations
 
@@ -76,7 +76,7 @@ def train(ctx, targets, target_regex, rslora, as_json, **options):
       loraexport train --base samples/base --data samples/data/sort_train.jsonl \\
           --eval-data samples/data/sort_eval.jsonl --out runs/sort-adapter
     """
-    from loraexport.api import train as train_api
+    from loraexport.stages.train import train as train_api
 
     result = train_api(
         targets=target_regex or targets,

@@ -63,7 +63,7 @@ def verify(
     for value, name in ((base, "--base"), (adapters, "--adapter"), (onnx_dir, "--onnx")):
         if not value:
             raise click.UsageError(f"Missing option '{name}' (required unless --check-files).")
-    from loraexport.pipeline import verify as verify_api
+    from loraexport.stages.verify import verify as verify_api
 
     try:
         report = verify_api(

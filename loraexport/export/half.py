@@ -23,10 +23,10 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
+from loraexport.dtypes import ONNX, TORCH
+from loraexport.enums import Precision
 from loraexport.errors import ExportError, first_line
 
-HALF_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16}
-_ONNX_TYPE = {"float16": onnx.TensorProto.FLOAT16, "bfloat16": onnx.TensorProto.BFLOAT16}
 MIN_ELEMENTS = 16  # smaller constants are not worth a Cast node
 SUFFIX = "__stored_half"
 
@@ -34,7 +34,7 @@ SUFFIX = "__stored_half"
 def _half_bytes(arr: np.ndarray, dtype: str) -> bytes | None:
     """The tensor's bytes in ``dtype`` if the round trip is exact, else None."""
     t = torch.from_numpy(np.array(arr, dtype=np.float32, order="C"))  # a writable copy
-    h = t.to(HALF_DTYPES[dtype])
+    h = t.to(TORCH[Precision(dtype)])
     if not torch.equal(h.to(torch.float32), t):  # NaN never equals: such tensors stay float32
         return None
     return h.view(torch.int16).numpy().tobytes()
@@ -84,8 +84,10 @@ def store_weights_half(path: Path, dtype: str, external_threshold: int) -> dict[
     Returns counts: ``converted`` initializers, ``kept`` (float32, not representable or small),
     and the float32 ``bytes_before`` / ``bytes_after`` of the initializers.
     """
-    if dtype not in HALF_DTYPES:
-        raise ExportError(f"unknown weights dtype {dtype!r}; choose from {', '.join(HALF_DTYPES)}")
+    if dtype not in Precision.choices(half_only=True):
+        raise ExportError(
+            f"unknown weights dtype {dtype!r}; choose from {', '.join(Precision.choices(half_only=True))}"
+        )
     model = onnx.load(str(path), load_external_data=False)
     graph = model.graph
     data_file = path.with_name(path.name + ".data")
@@ -127,7 +129,7 @@ def store_weights_half(path: Path, dtype: str, external_threshold: int) -> dict[
                 n += 1
                 half_name = f"{name}{SUFFIX}{n}"
             taken.add(half_name)
-            stored = onnx.TensorProto(name=half_name, data_type=_ONNX_TYPE[dtype], dims=list(arr.shape))
+            stored = onnx.TensorProto(name=half_name, data_type=ONNX[Precision(dtype)], dims=list(arr.shape))
             if writer is not None:
                 writer.put(stored, data, data_file.name)
             else:
@@ -160,7 +162,5 @@ def store_weights_half(path: Path, dtype: str, external_threshold: int) -> dict[
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as e:
-        raise ExportError(
-            f"{path.name} with {dtype} weights fails onnx.checker: {first_line(e)}"
-        ) from e
+        raise ExportError(f"{path.name} with {dtype} weights fails onnx.checker: {first_line(e)}") from e
     return counts

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import math
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 
 from loraexport.errors import AdapterFormatError, AdapterMismatchError, InvalidInputError
 from loraexport.lora.adapter import Adapter
+from loraexport.lora.weights import adapter_weights
 
 WIDE_DTYPES = (torch.float32, torch.float64)
 
@@ -41,6 +42,16 @@ class MergeStats:
     @property
     def modules_merged(self) -> int:
         return len(self.modules)
+
+    def to_json(self) -> dict:
+        """As ``report.json`` and ``merge.json`` hold it."""
+        return {
+            "modules_merged": self.modules_merged,
+            "seconds": self.seconds,
+            "compute_dtype": self.compute_dtype,
+            "storage_dtype": self.storage_dtype,
+            "modules": [asdict(x) for x in self.modules],
+        }
 
 
 def delta_weight(
@@ -95,9 +106,7 @@ def merge_state_dict(
     """
     if compute_dtype not in WIDE_DTYPES:
         raise ValueError(f"merge must compute in float32 or float64, not {compute_dtype}")
-    weights = [1.0] * len(adapters) if weights is None else list(weights)
-    if len(weights) != len(adapters):
-        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
+    weights = adapter_weights(len(adapters), weights)
     t0 = time.perf_counter()
     deltas: dict[str, torch.Tensor] = {}
     for adapter, w in zip(adapters, weights, strict=True):

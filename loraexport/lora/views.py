@@ -24,6 +24,7 @@ from loraexport.errors import AdapterMismatchError
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.inject import linear_shape
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
+from loraexport.lora.weights import adapter_weights
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
@@ -82,12 +83,8 @@ def unmerged_view(base: nn.Module, adapters: list[Adapter], weights: list[float]
     (trained biases, ``modules_to_save``) are new tensors; two adapters replacing one tensor
     with different values is an error, as in ``merge_state_dict``.
     """
-    weights = [1.0] * len(adapters) if weights is None else list(weights)
-    if len(weights) != len(adapters):
-        raise ValueError(f"{len(adapters)} adapters but {len(weights)} weights")
-    model = shared_copy(base)
-    for a in adapters:
-        a.check_fits(model)
+    weights = adapter_weights(len(adapters), weights)
+    model = shared_copy(base)  # ``adapters`` were checked against ``base`` when loaded (``check_fits``)
     replaced: dict[str, torch.Tensor] = {}
     for a in adapters:
         for name, t in a.replacements.items():

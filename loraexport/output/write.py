@@ -102,22 +102,23 @@ def _cleanup(tmp: Path | None, made: list[Path]) -> None:
 
 
 @contextlib.contextmanager
-def write_output(plan: OutputPlan, hasher=None) -> Iterator[Path]:
-    """Yield a temporary folder; on success add its manifest and move it to ``plan.path``.
+def write_output(plan: OutputPlan, hasher=None, meta: dict | None = None) -> Iterator[Path]:
+    """Yield a temporary folder; on success write its ``loraexport.json`` (``meta``, which the
+    caller may fill while it works, and the sha256 of every file) and move it to ``plan.path``.
 
     On any exception (Ctrl-C and signals included) the temporary folder and any parent folder
     this run created are removed, and whatever was at ``plan.path`` is left exactly as it was.
     A signal that arrives during the swap is delivered right after it; the exception then
     carries ``loraexport_written`` (the output is complete).
     """
-    from loraexport.manifest import write_manifest
+    from loraexport import provenance
 
     target = plan.path
     with _writing(plan, hasher) as (tmp, _made):
         done = False
         try:
             yield tmp
-            write_manifest(tmp, hasher.digests() if hasher else None)
+            provenance.write(tmp, meta, hasher.digests() if hasher else None)
             with swap.signals_deferred():  # so that "written" is true exactly when the output is there
                 swap.swap_in(tmp, target, plan.replaces.get(target), plan.label)
                 done = True

@@ -25,12 +25,13 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraexport.dtypes import TORCH
+from loraexport.enums import Precision
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import merge_state_dict
 from loraexport.lora.views import merged_view, set_tensor, shared_copy
 from loraexport.models.base import ModelFamily
 
-HALF = {"float16": torch.float16, "bfloat16": torch.bfloat16}
 # Below this share of the adapter's effect surviving, a half-precision export fails. Rounding
 # a good merge to bfloat16 keeps ~95-99% on the sample and the real models measured here; a
 # ΔW smaller than the dtype's spacing of W keeps ~0%. One half is far from both.
@@ -121,7 +122,7 @@ def half_precision_costs(
     storage_dtype=...)``), when the caller holds it; else it is built here. One rounded copy
     of the weights exists at a time.
     """
-    torch_dtype = HALF[dtype]
+    torch_dtype = TORCH[Precision.parse(dtype)]
     if merged is None:
         state = base.state_dict()
         merged_state, stats = merge_state_dict(state, adapters, weights, storage_dtype=torch_dtype)

@@ -1,4 +1,5 @@
-"""Latency: interleaved timing of several variants, medians and spread.
+"""Latency: interleaved timing of several variants, medians and spread (``time_interleaved``),
+and the comparison verify makes with it (``measure_latency``).
 
 Variants are timed A B C A B C … after a warm-up, so that slow phases of a noisy machine
 hit every variant alike and the ratio of two medians holds. Threads are fixed for torch and
@@ -11,8 +12,15 @@ import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
+import torch
+from torch import nn
+
+from loraexport.errors import InvalidInputError
+from loraexport.models.base import ModelFamily
+from loraexport.runtime import OnnxModel, RuntimeInputError
 
 
 @dataclass
@@ -106,3 +114,66 @@ def time_interleaved(
         if on_round:
             on_round()
     return {name: LatencyStats.of(ts) for name, ts in times.items()}
+
+
+def open_model(directory: Path, provider: str, threads: int | None, meta: dict | None = None) -> OnnxModel:
+    """An export opened in onnxruntime; one that cannot be run is the user's input (exit 3).
+    ``meta``: its description, when already read (or not yet written)."""
+    try:
+        return OnnxModel(directory, provider, threads, meta)
+    except RuntimeInputError as e:
+        raise InvalidInputError(str(e)) from e
+
+
+def measure_latency(
+    family: ModelFamily,
+    provider: str,
+    threads: int,
+    models: dict[str, nn.Module],
+    onnx_dirs: dict[str, tuple[Path, dict | None]],
+    log: Callable[[str], None] = lambda _: None,
+    budget_s: float = 4.0,
+    points: tuple[tuple[int, int], ...] | None = None,
+) -> LatencyResult:
+    """Time torch (unmerged, merged) and ONNX (merged, base, unmerged), interleaved, per (batch, seq).
+
+    ``onnx_dirs``: each ONNX variant's folder and its description (None: read from the folder).
+    """
+    torch.set_num_threads(threads)
+    device = "cuda" if provider == "cuda" and torch.cuda.is_available() else "cpu"
+    # Measured here: of several identical sessions opened in a row, the first ran 5-8% slower
+    # than the others, whichever graph it held. A sacrificial session absorbs that, so the
+    # merged/base ratio compares like with like.
+    first_dir, first_meta = next(iter(onnx_dirs.values()))
+    sacrificial = open_model(first_dir, provider, threads, first_meta)
+    sessions = {name: open_model(d, provider, threads, m) for name, (d, m) in onnx_dirs.items()}
+    result = LatencyResult(provider, threads)
+    torch_models = (
+        {n: m.to(device) for n, m in models.items()} if provider == "cpu" or device == "cuda" else {}
+    )
+    for batch, seq in points or family.latency_points:
+        inputs = family.latency_inputs(models["torch_unmerged"], batch, seq)
+        np_in = {k: v.numpy() for k, v in inputs.items()}
+        dev_in = {k: v.to(device) for k, v in inputs.items()}
+        variants: dict[str, Callable[[], object]] = {}
+        for name, m in torch_models.items():
+            variants[name] = _torch_call(m, dev_in, device)
+        for name, s in sessions.items():
+            variants[name] = lambda s=s, x=np_in: s.forward(**x)
+        log(f"latency [{provider}] batch {batch} × seq {seq}: {len(variants)} variants, interleaved …")
+        result.cases.append(LatencyCase(batch, seq, time_interleaved(variants, budget_s=budget_s)))
+    for m in torch_models.values():
+        m.to("cpu")
+    del sacrificial
+    return result
+
+
+def _torch_call(model: nn.Module, inputs: dict, device: str) -> Callable[[], object]:
+    @torch.no_grad()
+    def call() -> object:
+        out = model(**inputs)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        return out
+
+    return call

@@ -14,7 +14,7 @@ from click.testing import CliRunner
 from clihelp import BIN, program, refused, run, snapshot
 
 from loraexport.cli import main
-from loraexport.manifest import write_manifest
+from loraexport.provenance import write as write_manifest
 
 
 def _run(*args):

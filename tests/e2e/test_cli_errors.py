@@ -311,12 +311,12 @@ def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, small_data,
 
 
 def test_internal_error_is_exit_1_one_line(monkeypatch, sample_base, small_data, out):
-    import loraexport.api
+    import loraexport.stages.train
 
     def boom(*args, **kwargs):
         raise RuntimeError("boom\nsecond line")
 
-    monkeypatch.setattr(loraexport.api, "train_lora", boom)
+    monkeypatch.setattr(loraexport.stages.train, "train_lora", boom)
     r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
     assert r.exit_code == 1
     lines = r.stderr.strip().splitlines()
@@ -327,12 +327,12 @@ def test_internal_error_is_exit_1_one_line(monkeypatch, sample_base, small_data,
 
 
 def test_interrupt_is_exit_130_and_writes_nothing(monkeypatch, sample_base, small_data, out):
-    import loraexport.api
+    import loraexport.stages.train
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loraexport.api, "train_lora", interrupted)
+    monkeypatch.setattr(loraexport.stages.train, "train_lora", interrupted)
     r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
     assert r.exit_code == 130
     assert r.stderr.strip().splitlines() == ["interrupted: nothing was written"]

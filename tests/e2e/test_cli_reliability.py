@@ -492,12 +492,12 @@ def test_disk_full_while_saving_a_trained_adapter_leaves_nothing(
 # ---- interrupted merges -------------------------------------------------------------------------
 def test_interrupt_during_the_in_memory_merge_leaves_nothing(work, monkeypatch):
     """`merge`'s streaming merge: test_stream.py::test_sigint_leaves_nothing; export: the other file."""
-    import loraexport.pipeline
+    import loraexport.stages.merge
 
     def interrupted(*args, **kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(loraexport.pipeline, "merge_state_dict", interrupted)
+    monkeypatch.setattr(loraexport.stages.merge, "merge_state_dict", interrupted)
     out = work / "out"
     out.mkdir()
     (out / "keep.txt").write_text("the previous result")

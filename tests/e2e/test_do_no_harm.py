@@ -411,7 +411,7 @@ def test_rank_beyond_the_layers_is_refused_before_allocating(w):
 
 def test_training_that_diverges_writes_nothing(w, monkeypatch):
     """A loss that becomes NaN (here: forced at step 3) stops training with exit 3."""
-    from loraexport import train as train_module
+    from loraexport import training as train_module
 
     real, calls = train_module._loss, []
 

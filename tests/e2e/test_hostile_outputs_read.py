@@ -139,7 +139,7 @@ def test_runtime_reads_the_description_bounded(causal_onnx, tmp_path):
 def test_check_export_meta_accepts_what_export_writes(causal_onnx, seq2seq_onnx):
     for d in (causal_onnx, seq2seq_onnx):
         meta = json.loads((d / "loraexport.json").read_text())
-        assert check_export_meta(meta, d) is meta
+        assert check_export_meta(meta, d, RuntimeInputError) is meta
 
 
 def test_runtime_imports_no_torch():

@@ -14,7 +14,7 @@ from loraexport.lora.adapter import Adapter
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.merge import delta_weight, merge_state_dict
 from loraexport.models.reference import load_model
-from loraexport.pipeline import merged_model, unmerged_model
+from loraexport.stages.merge import merged_model, unmerged_model
 
 # float64 merge then one cast to float32: the stored weight is the correctly rounded sum,
 # so it differs from the float64 reference by at most half a float32 ulp (2^-24 relative).

@@ -11,7 +11,7 @@ from artifacts import make_adapter
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.layer import WeightedLoRALinear
 from loraexport.models.reference import load_model
-from loraexport.pipeline import merged_model, unmerged_model
+from loraexport.stages.merge import merged_model, unmerged_model
 
 WEIGHTS = [0.7, 0.3]
 

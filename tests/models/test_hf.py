@@ -21,8 +21,9 @@ peft = pytest.importorskip("peft")
 from loraexport.cli import main  # noqa: E402
 from loraexport.lora.adapter import Adapter  # noqa: E402
 from loraexport.models.registry import load_base  # noqa: E402
-from loraexport.pipeline import merge_and_export, merged_model  # noqa: E402
+from loraexport.pipeline import merge_and_export  # noqa: E402
 from loraexport.runtime import OnnxModel, RuntimeInputError, positions  # noqa: E402
+from loraexport.stages.merge import merged_model  # noqa: E402
 
 # Merged weights vs PEFT: both add s·B·A to W0 once; ours in float64 then rounded, PEFT's in
 # float32, so they differ by about one float32 rounding (6e-8 relative); 1e-6 is the contract.

@@ -18,18 +18,15 @@ from torch.export import Dim
 
 from loraexport.errors import ModelFormatError
 from loraexport.export.spec import GraphSpec
-from loraexport.models.base import Inputs, ModelFamily, ParityCase
+from loraexport.models.base import Inputs, ParityCase
 from loraexport.models.hf.common import (
-    EXPORTER,
     cache_dims,
-    latency_inputs,
-    load,
     max_positions,
     random_cases,
-    save,
     text_config,
 )
-from loraexport.models.hf.tokenizer import DEFAULT_PROMPTS, TOKENIZER_FILES, encode, model_tokenizer
+from loraexport.models.hf.family import hf_family
+from loraexport.models.hf.tokenizer import DEFAULT_PROMPTS, encode
 
 CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 NEW_TOKENS = 32  # greedy tokens compared per prompt
@@ -210,19 +207,14 @@ def _generate(model: nn.Module, inputs: Inputs, max_new: int) -> torch.Tensor:
     return torch.cat(new, dim=1)  # (B, max_new)
 
 
-HF_CAUSAL = ModelFamily(
-    name="hf-causal",
-    detect=lambda cfg: cfg.get("model_type") in CAUSAL_TYPES,
-    load=lambda directory: load(directory, encoder=False),
-    tokenizer=model_tokenizer,
-    save=save,
+HF_CAUSAL = hf_family(
+    "hf-causal",
+    CAUSAL_TYPES,
+    encoder=False,
     graph_specs=_specs,
     runtime_meta=_meta,
     parity_cases=_parity_cases,
     prompts=_prompts,
     generate=_generate,
-    latency_inputs=latency_inputs,
     latency_points=((1, 16), (1, 128)),
-    extra_files=TOKENIZER_FILES,
-    exporter=EXPORTER,
 )

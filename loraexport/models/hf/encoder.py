@@ -13,9 +13,9 @@ from torch import nn
 from torch.export import Dim
 
 from loraexport.export.spec import GraphSpec
-from loraexport.models.base import Inputs, ModelFamily, ParityCase
-from loraexport.models.hf.common import EXPORTER, latency_inputs, load, max_positions, random_cases, save
-from loraexport.models.hf.tokenizer import TOKENIZER_FILES, model_tokenizer
+from loraexport.models.base import Inputs, ParityCase
+from loraexport.models.hf.common import max_positions, random_cases
+from loraexport.models.hf.family import hf_family
 
 ENCODER_TYPES = ("bert", "roberta")
 # (batch, length, padding) of the parity cases: unpadded and right-padded (token_type_ids are
@@ -86,19 +86,14 @@ def _no_generation(model: nn.Module, inputs: Inputs, max_new: int) -> torch.Tens
     raise NotImplementedError("encoders do not generate")
 
 
-HF_ENCODER = ModelFamily(
-    name="hf-encoder",
-    detect=lambda cfg: cfg.get("model_type") in ENCODER_TYPES,
-    load=lambda directory: load(directory, encoder=True),
-    tokenizer=model_tokenizer,
-    save=save,
+HF_ENCODER = hf_family(
+    "hf-encoder",
+    ENCODER_TYPES,
+    encoder=True,
     graph_specs=_specs,
     runtime_meta=_meta,
     parity_cases=_parity_cases,
     prompts=_no_prompts,
     generate=_no_generation,
-    latency_inputs=latency_inputs,
     latency_points=((1, 16), (1, 128), (8, 128)),
-    extra_files=TOKENIZER_FILES,
-    exporter=EXPORTER,
 )

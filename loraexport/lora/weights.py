@@ -1,0 +1,20 @@
+"""The weight of each adapter in ``W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ``: one place that checks them."""
+
+from __future__ import annotations
+
+import math
+
+from loraexport.errors import InvalidInputError, UsageError
+
+
+def adapter_weights(n_adapters: int, weights: list[float] | None) -> list[float]:
+    """One finite weight per adapter (default 1.0 each). A count that differs is a usage error
+    (exit 2, as the CLI's ``--weight`` per ``--adapter``); a weight that is not finite, exit 3."""
+    if weights is None:
+        return [1.0] * n_adapters
+    if len(weights) != n_adapters:
+        raise UsageError(f"{n_adapters} --adapter but {len(weights)} --weight: give one weight per adapter")
+    bad = [w for w in weights if not isinstance(w, (int, float)) or not math.isfinite(w)]
+    if bad:
+        raise InvalidInputError(f"adapter weight {bad[0]} is not a finite number")
+    return [float(w) for w in weights]

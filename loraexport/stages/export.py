@@ -1,0 +1,122 @@
+"""The export stage: a model (merged, unmerged or the base) to ONNX in an output folder, with
+the weights stored in the precision asked for and ``loraexport.json`` describing it."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+from torch import nn
+
+from loraexport.dtypes import torch_dtype
+from loraexport.enums import ExportMode, Precision, half_precision
+from loraexport.errors import InvalidInputError
+from loraexport.export.half import store_weights_half
+from loraexport.export.onnx import (
+    DEFAULT_OPSET,
+    EXTERNAL_DATA_BYTES,
+    ExportResult,
+    check_opset,
+    export_graphs,
+)
+from loraexport.models.base import ModelFamily
+from loraexport.models.registry import detect_family
+from loraexport.output import write_output
+from loraexport.provenance import export_description
+from loraexport.stages.inputs import (
+    Log,
+    adapter_provenance,
+    as_list,
+    load_inputs,
+    model_provenance,
+    plan,
+    quiet,
+)
+from loraexport.stages.merge import merged_model, unmerged_model
+
+
+def export_model(
+    family: ModelFamily,
+    model: nn.Module,
+    out_dir: Path,
+    opset: int = DEFAULT_OPSET,
+    exporter: str | None = None,
+    weights_dtype: Precision | str | None = None,
+) -> ExportResult:
+    """Export ``model``'s graphs into ``out_dir`` (which exists).
+
+    ``weights_dtype`` (float16/bfloat16): store the weights in it (``export.half``); ``model``
+    must already hold weights rounded to it, so nothing is lost in the file.
+    """
+    result = export_graphs(family.graph_specs(model), out_dir, opset, exporter or family.exporter)
+    half = half_precision(weights_dtype)
+    if half:
+        for g in result.inputs:
+            store_weights_half(out_dir / f"{g}.onnx", half.value, EXTERNAL_DATA_BYTES)
+        names = [f for g in result.inputs for f in (f"{g}.onnx", f"{g}.onnx.data")]
+        result.files = [f for f in names if (out_dir / f).is_file()]
+        result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
+    return result
+
+
+def describe(
+    family: ModelFamily, model: nn.Module, result: ExportResult, half: Precision | None, mode: ExportMode
+) -> dict:
+    """``loraexport.json``'s description of an export (``provenance``)."""
+    return export_description(family, model, result, (half or Precision.FLOAT32).value, mode.value)
+
+
+def copy_extra(family: ModelFamily, src: Path, dst: Path) -> None:
+    """The base's files an app needs beside the graph (config, tokenizer)."""
+    for name in family.extra_files:
+        if (src / name).is_file():
+            shutil.copy2(src / name, dst / name)
+
+
+def export(
+    model_dir: str | Path,
+    out: str | Path,
+    *,
+    adapter: str | Path | list[str | Path] | None = None,
+    weights: list[float] | None = None,
+    mode: str = "merged",
+    opset: int = DEFAULT_OPSET,
+    exporter: str | None = None,
+    force: bool = False,
+    allow_pickle: bool = False,
+    dtype: str | None = None,
+    log: Log = quiet,
+) -> ExportResult:
+    """Export a model directory (optionally with adapters, ``merged`` or ``unmerged``) to ONNX.
+
+    ``dtype`` float16/bfloat16: the merged (or base) weights are rounded to it once and stored
+    in it; the graph computes in float32.
+    """
+    asked = ExportMode.parse(mode)
+    if asked is ExportMode.BASE:
+        raise InvalidInputError(f"--mode must be one of {', '.join(ExportMode.choices())}, got 'base'")
+    half = half_precision(dtype)
+    if half and asked is ExportMode.UNMERGED and adapter:
+        raise InvalidInputError(
+            "--dtype float16/bfloat16 stores merged weights; it does not apply to --mode unmerged"
+        )
+    adapters = as_list(adapter) if adapter else []
+    out_plan = plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
+    check_opset(opset, exporter or detect_family(model_dir).exporter)  # before the weights are read
+    loaded = load_inputs(model_dir, adapters, allow_pickle, weights)
+    mode_ = asked if loaded.adapters else ExportMode.BASE
+    model = loaded.base
+    if mode_ is ExportMode.UNMERGED:
+        model = unmerged_model(model, loaded.adapters, loaded.weights)
+    elif loaded.adapters or half:
+        storage = torch_dtype(half)
+        model = merged_model(model, loaded.adapters, loaded.weights, storage_dtype=storage)[0]
+    inputs = {"model": model_provenance(model_dir)}
+    if loaded.adapters:
+        inputs["adapters"] = adapter_provenance(loaded)
+    meta: dict = {}
+    with write_output(out_plan, meta=meta) as tmp:
+        result = export_model(loaded.family, model, tmp, opset, exporter, half)
+        copy_extra(loaded.family, Path(model_dir), tmp)
+        meta.update(describe(loaded.family, model, result, half, mode_), inputs=inputs)
+    return result

@@ -1,0 +1,252 @@
+"""The verify stage: an export against base + adapter(s) unmerged, on each provider — parity
+(every output, float32 and the float64 noise floor, greedy generation), what half precision
+costs, and latency — into a ``Report``; ``report.json`` and ``report.md`` written atomically."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+from pathlib import Path
+
+import onnxruntime as ort
+import torch
+from torch import nn
+
+from loraexport.data import read_pairs
+from loraexport.description import read_export_meta
+from loraexport.dtypes import torch_dtype
+from loraexport.enums import ExportMode, Precision, half_precision
+from loraexport.errors import InvalidInputError, ModelFormatError, UsageError, VerificationFailedError
+from loraexport.export.onnx import ExportResult
+from loraexport.io import require_dir
+from loraexport.lora.merge import MergeStats
+from loraexport.output import OutputPlan, plan_files, write_files
+from loraexport.report import Report
+from loraexport.runtime import PROVIDERS, RuntimeInputError
+from loraexport.stages.export import describe, export_model
+from loraexport.stages.inputs import (
+    Loaded,
+    Log,
+    adapter_info,
+    as_list,
+    base_info,
+    check_eval_data,
+    load_inputs,
+    machine,
+    quiet,
+)
+from loraexport.stages.merge import merged_model, unmerged_model
+from loraexport.verify.half import MIN_ADAPTER_RETAINED, half_precision_costs
+from loraexport.verify.latency import measure_latency, open_model
+from loraexport.verify.options import VerifyOptions
+from loraexport.verify.parity import check_parity
+
+
+def resolve_providers(requested: list[str] | None) -> list[str]:
+    """CPU always; CUDA too when onnxruntime has it. An explicit but unavailable one is an error."""
+    available = ort.get_available_providers()
+    if not requested:
+        return ["cpu"] + (["cuda"] if PROVIDERS["cuda"] in available else [])
+    for p in requested:
+        if p not in PROVIDERS:
+            raise InvalidInputError(f"unknown provider {p!r}; choose from {', '.join(PROVIDERS)}")
+        if PROVIDERS[p] not in available:
+            raise InvalidInputError(f"provider {p!r} requested but onnxruntime has no {PROVIDERS[p]} here")
+    return list(dict.fromkeys(requested))
+
+
+def verify(
+    base: str | Path,
+    adapter: str | Path | list[str | Path],
+    onnx_dir: str | Path,
+    *,
+    weights: list[float] | None = None,
+    allow_pickle: bool = False,
+    report_path: str | Path | None = None,
+    force: bool = False,
+    options: VerifyOptions | None = None,
+    log: Log = quiet,
+    **option_fields,
+) -> Report:
+    """Parity of ``onnx_dir`` (merged export) against base + adapter(s) unmerged, and latency.
+
+    ``adapter`` is one path or a list; ``weights`` one weight per adapter (default 1.0 each).
+    ``report_path``: write report.json there and report.md beside it (checked before any work,
+    like every output; replaced only with ``force``, and only if verify wrote it). ``options``
+    (or its fields as keywords): how to check. Returns the report; raises
+    ``VerificationFailedError`` (with ``.report``, after writing it) when parity fails.
+    """
+    opts = options or VerifyOptions(**option_fields)  # checked before any work
+    inputs = {
+        "--base": base,
+        "--adapter": as_list(adapter),
+        "--onnx": onnx_dir,
+        "--eval-data": opts.eval_data,
+    }
+    out_plan = plan_report(report_path, force, inputs) if report_path is not None else None
+    check_eval_data(opts.eval_data)
+    onnx_path = require_dir(onnx_dir, "ONNX directory")
+    meta = read_export_meta(onnx_path, ModelFormatError)  # once, bounded and type-checked
+    half = half_precision(meta.get("weights_dtype"))
+    loaded = load_inputs(base, as_list(adapter), allow_pickle, weights)
+    merged, stats = merged_model(
+        loaded.base, loaded.adapters, loaded.weights, storage_dtype=torch_dtype(half)
+    )
+    report = new_report(base, loaded, stats, None)
+    verify_into(report, loaded, merged, onnx_path, meta, opts, log, half)
+    if out_plan is not None:
+        write_files(out_plan, dict(zip(out_plan.targets, report_texts(report), strict=True)))
+    raise_if_failed(report, out_plan.targets[1] if out_plan is not None else None)
+    return report
+
+
+def raise_if_failed(report: Report, written: Path | None) -> None:
+    if report.passed is False:
+        where = f"; report written to {written}" if written is not None else ""
+        raise VerificationFailedError(f"{report.verdict}: {'; '.join(report.failures[:2])}{where}", report)
+
+
+def plan_report(path: str | Path, force: bool, inputs: dict) -> OutputPlan:
+    """``--report FILE``: FILE (report.json) and FILE with the suffix .md beside it."""
+    p = Path(path)
+    if p.suffix == ".md":
+        raise UsageError(
+            f"--report {p} ends in .md: it names the JSON report, and the Markdown one is written "
+            "beside it with the suffix .md; give e.g. --report report.json"
+        )
+    return plan_files([p, p.with_suffix(".md")], force=force, inputs=inputs, label="--report")
+
+
+def report_texts(report: Report) -> tuple[str, str]:
+    """report.json and report.md, as every command writes them."""
+    return json.dumps(report.to_json(), indent=2) + "\n", report.to_markdown()
+
+
+def write_report(report: Report, out_dir: Path) -> None:
+    as_json, as_md = report_texts(report)
+    (out_dir / "report.json").write_text(as_json, encoding="utf-8")
+    (out_dir / "report.md").write_text(as_md, encoding="utf-8")
+
+
+def new_report(base: str | Path, loaded: Loaded, stats: MergeStats, export: ExportResult | None) -> Report:
+    return Report(
+        base_info(base, loaded.family, loaded.base),
+        [adapter_info(a, w) for a, w in zip(loaded.adapters, loaded.adapter_weights, strict=True)],
+        merge=stats,
+        export=export,
+        machine=machine(),
+    )
+
+
+def verify_into(
+    report: Report,
+    loaded: Loaded,
+    merged: nn.Module,
+    onnx_path: Path,
+    meta: dict,
+    opts: VerifyOptions,
+    log: Log,
+    half: Precision | None = None,
+) -> None:
+    """Add parity (per provider), half-precision costs and latency to ``report``.
+
+    With half-stored weights (``half``), parity is judged against ``merged`` (the merged
+    weights rounded to that precision, which the file must hold exactly), and what the
+    rounding costs against the unmerged model is added to the half-precision section. ``meta``
+    is the export's description (``loraexport.json``, read once or not written yet); the
+    comparison graphs for latency are exported with its exporter.
+    """
+    unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
+    providers = resolve_providers(opts.providers)
+    threads = opts.threads or machine()["cores"]
+    sources = [s for s, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
+    torch.set_num_threads(threads)
+    reference = merged if half else unmerged
+    what = f"the {half.value}-rounded merged model" if half else "the unmerged model"
+    for provider in providers:
+        log(f"parity [{provider}]: {opts.samples} cases against {what} (float32 and float64) …")
+        # Opened inside and closed before the torch runs: never the session and the float64
+        # model at once (memory stays near twice the weights).
+        try:
+            result = check_parity(
+                loaded.family,
+                reference,
+                lambda p=provider: open_model(onnx_path, p, threads, meta),
+                samples=opts.samples,
+                seed=opts.seed,
+                sources=sources,
+                tokenizer=loaded.tokenizer,
+            )
+        except RuntimeInputError as e:  # the export does not run on this model's inputs
+            raise InvalidInputError(str(e)) from e
+        if half:
+            result.reference = (
+                f"the merged model with its weights rounded to {half.value} (what the file stores), "
+                "in PyTorch float32; float64 for the noise floor. What the rounding costs against the "
+                "unmerged model: see Half precision"
+            )
+        report.parity.append(result)
+    _half_costs(report, loaded, merged, unmerged, opts, log, half, sources)
+    if opts.latency:
+        _latency(report, loaded, merged, unmerged, (onnx_path, meta), opts, log, providers, threads)
+
+
+def _half_costs(report, loaded, merged, unmerged, opts, log, half, sources) -> None:
+    """What storing the merged weights in each half precision asked for (and the stored one) costs."""
+    dtypes = tuple(dict.fromkeys((*opts.half, *([half.value] if half else []))))
+    for dtype in dtypes:
+        log(f"half precision: what storing the merged weights in {dtype} costs …")
+        stored = half is not None and dtype == half.value  # ``merged`` holds these rounded weights
+        cast_err = max((m.cast_max_rel_err for m in report.merge.modules), default=0.0) if stored else None
+        rows = half_precision_costs(
+            loaded.family,
+            loaded.base,
+            loaded.adapters,
+            loaded.weights,
+            unmerged,
+            dtype,
+            merged=merged if stored else None,
+            max_cast_rel_err=cast_err,
+            seed=opts.seed,
+            samples=opts.samples,
+            sources=sources,
+            tokenizer=loaded.tokenizer,
+        )
+        report.half.extend(rows)
+        kept = rows[0].adapter_retained
+        if stored and kept is not None and kept < MIN_ADAPTER_RETAINED:
+            report.half_failures.append(
+                f"only {kept:.0%} of the adapter's effect on the outputs survives rounding the merged "
+                f"weights to {dtype} (at least {MIN_ADAPTER_RETAINED:.0%} required); export in float32"
+            )
+
+
+def _latency(report, loaded, merged, unmerged, checked, opts, log, providers, threads) -> None:
+    """Latency of the export (``checked``: its folder and description) against the base's and
+    the unmerged model's graphs, exported as it was, and torch."""
+    exporter = checked[1].get("exporter")
+    with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:
+        dirs = {"onnx_merged": checked}
+        for name, model, mode in (
+            ("onnx_base", loaded.base, ExportMode.BASE),
+            ("onnx_unmerged", unmerged, ExportMode.UNMERGED),
+        ):
+            log(f"exporting {name.removeprefix('onnx_')} model for comparison …")
+            d = Path(td) / name
+            d.mkdir()
+            result = export_model(loaded.family, model, d, exporter=exporter)
+            dirs[name] = (d, describe(loaded.family, model, result, None, mode))
+        torch_models = {"torch_unmerged": unmerged, "torch_merged": merged}
+        for provider in providers:
+            report.latency.append(
+                measure_latency(
+                    loaded.family,
+                    provider,
+                    threads,
+                    torch_models,
+                    dirs,
+                    log,
+                    opts.latency_budget_s,
+                    opts.latency_points,
+                )
+            )
