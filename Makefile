@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-real test test-real lint fuzz demo demo-sweep demo-real bench bench-pipeline bench-merge bench-large clean
+.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real bench bench-pipeline bench-merge bench-large clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -53,8 +53,9 @@ bench-pipeline: runs/real/.prepared
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
-# Mutation fuzzing of the safetensors, index and adapter_config.json parsers and Adapter.load:
-# 100,000 inputs (about 20 s on 2 cores), at most 10 minutes; crashes saved in runs/fuzz/crashes.
+# Mutation fuzzing of the safetensors, index and adapter_config.json parsers, Adapter.load, and
+# model config.json (reference and Hugging Face) and tokenizer_config.json through loading:
+# 100,000 inputs, at most 10 minutes; crashes saved in runs/fuzz/crashes.
 fuzz: $(STAMP)
 	$(BIN)/python tests/fuzz/fuzz_parsers.py --inputs 100000 --seconds 600 --crashes runs/fuzz/crashes
 
@@ -78,6 +79,11 @@ demo-sweep: $(STAMP)
 		--eval-data samples/data/sort_eval.jsonl --out runs/demo-sweep --force
 	OMP_NUM_THREADS=1 $(BIN)/loraexport analyze --base samples/base --adapter runs/demo-sweep/adapters/qv-r8-seed0 \
 		--compare runs/demo-sweep/adapters/qv-r64-seed0 --out runs/demo-sweep-analysis --force
+
+# Issue 11's hostile recipes against the console script: exit code, one line, inputs untouched,
+# peak RSS under 1 GB, two concurrent runs to one output (about 3 minutes; writes ~11 GB sparse).
+do-no-harm: $(STAMP)
+	$(BIN)/python benchmarks/do_no_harm.py --dir runs/do-no-harm
 
 # Long measurements, never part of `make test`.
 bench: $(STAMP)
