@@ -53,6 +53,10 @@ bench-pipeline: runs/real/.prepared
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
+# The inner loop: everything but the tests marked slow (exports, subprocesses, training).
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not slow and not real"
+
 # Mutation fuzzing of the safetensors, index and adapter_config.json parsers, Adapter.load, and
 # model config.json (reference and Hugging Face) and tokenizer_config.json through loading:
 # 100,000 inputs, at most 10 minutes; crashes saved in runs/fuzz/crashes.

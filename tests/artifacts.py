@@ -1,4 +1,5 @@
-"""Session-scoped artifacts for the pipeline tests: tiny model dirs, adapters, ONNX exports.
+"""Session-scoped artifacts for the pipeline tests: tiny model dirs, adapters, ONNX exports,
+and the few ways tests change a copy of one (``edit_json``, ``edit_tensors``, ``to_pickle``).
 
 Exports cost seconds each (the dynamo exporter), so each is made once per test session and
 shared; tests that change an artifact copy it first.
@@ -6,37 +7,43 @@ shared; tests that change an artifact copy it first.
 
 from __future__ import annotations
 
+import json
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
 
-from loraexport.lora.adapter import Adapter
+from loraexport.lora.adapter import PICKLE_NAME, WEIGHTS_NAME, Adapter
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import inject, lora_layers
+from loraexport.lora.layer import LoRALinear
 from loraexport.models.reference import SPECIALS, save_model
 from loraexport.models.transformer import Transformer, TransformerConfig
 from loraexport.stages.export import export
 
 VOCAB = SPECIALS + list("0123456789")
 B_STD = 0.3  # LoRA B values: large enough that the adapter visibly changes every output
+# onnxruntime vs torch float32 on a width-16 model: a handful of roundings on O(1) logits.
+ORT_ATOL = 1e-5
+
+
+def tiny_config(**overrides) -> TransformerConfig:
+    """d_model 16, 2 heads, one layer per stack: milliseconds per forward pass."""
+    kw = dict(
+        vocab=list(VOCAB), d_model=16, n_heads=2, d_ff=32, n_encoder_layers=1, n_decoder_layers=1, max_len=32
+    )
+    return TransformerConfig(**(kw | overrides))
 
 
 def make_base(directory: Path, seed: int = 0, **overrides) -> Path:
-    kw = dict(
-        vocab=list(VOCAB),
-        d_model=16,
-        n_heads=2,
-        d_ff=32,
-        n_encoder_layers=1,
-        n_decoder_layers=2,
-        max_len=32,
-    )
-    kw.update(overrides)
+    """A saved tiny reference model (``tiny_config`` with two decoder layers) in ``directory``."""
     torch.manual_seed(seed)
     directory.mkdir(parents=True)
-    save_model(Transformer(TransformerConfig(**kw)).eval(), directory)
+    save_model(Transformer(tiny_config(**({"n_decoder_layers": 2} | overrides))).eval(), directory)
     return directory
 
 
@@ -54,6 +61,23 @@ def make_adapter(base_dir: Path, directory: Path, seed: int = 1, **config) -> Pa
     directory.mkdir(parents=True)
     Adapter.from_model(model, cfg).save(directory)
     return directory
+
+
+def random_lora_linear(
+    in_f: int, out_f: int, r: int, scaling: float, seed: int, dtype: torch.dtype = torch.float32
+) -> LoRALinear:
+    """A ``LoRALinear`` whose W0, bias, A and B are all drawn from N(0, 1) under ``seed``
+    (B is zero-initialised: a layer left so would prove nothing)."""
+    g = torch.Generator().manual_seed(seed)
+    base = nn.Linear(in_f, out_f, dtype=dtype)
+    with torch.no_grad():
+        base.weight.copy_(torch.randn(out_f, in_f, generator=g))
+        base.bias.copy_(torch.randn(out_f, generator=g))
+    layer = LoRALinear(base, r, scaling)
+    with torch.no_grad():
+        layer.lora_A.copy_(torch.randn(r, in_f, generator=g))
+        layer.lora_B.copy_(torch.randn(out_f, r, generator=g))
+    return layer
 
 
 @pytest.fixture(scope="session")
@@ -93,3 +117,37 @@ def causal_onnx(causal_base, causal_adapter, tmp_path_factory) -> Path:
 def copy_dir(src: Path, dst: Path) -> Path:
     shutil.copytree(src, dst)
     return dst
+
+
+def random_batch(batch: int, seq: int, seed: int = 0, seq2seq: bool = True) -> dict[str, torch.Tensor]:
+    """Digit ids (VOCAB's 4..13), an all-ones mask and, for seq2seq, decoder ids: (batch, seq) each."""
+    g = torch.Generator().manual_seed(seed)
+    ids = torch.randint(4, len(VOCAB), (batch, seq), generator=g)
+    out = {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+    if seq2seq:
+        out["decoder_input_ids"] = torch.randint(4, len(VOCAB), (batch, seq), generator=g)
+    return out
+
+
+def edit_json(path: Path, change: Callable[[object], object] | None = None, **updates) -> None:
+    """Rewrite the JSON file ``path``: ``change(data)`` returns the new value, or ``updates``
+    are set on the object."""
+    data = json.loads(path.read_text())
+    data = change(data) if change is not None else data | updates
+    path.write_text(json.dumps(data))
+
+
+def edit_tensors(adapter: Path, edit: Callable[[dict[str, torch.Tensor]], object]) -> None:
+    """``edit(tensors)`` changes the adapter's safetensors file in place."""
+    tensors = load_file(str(adapter / WEIGHTS_NAME))
+    edit(tensors)
+    save_file(tensors, str(adapter / WEIGHTS_NAME))
+
+
+def to_pickle(adapter: Path, obj: object = None) -> dict[str, torch.Tensor]:
+    """Replace the adapter's safetensors file by ``adapter_model.bin`` holding ``obj`` (default:
+    the same tensors, pickled by ``torch.save``). Returns the tensors."""
+    tensors = load_file(str(adapter / WEIGHTS_NAME))
+    (adapter / WEIGHTS_NAME).unlink()
+    torch.save(tensors if obj is None else obj, adapter / PICKLE_NAME)
+    return tensors

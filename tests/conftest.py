@@ -15,9 +15,18 @@ from pathlib import Path  # noqa: E402
 
 import pytest  # noqa: E402
 import torch  # noqa: E402
+from artifacts import (  # noqa: E402, F401 (session-scoped artifacts: fixtures for every test)
+    VOCAB,
+    causal_adapter,
+    causal_base,
+    causal_onnx,
+    seq2seq_adapter,
+    seq2seq_base,
+    seq2seq_onnx,
+    tiny_config,
+)
 from torch import nn  # noqa: E402
 
-from loraexport.models.reference import SPECIALS  # noqa: E402
 from loraexport.models.transformer import Transformer, TransformerConfig  # noqa: E402
 
 torch.set_num_threads(1)
@@ -26,23 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 SAMPLES = REPO / "samples"
 SAMPLE_BASE = SAMPLES / "base"
 SORT_TRAIN = SAMPLES / "data" / "sort_train.jsonl"
-TINY_VOCAB = SPECIALS + list("0123456789")
 SEED = 0
-
-
-def tiny_config(**overrides) -> TransformerConfig:
-    """d_model 16, 2 heads, one layer per stack: milliseconds per forward pass."""
-    kw = dict(
-        vocab=list(TINY_VOCAB),
-        d_model=16,
-        n_heads=2,
-        d_ff=32,
-        n_encoder_layers=1,
-        n_decoder_layers=1,
-        max_len=32,
-    )
-    kw.update(overrides)
-    return TransformerConfig(**kw)
 
 
 def tiny_model(seed: int = SEED, **overrides) -> Transformer:
@@ -69,11 +62,11 @@ def make_model() -> Callable[..., Transformer]:
 def tiny_inputs() -> dict[str, torch.Tensor]:
     """A padded batch for a tiny encoder-decoder: source ids/mask and decoder ids."""
     g = torch.Generator().manual_seed(SEED)
-    ids = torch.randint(4, len(TINY_VOCAB), (3, 7), generator=g)
+    ids = torch.randint(4, len(VOCAB), (3, 7), generator=g)
     mask = torch.ones_like(ids)
     mask[1, 5:] = 0  # right padding in one row
     ids[1, 5:] = 0
-    dec = torch.randint(4, len(TINY_VOCAB), (3, 5), generator=g)
+    dec = torch.randint(4, len(VOCAB), (3, 5), generator=g)
     return {"input_ids": ids, "attention_mask": mask, "decoder_input_ids": dec}
 
 
@@ -101,14 +94,3 @@ def small_data(tmp_path) -> Path:
     p = tmp_path / "data.jsonl"
     p.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return p
-
-
-# Session-scoped pipeline artifacts (tiny model dirs, adapters, ONNX exports).
-from artifacts import (  # noqa: E402, F401
-    causal_adapter,
-    causal_base,
-    causal_onnx,
-    seq2seq_adapter,
-    seq2seq_base,
-    seq2seq_onnx,
-)

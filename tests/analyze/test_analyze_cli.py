@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from artifacts import make_adapter
-from click.testing import CliRunner
+from clihelp import ok, refused, run
 
 from loraexport.analyze.analysis import analyze, split_path
-from loraexport.cli import main
 from loraexport.errors import InvalidInputError
 from loraexport.lora.adapter import Adapter
 from loraexport.models.reference import load_model
@@ -37,12 +36,6 @@ MANIFEST = "loraexport.json"  # every atomic output may carry the sha256 of its 
 
 def _files(out: Path) -> set[str]:
     return {p.name for p in out.iterdir()} - {MANIFEST}
-
-
-def _run(*args: str):
-    result = CliRunner().invoke(main, ["-q", "analyze", *args])
-    assert result.exit_code == 0, (result.output, result.exception)
-    return result
 
 
 def _direct(w: np.ndarray, a: np.ndarray, b: np.ndarray, s: float) -> dict[str, object]:
@@ -72,7 +65,7 @@ def _check_against_direct(modules: list[dict], weights: dict[str, np.ndarray], a
 
 def test_analyze_writes_json_markdown_plots_with_exact_figures(tmp_path, seq2seq_base, seq2seq_adapter):
     out = tmp_path / "analysis"
-    result = _run("--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out))
+    result = ok(run("analyze", "--base", seq2seq_base, "--adapter", seq2seq_adapter, "--out", out))
     assert "analysis written to" in result.stdout
     assert _files(out) == {"analysis.json", "analysis.md"} | PLOTS
     data = json.loads((out / "analysis.json").read_text())
@@ -101,29 +94,19 @@ def test_analyze_writes_json_markdown_plots_with_exact_figures(tmp_path, seq2seq
 def test_json_flag_prints_analysis_json_and_force_replaces(tmp_path, seq2seq_base, seq2seq_adapter):
     out = tmp_path / "analysis"
     args = ["--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out), "--no-plots"]
-    printed = json.loads(_run(*args, "--json").stdout)
+    printed = json.loads(ok(run("analyze", *args, "--json")).stdout)
     assert printed == json.loads((out / "analysis.json").read_text())
     assert printed["plots"] == [] and printed["plots_note"] == "plots not requested"
-    again = CliRunner().invoke(main, ["analyze", *args])
-    assert again.exit_code == 3 and "output exists" in again.stderr
+    refused(run("analyze", *args, quiet=False), 3, "output exists")
     (out / "marker").write_text("old")
-    _run(*args, "--force")
+    ok(run("analyze", *args, "--force"))
     assert not (out / "marker").exists()
 
 
 def test_compare_gives_phi_grids(tmp_path, seq2seq_base, seq2seq_adapter):
     other = make_adapter(seq2seq_base, tmp_path / "r2", seed=5, r=2, lora_alpha=4)
     out = tmp_path / "analysis"
-    _run(
-        "--base",
-        str(seq2seq_base),
-        "--adapter",
-        str(seq2seq_adapter),
-        "--compare",
-        str(other),
-        "--out",
-        str(out),
-    )
+    ok(run("analyze", "--base", seq2seq_base, "--adapter", seq2seq_adapter, "--compare", other, "--out", out))
     data = json.loads((out / "analysis.json").read_text())
     assert "similarity.png" in data["plots"] and (out / "similarity.png").is_file()
     entries = data["compare"]["modules"]
@@ -144,10 +127,9 @@ def test_without_matplotlib_writes_json_and_markdown_with_a_note(
 ):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
     out = tmp_path / "analysis"
-    result = CliRunner().invoke(
-        main, ["analyze", "--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out)]
+    result = ok(
+        run("analyze", "--base", seq2seq_base, "--adapter", seq2seq_adapter, "--out", out, quiet=False)
     )
-    assert result.exit_code == 0, (result.output, result.exception)
     assert _files(out) == {"analysis.json", "analysis.md"}
     data = json.loads((out / "analysis.json").read_text())
     assert data["plots"] == [] and "matplotlib is not installed" in data["plots_note"]
@@ -197,7 +179,7 @@ def test_split_path(path: str, expected: tuple[str, str]):
 
 def test_no_temporary_folder_is_left(tmp_path: Path, seq2seq_base, seq2seq_adapter):
     out = tmp_path / "analysis"
-    _run("--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out), "--no-plots")
+    ok(run("analyze", "--base", seq2seq_base, "--adapter", seq2seq_adapter, "--out", out, "--no-plots"))
     assert [p.name for p in tmp_path.iterdir()] == ["analysis"]
 
 
@@ -233,7 +215,7 @@ def test_a_zero_module_has_null_projections_and_summaries_skip_it(tmp_path, seq2
     zero = "decoder.0.self_attn.q"
     adapter = _with_zero_b(seq2seq_adapter, tmp_path / "one-zero", [zero])
     out = tmp_path / "analysis"
-    _run("--base", str(seq2seq_base), "--adapter", str(adapter), "--out", str(out))  # plots included
+    ok(run("analyze", "--base", seq2seq_base, "--adapter", adapter, "--out", out))  # plots included
     data = json.loads((out / "analysis.json").read_text())
     assert "rank_tolerance" in data["settings"]
     by_module = {m["module"]: m for m in data["modules"]}
@@ -254,7 +236,7 @@ def test_a_zero_module_has_null_projections_and_summaries_skip_it(tmp_path, seq2
 def test_a_freshly_initialised_adapter_reports_no_projections(tmp_path, seq2seq_base, seq2seq_adapter):
     adapter = _with_zero_b(seq2seq_adapter, tmp_path / "all-zero")
     out = tmp_path / "analysis"
-    result = _run("--base", str(seq2seq_base), "--adapter", str(adapter), "--out", str(out))
+    result = ok(run("analyze", "--base", seq2seq_base, "--adapter", adapter, "--out", out))
     data = json.loads((out / "analysis.json").read_text())
     assert {m["rank_used"] for m in data["modules"]} == {0}
     for t in data["types"] + data["layers"]:
@@ -272,29 +254,24 @@ def test_seed_out_of_range_is_a_usage_error(tmp_path, seq2seq_base, seq2seq_adap
 
     out = tmp_path / "analysis"
     for seed in (str(2**64), str(2**63), "-1"):
-        r = CliRunner().invoke(
-            main,
-            ["analyze", "--base", str(seq2seq_base), "--adapter", str(seq2seq_adapter), "--out", str(out)]
-            + ["--seed", seed],
-        )
-        assert r.exit_code == 2, (seed, r.output, r.exception)
-        assert isinstance(r.exception, SystemExit) and "Traceback" not in r.output
-        errors = r.stderr.splitlines()
-        assert len(errors) == 1 and errors[0].startswith("error: ") and "'--seed'" in errors[0], r.stderr
-        assert "is not in [0, 9,223,372,036,854,775,807]" in errors[0], r.stderr
+        r = run("analyze", "--base", seq2seq_base, "--adapter", seq2seq_adapter, "--out", out, "--seed", seed)
+        refused(r, 2, "'--seed'", "is not in [0, 9,223,372,036,854,775,807]")
         assert not out.exists()
     assert cli.MAX_SEED == analysis.MAX_SEED == 2**63 - 1
     largest = str(2**63 - 1)
-    _run(
-        "--base",
-        str(seq2seq_base),
-        "--adapter",
-        str(seq2seq_adapter),
-        "--out",
-        str(out),
-        "--no-plots",
-        "--seed",
-        largest,
+    ok(
+        run(
+            "analyze",
+            "--base",
+            seq2seq_base,
+            "--adapter",
+            seq2seq_adapter,
+            "--out",
+            out,
+            "--no-plots",
+            "--seed",
+            largest,
+        )
     )
     assert json.loads((out / "analysis.json").read_text())["settings"]["seed"] == 2**63 - 1
     with pytest.raises(

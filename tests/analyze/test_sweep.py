@@ -4,10 +4,9 @@ from __future__ import annotations
 
 import json
 
-from click.testing import CliRunner
+from clihelp import ok, run
 
 from loraexport.analyze.sweep import RANK_TARGETS, TARGET_SETS, SweepConfig, plan, sweep
-from loraexport.cli import main
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import linear_shape, target_names
 from loraexport.models.reference import load_model
@@ -52,9 +51,9 @@ def test_sweep_trains_tabulates_and_keeps_adapters(tmp_path, seq2seq_base, small
     assert result["tables"] == {"targets": ["q-r2"], "ranks": ["qv-r1"]}
     # one self-attention q per layer (1 encoder, 2 decoder) plus 2 cross-attention q: 5 × 2 × (16 + 16)
     assert [c["trainable_parameters"] for c in result["configs"]] == [320, 320]
-    for run in result["runs"]:
-        assert (out / run["adapter"] / "adapter_model.safetensors").is_file()
-        assert 0 <= run["eval_exact_match"] <= 1 and run["eval_loss"] > 0
+    for one in result["runs"]:
+        assert (out / one["adapter"] / "adapter_model.safetensors").is_file()
+        assert 0 <= one["eval_exact_match"] <= 1 and one["eval_loss"] > 0
     assert (out / "data" / "train.jsonl").is_file() and (out / "data" / "eval.jsonl").is_file()
     assert json.loads((out / "sweep.json").read_text())["configs"] == result["configs"]
     md = (out / "sweep.md").read_text()
@@ -64,19 +63,26 @@ def test_sweep_trains_tabulates_and_keeps_adapters(tmp_path, seq2seq_base, small
 
 def test_sweep_cli_runs_both_full_tables(tmp_path, seq2seq_base, small_data):
     out = tmp_path / "sweep"
-    args = [
-        "-q",
-        "sweep",
-        "--base",
-        str(seq2seq_base),
-        "--data",
-        str(small_data),
-        "--eval-data",
-        str(small_data),
-    ]
-    args += ["--out", str(out), "--steps", "1", "--seeds", "1", "--ranks", "1,2", "--json"]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, (result.output, result.exception)
+    result = ok(
+        run(
+            "sweep",
+            "--base",
+            seq2seq_base,
+            "--data",
+            small_data,
+            "--eval-data",
+            small_data,
+            "--out",
+            out,
+            "--steps",
+            "1",
+            "--seeds",
+            "1",
+            "--ranks",
+            "1,2",
+            "--json",
+        )
+    )
     data = json.loads(result.stdout)
     assert len(data["tables"]["targets"]) == 6 and data["tables"]["ranks"] == ["qv-r1", "qv-r2"]
     budgets = {c["trainable_parameters"] for c in data["configs"] if c["config"] in data["tables"]["targets"]}

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
+from clihelp import ok
 
 from loraexport.cli import main
 
@@ -32,7 +33,7 @@ def _check(name: str, text: str) -> None:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_help_texts_unchanged(command):
     r = CliRunner().invoke(main, [*command.split(), "--help"], terminal_width=100)
-    assert r.exit_code == 0, r.output
+    ok(r)
     _check(f"help-{command or 'loraexport'}.txt", r.stdout)
 
 
@@ -49,6 +50,7 @@ def _keys(value, prefix: str = "") -> list[str]:
     return []
 
 
+@pytest.mark.slow
 def test_output_json_keys_unchanged(causal_base, causal_adapter, tmp_path):
     from loraexport.pipeline import merge_and_export
 

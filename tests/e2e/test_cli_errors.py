@@ -6,28 +6,15 @@ import json
 from pathlib import Path
 
 import pytest
-from click.testing import CliRunner, Result
-
-from loraexport.cli import main
+from click.testing import Result
+from clihelp import nothing_left, ok, one_line, refused, run
 
 FAST = ["--steps", "2", "--batch-size", "4"]
 
 
-def _train(*args: str) -> Result:
-    return CliRunner().invoke(main, ["train", *args, *FAST])
-
-
-def _assert_one_line_error(result: Result, code: int = 3, *needles: str) -> str:
-    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
-    assert isinstance(result.exception, SystemExit), result.exception  # no escaped exception
-    lines = result.stderr.strip().splitlines()
-    assert len(lines) == 1, result.stderr
-    assert lines[0].startswith("error: "), lines[0]
-    assert "Traceback" not in result.output + result.stderr
-    assert result.stdout == ""
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
+def _train(base: Path, data: Path, out: Path, *extra: str) -> Result:
+    """``loraexport train`` without --quiet: an error is one line with progress messages on too."""
+    return run("train", "--base", base, "--data", data, "--out", out, *FAST, *extra, quiet=False)
 
 
 @pytest.fixture
@@ -35,37 +22,32 @@ def out(tmp_path) -> Path:
     return tmp_path / "adapter"
 
 
-def _no_output_left(out: Path) -> None:
-    assert not out.exists()
-    assert not [p for p in out.parent.iterdir() if p.name.startswith(f".{out.name}")]
-
-
 def test_missing_base_dir(tmp_path, small_data, out):
     base = tmp_path / "no-such-model"
-    r = _train("--base", str(base), "--data", str(small_data), "--out", str(out))
-    _assert_one_line_error(r, 3, "model directory not found", str(base))
-    _no_output_left(out)
+    r = _train(base, small_data, out)
+    refused(r, 3, "model directory not found", str(base))
+    nothing_left(out)
 
 
 def test_base_is_a_file(tmp_path, small_data, out):
-    r = _train("--base", str(small_data), "--data", str(small_data), "--out", str(out))
-    _assert_one_line_error(r, 3, "must be a directory")
+    r = _train(small_data, small_data, out)
+    refused(r, 3, "must be a directory")
 
 
 def test_base_without_config(tmp_path, small_data, out):
     base = tmp_path / "empty-model"
     base.mkdir()
-    r = _train("--base", str(base), "--data", str(small_data), "--out", str(out))
-    _assert_one_line_error(r, 3, "config.json")
-    _no_output_left(out)
+    r = _train(base, small_data, out)
+    refused(r, 3, "config.json")
+    nothing_left(out)
 
 
 def test_base_of_unsupported_type(tmp_path, small_data, out):
     base = tmp_path / "t5"
     base.mkdir()
     (base / "config.json").write_text(json.dumps({"model_type": "t5"}))
-    r = _train("--base", str(base), "--data", str(small_data), "--out", str(out))
-    _assert_one_line_error(r, 3, "'t5'")
+    r = _train(base, small_data, out)
+    refused(r, 3, "'t5'")
 
 
 def test_base_with_corrupt_weights(tmp_path, sample_base, small_data, out):
@@ -73,29 +55,20 @@ def test_base_with_corrupt_weights(tmp_path, sample_base, small_data, out):
     base.mkdir()
     (base / "config.json").write_bytes((sample_base / "config.json").read_bytes())
     (base / "model.safetensors").write_bytes(b"\x00" * 64)
-    r = _train("--base", str(base), "--data", str(small_data), "--out", str(out))
-    _assert_one_line_error(r, 3, "model.safetensors")
+    r = _train(base, small_data, out)
+    refused(r, 3, "model.safetensors")
 
 
 def test_data_file_missing(tmp_path, sample_base, out):
     data = tmp_path / "nope.jsonl"
-    r = _train("--base", str(sample_base), "--data", str(data), "--out", str(out))
-    _assert_one_line_error(r, 3, "data file not found", str(data))
-    _no_output_left(out)
+    r = _train(sample_base, data, out)
+    refused(r, 3, "data file not found", str(data))
+    nothing_left(out)
 
 
 def test_eval_data_missing(tmp_path, sample_base, small_data, out):
-    r = _train(
-        "--base",
-        str(sample_base),
-        "--data",
-        str(small_data),
-        "--out",
-        str(out),
-        "--eval-data",
-        str(tmp_path / "eval.jsonl"),
-    )
-    _assert_one_line_error(r, 3, "eval.jsonl")
+    r = _train(sample_base, small_data, out, "--eval-data", tmp_path / "eval.jsonl")
+    refused(r, 3, "eval.jsonl")
 
 
 @pytest.mark.parametrize(
@@ -112,16 +85,16 @@ def test_data_malformed_line_named_by_number(tmp_path, sample_base, small_data, 
     lines = small_data.read_text().splitlines()
     lines.insert(6, bad_line)  # becomes line 7
     small_data.write_text("\n".join(lines) + "\n")
-    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
-    _assert_one_line_error(r, 3, f"{small_data}:7:", needle)
-    _no_output_left(out)
+    r = _train(sample_base, small_data, out)
+    refused(r, 3, f"{small_data}:7:", needle)
+    nothing_left(out)
 
 
 def test_data_empty(tmp_path, sample_base, out):
     data = tmp_path / "empty.jsonl"
     data.write_text("\n\n")
-    r = _train("--base", str(sample_base), "--data", str(data), "--out", str(out))
-    _assert_one_line_error(r, 3, "no examples")
+    r = _train(sample_base, data, out)
+    refused(r, 3, "no examples")
 
 
 def test_data_character_not_in_vocabulary(tmp_path, sample_base, small_data, out):
@@ -132,18 +105,9 @@ def test_data_character_not_in_vocabulary(tmp_path, sample_base, small_data, out
     lines = good[8:]
     lines.insert(40, json.dumps({"source": "12x4", "target": "124x"}))  # line 41
     small_data.write_text("\n".join(lines) + "\n")
-    r = _train(
-        "--base",
-        str(sample_base),
-        "--data",
-        str(small_data),
-        "--eval-data",
-        str(eval_data),
-        "--out",
-        str(out),
-    )
-    _assert_one_line_error(r, 3, "'x'", "vocabulary")
-    _no_output_left(out)
+    r = _train(sample_base, small_data, out, "--eval-data", eval_data)
+    refused(r, 3, "'x'", "vocabulary")
+    nothing_left(out)
 
 
 def test_data_longer_than_the_model_max_len(tmp_path, sample_base, small_data, out):
@@ -154,43 +118,32 @@ def test_data_longer_than_the_model_max_len(tmp_path, sample_base, small_data, o
     eval_data = tmp_path / "eval.jsonl"
     eval_data.write_text(json.dumps({"source": "21", "target": "12"}) + "\n")
     # the batch holds every example, so the long one is used whether or not data is checked first
-    r = CliRunner().invoke(
-        main,
-        [
-            "train",
-            "--base",
-            str(sample_base),
-            "--data",
-            str(small_data),
-            "--eval-data",
-            str(eval_data),
-            "--out",
-            str(out),
-            "--steps",
-            "1",
-            "--batch-size",
-            "9",
-        ],
+    r = run(
+        "train",
+        "--base",
+        sample_base,
+        "--data",
+        small_data,
+        "--eval-data",
+        eval_data,
+        "--out",
+        out,
+        "--steps",
+        "1",
+        "--batch-size",
+        "9",
+        quiet=False,
     )
-    _assert_one_line_error(r, 3)
-    _no_output_left(out)
+    refused(r, 3)
+    nothing_left(out)
 
 
 def test_eval_data_character_not_in_vocabulary(tmp_path, sample_base, small_data, out):
     eval_data = tmp_path / "eval.jsonl"
     eval_data.write_text(json.dumps({"source": "1 2", "target": "12"}) + "\n")
-    r = _train(
-        "--base",
-        str(sample_base),
-        "--data",
-        str(small_data),
-        "--eval-data",
-        str(eval_data),
-        "--out",
-        str(out),
-    )
-    _assert_one_line_error(r, 3, "' '", "vocabulary")
-    _no_output_left(out)
+    r = _train(sample_base, small_data, out, "--eval-data", eval_data)
+    refused(r, 3, "' '", "vocabulary")
+    nothing_left(out)
 
 
 def test_output_exists_without_force_is_left_untouched(tmp_path, sample_base, small_data, out):
@@ -198,60 +151,33 @@ def test_output_exists_without_force_is_left_untouched(tmp_path, sample_base, sm
     keep = out / "adapter_model.safetensors"
     keep.write_bytes(b"precious bytes \x00\x01")
     before = sorted(p.name for p in out.iterdir())
-    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
-    _assert_one_line_error(r, 3, "output exists", "--force")
+    r = _train(sample_base, small_data, out)
+    refused(r, 3, "output exists", "--force")
     assert keep.read_bytes() == b"precious bytes \x00\x01"
     assert sorted(p.name for p in out.iterdir()) == before
 
 
 def test_targets_matching_no_module_lists_the_linear_names(sample_base, small_data, out):
-    r = _train(
-        "--base",
-        str(sample_base),
-        "--data",
-        str(small_data),
-        "--out",
-        str(out),
-        "--targets",
-        "nonexistent",
-    )
-    line = _assert_one_line_error(r, 3, "nonexistent")
+    r = _train(sample_base, small_data, out, "--targets", "nonexistent")
+    line = refused(r, 3, "nonexistent")
     for name in ("q", "k", "v", "o", "fc1", "fc2", "lm_head"):
         assert name in line.split("named", 1)[-1], (name, line)
-    _no_output_left(out)
+    nothing_left(out)
 
 
 def test_target_regex_invalid(sample_base, small_data, out):
-    r = _train(
-        "--base",
-        str(sample_base),
-        "--data",
-        str(small_data),
-        "--out",
-        str(out),
-        "--target-regex",
-        "(q|v",
-    )
-    _assert_one_line_error(r, 3, "target_modules")
+    r = _train(sample_base, small_data, out, "--target-regex", "(q|v")
+    refused(r, 3, "target_modules")
 
 
 def test_dropout_out_of_range(sample_base, small_data, out):
-    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out), "--dropout", "1.5")
-    _assert_one_line_error(r, 2, "--dropout", "1.5 is not in [0, 1)")  # the option's type, before any work
+    r = _train(sample_base, small_data, out, "--dropout", "1.5")
+    refused(r, 2, "--dropout", "1.5 is not in [0, 1)")  # the option's type, before any work
 
 
 def test_eval_fraction_out_of_range(sample_base, small_data, out):
-    r = _train(
-        "--base",
-        str(sample_base),
-        "--data",
-        str(small_data),
-        "--out",
-        str(out),
-        "--eval-fraction",
-        "0",
-    )
-    _assert_one_line_error(r, 2, "--eval-fraction", "0.0 is not in (0, 1)")
+    r = _train(sample_base, small_data, out, "--eval-fraction", "0")
+    refused(r, 2, "--eval-fraction", "0.0 is not in (0, 1)")
 
 
 @pytest.mark.parametrize(
@@ -267,44 +193,29 @@ def test_eval_fraction_out_of_range(sample_base, small_data, out):
     ids=["no-out", "no-base", "rank-0", "steps-not-int", "empty-targets", "unknown-option"],
 )
 def test_usage_errors_exit_2(args):
-    r = CliRunner().invoke(main, ["train", *args])
-    line = _assert_one_line_error(r, 2)  # click's errors too: one line, and where to read more
+    r = run("train", *args, quiet=False)
+    line = refused(r, 2)  # click's errors too: one line, and where to read more
     assert line.endswith("(see 'main train --help')"), line
 
 
 def test_unknown_command_exit_2():
-    r = CliRunner().invoke(main, ["trian"])
-    assert r.exit_code == 2
-    assert "No such command" in r.stderr
+    refused(run("trian"), 2, "No such command")
 
 
 def test_help_lists_exit_codes():
-    r = CliRunner().invoke(main, ["--help"])
-    assert r.exit_code == 0
+    r = ok(run("--help"))
     assert "3 invalid input" in " ".join(r.stdout.split())
 
 
 def test_data_too_small_to_hold_out(tmp_path, sample_base, small_data, out):
     small_data.write_text(small_data.read_text().splitlines()[0] + "\n")
-    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
-    _assert_one_line_error(r, 3, "too small")
+    r = _train(sample_base, small_data, out)
+    refused(r, 3, "too small")
 
 
 # ---- the error contract itself ---------------------------------------------------------------
 def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, small_data, out):
-    r = CliRunner().invoke(
-        main,
-        [
-            "--debug",
-            "train",
-            "--base",
-            str(tmp_path / "nope"),
-            "--data",
-            str(small_data),
-            "--out",
-            str(out),
-        ],
-    )
+    r = run("--debug", "train", "--base", tmp_path / "nope", "--data", small_data, "--out", out, quiet=False)
     assert r.exit_code == 3
     assert "Traceback" in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ")
@@ -317,13 +228,9 @@ def test_internal_error_is_exit_1_one_line(monkeypatch, sample_base, small_data,
         raise RuntimeError("boom\nsecond line")
 
     monkeypatch.setattr(loraexport.stages.train, "train_lora", boom)
-    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
-    assert r.exit_code == 1
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("internal error: RuntimeError: boom")
-    assert "--debug" in lines[0]
-    assert "Traceback" not in r.output
-    _no_output_left(out)
+    r = _train(sample_base, small_data, out)
+    one_line(r, 1, "internal error: RuntimeError: boom", "--debug")
+    nothing_left(out)
 
 
 def test_interrupt_is_exit_130_and_writes_nothing(monkeypatch, sample_base, small_data, out):
@@ -333,7 +240,6 @@ def test_interrupt_is_exit_130_and_writes_nothing(monkeypatch, sample_base, smal
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loraexport.stages.train, "train_lora", interrupted)
-    r = _train("--base", str(sample_base), "--data", str(small_data), "--out", str(out))
-    assert r.exit_code == 130
-    assert r.stderr.strip().splitlines() == ["interrupted: nothing was written"]
-    _no_output_left(out)
+    r = _train(sample_base, small_data, out)
+    assert one_line(r, 130, "interrupted: ") == "interrupted: nothing was written"
+    nothing_left(out)

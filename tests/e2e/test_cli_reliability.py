@@ -10,72 +10,31 @@ times and digests) is taken before each run and compared after it.
 from __future__ import annotations
 
 import errno
-import hashlib
 import json
 import math
 import os
-import select
 import signal
 import struct
-import subprocess
-import sys
-import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
-from artifacts import copy_dir
-from click.testing import CliRunner, Result
-from safetensors.torch import load_file, save_file
+from artifacts import copy_dir, edit_json, edit_tensors, to_pickle
+from click.testing import Result
+from clihelp import needs_bin, ok, one_line, previous_output, refused, run, signalled, untouched
+from safetensors.torch import load_file
 
-from loraexport.cli import main
 from loraexport.lora.adapter import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME
 
 COMMANDS = ["merge", "merge-and-export"]  # the streaming and the in-memory merge
 Q0 = "decoder.0.self_attn.q"
 V1 = "decoder.1.self_attn.v"
-BIN = Path(sys.executable).parent / "loraexport"
-
-
-def _run(*args: object) -> Result:
-    return CliRunner().invoke(main, ["--quiet", *(str(a) for a in args)])
 
 
 def _merge(command: str, base: Path, adapter: Path, out: Path, *extra: str) -> Result:
     if command == "merge":
-        return _run("merge", "--base", base, "--adapter", adapter, "--out", out, *extra)
-    return _run("merge-and-export", "--base", base, "--adapter", adapter, "--out", out, "--no-verify", *extra)
-
-
-def _refused(r: Result, code: int, *needles: str) -> str:
-    """Exit ``code``, one line on stderr naming every needle, nothing on stdout, no traceback."""
-    assert r.exit_code == code, (r.exit_code, r.output, r.exception)
-    assert isinstance(r.exception, SystemExit), r.exception  # nothing escaped the CLI
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    assert "Traceback" not in r.output and r.stdout == ""
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    return lines[0]
-
-
-def _snapshot(root: Path) -> dict[str, tuple]:
-    """Every file (size, mtime, sha256) and folder under ``root``: what 'untouched' means."""
-    snap: dict[str, tuple] = {}
-    for d, dirs, files in os.walk(root):
-        for name in dirs:
-            snap[os.path.relpath(os.path.join(d, name), root) + "/"] = ()
-        for name in files:
-            p = os.path.join(d, name)
-            st = os.stat(p)
-            with open(p, "rb") as f:
-                snap[os.path.relpath(p, root)] = (
-                    st.st_size,
-                    st.st_mtime_ns,
-                    hashlib.sha256(f.read()).hexdigest(),
-                )
-    return snap
+        return run("merge", "--base", base, "--adapter", adapter, "--out", out, *extra)
+    return run("merge-and-export", "--base", base, "--adapter", adapter, "--out", out, "--no-verify", *extra)
 
 
 @pytest.fixture
@@ -86,26 +45,11 @@ def work(tmp_path, causal_base, causal_adapter) -> Path:
     return tmp_path
 
 
-def _refused_untouched(
-    work: Path, command: str, code: int, *needles: str, adapter: Path | None = None
-) -> str:
-    before = _snapshot(work)
-    r = _merge(command, work / "base", adapter or work / "adapter", work / "out")
-    line = _refused(r, code, *needles)
-    assert _snapshot(work) == before
-    return line
-
-
-def _edit_tensors(adapter: Path, edit) -> None:
-    tensors = load_file(str(adapter / WEIGHTS_NAME))
-    edit(tensors)
-    save_file(tensors, str(adapter / WEIGHTS_NAME))
-
-
-def _edit_config(adapter: Path, **changes) -> None:
-    config = json.loads((adapter / CONFIG_NAME).read_text())
-    config.update(changes)
-    (adapter / CONFIG_NAME).write_text(json.dumps(config))
+def _merge_refused(work: Path, command: str, code: int, *needles: str, adapter: Path | None = None) -> str:
+    with untouched(work):
+        return refused(
+            _merge(command, work / "base", adapter or work / "adapter", work / "out"), code, *needles
+        )
 
 
 def _deny(monkeypatch, path: Path) -> None:
@@ -123,18 +67,17 @@ def _deny(monkeypatch, path: Path) -> None:
 @pytest.mark.parametrize("which", ["base", "adapter"])
 def test_missing_path_is_named(work, command, which):
     missing = work / f"no-such-{which}"
-    before = _snapshot(work)
-    paths = {"base": work / "base", "adapter": work / "adapter", which: missing}
-    r = _merge(command, paths["base"], paths["adapter"], work / "out")
-    _refused(r, 3, "not found", str(missing))
-    assert _snapshot(work) == before
+    with untouched(work):
+        paths = {"base": work / "base", "adapter": work / "adapter", which: missing}
+        r = _merge(command, paths["base"], paths["adapter"], work / "out")
+        refused(r, 3, "not found", str(missing))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_unreadable_adapter_directory(work, command, monkeypatch):
     _deny(monkeypatch, work / "adapter")
     try:
-        _refused_untouched(work, command, 3, "not readable", str(work / "adapter"))
+        _merge_refused(work, command, 3, "not readable", str(work / "adapter"))
     finally:
         (work / "adapter").chmod(0o755)
 
@@ -152,14 +95,14 @@ def test_unreadable_adapter_config(work, command, monkeypatch):
 
     monkeypatch.setattr(loraexport.untrusted, "open", denied, raising=False)  # where JSON is read
     try:
-        _refused_untouched(work, command, 3, str(config), "Permission denied")
+        _merge_refused(work, command, 3, str(config), "Permission denied")
     finally:
         config.chmod(0o644)
 
 
 def test_path_too_long_is_invalid_input(work):
     long = work / ("x" * 300)
-    _refused(_merge("merge", work / "base", long, work / "out"), 3, "File name too long")
+    refused(_merge("merge", work / "base", long, work / "out"), 3, "File name too long")
 
 
 # ---- truncated and corrupted safetensors --------------------------------------------------------
@@ -195,7 +138,7 @@ REASONS = {
 def test_corrupt_adapter_safetensors(work, command, corruption):
     path = work / "adapter" / WEIGHTS_NAME
     path.write_bytes(CORRUPTIONS[corruption](path.read_bytes()))
-    _refused_untouched(work, command, 3, str(path), "safetensors")
+    _merge_refused(work, command, 3, str(path), "safetensors")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -203,7 +146,7 @@ def test_corrupt_adapter_safetensors(work, command, corruption):
 def test_corrupt_base_safetensors(work, command, corruption):
     path = work / "base" / "model.safetensors"
     path.write_bytes(CORRUPTIONS[corruption](path.read_bytes()))
-    line = _refused_untouched(work, command, 3, str(path))
+    line = _merge_refused(work, command, 3, str(path))
     if command == "merge":
         assert REASONS[corruption] in line, line
 
@@ -212,7 +155,7 @@ def test_corrupt_base_safetensors(work, command, corruption):
 @pytest.mark.parametrize("command", COMMANDS)
 def test_adapter_config_missing(work, command):
     (work / "adapter" / CONFIG_NAME).unlink()
-    _refused_untouched(work, command, 3, f"{CONFIG_NAME} not found", str(work / "adapter"))
+    _merge_refused(work, command, 3, f"{CONFIG_NAME} not found", str(work / "adapter"))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -221,7 +164,7 @@ def test_adapter_config_missing(work, command):
 )
 def test_adapter_config_not_json(work, command, text):
     (work / "adapter" / CONFIG_NAME).write_bytes(text.encode("latin-1"))
-    _refused_untouched(work, command, 3, CONFIG_NAME, "not valid JSON")
+    _merge_refused(work, command, 3, CONFIG_NAME, "not valid JSON")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -239,15 +182,15 @@ def test_adapter_config_not_json(work, command, text):
     ],
 )
 def test_adapter_config_wrong_types(work, command, key, value):
-    _edit_config(work / "adapter", **{key: value})
-    _refused_untouched(work, command, 3, CONFIG_NAME, repr(key))
+    edit_json(work / "adapter" / CONFIG_NAME, **{key: value})
+    _merge_refused(work, command, 3, CONFIG_NAME, repr(key))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize("peft_type", ["IA3", "LOHA", "ADALORA", None])
 def test_adapter_config_unknown_peft_type(work, command, peft_type):
-    _edit_config(work / "adapter", peft_type=peft_type)
-    _refused_untouched(work, command, 3, "peft_type", repr(peft_type))
+    edit_json(work / "adapter" / CONFIG_NAME, peft_type=peft_type)
+    _merge_refused(work, command, 3, "peft_type", repr(peft_type))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -262,17 +205,15 @@ def test_adapter_config_unknown_peft_type(work, command, peft_type):
     ],
 )
 def test_adapter_config_unsupported_variant(work, command, key, value, named):
-    _edit_config(work / "adapter", **{key: value})
-    _refused_untouched(
-        work, command, 3, key, named, "not supported" if "unknown" not in named else "refusing"
-    )
+    edit_json(work / "adapter" / CONFIG_NAME, **{key: value})
+    _merge_refused(work, command, 3, key, named, "not supported" if "unknown" not in named else "refusing")
 
 
 # ---- adapter tensors ----------------------------------------------------------------------------
 @pytest.mark.parametrize("command", COMMANDS)
 def test_adapter_tensor_missing_half_of_a_pair(work, command):
-    _edit_tensors(work / "adapter", lambda t: t.pop(f"{PREFIX}{Q0}.lora_B.weight"))
-    _refused_untouched(work, command, 3, "tensor missing", f"'{PREFIX}{Q0}.lora_B.weight'")
+    edit_tensors(work / "adapter", lambda t: t.pop(f"{PREFIX}{Q0}.lora_B.weight"))
+    _merge_refused(work, command, 3, "tensor missing", f"'{PREFIX}{Q0}.lora_B.weight'")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -280,8 +221,8 @@ def test_adapter_tensors_missing_for_a_targeted_module(work, command):
     def drop(t):
         del t[f"{PREFIX}{V1}.lora_A.weight"], t[f"{PREFIX}{V1}.lora_B.weight"]
 
-    _edit_tensors(work / "adapter", drop)
-    _refused_untouched(work, command, 3, "tensor missing", repr(V1))
+    edit_tensors(work / "adapter", drop)
+    _merge_refused(work, command, 3, "tensor missing", repr(V1))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -290,34 +231,34 @@ def test_adapter_tensors_for_an_untargeted_module(work, command):
         t[f"{PREFIX}decoder.0.self_attn.k.lora_A.weight"] = torch.zeros(4, 16)
         t[f"{PREFIX}decoder.0.self_attn.k.lora_B.weight"] = torch.ones(16, 4)
 
-    _edit_tensors(work / "adapter", add_k)
-    _refused_untouched(work, command, 3, "'decoder.0.self_attn.k'", "target")
+    edit_tensors(work / "adapter", add_k)
+    _merge_refused(work, command, 3, "'decoder.0.self_attn.k'", "target")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_adapter_unexpected_tensor(work, command):
-    _edit_tensors(work / "adapter", lambda t: t.__setitem__("optimizer.step", torch.zeros(1)))
-    _refused_untouched(work, command, 3, "unexpected tensor 'optimizer.step'")
+    edit_tensors(work / "adapter", lambda t: t.__setitem__("optimizer.step", torch.zeros(1)))
+    _merge_refused(work, command, 3, "unexpected tensor 'optimizer.step'")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_adapter_tensor_of_the_wrong_shape(work, command):
-    _edit_tensors(work / "adapter", lambda t: t.__setitem__(f"{PREFIX}{Q0}.lora_A.weight", torch.ones(4, 12)))
+    edit_tensors(work / "adapter", lambda t: t.__setitem__(f"{PREFIX}{Q0}.lora_A.weight", torch.ones(4, 12)))
     # merge-and-export checks the adapter against the model; merge, the update against the tensor
     shape = "(4, 12)" if command == "merge-and-export" else "(16, 12)"
-    _refused_untouched(work, command, 3, repr(Q0), shape)
+    _merge_refused(work, command, 3, repr(Q0), shape)
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_adapter_rank_mismatch_between_a_and_b(work, command):
-    _edit_tensors(work / "adapter", lambda t: t.__setitem__(f"{PREFIX}{Q0}.lora_B.weight", torch.ones(16, 3)))
-    _refused_untouched(work, command, 3, Q0, "rank mismatch", "(4, 16)", "(16, 3)")
+    edit_tensors(work / "adapter", lambda t: t.__setitem__(f"{PREFIX}{Q0}.lora_B.weight", torch.ones(16, 3)))
+    _merge_refused(work, command, 3, Q0, "rank mismatch", "(4, 16)", "(16, 3)")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_adapter_rank_disagrees_with_config(work, command):
-    _edit_config(work / "adapter", r=8)
-    _refused_untouched(work, command, 3, "rank 4", "r=8")
+    edit_json(work / "adapter" / CONFIG_NAME, r=8)
+    _merge_refused(work, command, 3, "rank 4", "r=8")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -328,23 +269,17 @@ def test_adapter_non_finite_values_refused_before_merging(work, command, which, 
     def poison(t):
         t[key][1, 2] = bad
 
-    _edit_tensors(work / "adapter", poison)
-    _refused_untouched(work, command, 3, f"'{key}'", "NaN or Inf", "refusing to merge")
+    edit_tensors(work / "adapter", poison)
+    _merge_refused(work, command, 3, f"'{key}'", "NaN or Inf", "refusing to merge")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_adapter_for_another_architecture(work, command, seq2seq_adapter):
     adapter = copy_dir(seq2seq_adapter, work / "s2s-adapter")  # targets encoder.*, decoder.*.cross_attn
-    _refused_untouched(work, command, 3, "another architecture", adapter=adapter)
+    _merge_refused(work, command, 3, "another architecture", adapter=adapter)
 
 
 # ---- pickle adapters ----------------------------------------------------------------------------
-def _to_pickle(adapter: Path, obj=None) -> None:
-    tensors = load_file(str(adapter / WEIGHTS_NAME))
-    (adapter / WEIGHTS_NAME).unlink()
-    torch.save(tensors if obj is None else obj, adapter / PICKLE_NAME)
-
-
 class _Spy:
     def __init__(self, real):
         self.real, self.calls = real, []
@@ -356,19 +291,18 @@ class _Spy:
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_pickle_adapter_refused_by_default_without_unpickling(work, command, monkeypatch):
-    _to_pickle(work / "adapter")
+    to_pickle(work / "adapter")
     spy = _Spy(torch.load)
     monkeypatch.setattr(torch, "load", spy)
-    _refused_untouched(work, command, 3, PICKLE_NAME, "--allow-pickle")
+    _merge_refused(work, command, 3, PICKLE_NAME, "--allow-pickle")
     assert spy.calls == []  # refused before opening it
 
 
 def test_pickle_adapter_with_allow_pickle_loads_weights_only(work, monkeypatch):
-    _to_pickle(work / "adapter")
+    to_pickle(work / "adapter")
     spy = _Spy(torch.load)
     monkeypatch.setattr(torch, "load", spy)
-    r = _merge("merge", work / "base", work / "adapter", work / "out", "--allow-pickle")
-    assert r.exit_code == 0, r.output
+    ok(_merge("merge", work / "base", work / "adapter", work / "out", "--allow-pickle"))
     assert spy.calls and all(c.get("weights_only") is True for c in spy.calls)
     merged, base = (
         load_file(str(work / "out" / "model.safetensors")),
@@ -390,12 +324,11 @@ class _Payload:
 @pytest.mark.parametrize("command", COMMANDS)
 def test_pickle_adapter_that_runs_code_is_refused_even_when_allowed(work, command):
     marker = work.parent / f"{work.name}-pwned"  # outside the snapshot, so its absence is checked apart
-    _to_pickle(work / "adapter", {"x": _Payload(marker)})
-    before = _snapshot(work)
-    r = _merge(command, work / "base", work / "adapter", work / "out", "--allow-pickle")
-    _refused(r, 3, PICKLE_NAME, "weights_only=True")
-    assert not marker.exists()
-    assert _snapshot(work) == before
+    to_pickle(work / "adapter", {"x": _Payload(marker)})
+    with untouched(work):
+        r = _merge(command, work / "base", work / "adapter", work / "out", "--allow-pickle")
+        refused(r, 3, PICKLE_NAME, "weights_only=True")
+        assert not marker.exists()
 
 
 # ---- the output location ------------------------------------------------------------------------
@@ -404,22 +337,20 @@ def test_existing_output_refused_without_force(work, command):
     out = work / "out"
     out.mkdir()
     (out / "model.onnx").write_bytes(b"an earlier result")
-    before = _snapshot(work)
-    if command == "export":
-        r = _run("export", "--model", work / "base", "--adapter", work / "adapter", "--out", out)
-    else:
-        r = _merge(command, work / "base", work / "adapter", out)
-    _refused(r, 3, "output exists", str(out), "--force")
-    assert _snapshot(work) == before
+    with untouched(work):
+        if command == "export":
+            r = run("export", "--model", work / "base", "--adapter", work / "adapter", "--out", out)
+        else:
+            r = _merge(command, work / "base", work / "adapter", out)
+        refused(r, 3, "output exists", str(out), "--force")
 
 
 @pytest.mark.parametrize("command", COMMANDS)
 def test_output_under_a_file_is_not_writable(work, command):
     (work / "file").write_text("not a folder")
-    before = _snapshot(work)
-    r = _merge(command, work / "base", work / "adapter", work / "file" / "out")
-    _refused(r, 3, "not a directory", str(work / "file"))
-    assert _snapshot(work) == before
+    with untouched(work):
+        r = _merge(command, work / "base", work / "adapter", work / "file" / "out")
+        refused(r, 3, "not a directory", str(work / "file"))
 
 
 @pytest.mark.parametrize("command", COMMANDS)
@@ -431,14 +362,14 @@ def test_output_in_a_read_only_folder_is_not_writable(work, command, monkeypatch
         real = os.access
         monkeypatch.setattr(os, "access", lambda p, m, **kw: False if Path(p) == parent else real(p, m, **kw))
     try:
-        before = _snapshot(work)
-        r = _merge(command, work / "base", work / "adapter", parent / "out")
-        _refused(r, 3, "cannot write", str(parent))
-        assert _snapshot(work) == before
+        with untouched(work):
+            r = _merge(command, work / "base", work / "adapter", parent / "out")
+            refused(r, 3, "cannot write", str(parent))
     finally:
         parent.chmod(0o755)
 
 
+@pytest.mark.slow
 def test_disk_full_during_export_leaves_nothing(work, monkeypatch):
     """merge's full disk is test_stream.py::test_full_disk_leaves_nothing; this is the ONNX stage."""
     from loraexport.export import onnx as onnx_export
@@ -452,14 +383,10 @@ def test_disk_full_during_export_leaves_nothing(work, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(onnx_export, "_export_one", full)
-    out = work / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("the previous result")
-    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
-    before = _snapshot(work)
-    r = _merge("merge-and-export", work / "base", work / "adapter", out, "--force")
-    _refused(r, 3, "no space left on device", str(out))
-    assert _snapshot(work) == before
+    out = previous_output(work / "out", "keep.txt")  # --force may replace it
+    with untouched(work):
+        r = _merge("merge-and-export", work / "base", work / "adapter", out, "--force")
+        refused(r, 3, "no space left on device", str(out))
 
 
 def test_disk_full_while_saving_a_trained_adapter_leaves_nothing(
@@ -471,22 +398,21 @@ def test_disk_full_while_saving_a_trained_adapter_leaves_nothing(
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(loraexport.io, "save_file", full)
-    before = _snapshot(tmp_path)
-    r = _run(
-        "train",
-        "--base",
-        sample_base,
-        "--data",
-        small_data,
-        "--out",
-        tmp_path / "adapter",
-        "--steps",
-        "2",
-        "--batch-size",
-        "4",
-    )
-    _refused(r, 3, "no space left on device")
-    assert _snapshot(tmp_path) == before
+    with untouched(tmp_path):
+        r = run(
+            "train",
+            "--base",
+            sample_base,
+            "--data",
+            small_data,
+            "--out",
+            tmp_path / "adapter",
+            "--steps",
+            "2",
+            "--batch-size",
+            "4",
+        )
+        refused(r, 3, "no space left on device")
 
 
 # ---- interrupted merges -------------------------------------------------------------------------
@@ -498,35 +424,14 @@ def test_interrupt_during_the_in_memory_merge_leaves_nothing(work, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(loraexport.stages.merge, "merge_state_dict", interrupted)
-    out = work / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("the previous result")
-    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
-    before = _snapshot(work)
-    r = _merge("merge-and-export", work / "base", work / "adapter", out, "--force")
-    assert r.exit_code == 130, r.output
-    assert r.stderr.strip().splitlines() == ["interrupted: nothing was written"]
-    assert _snapshot(work) == before
+    out = previous_output(work / "out", "keep.txt")  # --force may replace it
+    with untouched(work):
+        r = _merge("merge-and-export", work / "base", work / "adapter", out, "--force")
+        assert one_line(r, 130, "interrupted: ") == "interrupted: nothing was written"
 
 
-SLOW_MERGE = textwrap.dedent(
-    """
-    # Injected into the loraexport process by the test (sitecustomize runs at start-up): the
-    # streaming merge says READY at its first progress update, then takes its time.
-    import sys, time
-    from loraexport import progress
-
-    def update(self, n=1, **kw):
-        sys.stderr.write("READY\\n")
-        sys.stderr.flush()
-        time.sleep(60)
-
-    progress.Progress.update = update
-    """
-)
-
-
-@pytest.mark.skipif(not BIN.exists(), reason="the console script is not installed")
+@pytest.mark.slow
+@needs_bin
 @pytest.mark.parametrize(
     "sig, code, message",
     [
@@ -536,34 +441,11 @@ SLOW_MERGE = textwrap.dedent(
 )
 def test_real_signal_during_merge_exits_and_leaves_nothing(work, sig, code, message):
     """A real SIGINT / SIGTERM to the real console script, in the middle of writing the merged shard."""
-    hook = work.parent / f"{work.name}-hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(SLOW_MERGE)
-    env = dict(os.environ, PYTHONPATH=str(hook))
-    out = work / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("the previous result")
-    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
-    before = _snapshot(work)
-    cmd = [str(BIN), "--quiet", "merge", "--base", str(work / "base"), "--adapter", str(work / "adapter")]
-    proc = subprocess.Popen(
-        [*cmd, "--out", str(out), "--force"],
-        stderr=subprocess.PIPE,
-        stdout=subprocess.PIPE,
-        env=env,
-        text=True,
-    )
-    try:
-        ready, _, _ = select.select([proc.stderr], [], [], 120)  # start-up imports torch: seconds
-        assert ready and proc.stderr.readline().strip() == "READY"  # the output is half written now
-        time.sleep(0.2)
-        proc.send_signal(sig)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == code, err
-    assert err.strip().splitlines() == [message]
-    assert _snapshot(work) == before
+    out = previous_output(work / "out", "keep.txt")  # --force may replace it
+    args = ["merge", "--base", work / "base", "--adapter", work / "adapter", "--out", out, "--force"]
+    with untouched(work):
+        hook = work.parent / f"{work.name}-hook"  # outside the folder that must stay untouched
+        assert one_line(signalled(hook, sig, *args), code, message) == message
 
 
 @pytest.mark.parametrize("command", ["merge", "merge-and-export"])
@@ -579,13 +461,12 @@ def test_unreadable_base_shard_is_blamed_on_the_input(work, monkeypatch, command
             raise PermissionError(errno.EACCES, "Permission denied", shard)
         return real_open(file, *args, **kwargs)
 
-    before = _snapshot(work)
-    with monkeypatch.context() as m:
-        m.setattr(builtins, "open", guarded)
-        r = _merge(command, work / "base", work / "adapter", work / "out")
-    line = _refused(r, 3, "model.safetensors")
-    assert "cannot write" not in line
-    assert _snapshot(work) == before
+    with untouched(work):
+        with monkeypatch.context() as m:
+            m.setattr(builtins, "open", guarded)
+            r = _merge(command, work / "base", work / "adapter", work / "out")
+        line = refused(r, 3, "model.safetensors")
+        assert "cannot write" not in line
 
 
 def test_disk_full_in_the_middle_of_a_shard_leaves_nothing(work, monkeypatch):
@@ -602,11 +483,12 @@ def test_disk_full_in_the_middle_of_a_shard_leaves_nothing(work, monkeypatch):
         return real(dst, data)
 
     monkeypatch.setattr(stream, "_write_all", fill_up)
-    out = work / "out"
-    out.mkdir()
-    (out / "keep.txt").write_text("the previous result")
-    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
-    before = _snapshot(work)
-    r = _merge("merge", work / "base", work / "adapter", out, "--force")
-    _refused(r, 3, "no space left on device", str(out))
-    assert len(calls) == 3 and _snapshot(work) == before
+    out = previous_output(work / "out", "keep.txt")  # --force may replace it
+    with untouched(work):
+        refused(
+            _merge("merge", work / "base", work / "adapter", out, "--force"),
+            3,
+            "no space left on device",
+            str(out),
+        )
+    assert len(calls) == 3

@@ -14,19 +14,32 @@ import shutil
 import signal
 import subprocess
 import textwrap
-import time
 from pathlib import Path
 
 import pytest
 import torch
 from artifacts import copy_dir
-from clihelp import BIN, peak_rss_mb, program, refused, run, snapshot
+from clihelp import (
+    BIN,
+    leftovers,
+    needs_bin,
+    ok,
+    one_line,
+    peak_rss_mb,
+    previous_output,
+    program,
+    refused,
+    run,
+    signalled,
+    sitecustomize,
+    untouched,
+)
 from conftest import SAMPLE_BASE
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")
 
-pytestmark = pytest.mark.skipif(not BIN.exists(), reason="the console script is not installed")
+pytestmark = needs_bin
 RSS_LIMIT_MB = 1024  # the issue's bound for every hostile-size case
 
 
@@ -71,12 +84,6 @@ def w(recipes, tmp_path, monkeypatch) -> Path:
     return root
 
 
-def _untouched(root: Path, r, code: int, *needles: str, before: dict) -> str:
-    line = refused(r, code, *needles)
-    assert snapshot(root) == before
-    return line
-
-
 # ---- 1. data loss: an output may never be, contain or sit inside an input ------------------------
 COMMANDS = {  # every command that writes an output, with the inputs it reads
     "merge": (["merge", "--base", "llama", "--adapter", "ad"], ["llama", "ad"]),
@@ -106,16 +113,16 @@ CASES = [
 def test_output_is_never_an_input(w, command, out, expected):
     """The issue's first recipe and its neighbours, for every command that writes, with --force."""
     args, _ = COMMANDS[command]
-    before = snapshot(w.parent)
-    line = _untouched(w.parent, run(*args, "--out", out, "--force"), 2, expected, before=before)
+    with untouched(w.parent):
+        line = refused(run(*args, "--out", out, "--force"), 2, expected)
     if expected != "does not name":
         assert str(w / out) in line and "an output may never be, contain or sit inside an input" in line
 
 
 def test_the_parent_of_every_input_is_refused(w, tmp_path):
-    before = snapshot(tmp_path)
-    r = run("merge", "--base", w / "llama", "--adapter", w / "ad", "--out", w, "--force")
-    line = _untouched(tmp_path, r, 2, "contains the --base", before=before)
+    with untouched(tmp_path):
+        r = run("merge", "--base", w / "llama", "--adapter", w / "ad", "--out", w, "--force")
+        line = refused(r, 2, "contains the --base")
     assert str(w / "llama") in line
 
 
@@ -123,52 +130,35 @@ def test_links_are_resolved(w):
     (w / "to-llama").symlink_to(w / "llama")
     (w / "models").mkdir()
     (w / "models" / "base").symlink_to(w / "llama")
-    before = snapshot(w)
-    _untouched(
-        w,
-        run("merge", "--base", "llama", "--adapter", "ad", "--out", "to-llama", "--force"),
-        2,
-        "is the --base",
-        before=before,
-    )
-    _untouched(
-        w,
-        run("merge", "--base", "models/base", "--adapter", "ad", "--out", "llama", "--force"),
-        2,
-        "is the --base",
-        before=before,
-    )
-    _untouched(
-        w,
-        run("merge", "--base", "models/base", "--adapter", "ad", "--out", "to-llama/x"),
-        2,
-        "sits inside",
-        before=before,
-    )
+    merge = ["merge", "--adapter", "ad", "--base"]
+    with untouched(w):
+        refused(run(*merge, "llama", "--out", "to-llama", "--force"), 2, "is the --base")
+        refused(run(*merge, "models/base", "--out", "llama", "--force"), 2, "is the --base")
+        refused(run(*merge, "models/base", "--out", "to-llama/x"), 2, "sits inside")
 
 
 def test_every_input_of_verify_and_merge_and_export_is_guarded(w):
     """--eval-data and --onnx are inputs too."""
     (w / "evals").mkdir()
     shutil.move(w / "eval.jsonl", w / "evals" / "eval.jsonl")
-    before = snapshot(w)
-    r = run(
-        "merge-and-export",
-        "--base",
-        "ref",
-        "--adapter",
-        "ad",
-        "--eval-data",
-        "evals/eval.jsonl",
-        "--out",
-        "evals",
-        "--force",
-    )
-    _untouched(w, r, 2, "contains the --eval-data", before=before)
-    r = run("verify", "--base", "ref", "--adapter", "ad", "--onnx", "ref", "--report", "ref/report.json")
-    _untouched(w, r, 2, "sits inside the --base", before=before)
-    r = run("verify", "--base", "llama", "--adapter", "ad", "--onnx", "ref", "--report", "ref/r.json")
-    _untouched(w, r, 2, "sits inside the --onnx", before=before)
+    with untouched(w):
+        r = run(
+            "merge-and-export",
+            "--base",
+            "ref",
+            "--adapter",
+            "ad",
+            "--eval-data",
+            "evals/eval.jsonl",
+            "--out",
+            "evals",
+            "--force",
+        )
+        refused(r, 2, "contains the --eval-data")
+        r = run("verify", "--base", "ref", "--adapter", "ad", "--onnx", "ref", "--report", "ref/report.json")
+        refused(r, 2, "sits inside the --base")
+        r = run("verify", "--base", "llama", "--adapter", "ad", "--onnx", "ref", "--report", "ref/r.json")
+        refused(r, 2, "sits inside the --onnx")
 
 
 # ---- --report follows the same rules, checked before any work ------------------------------------
@@ -178,19 +168,17 @@ def test_report_cannot_overwrite_an_input_or_any_file(w):
     (w / "notes.json").write_text('{"mine": true}')
     (w / "reports").mkdir()
     (w / "file").write_text("x")
-    before = snapshot(w)
-    verify = ["verify", "--base", "llama", "--adapter", "ad", "--onnx", "no-such-onnx"]
-    _untouched(w, run(*verify, "--report", "llama/config.json"), 2, "sits inside the --base", before=before)
-    _untouched(w, run(*verify, "--report", "notes.json"), 3, "output exists", "--force", before=before)
-    _untouched(
-        w, run(*verify, "--report", "notes.json", "--force"), 3, "not a loraexport report", before=before
-    )
-    _untouched(w, run(*verify, "--report", "reports", "--force"), 3, "is a folder", before=before)
-    _untouched(w, run(*verify, "--report", "file/report.json"), 3, "not a directory", before=before)
-    _untouched(w, run(*verify, "--report", "report.md"), 2, "ends in .md", before=before)
+    with untouched(w):
+        verify = ["verify", "--base", "llama", "--adapter", "ad", "--onnx", "no-such-onnx"]
+        refused(run(*verify, "--report", "llama/config.json"), 2, "sits inside the --base")
+        refused(run(*verify, "--report", "notes.json"), 3, "output exists", "--force")
+        refused(run(*verify, "--report", "notes.json", "--force"), 3, "not a loraexport report")
+        refused(run(*verify, "--report", "reports", "--force"), 3, "is a folder")
+        refused(run(*verify, "--report", "file/report.json"), 3, "not a directory")
+        refused(run(*verify, "--report", "report.md"), 2, "ends in .md")
     (w / "r.md").write_text("my notes")  # the .md written beside the report is an output too
-    before = snapshot(w)
-    _untouched(w, run(*verify, "--report", "r.json"), 3, "output exists", str(w / "r.md"), before=before)
+    with untouched(w):
+        refused(run(*verify, "--report", "r.json"), 3, "output exists", str(w / "r.md"))
 
 
 def test_report_is_written_atomically_and_replaced_only_when_ours(
@@ -208,12 +196,11 @@ def test_report_is_written_atomically_and_replaced_only_when_ours(
         "--samples",
         "1",
     ]
-    r = run(*args, "--report", "out/r.json")
-    assert r.exit_code == 0, r.stderr
+    ok(run(*args, "--report", "out/r.json"))
     report = json.loads((w / "out" / "r.json").read_text())
     assert report["passed"] is True and (w / "out" / "r.md").read_text().startswith("# loraexport report")
     refused(run(*args, "--report", "out/r.json"), 3, "output exists")
-    assert run(*args, "--report", "out/r.json", "--force").exit_code == 0
+    ok(run(*args, "--report", "out/r.json", "--force"))
     assert sorted(p.name for p in (w / "out").iterdir()) == ["r.json", "r.md"]  # no temporary left
 
 
@@ -241,6 +228,7 @@ BARRIER = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("race", ["at the swap", "free"])
 def test_two_concurrent_runs_to_one_new_output(w, causal_base, causal_adapter, tmp_path, race):
     """Exactly one succeeds, the other exits 3 and leaves the winner's output alone, which
@@ -248,11 +236,8 @@ def test_two_concurrent_runs_to_one_new_output(w, causal_base, causal_adapter, t
     swapped (made certain by a barrier); "free": as it comes."""
     env = {}
     if race == "at the swap":
-        hook = tmp_path / "hook"
-        hook.mkdir()
-        (hook / "sitecustomize.py").write_text(BARRIER)
         (tmp_path / "barrier").mkdir()
-        env = {"PYTHONPATH": str(hook), "BARRIER": str(tmp_path / "barrier")}
+        env = sitecustomize(tmp_path / "hook", BARRIER) | {"BARRIER": str(tmp_path / "barrier")}
     args = [
         str(BIN),
         "--quiet",
@@ -276,39 +261,35 @@ def test_two_concurrent_runs_to_one_new_output(w, causal_base, causal_adapter, t
     assert len(loser.strip().splitlines()) == 1, loser
     if race == "at the swap":
         assert "created or replaced by someone else while this run worked" in loser
-    check = program("verify", "--check-files", w / "out")
-    assert check.returncode == 0, check.stderr
-    assert not [p for p in w.iterdir() if p.name.startswith(".out.")]  # no temporary folder left
+    ok(program("verify", "--check-files", w / "out"))
+    assert leftovers(w, "out") == []  # no temporary folder left
 
 
 # ---- 2. leftovers --------------------------------------------------------------------------------
 def test_symlink_or_file_at_out_is_refused_and_nothing_left(w):
-    (w / "prev").mkdir()
-    (w / "prev" / "loraexport.json").write_text("{}")
+    previous_output(w / "prev")
     (w / "link").symlink_to(w / "prev")
     (w / "a-file").write_text("x")
-    before = snapshot(w)
-    for out in ("link", "a-file"):
-        r = run("merge", "--base", "llama", "--adapter", "ad", "--out", out, "--force")
-        _untouched(w, r, 3, out, before=before)
+    with untouched(w):
+        for out in ("link", "a-file"):
+            r = run("merge", "--base", "llama", "--adapter", "ad", "--out", out, "--force")
+            refused(r, 3, out)
 
 
+@pytest.mark.slow
 def test_stale_temporary_folder_of_a_killed_run_is_removed(w, tmp_path):
     """A run killed with SIGKILL leaves its temporary folder; the next run to that output
     removes it (owned by name and PID: the process is gone)."""
-    env = dict(os.environ, PYTHONPATH=str(tmp_path / "hook"))
-    (tmp_path / "hook").mkdir()
-    (tmp_path / "hook" / "sitecustomize.py").write_text(
+    env = sitecustomize(
+        tmp_path / "hook",
         "import os, signal\nfrom loraexport.output import swap\n"
-        "swap.swap_in = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n"
+        "swap.swap_in = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n",
     )
-    cmd = [str(BIN), "--quiet", "merge", "--base", "llama", "--adapter", "ad", "--out", "out"]
-    killed = subprocess.run(cmd, capture_output=True, env=env, timeout=300)
-    assert killed.returncode == -signal.SIGKILL
+    args = ["merge", "--base", "llama", "--adapter", "ad", "--out", "out"]
+    assert program(*args, env=env).returncode == -signal.SIGKILL
     stale = [p for p in w.iterdir() if p.name.startswith(".out.tmp-")]
     assert len(stale) == 1
-    r = subprocess.run([*cmd[:2], *cmd[2:]], capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stderr
+    ok(program(*args))
     assert not stale[0].exists() and (w / "out" / "model.safetensors").is_file()
 
 
@@ -319,41 +300,22 @@ def test_output_gets_the_users_umask(w):
         text=True,
         timeout=300,
     )
-    assert r.returncode == 0, r.stderr
+    ok(r)
     assert (w / "out").stat().st_mode & 0o777 == 0o750
 
 
+@pytest.mark.slow
 def test_sighup_cleans_up_like_sigterm(w, tmp_path):
-    hook = tmp_path / "hook"
-    hook.mkdir()
-    (hook / "sitecustomize.py").write_text(
-        "import sys, time\nfrom loraexport import progress\n"
-        "def update(self, n=1, **kw):\n    sys.stderr.write('READY\\n'); sys.stderr.flush(); time.sleep(60)\n"
-        "progress.Progress.update = update\n"
-    )
-    before = snapshot(w)
-    proc = subprocess.Popen(
-        [str(BIN), "--quiet", "merge", "--base", "llama", "--adapter", "ad", "--out", "out"],
-        stderr=subprocess.PIPE,
-        text=True,
-        env=dict(os.environ, PYTHONPATH=str(hook)),
-    )
-    try:
-        assert proc.stderr.readline().strip() == "READY"
-        time.sleep(0.2)
-        proc.send_signal(signal.SIGHUP)
-        _, err = proc.communicate(timeout=60)
-    finally:
-        proc.kill()
-    assert proc.returncode == 129, err
-    assert err.strip().splitlines() == ["terminated (SIGHUP): nothing was written"]
-    assert snapshot(w) == before
+    args = ["merge", "--base", "llama", "--adapter", "ad", "--out", "out"]
+    with untouched(w):
+        r = signalled(tmp_path / "hook", signal.SIGHUP, *args)
+        assert one_line(r, 129, "terminated (SIGHUP): ") == "terminated (SIGHUP): nothing was written"
 
 
 def test_name_too_long_leaves_no_parent_behind(w):
-    before = snapshot(w)
-    r = run("merge", "--base", "llama", "--adapter", "ad", "--out", "new/" + "x" * 250)
-    _untouched(w, r, 2, "too long", before=before)
+    with untouched(w):
+        r = run("merge", "--base", "llama", "--adapter", "ad", "--out", "new/" + "x" * 250)
+        refused(r, 2, "too long")
 
 
 # ---- 3. numbers the code cannot use: exit 2 naming the option ------------------------------------
@@ -394,18 +356,19 @@ def test_numbers_that_cannot_work_are_usage_errors(w, command, option, value):
         "analyze": ["--base", "ref", "--adapter", "ad", "--out", "o"],
     }
     extra = ["--adapter", "ad"] if option == "--weight" else []
-    before = snapshot(w)
-    _untouched(w, run(command, *base[command], *extra, option, value), 2, option, before=before)
+    with untouched(w):
+        refused(run(command, *base[command], *extra, option, value), 2, option)
 
 
 TRAIN = ["train", "--base", "ref", "--data", "eval.jsonl", "--eval-data", "eval.jsonl", "--out", "o"]
 
 
+@pytest.mark.slow
 def test_rank_beyond_the_layers_is_refused_before_allocating(w):
     """--rank 2000000 on a 128-wide model would allocate gigabytes: bounded by the layer."""
-    before = snapshot(w)
-    r, mb = peak_rss_mb(*TRAIN, "--rank", "60000")
-    _untouched(w, r, 3, "rank 60000 is larger than", "at most 128", before=before)
+    with untouched(w):
+        r, mb = peak_rss_mb(*TRAIN, "--rank", "60000")
+        refused(r, 3, "rank 60000 is larger than", "at most 128")
     assert mb < RSS_LIMIT_MB, mb
 
 
@@ -421,9 +384,9 @@ def test_training_that_diverges_writes_nothing(w, monkeypatch):
         return (loss * float("nan"), n) if len(calls) == 3 else (loss, n)
 
     monkeypatch.setattr(train_module, "_loss", nan_at_step_3)
-    before = snapshot(w)
-    r = run(*TRAIN, "--steps", "10")
-    _untouched(w, r, 3, "training diverged at step 3 of 10", "nothing was written", before=before)
+    with untouched(w):
+        r = run(*TRAIN, "--steps", "10")
+        refused(r, 3, "training diverged at step 3 of 10", "nothing was written")
 
 
 # ---- data files: bad bytes are bad input (exit 3), never an internal error -----------------------
@@ -455,8 +418,8 @@ def test_hostile_data_files(w, kind, command):
             "--eval-data",
             "bad.jsonl",
         ]
-    before = snapshot(w)
-    _untouched(w, run(*args), 3, "bad.jsonl:1", before=before)
+    with untouched(w):
+        refused(run(*args), 3, "bad.jsonl:1")
 
 
 # ---- 5. unbounded memory: sizes checked before anything is read ----------------------------------
@@ -504,27 +467,27 @@ def test_a_signal_while_arguments_are_parsed(monkeypatch, signum, code, line):
 
     monkeypatch.setattr(Number, "convert", terminated)
     r = run("train", "--base", "b", "--data", "d", "--out", "o", "--lr", "0.1")
-    assert r.exit_code == code and r.stderr.strip() == line + "nothing was written", r.stderr
+    assert one_line(r, code, line) == line + "nothing was written"
 
 
+@pytest.mark.slow
 def test_verify_against_an_export_of_another_model(causal_base, causal_adapter, seq2seq_onnx, tmp_path):
     """Another kind (a seq2seq export for a decoder-only base), or the same kind with another
     cache shape: exit 3 naming both, before any comparison runs."""
     from artifacts import make_base
 
-    before = snapshot(seq2seq_onnx)
-    r = run("verify", "--base", causal_base, "--adapter", causal_adapter, "--onnx", seq2seq_onnx)
-    refused(r, 3, "is an export of another model", "seq2seq", "causal")
-    deeper = make_base(tmp_path / "deeper", n_encoder_layers=0, n_decoder_layers=3)
-    deeper_onnx = tmp_path / "deeper-onnx"
-    assert run("export", "--model", deeper, "--out", deeper_onnx).exit_code == 0
-    r = run(
-        "verify", "--base", causal_base, "--adapter", causal_adapter, "--onnx", deeper_onnx, "--no-latency"
-    )
-    refused(r, 3, "is an export of another model", "(3, 2, 8)", "(2, 2, 8)")
-    assert snapshot(seq2seq_onnx) == before
+    verify = ["verify", "--base", causal_base, "--adapter", causal_adapter, "--no-latency", "--onnx"]
+    with untouched(seq2seq_onnx):
+        r = run(*verify, seq2seq_onnx)
+        refused(r, 3, "is an export of another model", "seq2seq", "causal")
+        deeper = make_base(tmp_path / "deeper", n_encoder_layers=0, n_decoder_layers=3)
+        deeper_onnx = tmp_path / "deeper-onnx"
+        ok(run("export", "--model", deeper, "--out", deeper_onnx))
+        r = run(*verify, deeper_onnx)
+        refused(r, 3, "is an export of another model", "(3, 2, 8)", "(2, 2, 8)")
 
 
+@pytest.mark.slow
 def test_a_closed_stdout_is_not_an_internal_error(tmp_path):
     """`loraexport inspect DIR | head -0`: the reader went away; exit 141 as a shell tool, silently."""
     proc = subprocess.Popen(
@@ -555,7 +518,7 @@ def test_a_targeted_weight_stored_as_integers(w, command):
     key = "model.layers.0.self_attn.q_proj.weight"
     tensors[key] = tensors[key].to(torch.int32)
     save_file(tensors, str(w / "llama" / "model.safetensors"), metadata={"format": "pt"})
-    before = snapshot(w)
-    extra = ["--no-verify"] if command == "merge-and-export" else []
-    r = run(command, "--base", "llama", "--adapter", "ad", "--out", "o", *extra)
-    _untouched(w, r, 3, "q_proj", before=before)
+    with untouched(w):
+        extra = ["--no-verify"] if command == "merge-and-export" else []
+        r = run(command, "--base", "llama", "--adapter", "ad", "--out", "o", *extra)
+        refused(r, 3, "q_proj")

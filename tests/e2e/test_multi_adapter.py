@@ -4,14 +4,11 @@ from __future__ import annotations
 
 import json
 
+import pytest
 from artifacts import make_adapter
-from click.testing import CliRunner
+from clihelp import QUICK, ok, refused, run
 
-from loraexport.cli import main
-
-
-def _run(*args: str):
-    return CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=False)
+pytestmark = pytest.mark.slow  # an export and three verifications
 
 
 def test_two_weighted_adapters_export_and_verify(causal_base, causal_adapter, tmp_path):
@@ -20,40 +17,39 @@ def test_two_weighted_adapters_export_and_verify(causal_base, causal_adapter, tm
     )
     out = tmp_path / "out"
     pair = ("--adapter", causal_adapter, "--adapter", other)
-    common = ("--no-latency", "--samples", "2")
-    r = _run(
-        "merge-and-export",
-        "--base",
-        causal_base,
-        *pair,
-        "--weight",
-        "0.7",
-        "--weight",
-        "0.3",
-        "--out",
-        out,
-        *common,
+    ok(
+        run(
+            "merge-and-export",
+            "--base",
+            causal_base,
+            *pair,
+            "--weight",
+            "0.7",
+            "--weight",
+            "0.3",
+            "--out",
+            out,
+            *QUICK,
+        )
     )
-    assert r.exit_code == 0, r.stderr
     report = json.loads((out / "report.json").read_text())
     assert report["parity"]["passed"] is True
     assert [a["weight"] for a in report["adapters"]] == [0.7, 0.3]
     provenance = json.loads((out / "loraexport.json").read_text())["inputs"]["adapters"]
     assert [a["weight"] for a in provenance] == [0.7, 0.3]  # the export can be reproduced
     merged = tmp_path / "merged"
-    r = _run("merge", "--base", causal_base, *pair, "--weight", "0.7", "--weight", "0.3", "--out", merged)
-    assert r.exit_code == 0, r.stderr
+    ok(run("merge", "--base", causal_base, *pair, "--weight", "0.7", "--weight", "0.3", "--out", merged))
     assert [a["weight"] for a in json.loads((merged / "merge.json").read_text())["adapters"]] == [0.7, 0.3]
-    r = _run(
+    r = run(
         "merge", "--base", causal_base, *pair, "--weight", "nan", "--weight", "1", "--out", tmp_path / "m2"
     )
-    assert r.exit_code == 2 and "'--weight': nan is not a finite number" in r.stderr  # the option's type
+    refused(r, 2, "'--weight': nan is not a finite number")  # the option's type
     assert report["parity"]["generation"]["identical_rows"] == report["parity"]["generation"]["rows"]
     # the same export against other weights: the unmerged reference differs, parity must fail
-    r = _run(
-        "verify", "--base", causal_base, *pair, "--weight", "0.7", "--weight", "0.4", "--onnx", out, *common
+    r = run(
+        "verify", "--base", causal_base, *pair, "--weight", "0.7", "--weight", "0.4", "--onnx", out, *QUICK
     )
-    assert r.exit_code == 4 and "parity failed" in r.stderr
+    refused(r, 4, "parity failed", printed=True)
     # one weight for two adapters is a usage error (exit 2), named
-    r = _run("verify", "--base", causal_base, *pair, "--weight", "0.7", "--onnx", out, *common)
-    assert r.exit_code == 2 and "2 --adapter but 1 --weight" in r.stderr
+    r = run("verify", "--base", causal_base, *pair, "--weight", "0.7", "--onnx", out, *QUICK)
+    refused(r, 2, "2 --adapter but 1 --weight")

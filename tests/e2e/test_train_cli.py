@@ -3,27 +3,18 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
+import pytest
 import torch
-from click.testing import CliRunner
+from clihelp import nothing_left, ok, previous_output, program, refused, run
 
-from loraexport.cli import main
 from loraexport.lora.adapter import CONFIG_NAME, WEIGHTS_NAME, Adapter
 from loraexport.models.reference import load_model
 
 STEPS = "10"
 TRAIN_ARGS = ["--steps", STEPS, "--batch-size", "8", "--rank", "4", "--seed", "0"]
 EXPECTED_FILES = {CONFIG_NAME, WEIGHTS_NAME, "training.json", "loraexport.json"}  # the last: sha256 manifest
-
-
-def _program() -> list[str]:
-    """The installed console script next to this interpreter, else ``python -m loraexport.cli``."""
-    script = Path(sys.executable).parent / "loraexport"
-    return [str(script)] if script.is_file() else [sys.executable, "-m", "loraexport.cli"]
 
 
 def _check_adapter(out: Path, base: Path) -> Adapter:
@@ -40,22 +31,9 @@ def _check_adapter(out: Path, base: Path) -> Adapter:
 
 def test_train_writes_a_peft_adapter_and_json_summary(tmp_path, sample_base, small_data):
     out = tmp_path / "adapter"
-    result = CliRunner().invoke(
-        main,
-        [
-            "-q",
-            "train",
-            "--base",
-            str(sample_base),
-            "--data",
-            str(small_data),
-            "--out",
-            str(out),
-            "--json",
-            *TRAIN_ARGS,
-        ],
+    result = ok(
+        run("train", "--base", sample_base, "--data", small_data, "--out", out, "--json", *TRAIN_ARGS)
     )
-    assert result.exit_code == 0, (result.output, result.exception)
     summary = json.loads(result.stdout)
     assert summary["steps"] == int(STEPS)
     assert summary["adapter"] == str(out)
@@ -71,25 +49,20 @@ def test_train_writes_a_peft_adapter_and_json_summary(tmp_path, sample_base, sma
 
 
 def test_train_human_output_and_force_replaces(tmp_path, sample_base, small_data):
-    out = tmp_path / "adapter"
-    out.mkdir()
-    (out / "stale.txt").write_text("old")
-    (out / "loraexport.json").write_text("{}")  # a previous output: --force may replace it
+    out = previous_output(tmp_path / "adapter", "stale.txt")  # --force may replace it
     args = [
         "train",
         "--base",
-        str(sample_base),
+        sample_base,
         "--data",
-        str(small_data),
+        small_data,
         "--out",
-        str(out),
+        out,
         "--force",
         "--targets",
         "q,k,fc1",
-        *TRAIN_ARGS,
     ]
-    result = CliRunner().invoke(main, args)
-    assert result.exit_code == 0, (result.output, result.exception)
+    result = ok(run(*args, *TRAIN_ARGS, quiet=False))
     assert f"adapter written to {out}" in result.stdout
     assert "held-out exact match" in result.stdout
     assert not (out / "stale.txt").exists()
@@ -100,68 +73,20 @@ def test_train_human_output_and_force_replaces(tmp_path, sample_base, small_data
 def test_train_is_reproducible_through_the_cli(tmp_path, sample_base, small_data):
     outs = [tmp_path / "a", tmp_path / "b"]
     for out in outs:
-        result = CliRunner().invoke(
-            main,
-            [
-                "-q",
-                "train",
-                "--base",
-                str(sample_base),
-                "--data",
-                str(small_data),
-                "--out",
-                str(out),
-                *TRAIN_ARGS,
-            ],
-        )
-        assert result.exit_code == 0, result.output
+        ok(run("train", "--base", sample_base, "--data", small_data, "--out", out, *TRAIN_ARGS))
     assert (outs[0] / WEIGHTS_NAME).read_bytes() == (outs[1] / WEIGHTS_NAME).read_bytes()
 
 
+@pytest.mark.slow
 def test_console_script_trains_and_fails_cleanly(tmp_path, sample_base, small_data):
-    env = dict(os.environ, HF_HUB_OFFLINE="1")
     out = tmp_path / "adapter"
-    ok = subprocess.run(
-        [
-            *_program(),
-            "train",
-            "--base",
-            str(sample_base),
-            "--data",
-            str(small_data),
-            "--out",
-            str(out),
-            "--json",
-            *TRAIN_ARGS,
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert ok.returncode == 0, ok.stderr
-    assert json.loads(ok.stdout)["steps"] == int(STEPS)
+    args = ["train", "--base", sample_base, "--data", small_data, "--out", out, "--json", *TRAIN_ARGS]
+    trained = ok(program(*args, env={"HF_HUB_OFFLINE": "1"}, quiet=False))
+    assert json.loads(trained.stdout)["steps"] == int(STEPS)
     adapter = _check_adapter(out, sample_base)
     assert all(t.dtype == torch.float32 for pair in adapter.weights.values() for t in pair)
 
-    bad = subprocess.run(
-        [
-            *_program(),
-            "train",
-            "--base",
-            str(tmp_path / "missing"),
-            "--data",
-            str(small_data),
-            "--out",
-            str(tmp_path / "x"),
-        ],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=300,
-    )
-    assert bad.returncode == 3
-    assert bad.stderr.strip().count("\n") == 0 and bad.stderr.startswith("error: ")
-    assert "missing" in bad.stderr
-    assert "Traceback" not in bad.stderr + bad.stdout
-    assert not (tmp_path / "x").exists()
+    missing = tmp_path / "missing"
+    args = ["train", "--base", missing, "--data", small_data, "--out", tmp_path / "x"]
+    refused(program(*args, env={"HF_HUB_OFFLINE": "1"}, quiet=False), 3, str(missing))
+    nothing_left(tmp_path / "x")

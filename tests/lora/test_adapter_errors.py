@@ -7,7 +7,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file, save_file
+from artifacts import edit_tensors, to_pickle
+from safetensors.torch import save_file
 
 from loraexport.errors import (
     AdapterFormatError,
@@ -36,18 +37,12 @@ def adapter_dir(tmp_path, make_model, randomize_b) -> Path:
     return d
 
 
-def _edit_tensors(d: Path, edit) -> None:
-    tensors = load_file(str(d / WEIGHTS_NAME))
-    edit(tensors)
-    save_file(tensors, str(d / WEIGHTS_NAME))
-
-
 def test_fixture_adapter_is_valid(adapter_dir, make_model):
     Adapter.load(adapter_dir).check_fits(make_model())
 
 
 def test_missing_tensor_named(adapter_dir):
-    _edit_tensors(adapter_dir, lambda t: t.pop(Q_B))
+    edit_tensors(adapter_dir, lambda t: t.pop(Q_B))
     with pytest.raises(AdapterFormatError, match=f"'{Q_B}'"):
         Adapter.load(adapter_dir)
 
@@ -56,7 +51,7 @@ def test_missing_module_named_by_check_fits(adapter_dir, make_model):
     def drop(t):
         del t[Q_A], t[Q_B]
 
-    _edit_tensors(adapter_dir, drop)
+    edit_tensors(adapter_dir, drop)
     adapter = Adapter.load(adapter_dir)  # self-consistent, but a targeted module has no tensors
     with pytest.raises(AdapterFormatError, match=Q):
         adapter.check_fits(make_model())
@@ -73,13 +68,13 @@ def test_shape_not_fitting_module_named(adapter_dir, make_model):
 
 
 def test_only_out_features_wrong(adapter_dir, make_model):
-    _edit_tensors(adapter_dir, lambda t: t.__setitem__(Q_B, torch.ones(17, 4)))
+    edit_tensors(adapter_dir, lambda t: t.__setitem__(Q_B, torch.ones(17, 4)))
     with pytest.raises(AdapterMismatchError, match=f"'{Q}'"):
         Adapter.load(adapter_dir).check_fits(make_model())
 
 
 def test_rank_mismatch_between_a_and_b(adapter_dir):
-    _edit_tensors(adapter_dir, lambda t: t.__setitem__(Q_B, t[Q_B][:, :3].contiguous()))
+    edit_tensors(adapter_dir, lambda t: t.__setitem__(Q_B, t[Q_B][:, :3].contiguous()))
     with pytest.raises(AdapterFormatError, match=f"{Q}: rank mismatch"):
         Adapter.load(adapter_dir)
 
@@ -88,13 +83,13 @@ def test_rank_disagrees_with_config(adapter_dir):
     def shrink(t):
         t[Q_A], t[Q_B] = t[Q_A][:2].contiguous(), t[Q_B][:, :2].contiguous()
 
-    _edit_tensors(adapter_dir, shrink)
+    edit_tensors(adapter_dir, shrink)
     with pytest.raises(AdapterFormatError, match=f"{Q}: tensors have rank 2 .* r=4"):
         Adapter.load(adapter_dir)
 
 
 def test_not_a_matrix(adapter_dir):
-    _edit_tensors(adapter_dir, lambda t: t.__setitem__(Q_A, t[Q_A].reshape(-1)))
+    edit_tensors(adapter_dir, lambda t: t.__setitem__(Q_A, t[Q_A].reshape(-1)))
     with pytest.raises(AdapterFormatError, match=Q):
         Adapter.load(adapter_dir)
 
@@ -105,20 +100,20 @@ def test_non_finite_value_named(adapter_dir, key, bad):
     def poison(t):
         t[key][1, 2] = bad
 
-    _edit_tensors(adapter_dir, poison)
+    edit_tensors(adapter_dir, poison)
     with pytest.raises(AdapterFormatError, match=f"'{key}' contains NaN or Inf"):
         Adapter.load(adapter_dir)
 
 
 def test_integer_tensor_refused(adapter_dir):
-    _edit_tensors(adapter_dir, lambda t: t.__setitem__(Q_A, t[Q_A].to(torch.int32)))
+    edit_tensors(adapter_dir, lambda t: t.__setitem__(Q_A, t[Q_A].to(torch.int32)))
     with pytest.raises(AdapterFormatError, match="floating point"):
         Adapter.load(adapter_dir)
 
 
 def test_unexpected_key_named(adapter_dir):
     key = f"{PREFIX}{Q}.weight"
-    _edit_tensors(adapter_dir, lambda t: t.__setitem__(key, torch.zeros(16, 16)))
+    edit_tensors(adapter_dir, lambda t: t.__setitem__(key, torch.zeros(16, 16)))
     with pytest.raises(AdapterFormatError, match=f"unexpected tensor '{key}'"):
         Adapter.load(adapter_dir)
 
@@ -130,7 +125,7 @@ def test_extra_untargeted_module_named(adapter_dir, make_model):
         t[f"{PREFIX}{fc1}.lora_A.weight"] = torch.zeros(4, 16)
         t[f"{PREFIX}{fc1}.lora_B.weight"] = torch.zeros(32, 4)
 
-    _edit_tensors(adapter_dir, add)
+    edit_tensors(adapter_dir, add)
     adapter = Adapter.load(adapter_dir)
     with pytest.raises(AdapterMismatchError, match=f"'{fc1}'"):
         adapter.check_fits(make_model())
@@ -143,7 +138,7 @@ def test_module_not_in_model_named_with_suggestion(adapter_dir, make_model):
         t[f"{PREFIX}{typo}.lora_A.weight"] = t.pop(Q_A)
         t[f"{PREFIX}{typo}.lora_B.weight"] = t.pop(Q_B)
 
-    _edit_tensors(adapter_dir, rename)
+    edit_tensors(adapter_dir, rename)
     with pytest.raises(AdapterMismatchError, match=f"'{typo}'.*did you mean '{Q}'"):
         Adapter.load(adapter_dir).check_fits(make_model())
 
@@ -201,21 +196,14 @@ def test_directory_is_a_file(tmp_path):
 
 
 # ---- pickle -----------------------------------------------------------------------------
-def _to_pickle(d: Path) -> dict[str, torch.Tensor]:
-    tensors = load_file(str(d / WEIGHTS_NAME))
-    (d / WEIGHTS_NAME).unlink()
-    torch.save(tensors, d / PICKLE_NAME)
-    return tensors
-
-
 def test_pickle_refused_by_default(adapter_dir):
-    _to_pickle(adapter_dir)
+    to_pickle(adapter_dir)
     with pytest.raises(AdapterFormatError, match="--allow-pickle"):
         Adapter.load(adapter_dir)
 
 
 def test_pickle_loaded_when_allowed(adapter_dir):
-    tensors = _to_pickle(adapter_dir)
+    tensors = to_pickle(adapter_dir)
     adapter = Adapter.load(adapter_dir, allow_pickle=True)
     assert len(adapter.weights) * 2 == len(tensors)
     for path, (a, b) in adapter.weights.items():

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from clihelp import one_line_message
 from safetensors.torch import save_file
 
 from loraexport.errors import AdapterFormatError, InputNotFoundError, ModelFormatError
@@ -24,13 +25,6 @@ from loraexport.lora.stream import INDEX, checkpoint_shards, read_header
 
 DEEP = 100_000  # nesting far past the interpreter's recursion limit
 LONG_INT = "1" * 5000  # past Python's 4300-digit limit for int("...")
-
-
-def _one_line(e: pytest.ExceptionInfo, *needles: str) -> None:
-    msg = str(e.value)
-    assert "\n" not in msg.strip(), msg
-    for needle in needles:
-        assert needle in msg, (needle, msg)
 
 
 # ---- safetensors header --------------------------------------------------------------------
@@ -74,7 +68,7 @@ def test_malformed_header_is_one_model_format_error(tmp_path, header, needle):
     path = _file(tmp_path, header)
     with pytest.raises(ModelFormatError) as e:
         read_header(path)
-    _one_line(e, str(path), needle)
+    one_line_message(e, str(path), needle)
 
 
 def test_valid_header_with_every_dtype_and_empty_tensors_is_read(tmp_path):
@@ -113,7 +107,7 @@ def test_malformed_index_names_the_index(tmp_path, text, needle):
     (tmp_path / INDEX).write_bytes(text)
     with pytest.raises(ModelFormatError) as e:
         checkpoint_shards(tmp_path)
-    _one_line(e, INDEX, needle)
+    one_line_message(e, INDEX, needle)
 
 
 # ---- JSON files and paths ------------------------------------------------------------------
@@ -131,7 +125,7 @@ def test_read_json_hostile_text(tmp_path, text, needle):
     path.write_bytes(text)
     with pytest.raises(AdapterFormatError) as e:
         read_json(path, AdapterFormatError)
-    _one_line(e, str(path), needle)
+    one_line_message(e, str(path), needle)
 
 
 def test_read_json_unreadable_file(tmp_path, monkeypatch):
@@ -147,14 +141,14 @@ def test_read_json_unreadable_file(tmp_path, monkeypatch):
     monkeypatch.setattr(loraexport.untrusted, "open", denied, raising=False)
     with pytest.raises(AdapterFormatError) as e:
         read_json(path, AdapterFormatError)
-    _one_line(e, str(path), "Permission denied")
+    one_line_message(e, str(path), "Permission denied")
 
 
 @pytest.mark.parametrize("require", [require_dir, require_file])
 def test_path_name_too_long_is_input_not_found(tmp_path, require):
     with pytest.raises(InputNotFoundError) as e:
         require(tmp_path / ("x" * 300), "adapter directory")  # was OSError: File name too long
-    _one_line(e, "adapter directory", "too long")
+    one_line_message(e, "adapter directory", "too long")
 
 
 # ---- adapter_config.json -------------------------------------------------------------------
@@ -192,7 +186,7 @@ def _config(**overrides) -> dict:
 def test_bad_config_values_refused_by_key(overrides, key):
     with pytest.raises(AdapterFormatError) as e:
         LoraConfig.from_dict(_config(**overrides))
-    _one_line(e, CONFIG_NAME, key)
+    one_line_message(e, CONFIG_NAME, key)
 
 
 def test_long_values_are_quoted_short():
@@ -234,14 +228,14 @@ def test_float8_adapter_checked_for_non_finite_values(adapter_dir, dtype):
     save_file(tensors, str(adapter_dir / WEIGHTS_NAME))
     with pytest.raises(AdapterFormatError) as e:  # was NotImplementedError from torch.isfinite
         Adapter.load(adapter_dir)
-    _one_line(e, f"'{PREFIX}q.lora_B.weight'", "NaN or Inf")
+    one_line_message(e, f"'{PREFIX}q.lora_B.weight'", "NaN or Inf")
 
 
 def test_pickle_with_non_string_keys_refused(adapter_dir):
     torch.save({i: t for i, t in enumerate(_tensors(torch.float32).values())}, adapter_dir / PICKLE_NAME)
     with pytest.raises(AdapterFormatError) as e:  # was TypeError from the key regex
         Adapter.load(adapter_dir, allow_pickle=True)
-    _one_line(e, PICKLE_NAME, "dict of tensors by name")
+    one_line_message(e, PICKLE_NAME, "dict of tensors by name")
 
 
 class Payload:
@@ -252,7 +246,7 @@ def test_pickle_refused_by_weights_only_is_one_line_without_advice_to_disable_it
     torch.save({"x": Payload()}, adapter_dir / PICKLE_NAME)
     with pytest.raises(AdapterFormatError) as e:
         Adapter.load(adapter_dir, allow_pickle=True)
-    _one_line(e, PICKLE_NAME, "weights_only=True", "something other than tensors")
+    one_line_message(e, PICKLE_NAME, "weights_only=True", "something other than tensors")
     assert "False" not in str(e.value)  # torch's own message suggests weights_only=False
 
 
@@ -265,4 +259,4 @@ def test_complex_replacement_tensor_refused(tmp_path):
     save_file(tensors, str(d / WEIGHTS_NAME))
     with pytest.raises(AdapterFormatError) as e:  # was a UserWarning from the merge, and a wrong bias
         Adapter.load(d)
-    _one_line(e, f"'{PREFIX}q.bias'", "complex")
+    one_line_message(e, f"'{PREFIX}q.bias'", "complex")

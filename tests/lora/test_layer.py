@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from artifacts import random_lora_linear
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -23,19 +24,6 @@ EPS32 = torch.finfo(torch.float32).eps
 UNMERGE_ULPS = 1.0
 
 
-def _layer(in_f: int, out_f: int, r: int, scaling: float, seed: int) -> LoRALinear:
-    g = torch.Generator().manual_seed(seed)
-    base = nn.Linear(in_f, out_f)
-    with torch.no_grad():
-        base.weight.copy_(torch.randn(out_f, in_f, generator=g))
-        base.bias.copy_(torch.randn(out_f, generator=g))
-    layer = LoRALinear(base, r, scaling)
-    with torch.no_grad():
-        layer.lora_A.copy_(torch.randn(r, in_f, generator=g))
-        layer.lora_B.copy_(torch.randn(out_f, r, generator=g))  # B is zero-initialised
-    return layer
-
-
 @settings(deadline=None, max_examples=50)
 @given(
     in_f=st.integers(1, 24),
@@ -46,7 +34,7 @@ def _layer(in_f: int, out_f: int, r: int, scaling: float, seed: int) -> LoRALine
     seed=st.integers(0, 2**31 - 1),
 )
 def test_forward_equals_lora_formula_in_float64(in_f, out_f, r, scaling, batch, seed):
-    layer = _layer(in_f, out_f, r, scaling, seed)
+    layer = random_lora_linear(in_f, out_f, r, scaling, seed)
     x = torch.randn(*batch, in_f, generator=torch.Generator().manual_seed(seed + 1))
     with torch.no_grad():
         got = layer(x)
@@ -70,7 +58,7 @@ def test_forward_equals_lora_formula_in_float64(in_f, out_f, r, scaling, batch, 
     seed=st.integers(0, 2**31 - 1),
 )
 def test_merge_then_unmerge_returns_w0_within_float32_rounding(in_f, out_f, r, scaling, seed):
-    layer = _layer(in_f, out_f, r, scaling, seed)
+    layer = random_lora_linear(in_f, out_f, r, scaling, seed)
     w0 = layer.base_layer.weight.detach().clone()
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
     adapter = Adapter(LoraConfig(r=r, lora_alpha=scaling * r, target_modules=["lin"]), {"lin": (a, b)})
@@ -89,7 +77,7 @@ def test_merge_then_unmerge_returns_w0_within_float32_rounding(in_f, out_f, r, s
 
 
 def test_merged_weight_is_the_correctly_rounded_float64_sum():
-    layer = _layer(12, 7, 3, 2.5, seed=3)
+    layer = random_lora_linear(12, 7, 3, 2.5, seed=3)
     a, b = layer.lora_A.detach(), layer.lora_B.detach()
     adapter = Adapter(LoraConfig(r=3, lora_alpha=7.5, target_modules=["lin"]), {"lin": (a, b)})
     w0 = layer.base_layer.weight.detach()
@@ -146,7 +134,7 @@ def test_base_frozen_and_lora_trainable():
 
 
 def test_dropout_applies_to_the_lora_branch_only():
-    layer = _layer(6, 4, 2, 3.0, seed=5)
+    layer = random_lora_linear(6, 4, 2, 3.0, seed=5)
     layer.dropout = nn.Dropout(1.0)  # drop every input of the branch
     x = torch.randn(3, 6)
     layer.train()

@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from artifacts import random_lora_linear
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
@@ -42,15 +43,8 @@ def merged_vs_unmerged_tolerance(dtype: torch.dtype, terms: int) -> float:
 
 def _layers(in_f: int, out_f: int, r: int, s: float, dtype: torch.dtype, seed: int):
     """An unmerged LoRALinear in ``dtype`` and the plain nn.Linear holding its merged weights."""
-    g = torch.Generator().manual_seed(seed)
-    base = nn.Linear(in_f, out_f, dtype=dtype)
-    with torch.no_grad():
-        base.weight.copy_(torch.randn(out_f, in_f, generator=g))
-        base.bias.copy_(torch.randn(out_f, generator=g))
-    unmerged = LoRALinear(base, r, s)
-    with torch.no_grad():
-        unmerged.lora_A.copy_(torch.randn(r, in_f, generator=g))
-        unmerged.lora_B.copy_(torch.randn(out_f, r, generator=g))  # B is zero-initialised
+    unmerged = random_lora_linear(in_f, out_f, r, s, seed, dtype)
+    base = unmerged.base_layer
     a, b = unmerged.lora_A.detach(), unmerged.lora_B.detach()
     adapter = Adapter(LoraConfig(r=r, lora_alpha=s * r, target_modules=["lin"]), {"lin": (a, b)})
     state = {"lin.weight": base.weight.detach(), "lin.bias": base.bias.detach()}

@@ -10,10 +10,9 @@ import struct
 
 import pytest
 import torch
-from click.testing import CliRunner
+from clihelp import one_line, refused, run
 from safetensors.torch import load_file, save_file
 
-from loraexport.cli import main
 from loraexport.errors import AdapterFormatError, AdapterMismatchError, ModelFormatError
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.config import LoraConfig
@@ -147,19 +146,10 @@ def test_sigint_leaves_nothing(tmp_path, monkeypatch):
         raise KeyboardInterrupt
 
     monkeypatch.setattr(Progress, "update", interrupt)
-    r = CliRunner().invoke(
-        main,
-        [
-            "merge",
-            "--base",
-            str(tmp_path / "base"),
-            "--adapter",
-            str(adapter),
-            "--out",
-            str(tmp_path / "out"),
-        ],
+    r = run(
+        "merge", "--base", tmp_path / "base", "--adapter", adapter, "--out", tmp_path / "out", quiet=False
     )
-    assert r.exit_code == 130 and r.stderr.strip() == "interrupted: nothing was written"
+    assert one_line(r, 130, "interrupted: ") == "interrupted: nothing was written"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]  # no output, no temp dir
 
 
@@ -172,19 +162,8 @@ def test_full_disk_leaves_nothing(tmp_path, monkeypatch):
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(stream.shutil, "copy2", full)
-    r = CliRunner().invoke(
-        main,
-        [
-            "merge",
-            "--base",
-            str(tmp_path / "base"),
-            "--adapter",
-            str(adapter),
-            "--out",
-            str(tmp_path / "out"),
-        ],
-    )
-    assert r.exit_code == 3 and "no space left on device" in r.stderr and "Traceback" not in r.output
+    r = run("merge", "--base", tmp_path / "base", "--adapter", adapter, "--out", tmp_path / "out")
+    refused(r, 3, "no space left on device")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "base"]
 
 

@@ -12,17 +12,14 @@ import json
 import math
 import re
 import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from artifacts import make_base
-from click.testing import CliRunner
+from artifacts import edit_json, make_base
+from clihelp import needs_bin, ok, peak_rss_mb, refused, run, untouched
 from safetensors.torch import load_file, save_file
 
-from loraexport.cli import main
 from loraexport.errors import ModelFormatError
 from loraexport.lora.stream import TensorInfo
 from loraexport.models.checks import (
@@ -33,39 +30,21 @@ from loraexport.models.checks import (
 )
 from loraexport.models.reference import POSITIONS_FLOOR, WEIGHTS, load_model
 
-CLI = Path(sys.executable).with_name("loraexport")  # the console script of this environment
-MAX_RSS_BYTES = 1 << 30  # the issue's bound for refusing a hostile config: 1 GB
+MAX_RSS_MB = 1024  # the issue's bound for refusing a hostile config: 1 GB
 VOCAB = 32  # the tiny Hugging Face models and their tokenizer
 
 
 # ---- helpers ----------------------------------------------------------------------------------
-def _snapshot(d: Path) -> dict[str, bytes]:
-    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
-
-
-def _edit_json(path: Path, **changes) -> None:
-    data = json.loads(path.read_text())
-    data.update(changes)
-    path.write_text(json.dumps(data))
-
-
-def _refused(d: Path, *needles: str) -> str:
+def _inspect_refuses(d: Path, *needles: str) -> str:
     """``loraexport inspect d`` exits 3 with one line naming each needle; ``d`` is unchanged."""
-    before = _snapshot(d)
-    r = CliRunner().invoke(main, ["--quiet", "inspect", str(d)])
-    assert r.exit_code == 3, (r.exit_code, r.output, r.exception)
-    assert "Traceback" not in r.output
-    lines = r.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), r.stderr
-    for needle in needles:
-        assert needle in lines[0], (needle, lines[0])
-    assert _snapshot(d) == before
-    return lines[0]
+    with untouched(d):
+        return refused(run("inspect", d), 3, *needles)
 
 
-def _accepted(d: Path) -> None:
-    r = CliRunner().invoke(main, ["--quiet", "inspect", str(d)])
-    assert r.exit_code == 0, (r.output, r.exception)
+def _hostile_size_refused_in_bounded_memory(d: Path) -> None:
+    r, mb = peak_rss_mb("inspect", d)
+    refused(r, 3)
+    assert 10 < mb < MAX_RSS_MB, mb  # above 10 MB: the measurement saw the process
 
 
 @pytest.fixture
@@ -85,8 +64,8 @@ def ref_dir(tmp_path) -> Path:
     ids=["d_model", "d_ff", "more-layers", "fewer-layers"],
 )
 def test_reference_config_checked_against_the_weights_header(ref_dir, changes, needles):
-    _edit_json(ref_dir / "config.json", **changes)
-    _refused(ref_dir, f"{WEIGHTS} does not match config.json", *needles)
+    edit_json(ref_dir / "config.json", **changes)
+    _inspect_refuses(ref_dir, f"{WEIGHTS} does not match config.json", *needles)
 
 
 @pytest.mark.parametrize(
@@ -97,13 +76,13 @@ def test_reference_config_checked_against_the_weights_header(ref_dir, changes, n
 def test_reference_max_len_the_weights_do_not_justify(ref_dir, max_len, needle):
     """The position table is not stored: max_len × d_model must not exceed the weights (or a
     floor of POSITIONS_FLOOR values), so the real build after the check stays bounded."""
-    _edit_json(ref_dir / "config.json", max_len=max_len)
-    _refused(ref_dir, "config.json: max_len", needle)
+    edit_json(ref_dir / "config.json", max_len=max_len)
+    _inspect_refuses(ref_dir, "config.json: max_len", needle)
 
 
 def test_reference_long_context_of_a_small_model_is_fine(ref_dir):
     """Up to POSITIONS_FLOOR values of positions need no justification by the weights."""
-    _edit_json(ref_dir / "config.json", max_len=POSITIONS_FLOOR // 16)  # d_model 16
+    edit_json(ref_dir / "config.json", max_len=POSITIONS_FLOOR // 16)  # d_model 16
     assert load_model(ref_dir).pe.shape == (POSITIONS_FLOOR // 16, 16)
 
 
@@ -134,8 +113,8 @@ def test_reference_long_context_of_a_small_model_is_fine(ref_dir):
     ids=lambda v: str(v)[:30] if isinstance(v, str) else None,
 )
 def test_reference_config_values(ref_dir, changes, needle):
-    _edit_json(ref_dir / "config.json", **changes)
-    line = _refused(ref_dir, "config.json", needle)
+    edit_json(ref_dir / "config.json", **changes)
+    line = _inspect_refuses(ref_dir, "config.json", needle)
     assert len(line) < 400  # hostile values are quoted short
 
 
@@ -144,7 +123,7 @@ def test_reference_weights_of_a_non_float_dtype(ref_dir, dtype):
     tensors = load_file(str(ref_dir / WEIGHTS))
     tensors["decoder.0.self_attn.q.weight"] = tensors["decoder.0.self_attn.q.weight"].to(dtype)
     save_file(tensors, str(ref_dir / WEIGHTS))
-    _refused(ref_dir, WEIGHTS, "tensor 'decoder.0.self_attn.q.weight' is", "must be floating point")
+    _inspect_refuses(ref_dir, WEIGHTS, "tensor 'decoder.0.self_attn.q.weight' is", "must be floating point")
 
 
 def test_reference_half_precision_weights_load(ref_dir):
@@ -158,39 +137,20 @@ def test_reference_parity_cases_stay_short_for_a_long_context(ref_dir):
     """Parity batches of 16 at max_len would need 16·H·max_len² attention scores."""
     from loraexport.models.reference_family import MAX_CASE_LEN, REFERENCE
 
-    _edit_json(ref_dir / "config.json", max_len=65536)  # 1M position values: under the floor
+    edit_json(ref_dir / "config.json", max_len=65536)  # 1M position values: under the floor
     model = load_model(ref_dir)
     lengths = [c.inputs["input_ids"].shape[1] for c in REFERENCE.parity_cases(model, 6, 0)]
     assert max(lengths) == MAX_CASE_LEN
 
 
-def _peak_rss(*args: str) -> int:
-    """Peak RSS (bytes) of the console script run with ``args``, in a fresh parent process so
-    that no earlier child of this test session counts (RUSAGE_CHILDREN is a maximum)."""
-    if not CLI.is_file():
-        pytest.skip(f"no console script at {CLI} (install the package: make install)")
-    probe = (
-        "import resource, subprocess, sys; "
-        "r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "print(r.returncode, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
-        "print(r.stderr.strip(), file=sys.stderr)"
-    )
-    r = subprocess.run(
-        [sys.executable, "-c", probe, str(CLI), *args], capture_output=True, text=True, timeout=300
-    )
-    code, kib = r.stdout.split()
-    assert int(code) == 3, r.stderr
-    assert r.stderr.startswith("error: ") and "Traceback" not in r.stderr, r.stderr
-    return int(kib) * 1024  # Linux reports KiB
-
-
+@pytest.mark.slow
+@needs_bin
 @pytest.mark.parametrize(
     "changes", [dict(d_model=16384), dict(d_ff=16384), dict(max_len=10**7), dict(max_len=2**20)], ids=str
 )
 def test_hostile_reference_sizes_are_refused_in_bounded_memory(ref_dir, changes):
-    _edit_json(ref_dir / "config.json", **changes)
-    rss = _peak_rss("--quiet", "inspect", str(ref_dir))
-    assert 10 << 20 < rss < MAX_RSS_BYTES, rss  # above 10 MB: the measurement saw the process
+    edit_json(ref_dir / "config.json", **changes)
+    _hostile_size_refused_in_bounded_memory(ref_dir)
 
 
 # ---- check functions --------------------------------------------------------------------------
@@ -326,7 +286,7 @@ def hf_copy(hf_dirs, tmp_path):
 @needs_hf
 def test_hf_seeds_load(hf_dirs):
     for d in hf_dirs.values():
-        _accepted(d)
+        ok(run("inspect", d))
 
 
 @needs_hf
@@ -364,8 +324,8 @@ def test_hf_seeds_load(hf_dirs):
 )
 def test_hf_config_values(hf_copy, name, changes, needles):
     d = hf_copy(name)
-    _edit_json(d / "config.json", **changes)
-    _refused(d, *needles)
+    edit_json(d / "config.json", **changes)
+    _inspect_refuses(d, *needles)
 
 
 @needs_hf
@@ -386,8 +346,8 @@ def test_hf_config_values(hf_copy, name, changes, needles):
 )
 def test_hf_huge_sizes_beside_small_weights(hf_copy, name, changes, needle):
     d = hf_copy(name)
-    _edit_json(d / "config.json", **changes)
-    _refused(d, "model.safetensors does not match", needle)
+    edit_json(d / "config.json", **changes)
+    _inspect_refuses(d, "model.safetensors does not match", needle)
 
 
 @needs_hf
@@ -398,8 +358,8 @@ def test_hf_more_layers_than_the_checkpoint_holds(hf_copy, name, key):
     """Refused from the header's names, before transformers builds 1024 layers (seconds, even
     on the meta device)."""
     d = hf_copy(name)
-    _edit_json(d / "config.json", **{key: 1024})
-    _refused(d, f"config.json: {key} is 1024 but the checkpoint holds the tensors of 1 layers")
+    edit_json(d / "config.json", **{key: 1024})
+    _inspect_refuses(d, f"config.json: {key} is 1024 but the checkpoint holds the tensors of 1 layers")
 
 
 @needs_hf
@@ -410,7 +370,7 @@ def test_hf_more_parameters_than_the_checkpoint_holds(hf_copy):
     tensors = load_file(str(d / "model.safetensors"))
     del tensors["transformer.h.0.mlp.c_fc.weight"]
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    _refused(d, "config.json: the model it describes has", "parameters but the checkpoint holds")
+    _inspect_refuses(d, "config.json: the model it describes has", "parameters but the checkpoint holds")
 
 
 @needs_hf
@@ -421,7 +381,7 @@ def test_hf_targeted_weight_of_a_non_float_dtype(hf_copy, dtype):
     key = "transformer.h.0.attn.c_attn.weight"
     tensors[key] = tensors[key].to(dtype)
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    _refused(d, f"tensor '{key}' is", "must be floating point")
+    _inspect_refuses(d, f"tensor '{key}' is", "must be floating point")
 
 
 @needs_hf
@@ -430,9 +390,9 @@ def test_hf_sharded_checkpoint(tmp_path):
     d = tmp_path / "sharded"
     HF["llama"]().save_pretrained(d, max_shard_size="4KB")
     assert (d / "model.safetensors.index.json").is_file() and not (d / "model.safetensors").exists()
-    _accepted(d)
-    _edit_json(d / "config.json", hidden_size=65536)
-    _refused(d, "model-0000", "does not match", "config.json implies")
+    ok(run("inspect", d))
+    edit_json(d / "config.json", hidden_size=65536)
+    _inspect_refuses(d, "model-0000", "does not match", "config.json implies")
 
 
 @needs_hf
@@ -471,8 +431,8 @@ def test_hf_checkpoint_names_with_or_without_the_base_prefix(hf_dirs):
 )
 def test_hf_broken_tokenizer_is_refused_at_load(hf_copy, changes, needle):
     d = hf_copy("gpt2")
-    _edit_json(d / "tokenizer_config.json", **changes)
-    _refused(d, "tokenizer_config.json: ", needle)
+    edit_json(d / "tokenizer_config.json", **changes)
+    _inspect_refuses(d, "tokenizer_config.json: ", needle)
 
 
 @needs_hf
@@ -482,15 +442,15 @@ def test_hf_tokenizer_class_in_the_model_config(hf_copy):
     tok = json.loads((d / "tokenizer_config.json").read_text())
     del tok["tokenizer_class"]
     (d / "tokenizer_config.json").write_text(json.dumps(tok))
-    _edit_json(d / "config.json", tokenizer_class="BertModel")
-    _refused(d, "config.json: tokenizer_class 'BertModel' is not a tokenizer class")
+    edit_json(d / "config.json", tokenizer_class="BertModel")
+    _inspect_refuses(d, "config.json: tokenizer_class 'BertModel' is not a tokenizer class")
 
 
 @needs_hf
 def test_hf_tokenizer_that_transformers_cannot_load(hf_copy):
     d = hf_copy("gpt2")
     (d / "tokenizer.json").write_text('{"model": {"type": "Nope"}}')
-    _refused(d, "tokenizer_config.json: transformers cannot load the tokenizer")
+    _inspect_refuses(d, "tokenizer_config.json: transformers cannot load the tokenizer")
 
 
 @needs_hf
@@ -498,7 +458,9 @@ def test_hf_tokenizer_of_another_model(hf_copy):
     """Ids past the model's embedding table would fail mid-verification, after the export."""
     d = hf_copy("gpt2")
     _tokenizer(VOCAB * 4).save_pretrained(d)
-    _refused(d, "tokenizer_config.json: the tokenizer has 128 tokens, more than the model's vocab_size 32")
+    _inspect_refuses(
+        d, "tokenizer_config.json: the tokenizer has 128 tokens, more than the model's vocab_size 32"
+    )
 
 
 @needs_hf
@@ -506,19 +468,20 @@ def test_hf_without_tokenizer_files_loads(hf_copy):
     d = hf_copy("gpt2")
     for f in ("tokenizer.json", "tokenizer_config.json"):
         (d / f).unlink()
-    _accepted(d)
+    ok(run("inspect", d))
 
 
 @needs_hf
 def test_hf_generation_config_token_ids(hf_copy):
     d = hf_copy("gpt2")
-    _edit_json(d / "generation_config.json", eos_token_id="x")
-    _refused(d, "generation_config.json: eos_token_id must be a token id (an integer), got 'x'")
+    edit_json(d / "generation_config.json", eos_token_id="x")
+    _inspect_refuses(d, "generation_config.json: eos_token_id must be a token id (an integer), got 'x'")
 
 
+@pytest.mark.slow
 @needs_hf
+@needs_bin
 def test_hostile_hf_size_is_refused_in_bounded_memory(hf_copy):
     d = hf_copy("llama")
-    _edit_json(d / "config.json", hidden_size=65536)
-    rss = _peak_rss("--quiet", "inspect", str(d))
-    assert 10 << 20 < rss < MAX_RSS_BYTES, rss
+    edit_json(d / "config.json", hidden_size=65536)
+    _hostile_size_refused_in_bounded_memory(d)

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import pytest
 import torch
+from artifacts import edit_json
 from safetensors.torch import load_file, save_file
 
 from loraexport.errors import (
@@ -104,12 +104,6 @@ def model_dir(tmp_path, make_model) -> Path:
     return d
 
 
-def _edit_config(d: Path, **changes) -> None:
-    cfg = json.loads((d / "config.json").read_text())
-    cfg.update(changes)
-    (d / "config.json").write_text(json.dumps(cfg))
-
-
 def test_missing_directory(tmp_path):
     with pytest.raises(InputNotFoundError, match="nope"):
         load_model(tmp_path / "nope")
@@ -129,7 +123,7 @@ def test_config_not_a_json_object(model_dir, text):
 
 
 def test_wrong_model_type(model_dir):
-    _edit_config(model_dir, model_type="t5")
+    edit_json(model_dir / "config.json", model_type="t5")
     with pytest.raises(ModelFormatError, match="model_type"):
         load_model(model_dir)
     with pytest.raises(ModelFormatError, match="t5"):
@@ -150,7 +144,7 @@ def test_corrupt_weights(model_dir):
 
 
 def test_shapes_do_not_match_config(model_dir):
-    _edit_config(model_dir, d_ff=48)
+    edit_json(model_dir / "config.json", d_ff=48)
     with pytest.raises(ModelFormatError, match="does not match config.json"):
         load_model(model_dir)
 
@@ -164,7 +158,7 @@ def test_tensor_missing_from_weights(model_dir):
 
 
 def test_unknown_config_key(model_dir):
-    _edit_config(model_dir, rope_theta=10000)
+    edit_json(model_dir / "config.json", rope_theta=10000)
     with pytest.raises(ModelFormatError, match="rope_theta"):
         load_model(model_dir)
 
@@ -176,7 +170,7 @@ def test_unknown_config_key(model_dir):
 )
 def test_invalid_config_values_are_model_format_errors(model_dir, changes):
     """A malformed config.json is invalid input (exit 3), never an internal error (exit 1)."""
-    _edit_config(model_dir, **changes)
+    edit_json(model_dir / "config.json", **changes)
     with pytest.raises(ModelFormatError):
         load_model(model_dir)
 

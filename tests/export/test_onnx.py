@@ -1,4 +1,5 @@
-"""ONNX export: names, dynamic axes, the KV cache, and the three export modes."""
+"""ONNX export (``export/onnx.py``): graph names, dynamic axes, the KV cache, external data,
+opsets, and the exporter's console output captured at the fd level."""
 
 from __future__ import annotations
 
@@ -10,27 +11,15 @@ import numpy as np
 import onnx
 import pytest
 import torch
-from clihelp import BIN, program, refused, run, snapshot
+from artifacts import ORT_ATOL, random_batch
+from clihelp import one_line_message
 
-from loraexport.errors import ExportError, InvalidInputError, OutputExistsError
+from loraexport.errors import ExportError, InvalidInputError
 from loraexport.lora.adapter import Adapter
 from loraexport.models.reference import load_model
 from loraexport.runtime import OnnxModel, empty_past
 from loraexport.stages.export import export
 from loraexport.stages.merge import unmerged_model
-
-# ORT vs torch float32 on a width-16 model: a handful of roundings, O(1) logits.
-ATOL = 1e-5
-
-
-def _inputs(batch: int, seq: int, seed: int = 0, seq2seq: bool = True):
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(4, 14, (batch, seq), generator=g)
-    mask = torch.ones_like(ids)
-    out = {"input_ids": ids, "attention_mask": mask}
-    if seq2seq:
-        out["decoder_input_ids"] = torch.randint(4, 14, (batch, seq), generator=g)
-    return out
 
 
 def test_seq2seq_files_names_and_checker(seq2seq_onnx):
@@ -55,12 +44,12 @@ def test_seq2seq_files_names_and_checker(seq2seq_onnx):
 @pytest.mark.parametrize("batch,seq", [(1, 2), (3, 9), (8, 32)])
 def test_dynamic_axes_and_parity(seq2seq_base, seq2seq_adapter, seq2seq_onnx, batch, seq):
     ref = unmerged_model(load_model(seq2seq_base), Adapter.load(seq2seq_adapter))
-    x = _inputs(batch, seq)
+    x = random_batch(batch, seq)
     with torch.no_grad():
         want = ref(**x).numpy()
     got = OnnxModel(seq2seq_onnx).forward(**{k: v.numpy() for k, v in x.items()})
     assert got.shape == want.shape
-    assert np.abs(got - want).max() <= ATOL
+    assert np.abs(got - want).max() <= ORT_ATOL
 
 
 @pytest.mark.parametrize("which", ["seq2seq", "causal"])
@@ -68,7 +57,7 @@ def test_cached_decoding_matches_full_forward(which, request):
     """Feeding tokens one by one through present → past gives the full-forward logits."""
     onnx_dir = request.getfixturevalue(f"{which}_onnx")
     m = OnnxModel(onnx_dir)
-    x = {k: v.numpy() for k, v in _inputs(2, 6, seed=3, seq2seq=which == "seq2seq").items()}
+    x = {k: v.numpy() for k, v in random_batch(2, 6, seed=3, seq2seq=which == "seq2seq").items()}
     full = m.forward(**x)
     dec = m.sessions["decoder" if which == "seq2seq" else "model"]
     names = [o.name for o in dec.get_outputs()]
@@ -96,33 +85,10 @@ def test_cached_decoding_matches_full_forward(which, request):
             if n.startswith("present.")
         }
         assert past["past_key_values.0.key"].shape[2] == t + 1  # the cache grows by one per step
-    assert np.abs(np.concatenate(steps, axis=1) - full).max() <= ATOL
+    assert np.abs(np.concatenate(steps, axis=1) - full).max() <= ORT_ATOL
 
 
-def test_unmerged_and_base_modes(seq2seq_base, seq2seq_adapter, seq2seq_onnx, tmp_path):
-    export(seq2seq_base, tmp_path / "unmerged", adapter=seq2seq_adapter, mode="unmerged")
-    export(seq2seq_base, tmp_path / "base")
-    x = {k: v.numpy() for k, v in _inputs(2, 5).items()}
-    merged = OnnxModel(seq2seq_onnx).forward(**x)
-    unmerged = OnnxModel(tmp_path / "unmerged").forward(**x)
-    base = OnnxModel(tmp_path / "base").forward(**x)
-    assert np.abs(merged - unmerged).max() <= ATOL
-    assert np.abs(merged - base).max() > 1e-3  # the base export really lacks the adapter
-    init = lambda d: len(onnx.load(str(d / "decoder.onnx")).graph.initializer)  # noqa: E731
-    assert init(tmp_path / "unmerged") > init(seq2seq_onnx)  # LoRA A and B are in that graph
-    meta = json.loads((tmp_path / "base" / "loraexport.json").read_text())
-    assert meta["mode"] == "base" and "adapters" not in meta["inputs"]
-
-
-def test_existing_output_is_refused(seq2seq_base, tmp_path):
-    (tmp_path / "out").mkdir()
-    (tmp_path / "out" / "keep.txt").write_text("mine")
-    with pytest.raises(OutputExistsError, match="--force"):
-        export(seq2seq_base, tmp_path / "out")
-    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
-
-
-@pytest.mark.parametrize("exporter", ["dynamo", "torchscript"])
+@pytest.mark.parametrize("exporter", [pytest.param("dynamo", marks=pytest.mark.slow), "torchscript"])
 def test_external_data_above_the_threshold(causal_base, causal_adapter, tmp_path, monkeypatch, exporter):
     """Graphs whose weights pass EXTERNAL_DATA_BYTES (protobuf's 2 GB limit, lowered here) are
     written as <name>.onnx + <name>.onnx.data, load in onnxruntime and keep parity."""
@@ -167,7 +133,7 @@ def test_an_opset_the_exporter_cannot_write_is_refused_before_exporting(
     monkeypatch.setattr(onnx_export, "_export_one", never)
     with pytest.raises(InvalidInputError, match=f"opset {opset!r}.*{exporter}") as e:
         export(causal_base, tmp_path / "out", opset=opset, exporter=exporter)
-    assert len(str(e.value).splitlines()) == 1
+    one_line_message(e)
     assert not (tmp_path / "out").exists()
 
 
@@ -194,7 +160,9 @@ def test_opset_range_matches_the_libraries():
     ort.InferenceSession(model.SerializeToString())  # onnxruntime loads the newest we write
 
 
-@pytest.mark.parametrize("exporter, opset", [("dynamo", 19), ("torchscript", 20)])
+@pytest.mark.parametrize(
+    "exporter, opset", [pytest.param("dynamo", 19, marks=pytest.mark.slow), ("torchscript", 20)]
+)
 def test_the_opset_written_is_the_one_recorded(causal_base, causal_adapter, tmp_path, exporter, opset):
     from loraexport.export.onnx import opset_written
 
@@ -204,10 +172,11 @@ def test_the_opset_written_is_the_one_recorded(causal_base, causal_adapter, tmp_
     in_file = {o.domain: o.version for o in model.opset_import}[""]
     assert result.opset == in_file == opset_written(out / "model.onnx") == opset
     assert json.loads((out / "loraexport.json").read_text())["opset"] == opset
-    x = {k: v.numpy() for k, v in _inputs(2, 4, seq2seq=False).items()}
+    x = {k: v.numpy() for k, v in random_batch(2, 4, seq2seq=False).items()}
     assert np.isfinite(OnnxModel(out).forward(**x)).all()
 
 
+@pytest.mark.slow
 def test_an_exporter_that_writes_another_opset_fails(causal_base, tmp_path, monkeypatch):
     """The dynamo exporter silently writes opset 18 when it cannot convert: not a success."""
     from loraexport.export import onnx as onnx_export
@@ -217,28 +186,6 @@ def test_an_exporter_that_writes_another_opset_fails(causal_base, tmp_path, monk
     with pytest.raises(ExportError, match="opset 19 was asked for, the exporter wrote opset 18"):
         export(causal_base, tmp_path / "out", opset=19)
     assert not (tmp_path / "out").exists()
-
-
-def test_cli_refuses_an_opset_of_the_other_exporter(causal_base, tmp_path):
-    before = snapshot(tmp_path)
-    r = run(
-        "export", "--model", causal_base, "--exporter", "torchscript", "--opset", 21, "--out", tmp_path / "x"
-    )
-    refused(r, 3, "opset 21", "torchscript", "18 to 20")
-    assert snapshot(tmp_path) == before
-
-
-@pytest.mark.skipif(not BIN.exists(), reason="the console script is not installed")
-def test_hf_model_with_an_opset_torchscript_cannot_write_prints_one_line(tmp_path):
-    """A Hugging Face model exports with TorchScript by default; it used to fail (exit 1) after
-    printing its whole IR graph on fd 1. A real process: that output bypassed sys.stdout."""
-    transformers = pytest.importorskip("transformers")
-    config = transformers.GPT2Config(vocab_size=96, n_embd=32, n_layer=2, n_head=4, n_positions=64)
-    transformers.GPT2LMHeadModel(config).save_pretrained(tmp_path / "gpt2")
-    before = snapshot(tmp_path)
-    r = program("export", "--model", tmp_path / "gpt2", "--opset", 21, "--out", tmp_path / "out")
-    refused(r, 3, "opset 21", "torchscript")
-    assert snapshot(tmp_path) == before
 
 
 # ---- the exporter's console output: captured at the fd level too --------------------------------
@@ -263,6 +210,7 @@ def _fd_ids() -> list[tuple[int, int]]:
     return [(os.fstat(fd).st_dev, os.fstat(fd).st_ino) for fd in (1, 2)]
 
 
+@pytest.mark.slow
 def test_exporter_output_is_captured_at_the_fd_level(causal_base, tmp_path, monkeypatch, capfd):
     from loraexport.export import onnx as onnx_export
 
@@ -279,6 +227,7 @@ def test_exporter_output_is_captured_at_the_fd_level(causal_base, tmp_path, monk
     assert not any(p.name.startswith(".exporter-output") for p in (tmp_path / "out").iterdir())
 
 
+@pytest.mark.slow
 def test_fds_are_restored_on_keyboard_interrupt(causal_base, tmp_path, monkeypatch, capfd):
     from loraexport.export import onnx as onnx_export
 

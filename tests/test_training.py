@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 import torch
+from conftest import SAMPLE_BASE, SORT_TRAIN
 
 from loraexport.data import read_pairs
 from loraexport.lora.config import LoraConfig
@@ -13,8 +12,6 @@ from loraexport.lora.inject import lora_layers
 from loraexport.models.reference import load_model
 from loraexport.training import count_parameters, exact_match, train_lora
 
-SAMPLE_BASE = Path(__file__).resolve().parents[1] / "samples" / "base"
-SORT_TRAIN = SAMPLE_BASE.parent / "data" / "sort_train.jsonl"
 STEPS = 20
 # 30 LoRA steps on sorting from a reversal base: the mean loss of the last 5 steps falls below
 # this fraction of the first 5 (measured 0.18 with seed 0; a LoRA branch that does not train

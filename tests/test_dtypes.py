@@ -1,0 +1,37 @@
+"""``dtypes.py``: every ``Precision`` as a torch and an ONNX element type, the same width."""
+
+from __future__ import annotations
+
+import onnx
+import pytest
+import torch
+
+from loraexport.dtypes import ONNX, TORCH, torch_dtype
+from loraexport.enums import Precision
+from loraexport.errors import InvalidInputError
+
+
+def test_every_precision_has_a_torch_and_an_onnx_type():
+    assert set(TORCH) == set(ONNX) == set(Precision)
+
+
+@pytest.mark.parametrize("precision", list(Precision))
+def test_torch_and_onnx_types_agree(precision):
+    t, o = TORCH[precision], ONNX[precision]
+    assert onnx.TensorProto.DataType.Name(o) == precision.value.upper().replace("FLOAT32", "FLOAT")
+    assert str(t) == f"torch.{precision.value}"
+    assert torch.empty(0, dtype=t).element_size() == onnx.helper.tensor_dtype_to_np_dtype(o).itemsize
+
+
+@pytest.mark.parametrize(
+    "value, expected",
+    [(None, None), ("float32", torch.float32), ("float16", torch.float16)]
+    + [(Precision.BFLOAT16, torch.bfloat16)],
+)
+def test_torch_dtype(value, expected):
+    assert torch_dtype(value) is expected
+
+
+def test_torch_dtype_refuses_an_unknown_name():
+    with pytest.raises(InvalidInputError, match="unknown dtype 'float64'"):
+        torch_dtype("float64")
