@@ -58,7 +58,7 @@ def write(directory: Path, meta: dict[str, Any] | None = None, known: dict[Path,
     not changed since.
     """
     out = dict(meta or {})
-    if meta:
+    if meta is not None:  # a description (even one still empty) records what made it
         out.setdefault("versions", versions())
     known = {Path(k).resolve(): v for k, v in (known or {}).items()}
     out["files"] = {

@@ -35,7 +35,10 @@ class Report:
 
     @property
     def passed(self) -> bool | None:
-        return all(p.passed for p in self.parity) and not self.half_failures if self.parity else None
+        """None when nothing was checked (``--no-verify``); False when any check failed."""
+        if self.half_failures:
+            return False
+        return all(p.passed for p in self.parity) if self.parity else None
 
     @property
     def failures(self) -> list[str]:
@@ -46,8 +49,10 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        """``parity failed`` or ``adapter lost in half precision``, for a one-line error."""
-        return "parity failed" if any(not p.passed for p in self.parity) else "adapter lost in half precision"
+        """``passed``, ``parity failed`` or ``adapter lost in half precision``, for a one-line message."""
+        if any(not p.passed for p in self.parity):
+            return "parity failed"
+        return "adapter lost in half precision" if self.half_failures else "passed"
 
     # ---- JSON -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:

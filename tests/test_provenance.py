@@ -80,7 +80,9 @@ def test_known_digests_are_reused(tmp_path, monkeypatch):
 
 def test_an_empty_output_lists_no_files(tmp_path):
     (tmp_path / "out").mkdir()
-    assert write(tmp_path / "out", {}) == {"files": {}}  # an empty description adds no versions
+    assert write(tmp_path / "out") == {"files": {}}  # no description: no versions either
+    written = write(tmp_path / "out", {})  # a description, still empty: it records what made it
+    assert set(written) == {"versions", "files"} and written["files"] == {}
 
 
 def test_versions_are_strings():

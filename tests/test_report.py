@@ -60,7 +60,7 @@ def _report(**kw) -> Report:
 # ---- the verdict ----------------------------------------------------------------------------------
 def test_a_passing_report():
     report = _report(parity=[_parity()])
-    assert report.passed is True and report.failures == []
+    assert report.passed is True and report.failures == [] and report.verdict == "passed"
     assert report.to_json()["passed"] is True
     assert report.to_markdown().startswith("# loraexport report\n\nParity: **PASSED**\n")
 
@@ -68,6 +68,7 @@ def test_a_passing_report():
 def test_a_report_without_parity_is_not_verified():
     report = _report()
     assert report.passed is None and report.failures == []
+    assert _report(half_failures=["lost"]).passed is False  # a failed half-precision gate alone fails
     data = report.to_json()
     assert data["passed"] is None and data["parity"] is None and data["latency"] is None
     assert data["half_precision"] is None and data["half_precision_failures"] == []

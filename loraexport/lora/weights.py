@@ -14,7 +14,9 @@ def adapter_weights(n_adapters: int, weights: list[float] | None) -> list[float]
         return [1.0] * n_adapters
     if len(weights) != n_adapters:
         raise UsageError(f"{n_adapters} --adapter but {len(weights)} --weight: give one weight per adapter")
-    bad = [w for w in weights if not isinstance(w, (int, float)) or not math.isfinite(w)]
+    bad = [
+        w for w in weights if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w)
+    ]
     if bad:
         raise InvalidInputError(f"adapter weight {bad[0]} is not a finite number")
     return [float(w) for w in weights]

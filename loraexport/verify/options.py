@@ -13,6 +13,10 @@ from pathlib import Path
 from loraexport.errors import InvalidInputError
 
 
+def _is_int(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
 @dataclass
 class VerifyOptions:
     """How ``verify`` checks an export (the CLI's --provider, --samples, ... options)."""
@@ -30,9 +34,9 @@ class VerifyOptions:
     def __post_init__(self) -> None:
         """The bounds the CLI's option types enforce, for callers of the Python API too."""
         checks = {
-            "samples": isinstance(self.samples, int) and 1 <= self.samples <= 1000,
-            "threads": self.threads is None or isinstance(self.threads, int) and 1 <= self.threads <= 256,
-            "seed": isinstance(self.seed, int) and 0 <= self.seed <= 2**63 - 1,
+            "samples": _is_int(self.samples) and 1 <= self.samples <= 1000,
+            "threads": self.threads is None or _is_int(self.threads) and 1 <= self.threads <= 256,
+            "seed": _is_int(self.seed) and 0 <= self.seed <= 2**63 - 1,
             "latency_budget_s": isinstance(self.latency_budget_s, (int, float))
             and math.isfinite(self.latency_budget_s)
             and 0 < self.latency_budget_s <= 3600,

@@ -34,3 +34,8 @@ def test_a_weight_that_is_not_a_finite_number_is_invalid_input(bad):
         adapter_weights(2, [1.0, bad])
     assert str(e.value) == f"adapter weight {bad} is not a finite number"
     assert e.value.exit_code == 3
+
+
+def test_a_boolean_is_not_a_weight():
+    with pytest.raises(InvalidInputError, match="not a finite number"):
+        adapter_weights(1, [True])

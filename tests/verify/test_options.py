@@ -46,3 +46,9 @@ def test_a_value_out_of_bounds_is_refused_naming_it(name, value):
     with pytest.raises(InvalidInputError) as e:
         VerifyOptions(**{name: value})
     assert str(e.value) == f"verify option {name}={value!r} cannot be used"
+
+
+@pytest.mark.parametrize("field", ["samples", "threads", "seed"])
+def test_a_boolean_is_not_a_count(field):
+    with pytest.raises(InvalidInputError, match=field):
+        VerifyOptions(**{field: True})
