@@ -12,7 +12,7 @@ from loraexport.export.onnx import DEFAULT_OPSET, check_opset
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
 from loraexport.report import Report
-from loraexport.stages.export import copy_extra, describe, export_model
+from loraexport.stages.export import describe, export_model, write_extras
 from loraexport.stages.inputs import (
     Log,
     adapter_provenance,
@@ -69,8 +69,8 @@ def merge_and_export(
         log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
         result = export_model(loaded.family, merged, tmp, opset, exporter, half)
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
-        copy_extra(loaded.family, Path(base), tmp)
         meta.update(describe(loaded.family, merged, result, half, ExportMode.MERGED), inputs=inputs)
+        write_extras(loaded.family, Path(base), tmp, meta)
         report = new_report(base, loaded, stats, result)
         if verify_output:  # loraexport.json is written when the output is complete: ``meta`` now
             verify_into(report, loaded, merged, tmp, meta, opts, log, half)

@@ -26,7 +26,8 @@ def _runtime_meta(model: Transformer) -> dict:
         "vocab": c.vocab,
         "max_len": c.max_len,
         "n_layers": c.n_decoder_layers,
-        "n_heads": c.n_heads,
+        "attention_heads": c.n_heads,
+        "kv_heads": c.n_heads,  # no grouped-query attention: one key/value head per query head
         "head_dim": c.d_model // c.n_heads,
     }
 

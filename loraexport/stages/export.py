@@ -10,7 +10,8 @@ from torch import nn
 
 from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision, half_precision
-from loraexport.errors import InvalidInputError
+from loraexport.errors import InvalidInputError, ModelFormatError
+from loraexport.export import genai
 from loraexport.export.half import store_weights_half
 from loraexport.export.onnx import (
     DEFAULT_OPSET,
@@ -19,6 +20,7 @@ from loraexport.export.onnx import (
     check_opset,
     export_graphs,
 )
+from loraexport.io import read_json, write_json
 from loraexport.models.base import ModelFamily
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
@@ -66,11 +68,21 @@ def describe(
     return export_description(family, model, result, (half or Precision.FLOAT32).value, mode.value)
 
 
-def copy_extra(family: ModelFamily, src: Path, dst: Path) -> None:
-    """The base's files an app needs beside the graph (config, tokenizer)."""
+def write_extras(family: ModelFamily, src: Path, dst: Path, description: dict) -> None:
+    """What an app needs beside the graph: the base's config and tokenizer files (the tokenizer
+    class under the name transformers 4.x, Optimum and onnxruntime-genai read), and for a
+    decoder onnxruntime-genai runs, ``genai_config.json`` (``export.genai``)."""
     for name in family.extra_files:
-        if (src / name).is_file():
+        if not (src / name).is_file():
+            continue
+        if name == "tokenizer_config.json":  # checked when the base was loaded
+            config = read_json(src / name, ModelFormatError)
+            write_json(dst / name, genai.portable_tokenizer_config(config))
+        else:
             shutil.copy2(src / name, dst / name)
+    if genai.supported(description["model"]) and "model" in description["graphs"]:
+        config = genai.genai_config(description["model"], description["graphs"]["model"])
+        write_json(dst / genai.GENAI_CONFIG, config)
 
 
 def export(
@@ -117,6 +129,6 @@ def export(
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
         result = export_model(loaded.family, model, tmp, opset, exporter, half)
-        copy_extra(loaded.family, Path(model_dir), tmp)
         meta.update(describe(loaded.family, model, result, half, mode_), inputs=inputs)
+        write_extras(loaded.family, Path(model_dir), tmp, meta)
     return result

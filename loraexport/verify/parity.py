@@ -189,7 +189,7 @@ def compare_outputs(
 def check_same_model(expected: dict, kind: str, shape: tuple[int, int, int], where: Path) -> None:
     """The export is of this model's kind and cache shape (layers, key/value heads, head size);
     else it is an export of another model (``RuntimeInputError``: exit 3, before any run)."""
-    want = (expected.get("n_layers"), expected.get("n_heads"), expected.get("head_dim"))
+    want = (expected.get("n_layers"), expected.get("kv_heads"), expected.get("head_dim"))
     if kind != expected["kind"] or (kind != "encoder" and tuple(shape) != want):
         raise RuntimeInputError(
             f"{where} is an export of another model: a {_described(kind, shape)}, "

@@ -125,14 +125,22 @@ def _special_tokens(model: nn.Module) -> dict[str, int | None]:
 
 
 def _meta(model: nn.Module) -> dict[str, Any]:
+    """The runtime facts of a decoder: head counts named for what they are (attention heads,
+    key/value heads: GQA shares one key/value head among several query heads), and what
+    onnxruntime-genai's config needs (``export.genai``)."""
     n, kv, hd = cache_dims(model)
+    c = text_config(model)
     return {
         "kind": "causal",
         "model_type": model.config.model_type,
         "special_tokens": _special_tokens(model),
         "n_layers": n,
-        "n_heads": kv,
+        "attention_heads": c.num_attention_heads,
+        "kv_heads": kv,
         "head_dim": hd,
+        "hidden_size": c.hidden_size,
+        "vocab_size": c.vocab_size,
+        "context_length": max_positions(c),
     }
 
 
