@@ -40,7 +40,7 @@ def _choice(*values: str):
 _TOP_LEVEL = {
     "opset": (_is_int, "an integer"),
     "exporter": _choice(*EXPORTERS),
-    "weights_dtype": _choice(*Precision.choices()),
+    "weights_dtype": _choice(*Precision.choices("all")),
     "mode": _choice(*(m.value for m in ExportMode)),
     "inputs": (lambda v: isinstance(v, dict), "an object"),
     "versions": (lambda v: isinstance(v, dict), "an object"),

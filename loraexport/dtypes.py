@@ -1,5 +1,5 @@
-"""``Precision`` as torch and ONNX element types (``enums`` stays free of torch for the runtime
-and the CLI)."""
+"""The float ``Precision``s as torch and ONNX element types (``enums`` stays free of torch for
+the runtime and the CLI); a quantization (int8, int4) is a kind of graph, with no one type."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import onnx
 import torch
 
 from loraexport.enums import Precision
+from loraexport.errors import InvalidInputError
 
 TORCH = {
     Precision.FLOAT32: torch.float32,
@@ -21,5 +22,10 @@ ONNX = {
 
 
 def torch_dtype(precision: Precision | str | None) -> torch.dtype | None:
-    """The torch dtype of ``precision``; None for None."""
-    return None if precision is None else TORCH[Precision.parse(precision)]
+    """The torch dtype of a float ``precision``; None for None. A quantization has none."""
+    if precision is None:
+        return None
+    p = Precision.parse(precision)
+    if p.is_quantized:
+        raise InvalidInputError(f"{p.value} is a quantization (--quantize), not a storage dtype (--dtype)")
+    return TORCH[p]

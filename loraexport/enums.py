@@ -37,15 +37,26 @@ class ExportMode(str, Enum):
 
 
 class Precision(str, Enum):
-    """How weights are stored: float32, or half precision behind a lossless Cast to float32."""
+    """How weights are stored: float32; half precision behind a lossless Cast to float32
+    (``--dtype``); or quantized, computing in integers (``--quantize``)."""
 
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
+    INT8 = "int8"  # dynamic quantization of the MatMuls: int8 weights, activations at run time
+    INT4 = "int4"  # weight-only MatMulNBits
 
     @classmethod
-    def choices(cls, half_only: bool = False) -> list[str]:
-        return [p.value for p in cls if p.is_half or not half_only]
+    def choices(cls, kind: str = "float", *, half_only: bool = False) -> list[str]:
+        """``float`` (the --dtype choices), ``half``, ``quantized`` (the --quantize choices), ``all``."""
+        kind = "half" if half_only else kind
+        keep = {
+            "float": lambda p: not p.is_quantized,
+            "half": lambda p: p.is_half,
+            "quantized": lambda p: p.is_quantized,
+            "all": lambda p: True,
+        }[kind]
+        return [p.value for p in cls if keep(p)]
 
     @classmethod
     def parse(cls, value: Any) -> Precision:
@@ -55,12 +66,24 @@ class Precision(str, Enum):
             return cls(value)
         except ValueError:
             raise InvalidInputError(
-                f"unknown dtype {value!r}; choose from {', '.join(cls.choices())}"
+                f"unknown dtype {value!r}; choose from {', '.join(cls.choices('all'))}"
             ) from None
 
     @property
     def is_half(self) -> bool:
         return self in (Precision.FLOAT16, Precision.BFLOAT16)
+
+    @property
+    def is_quantized(self) -> bool:
+        return self in (Precision.INT8, Precision.INT4)
+
+
+def quantization(value: str | Precision | None) -> Precision | None:
+    """The quantization named by ``value``; None for a float precision or None."""
+    if value is None:
+        return None
+    p = Precision.parse(value)
+    return p if p.is_quantized else None
 
 
 def half_precision(value: str | Precision | None) -> Precision | None:

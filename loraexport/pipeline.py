@@ -12,7 +12,7 @@ from loraexport.export.onnx import DEFAULT_OPSET, check_opset
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
 from loraexport.report import Report
-from loraexport.stages.export import describe, export_model, write_extras
+from loraexport.stages.export import check_quantize, describe, export_model, lora_factors, write_extras
 from loraexport.stages.inputs import (
     Log,
     adapter_provenance,
@@ -23,7 +23,7 @@ from loraexport.stages.inputs import (
     plan,
     quiet,
 )
-from loraexport.stages.merge import merged_model
+from loraexport.stages.merge import merged_model, unmerged_model
 from loraexport.stages.verify import new_report, verify_into, write_report
 from loraexport.verify.options import VerifyOptions
 
@@ -35,6 +35,8 @@ def merge_and_export(
     *,
     weights: list[float] | None = None,
     dtype: str | None = None,
+    quantize: str | None = None,
+    keep_adapter: bool = False,
     verify_output: bool = True,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -48,12 +50,15 @@ def merge_and_export(
 
     ``adapter`` is one path or a list (merged as ``W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ`` with ``weights``).
     ``dtype`` float16/bfloat16: the merged weights are rounded to it once and the ONNX file
-    stores them in it (the graph computes in float32).
+    stores them in it (the graph computes in float32). ``quantize`` int8/int4: the graph's
+    MatMuls are quantized; with ``keep_adapter`` the base's only, the LoRA branches kept in
+    float32 beside them (the graph is then the unmerged one).
     ``options`` (or its fields as keywords: providers, samples, eval_data, ...): how to verify.
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
     half = half_precision(dtype)
     adapters = as_list(adapter)
+    quant = check_quantize(quantize, keep_adapter, half, adapters)
     opts = options or VerifyOptions(**option_fields)  # everything checked before any work
     out_plan = plan(out, force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data})
     check_eval_data(opts.eval_data)
@@ -64,12 +69,16 @@ def merge_and_export(
     merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=storage)
     log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
     inputs = {"base": model_provenance(base), "adapters": adapter_provenance(loaded)}
+    graph, mode, keep = merged, ExportMode.MERGED, None
+    if keep_adapter:  # the adapter kept in float32 beside the quantized base
+        graph, mode = unmerged_model(loaded.base, loaded.adapters, loaded.weights), ExportMode.UNMERGED
+        keep = lora_factors(loaded)
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
         log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
-        result = export_model(loaded.family, merged, tmp, opset, exporter, half)
+        result = export_model(loaded.family, graph, tmp, opset, exporter, half or quant, keep)
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
-        meta.update(describe(loaded.family, merged, result, half, ExportMode.MERGED), inputs=inputs)
+        meta.update(describe(loaded.family, graph, result, half or quant, mode), inputs=inputs)
         write_extras(loaded.family, Path(base), tmp, meta)
         report = new_report(base, loaded, stats, result)
         if verify_output:  # loraexport.json is written when the output is complete: ``meta`` now

@@ -15,6 +15,7 @@ from loraexport.provenance import versions
 from loraexport.verify.half import HalfCost
 from loraexport.verify.latency import LatencyResult
 from loraexport.verify.parity import ParityResult
+from loraexport.verify.quantized import QuantCost
 
 SCHEMA = 1
 LATENCY_VARIANTS = ("torch_unmerged", "torch_merged", "onnx_merged", "onnx_base", "onnx_unmerged")
@@ -32,27 +33,35 @@ class Report:
     half: list[HalfCost] = field(default_factory=list)  # verify --half, and --dtype exports
     # a half-precision export whose rounding loses the adapter (verify.half.MIN_ADAPTER_RETAINED)
     half_failures: list[str] = field(default_factory=list)
+    quantization: list[QuantCost] = field(default_factory=list)  # --quantize exports
+    quantization_failures: list[str] = field(default_factory=list)  # the adapter lost to quantization
 
     @property
     def passed(self) -> bool | None:
         """None when nothing was checked (``--no-verify``); False when any check failed."""
-        if self.half_failures:
+        if self.half_failures or self.quantization_failures:
             return False
-        return all(p.passed for p in self.parity) if self.parity else None
+        if self.parity:
+            return all(p.passed for p in self.parity)
+        return True if self.quantization else None
 
     @property
     def failures(self) -> list[str]:
         """Every parity failure, prefixed by its provider, then half-precision failures."""
-        return [f"[{p.provider}] {f}" for p in self.parity for f in p.failures] + [
-            f"[half precision] {f}" for f in self.half_failures
-        ]
+        return (
+            [f"[{p.provider}] {f}" for p in self.parity for f in p.failures]
+            + [f"[half precision] {f}" for f in self.half_failures]
+            + [f"[quantization] {f}" for f in self.quantization_failures]
+        )
 
     @property
     def verdict(self) -> str:
         """``passed``, ``parity failed`` or ``adapter lost in half precision``, for a one-line message."""
         if any(not p.passed for p in self.parity):
             return "parity failed"
-        return "adapter lost in half precision" if self.half_failures else "passed"
+        if self.half_failures:
+            return "adapter lost in half precision"
+        return "adapter lost in quantization" if self.quantization_failures else "passed"
 
     # ---- JSON -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -87,6 +96,8 @@ class Report:
             out["latency_by_provider"] = {lat.provider: _latency_json(lat) for lat in self.latency}
         out["half_precision"] = [asdict(h) for h in self.half] or None
         out["half_precision_failures"] = self.half_failures
+        out["quantization"] = [asdict(q) for q in self.quantization] or None
+        out["quantization_failures"] = self.quantization_failures
         out["passed"] = self.passed
         return out
 
@@ -200,6 +211,8 @@ class Report:
                 )
             if self.half_failures:
                 lines += ["", "Failures:", *[f"- {f}" for f in self.half_failures]]
+        if self.quantization:
+            lines += _quantization_markdown(self.quantization, self.quantization_failures)
         for lat in self.latency:
             lines += [
                 "",
@@ -245,6 +258,15 @@ class Report:
             if p.generation:
                 text += f", generation {p.generation.identical_rows}/{p.generation.rows}"
             rows.append((f"parity [{p.provider}]", text))
+        for q in self.quantization:
+            rows.append(
+                (
+                    f"quantized {q.dtype}",
+                    f"adapter {q.adapter}: top-1 {_pct(q.top1_agreement)} against the unmerged float32 "
+                    f"model, adapter retained {_pct(q.adapter_retained)}, max abs err {q.max_abs_err:.3g}, "
+                    f"generation {_pct(q.generation_agreement)}",
+                )
+            )
         for lat in self.latency:
             for c in lat.cases:
                 rows.append(
@@ -256,6 +278,28 @@ class Report:
                     )
                 )
         return rows
+
+
+def _quantization_markdown(rows: list[QuantCost], failures: list[str]) -> list[str]:
+    lines = [
+        "",
+        "## Quantization",
+        "",
+        "The quantized export (onnxruntime) against the unmerged float32 model (PyTorch); its exact "
+        "parity is not judged. " + rows[0].how + ".",
+        "",
+        "| dtype | adapter | max abs err | rms err | top-1 | generation | adapter effect (rms) | "
+        "adapter retained |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for q in rows:
+        lines.append(
+            f"| {q.dtype} | {q.adapter} | {q.max_abs_err:.3g} | {q.rms_err:.3g} | {_pct(q.top1_agreement)} | "
+            f"{_pct(q.generation_agreement)} | {q.adapter_effect_rms:.3g} | {_pct(q.adapter_retained)} |"
+        )
+    if failures:
+        lines += ["", "Failures:", *[f"- {f}" for f in failures]]
+    return lines
 
 
 def _pct(x: float | None) -> str:

@@ -75,7 +75,10 @@ def test_only_model_is_required():
         (_changed("opset", "18"), "x: 'opset' must be an integer, not a string '18'"),
         (_changed("opset", True), "x: 'opset' must be an integer, not a boolean True"),
         (_changed("exporter", "onnxscript"), "'exporter' must be one of dynamo, torchscript"),
-        (_changed("weights_dtype", "int8"), "'weights_dtype' must be one of float32, float16, bfloat16"),
+        (
+            _changed("weights_dtype", "int3"),
+            "'weights_dtype' must be one of float32, float16, bfloat16, int8, int4",
+        ),
         (_changed("mode", "both"), "'mode' must be one of merged, unmerged, base"),
         (_changed("files", {"a": 1}), "'files' must be an object of sha256 digests, not an object"),
     ],

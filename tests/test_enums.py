@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from loraexport.enums import ExportMode, Precision, half_precision
+from loraexport.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import InvalidInputError
 
 
@@ -31,7 +31,7 @@ def test_export_mode_parse_refuses_with_the_choices(value):
 def test_precisions():
     assert Precision.choices() == ["float32", "float16", "bfloat16"]
     assert Precision.choices(half_only=True) == ["float16", "bfloat16"]
-    assert [p.is_half for p in Precision] == [False, True, True]
+    assert [p.is_half for p in Precision] == [False, True, True, False, False]
 
 
 @pytest.mark.parametrize("value", ["float32", "float16", "bfloat16", Precision.BFLOAT16])
@@ -43,7 +43,7 @@ def test_precision_parse(value):
 def test_precision_parse_refuses_with_the_choices(value):
     with pytest.raises(InvalidInputError) as e:
         Precision.parse(value)
-    assert str(e.value) == f"unknown dtype {value!r}; choose from float32, float16, bfloat16"
+    assert str(e.value) == f"unknown dtype {value!r}; choose from float32, float16, bfloat16, int8, int4"
 
 
 @pytest.mark.parametrize(
@@ -56,8 +56,16 @@ def test_half_precision_is_none_unless_weights_are_rounded(value, expected):
 
 
 def test_half_precision_refuses_an_unknown_dtype():
-    with pytest.raises(InvalidInputError, match="unknown dtype 'int8'"):
-        half_precision("int8")
+    with pytest.raises(InvalidInputError, match="unknown dtype 'int3'"):
+        half_precision("int3")
+    assert half_precision("int8") is None  # a quantization is no half precision
+
+
+def test_quantizations():
+    assert Precision.choices("quantized") == ["int8", "int4"]
+    assert Precision.choices() == ["float32", "float16", "bfloat16"]  # --dtype's choices
+    assert quantization("int4") is Precision.INT4 and quantization("float16") is None
+    assert quantization(None) is None and Precision.INT8.is_quantized and not Precision.INT8.is_half
 
 
 def test_values_are_strings_in_json_and_comparisons():

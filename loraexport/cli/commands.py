@@ -81,7 +81,21 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
 @force_option
 @pickle_option
 @click.pass_context
-def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, dtype, force, allow_pickle):
+def export(
+    ctx,
+    model_dir,
+    adapters,
+    weights,
+    out,
+    opset,
+    exporter,
+    mode,
+    dtype,
+    quantize,
+    keep_adapter,
+    force,
+    allow_pickle,
+):
     """Export a model (optionally with adapters, merged or not) to ONNX.
 
     \b
@@ -98,6 +112,8 @@ def export(ctx, model_dir, adapters, weights, out, opset, exporter, mode, dtype,
         weights=list(weights) or None,
         mode=mode,
         dtype=dtype,
+        quantize=quantize,
+        keep_adapter=keep_adapter,
         opset=opset,
         exporter=exporter,
         force=force,
@@ -129,6 +145,8 @@ def merge_and_export(
     opset,
     exporter,
     dtype,
+    quantize,
+    keep_adapter,
     no_verify,
     force,
     verify_options,
@@ -152,6 +170,8 @@ def merge_and_export(
             out,
             weights=list(weights) or None,
             dtype=dtype,
+            quantize=quantize,
+            keep_adapter=keep_adapter,
             verify_output=not no_verify,
             options=verify_options,
             force=force,

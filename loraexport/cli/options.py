@@ -53,7 +53,17 @@ def adapter_options(required: bool = True):
 
 
 def export_options(f):
-    """--opset, --exporter and --dtype, shared by export and merge-and-export."""
+    """--opset, --exporter, --dtype, --quantize and --keep-adapter, shared by export and merge-and-export."""
+    f = click.option(
+        "--keep-adapter",
+        is_flag=True,
+        help="With --quantize: quantize the base only and keep the LoRA branches in float32 beside it.",
+    )(f)
+    f = click.option(
+        "--quantize",
+        type=click.Choice(Precision.choices("quantized")),
+        help="Quantize the graph's MatMuls: int8 (dynamic) or int4 (weight-only MatMulNBits).",
+    )(f)
     f = click.option(
         "--dtype",
         type=click.Choice(Precision.choices()),

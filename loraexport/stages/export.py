@@ -6,11 +6,12 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 from torch import nn
 
 from loraexport.dtypes import torch_dtype
-from loraexport.enums import ExportMode, Precision, half_precision
-from loraexport.errors import InvalidInputError, ModelFormatError
+from loraexport.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
 from loraexport.export import genai
 from loraexport.export.half import store_weights_half
 from loraexport.export.onnx import (
@@ -20,6 +21,7 @@ from loraexport.export.onnx import (
     check_opset,
     export_graphs,
 )
+from loraexport.export.quantize import lora_matmuls, quantization_description, quantize_graph
 from loraexport.io import read_json, write_json
 from loraexport.models.base import ModelFamily
 from loraexport.models.registry import detect_family
@@ -44,17 +46,28 @@ def export_model(
     opset: int = DEFAULT_OPSET,
     exporter: str | None = None,
     weights_dtype: Precision | str | None = None,
+    keep: list[np.ndarray] | None = None,
 ) -> ExportResult:
     """Export ``model``'s graphs into ``out_dir`` (which exists).
 
-    ``weights_dtype`` (float16/bfloat16): store the weights in it (``export.half``); ``model``
-    must already hold weights rounded to it, so nothing is lost in the file.
+    ``weights_dtype`` float16/bfloat16: store the weights in it (``export.half``); ``model``
+    must already hold weights rounded to it, so nothing is lost in the file. int8/int4:
+    quantize the graph's MatMuls (``export.quantize``), all but those whose weight is one of
+    ``keep`` (the LoRA factors of an unmerged model: the adapter stays in float32).
     """
     result = export_graphs(family.graph_specs(model), out_dir, opset, exporter or family.exporter)
-    half = half_precision(weights_dtype)
+    half, quant = half_precision(weights_dtype), quantization(weights_dtype)
     if half:
         for g in result.inputs:
             store_weights_half(out_dir / f"{g}.onnx", half.value, EXTERNAL_DATA_BYTES)
+    if quant:
+        for g in result.inputs:
+            path = out_dir / f"{g}.onnx"
+            kept = lora_matmuls(path, keep) if keep else []
+            if keep and not kept:
+                raise ExportError(f"{path.name}: the LoRA branch's MatMuls were not found; cannot keep them")
+            result.exporter_log += quantize_graph(path, quant, kept)
+    if half or quant:
         names = [f for g in result.inputs for f in (f"{g}.onnx", f"{g}.onnx.data")]
         result.files = [f for f in names if (out_dir / f).is_file()]
         result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
@@ -62,10 +75,37 @@ def export_model(
 
 
 def describe(
-    family: ModelFamily, model: nn.Module, result: ExportResult, half: Precision | None, mode: ExportMode
+    family: ModelFamily, model: nn.Module, result: ExportResult, precision: Precision | None, mode: ExportMode
 ) -> dict:
-    """``loraexport.json``'s description of an export (``provenance``)."""
-    return export_description(family, model, result, (half or Precision.FLOAT32).value, mode.value)
+    """``loraexport.json``'s description of an export (``provenance``); a quantized one says how,
+    and whether the adapter was merged before quantizing or kept beside the quantized base."""
+    out = export_description(family, model, result, (precision or Precision.FLOAT32).value, mode.value)
+    if precision is not None and precision.is_quantized:
+        out["quantization"] = quantization_description(
+            precision, "kept in float32" if mode is ExportMode.UNMERGED else "merged"
+        )
+    return out
+
+
+def check_quantize(
+    quantize: str | None, keep_adapter: bool, half: Precision | None, adapters: list
+) -> Precision | None:
+    """The quantization asked for, or None; refused with --dtype, and --keep-adapter without one."""
+    quant = quantization(quantize) if quantize is not None else None
+    if quantize is not None and quant is None:
+        raise InvalidInputError(f"--quantize must be one of {', '.join(Precision.choices('quantized'))}")
+    if quant and half:
+        raise InvalidInputError("--quantize and --dtype both set how weights are stored: give one")
+    if keep_adapter and not quant:
+        raise InvalidInputError("--keep-adapter keeps the adapter beside a quantized base: give --quantize")
+    if keep_adapter and not adapters:
+        raise InvalidInputError("--keep-adapter needs an --adapter to keep")
+    return quant
+
+
+def lora_factors(loaded) -> list[np.ndarray]:
+    """Every LoRA A and B of the loaded adapters, as the graph holds them (float32)."""
+    return [t.detach().float().numpy() for a in loaded.adapters for pair in a.weights.values() for t in pair]
 
 
 def write_extras(family: ModelFamily, src: Path, dst: Path, description: dict) -> None:
@@ -97,12 +137,16 @@ def export(
     force: bool = False,
     allow_pickle: bool = False,
     dtype: str | None = None,
+    quantize: str | None = None,
+    keep_adapter: bool = False,
     log: Log = quiet,
 ) -> ExportResult:
     """Export a model directory (optionally with adapters, ``merged`` or ``unmerged``) to ONNX.
 
     ``dtype`` float16/bfloat16: the merged (or base) weights are rounded to it once and stored
-    in it; the graph computes in float32.
+    in it; the graph computes in float32. ``quantize`` int8/int4: the graph's MatMuls are
+    quantized (``export.quantize``); with ``keep_adapter`` only the base's, the LoRA branches
+    staying in float32 beside them (an unmerged graph).
     """
     asked = ExportMode.parse(mode)
     if asked is ExportMode.BASE:
@@ -113,13 +157,18 @@ def export(
             "--dtype float16/bfloat16 stores merged weights; it does not apply to --mode unmerged"
         )
     adapters = as_list(adapter) if adapter else []
+    quant = check_quantize(quantize, keep_adapter, half, adapters)
+    if keep_adapter:
+        asked = ExportMode.UNMERGED  # the adapter kept beside the quantized base
     out_plan = plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
     check_opset(opset, exporter or detect_family(model_dir).exporter)  # before the weights are read
     loaded = load_inputs(model_dir, adapters, allow_pickle, weights)
     mode_ = asked if loaded.adapters else ExportMode.BASE
     model = loaded.base
+    keep = None
     if mode_ is ExportMode.UNMERGED:
         model = unmerged_model(model, loaded.adapters, loaded.weights)
+        keep = lora_factors(loaded) if quant else None
     elif loaded.adapters or half:
         storage = torch_dtype(half)
         model = merged_model(model, loaded.adapters, loaded.weights, storage_dtype=storage)[0]
@@ -128,7 +177,7 @@ def export(
         inputs["adapters"] = adapter_provenance(loaded)
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
-        result = export_model(loaded.family, model, tmp, opset, exporter, half)
-        meta.update(describe(loaded.family, model, result, half, mode_), inputs=inputs)
+        result = export_model(loaded.family, model, tmp, opset, exporter, half or quant, keep)
+        meta.update(describe(loaded.family, model, result, half or quant, mode_), inputs=inputs)
         write_extras(loaded.family, Path(model_dir), tmp, meta)
     return result

@@ -15,7 +15,7 @@ from torch import nn
 from loraexport.data import read_pairs
 from loraexport.description import read_export_meta
 from loraexport.dtypes import torch_dtype
-from loraexport.enums import ExportMode, Precision, half_precision
+from loraexport.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import InvalidInputError, ModelFormatError, UsageError, VerificationFailedError
 from loraexport.export.onnx import ExportResult
 from loraexport.io import require_dir
@@ -40,6 +40,7 @@ from loraexport.verify.half import MIN_ADAPTER_RETAINED, half_precision_costs
 from loraexport.verify.latency import measure_latency, open_model
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import check_parity
+from loraexport.verify.quantized import quantization_cost
 
 
 def resolve_providers(requested: list[str] | None) -> list[str]:
@@ -161,9 +162,15 @@ def verify_into(
     threads = opts.threads or machine()["cores"]
     sources = [s for s, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
     torch.set_num_threads(threads)
+    quant = quantization(meta.get("weights_dtype"))
+    if quant:  # a quantized graph is judged by what it keeps, not by float32 parity
+        _quantization(report, loaded, unmerged, onnx_path, meta, quant, opts, log, sources, threads)
+        providers_for_parity: list[str] = []
+    else:
+        providers_for_parity = providers
     reference = merged if half else unmerged
     what = f"the {half.value}-rounded merged model" if half else "the unmerged model"
-    for provider in providers:
+    for provider in providers_for_parity:
         log(f"parity [{provider}]: {opts.samples} cases against {what} (float32 and float64) …")
         # Opened inside and closed before the torch runs: never the session and the float64
         # model at once (memory stays near twice the weights).
@@ -189,6 +196,43 @@ def verify_into(
     _half_costs(report, loaded, merged, unmerged, opts, log, half, sources)
     if opts.latency:
         _latency(report, loaded, merged, unmerged, (onnx_path, meta), opts, log, providers, threads)
+
+
+def _quantization(report, loaded, unmerged, onnx_path, meta, quant, opts, log, sources, threads) -> None:
+    """What the quantized export keeps of the unmerged float32 model and of the adapter
+    (``verify.quantized``): the base is exported and quantized the same way to compare with."""
+    adapter = meta.get("quantization", {}).get("adapter", "merged")
+    log(f"quantization: the {quant.value} export against the unmerged float32 model …")
+    with tempfile.TemporaryDirectory(prefix="loraexport-quantized-base-") as td:
+        log(f"exporting the base, quantized to {quant.value} the same way, for comparison …")
+        result = export_model(
+            loaded.family, loaded.base, Path(td), exporter=meta.get("exporter"), weights_dtype=quant
+        )
+        base_meta = describe(loaded.family, loaded.base, result, quant, ExportMode.BASE)
+        try:
+            cost = quantization_cost(
+                loaded.family,
+                loaded.base,
+                unmerged,
+                open_model(onnx_path, "cpu", threads, meta),
+                open_model(Path(td), "cpu", threads, base_meta),
+                quant.value,
+                adapter,
+                seed=opts.seed,
+                samples=opts.samples,
+                sources=sources,
+                tokenizer=loaded.tokenizer,
+            )
+        except RuntimeInputError as e:  # the export does not run on this model's inputs
+            raise InvalidInputError(str(e)) from e
+    report.quantization.append(cost)
+    kept = cost.adapter_retained
+    if kept is not None and kept < MIN_ADAPTER_RETAINED:
+        hint = "; --keep-adapter keeps it exactly beside the quantized base" if adapter == "merged" else ""
+        report.quantization_failures.append(
+            f"only {kept:.0%} of the adapter's effect on the outputs survives {quant.value} quantization "
+            f"(adapter {adapter}; at least {MIN_ADAPTER_RETAINED:.0%} required){hint}"
+        )
 
 
 def _half_costs(report, loaded, merged, unmerged, opts, log, half, sources) -> None:

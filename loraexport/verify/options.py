@@ -10,6 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraexport.enums import Precision
 from loraexport.errors import InvalidInputError
 
 
@@ -40,6 +41,8 @@ class VerifyOptions:
             "latency_budget_s": isinstance(self.latency_budget_s, (int, float))
             and math.isfinite(self.latency_budget_s)
             and 0 < self.latency_budget_s <= 3600,
+            "half": isinstance(self.half, (tuple, list))
+            and all(h in Precision.choices(half_only=True) for h in self.half),
         }
         for name, ok in checks.items():
             if not ok:

@@ -52,3 +52,9 @@ def test_a_value_out_of_bounds_is_refused_naming_it(name, value):
 def test_a_boolean_is_not_a_count(field):
     with pytest.raises(InvalidInputError, match=field):
         VerifyOptions(**{field: True})
+
+
+def test_half_names_a_half_precision():
+    assert VerifyOptions(half=("float16", "bfloat16")).half == ("float16", "bfloat16")
+    with pytest.raises(InvalidInputError, match="half"):
+        VerifyOptions(half=("int8",))

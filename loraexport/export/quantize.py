@@ -1,0 +1,162 @@
+"""Weight quantization of an exported graph with ``onnxruntime.quantization``.
+
+- int8: dynamic quantization of every MatMul with a constant weight (per-channel int8
+  weights, activations quantized at run time): the prompt pass's GEMMs run in integers.
+- int4: weight-only ``MatMulNBits`` (blocks of ``INT4_BLOCK`` along K, symmetric, accuracy
+  level 4: int8 activations inside the kernel, as onnxruntime-genai's builder does on CPU).
+
+``keep`` names MatMul nodes to leave in float32: with an unmerged graph, the LoRA branch
+(``lora_matmuls`` finds its nodes by the adapter's own tensors), so the base is quantized and
+the adapter kept exactly: ``W0_q·x + s·B(A·x)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from loraexport.enums import Precision
+from loraexport.errors import ExportError, first_line
+
+INT4_BLOCK = 32  # onnxruntime-genai's CPU default; smaller blocks keep more of a small ΔW
+INT4_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: the fast path on CPU (docs/notes §3)
+
+
+def _fingerprint(array: np.ndarray) -> tuple[tuple[int, ...], str]:
+    a = np.ascontiguousarray(array, dtype=np.float32)
+    return a.shape, hashlib.sha256(a.tobytes()).hexdigest()
+
+
+def lora_matmuls(path: Path, factors: Iterable[np.ndarray]) -> list[str]:
+    """The MatMul nodes of ``path`` whose weight is one of ``factors`` (each LoRA A and B, in
+    either orientation: exporters store ``x @ A.T`` with A transposed), directly or through a
+    Transpose. Initializers are compared by shape first, then by value; only those whose shape
+    matches are read (a graph's external data is not loaded whole)."""
+    wanted: dict[tuple[int, ...], set[str]] = {}
+    for f in factors:
+        for a in (np.asarray(f), np.asarray(f).T):
+            shape, digest = _fingerprint(a)
+            wanted.setdefault(shape, set()).add(digest)
+    model = onnx.load(str(path), load_external_data=False)
+    hits = set()
+    for init in model.graph.initializer:
+        shape = tuple(init.dims)
+        if init.data_type != onnx.TensorProto.FLOAT or shape not in wanted:
+            continue
+        value = numpy_helper.to_array(init, base_dir=str(path.parent))
+        if _fingerprint(value)[1] in wanted[shape]:
+            hits.add(init.name)
+    transposed = {n.output[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in hits}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & (hits | transposed)]
+
+
+def quantization_description(precision: Precision, adapter: str) -> dict:
+    """How a graph was quantized, for ``loraexport.json`` and the report."""
+    if precision is Precision.INT8:
+        method = "onnxruntime quantize_dynamic: MatMul weights int8 per channel, activations at run time"
+    else:
+        method = (
+            f"onnxruntime MatMulNBits: weights int4, blocks of {INT4_BLOCK}, symmetric, "
+            f"accuracy level {INT4_ACCURACY_LEVEL}"
+        )
+    return {"bits": 8 if precision is Precision.INT8 else 4, "method": method, "adapter": adapter}
+
+
+@contextlib.contextmanager
+def _quiet(captured: io.StringIO):
+    """onnxruntime.quantization logs every node at INFO: keep it for --verbose, off the terminal."""
+    handler = logging.StreamHandler(captured)
+    logger = logging.getLogger("onnxruntime.quantization")
+    level, propagate = logger.level, logger.propagate
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    logger.propagate = False
+    root_level = logging.getLogger().level
+    try:
+        with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+            yield
+    finally:
+        logger.removeHandler(handler)
+        logger.setLevel(level)
+        logger.propagate = propagate
+        logging.getLogger().setLevel(root_level)
+
+
+def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = None) -> str:
+    """Quantize ``path`` (an ONNX file, with its ``.data`` if any) in place; return the log.
+
+    ``keep``: MatMul nodes to leave in float32. Raises ``ExportError`` when the quantizer fails.
+    """
+    external = path.with_name(path.name + ".data").is_file()
+    scratch = path.with_name(f".{path.stem}.quantized.onnx")
+    captured = io.StringIO()
+    try:
+        with _quiet(captured):
+            if precision is Precision.INT8:
+                from onnxruntime.quantization import QuantType, quantize_dynamic
+
+                quantize_dynamic(
+                    path,
+                    scratch,
+                    op_types_to_quantize=["MatMul"],
+                    per_channel=True,
+                    weight_type=QuantType.QInt8,
+                    nodes_to_exclude=list(keep or []),
+                    use_external_data_format=external,
+                )
+            elif precision is Precision.INT4:
+                from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+                quantizer = MatMulNBitsQuantizer(
+                    str(path),
+                    bits=4,
+                    block_size=INT4_BLOCK,
+                    is_symmetric=True,
+                    accuracy_level=INT4_ACCURACY_LEVEL,
+                    nodes_to_exclude=list(keep or []),
+                )
+                quantizer.process()
+                quantizer.model.save_model_to_file(str(scratch), external)
+            else:
+                raise ExportError(f"{precision.value} is not a quantization")
+    except (KeyboardInterrupt, MemoryError, ExportError):
+        _remove(scratch)
+        raise
+    except Exception as e:  # the quantizer raises many types; keep its message
+        _remove(scratch)
+        raise ExportError(f"onnxruntime.quantization failed on {path.name}: {first_line(e)}") from e
+    _replace(scratch, path, external)
+    return captured.getvalue()
+
+
+def _remove(scratch: Path) -> None:
+    for p in (scratch, scratch.with_name(scratch.name + ".data")):
+        with contextlib.suppress(FileNotFoundError):
+            p.unlink()
+
+
+def _replace(scratch: Path, path: Path, external: bool) -> None:
+    """Move the quantized file over the float one; its external data under the float one's name."""
+    data = path.with_name(path.name + ".data")
+    scratch_data = scratch.with_name(scratch.name + ".data")
+    if external and scratch_data.is_file():
+        model = onnx.load(str(scratch), load_external_data=False)
+        for tensor in model.graph.initializer:
+            for entry in tensor.external_data:
+                if entry.key == "location":
+                    entry.value = data.name
+        scratch_data.replace(data)
+        onnx.save(model, str(path))
+        scratch.unlink()
+    else:
+        if data.is_file():
+            data.unlink()
+        scratch.replace(path)
