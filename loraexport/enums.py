@@ -43,8 +43,9 @@ class Precision(str, Enum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
-    INT8 = "int8"  # dynamic quantization of the MatMuls: int8 weights, activations at run time
-    INT4 = "int4"  # weight-only MatMulNBits
+    INT8 = "int8"  # weight-only MatMulNBits, 8 bits in blocks (activations int8 per block)
+    INT8_DYNAMIC = "int8-dynamic"  # quantize_dynamic: int8 weights, activations per tensor
+    INT4 = "int4"  # weight-only MatMulNBits, 4 bits in blocks
 
     @classmethod
     def choices(cls, kind: str = "float", *, half_only: bool = False) -> list[str]:
@@ -75,7 +76,7 @@ class Precision(str, Enum):
 
     @property
     def is_quantized(self) -> bool:
-        return self in (Precision.INT8, Precision.INT4)
+        return self in (Precision.INT8, Precision.INT8_DYNAMIC, Precision.INT4)
 
 
 def quantization(value: str | Precision | None) -> Precision | None:

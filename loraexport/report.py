@@ -286,7 +286,8 @@ def _quantization_markdown(rows: list[QuantCost], failures: list[str]) -> list[s
         "## Quantization",
         "",
         "The quantized export (onnxruntime) against the unmerged float32 model (PyTorch); its exact "
-        "parity is not judged. " + rows[0].how + ".",
+        "parity is not judged. " + rows[0].how + f". Logit figures over {rows[0].positions} positions "
+        f"of {rows[0].inputs}; generation over the generation prompts.",
         "",
         "| dtype | adapter | max abs err | rms err | top-1 | generation | adapter effect (rms) | "
         "adapter retained |",

@@ -31,7 +31,7 @@ def test_export_mode_parse_refuses_with_the_choices(value):
 def test_precisions():
     assert Precision.choices() == ["float32", "float16", "bfloat16"]
     assert Precision.choices(half_only=True) == ["float16", "bfloat16"]
-    assert [p.is_half for p in Precision] == [False, True, True, False, False]
+    assert [p.is_half for p in Precision] == [False, True, True, False, False, False]
 
 
 @pytest.mark.parametrize("value", ["float32", "float16", "bfloat16", Precision.BFLOAT16])
@@ -43,7 +43,8 @@ def test_precision_parse(value):
 def test_precision_parse_refuses_with_the_choices(value):
     with pytest.raises(InvalidInputError) as e:
         Precision.parse(value)
-    assert str(e.value) == f"unknown dtype {value!r}; choose from float32, float16, bfloat16, int8, int4"
+    choices = "float32, float16, bfloat16, int8, int8-dynamic, int4"
+    assert str(e.value) == f"unknown dtype {value!r}; choose from {choices}"
 
 
 @pytest.mark.parametrize(
@@ -62,7 +63,7 @@ def test_half_precision_refuses_an_unknown_dtype():
 
 
 def test_quantizations():
-    assert Precision.choices("quantized") == ["int8", "int4"]
+    assert Precision.choices("quantized") == ["int8", "int8-dynamic", "int4"]
     assert Precision.choices() == ["float32", "float16", "bfloat16"]  # --dtype's choices
     assert quantization("int4") is Precision.INT4 and quantization("float16") is None
     assert quantization(None) is None and Precision.INT8.is_quantized and not Precision.INT8.is_half

@@ -2,8 +2,9 @@
 adapter survives it.
 
 A quantized graph cannot match the float32 model to float32 noise, so its exact parity is not
-judged; instead, on the parity cases and the generation prompts, with onnxruntime running the
-quantized export (Q) and PyTorch the unmerged float32 model (U):
+judged; instead, with onnxruntime running the quantized export (Q) and PyTorch the unmerged
+float32 model (U), on text (``--eval-data``, else ``REFERENCE_TEXTS``) when the model has a
+tokenizer, else on the parity cases' random token ids:
   * max abs logit error and top-1 agreement of Q against U (unmasked positions), and the
     share of generation prompts whose greedy tokens are identical;
   * ``adapter_retained`` = 1 − rms((Q − Q₀) − (U − B)) / rms(U − B), where B is the float32
@@ -25,13 +26,28 @@ import numpy as np
 import torch
 from torch import nn
 
-from loraexport.models.base import ModelFamily
+from loraexport.models.base import ModelFamily, ParityCase
 from loraexport.runtime import OnnxModel, chain_forward
 from loraexport.verify.half import MIN_ADAPTER_RETAINED  # noqa: F401 (the same gate)
 from loraexport.verify.parity import torch_runner
 
+# Text for the logit figures of a model with a tokenizer and no --eval-data: prose, code and a
+# list, some hundred positions. Random token ids are no text: a real model's predictions on
+# them are nearly flat, and top-1 agreement there measures ties, not what quantizing costs.
+REFERENCE_TEXTS = (
+    "The capital of France is Paris. It is known for the Eiffel Tower, for museums such as the "
+    "Louvre, and for its cafes; many tourists visit every year to see them.",
+    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fibonacci(n - 2)\n",
+    "Photosynthesis is the process by which green plants use sunlight, water and carbon dioxide "
+    "to make glucose and oxygen. The light reactions take place in the thylakoid membranes.",
+    "Once upon a time, in a small village by the sea, there lived an old fisherman who went out "
+    "in his boat every morning. One day he caught a fish that could speak.",
+    "To make a cup of tea: boil water, warm the pot, add one spoon of tea per person, pour the "
+    "water, wait four minutes, then pour the tea through a strainer.",
+    "The three primary colours of light are red, green and blue; mixed in equal parts they give white.",
+)
 RETAINED_HOW = (
-    "adapter_retained = 1 - rms((Q - Q0) - (U - B)) / rms(U - B) over the parity cases' logits: "
+    "adapter_retained = 1 - rms((Q - Q0) - (U - B)) / rms(U - B) over the logits: "
     "Q the quantized export, Q0 the base quantized the same way, U the unmerged float32 model, "
     "B the float32 base; the base's own quantization error cancels"
 )
@@ -48,6 +64,8 @@ class QuantCost:
     adapter_effect_rms: float  # rms(U - B): how far the adapter moves the outputs
     adapter_retained: float | None
     how: str = RETAINED_HOW
+    inputs: str = "random token ids"  # what the logit figures were computed on
+    positions: int = 0
 
 
 def _main(outputs: dict[str, np.ndarray]) -> np.ndarray:
@@ -80,7 +98,8 @@ def quantization_cost(
     run_u, run_b = torch_runner(family, unmerged), torch_runner(family, base)
     err, sq, n, agree, total = 0.0, 0.0, 0, 0, 0
     miss_sq, effect_sq = 0.0, 0.0
-    for case in family.parity_cases(unmerged, samples, seed):
+    cases, inputs_used = _cases(family, unmerged, tokenizer, sources, samples, seed)
+    for case in cases:
         args = (
             case.inputs["input_ids"].numpy(),
             case.inputs["attention_mask"].numpy(),
@@ -114,4 +133,23 @@ def quantization_cost(
         gen_same / gen_rows if gen_rows else None,
         effect,
         retained,
+        inputs=inputs_used,
+        positions=total,
     )
+
+
+def _cases(family, unmerged, tokenizer, sources, samples, seed) -> tuple[list[ParityCase], str]:
+    """Text (the given sources, else ``REFERENCE_TEXTS``) for a decoder with a tokenizer, as
+    unpadded batches; else the parity cases."""
+    if tokenizer is None or quantized_kind(unmerged, family) != "causal":
+        return family.parity_cases(unmerged, samples, seed), "random token ids"
+    texts = list(sources or REFERENCE_TEXTS)
+    cases = [
+        ParityCase(f"text-{i}", inputs, inputs["attention_mask"].bool())
+        for i, (inputs, _) in enumerate(family.prompts(unmerged, tokenizer, texts, len(texts), seed))
+    ]
+    return cases, ("--eval-data text" if sources else "reference texts")
+
+
+def quantized_kind(model: nn.Module, family: ModelFamily) -> str:
+    return family.runtime_meta(model)["kind"]

@@ -1,4 +1,4 @@
-"""``--quantize int8|int4``: the graph's MatMuls quantized, the adapter merged or kept in
+"""``--quantize int8|int8-dynamic|int4``: the graph's MatMuls quantized, the adapter merged or kept in
 float32 beside the quantized base, and verification against the unmerged float32 model with
 ``adapter_retained`` as the gate (``verify.quantized``)."""
 
@@ -21,7 +21,7 @@ from loraexport.stages.inputs import load_inputs
 from loraexport.stages.merge import unmerged_model
 from loraexport.verify.quantized import quantization_cost
 
-QUANTIZED_OPS = {"int8": "MatMulInteger", "int4": "MatMulNBits"}
+QUANTIZED_OPS = {"int8": "MatMulNBits", "int8-dynamic": "MatMulInteger", "int4": "MatMulNBits"}
 ATTENTION_MATMULS = 4  # the reference decoder's 2 layers × (Q·Kᵀ, P·V): activations, never quantized
 
 
@@ -41,7 +41,7 @@ def test_the_lora_branch_is_found_by_its_tensors(causal_base, causal_adapter, tm
     assert lora_matmuls(tmp_path / "merged" / "model.onnx", factors) == []  # merged: no branch left
 
 
-@pytest.mark.parametrize("dtype", ["int8", "int4"])
+@pytest.mark.parametrize("dtype", list(QUANTIZED_OPS))
 @pytest.mark.parametrize("keep", [False, True])
 def test_quantized_exports(causal_base, causal_adapter, tmp_path, dtype, keep):
     out = tmp_path / "q"
