@@ -14,6 +14,9 @@ from loraexport.untrusted import read_json, short_repr
 
 KINDS = ("seq2seq", "causal", "encoder")
 EXPORTERS = ("dynamo", "torchscript")  # the torch.onnx exporters (loraexport.export.onnx)
+BUILDER = "loraexport"  # a graph written by loraexport itself (--optimize: export.fused)
+LOGITS = ("all", "last")  # positions whose logits a graph computes
+KV_CACHES = ("growing", "shared-buffer")  # present = past + new, or one buffer updated in place
 META = "loraexport.json"
 
 _JSON_TYPES = {dict: "an object", list: "an array", str: "a string", bool: "a boolean", int: "an integer"}
@@ -39,7 +42,8 @@ def _choice(*values: str):
 # Optional top-level keys of an export description: (is it valid, what it must be).
 _TOP_LEVEL = {
     "opset": (_is_int, "an integer"),
-    "exporter": _choice(*EXPORTERS),
+    "exporter": _choice(*EXPORTERS, BUILDER),
+    "optimize": (lambda v: isinstance(v, dict), "an object"),
     "weights_dtype": _choice(*Precision.choices("all")),
     "mode": _choice(*(m.value for m in ExportMode)),
     "inputs": (lambda v: isinstance(v, dict), "an object"),
@@ -57,7 +61,8 @@ def check_export_meta(meta: object, where: str | Path, error: type[Exception]) -
 
     Checked: ``model`` (an object: ``kind`` one of ``KINDS``; ``family`` a string;
     ``special_tokens`` an object of integers or null, required), ``graphs`` (an object of
-    ``{"inputs": [...], "outputs": [...]}``), and the optional keys of ``_TOP_LEVEL``.
+    ``{"inputs": [...], "outputs": [...], "logits": LOGITS, "kv_cache": KV_CACHES}``), and the
+    optional keys of ``_TOP_LEVEL``.
     """
 
     def bad(key: str, want: str, value: object) -> Exception:
@@ -90,6 +95,9 @@ def check_export_meta(meta: object, where: str | Path, error: type[Exception]) -
         for key in ("inputs", "outputs"):
             if key in graph and not _str_list(graph[key]):
                 raise bad(f"graphs.{name}.{key}", "an array of names", graph[key])
+        for key, values in (("logits", LOGITS), ("kv_cache", KV_CACHES)):
+            if key in graph and graph[key] not in values:
+                raise bad(f"graphs.{name}.{key}", f"one of {', '.join(values)}", graph[key])
     for key, (valid, want) in _TOP_LEVEL.items():
         if key in meta and not valid(meta[key]):
             raise bad(key, want, meta[key])

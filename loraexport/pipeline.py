@@ -12,7 +12,14 @@ from loraexport.export.onnx import DEFAULT_OPSET, check_opset
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
 from loraexport.report import Report
-from loraexport.stages.export import check_quantize, describe, export_model, lora_factors, write_extras
+from loraexport.stages.export import (
+    check_optimize,
+    check_quantize,
+    describe,
+    export_model,
+    lora_factors,
+    write_extras,
+)
 from loraexport.stages.inputs import (
     Log,
     adapter_provenance,
@@ -37,6 +44,7 @@ def merge_and_export(
     dtype: str | None = None,
     quantize: str | None = None,
     keep_adapter: bool = False,
+    optimize: bool = False,
     verify_output: bool = True,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -52,7 +60,8 @@ def merge_and_export(
     ``dtype`` float16/bfloat16: the merged weights are rounded to it once and the ONNX file
     stores them in it (the graph computes in float32). ``quantize`` int8/int4: the graph's
     MatMuls are quantized; with ``keep_adapter`` the base's only, the LoRA branches kept in
-    float32 beside them (the graph is then the unmerged one).
+    float32 beside them (the graph is then the unmerged one). ``optimize``: fused, last-position
+    graphs (``export.optimize``), verified like the others.
     ``options`` (or its fields as keywords: providers, samples, eval_data, ...): how to verify.
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
@@ -63,6 +72,7 @@ def merge_and_export(
     out_plan = plan(out, force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data})
     check_eval_data(opts.eval_data)
     check_opset(opset, exporter or detect_family(base).exporter)  # before the weights are read
+    check_optimize(base, optimize)
     log(f"loading {base} and {', '.join(map(str, adapters))} …")
     loaded = load_inputs(base, adapters, allow_pickle, weights)
     storage = torch_dtype(half)
@@ -76,7 +86,7 @@ def merge_and_export(
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
         log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
-        result = export_model(loaded.family, graph, tmp, opset, exporter, half or quant, keep)
+        result = export_model(loaded.family, graph, tmp, opset, exporter, half or quant, keep, optimize)
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
         meta.update(describe(loaded.family, graph, result, half or quant, mode), inputs=inputs)
         write_extras(loaded.family, Path(base), tmp, meta)

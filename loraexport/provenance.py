@@ -36,14 +36,20 @@ def versions() -> dict[str, str]:
 
 def export_description(family, model, result, weights_dtype: str, mode: str) -> dict[str, Any]:
     """What an export holds: the model's runtime facts, how it was exported, its graphs' I/O."""
-    return {
+    out = {
         "model": family.runtime_meta(model) | {"family": family.name},
         "opset": result.opset,  # as written (read back from the file)
         "exporter": result.exporter,
         "weights_dtype": weights_dtype,
-        "graphs": {g: {"inputs": result.inputs[g], "outputs": result.outputs[g]} for g in result.inputs},
+        "graphs": {
+            g: {"inputs": result.inputs[g], "outputs": result.outputs[g], **result.layouts.get(g, {})}
+            for g in result.inputs
+        },
         "mode": mode,
     }
+    if result.optimized:
+        out["optimize"] = result.optimized
+    return out
 
 
 def path_entry(path: str | Path, digest: str) -> dict[str, str]:

@@ -24,7 +24,13 @@ import numpy as np
 import onnxruntime as ort
 
 from loraexport.description import KINDS, check_export_meta, read_export_meta  # noqa: F401 (re-exported)
-from loraexport.errors import first_line
+from loraexport.errors import InvalidInputError, first_line
+from loraexport.fused_runtime import (  # noqa: F401 (positions: re-exported)
+    forward_growing,
+    forward_stepwise,
+    generate_shared,
+    positions,
+)
 from loraexport.untrusted import short_repr
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -228,6 +234,11 @@ class OnnxModel:
         past = [i for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
         self.n_layers = len(past) // 2
         self.n_heads, self.head_dim = (past[0].shape[1], past[0].shape[3]) if past else (0, 0)
+        # How an --optimize graph differs (``loraexport.json`` graphs.<name>): logits for the
+        # last position only, and a key/value cache the graph updates in place (fused_runtime).
+        graph = self.meta.get("graphs", {}).get("decoder" if self.kind == "seq2seq" else "model", {})
+        self.logits = graph.get("logits", "all")
+        self.kv_cache = graph.get("kv_cache", "growing")
 
     @property
     def cache_shape(self) -> tuple[int, int, int]:
@@ -247,7 +258,19 @@ class OnnxModel:
     def forward_all(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray | None = None
     ) -> dict[str, np.ndarray]:
-        """Every output of a full forward without a cache, keyed ``<graph>.<output>``."""
+        """Every output of a full forward without a cache, keyed ``<graph>.<output>``, at every
+        position: a graph that computes the last position's logits only is run one token at a
+        time through its cache (teacher forcing), the path generation takes."""
+        if self.kind == "causal" and self.logits == "last":
+            ids, mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
+            if self.kv_cache == "shared-buffer":
+                outs = _shared(forward_stepwise, self.sessions["model"], ids, mask, self.cache_shape)
+            else:
+                outs = forward_growing(lambda feeds: self._run("model", feeds), ids, mask, self.cache_shape)
+            return {f"model.{k}": v for k, v in outs.items()}
+        return self._single_pass(input_ids, attention_mask, decoder_input_ids)
+
+    def _single_pass(self, input_ids, attention_mask, decoder_input_ids=None) -> dict[str, np.ndarray]:
         return chain_forward(
             self._run, self.kind, self.cache_shape, input_ids, attention_mask, decoder_input_ids
         )
@@ -255,8 +278,9 @@ class OnnxModel:
     def forward(
         self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray | None = None
     ) -> np.ndarray:
-        """The main output of a full forward: logits (B, T, V), or an encoder's first output."""
-        outs = self.forward_all(input_ids, attention_mask, decoder_input_ids)
+        """The main output of one forward pass (a prompt pass): logits (B, T, V), (B, 1, V) from
+        a graph that computes the last position's only, or an encoder's first output."""
+        outs = self._single_pass(input_ids, attention_mask, decoder_input_ids)
         if self.kind == "seq2seq":
             return outs["decoder.logits"]
         return outs["model.logits"] if "model.logits" in outs else next(iter(outs.values()))
@@ -272,6 +296,10 @@ class OnnxModel:
             raise RuntimeInputError("an encoder model does not generate")
         input_ids = input_ids.astype(np.int64)
         mask = attention_mask.astype(np.int64)
+        if self.kind == "causal" and self.kv_cache == "shared-buffer":
+            return _shared(
+                generate_shared, self.sessions["model"], input_ids, mask, max_new_tokens, self.cache_shape
+            )
         B = input_ids.shape[0]
         past = empty_past(B, *self.cache_shape, np.float32)
         if self.kind == "seq2seq":
@@ -304,9 +332,15 @@ class OnnxModel:
         return np.concatenate(new, axis=1)
 
 
-def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids from a 0/1 mask: unmasked tokens count 0, 1, 2, … (left padding gets 0)."""
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+def _shared(fn, session: ort.InferenceSession, *args):
+    """``fused_runtime``'s ``fn`` on a shared-buffer graph; what it refuses, and what onnxruntime
+    cannot run, is a ``RuntimeInputError``."""
+    try:
+        return fn(session, *args)
+    except InvalidInputError as e:
+        raise RuntimeInputError(str(e)) from e
+    except _ORT_LOAD_ERRORS as e:
+        raise RuntimeInputError(f"onnxruntime cannot run this graph: {first_line(e)}") from e
 
 
 def empty_past(batch: int, layers: int, heads: int, head_dim: int, dtype: type) -> dict[str, np.ndarray]:

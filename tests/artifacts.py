@@ -151,3 +151,59 @@ def to_pickle(adapter: Path, obj: object = None) -> dict[str, torch.Tensor]:
     (adapter / WEIGHTS_NAME).unlink()
     torch.save(tensors if obj is None else obj, adapter / PICKLE_NAME)
     return tensors
+
+
+# Tiny Hugging Face decoders (GPT-2, Llama, Qwen2) and PEFT adapters, for what applies to those
+# families only (--optimize, onnxruntime-genai). GQA on Llama and Qwen2: 4 query heads, 2 kv.
+HF_DECODER = dict(
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=128,
+    vocab_size=96,
+    bos_token_id=1,
+    eos_token_id=2,
+)
+HF_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
+
+
+def make_hf_decoder(directory: Path, kind: str, seed: int = 0, **overrides) -> nn.Module:
+    """A random ``kind`` decoder saved by transformers in ``directory``; returned in eval mode."""
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = HF_DECODER | overrides
+    if kind == "gpt2":
+        config = transformers.GPT2Config(
+            n_layer=cfg["num_hidden_layers"],
+            n_embd=cfg["hidden_size"],
+            n_head=cfg["num_attention_heads"],
+            n_positions=cfg["max_position_embeddings"],
+            vocab_size=cfg["vocab_size"],
+            bos_token_id=cfg["bos_token_id"],
+            eos_token_id=cfg["eos_token_id"],
+        )
+        model = transformers.GPT2LMHeadModel(config)
+    elif kind == "llama":
+        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**cfg, pad_token_id=0))
+    else:
+        model = transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**cfg))
+    model.eval().save_pretrained(directory)
+    return model
+
+
+def make_peft_adapter(model: nn.Module, directory: Path, kind: str, seed: int = 1) -> nn.Module:
+    """A PEFT r=4 adapter on ``HF_TARGETS[kind]`` with random B (saved by PEFT itself); the PEFT
+    model (base + branches, unmerged) is returned for comparisons."""
+    import peft
+
+    lora = peft.get_peft_model(model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS[kind]))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * B_STD)
+    lora.save_pretrained(directory)
+    return lora.eval()

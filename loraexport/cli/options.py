@@ -53,7 +53,16 @@ def adapter_options(required: bool = True):
 
 
 def export_options(f):
-    """--opset, --exporter, --dtype, --quantize and --keep-adapter, shared by export and merge-and-export."""
+    """--opset, --exporter, --dtype, --quantize, --keep-adapter and --optimize, shared by export
+    and merge-and-export."""
+    f = click.option(
+        "--optimize",
+        is_flag=True,
+        help=(
+            "Hugging Face decoders: a graph that does less (LM head on the last position) and, for "
+            "Llama, Mistral and Qwen2, runs onnxruntime's fused attention with the cache updated in place."
+        ),
+    )(f)
     f = click.option(
         "--keep-adapter",
         is_flag=True,

@@ -5,8 +5,8 @@ onnxruntime-genai 0.18 refuses any key it does not know, so only its own keys ar
 I/O names; they are written anyway, as documentation of the graph. ``model.type`` is the
 Hugging Face ``model_type`` where genai knows it with separate key and value caches, else
 ``decoder`` (GPT-2: genai's ``gpt2`` type expects one combined cache tensor per layer).
-``past_present_share_buffer`` is false: the graph concatenates the cache (a graph that writes
-into a shared buffer may set it true).
+``past_present_share_buffer`` is true only for a graph that updates one key/value buffer in
+place (--optimize's fused graph); a plain export concatenates the cache.
 """
 
 from __future__ import annotations
@@ -25,9 +25,7 @@ def supported(model_meta: dict[str, Any]) -> bool:
     return model_meta.get("kind") == "causal" and model_meta.get("model_type") in GENAI_TYPES
 
 
-def genai_config(
-    model_meta: dict[str, Any], graph: dict[str, list[str]], filename: str = "model.onnx"
-) -> dict:
+def genai_config(model_meta: dict[str, Any], graph: dict[str, Any], filename: str = "model.onnx") -> dict:
     """The config for one decoder graph, from the export's description (``runtime_meta``) and
     the graph's I/O names."""
     tokens = model_meta.get("special_tokens", {})
@@ -67,7 +65,7 @@ def genai_config(
         "do_sample": False,
         "num_beams": 1,
         "max_length": context,
-        "past_present_share_buffer": False,  # our graphs concatenate the cache
+        "past_present_share_buffer": graph.get("kv_cache") == "shared-buffer",
     }
     return {"model": model, "search": search}
 

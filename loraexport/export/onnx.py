@@ -143,6 +143,10 @@ class ExportResult:
     outputs: dict[str, list[str]] = field(default_factory=dict)
     exporter_log: str = ""
     exporter: str = "dynamo"
+    # --optimize (export.optimize): per graph, how it differs ({"logits": "last", "kv_cache":
+    # "shared-buffer"}), and what was done, for loraexport.json and the report
+    layouts: dict[str, dict[str, str]] = field(default_factory=dict)
+    optimized: dict = field(default_factory=dict)
 
 
 def _param_bytes(module: torch.nn.Module) -> int:

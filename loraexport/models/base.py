@@ -49,3 +49,7 @@ class ModelFamily:
     latency_points: tuple[tuple[int, int], ...]
     extra_files: tuple[str, ...] = ()  # copied from the base into the output (tokenizer, ...)
     exporter: str = "dynamo"  # default torch.onnx exporter (see export.onnx.export_graphs)
+    # --optimize (export.optimize): (model, out_dir, opset, exporter) -> ExportResult, for the
+    # model types ``optimizes`` accepts (given config.json); None: the family has none
+    optimized_export: Callable[[nn.Module, Path, int, str], Any] | None = None
+    optimizes: Callable[[dict[str, Any]], bool] = lambda cfg: False

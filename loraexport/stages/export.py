@@ -21,6 +21,7 @@ from loraexport.export.onnx import (
     check_opset,
     export_graphs,
 )
+from loraexport.export.optimize import FUSED_TYPES, LAST_POSITION_TYPES
 from loraexport.export.quantize import lora_matmuls, quantization_description, quantize_graph
 from loraexport.io import read_json, write_json
 from loraexport.models.base import ModelFamily
@@ -47,15 +48,22 @@ def export_model(
     exporter: str | None = None,
     weights_dtype: Precision | str | None = None,
     keep: list[np.ndarray] | None = None,
+    optimize: bool = False,
 ) -> ExportResult:
-    """Export ``model``'s graphs into ``out_dir`` (which exists).
+    """Export ``model``'s graphs into ``out_dir`` (which exists); ``optimize``: the family's
+    optimized graph (``export.optimize``; ``check_optimize`` said the family has one).
 
     ``weights_dtype`` float16/bfloat16: store the weights in it (``export.half``); ``model``
     must already hold weights rounded to it, so nothing is lost in the file. int8/int4:
     quantize the graph's MatMuls (``export.quantize``), all but those whose weight is one of
     ``keep`` (the LoRA factors of an unmerged model: the adapter stays in float32).
     """
-    result = export_graphs(family.graph_specs(model), out_dir, opset, exporter or family.exporter)
+    if optimize:
+        if family.optimized_export is None:
+            raise ExportError(f"--optimize: the {family.name} family has no optimized graph")
+        result = family.optimized_export(model, out_dir, opset, exporter or family.exporter)
+    else:
+        result = export_graphs(family.graph_specs(model), out_dir, opset, exporter or family.exporter)
     half, quant = half_precision(weights_dtype), quantization(weights_dtype)
     if half:
         for g in result.inputs:
@@ -87,6 +95,19 @@ def describe(
     return out
 
 
+def check_optimize(model_dir: str | Path, optimize: bool) -> None:
+    """Refuse --optimize (``InvalidInputError``, before any work) for a model it does not apply to."""
+    if not optimize:
+        return
+    family = detect_family(model_dir)
+    config = read_json(Path(model_dir) / "config.json", ModelFormatError)
+    if not family.optimizes(config):
+        raise InvalidInputError(
+            f"--optimize applies to Hugging Face decoders ({', '.join(optimize_types())}); "
+            f"{model_dir} is a {family.name} model of type {config.get('model_type')!r}"
+        )
+
+
 def check_quantize(
     quantize: str | None, keep_adapter: bool, half: Precision | None, adapters: list
 ) -> Precision | None:
@@ -101,6 +122,10 @@ def check_quantize(
     if keep_adapter and not adapters:
         raise InvalidInputError("--keep-adapter needs an --adapter to keep")
     return quant
+
+
+def optimize_types() -> tuple[str, ...]:
+    return FUSED_TYPES + LAST_POSITION_TYPES
 
 
 def lora_factors(loaded) -> list[np.ndarray]:
@@ -139,6 +164,7 @@ def export(
     dtype: str | None = None,
     quantize: str | None = None,
     keep_adapter: bool = False,
+    optimize: bool = False,
     log: Log = quiet,
 ) -> ExportResult:
     """Export a model directory (optionally with adapters, ``merged`` or ``unmerged``) to ONNX.
@@ -146,7 +172,8 @@ def export(
     ``dtype`` float16/bfloat16: the merged (or base) weights are rounded to it once and stored
     in it; the graph computes in float32. ``quantize`` int8/int4: the graph's MatMuls are
     quantized (``export.quantize``); with ``keep_adapter`` only the base's, the LoRA branches
-    staying in float32 beside them (an unmerged graph).
+    staying in float32 beside them (an unmerged graph). ``optimize``: fused, last-position
+    graphs for Hugging Face decoders (``export.optimize``).
     """
     asked = ExportMode.parse(mode)
     if asked is ExportMode.BASE:
@@ -162,6 +189,7 @@ def export(
         asked = ExportMode.UNMERGED  # the adapter kept beside the quantized base
     out_plan = plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
     check_opset(opset, exporter or detect_family(model_dir).exporter)  # before the weights are read
+    check_optimize(model_dir, optimize)
     loaded = load_inputs(model_dir, adapters, allow_pickle, weights)
     mode_ = asked if loaded.adapters else ExportMode.BASE
     model = loaded.base
@@ -177,7 +205,7 @@ def export(
         inputs["adapters"] = adapter_provenance(loaded)
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
-        result = export_model(loaded.family, model, tmp, opset, exporter, half or quant, keep)
+        result = export_model(loaded.family, model, tmp, opset, exporter, half or quant, keep, optimize)
         meta.update(describe(loaded.family, model, result, half or quant, mode_), inputs=inputs)
         write_extras(loaded.family, Path(model_dir), tmp, meta)
     return result

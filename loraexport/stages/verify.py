@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from loraexport.data import read_pairs
-from loraexport.description import read_export_meta
+from loraexport.description import EXPORTERS, read_export_meta
 from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import InvalidInputError, ModelFormatError, UsageError, VerificationFailedError
@@ -198,6 +198,13 @@ def verify_into(
         _latency(report, loaded, merged, unmerged, (onnx_path, meta), opts, log, providers, threads)
 
 
+def torch_exporter(meta: dict) -> str | None:
+    """The torch.onnx exporter an export used (None: the family's default, also for a graph
+    loraexport wrote itself), for the graphs exported to compare with it."""
+    exporter = meta.get("exporter")
+    return exporter if exporter in EXPORTERS else None
+
+
 def _quantization(report, loaded, unmerged, onnx_path, meta, quant, opts, log, sources, threads) -> None:
     """What the quantized export keeps of the unmerged float32 model and of the adapter
     (``verify.quantized``): the base is exported and quantized the same way to compare with."""
@@ -206,7 +213,12 @@ def _quantization(report, loaded, unmerged, onnx_path, meta, quant, opts, log, s
     with tempfile.TemporaryDirectory(prefix="loraexport-quantized-base-") as td:
         log(f"exporting the base, quantized to {quant.value} the same way, for comparison …")
         result = export_model(
-            loaded.family, loaded.base, Path(td), exporter=meta.get("exporter"), weights_dtype=quant
+            loaded.family,
+            loaded.base,
+            Path(td),
+            exporter=torch_exporter(meta),
+            weights_dtype=quant,
+            optimize="optimize" in meta,
         )
         base_meta = describe(loaded.family, loaded.base, result, quant, ExportMode.BASE)
         try:
@@ -268,7 +280,7 @@ def _half_costs(report, loaded, merged, unmerged, opts, log, half, sources) -> N
 def _latency(report, loaded, merged, unmerged, checked, opts, log, providers, threads) -> None:
     """Latency of the export (``checked``: its folder and description) against the base's and
     the unmerged model's graphs, exported as it was, and torch."""
-    exporter = checked[1].get("exporter")
+    exporter, optimize = torch_exporter(checked[1]), "optimize" in checked[1]
     with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:
         dirs = {"onnx_merged": checked}
         for name, model, mode in (
@@ -278,7 +290,7 @@ def _latency(report, loaded, merged, unmerged, checked, opts, log, providers, th
             log(f"exporting {name.removeprefix('onnx_')} model for comparison …")
             d = Path(td) / name
             d.mkdir()
-            result = export_model(loaded.family, model, d, exporter=exporter)
+            result = export_model(loaded.family, model, d, exporter=exporter, optimize=optimize)
             dirs[name] = (d, describe(loaded.family, model, result, None, mode))
         torch_models = {"torch_unmerged": unmerged, "torch_merged": merged}
         for provider in providers:

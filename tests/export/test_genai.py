@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from artifacts import make_hf_decoder, make_peft_adapter
 
 from loraexport.export.genai import GENAI_CONFIG, genai_config, portable_tokenizer_config, supported
 from loraexport.pipeline import merge_and_export
@@ -22,24 +23,7 @@ pytestmark = pytest.mark.slow
 NEW_TOKENS = 16
 EOS = 2
 PROMPT = [5, 17, 33, 8, 61, 41, 3]
-SMALL = dict(
-    hidden_size=32,
-    intermediate_size=64,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    vocab_size=96,
-    bos_token_id=1,
-    eos_token_id=EOS,
-)
-FAMILIES = {
-    "llama": (
-        lambda: transformers.LlamaForCausalLM(transformers.LlamaConfig(**SMALL, pad_token_id=0)),
-        "llama",
-    ),
-    "qwen2": (lambda: transformers.Qwen2ForCausalLM(transformers.Qwen2Config(**SMALL)), "qwen2"),
-}
+GENAI_TYPES = {"llama": "llama", "qwen2": "qwen2"}
 
 
 def _until_eos(tokens) -> list[int]:
@@ -59,25 +43,20 @@ def _genai_greedy(directory, prompt: list[int], n: int) -> list[int]:
     return list(generator.get_sequence(0))[len(prompt) :]
 
 
-@pytest.mark.parametrize("family", FAMILIES)
-def test_onnxruntime_genai_generates_peft_tokens(family, tmp_path):
-    build, genai_type = FAMILIES[family]
-    torch.manual_seed(0)
-    base = build().eval()
-    base.save_pretrained(tmp_path / "base")
-    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in lora.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    lora.save_pretrained(tmp_path / "adapter")
+@pytest.mark.parametrize("optimize", [False, True], ids=["plain", "optimized"])
+@pytest.mark.parametrize("family", GENAI_TYPES)
+def test_onnxruntime_genai_generates_peft_tokens(family, optimize, tmp_path):
+    """Plain exports (the cache concatenated) and --optimize's fused graphs (one buffer per layer
+    that genai shares between past and present) alike."""
+    base = make_hf_decoder(tmp_path / "base", family, **({"hidden_size": 64} if optimize else {}))
+    lora = make_peft_adapter(base, tmp_path / "adapter", family)
     out = tmp_path / "onnx"
-    merge_and_export(tmp_path / "base", tmp_path / "adapter", out, verify_output=False)
+    merge_and_export(tmp_path / "base", tmp_path / "adapter", out, optimize=optimize, verify_output=False)
 
     config = json.loads((out / GENAI_CONFIG).read_text())
-    assert config["model"]["type"] == genai_type and config["model"]["vocab_size"] == 96
+    assert config["model"]["type"] == GENAI_TYPES[family] and config["model"]["vocab_size"] == 96
     assert config["model"]["decoder"]["num_key_value_heads"] == 2  # GQA: 4 query heads share 2
+    assert config["search"]["past_present_share_buffer"] is optimize
     ids = torch.tensor([PROMPT])
     with torch.no_grad():
         want = lora.generate(

@@ -4,6 +4,9 @@ One ``model.onnx``, under the names Optimum and onnxruntime-genai use, for the p
 and each new token:
   input_ids (B,T), attention_mask (B,P+T), position_ids (B,T), past_key_values.{i}.key/value
   (B,KV,P,Dh) → logits (B,T,V), present.{i}.key/value (B,KV,P+T,Dh)
+
+With --optimize (``export.optimize``) the same names, logits (B,1,V) for the last position,
+and for Llama, Mistral and Qwen2 one key/value buffer per layer updated in place.
 """
 
 from __future__ import annotations
@@ -17,6 +20,8 @@ from torch import nn
 from torch.export import Dim
 
 from loraexport.errors import ModelFormatError
+from loraexport.export import optimize
+from loraexport.export.onnx import ExportResult
 from loraexport.export.spec import GraphSpec
 from loraexport.models.base import Inputs, ParityCase
 from loraexport.models.hf.common import (
@@ -45,9 +50,11 @@ PARITY_SHAPES = [
 class CausalGraph(nn.Module):
     """Flat tensors in and out; the ``DynamicCache`` is built inside ``forward``."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, last_position: bool = False) -> None:
         super().__init__()
         self.model = model
+        # --optimize: the LM head on the last position only (transformers' logits_to_keep)
+        self.keep = {"logits_to_keep": 1} if last_position else {}
 
     def forward(self, input_ids, attention_mask, position_ids, *past_flat):
         from transformers import DynamicCache
@@ -61,6 +68,7 @@ class CausalGraph(nn.Module):
             use_cache=True,
             return_dict=True,
             **_cache_kwargs(self.model, cache),
+            **self.keep,
         )
         present = [t for layer in _returned_cache(out).layers for t in (layer.keys, layer.values)]
         return (out.logits, *present)
@@ -81,7 +89,7 @@ def _kv_names(prefix: str, n: int) -> list[str]:
     return [f"{prefix}.{i}.{kind}" for i in range(n) for kind in ("key", "value")]
 
 
-def _specs(model: nn.Module) -> list[GraphSpec]:
+def _specs(model: nn.Module, last_position: bool = False) -> list[GraphSpec]:
     n, kv, hd = cache_dims(model)
     B, T, P = 2, 3, 4
     vocab = text_config(model).vocab_size
@@ -100,7 +108,7 @@ def _specs(model: nn.Module) -> list[GraphSpec]:
     return [
         GraphSpec(
             name="model",
-            module=CausalGraph(model),
+            module=CausalGraph(model, last_position),
             args=args,
             input_names=["input_ids", "attention_mask", "position_ids", *_kv_names("past_key_values", n)],
             output_names=["logits", *_kv_names("present", n)],
@@ -112,6 +120,15 @@ def _specs(model: nn.Module) -> list[GraphSpec]:
             ),
         )
     ]
+
+
+def _optimized(model: nn.Module, out_dir: Path, opset: int, exporter: str) -> ExportResult:
+    """--optimize (``export.optimize``): the fused graph for Llama, Mistral and Qwen2; GPT-2's
+    torch.onnx export with the LM head on the last position."""
+    if model.config.model_type in optimize.FUSED_TYPES:
+        spec = _specs(model)[0]
+        return optimize.fused_export(model, out_dir, (spec.input_names, spec.output_names))
+    return optimize.last_position_export(_specs(model, last_position=True), out_dir, opset, exporter)
 
 
 # ---- metadata, parity, generation ---------------------------------------------------------------
@@ -225,4 +242,6 @@ HF_CAUSAL = hf_family(
     prompts=_prompts,
     generate=_generate,
     latency_points=((1, 16), (1, 128)),
+    optimized_export=_optimized,
+    optimizes=lambda cfg: optimize.supported(cfg.get("model_type")),
 )

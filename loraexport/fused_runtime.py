@@ -1,0 +1,184 @@
+"""Run --optimize's decoder graphs, which compute the last position's logits only.
+
+``generate_shared`` and ``forward_stepwise``: a fused graph (``loraexport.export.fused``) with one
+shared KV buffer per layer. ``forward_growing``: a last-position graph whose cache grows.
+
+GroupQueryAttention writes each step's keys and values in place when the same
+``(batch, kv_heads, MAX, head_dim)`` OrtValue is bound as both ``past_key_values.{i}.key`` and
+``present.{i}.key``; nothing is concatenated, in the graph or in numpy. ``attention_mask`` is as
+wide as the tokens seen so far (not MAX): the graph reads its width as the total length::
+
+    session = onnxruntime.InferenceSession("model.onnx", session_options(2))
+    new_ids = generate_shared(session, input_ids, attention_mask, 16, cache_shape=(layers, kv, dim))
+
+Prompts may be left-padded (positions count unmasked tokens only, as ``runtime.positions``).
+Only numpy, onnxruntime and the standard library are imported (no torch).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+
+from loraexport.errors import InvalidInputError
+
+KV = ("key", "value")
+
+
+def positions(mask: np.ndarray) -> np.ndarray:
+    """Position ids from a 0/1 mask: unmasked tokens count 0, 1, 2, … (left padding gets 0).
+    ``loraexport.runtime`` uses it too (and imports this module, not the other way round)."""
+    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+
+
+def _check_graph(session: ort.InferenceSession, cache_shape: tuple[int, int, int]) -> int:
+    """The graph's vocabulary size, after checking it is a pruned graph with ``cache_shape``."""
+    layers, kv_heads, head_dim = cache_shape
+    inputs = {i.name: i.shape for i in session.get_inputs()}
+    for i in range(layers):
+        for k in KV:
+            shape = inputs.get(f"past_key_values.{i}.{k}")
+            if shape is None or shape[1] != kv_heads or shape[3] != head_dim:
+                want = f"[batch, {kv_heads}, past, {head_dim}]"
+                raise InvalidInputError(f"the graph's past_key_values.{i}.{k} is {shape}, not {want}")
+    if f"past_key_values.{layers}.key" in inputs:
+        raise InvalidInputError(f"the graph has more than the {layers} layers of cache_shape")
+    logits = next((o.shape for o in session.get_outputs() if o.name == "logits"), None)
+    if logits is None or len(logits) != 3 or logits[1] != 1 or not isinstance(logits[2], int):
+        raise InvalidInputError(f"logits declared {logits}: not a last-position graph [batch, 1, vocab]")
+    return logits[2]
+
+
+class _SharedCache:
+    """An io-binding with each layer's ``(B, KV, MAX, D)`` buffer bound as past and present, and
+    a ``(B, 1, V)`` logits buffer; ``step`` binds the small inputs and runs one call."""
+
+    def __init__(
+        self, session: ort.InferenceSession, batch: int, max_len: int, cache_shape: tuple[int, int, int]
+    ) -> None:
+        vocab = _check_graph(session, cache_shape)
+        layers, kv_heads, head_dim = cache_shape
+        self.session = session
+        self.io = session.io_binding()
+        # numpy arrays own the memory; the OrtValues wrap it (no copy), so reading an array reads
+        # what the graph wrote in place
+        self.cache: dict[str, np.ndarray] = {}
+        for i in range(layers):
+            for k in KV:
+                buffer = np.zeros((batch, kv_heads, max_len, head_dim), np.float32)
+                value = ort.OrtValue.ortvalue_from_numpy(buffer)
+                self.io.bind_ortvalue_input(f"past_key_values.{i}.{k}", value)
+                self.io.bind_ortvalue_output(f"present.{i}.{k}", value)
+                self.cache[f"present.{i}.{k}"] = buffer
+        self.logits = np.zeros((batch, 1, vocab), np.float32)
+        self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+
+    def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+        """Run ``ids`` (B, S) with ``mask`` (B, total) and ``pos`` (B, S); returns logits (B, V),
+        a view of the bound buffer (the next step overwrites it).
+
+        onnxruntime reads an input as a C-contiguous block: a column slice of a wider array (the
+        mask buffer's first T columns, when B > 1) is copied here, a contiguous one is not.
+        """
+        feeds = {
+            "input_ids": np.ascontiguousarray(ids, dtype=np.int64),
+            "attention_mask": np.ascontiguousarray(mask, dtype=np.int64),
+            "position_ids": np.ascontiguousarray(pos, dtype=np.int64),
+        }
+        for name, array in feeds.items():
+            self.io.bind_cpu_input(name, array)
+        self.session.run_with_iobinding(self.io)  # ``feeds`` keeps the inputs alive until here
+        return self.logits[:, 0]
+
+
+def _prompt(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ids = np.asarray(input_ids, dtype=np.int64)
+    mask = np.asarray(attention_mask, dtype=np.int64)
+    if ids.ndim != 2 or mask.shape != ids.shape or ids.shape[1] == 0:
+        raise InvalidInputError(
+            f"input_ids {ids.shape} and attention_mask {mask.shape} must both be (batch, tokens), tokens ≥ 1"
+        )
+    return ids, mask
+
+
+def generate_shared(
+    session: ort.InferenceSession,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    max_new_tokens: int,
+    cache_shape: tuple[int, int, int],
+) -> np.ndarray:
+    """Greedy decoding through one shared buffer per layer; new ids (B, max_new_tokens).
+
+    The buffers hold MAX = prompt length + ``max_new_tokens`` positions, allocated once. The
+    prompt runs in one call (no past), then one token per call. Rows keep decoding after their
+    end token (lockstep); cut each row at its first end token.
+    """
+    ids, prompt_mask = _prompt(input_ids, attention_mask)
+    batch, prompt_len = ids.shape
+    new = np.zeros((batch, max(max_new_tokens, 0)), np.int64)
+    if max_new_tokens <= 0:
+        return new
+    max_len = prompt_len + max_new_tokens
+    cache = _SharedCache(session, batch, max_len, cache_shape)
+    mask = np.ones((batch, max_len), np.int64)  # generated tokens are never padding
+    mask[:, :prompt_len] = prompt_mask
+    logits = cache.step(ids, prompt_mask, positions(prompt_mask))
+    first_position = prompt_mask.sum(axis=1, keepdims=True)  # (B, 1): the next position per row
+    for k in range(max_new_tokens):
+        new[:, k] = logits.argmax(axis=-1)
+        if k == max_new_tokens - 1:
+            break
+        total = prompt_len + k + 1
+        logits = cache.step(new[:, k : k + 1], mask[:, :total], first_position + k)
+    return new
+
+
+def forward_stepwise(
+    session: ort.InferenceSession,
+    input_ids: np.ndarray,
+    attention_mask: np.ndarray,
+    cache_shape: tuple[int, int, int],
+) -> dict[str, np.ndarray]:
+    """Teacher-forced run, one token per call through the shared buffers (the path generation
+    takes after its prompt pass).
+
+    Returns ``logits`` (B, T, V), each step's last-position logits stacked, and
+    ``present.{i}.key|value`` (B, KV, T, D), the buffers after the last step. Left- or
+    right-padded masks: positions count unmasked tokens (``runtime.positions``); a padded
+    position's values are finite but not meaningful (its query attends to padding only, or to
+    the row's tokens so far).
+    """
+    ids, mask = _prompt(input_ids, attention_mask)
+    batch, length = ids.shape
+    pos = positions(mask)
+    cache = _SharedCache(session, batch, length, cache_shape)
+    logits = np.zeros((batch, length, cache.logits.shape[-1]), np.float32)
+    for t in range(length):
+        logits[:, t] = cache.step(ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1])
+    return {"logits": logits, **{name: buffer.copy() for name, buffer in cache.cache.items()}}
+
+
+def forward_growing(run, input_ids: np.ndarray, mask: np.ndarray, shape: tuple[int, int, int]) -> dict:
+    """``forward_stepwise`` for a last-position graph whose cache grows (present = past + new):
+    ``run(feeds) -> {output: array}`` is fed token t with the cache of tokens < t; the logits of
+    every position and the final cache, as one pass without a cache gives them."""
+    B, T = input_ids.shape
+    layers, kv_heads, head_dim = shape
+    past = {
+        f"past_key_values.{i}.{k}": np.zeros((B, kv_heads, 0, head_dim), np.float32)
+        for i in range(layers)
+        for k in KV
+    }
+    pos = positions(mask)
+    logits, outs = [], {}
+    for t in range(T):
+        feeds = {"input_ids": input_ids[:, t : t + 1], "attention_mask": mask[:, : t + 1], **past}
+        outs = run({**feeds, "position_ids": pos[:, t : t + 1]})
+        logits.append(outs["logits"][:, -1:])
+        past = {
+            k.replace("present.", "past_key_values.", 1): v
+            for k, v in outs.items()
+            if k.startswith("present.")
+        }
+    return {"logits": np.concatenate(logits, axis=1), **{k: v for k, v in outs.items() if k != "logits"}}

@@ -1,0 +1,114 @@
+"""``--optimize``: graphs that compute the last position's logits (GPT-2; Llama and Qwen2 fused,
+with the cache updated in place) pass the same verification as plain exports, which compares
+every position (``OnnxModel.forward_all`` teacher-forces them through the cache), and a wrong
+weight in such a graph still fails it."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from artifacts import make_hf_decoder, make_peft_adapter
+from clihelp import refused, run
+from onnx import numpy_helper
+
+from loraexport.errors import VerificationFailedError
+from loraexport.pipeline import merge_and_export
+from loraexport.runtime import OnnxModel
+from loraexport.stages.verify import verify
+
+pytest.importorskip("transformers")
+pytest.importorskip("peft")
+pytestmark = pytest.mark.slow
+LAYOUTS = {"gpt2": "growing", "llama": "shared-buffer", "qwen2": "shared-buffer"}
+
+
+@pytest.fixture(scope="module", params=list(LAYOUTS))
+def optimized(request, tmp_path_factory):
+    """(kind, base dir, adapter dir, optimized export, plain export, report) of one family."""
+    kind = request.param
+    tmp = tmp_path_factory.mktemp(f"opt-{kind}")
+    model = make_hf_decoder(tmp / "base", kind, **({"hidden_size": 64} if kind != "gpt2" else {}))
+    make_peft_adapter(model, tmp / "adapter", kind)
+    report = merge_and_export(tmp / "base", tmp / "adapter", tmp / "opt", optimize=True, latency=False)
+    merge_and_export(tmp / "base", tmp / "adapter", tmp / "plain", verify_output=False)
+    return kind, tmp / "base", tmp / "adapter", tmp / "opt", tmp / "plain", report
+
+
+def test_optimized_export_passes_parity_at_every_position(optimized):
+    kind, _, _, out, _, report = optimized
+    assert report.passed, report.failures
+    (parity,) = report.parity
+    # every case compares every valid position's logits (teacher-forced through the cache)
+    assert all(
+        o.top1_agreement == 1.0 for c in parity.cases for o in c.outputs if o.output.endswith("logits")
+    )
+    assert parity.generation.identical_rows == parity.generation.rows > 0
+    meta = json.loads((out / "loraexport.json").read_text())
+    assert meta["graphs"]["model"]["logits"] == "last"
+    assert meta["graphs"]["model"]["kv_cache"] == LAYOUTS[kind]
+    assert meta["optimize"]["graph"]
+    genai = json.loads((out / "genai_config.json").read_text())
+    assert genai["search"]["past_present_share_buffer"] is (LAYOUTS[kind] == "shared-buffer")
+
+
+def test_logits_axis_is_the_static_one(optimized):
+    """onnxruntime-genai treats logits as last-position only when the declared axis is 1."""
+    _, _, _, out, _, _ = optimized
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False).graph
+    logits = next(o for o in graph.output if o.name == "logits")
+    assert logits.type.tensor_type.shape.dim[1].dim_value == 1
+
+
+def test_prompt_pass_equals_the_plain_exports_last_position(optimized):
+    """One forward pass (what latency times) gives (B, 1, V): the plain export's last column.
+    Tolerance: two float32 graphs of O(1) logits computed in different orders (fused kernels,
+    packed products) differ by a few roundings; 1e-4 is far below a wrong weight's effect."""
+    _, _, _, out, plain, _ = optimized
+    rng = np.random.default_rng(0)
+    ids = rng.integers(3, 96, size=(2, 11))
+    mask = np.ones_like(ids)
+    mask[1, :4] = 0  # left padding, as generation uses it
+    got = OnnxModel(out).forward(ids, mask)
+    want = OnnxModel(plain).forward(ids, mask)[:, -1:]
+    assert got.shape == (2, 1, 96)
+    np.testing.assert_allclose(got, want, atol=1e-4)
+
+
+def test_generation_matches_the_plain_export(optimized):
+    _, _, _, out, plain, _ = optimized
+    rng = np.random.default_rng(1)
+    ids = rng.integers(3, 96, size=(3, 9))
+    mask = np.ones_like(ids)
+    mask[0, :3] = 0
+    mask[2, :5] = 0
+    got = OnnxModel(out).generate(ids, mask, 12)
+    want = OnnxModel(plain).generate(ids, mask, 12)
+    np.testing.assert_array_equal(got, want)
+
+
+def test_a_wrong_weight_in_an_optimized_graph_fails_verification(optimized, tmp_path):
+    """The stepwise comparison can fail: one weight of the graph scaled by 1.01."""
+    kind, base, adapter, out, _, _ = optimized
+    broken = tmp_path / "broken"
+    model = onnx.load(str(out / "model.onnx"))
+    big = max(model.graph.initializer, key=lambda t: int(np.prod(t.dims)) if len(t.dims) == 2 else 0)
+    value = numpy_helper.to_array(big) * np.float32(1.01)
+    big.CopyFrom(numpy_helper.from_array(value, big.name))
+    broken.mkdir()
+    for f in out.iterdir():
+        if f.name != "model.onnx":
+            (broken / f.name).write_bytes(f.read_bytes())
+    onnx.save(model, str(broken / "model.onnx"))
+    with pytest.raises(VerificationFailedError):
+        verify(base, adapter, broken, latency=False)
+
+
+def test_optimize_is_refused_where_it_does_not_apply(causal_base, causal_adapter, tmp_path):
+    r = run(
+        "export", "--model", causal_base, "--adapter", causal_adapter, "--out", tmp_path / "o", "--optimize"
+    )
+    refused(r, 3, "--optimize applies to Hugging Face decoders")  # input it does not apply to
+    assert not (tmp_path / "o").exists()
