@@ -90,9 +90,12 @@ demo-sweep: $(STAMP)
 do-no-harm: $(STAMP)
 	$(BIN)/python benchmarks/do_no_harm.py --dir runs/do-no-harm
 
-# Long measurements, never part of `make test`.
+# Long measurements, never part of `make test`. One table (runs/bench/bench.md, .json, .png):
+# PEFT eager, PyTorch merged, loraexport's ONNX exports (float32, int8, int4, adapter kept),
+# onnxruntime-genai; GPT-2-small and SmolLM2-135M shapes (+ the real SmolLM2 when runs/real has
+# it). About 10-13 minutes on 2 cores, on a quiet machine. `python benchmarks/bench.py --quick`: ~1 min.
 bench: $(STAMP)
-	$(BIN)/python benchmarks/bench_latency.py
+	$(BIN)/python benchmarks/bench.py --out runs/bench
 
 # A generated 2.6 GB decoder: ONNX with external data, parity in onnxruntime (~20 GB of RAM).
 bench-large: $(STAMP)
