@@ -336,7 +336,7 @@ def run_model(shape, args, digest: str) -> dict:
         for k, st in stats.items():
             flops = work.prompt_flops(b, s, positions[k])
             # against PEFT computing the same positions' logits (all, or the last one)
-            ref = "peft_last" if positions[k] == 1 and "peft_last" in stats else "peft"
+            ref = "peft_last" if positions[k] == 1 and k != "peft_last" and "peft_last" in stats else "peft"
             prompt_stats[k][point_key(b, s)] = {
                 "p50_ms": st.p50_ms,
                 "iqr_ms": st.iqr_ms,

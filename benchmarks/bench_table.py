@@ -105,7 +105,9 @@ def _agreement(points: dict) -> str:
 def notes(results: dict) -> list[str]:
     out = [
         "× PEFT: PEFT eager unmerged's median time / the row's (prompt), or the row's tok/s / PEFT's "
-        "(decode); above 1 is faster. IQR: interquartile range of the interleaved runs (decode: of "
+        "(decode); above 1 is faster. Rows marked ‡ compute the last position's logits only and are "
+        "compared with PEFT doing the same (`logits_to_keep=1`, the row below PEFT's). "
+        "IQR: interquartile range of the interleaved runs (decode: of "
         "the time, relative). % peak: the pass's FLOPs / median time / the GEMM peak above. % BW: "
         "bytes of weights read per decoded token (as stored: float32, int8, int4 + scales) × tok/s / "
         "the read bandwidth above; end to end, so the prompt pass counts against it.",

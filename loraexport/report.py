@@ -290,13 +290,14 @@ def _quantization_markdown(rows: list[QuantCost], failures: list[str]) -> list[s
         f"of {rows[0].inputs}; generation over the generation prompts.",
         "",
         "| dtype | adapter | max abs err | rms err | top-1 | generation | adapter effect (rms) | "
-        "adapter retained |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
+        "adapter retained | effect error |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for q in rows:
         lines.append(
             f"| {q.dtype} | {q.adapter} | {q.max_abs_err:.3g} | {q.rms_err:.3g} | {_pct(q.top1_agreement)} | "
-            f"{_pct(q.generation_agreement)} | {q.adapter_effect_rms:.3g} | {_pct(q.adapter_retained)} |"
+            f"{_pct(q.generation_agreement)} | {q.adapter_effect_rms:.3g} | {_pct(q.adapter_retained)} | "
+            f"{_pct(q.adapter_effect_error)} |"
         )
     if failures:
         lines += ["", "Failures:", *[f"- {f}" for f in failures]]

@@ -3,15 +3,15 @@
 - int8, int4: weight-only ``MatMulNBits`` (8 or 4 bits in blocks of ``NBITS_BLOCK`` along K,
   symmetric, accuracy level 4: the kernel quantizes activations to int8 per block too, as
   onnxruntime-genai's builder does on CPU). int4 keeps 8 bits where 4 cost most (as llama.cpp's
-  mixed 4-bit types do): the MatMuls that narrow (K > N: the MLP's down projection, whose input
-  carries the largest activations) and the LM head (the widest N). Measured on SmolLM2-135M
+  mixed 4-bit types do): the MLP's down projections (K wider than the model: their input
+  carries the largest activations) and the LM head (nearest the logits). Measured on SmolLM2-135M
   (reference texts, top-1 against the float32 export): all 4-bit 68.6%, these in 8 bits 80.2%,
   for 14% more bytes and the same decode speed.
 - int8-dynamic: ``quantize_dynamic`` of every MatMul with a constant weight (per-channel int8
   weights, activations quantized per tensor at run time): the prompt pass's GEMMs run in
   integers, about twice as fast, but one scale per activation tensor cannot hold the outlier
   channels real models have. Measured on SmolLM2-135M (145 positions of real text, against the
-  float32 export): int8-dynamic 64.6% top-1 agreement, int8 (blocks) 98.1%; README.
+  float32 export): int8-dynamic 64.6% top-1 agreement, int8 (blocks of 32) 98.1%; README.
 
 ``keep`` names MatMul nodes to leave in float32: with an unmerged graph, the LoRA branch
 (``lora_matmuls`` finds its nodes by the adapter's own tensors), so the base is quantized and
@@ -24,6 +24,7 @@ import contextlib
 import hashlib
 import io
 import logging
+from collections import Counter
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -34,7 +35,11 @@ from onnx import numpy_helper
 from loraexport.enums import Precision
 from loraexport.errors import ExportError, first_line
 
-NBITS_BLOCK = 32  # onnxruntime-genai's CPU default; smaller blocks keep more of a small ΔW
+# Weights per scale along K, chosen by measurement on SmolLM2-135M (reference texts, top-1
+# against the float32 fused export; decode tok/s): int8 blocks of 32 94.7%, of 16 96.6% for ~20%
+# slower passes (int8 is the accurate choice: int8-dynamic is the fast one); int4 keeps
+# onnxruntime-genai's CPU default, 32 (blocks of 16: +9 points of top-1, 28% slower prompts).
+NBITS_BLOCK = {Precision.INT8: 16, Precision.INT4: 32}
 NBITS_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: the fast path on CPU (docs/notes §3)
 NBITS = {Precision.INT8: 8, Precision.INT4: 4}
 
@@ -76,11 +81,11 @@ def quantization_description(precision: Precision, adapter: str) -> dict:
         )
     else:
         method = (
-            f"onnxruntime MatMulNBits: weights int{NBITS[precision]}, blocks of {NBITS_BLOCK}, symmetric, "
-            f"accuracy level {NBITS_ACCURACY_LEVEL} (activations int8 per block)"
+            f"onnxruntime MatMulNBits: weights int{NBITS[precision]}, blocks of "
+            f"{NBITS_BLOCK[precision]}, symmetric, accuracy level {NBITS_ACCURACY_LEVEL} (activations int8 per block)"
         )
         if precision is Precision.INT4:
-            method += "; the narrowing MatMuls (K > N: MLP down projections) and the LM head in 8 bits"
+            method += "; the MLP down projections and the LM head in 8 bits"
     return {"bits": NBITS.get(precision, 8), "method": method, "adapter": adapter}
 
 
@@ -125,17 +130,21 @@ def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = No
                     weight_type=QuantType.QInt8,
                     nodes_to_exclude=list(keep or []),
                     use_external_data_format=external,
+                    # onnxruntime's contrib ops (--optimize) have no ONNX shape inference
+                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
                 )
             elif precision in NBITS:
                 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
                 model = onnx.load(str(path))
-                kept, wide = set(keep or []), []
+                kept, wide, block = set(keep or []), [], NBITS_BLOCK[precision]
                 if precision is Precision.INT4:
                     wide, rest = _wide_matmuls(model, kept)
                     if wide:  # first these in 8 bits, all else left alone
-                        model = _nbits(MatMulNBitsQuantizer, model, 8, kept | set(rest))
-                model = _nbits(MatMulNBitsQuantizer, model, NBITS[precision], kept)
+                        model = _nbits(
+                            MatMulNBitsQuantizer, model, 8, NBITS_BLOCK[precision], kept | set(rest)
+                        )
+                model = _nbits(MatMulNBitsQuantizer, model, NBITS[precision], NBITS_BLOCK[precision], kept)
                 model.save_model_to_file(str(scratch), external)
             else:
                 raise ExportError(f"{precision.value} is not a quantization")
@@ -149,12 +158,12 @@ def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = No
     return captured.getvalue()
 
 
-def _nbits(quantizer_class, model, bits: int, exclude: set[str]):
+def _nbits(quantizer_class, model, bits: int, block: int, exclude: set[str]):
     """``model`` with its MatMuls but ``exclude`` quantized to ``bits`` (a quantizer's ONNXModel)."""
     quantizer = quantizer_class(
         model if isinstance(model, onnx.ModelProto) else model.model,
         bits=bits,
-        block_size=NBITS_BLOCK,
+        block_size=block,
         is_symmetric=True,
         accuracy_level=NBITS_ACCURACY_LEVEL,
         nodes_to_exclude=sorted(exclude),
@@ -165,18 +174,42 @@ def _nbits(quantizer_class, model, bits: int, exclude: set[str]):
 
 def _wide_matmuls(model: onnx.ModelProto, keep: set[str]) -> tuple[list[str], list[str]]:
     """(MatMuls int4 keeps in 8 bits, the other weight MatMuls): by their constant weight's
-    (K, N), those with K > N and those with the largest N; none when a node has no name."""
+    (K, N), those whose K exceeds the model's width (the most common K: the MLP's down
+    projections read the wider hidden layer), and the LM head (the weight MatMul nearest the
+    ``logits`` output). Neither depends on how projections are packed, so a base and an
+    unmerged graph of it get the same precisions; none when a node has no name (exclusion
+    goes by name)."""
     dims = {t.name: tuple(t.dims) for t in model.graph.initializer if len(t.dims) == 2}
-    weights = [
-        (n.name, dims[n.input[1]])
+    weights = {
+        n.name: dims[n.input[1]]
         for n in model.graph.node
         if n.op_type == "MatMul" and len(n.input) == 2 and n.input[1] in dims and n.name not in keep
-    ]
-    if not weights or any(not name for name, _ in weights):
+    }
+    if not weights or any(not name for name in weights):
         return [], []
-    widest = max(n for _, (_, n) in weights)
-    wide = [name for name, (k, n) in weights if k > n or n == widest]
-    return wide, [name for name, _ in weights if name not in wide]
+    widths = Counter(k for k, _ in weights.values())
+    width = max(widths, key=lambda k: (widths[k], -k))
+    wide = [name for name, (k, _) in weights.items() if k > width]
+    head = _lm_head(model, set(weights))
+    if head is not None and head not in wide:
+        wide.append(head)
+    return wide, [name for name in weights if name not in wide]
+
+
+def _lm_head(model: onnx.ModelProto, weight_matmuls: set[str]) -> str | None:
+    """The weight MatMul found first walking back from output ``logits`` (None without one)."""
+    producer = {o: n for n in model.graph.node for o in n.output}
+    todo = [o.name for o in model.graph.output if o.name == "logits"]
+    seen: set[str] = set()
+    while todo:
+        node = producer.get(todo.pop(0))
+        if node is None or node.name in seen:
+            continue
+        if node.name in weight_matmuls:
+            return node.name
+        seen.add(node.name)
+        todo.extend(node.input)
+    return None
 
 
 def _remove(scratch: Path) -> None:

@@ -7,12 +7,18 @@ float32 model (U), on text (``--eval-data``, else ``REFERENCE_TEXTS``) when the 
 tokenizer, else on the parity cases' random token ids:
   * max abs logit error and top-1 agreement of Q against U (unmasked positions), and the
     share of generation prompts whose greedy tokens are identical;
-  * ``adapter_retained`` = 1 − rms((Q − Q₀) − (U − B)) / rms(U − B), where B is the float32
-    base without the adapter and Q₀ the base exported and quantized the same way. Q − Q₀ is
-    the adapter's effect as the quantized model shows it, U − B its true effect, so the
-    base's own quantization error cancels: an adapter kept exactly beside a coarsely
-    quantized base is not blamed for the base's error, and a merge whose small ΔW the
-    quantization grid swallowed shows ~0.
+  * ``adapter_retained`` = ⟨Q − Q₀, U − B⟩ / ⟨U − B, U − B⟩, where B is the float32 base
+    without the adapter and Q₀ the base exported and quantized the same way: Q − Q₀ is the
+    adapter's effect as the quantized model shows it, U − B its true effect, and the ratio is
+    the share of the true effect found in it (the regression of one on the other). A merge
+    whose small ΔW the quantization grid swallowed shows ~0; an adapter kept exactly shows ~1
+    however coarse the base. Quantization error that does not follow the adapter adds to
+    neither side of the inner product, so it cancels even where it is large;
+  * ``adapter_effect_error`` = rms((Q − Q₀) − (U − B)) / rms(U − B): how far the effect as the
+    quantized model shows it is from the true one, that error included. (Until 2026-11-30 the
+    gate was 1 − this; on SmolLM2-135M with int4 it went below 0 for an adapter kept exactly
+    in float32: Q's and Q₀'s quantization errors differ, because the adapter moves the
+    activations the quantized weights see, and that difference was counted as adapter lost.)
 A quantized export keeping less than ``MIN_ADAPTER_RETAINED`` of the adapter's effect fails
 verification (exit 4), as a half-precision one does.
 """
@@ -47,7 +53,8 @@ REFERENCE_TEXTS = (
     "The three primary colours of light are red, green and blue; mixed in equal parts they give white.",
 )
 RETAINED_HOW = (
-    "adapter_retained = 1 - rms((Q - Q0) - (U - B)) / rms(U - B) over the logits: "
+    "adapter_retained = <Q - Q0, U - B> / <U - B, U - B> over the logits (effect error: "
+    "rms((Q - Q0) - (U - B)) / rms(U - B)): "
     "Q the quantized export, Q0 the base quantized the same way, U the unmerged float32 model, "
     "B the float32 base; the base's own quantization error cancels"
 )
@@ -63,6 +70,7 @@ class QuantCost:
     generation_agreement: float | None
     adapter_effect_rms: float  # rms(U - B): how far the adapter moves the outputs
     adapter_retained: float | None
+    adapter_effect_error: float | None = None
     how: str = RETAINED_HOW
     inputs: str = "random token ids"  # what the logit figures were computed on
     positions: int = 0
@@ -97,7 +105,7 @@ def quantization_cost(
     kind, shape = quantized.kind, quantized.cache_shape
     run_u, run_b = torch_runner(family, unmerged), torch_runner(family, base)
     err, sq, n, agree, total = 0.0, 0.0, 0, 0, 0
-    miss_sq, effect_sq = 0.0, 0.0
+    effect_stats = np.zeros(3)
     cases, inputs_used = _cases(family, unmerged, tokenizer, sources, samples, seed)
     for case in cases:
         args = (
@@ -112,8 +120,7 @@ def quantization_cost(
         diff = (q - u)[valid]
         err = max(err, float(np.abs(diff).max(initial=0.0)))
         sq, n = sq + float((diff**2).sum()), n + diff.size
-        miss_sq += float(((((q - q0) - (u - b))[valid]) ** 2).sum())
-        effect_sq += float(((u - b)[valid] ** 2).sum())
+        effect_stats += effect_sums((q - q0)[valid], (u - b)[valid])
         agree += int((q.argmax(-1) == u.argmax(-1))[valid].sum())
         total += int(valid.sum())
     gen_rows = gen_same = 0
@@ -122,8 +129,8 @@ def quantization_cost(
         got = quantized.generate(inputs["input_ids"].numpy(), inputs["attention_mask"].numpy(), max_new)
         gen_rows += want.shape[0]
         gen_same += int((got == want).all(axis=1).sum())
-    effect = (effect_sq / n) ** 0.5 if n else 0.0
-    retained = 1.0 - (miss_sq / effect_sq) ** 0.5 if effect_sq > 0 else None
+    effect = (effect_stats[1] / n) ** 0.5 if n else 0.0
+    retained, effect_error = adapter_figures(effect_stats)
     return QuantCost(
         dtype,
         adapter,
@@ -133,9 +140,25 @@ def quantization_cost(
         gen_same / gen_rows if gen_rows else None,
         effect,
         retained,
+        effect_error,
         inputs=inputs_used,
         positions=total,
     )
+
+
+def effect_sums(shown: np.ndarray, true: np.ndarray) -> np.ndarray:
+    """(⟨shown, true⟩, ⟨true, true⟩, ‖shown − true‖²): what ``adapter_figures`` needs, summed
+    over cases."""
+    shown, true = shown.astype(np.float64), true.astype(np.float64)
+    return np.array([(shown * true).sum(), (true * true).sum(), ((shown - true) ** 2).sum()])
+
+
+def adapter_figures(sums: np.ndarray) -> tuple[float | None, float | None]:
+    """(adapter_retained, adapter_effect_error) from ``effect_sums``; None without an effect."""
+    dot, true_sq, miss_sq = (float(x) for x in sums)
+    if true_sq <= 0:
+        return None, None
+    return dot / true_sq, (miss_sq / true_sq) ** 0.5
 
 
 def _cases(family, unmerged, tokenizer, sources, samples, seed) -> tuple[list[ParityCase], str]:

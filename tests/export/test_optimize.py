@@ -17,6 +17,7 @@ from onnx import numpy_helper
 from loraexport.errors import VerificationFailedError
 from loraexport.pipeline import merge_and_export
 from loraexport.runtime import OnnxModel
+from loraexport.stages.export import export
 from loraexport.stages.verify import verify
 
 pytest.importorskip("transformers")
@@ -112,3 +113,25 @@ def test_optimize_is_refused_where_it_does_not_apply(causal_base, causal_adapter
     )
     refused(r, 3, "--optimize applies to Hugging Face decoders")  # input it does not apply to
     assert not (tmp_path / "o").exists()
+
+
+def test_int4_keeps_the_same_matmuls_in_8_bits_packed_or_not(tmp_path):
+    """int4's 8-bit MatMuls (the MLP's down projections, the LM head) are the same whether q/k/v
+    are packed (a base or merged graph) or not (an unmerged one): the base quantized "the same
+    way" for ``adapter_retained`` must be."""
+    from loraexport.export.quantize import _wide_matmuls
+
+    model = make_hf_decoder(tmp_path / "base", "llama", hidden_size=64, intermediate_size=128)
+    make_peft_adapter(model, tmp_path / "adapter", "llama")
+    export(tmp_path / "base", tmp_path / "packed", optimize=True)
+    export(
+        tmp_path / "base", tmp_path / "unpacked", adapter=tmp_path / "adapter", mode="unmerged", optimize=True
+    )
+    chosen = []
+    for d in ("packed", "unpacked"):
+        graph = onnx.load(str(tmp_path / d / "model.onnx"))
+        lora = {n.name for n in graph.graph.node if ".lora." in n.name}
+        wide, _ = _wide_matmuls(graph, lora)
+        chosen.append(sorted(wide))
+    assert chosen[0] == chosen[1]
+    assert len(chosen[0]) == 2 + 1  # 2 layers' down projections and the LM head
