@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from artifacts import copy_dir
+from artifacts import copy_dir, make_hf_decoder, make_peft_adapter
 from clihelp import (
     BIN,
     leftovers,
@@ -47,30 +47,8 @@ RSS_LIMIT_MB = 1024  # the issue's bound for every hostile-size case
 def recipes(tmp_path_factory) -> Path:
     """llama/ (tiny Llama), ad/ (PEFT r=4 q,v, B non-zero), ref/ (samples/base)."""
     root = tmp_path_factory.mktemp("recipes")
-    torch.manual_seed(0)
-    config = transformers.LlamaConfig(
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=128,
-        vocab_size=96,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    model = transformers.LlamaForCausalLM(config).eval()
-    model.save_pretrained(root / "llama")
-    peft_model = peft.get_peft_model(
-        model, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"])
-    )
-    g = torch.Generator().manual_seed(1)
-    with torch.no_grad():
-        for name, p in peft_model.named_parameters():
-            if "lora_B" in name:
-                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
-    peft_model.save_pretrained(root / "ad")
+    model = make_hf_decoder(root / "llama", "llama")
+    make_peft_adapter(model, root / "ad", "llama")
     shutil.copytree(SAMPLE_BASE, root / "ref")
     (root / "eval.jsonl").write_text('{"source": "123", "target": "321"}\n')
     return root

@@ -6,6 +6,7 @@ weight in such a graph still fails it."""
 from __future__ import annotations
 
 import json
+import shutil
 
 import numpy as np
 import onnx
@@ -16,7 +17,7 @@ from onnx import numpy_helper
 
 from loraexport.errors import VerificationFailedError
 from loraexport.pipeline import merge_and_export
-from loraexport.runtime import OnnxModel
+from loraexport.runtime import OnnxModel, RuntimeInputError
 from loraexport.stages.export import export
 from loraexport.stages.verify import verify
 
@@ -135,3 +136,18 @@ def test_int4_keeps_the_same_matmuls_in_8_bits_packed_or_not(tmp_path):
         chosen.append(sorted(wide))
     assert chosen[0] == chosen[1]
     assert len(chosen[0]) == 2 + 1  # 2 layers' down projections and the LM head
+
+
+def test_a_description_that_claims_a_fused_graph_is_refused(optimized, tmp_path):
+    """loraexport.json is untrusted: a plain graph described as a shared-buffer one is refused
+    in one line (the graph's logits are not the declared last position), not run wrongly."""
+    _, _, _, _, plain, _ = optimized
+    lying = tmp_path / "lying"
+    shutil.copytree(plain, lying)
+    meta = json.loads((lying / "loraexport.json").read_text())
+    meta["graphs"]["model"] |= {"logits": "last", "kv_cache": "shared-buffer"}
+    (lying / "loraexport.json").write_text(json.dumps(meta))
+    ids = np.array([[5, 6, 7]])
+    with pytest.raises(RuntimeInputError) as e:
+        OnnxModel(lying).generate(ids, np.ones_like(ids), 2)
+    assert "\n" not in str(e.value) and "logits" in str(e.value)
