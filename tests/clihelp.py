@@ -167,10 +167,14 @@ def sitecustomize(hook: Path, source: str) -> dict[str, str]:
     return {"PYTHONPATH": str(hook)}
 
 
-# The merge says READY at its first progress update (its output half written), then waits.
+# The merge says READY at its first progress update (its output half written), then waits in
+# short sleeps: a signal that lands before a long sleep() starts would be noticed only when it
+# ends (Python runs handlers between bytecodes, and a busy machine may deliver the signal while
+# the child is still between its flush and the sleep), so one 60 s sleep made the test flaky.
 SLOW_MERGE = (
     "import sys, time\nfrom loraexport import progress\n"
-    "def update(self, n=1, **kw):\n    sys.stderr.write('READY\\n'); sys.stderr.flush(); time.sleep(60)\n"
+    "def update(self, n=1, **kw):\n    sys.stderr.write('READY\\n'); sys.stderr.flush()\n"
+    "    for _ in range(600):\n        time.sleep(0.1)\n"
     "progress.Progress.update = update\n"
 )
 

@@ -82,7 +82,8 @@ def quantization_description(precision: Precision, adapter: str) -> dict:
     else:
         method = (
             f"onnxruntime MatMulNBits: weights int{NBITS[precision]}, blocks of "
-            f"{NBITS_BLOCK[precision]}, symmetric, accuracy level {NBITS_ACCURACY_LEVEL} (activations int8 per block)"
+            f"{NBITS_BLOCK[precision]}, symmetric, accuracy level {NBITS_ACCURACY_LEVEL} "
+            "(activations int8 per block)"
         )
         if precision is Precision.INT4:
             method += "; the MLP down projections and the LM head in 8 bits"
@@ -141,10 +142,8 @@ def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = No
                 if precision is Precision.INT4:
                     wide, rest = _wide_matmuls(model, kept)
                     if wide:  # first these in 8 bits, all else left alone
-                        model = _nbits(
-                            MatMulNBitsQuantizer, model, 8, NBITS_BLOCK[precision], kept | set(rest)
-                        )
-                model = _nbits(MatMulNBitsQuantizer, model, NBITS[precision], NBITS_BLOCK[precision], kept)
+                        model = _nbits(MatMulNBitsQuantizer, model, 8, block, kept | set(rest))
+                model = _nbits(MatMulNBitsQuantizer, model, NBITS[precision], block, kept)
                 model.save_model_to_file(str(scratch), external)
             else:
                 raise ExportError(f"{precision.value} is not a quantization")
