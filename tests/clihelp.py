@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import os
 import select
+import signal
 import subprocess
 import sys
 import time
@@ -179,12 +180,29 @@ SLOW_MERGE = (
 )
 
 
+def _as_from_a_terminal() -> None:
+    """In the child: the signal state a command typed at a terminal starts with. A test run
+    started in the background (``make test &``, ``nohup``) has SIGINT ignored, as POSIX shells
+    do for background jobs, and its children would inherit that: Python then installs no
+    KeyboardInterrupt handler, and a Ctrl-C (which such a job can never get) would be ignored."""
+    signal.pthread_sigmask(signal.SIG_SETMASK, set())
+    for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+        signal.signal(sig, signal.SIG_DFL)
+
+
 def signalled(hook: Path, sig: int, *args: object) -> subprocess.CompletedProcess:
     """``loraexport --quiet ARGS`` (a merge) as a real process, sent ``sig`` once it is writing
     its output (``SLOW_MERGE``, injected through ``hook``)."""
     env = dict(os.environ, **sitecustomize(hook, SLOW_MERGE))
     argv = [*COMMAND, *_argv(args, True)]
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    proc = subprocess.Popen(
+        argv,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+        text=True,
+        preexec_fn=_as_from_a_terminal,
+    )
     try:
         ready, _, _ = select.select([proc.stderr], [], [], 120)  # start-up imports torch: seconds
         assert ready and proc.stderr.readline().strip() == "READY"  # the output is half written now
