@@ -164,21 +164,27 @@ def forward_growing(run, input_ids: np.ndarray, mask: np.ndarray, shape: tuple[i
     ``run(feeds) -> {output: array}`` is fed token t with the cache of tokens < t; the logits of
     every position and the final cache, as one pass without a cache gives them."""
     B, T = input_ids.shape
-    layers, kv_heads, head_dim = shape
-    past = {
-        f"past_key_values.{i}.{k}": np.zeros((B, kv_heads, 0, head_dim), np.float32)
-        for i in range(layers)
-        for k in KV
-    }
+    past = empty_past(B, *shape, np.float32)
     pos = positions(mask)
     logits, outs = [], {}
     for t in range(T):
         feeds = {"input_ids": input_ids[:, t : t + 1], "attention_mask": mask[:, : t + 1], **past}
         outs = run({**feeds, "position_ids": pos[:, t : t + 1]})
         logits.append(outs["logits"][:, -1:])
-        past = {
-            k.replace("present.", "past_key_values.", 1): v
-            for k, v in outs.items()
-            if k.startswith("present.")
-        }
+        past = next_past(outs)
     return {"logits": np.concatenate(logits, axis=1), **{k: v for k, v in outs.items() if k != "logits"}}
+
+
+def empty_past(batch: int, layers: int, heads: int, head_dim: int, dtype: type) -> dict[str, np.ndarray]:
+    """A zero-length self-attention cache: the first call of a cached decoder."""
+    z = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
+    return {f"past_key_values.{i}.{k}": z for i in range(layers) for k in ("key", "value")}
+
+
+def next_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A growing cache's next inputs: each ``present.*`` output as ``past_key_values.*``."""
+    return {
+        k.replace("present.", "past_key_values.", 1): v
+        for k, v in outputs.items()
+        if k.startswith("present.")
+    }

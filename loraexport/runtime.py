@@ -25,10 +25,12 @@ import onnxruntime as ort
 
 from loraexport.description import KINDS, check_export_meta, read_export_meta  # noqa: F401 (re-exported)
 from loraexport.errors import InvalidInputError, first_line
-from loraexport.fused_runtime import (  # noqa: F401 (positions: re-exported)
+from loraexport.fused_runtime import (  # noqa: F401 (positions, empty_past: re-exported)
+    empty_past,
     forward_growing,
     forward_stepwise,
     generate_shared,
+    next_past,
     positions,
 )
 from loraexport.untrusted import short_repr
@@ -285,6 +287,19 @@ class OnnxModel:
             return outs["decoder.logits"]
         return outs["model.logits"] if "model.logits" in outs else next(iter(outs.values()))
 
+    def _check_length(self, input_ids: np.ndarray, max_new_tokens: int) -> None:
+        """Refuse a request the model cannot hold (before a buffer for it is allocated): a
+        non-integer count, or a causal prompt and new tokens beyond its ``context_length``."""
+        if not isinstance(max_new_tokens, int | np.integer) or isinstance(max_new_tokens, bool):
+            raise RuntimeInputError(f"max_new_tokens must be an integer, not {short_repr(max_new_tokens)}")
+        limit = self.meta["model"].get("context_length")
+        total = (input_ids.shape[1] if self.kind == "causal" and input_ids.ndim == 2 else 0) + max_new_tokens
+        if isinstance(limit, int) and total > limit:
+            raise RuntimeInputError(
+                f"{input_ids.shape[-1]} prompt tokens + {max_new_tokens} new tokens exceed the model's "
+                f"context_length {limit}"
+            )
+
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
         """Greedy decoding with the KV cache, all in onnxruntime; new ids (B, max_new_tokens).
 
@@ -296,6 +311,7 @@ class OnnxModel:
             raise RuntimeInputError("an encoder model does not generate")
         input_ids = input_ids.astype(np.int64)
         mask = attention_mask.astype(np.int64)
+        self._check_length(input_ids, max_new_tokens)
         if self.kind == "causal" and self.kv_cache == "shared-buffer":
             return _shared(
                 generate_shared, self.sessions["model"], input_ids, mask, max_new_tokens, self.cache_shape
@@ -321,15 +337,11 @@ class OnnxModel:
             new.append(nxt)
             if step == max_new_tokens - 1:
                 break
-            past = {
-                k.replace("present.", "past_key_values.", 1): v
-                for k, v in outs.items()
-                if k.startswith("present.")
-            }
+            past = next_past(outs)
             step_ids = nxt
             if self.kind == "causal":
                 mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-        return np.concatenate(new, axis=1)
+        return np.concatenate(new, axis=1) if new else np.zeros((B, 0), np.int64)
 
 
 def _shared(fn, session: ort.InferenceSession, *args):
@@ -341,12 +353,6 @@ def _shared(fn, session: ort.InferenceSession, *args):
         raise RuntimeInputError(str(e)) from e
     except _ORT_LOAD_ERRORS as e:
         raise RuntimeInputError(f"onnxruntime cannot run this graph: {first_line(e)}") from e
-
-
-def empty_past(batch: int, layers: int, heads: int, head_dim: int, dtype: type) -> dict[str, np.ndarray]:
-    """A zero-length self-attention cache: the first call of a cached decoder."""
-    z = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
-    return {f"past_key_values.{i}.{k}": z for i in range(layers) for k in ("key", "value")}
 
 
 def chain_forward(

@@ -39,6 +39,7 @@ from onnx import TensorProto, helper, numpy_helper
 from torch import nn
 
 from loraexport.errors import ExportError
+from loraexport.export.fused_config import check_config
 from loraexport.export.onnx import EXTERNAL_DATA_BYTES
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
 
@@ -134,39 +135,13 @@ def _linear(module: nn.Module, where: str) -> _Linear:
     return _Linear(_array(base.weight, f"{where}.weight"), bias, tuple(arrays))
 
 
-def _rope_theta(config) -> float:
-    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
-    kind = params.get("rope_type", params.get("type", "default"))
-    if kind not in (None, "default"):
-        raise ExportError(f"fused export supports default RoPE only; rope_type is {kind!r}")
-    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
-        raise ExportError(f"fused export: partial_rotary_factor {config.partial_rotary_factor} unsupported")
-    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-
-
-def _check_window(config) -> None:
-    """Refuse a sliding window that can take effect (shorter than the longest sequence)."""
-    window = getattr(config, "sliding_window", None)
-    types = getattr(config, "layer_types", None)
-    used = window is not None and getattr(config, "use_sliding_window", True) is not False
-    used = used and (types is None or any(t != "full_attention" for t in types))
-    if used and window < config.max_position_embeddings:
-        limit = config.max_position_embeddings
-        raise ExportError(f"fused export: sliding_window {window} < max_position_embeddings {limit}")
-    if types is not None and any(t not in ("full_attention", "sliding_attention") for t in types):
-        raise ExportError(f"fused export: unsupported layer_types {sorted(set(types))}")
-
-
 def _dims(model: nn.Module) -> _Dims:
     """The shapes the graph needs, or ``ExportError`` for a model it cannot express."""
     config = getattr(model, "config", None)
     family = getattr(config, "model_type", None)
     if family not in FAMILIES or not all(hasattr(model, a) for a in ("model", "lm_head")):
         raise ExportError(f"fused export: {type(model).__name__} ({family!r}) is not one of {FAMILIES}")
-    if getattr(config, "hidden_act", "silu") != "silu":
-        raise ExportError(f"fused export: hidden_act {config.hidden_act!r} is not silu")
-    theta = _rope_theta(config)
-    _check_window(config)
+    theta = check_config(config)
     heads, kv_heads = config.num_attention_heads, config.num_key_value_heads or config.num_attention_heads
     head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
     if not len(model.model.layers):

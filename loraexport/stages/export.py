@@ -13,6 +13,7 @@ from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
 from loraexport.export import genai
+from loraexport.export.fused_config import check_config
 from loraexport.export.half import store_weights_half
 from loraexport.export.onnx import (
     DEFAULT_OPSET,
@@ -106,6 +107,11 @@ def check_optimize(model_dir: str | Path, optimize: bool) -> None:
             f"--optimize applies to Hugging Face decoders ({', '.join(optimize_types())}); "
             f"{model_dir} is a {family.name} model of type {config.get('model_type')!r}"
         )
+    if config.get("model_type") in FUSED_TYPES:
+        try:
+            check_config(config)
+        except ExportError as e:
+            raise InvalidInputError(f"--optimize: {model_dir}/config.json: {e}") from e
 
 
 def check_quantize(

@@ -151,3 +151,48 @@ def test_a_description_that_claims_a_fused_graph_is_refused(optimized, tmp_path)
     with pytest.raises(RuntimeInputError) as e:
         OnnxModel(lying).generate(ids, np.ones_like(ids), 2)
     assert "\n" not in str(e.value) and "logits" in str(e.value)
+
+
+@pytest.mark.parametrize("n", [0, -1])
+def test_no_new_tokens_is_an_empty_answer(optimized, n):
+    """max_new_tokens 0 (or below) gives (batch, 0) ids from either cache layout, not an error."""
+    _, _, _, out, plain, _ = optimized
+    ids = np.array([[5, 6, 7], [8, 9, 10]])
+    for d in (out, plain):
+        assert OnnxModel(d).generate(ids, np.ones_like(ids), n).shape == (2, 0)
+
+
+def test_a_config_the_fused_graph_cannot_express_is_refused_before_work(tmp_path):
+    """RoPE scaling (or a sliding window, or another activation) is read from config.json: exit 3
+    in one line naming it, before the weights are read, and nothing written."""
+    model = make_hf_decoder(
+        tmp_path / "base", "llama", hidden_size=64, rope_scaling={"rope_type": "linear", "factor": 2.0}
+    )
+    make_peft_adapter(model, tmp_path / "adapter", "llama")
+    (tmp_path / "base" / "model.safetensors").write_bytes(b"not read")  # proof: no weight is read
+    for command in ("export", "merge-and-export"):
+        source = "--model" if command == "export" else "--base"
+        r = run(
+            command,
+            source,
+            tmp_path / "base",
+            "--adapter",
+            tmp_path / "adapter",
+            "--out",
+            tmp_path / "o",
+            "--optimize",
+        )
+        refused(r, 3, "config.json", "rope_type is 'linear'")
+        assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("n", [10**12, 200, 2.0, True])
+def test_more_tokens_than_the_model_holds_are_refused_before_any_buffer(optimized, n):
+    """The shared buffer is allocated for prompt + new tokens: 10^12 of them (or a count past
+    context_length 128, or not an integer) is one RuntimeInputError line, not a huge allocation."""
+    _, _, _, out, plain, _ = optimized
+    ids = np.array([[5, 6, 7]])
+    for d in (out, plain):
+        with pytest.raises(RuntimeInputError) as e:
+            OnnxModel(d).generate(ids, np.ones_like(ids), n)
+        assert "\n" not in str(e.value)

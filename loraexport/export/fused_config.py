@@ -1,0 +1,49 @@
+"""What of a model's configuration the fused graph (``export.fused``) cannot express, found
+from the configuration alone: a transformers config, or ``config.json`` read as an object
+(``stages.export.check_optimize`` refuses such a model before any weight is read).
+
+No torch here.
+"""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+from typing import Any
+
+from loraexport.errors import ExportError
+
+
+def check_config(config: Any) -> float:
+    """The RoPE base (rope_theta), after refusing (``ExportError``) what the fused graph cannot
+    compute: an activation other than SiLU, RoPE other than the default, partial rotary, a
+    sliding window that can take effect. ``config``: attributes, or a dict (``config.json``)."""
+    if isinstance(config, dict):
+        config = SimpleNamespace(**config)
+    if getattr(config, "hidden_act", "silu") != "silu":
+        raise ExportError(f"fused export: hidden_act {config.hidden_act!r} is not silu")
+    theta = _rope_theta(config)
+    _check_window(config)
+    return theta
+
+
+def _rope_theta(config) -> float:
+    params = getattr(config, "rope_parameters", None) or getattr(config, "rope_scaling", None) or {}
+    kind = params.get("rope_type", params.get("type", "default"))
+    if kind not in (None, "default"):
+        raise ExportError(f"fused export supports default RoPE only; rope_type is {kind!r}")
+    if getattr(config, "partial_rotary_factor", 1.0) != 1.0:
+        raise ExportError(f"fused export: partial_rotary_factor {config.partial_rotary_factor} unsupported")
+    return float(params.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
+
+
+def _check_window(config) -> None:
+    """Refuse a sliding window that can take effect (shorter than the longest sequence)."""
+    window = getattr(config, "sliding_window", None)
+    types = getattr(config, "layer_types", None)
+    used = window is not None and getattr(config, "use_sliding_window", True) is not False
+    used = used and (types is None or any(t != "full_attention" for t in types))
+    if used and window < config.max_position_embeddings:
+        limit = config.max_position_embeddings
+        raise ExportError(f"fused export: sliding_window {window} < max_position_embeddings {limit}")
+    if types is not None and any(t not in ("full_attention", "sliding_attention") for t in types):
+        raise ExportError(f"fused export: unsupported layer_types {sorted(set(types))}")
