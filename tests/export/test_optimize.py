@@ -196,3 +196,24 @@ def test_more_tokens_than_the_model_holds_are_refused_before_any_buffer(optimize
         with pytest.raises(RuntimeInputError) as e:
             OnnxModel(d).generate(ids, np.ones_like(ids), n)
         assert "\n" not in str(e.value)
+
+
+def test_quantized_figures_see_prompt_passes(optimized, monkeypatch):
+    """``verify.quantized.prompt_logits`` gives each position of a last-position graph the
+    logits of a prompt pass ending there: the plain export's logits at every position (an
+    int8-dynamic graph quantizes a prompt's activations with one scale, so stepping one token
+    at a time would measure another thing). Capped positions are left out, not faked.
+    Tolerance: as the test above, two float32 graphs computed in different orders."""
+    from loraexport.verify import quantized
+
+    _, _, _, out, plain, _ = optimized
+    ids = np.random.default_rng(2).integers(3, 96, size=(2, 9))
+    args = (ids, np.ones_like(ids), None)
+    fused, want = OnnxModel(out), OnnxModel(plain).forward(ids, np.ones_like(ids))
+    np.testing.assert_allclose(quantized.prompt_logits(fused, args), want, atol=1e-4)
+    monkeypatch.setattr(quantized, "MAX_PREFIX_PASSES", 4)
+    checked = quantized._checked(fused, ids.shape)
+    assert checked.sum(axis=1).tolist() == [4, 4] and checked[:, [0, -1]].all()
+    got = quantized.prompt_logits(fused, args)
+    np.testing.assert_allclose(got[checked], want[checked], atol=1e-4)
+    assert not got[~checked].any()

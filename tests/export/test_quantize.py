@@ -152,3 +152,69 @@ def test_keep_adapter_needs_an_adapter(causal_base, tmp_path):
             3,
             "needs an --adapter",
         )
+
+
+def _gemm_graph(trans_b: int, alpha: float = 1.0, bias: bool = True, tied: bool = False) -> onnx.ModelProto:
+    """x (2, 6) → Gemm(W, b) → y; ``tied``: W also feeds a second output (an embedding's Gather)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = rng.standard_normal((5, 6) if trans_b else (6, 5)).astype(np.float32)
+    b = rng.standard_normal(5).astype(np.float32)
+    inits = [numpy_helper.from_array(w, "W"), numpy_helper.from_array(b, "b")]
+    nodes = [
+        helper.make_node(
+            "Gemm", ["x", "W", "b"] if bias else ["x", "W"], ["y"], name="proj", transB=trans_b, alpha=alpha
+        )
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)]
+    if tied:
+        nodes.append(helper.make_node("Identity", ["W"], ["w_out"], name="tie"))
+        outputs.append(helper.make_tensor_value_info("w_out", TensorProto.FLOAT, None))
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 6])
+    graph = helper.make_graph(nodes, "g", [x], outputs, inits)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+
+
+def _run(model: onnx.ModelProto) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    x = np.random.default_rng(1).standard_normal((2, 6)).astype(np.float32)
+    session = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return session.run(None, {"x": x})
+
+
+@pytest.mark.parametrize("trans_b", [0, 1])
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_gemm_with_a_constant_weight_becomes_a_matmul(trans_b, bias, tied):
+    from loraexport.export.quantize import gemms_to_matmuls
+
+    model = _gemm_graph(trans_b, bias=bias, tied=tied)
+    want = _run(model)
+    assert gemms_to_matmuls(model) == 1
+    assert [n.op_type for n in model.graph.node][:1] == ["MatMul"] and model.graph.node[0].name == "proj"
+    got = _run(model)
+    for w, g in zip(want, got, strict=True):  # the same products, summed in another order: float32 noise
+        np.testing.assert_allclose(g, w, rtol=1e-5, atol=1e-5)
+
+
+def test_a_gemm_that_is_no_plain_product_is_left_alone():
+    from loraexport.export.quantize import gemms_to_matmuls
+
+    model = _gemm_graph(1, alpha=0.5)
+    assert gemms_to_matmuls(model) == 0 and model.graph.node[0].op_type == "Gemm"
+
+
+@pytest.mark.parametrize("dtype", ["int8", "int4"])
+def test_gpt2_conv1d_weights_are_quantized(tmp_path, dtype):
+    """GPT-2's Conv1D exports as Gemm: each of its projections is quantized, not only the LM
+    head (until 2026-11-30, 48 of GPT-2-small's 49 weight matrices stayed float32)."""
+    from artifacts import make_hf_decoder
+
+    make_hf_decoder(tmp_path / "base", "gpt2")
+    export(tmp_path / "base", tmp_path / "q", quantize=dtype)
+    model = onnx.load(str(tmp_path / "q" / "model.onnx"))
+    ops = [n.op_type for n in model.graph.node]
+    assert "Gemm" not in ops
+    assert ops.count("MatMulNBits") == 2 * 4 + 1  # 2 layers × (c_attn, c_proj, c_fc, mlp c_proj) + LM head
