@@ -19,6 +19,7 @@ class ExportMode(str, Enum):
 
     MERGED = "merged"  # W0 + Σ w·s·B·A baked into the weights: the fastest graph for one adapter
     UNMERGED = "unmerged"  # the LoRA branches kept in the graph, their A and B as constants
+    ADAPTER = "adapter"  # the LoRA branches kept, A and B graph inputs: adapters per request
     BASE = "base"  # no adapter given: the base model as it is
 
     @classmethod
@@ -93,3 +94,8 @@ def half_precision(value: str | Precision | None) -> Precision | None:
         return None
     p = Precision.parse(value)
     return p if p.is_half else None
+
+
+# The largest LoRA rank ``--mode adapter`` builds a graph for (``--max-rank``): past this it is
+# no low-rank adapter, and the zero defaults alone would be as large as the weights they adapt.
+MAX_LORA_RANK = 4096

@@ -54,7 +54,12 @@ class _SharedCache:
     a ``(B, 1, V)`` logits buffer; ``step`` binds the small inputs and runs one call."""
 
     def __init__(
-        self, session: ort.InferenceSession, batch: int, max_len: int, cache_shape: tuple[int, int, int]
+        self,
+        session: ort.InferenceSession,
+        batch: int,
+        max_len: int,
+        cache_shape: tuple[int, int, int],
+        bound: dict[str, ort.OrtValue] | None = None,
     ) -> None:
         vocab = _check_graph(session, cache_shape)
         layers, kv_heads, head_dim = cache_shape
@@ -72,6 +77,10 @@ class _SharedCache:
                 self.cache[f"present.{i}.{k}"] = buffer
         self.logits = np.zeros((batch, 1, vocab), np.float32)
         self.io.bind_ortvalue_output("logits", ort.OrtValue.ortvalue_from_numpy(self.logits))
+        # ``--mode adapter``: the active adapter's tensors bound to the graph's LoRA inputs (an
+        # io-binding run does not apply the run options' adapters)
+        for name, value in (bound or {}).items():
+            self.io.bind_ortvalue_input(name, value)
 
     def step(self, ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
         """Run ``ids`` (B, S) with ``mask`` (B, total) and ``pos`` (B, S); returns logits (B, V),
@@ -107,6 +116,7 @@ def generate_shared(
     attention_mask: np.ndarray,
     max_new_tokens: int,
     cache_shape: tuple[int, int, int],
+    bound: dict[str, ort.OrtValue] | None = None,
 ) -> np.ndarray:
     """Greedy decoding through one shared buffer per layer; new ids (B, max_new_tokens).
 
@@ -120,7 +130,7 @@ def generate_shared(
     if max_new_tokens <= 0:
         return new
     max_len = prompt_len + max_new_tokens
-    cache = _SharedCache(session, batch, max_len, cache_shape)
+    cache = _SharedCache(session, batch, max_len, cache_shape, bound)
     mask = np.ones((batch, max_len), np.int64)  # generated tokens are never padding
     mask[:, :prompt_len] = prompt_mask
     logits = cache.step(ids, prompt_mask, positions(prompt_mask))
@@ -139,6 +149,7 @@ def forward_stepwise(
     input_ids: np.ndarray,
     attention_mask: np.ndarray,
     cache_shape: tuple[int, int, int],
+    bound: dict[str, ort.OrtValue] | None = None,
 ) -> dict[str, np.ndarray]:
     """Teacher-forced run, one token per call through the shared buffers (the path generation
     takes after its prompt pass).
@@ -152,7 +163,7 @@ def forward_stepwise(
     ids, mask = _prompt(input_ids, attention_mask)
     batch, length = ids.shape
     pos = positions(mask)
-    cache = _SharedCache(session, batch, length, cache_shape)
+    cache = _SharedCache(session, batch, length, cache_shape, bound)
     logits = np.zeros((batch, length, cache.logits.shape[-1]), np.float32)
     for t in range(length):
         logits[:, t] = cache.step(ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1])

@@ -7,11 +7,12 @@ from pathlib import Path
 
 from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, half_precision
-from loraexport.errors import VerificationFailedError
+from loraexport.errors import InvalidInputError, VerificationFailedError
 from loraexport.export.onnx import DEFAULT_OPSET, check_opset
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
 from loraexport.report import Report
+from loraexport.stages.adapter_mode import check_adapter_mode, describe_adapters, probe_model
 from loraexport.stages.export import (
     check_optimize,
     check_quantize,
@@ -45,6 +46,8 @@ def merge_and_export(
     quantize: str | None = None,
     keep_adapter: bool = False,
     optimize: bool = False,
+    mode: str = "merged",
+    max_rank: int | None = None,
     verify_output: bool = True,
     force: bool = False,
     opset: int = DEFAULT_OPSET,
@@ -61,13 +64,20 @@ def merge_and_export(
     stores them in it (the graph computes in float32). ``quantize`` int8/int4: the graph's
     MatMuls are quantized; with ``keep_adapter`` the base's only, the LoRA branches kept in
     float32 beside them (the graph is then the unmerged one). ``optimize``: fused, last-position
-    graphs (``export.optimize``), verified like the others.
+    graphs (``export.optimize``), verified like the others. ``mode`` "adapter": the base once,
+    the LoRA factors graph inputs, one ``.onnx_adapter`` per adapter (``export.adapter``), each
+    verified against its own unmerged model; ``max_rank`` raises the graph's rank.
     ``options`` (or its fields as keywords: providers, samples, eval_data, ...): how to verify.
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
     half = half_precision(dtype)
     adapters = as_list(adapter)
     quant = check_quantize(quantize, keep_adapter, half, adapters)
+    asked = ExportMode.parse(mode)
+    if asked not in (ExportMode.MERGED, ExportMode.ADAPTER):
+        raise InvalidInputError(f"merge-and-export --mode is merged or adapter, got {mode!r}")
+    if asked is ExportMode.ADAPTER:
+        check_adapter_mode(adapters, max_rank, half, weights)
     opts = options or VerifyOptions(**option_fields)  # everything checked before any work
     out_plan = plan(out, force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data})
     check_eval_data(opts.eval_data)
@@ -79,16 +89,21 @@ def merge_and_export(
     merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=storage)
     log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
     inputs = {"base": model_provenance(base), "adapters": adapter_provenance(loaded)}
-    graph, mode, keep = merged, ExportMode.MERGED, None
-    if keep_adapter:  # the adapter kept in float32 beside the quantized base
-        graph, mode = unmerged_model(loaded.base, loaded.adapters, loaded.weights), ExportMode.UNMERGED
+    graph, kind, keep, probes = merged, ExportMode.MERGED, None, None
+    if asked is ExportMode.ADAPTER:  # the base once, each adapter a file the graph takes per run
+        graph, probes, rank = probe_model(loaded.base, loaded.adapters, max_rank)
+        kind, keep = ExportMode.ADAPTER, [f for pair in probes.values() for f in pair] if quant else None
+    elif keep_adapter:  # the adapter kept in float32 beside the quantized base
+        graph, kind = unmerged_model(loaded.base, loaded.adapters, loaded.weights), ExportMode.UNMERGED
         keep = lora_factors(loaded)
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
         log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
         result = export_model(loaded.family, graph, tmp, opset, exporter, half or quant, keep, optimize)
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
-        meta.update(describe(loaded.family, graph, result, half or quant, mode), inputs=inputs)
+        meta.update(describe(loaded.family, graph, result, half or quant, kind), inputs=inputs)
+        if probes is not None:
+            describe_adapters(tmp, list(result.inputs), probes, rank, loaded.adapters, meta)
         write_extras(loaded.family, Path(base), tmp, meta)
         report = new_report(base, loaded, stats, result)
         if verify_output:  # loraexport.json is written when the output is complete: ``meta`` now

@@ -12,6 +12,7 @@ from typing import Any
 from loraexport.export.onnx import ExportResult
 from loraexport.lora.merge import MergeStats
 from loraexport.provenance import versions
+from loraexport.verify.adapters import AdapterModeResult
 from loraexport.verify.half import HalfCost
 from loraexport.verify.latency import LatencyResult
 from loraexport.verify.parity import ParityResult
@@ -35,6 +36,7 @@ class Report:
     half_failures: list[str] = field(default_factory=list)
     quantization: list[QuantCost] = field(default_factory=list)  # --quantize exports
     quantization_failures: list[str] = field(default_factory=list)  # the adapter lost to quantization
+    adapter_mode: AdapterModeResult | None = None  # --mode adapter: loading, activation, latency
 
     @property
     def passed(self) -> bool | None:
@@ -98,6 +100,7 @@ class Report:
         out["half_precision_failures"] = self.half_failures
         out["quantization"] = [asdict(q) for q in self.quantization] or None
         out["quantization_failures"] = self.quantization_failures
+        out["adapter_mode"] = self.adapter_mode.to_json() if self.adapter_mode else None
         out["passed"] = self.passed
         return out
 
@@ -231,6 +234,8 @@ class Report:
                 ]
                 r1, r2 = c.ratio("onnx_merged", "onnx_base"), c.ratio("onnx_merged", "torch_unmerged")
                 lines.append(f"| {c.batch} × {c.seq} | " + " | ".join(cells) + f" | {_r(r1)} | {_r(r2)} |")
+        if self.adapter_mode is not None:
+            lines += ["", *self.adapter_mode.markdown()]
         return "\n".join(lines) + "\n"
 
     def summary_rows(self) -> list[tuple[str, str]]:
@@ -330,7 +335,7 @@ def _parity_json(p: ParityResult) -> dict[str, Any]:
         "tolerance": {
             "rule": "onnx_err_vs_fp64 <= noise_multiple * max(torch_fp32_err_vs_fp64, "
             "floor_ulps * eps32 * max|ref|)",
-            "noise_multiple": _const("NOISE_MULTIPLE"),
+            "noise_multiple": p.noise_multiple,
             "floor_ulps": _const("FLOOR_ULPS"),
         },
         "failures": p.failures,

@@ -16,8 +16,7 @@ library (through ``loraexport.untrusted``), so an app can ship without torch.
 
 from __future__ import annotations
 
-import os
-import stat
+import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -33,6 +32,12 @@ from loraexport.fused_runtime import (  # noqa: F401 (positions, empty_past: re-
     next_past,
     positions,
 )
+from loraexport.onnx_files import (  # noqa: F401 (re-exported)
+    MAX_ONNX_BYTES,
+    RuntimeInputError,
+    check_external_data,
+)
+from loraexport.runtime_adapters import Active, AdapterOptions, find_adapters
 from loraexport.untrusted import short_repr
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
@@ -45,25 +50,6 @@ _ORT_LOAD_ERRORS = tuple(
 # onnxruntime's own severities: 0 verbose … 3 error, 4 fatal. Its errors reach loraexport as
 # exceptions (one line each); logged as well, they would print a coloured copy on fd 2 first.
 _ORT_FATAL_ONLY = 4
-
-# protobuf cannot parse a message over 2 GiB (INT_MAX bytes): a larger .onnx is no ONNX model,
-# and is refused from its size alone, before a byte of it is read. Weights beyond it live in
-# external data (<name>.onnx.data), which onnxruntime maps instead of reading.
-MAX_ONNX_BYTES = 2**31 - 1
-# Storage bits of the element types narrower than a byte (packed); the others take whole bytes.
-_SUB_BYTE_BITS = {
-    "INT4": 4,
-    "UINT4": 4,
-    "FLOAT4E2M1": 4,
-    "INT2": 2,
-    "UINT2": 2,
-    "FLOAT6E2M3": 6,
-    "FLOAT6E3M2": 6,
-}
-
-
-class RuntimeInputError(ValueError):
-    """The exported directory cannot be run (missing files, unsafe external data)."""
 
 
 # ---- sessions -----------------------------------------------------------------------------------
@@ -81,112 +67,6 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = _ORT_FATAL_ONLY
     return so
-
-
-def _tensors(graph):
-    """Every TensorProto of ``graph``: initializers, sparse ones, and node attributes
-    (``Constant`` values, tensors in subgraphs of ``If``/``Loop``/``Scan``), recursively."""
-    yield from graph.initializer
-    for sparse in graph.sparse_initializer:
-        yield sparse.values
-        yield sparse.indices
-    for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("t"):
-                yield attr.t
-            yield from attr.tensors
-            if attr.HasField("g"):
-                yield from _tensors(attr.g)
-            for g in attr.graphs:
-                yield from _tensors(g)
-
-
-def _regular_size(path: Path, what: str) -> int:
-    """The size of ``path``, a regular file (a FIFO or a device would block or never end)."""
-    try:
-        st = os.stat(path)
-    except FileNotFoundError as e:
-        raise RuntimeInputError(f"{what} not found: {path}") from e
-    except (OSError, ValueError) as e:  # a loop of links, a name too long, a NUL byte
-        raise RuntimeInputError(f"{what} cannot be read: {path} ({getattr(e, 'strerror', None) or e})") from e
-    if not stat.S_ISREG(st.st_mode):
-        raise RuntimeInputError(f"{what} is not a regular file: {path}")
-    return st.st_size
-
-
-def _min_bytes(tensor) -> int | None:
-    """The fewest bytes ``tensor``'s elements take (packed sub-byte types too); None for strings
-    and unknown types, whose size the shape does not give."""
-    import onnx
-
-    try:
-        name = onnx.TensorProto.DataType.Name(tensor.data_type)
-        bits = _SUB_BYTE_BITS.get(name) or 8 * onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (ValueError, KeyError, TypeError):
-        return None
-    if name == "STRING":
-        return None
-    n = 1
-    for d in tensor.dims:
-        n *= max(d, 0)
-    return (n * bits + 7) // 8
-
-
-def _check_external_tensor(path: Path, root: Path, tensor) -> None:
-    """Refuse external data that is outside ``root``, not a regular file, or too short for the
-    tensor (onnxruntime maps it: reading past the end of a mapping kills the process)."""
-    info = {e.key: e.value for e in tensor.external_data}
-    location = info.get("location", "")
-    try:
-        target = (root / location).resolve()
-    except (ValueError, OSError) as e:
-        raise RuntimeInputError(f"{path.name}: unusable external data location {location!r}") from e
-    if root not in target.parents:  # the directory itself is no data file either
-        raise RuntimeInputError(
-            f"{path.name}: external data {location!r} points outside {root}; refusing to load"
-        )
-    size = _regular_size(target, f"external data of {path.name}")
-    fields = {}
-    for key in ("offset", "length"):
-        value = info.get(key, "0" if key == "offset" else None)
-        if value is None:
-            continue
-        if not value.isascii() or not value.isdigit() or len(value) > 20:
-            raise RuntimeInputError(
-                f"{path.name}: tensor {tensor.name!r} has external data {key} {short_repr(value)}, "
-                "not a non-negative integer"
-            )
-        fields[key] = int(value)
-    offset = fields["offset"]
-    needed = max(n for n in (fields.get("length"), _min_bytes(tensor), 0) if n is not None)
-    if offset + needed > size:
-        raise RuntimeInputError(
-            f"{path.name}: tensor {tensor.name!r} needs bytes {offset:,}..{offset + needed:,} of "
-            f"{location}, which holds {size:,}; refusing to load"
-        )
-
-
-def check_external_data(path: Path) -> None:
-    """Refuse an ONNX file that cannot be one (over protobuf's 2 GiB, not a regular file), cannot
-    be parsed, or any of whose tensors keeps its data outside the file's own directory (``../x``,
-    an absolute path, a link leading out) or beyond the end of its data file. Sizes are checked
-    before anything is read."""
-    import onnx  # part of the runtime dependencies; only the protobuf is parsed
-
-    size = _regular_size(path, "ONNX file")
-    if size > MAX_ONNX_BYTES:
-        raise RuntimeInputError(
-            f"{path}: {size:,} bytes, over protobuf's 2 GiB limit for an ONNX file (weights that "
-            "large belong in external data, <name>.onnx.data); refusing to read it"
-        )
-    try:
-        model = onnx.load(str(path), load_external_data=False)
-    except Exception as e:  # protobuf's DecodeError and friends: the file is not an ONNX model
-        raise RuntimeInputError(f"{path}: not a readable ONNX model ({first_line(e)})") from e
-    root = path.parent.resolve()
-    for tensor in _tensors(model.graph):
-        if tensor.external_data:
-            _check_external_tensor(path, root, tensor)
 
 
 def open_session(path: str | Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
@@ -216,9 +96,11 @@ class OnnxModel:
         provider: str = "cpu",
         threads: int | None = None,
         meta: dict | None = None,
+        adapter: str | Path | None = None,
     ) -> None:
         """``meta``: the export's description when the caller holds it already (a pipeline
-        checking its own export before ``loraexport.json`` is written); it is checked all the same."""
+        checking its own export before ``loraexport.json`` is written); it is checked all the same.
+        ``adapter``: an adapter-mode export's adapter active in every call that names none."""
         self.dir = Path(directory)
         self.meta = (
             read_export_meta(self.dir, RuntimeInputError)
@@ -232,6 +114,10 @@ class OnnxModel:
         names = ["encoder", "decoder"] if self.kind == "seq2seq" else ["model"]
         self.sessions = {n: open_session(self.dir / f"{n}.onnx", provider, self.threads) for n in names}
         self.input_names = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
+        # graph inputs with defaults (--mode adapter: the LoRA factors), which an adapter fills
+        self.lora_inputs = {
+            n: {i.name for i in s.get_overridable_initializers()} for n, s in self.sessions.items()
+        }
         dec = self.sessions["decoder" if self.kind == "seq2seq" else "model"]
         past = [i for i in dec.get_inputs() if i.name.startswith("past_key_values.")]
         self.n_layers = len(past) // 2
@@ -241,6 +127,12 @@ class OnnxModel:
         graph = self.meta.get("graphs", {}).get("decoder" if self.kind == "seq2seq" else "model", {})
         self.logits = graph.get("logits", "all")
         self.kv_cache = graph.get("kv_cache", "growing")
+        # --mode adapter: adapter files by name; ``adapter=`` activates one for a call
+        self.adapters = find_adapters(self.dir, self.meta)
+        self._adapters = AdapterOptions(self.adapters)
+        self._active_adapter: Active | None = None
+        self.adapter = adapter
+        self._adapters.options(adapter)  # an unknown name fails here, not at the first call
 
     @property
     def cache_shape(self) -> tuple[int, int, int]:
@@ -250,7 +142,10 @@ class OnnxModel:
         sess = self.sessions[graph]
         wanted = self.input_names[graph]
         try:
-            outs = sess.run(None, {k: v for k, v in feeds.items() if k in wanted})
+            feeds = {k: v for k, v in feeds.items() if k in wanted}
+            if self._active_adapter is not None:
+                feeds |= self._active_adapter.feeds(self.lora_inputs[graph])
+            outs = sess.run(None, feeds)
         except _ORT_LOAD_ERRORS as e:  # e.g. an export of another model: its inputs do not fit
             raise RuntimeInputError(
                 f"onnxruntime cannot run {graph}.onnx of {self.dir}: {first_line(e)}"
@@ -258,15 +153,40 @@ class OnnxModel:
         return {o.name: v for o, v in zip(sess.get_outputs(), outs, strict=True)}
 
     def forward_all(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray | None = None
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        decoder_input_ids: np.ndarray | None = None,
+        adapter: str | Path | None = None,
     ) -> dict[str, np.ndarray]:
         """Every output of a full forward without a cache, keyed ``<graph>.<output>``, at every
         position: a graph that computes the last position's logits only is run one token at a
         time through its cache (teacher forcing), the path generation takes."""
+        with self._active(adapter):
+            return self._forward_all(input_ids, attention_mask, decoder_input_ids)
+
+    @contextlib.contextmanager
+    def _active(self, adapter: str | Path | None):
+        """Run what is inside with ``adapter`` (a name in ``adapters`` or a file) active."""
+        self._active_adapter = self._adapters.options(self.adapter if adapter is None else adapter)
+        try:
+            yield
+        finally:
+            self._active_adapter = None
+
+    @property
+    def _bound(self) -> dict:
+        """The active adapter's tensors, for the decoder's io-binding (``runtime_adapters.Active``)."""
+        a = self._active_adapter
+        return {} if a is None else a.bound(self.lora_inputs["model"])
+
+    def _forward_all(self, input_ids, attention_mask, decoder_input_ids=None) -> dict[str, np.ndarray]:
         if self.kind == "causal" and self.logits == "last":
             ids, mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
             if self.kv_cache == "shared-buffer":
-                outs = _shared(forward_stepwise, self.sessions["model"], ids, mask, self.cache_shape)
+                outs = _shared(
+                    forward_stepwise, self.sessions["model"], ids, mask, self.cache_shape, self._bound
+                )
             else:
                 outs = forward_growing(lambda feeds: self._run("model", feeds), ids, mask, self.cache_shape)
             return {f"model.{k}": v for k, v in outs.items()}
@@ -278,11 +198,16 @@ class OnnxModel:
         )
 
     def forward(
-        self, input_ids: np.ndarray, attention_mask: np.ndarray, decoder_input_ids: np.ndarray | None = None
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        decoder_input_ids: np.ndarray | None = None,
+        adapter: str | Path | None = None,
     ) -> np.ndarray:
         """The main output of one forward pass (a prompt pass): logits (B, T, V), (B, 1, V) from
         a graph that computes the last position's only, or an encoder's first output."""
-        outs = self._single_pass(input_ids, attention_mask, decoder_input_ids)
+        with self._active(adapter):
+            outs = self._single_pass(input_ids, attention_mask, decoder_input_ids)
         if self.kind == "seq2seq":
             return outs["decoder.logits"]
         return outs["model.logits"] if "model.logits" in outs else next(iter(outs.values()))
@@ -300,13 +225,24 @@ class OnnxModel:
                 f"context_length {limit}"
             )
 
-    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
+    def generate(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        max_new_tokens: int,
+        adapter: str | Path | None = None,
+    ) -> np.ndarray:
         """Greedy decoding with the KV cache, all in onnxruntime; new ids (B, max_new_tokens).
 
         Rows keep decoding after their end token so the batch advances in lockstep; cut each
         row at its first end token. Causal prompts may be left-padded: positions count only
-        unmasked tokens (``position_ids``), as Hugging Face models expect.
+        unmasked tokens (``position_ids``), as Hugging Face models expect. ``adapter``: an
+        adapter-mode export's adapter (a name in ``adapters``, or an ``.onnx_adapter`` file).
         """
+        with self._active(adapter):
+            return self._generate(input_ids, attention_mask, max_new_tokens)
+
+    def _generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
         if self.kind == "encoder":
             raise RuntimeInputError("an encoder model does not generate")
         input_ids = input_ids.astype(np.int64)
@@ -314,7 +250,13 @@ class OnnxModel:
         self._check_length(input_ids, max_new_tokens)
         if self.kind == "causal" and self.kv_cache == "shared-buffer":
             return _shared(
-                generate_shared, self.sessions["model"], input_ids, mask, max_new_tokens, self.cache_shape
+                generate_shared,
+                self.sessions["model"],
+                input_ids,
+                mask,
+                max_new_tokens,
+                self.cache_shape,
+                self._bound,
             )
         B = input_ids.shape[0]
         past = empty_past(B, *self.cache_shape, np.float32)

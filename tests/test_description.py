@@ -85,7 +85,7 @@ def test_only_model_is_required():
             "'graphs.model.kv_cache' must be one of growing, shared-buffer, not an array",
         ),
         (_changed("optimize", "yes"), "x: 'optimize' must be an object, not a string 'yes'"),
-        (_changed("mode", "both"), "'mode' must be one of merged, unmerged, base"),
+        (_changed("mode", "both"), "'mode' must be one of merged, unmerged, adapter, base"),
         (_changed("files", {"a": 1}), "'files' must be an object of sha256 digests, not an object"),
     ],
 )

@@ -12,8 +12,12 @@ from loraexport.errors import InvalidInputError
 
 
 def test_export_modes_a_user_may_ask_for():
-    assert ExportMode.choices() == ["merged", "unmerged"]  # base: what an export without adapters is
-    assert [m.value for m in ExportMode] == ["merged", "unmerged", "base"]
+    assert ExportMode.choices() == [
+        "merged",
+        "unmerged",
+        "adapter",
+    ]  # base: what an export without adapters is
+    assert [m.value for m in ExportMode] == ["merged", "unmerged", "adapter", "base"]
 
 
 @pytest.mark.parametrize("value", ["merged", "unmerged", "base", ExportMode.UNMERGED])
@@ -25,7 +29,7 @@ def test_export_mode_parse(value):
 def test_export_mode_parse_refuses_with_the_choices(value):
     with pytest.raises(InvalidInputError) as e:
         ExportMode.parse(value)
-    assert str(e.value) == f"mode must be one of merged, unmerged, got {value!r}"
+    assert str(e.value) == f"mode must be one of merged, unmerged, adapter, got {value!r}"
 
 
 def test_precisions():

@@ -2,7 +2,8 @@
 
 ``group`` (errors → one line and an exit code), ``types`` (numbers that refuse what cannot
 work), ``options`` (the options commands share, printing), ``commands`` (merge, export,
-merge-and-export, inspect), ``verify``, ``train``, ``analyze`` (analyze, sweep). click is
+merge-and-export, inspect), ``adapters`` (convert-adapter), ``verify``, ``train``, ``analyze``
+(analyze, sweep). click is
 imported nowhere else in the package.
 """
 
@@ -11,6 +12,7 @@ from __future__ import annotations
 import signal
 import sys
 
+from loraexport.cli.adapters import convert_adapter
 from loraexport.cli.analyze import analyze, sweep
 from loraexport.cli.commands import export, inspect_cmd, merge, merge_and_export
 from loraexport.cli.group import main
@@ -18,7 +20,17 @@ from loraexport.cli.train import train
 from loraexport.cli.verify import verify
 from loraexport.errors import Terminated
 
-for _command in (train, merge, export, verify, merge_and_export, inspect_cmd, analyze, sweep):
+for _command in (
+    train,
+    merge,
+    export,
+    convert_adapter,
+    verify,
+    merge_and_export,
+    inspect_cmd,
+    analyze,
+    sweep,
+):
     main.add_command(_command)
 
 __all__ = ["main", "run"]

@@ -20,6 +20,7 @@ from loraexport.cli.options import (
     pickle_option,
     print_report,
     print_table,
+    serve_mode_option,
     verify_options,
 )
 from loraexport.enums import Precision
@@ -94,6 +95,7 @@ def export(
     quantize,
     keep_adapter,
     optimize,
+    max_rank,
     force,
     allow_pickle,
 ):
@@ -116,6 +118,7 @@ def export(
         quantize=quantize,
         keep_adapter=keep_adapter,
         optimize=optimize,
+        max_rank=max_rank,
         opset=opset,
         exporter=exporter,
         force=force,
@@ -134,6 +137,7 @@ def export(
 @adapter_options()
 @click.option("--out", required=True, type=PATH, help="Output directory (written atomically).")
 @export_options
+@serve_mode_option
 @click.option("--no-verify", is_flag=True, help="Skip parity and latency.")
 @force_option
 @verify_options
@@ -150,6 +154,8 @@ def merge_and_export(
     quantize,
     keep_adapter,
     optimize,
+    max_rank,
+    mode,
     no_verify,
     force,
     verify_options,
@@ -176,6 +182,8 @@ def merge_and_export(
             quantize=quantize,
             keep_adapter=keep_adapter,
             optimize=optimize,
+            mode=mode,
+            max_rank=max_rank,
             verify_output=not no_verify,
             options=verify_options,
             force=force,

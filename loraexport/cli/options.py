@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from loraexport.cli.types import MAX_OPSET, MAX_OPSET_TORCHSCRIPT, MIN_OPSET, Number, PositiveInt
-from loraexport.enums import ExportMode, Precision
+from loraexport.enums import MAX_LORA_RANK, ExportMode, Precision
 from loraexport.verify.options import VerifyOptions
 
 # readable=False: the library checks paths and says what is wrong in one line (exit 3)
@@ -53,8 +53,13 @@ def adapter_options(required: bool = True):
 
 
 def export_options(f):
-    """--opset, --exporter, --dtype, --quantize, --keep-adapter and --optimize, shared by export
-    and merge-and-export."""
+    """--opset, --exporter, --dtype, --quantize, --keep-adapter, --optimize and --max-rank, shared
+    by export and merge-and-export."""
+    f = click.option(
+        "--max-rank",
+        type=Number(int, 1, MAX_LORA_RANK),
+        help="With --mode adapter: the graph's LoRA rank (default: the largest rank of the adapters given).",
+    )(f)
     f = click.option(
         "--optimize",
         is_flag=True,
@@ -101,7 +106,20 @@ mode_option = click.option(
     type=click.Choice(ExportMode.choices()),
     default=ExportMode.MERGED.value,
     show_default=True,
-    help="With --adapter: merge it, or keep the LoRA branches in the graph.",
+    help=(
+        "With --adapter: merge it; keep the LoRA branches in the graph (unmerged); or keep them with "
+        "A and B as graph inputs, one .onnx_adapter file per adapter, switched per request (adapter)."
+    ),
+)
+serve_mode_option = click.option(
+    "--mode",
+    type=click.Choice([ExportMode.MERGED.value, ExportMode.ADAPTER.value]),
+    default=ExportMode.MERGED.value,
+    show_default=True,
+    help=(
+        "merged: the adapters merged into one graph; adapter: the base once, A and B graph inputs, one "
+        ".onnx_adapter file per adapter (switched per request), each verified against its own model."
+    ),
 )
 
 

@@ -7,6 +7,7 @@ import json
 import click
 
 from loraexport.cli.options import PATH, adapter_options, log, print_report, verify_options
+from loraexport.enums import ExportMode
 from loraexport.errors import VerificationFailedError
 
 
@@ -27,6 +28,14 @@ from loraexport.errors import VerificationFailedError
 )
 @click.option("--force", is_flag=True, help="Replace a previous --report.")
 @click.option(
+    "--mode",
+    type=click.Choice(ExportMode.choices()),
+    help=(
+        "What the export must be (default: what its loraexport.json says). adapter: each --adapter "
+        "is checked against its own unmerged model through the graph's adapter inputs."
+    ),
+)
+@click.option(
     "--check-files",
     "check_files",
     type=PATH,
@@ -42,6 +51,7 @@ def verify(
     onnx_dir,
     report_path,
     force,
+    mode,
     check_files,
     verify_options,
     allow_pickle,
@@ -75,6 +85,7 @@ def verify(
             allow_pickle=allow_pickle,
             report_path=report_path,
             force=force,
+            mode=mode,
             log=log(ctx),
         )
     except VerificationFailedError as e:

@@ -197,6 +197,19 @@ def _is_previous_report(p: Path) -> bool:
     )
 
 
+def is_adapter_file(p: Path) -> bool:
+    """An onnxruntime adapter file (``.onnx_adapter``: a flatbuffer whose identifier, bytes 4 to
+    8, is ``TORT``), which convert-adapter may replace with --force."""
+    if os.path.islink(p) or not os.path.isfile(p):
+        return False
+    try:
+        with open(p, "rb") as f:
+            head = f.read(8)
+    except OSError:
+        return False
+    return p.suffix == ".onnx_adapter" and head[4:8] == b"TORT"
+
+
 def _plan_existing(plan: OutputPlan, target: Path, force: bool, previous: Callable[[Path], bool]) -> None:
     if not os.path.lexists(target):
         return
@@ -209,7 +222,13 @@ def _plan_existing(plan: OutputPlan, target: Path, force: bool, previous: Callab
         )
     if not previous(target):
         what = "folder" if os.path.isdir(target) else "file"
-        proof = f"it holds no {MANIFEST}" if plan.kind == "dir" else "it is not a loraexport report"
+        proof = (
+            f"it holds no {MANIFEST}"
+            if plan.kind == "dir"
+            else "it is no onnxruntime adapter file"
+            if previous is is_adapter_file
+            else "it is not a loraexport report"
+        )
         raise OutputExistsError(
             f"{plan.label} {target} is a {what} loraexport did not write ({proof}); --force replaces "
             "only a previous output: remove it yourself or choose another path"
@@ -275,9 +294,16 @@ def plan_output(
 
 
 def plan_files(
-    paths: Sequence[PathLike], *, force: bool = False, inputs: Inputs | None = None, label: str = "--report"
+    paths: Sequence[PathLike],
+    *,
+    force: bool = False,
+    inputs: Inputs | None = None,
+    label: str = "--report",
+    previous: Callable[[Path], bool] | None = None,
 ) -> OutputPlan:
-    """Check output files (``verify --report FILE`` writes FILE and FILE.md) before any work."""
+    """Check output files (``verify --report FILE`` writes FILE and FILE.md) before any work.
+    ``previous``: what counts as a file loraexport wrote, which ``force`` may replace (default:
+    a report)."""
     targets = []
     for path in paths:
         p = _absolute(path, label)
@@ -290,6 +316,6 @@ def plan_files(
     for p in targets:
         if os.path.isdir(p) and not os.path.islink(p):
             raise OutputExistsError(f"{label} {p} is a folder; give the path of a file to write")
-        _plan_existing(plan, p, force, _is_previous_report)
+        _plan_existing(plan, p, force, previous or _is_previous_report)
     plan.removed_stale = [q for p in targets for q in remove_stale(p, inputs or {})]
     return plan

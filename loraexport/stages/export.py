@@ -29,6 +29,7 @@ from loraexport.models.base import ModelFamily
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
 from loraexport.provenance import export_description
+from loraexport.stages.adapter_mode import check_adapter_mode, describe_adapters, probe_model
 from loraexport.stages.inputs import (
     Log,
     adapter_provenance,
@@ -91,7 +92,7 @@ def describe(
     out = export_description(family, model, result, (precision or Precision.FLOAT32).value, mode.value)
     if precision is not None and precision.is_quantized:
         out["quantization"] = quantization_description(
-            precision, "kept in float32" if mode is ExportMode.UNMERGED else "merged"
+            precision, "kept in float32" if mode in (ExportMode.UNMERGED, ExportMode.ADAPTER) else "merged"
         )
     return out
 
@@ -171,6 +172,7 @@ def export(
     quantize: str | None = None,
     keep_adapter: bool = False,
     optimize: bool = False,
+    max_rank: int | None = None,
     log: Log = quiet,
 ) -> ExportResult:
     """Export a model directory (optionally with adapters, ``merged`` or ``unmerged``) to ONNX.
@@ -191,7 +193,9 @@ def export(
         )
     adapters = as_list(adapter) if adapter else []
     quant = check_quantize(quantize, keep_adapter, half, adapters)
-    if keep_adapter:
+    if asked is ExportMode.ADAPTER:
+        check_adapter_mode(adapters, max_rank, half, weights)
+    if keep_adapter and asked is not ExportMode.ADAPTER:
         asked = ExportMode.UNMERGED  # the adapter kept beside the quantized base
     out_plan = plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
     check_opset(opset, exporter or detect_family(model_dir).exporter)  # before the weights are read
@@ -199,8 +203,11 @@ def export(
     loaded = load_inputs(model_dir, adapters, allow_pickle, weights)
     mode_ = asked if loaded.adapters else ExportMode.BASE
     model = loaded.base
-    keep = None
-    if mode_ is ExportMode.UNMERGED:
+    keep = probes = None
+    if mode_ is ExportMode.ADAPTER:
+        model, probes, rank = probe_model(model, loaded.adapters, max_rank)
+        keep = [f for pair in probes.values() for f in pair] if quant else None
+    elif mode_ is ExportMode.UNMERGED:
         model = unmerged_model(model, loaded.adapters, loaded.weights)
         keep = lora_factors(loaded) if quant else None
     elif loaded.adapters or half:
@@ -213,5 +220,7 @@ def export(
     with write_output(out_plan, meta=meta) as tmp:
         result = export_model(loaded.family, model, tmp, opset, exporter, half or quant, keep, optimize)
         meta.update(describe(loaded.family, model, result, half or quant, mode_), inputs=inputs)
+        if probes is not None:
+            describe_adapters(tmp, list(result.inputs), probes, rank, loaded.adapters, meta)
         write_extras(loaded.family, Path(model_dir), tmp, meta)
     return result

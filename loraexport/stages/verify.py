@@ -36,6 +36,7 @@ from loraexport.stages.inputs import (
     quiet,
 )
 from loraexport.stages.merge import merged_model, unmerged_model
+from loraexport.stages.verify_adapters import verify_adapter_mode
 from loraexport.verify.half import MIN_ADAPTER_RETAINED, half_precision_costs
 from loraexport.verify.latency import measure_latency, open_model
 from loraexport.verify.options import VerifyOptions
@@ -66,10 +67,13 @@ def verify(
     report_path: str | Path | None = None,
     force: bool = False,
     options: VerifyOptions | None = None,
+    mode: str | None = None,
     log: Log = quiet,
     **option_fields,
 ) -> Report:
     """Parity of ``onnx_dir`` (merged export) against base + adapter(s) unmerged, and latency.
+    An adapter-mode export (``mode`` "adapter", else as its ``loraexport.json`` says): each
+    adapter against its own unmerged model (``stages.verify_adapters``).
 
     ``adapter`` is one path or a list; ``weights`` one weight per adapter (default 1.0 each).
     ``report_path``: write report.json there and report.md beside it (checked before any work,
@@ -88,6 +92,7 @@ def verify(
     check_eval_data(opts.eval_data)
     onnx_path = require_dir(onnx_dir, "ONNX directory")
     meta = read_export_meta(onnx_path, ModelFormatError)  # once, bounded and type-checked
+    check_mode(meta, mode, weights, onnx_path)
     half = half_precision(meta.get("weights_dtype"))
     loaded = load_inputs(base, as_list(adapter), allow_pickle, weights)
     merged, stats = merged_model(
@@ -99,6 +104,21 @@ def verify(
         write_files(out_plan, dict(zip(out_plan.targets, report_texts(report), strict=True)))
     raise_if_failed(report, out_plan.targets[1] if out_plan is not None else None)
     return report
+
+
+def check_mode(meta: dict, mode: str | None, weights: list[float] | None, where: Path) -> None:
+    """``--mode`` given must be the export's; adapter mode checks each adapter alone (no weights)."""
+    exported = meta.get("mode")
+    if (
+        mode is not None
+        and ExportMode.parse(mode).value != exported
+        and not (mode == ExportMode.MERGED.value and exported == ExportMode.BASE.value)
+    ):
+        raise InvalidInputError(f"--mode {mode}: {where} was exported with mode {exported}")
+    if exported == ExportMode.ADAPTER.value and weights:
+        raise InvalidInputError(
+            "--weight does not apply to an adapter-mode export: each adapter is checked alone"
+        )
 
 
 def raise_if_failed(report: Report, written: Path | None) -> None:
@@ -157,11 +177,15 @@ def verify_into(
     is the export's description (``loraexport.json``, read once or not written yet); the
     comparison graphs for latency are exported with its exporter.
     """
-    unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
     providers = resolve_providers(opts.providers)
     threads = opts.threads or machine()["cores"]
     sources = [s for s, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
     torch.set_num_threads(threads)
+    if meta.get("mode") == ExportMode.ADAPTER.value:  # each adapter against its own model
+        exporter = torch_exporter(meta)
+        verify_adapter_mode(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, exporter)
+        return
+    unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
     quant = quantization(meta.get("weights_dtype"))
     if quant:  # a quantized graph is judged by what it keeps, not by float32 parity
         _quantization(report, loaded, unmerged, onnx_path, meta, quant, opts, log, sources, threads)

@@ -116,11 +116,14 @@ def time_interleaved(
     return {name: LatencyStats.of(ts) for name, ts in times.items()}
 
 
-def open_model(directory: Path, provider: str, threads: int | None, meta: dict | None = None) -> OnnxModel:
+def open_model(
+    directory: Path, provider: str, threads: int | None, meta: dict | None = None, adapter: str | None = None
+) -> OnnxModel:
     """An export opened in onnxruntime; one that cannot be run is the user's input (exit 3).
-    ``meta``: its description, when already read (or not yet written)."""
+    ``meta``: its description, when already read (or not yet written); ``adapter``: the
+    adapter active in every call (``--mode adapter``)."""
     try:
-        return OnnxModel(directory, provider, threads, meta)
+        return OnnxModel(directory, provider, threads, meta, adapter)
     except RuntimeInputError as e:
         raise InvalidInputError(str(e)) from e
 

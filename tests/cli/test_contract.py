@@ -19,7 +19,18 @@ from loraexport.cli import main
 
 GOLDEN = Path(__file__).resolve().parents[1] / "golden"
 WRITE = os.environ.get("LORAEXPORT_WRITE_GOLDEN") == "1"
-COMMANDS = ["", "train", "merge", "export", "verify", "merge-and-export", "inspect", "analyze", "sweep"]
+COMMANDS = [
+    "",
+    "train",
+    "merge",
+    "export",
+    "convert-adapter",
+    "verify",
+    "merge-and-export",
+    "inspect",
+    "analyze",
+    "sweep",
+]
 
 
 def _check(name: str, text: str) -> None:
@@ -68,3 +79,18 @@ def test_output_json_keys_unchanged(causal_base, causal_adapter, tmp_path):
         for name in ("report.json", "loraexport.json")
     }
     _check("json-keys.json", json.dumps(keys, indent=1) + "\n")
+
+
+@pytest.mark.slow
+def test_adapter_mode_json_keys_unchanged(seq2seq_base, seq2seq_adapter, tmp_path):
+    """The keys an adapter-mode export adds (``lora_inputs``, ``adapter_files``; the report's
+    ``adapter_mode``), on the encoder-decoder of the reference family."""
+    from loraexport.pipeline import merge_and_export
+
+    out = tmp_path / "out"
+    merge_and_export(seq2seq_base, seq2seq_adapter, out, mode="adapter", samples=2)
+    keys = {
+        name: _keys(json.loads((out / name).read_text(encoding="utf-8")))
+        for name in ("report.json", "loraexport.json")
+    }
+    _check("json-keys-adapter-mode.json", json.dumps(keys, indent=1) + "\n")

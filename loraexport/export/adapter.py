@@ -1,0 +1,176 @@
+"""``--mode adapter``: one graph, many adapters.
+
+The LoRA branches stay in the graph, and each factor is a named graph input with a default
+initializer of zeros (``<module>.lora_A.weight``, ``<module>.lora_B.weight``, the names
+onnxruntime-genai's builder gives them): a run with no adapter active is the base model, and an
+onnxruntime adapter file (``.onnx_adapter``, written by ``onnxruntime.AdapterFormat``) holding
+tensors of those names is activated per run (``RunOptions.add_active_adapter``, or
+onnxruntime-genai's ``Adapters.set_active_adapter``).
+
+How the inputs are made: the model is exported unmerged with *probe* factors (random values of
+rank ``R``, scaling 1), then each initializer whose value is a probe (as stored, or transposed)
+becomes the input, with its shape as the exporter stored it (``transposed`` says which). The
+exporters are not asked to keep names, so nothing depends on how they name constants.
+
+An adapter file holds, per module, A (r × in) and s·B (out × r), the scaling s of that module
+(``alpha/r``, rsLoRA's ``alpha/√r``, ``rank_pattern``/``alpha_pattern``) folded into B in
+float64, both zero-padded to rank ``R``, in the orientation the graph stores. No torch here.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from loraexport.errors import AdapterMismatchError, ExportError
+
+PROBE_SEED = 20261130
+ADAPTER_SUFFIX = ".onnx_adapter"
+
+
+def input_name(module: str, factor: str) -> str:
+    """The graph input of ``module``'s factor ``A`` or ``B``."""
+    return f"{module}.lora_{factor}.weight"
+
+
+def probe_factors(shapes: dict[str, tuple[int, int]], rank: int) -> dict[str, tuple[np.ndarray, np.ndarray]]:
+    """Distinct random factors per module: A (rank × in), B (out × rank), float32."""
+    rng = np.random.default_rng(PROBE_SEED)
+    return {
+        m: (
+            rng.standard_normal((rank, i)).astype(np.float32),
+            rng.standard_normal((o, rank)).astype(np.float32),
+        )
+        for m, (i, o) in sorted(shapes.items())
+    }
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def expose_factors(path: Path, probes: dict[str, tuple[np.ndarray, np.ndarray]]) -> dict[str, dict]:
+    """Turn the probe initializers of the ONNX file ``path`` into graph inputs with zero
+    defaults (in place); return ``{input name: {module, factor, shape, transposed}}`` for the
+    probes found. Several initializers holding one probe become one input."""
+    wanted: dict[tuple[tuple[int, ...], str], tuple[str, str, bool]] = {}
+    for module, (a, b) in probes.items():
+        for factor, value in (("A", a), ("B", b)):
+            wanted[(value.shape, _digest(value))] = (module, factor, False)
+            wanted[(value.T.shape, _digest(value.T))] = (module, factor, True)
+    shapes = {s for s, _ in wanted}
+    model = onnx.load(str(path), load_external_data=False)
+    graph = model.graph
+    renamed: dict[str, str] = {}
+    found: dict[str, dict] = {}
+    kept = []
+    for init in graph.initializer:
+        hit = None
+        if init.data_type == onnx.TensorProto.FLOAT and tuple(init.dims) in shapes:
+            value = numpy_helper.to_array(init, base_dir=str(path.parent))
+            hit = wanted.get((value.shape, _digest(value)))
+        if hit is None:
+            kept.append(init)
+            continue
+        module, factor, transposed = hit
+        name = input_name(module, factor)
+        renamed[init.name] = name
+        if name in found:
+            continue  # a second copy of the same probe: its uses read the one input
+        found[name] = {"module": module, "factor": factor, "shape": list(init.dims), "transposed": transposed}
+        kept.append(numpy_helper.from_array(np.zeros(tuple(init.dims), np.float32), name))
+        graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(init.dims)))
+    if not found:
+        return {}
+    del graph.initializer[:]
+    graph.initializer.extend(kept)
+    for node in graph.node:
+        for i, name in enumerate(node.input):
+            if name in renamed:
+                node.input[i] = renamed[name]
+    onnx.save(model, str(path))
+    return found
+
+
+def check_exposed(found: dict[str, dict], probes: dict) -> None:
+    """Every probe factor became an input (else the exporter folded it into something else)."""
+    for module in probes:
+        for factor in "AB":
+            if input_name(module, factor) not in found:
+                raise ExportError(
+                    f"--mode adapter: the exported graph has no constant holding {module}'s LoRA "
+                    f"{factor} (the exporter folded it); this model cannot take adapters per request"
+                )
+
+
+@dataclass(frozen=True)
+class GraphLora:
+    """What an adapter-mode graph accepts: its rank and its inputs (``loraexport.json``)."""
+
+    rank: int
+    inputs: dict[str, dict]
+
+    @classmethod
+    def from_meta(cls, meta: dict, where: str) -> GraphLora:
+        lora = meta.get("lora_inputs")
+        if meta.get("mode") != "adapter" or not isinstance(lora, dict):
+            raise AdapterMismatchError(
+                f"{where} is not an adapter-mode export (export it with --mode adapter)"
+            )
+        return cls(int(lora["rank"]), dict(lora["inputs"]))
+
+    @property
+    def modules(self) -> set[str]:
+        return {v["module"] for v in self.inputs.values()}
+
+
+def adapter_tensors(
+    weights: dict[str, tuple[np.ndarray, np.ndarray]], scaling: dict[str, float], graph: GraphLora
+) -> dict[str, np.ndarray]:
+    """The adapter file's tensors for ``weights`` (module → (A r×in, B out×r)), checked against
+    ``graph`` before anything is written: every module must be one the graph adapts, with its
+    shapes, at a rank the graph holds. Modules the graph adapts and the adapter does not stay
+    at their zero defaults."""
+    out: dict[str, np.ndarray] = {}
+    for module in sorted(weights):
+        a, b = (np.asarray(t, np.float64) for t in weights[module])
+        if input_name(module, "A") not in graph.inputs:
+            raise AdapterMismatchError(
+                f"{module}: the graph has no LoRA input for this module "
+                f"(it adapts {len(graph.modules)} modules, e.g. {min(graph.modules)})"
+            )
+        r = a.shape[0]
+        if r > graph.rank:
+            raise AdapterMismatchError(
+                f"{module}: rank {r} exceeds the graph's rank {graph.rank} (export with --max-rank {r})"
+            )
+        padded_a = np.zeros((graph.rank, a.shape[1]))
+        padded_b = np.zeros((b.shape[0], graph.rank))
+        padded_a[:r], padded_b[:, :r] = a, scaling[module] * b
+        for factor, value in (("A", padded_a), ("B", padded_b)):
+            spec = graph.inputs[input_name(module, factor)]
+            stored = value.T if spec["transposed"] else value
+            if list(stored.shape) != list(spec["shape"]):
+                raise AdapterMismatchError(
+                    f"{module}: lora_{factor} is {tuple(value.shape)} at the graph's rank; the graph "
+                    f"takes {tuple(spec['shape'])}{' transposed' if spec['transposed'] else ''} "
+                    "(an adapter for another base?)"
+                )
+            out[input_name(module, factor)] = np.ascontiguousarray(stored, np.float32)
+    return out
+
+
+def write_adapter_file(tensors: dict[str, np.ndarray], path: Path) -> None:
+    """An onnxruntime adapter file holding ``tensors`` (``onnxruntime.AdapterFormat``)."""
+    import onnxruntime as ort
+
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    fmt.set_parameters({k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in tensors.items()})
+    fmt.export_adapter(str(path))

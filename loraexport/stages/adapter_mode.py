@@ -1,0 +1,165 @@
+"""The adapter-mode parts of the export stage and ``convert-adapter`` (``export.adapter`` says
+how the graph takes adapters per request)."""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import tempfile
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from loraexport.description import read_export_meta
+from loraexport.enums import MAX_LORA_RANK
+from loraexport.errors import AdapterMismatchError, InvalidInputError, UsageError
+from loraexport.export.adapter import (
+    ADAPTER_SUFFIX,
+    GraphLora,
+    adapter_tensors,
+    check_exposed,
+    expose_factors,
+    probe_factors,
+    write_adapter_file,
+)
+from loraexport.lora.adapter import Adapter
+from loraexport.lora.inject import lora_layers
+from loraexport.output.plan import is_adapter_file, plan_files
+from loraexport.output.write import write_files
+from loraexport.stages.merge import unmerged_model
+
+
+def check_adapter_mode(adapters: list, max_rank: int | None, half, weights) -> None:
+    """Refuse what adapter mode cannot do, before any work."""
+    if not adapters:
+        raise InvalidInputError("--mode adapter needs an --adapter: its modules and rank shape the graph")
+    if max_rank is not None and (
+        isinstance(max_rank, bool) or not isinstance(max_rank, int) or not 1 <= max_rank <= MAX_LORA_RANK
+    ):
+        raise InvalidInputError(f"--max-rank must be an integer from 1 to {MAX_LORA_RANK}, got {max_rank!r}")
+    if half:
+        raise InvalidInputError(
+            "--dtype does not apply to --mode adapter yet; use --quantize for a smaller base"
+        )
+    if weights:
+        raise InvalidInputError("--weight does not apply to --mode adapter: each adapter is its own file")
+
+
+def probe_model(base: nn.Module, adapters: list[Adapter], max_rank: int | None):
+    """(the base with LoRA branches holding probe factors at the graph's rank, scaling 1; the
+    probes; the rank). The modules are the first adapter's; the rank the largest of every
+    adapter's modules and ``max_rank``."""
+    for a in adapters:
+        if a.replacements:
+            name = next(iter(a.replacements))
+            raise AdapterMismatchError(
+                f"{a.path}: replaces base tensor {name} (bias or modules_to_save): an onnxruntime adapter "
+                "holds LoRA factors only; use --mode merged"
+            )
+    rank = max([a.config.rank(m) for a in adapters for m in a.weights] + [max_rank or 0])
+    model = unmerged_model(base, adapters[0])
+    layers = lora_layers(model)
+    shapes = {m: (layer.in_features, layer.out_features) for m, layer in layers.items()}
+    probes = probe_factors(shapes, rank)
+    for m, layer in layers.items():
+        a, b = probes[m]
+        layer.lora_A = nn.Parameter(torch.from_numpy(a), requires_grad=False)
+        layer.lora_B = nn.Parameter(torch.from_numpy(b), requires_grad=False)
+        layer.r, layer.scaling = rank, 1.0
+    return model, probes, rank
+
+
+def expose(out_dir: Path, graphs: list[str], probes: dict, rank: int) -> GraphLora:
+    """The probes of each exported graph made inputs (``export.adapter.expose_factors``)."""
+    found: dict[str, dict] = {}
+    for g in graphs:
+        found.update(expose_factors(out_dir / f"{g}.onnx", probes))
+    check_exposed(found, probes)
+    return GraphLora(rank, found)
+
+
+def describe_adapters(
+    out_dir: Path, graphs: list[str], probes: dict, rank: int, adapters, meta: dict
+) -> None:
+    """After an adapter-mode export into ``out_dir``: the probes made inputs, one adapter file
+    per adapter, and both recorded in ``meta`` (``loraexport.json``)."""
+    graph = expose(out_dir, graphs, probes, rank)
+    meta["lora_inputs"] = {"rank": graph.rank, "inputs": graph.inputs}
+    meta["adapter_files"] = write_adapter_files(out_dir, adapters, graph)
+
+
+def adapter_file_tensors(adapter: Adapter, graph: GraphLora) -> dict:
+    weights = {m: (a.float().numpy(), b.float().numpy()) for m, (a, b) in adapter.weights.items()}
+    scaling = {m: adapter.config.scaling(m) for m in adapter.weights}
+    if adapter.replacements:
+        raise AdapterMismatchError(
+            f"{adapter.path}: replaces base tensor {next(iter(adapter.replacements))} (bias or "
+            "modules_to_save): an onnxruntime adapter holds LoRA factors only"
+        )
+    return adapter_tensors(weights, scaling, graph)
+
+
+def file_name(adapter: Adapter, taken: set[str]) -> str:
+    """``<adapter folder name>.onnx_adapter``, made safe and unique."""
+    stem = re.sub(r"[^A-Za-z0-9._-]", "_", Path(adapter.path or "adapter").name).lstrip(".") or "adapter"
+    name, i = f"{stem}{ADAPTER_SUFFIX}", 1
+    while name in taken:
+        i += 1
+        name = f"{stem}-{i}{ADAPTER_SUFFIX}"
+    taken.add(name)
+    return name
+
+
+def write_adapter_files(out_dir: Path, adapters: list[Adapter], graph: GraphLora) -> list[dict]:
+    """One ``.onnx_adapter`` per adapter in ``out_dir``; their entries for ``loraexport.json``."""
+    entries, taken = [], set()
+    for adapter in adapters:
+        name = file_name(adapter, taken)
+        write_adapter_file(adapter_file_tensors(adapter, graph), out_dir / name)
+        entries.append(
+            {
+                "name": name[: -len(ADAPTER_SUFFIX)],
+                "file": name,
+                "sha256": _sha256(out_dir / name),
+                "source_sha256": adapter.sha256() if adapter.path is not None else None,
+            }
+        )
+    return entries
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def convert_adapter(
+    adapter_dir: str | Path,
+    onnx_dir: str | Path,
+    out: str | Path,
+    *,
+    force: bool = False,
+    allow_pickle: bool = False,
+) -> dict:
+    """A PEFT adapter as an onnxruntime adapter file for an adapter-mode export; checked against
+    the graph (names, shapes, rank) before anything is written. Returns what was written."""
+    if not str(out).endswith(ADAPTER_SUFFIX):
+        raise UsageError(f"--out {out} must end in {ADAPTER_SUFFIX} (the name loraexport.runtime looks for)")
+    out_plan = plan_files(
+        [out],
+        force=force,
+        inputs={"ADAPTER_DIR": adapter_dir, "--onnx": onnx_dir},
+        label="--out",
+        previous=is_adapter_file,
+    )
+    onnx_dir = Path(onnx_dir)
+    meta = read_export_meta(onnx_dir, InvalidInputError)
+    graph = GraphLora.from_meta(meta, str(onnx_dir))
+    adapter = Adapter.load(adapter_dir, allow_pickle)
+    tensors = adapter_file_tensors(adapter, graph)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "adapter"
+        write_adapter_file(tensors, path)
+        data = path.read_bytes()
+    write_files(out_plan, {out_plan.targets[0]: data})
+    target, modules = out_plan.targets[0], len(tensors) // 2
+    return {"file": str(target), "modules": modules, "bytes": len(data)}

@@ -1,0 +1,193 @@
+"""Verification of an adapter-mode export (``--mode adapter``): each adapter, active in the
+one graph, against its own unmerged PyTorch model; the graph with no adapter active against the
+base; then what loading and activating an adapter costs, and the graph's latency against the
+merged export and the base (``verify.adapters``)."""
+
+from __future__ import annotations
+
+import hashlib
+import tempfile
+import time
+from pathlib import Path
+
+from loraexport.enums import ExportMode, quantization
+from loraexport.errors import InvalidInputError
+from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
+from loraexport.report import Report
+from loraexport.runtime import RuntimeInputError
+from loraexport.runtime_adapters import Active
+from loraexport.stages.adapter_mode import adapter_file_tensors
+from loraexport.stages.export import describe, export_model
+from loraexport.stages.inputs import Loaded, Log
+from loraexport.stages.merge import merged_model, unmerged_model
+from loraexport.verify.adapters import AdapterLatency, AdapterModeResult, AdapterTiming, interleaved_medians
+from loraexport.verify.half import MIN_ADAPTER_RETAINED
+from loraexport.verify.latency import open_model
+from loraexport.verify.options import VerifyOptions
+from loraexport.verify.parity import check_parity
+from loraexport.verify.quantized import quantization_cost
+
+LATENCY_SHAPES = ((1, 32), (4, 32))
+REPEATS = 15
+
+
+def adapter_files(
+    loaded: Loaded, graph: GraphLora, directory: Path, meta: dict, scratch: Path
+) -> list[tuple[str, Path]]:
+    """(name, file) per adapter of ``loaded``: the export's own file for an adapter it was made
+    from (``source_sha256`` of the PEFT folder), else the adapter converted into ``scratch`` (so
+    the conversion is checked too)."""
+    listed = meta.get("adapter_files") or []
+    by_source = {e.get("source_sha256"): e for e in listed if e.get("source_sha256")}
+    out = []
+    for i, adapter in enumerate(loaded.adapters):
+        entry = by_source.get(adapter.sha256() if adapter.path is not None else None)
+        if entry is not None:
+            out.append((entry["name"], directory / entry["file"]))
+            continue
+        path = scratch / f"{i}{ADAPTER_SUFFIX}"
+        write_adapter_file(adapter_file_tensors(adapter, graph), path)
+        out.append((Path(adapter.path or f"adapter-{i}").name, path))
+    return out
+
+
+def verify_adapter_mode(
+    report: Report,
+    loaded: Loaded,
+    onnx_path: Path,
+    meta: dict,
+    opts: VerifyOptions,
+    log: Log,
+    providers: list[str],
+    threads: int,
+    sources: list[str] | None,
+    exporter: str | None,
+) -> None:
+    """Parity per adapter and with none (per provider) into ``report.parity``; timings into
+    ``report.adapter_mode``."""
+    graph = GraphLora.from_meta(meta, str(onnx_path))
+    with tempfile.TemporaryDirectory(prefix="loraexport-adapters-") as td:
+        files = adapter_files(loaded, graph, onnx_path, meta, Path(td))
+        _parity(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files)
+        report.adapter_mode = AdapterModeResult(graph.rank)
+        _timings(report.adapter_mode, loaded, onnx_path, meta, files, threads, opts.latency, log, exporter)
+
+
+def _quantized(report, loaded, onnx_path, meta, opts, log, threads, sources, files, quant) -> None:
+    """A quantized base: each adapter judged as ``verify.quantized`` judges a kept adapter, the
+    same graph with no adapter active being the base quantized the same way (Q₀)."""
+    for (name, file), adapter in zip(files, loaded.adapters, strict=True):
+        log(f"quantization [adapter {name}]: against its unmerged float32 model …")
+        try:
+            cost = quantization_cost(
+                loaded.family,
+                loaded.base,
+                unmerged_model(loaded.base, adapter),
+                open_model(onnx_path, "cpu", threads, meta, file),
+                open_model(onnx_path, "cpu", threads, meta),
+                quant.value,
+                f"{name}: kept in float32 (adapter mode)",
+                seed=opts.seed,
+                samples=opts.samples,
+                sources=sources,
+                tokenizer=loaded.tokenizer,
+            )
+        except RuntimeInputError as e:
+            raise InvalidInputError(str(e)) from e
+        report.quantization.append(cost)
+        if cost.adapter_retained is not None and cost.adapter_retained < MIN_ADAPTER_RETAINED:
+            report.quantization_failures.append(
+                f"adapter {name}: only {cost.adapter_retained:.0%} of its effect on the outputs survives "
+                f"the {quant.value} base (at least {MIN_ADAPTER_RETAINED:.0%} required)"
+            )
+
+
+def _parity(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files) -> None:
+    quant = quantization(meta.get("weights_dtype"))
+    if quant:  # judged by what it keeps, not by float32 parity
+        _quantized(report, loaded, onnx_path, meta, opts, log, threads, sources, files, quant)
+        return
+    for provider in providers:
+        cases = [
+            (n, f, unmerged_model(loaded.base, a)) for (n, f), a in zip(files, loaded.adapters, strict=True)
+        ]
+        cases.append(("none", None, loaded.base))
+        for name, file, reference in cases:
+            log(f"parity [{provider}, adapter {name}]: {opts.samples} cases …")
+            try:
+                result = check_parity(
+                    loaded.family,
+                    reference,
+                    lambda p=provider, f=file: open_model(onnx_path, p, threads, meta, f),
+                    samples=opts.samples,
+                    seed=opts.seed,
+                    sources=sources,
+                    tokenizer=loaded.tokenizer,
+                )
+            except RuntimeInputError as e:
+                raise InvalidInputError(str(e)) from e
+            result.provider = f"{provider}, adapter {name}"
+            if file is None:
+                result.reference = (
+                    "the base model in PyTorch float32 (no adapter active); float64 for the noise floor"
+                )
+            else:
+                result.reference = (
+                    f"adapter {name}'s own unmerged PyTorch model, float32 (base + its LoRA branches); "
+                    "float64 for the noise floor"
+                )
+            report.parity.append(result)
+
+
+def _timings(result, loaded, onnx_path, meta, files, threads, latency: bool, log: Log, exporter) -> None:
+    model = open_model(onnx_path, "cpu", threads, meta)
+    x = {k: v.numpy() for k, v in loaded.family.latency_inputs(loaded.base, 1, 16).items()}
+    for name, file in files:
+        t = time.perf_counter()
+        Active(file)
+        load_ms = (time.perf_counter() - t) * 1e3
+        med = interleaved_medians(
+            {
+                "with": lambda f=file: model.forward(**x, adapter=f),
+                "none": lambda: model.forward(**x),
+            },
+            REPEATS,
+        )
+        sha = _sha256(file)
+        result.adapters.append(
+            AdapterTiming(name, file.name, sha, load_ms, max(0.0, (med["with"] - med["none"]) * 1e3))
+        )
+    if not latency:
+        return
+    log("latency: adapter mode against the merged export and the base …")
+    optimize = "optimize" in meta
+    with tempfile.TemporaryDirectory(prefix="loraexport-adapter-latency-") as td:
+        dirs = {}
+        merged = merged_model(loaded.base, loaded.adapters[:1])[0]
+        for key, m in (("merged", merged), ("base", loaded.base)):
+            d = Path(td) / key
+            d.mkdir()
+            res = export_model(loaded.family, m, d, exporter=exporter, optimize=optimize)
+            dirs[key] = open_model(d, "cpu", threads, describe(loaded.family, m, res, None, _mode(key)))
+        first = files[0][1]
+        for batch, seq in LATENCY_SHAPES:
+            args = {k: v.numpy() for k, v in loaded.family.latency_inputs(loaded.base, batch, seq).items()}
+            med = interleaved_medians(
+                {
+                    "adapter": lambda a=args: model.forward(**a, adapter=first),
+                    "merged": lambda a=args: dirs["merged"].forward(**a),
+                    "base": lambda a=args: dirs["base"].forward(**a),
+                },
+                REPEATS,
+            )
+            result.latency.append(
+                AdapterLatency(batch, seq, med["adapter"] * 1e3, med["merged"] * 1e3, med["base"] * 1e3)
+            )
+
+
+def _mode(key: str) -> ExportMode:
+    return ExportMode.MERGED if key == "merged" else ExportMode.BASE
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()

@@ -1,0 +1,266 @@
+"""``merge-and-export --mode adapter``, ``export --mode adapter`` and ``convert-adapter`` through
+the real CLI: files, report, and one test per refusal (each one line, exit 3 or 2, nothing
+written)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from artifacts import HF_TARGETS, make_hf_decoder
+from clihelp import QUICK, ok, refused, run, untouched
+
+peft = pytest.importorskip("peft")
+pytestmark = pytest.mark.slow
+
+
+def _adapter(base_dir, out, seed: int, **config) -> None:
+    model = make_hf_decoder(base_dir.parent / f"scratch-{seed}", "llama", **config.pop("base", {}))
+    targets = config.pop("targets", HF_TARGETS["llama"])
+    lora = peft.get_peft_model(model, peft.LoraConfig(target_modules=targets, **config))
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    lora.save_pretrained(out)
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    """A tiny Llama, three adapters, and ``merge-and-export --mode adapter`` of them (verified)."""
+    tmp = tmp_path_factory.mktemp("served")
+    make_hf_decoder(tmp / "base", "llama")
+    _adapter(tmp / "base", tmp / "r8", 1, r=8, lora_alpha=16)
+    _adapter(tmp / "base", tmp / "r4-rslora", 2, r=4, lora_alpha=8, use_rslora=True)
+    _adapter(tmp / "base", tmp / "r2", 3, r=2, lora_alpha=4, rank_pattern={"layers.0.self_attn.q_proj": 1})
+    r = run(
+        "merge-and-export",
+        "--base",
+        tmp / "base",
+        *[a for n in ("r8", "r4-rslora", "r2") for a in ("--adapter", tmp / n)],
+        "--out",
+        tmp / "onnx",
+        "--mode",
+        "adapter",
+        "--samples",
+        "2",
+        "--json",
+    )
+    ok(r)
+    return tmp, json.loads(r.stdout)
+
+
+def test_merge_and_export_writes_and_verifies_one_file_per_adapter(served):
+    tmp, report = served
+    meta = json.loads((tmp / "onnx" / "loraexport.json").read_text())
+    assert meta["mode"] == "adapter" and meta["lora_inputs"]["rank"] == 8
+    files = meta["adapter_files"]
+    assert [f["name"] for f in files] == ["r8", "r4-rslora", "r2"]
+    for f in files:
+        assert hashlib.sha256((tmp / "onnx" / f["file"]).read_bytes()).hexdigest() == f["sha256"]
+    assert report["passed"] is True
+    checked = sorted(report["parity_by_provider"])
+    assert checked == sorted(f"cpu, adapter {n}" for n in ("r8", "r4-rslora", "r2", "none"))
+    mode = report["adapter_mode"]
+    assert [a["name"] for a in mode["adapters"]] == ["r8", "r4-rslora", "r2"]
+    assert all(a["load_ms"] >= 0 and a["activation_ms"] >= 0 for a in mode["adapters"])
+    assert [(row["batch"], row["seq"]) for row in mode["latency"]] == [(1, 32), (4, 32)]
+    assert "Adapters per request" in (tmp / "onnx" / "report.md").read_text()
+
+
+def test_convert_adapter_writes_the_same_tensors_as_the_export(served, tmp_path):
+    tmp, _ = served
+    out = tmp_path / "again.onnx_adapter"
+    ok(run("convert-adapter", tmp / "r4-rslora", "--onnx", tmp / "onnx", "--out", out))
+    fresh, stored = (
+        ort.AdapterFormat.read_adapter(str(out)),
+        ort.AdapterFormat.read_adapter(str(tmp / "onnx" / "r4-rslora.onnx_adapter")),
+    )
+    a, b = fresh.get_parameters(), stored.get_parameters()
+    assert sorted(a) == sorted(b) and len(a) == 8  # 2 layers × (q, v) × (A, B)
+    for k in a:
+        np.testing.assert_array_equal(a[k].numpy(), b[k].numpy())
+
+
+@pytest.mark.parametrize(
+    "make, needles",
+    [
+        ({"r": 16, "lora_alpha": 16}, ("rank 16 exceeds the graph's rank 8", "--max-rank 16")),
+        ({"r": 4, "lora_alpha": 8, "targets": ["k_proj"]}, ("k_proj", "no LoRA input for this module")),
+        ({"r": 4, "lora_alpha": 8, "base": {"hidden_size": 64}}, ("q_proj", "another base")),
+        ({"r": 4, "lora_alpha": 8, "use_dora": True}, ("DoRA",)),
+    ],
+    ids=["rank-too-high", "module-not-in-graph", "other-base", "dora"],
+)
+def test_convert_adapter_refuses_what_the_graph_cannot_take(served, tmp_path, make, needles):
+    tmp, _ = served
+    _adapter(tmp_path / "base", tmp_path / "adapter", 7, **make)
+    out = tmp_path / "x.onnx_adapter"
+    with untouched(tmp / "onnx"):
+        refused(
+            run("convert-adapter", tmp_path / "adapter", "--onnx", tmp / "onnx", "--out", out), 3, *needles
+        )
+    assert not out.exists()
+
+
+def test_convert_adapter_needs_an_adapter_mode_export(served, tmp_path):
+    tmp, _ = served
+    ok(run("export", "--model", tmp / "base", "--adapter", tmp / "r8", "--out", tmp_path / "merged"))
+    refused(
+        run(
+            "convert-adapter", tmp / "r8", "--onnx", tmp_path / "merged", "--out", tmp_path / "x.onnx_adapter"
+        ),
+        3,
+        "not an adapter-mode export",
+    )
+
+
+def test_convert_adapter_does_not_overwrite_without_force(served, tmp_path):
+    """An adapter file it wrote is replaced with --force only; another file, never."""
+    tmp, _ = served
+    out = tmp_path / "taken.onnx_adapter"
+    ok(run("convert-adapter", tmp / "r4-rslora", "--onnx", tmp / "onnx", "--out", out))
+    before = out.read_bytes()
+    refused(run("convert-adapter", tmp / "r8", "--onnx", tmp / "onnx", "--out", out), 3, str(out))
+    assert out.read_bytes() == before
+    ok(run("convert-adapter", tmp / "r8", "--onnx", tmp / "onnx", "--out", out, "--force"))
+    assert out.read_bytes() != before
+    mine = tmp_path / "mine.onnx_adapter"
+    mine.write_bytes(b"mine")
+    args = ("convert-adapter", tmp / "r8", "--onnx", tmp / "onnx", "--out", mine, "--force")
+    refused(run(*args), 3, "no onnxruntime adapter file")
+    assert mine.read_bytes() == b"mine"
+
+
+def test_convert_adapter_output_inside_an_input_is_refused(served):
+    tmp, _ = served
+    refused(
+        run("convert-adapter", tmp / "r8", "--onnx", tmp / "onnx", "--out", tmp / "r8" / "x.onnx_adapter"), 2
+    )
+
+
+@pytest.mark.parametrize(
+    "extra, needles",
+    [
+        (("--dtype", "float16"), ("--dtype", "--mode adapter")),
+        (("--max-rank", "0"), ("--max-rank",)),
+        (("--weight", "0.5"), ("--weight", "--mode adapter")),
+    ],
+    ids=["dtype", "max-rank-0", "weight"],
+)
+def test_adapter_mode_options_that_cannot_work(served, tmp_path, extra, needles):
+    tmp, _ = served
+    r = run(
+        "export",
+        "--model",
+        tmp / "base",
+        "--adapter",
+        tmp / "r8",
+        "--out",
+        tmp_path / "o",
+        "--mode",
+        "adapter",
+        *extra,
+    )
+    refused(r, 2 if extra[0] == "--max-rank" else 3, *needles)
+    assert not (tmp_path / "o").exists()
+
+
+def test_adapter_mode_needs_an_adapter(served, tmp_path):
+    tmp, _ = served
+    refused(
+        run("export", "--model", tmp / "base", "--out", tmp_path / "o", "--mode", "adapter"),
+        3,
+        "--mode adapter needs an --adapter",
+    )
+
+
+def test_export_max_rank_pads_every_adapter(served, tmp_path):
+    """--max-rank 12: the graph's factors are rank 12; an r=8 adapter is zero-padded and still
+    PEFT's (verify auto-detects the mode). ``QUICK``: parity on two cases, no latency."""
+    tmp, _ = served
+    out = tmp_path / "wide"
+    ok(
+        run(
+            "export",
+            "--model",
+            tmp / "base",
+            "--adapter",
+            tmp / "r8",
+            "--out",
+            out,
+            "--mode",
+            "adapter",
+            "--max-rank",
+            "12",
+        )
+    )
+    meta = json.loads((out / "loraexport.json").read_text())
+    assert meta["lora_inputs"]["rank"] == 12
+    assert all(12 in v["shape"] for v in meta["lora_inputs"]["inputs"].values())
+    r = run("verify", "--base", tmp / "base", "--adapter", tmp / "r4-rslora", "--onnx", out, *QUICK, "--json")
+    ok(r)
+    assert json.loads(r.stdout)["passed"] is True
+
+
+def test_convert_adapter_out_must_be_an_adapter_file_name(served, tmp_path):
+    tmp, _ = served
+    refused(
+        run("convert-adapter", tmp / "r8", "--onnx", tmp / "onnx", "--out", tmp_path / "x.bin"),
+        2,
+        ".onnx_adapter",
+    )
+
+
+def test_a_quantized_base_keeps_every_adapter_in_float32(served, tmp_path):
+    """--mode adapter --quantize int8: the base quantized, the LoRA inputs float32; each adapter
+    judged like a kept adapter (``adapter_retained`` against its own unmerged model, the same
+    graph with no adapter active as the quantized base)."""
+    tmp, _ = served
+    out = tmp_path / "q"
+    args = ("--adapter", tmp / "r8", "--adapter", tmp / "r4-rslora")
+    r = run(
+        "merge-and-export",
+        "--base",
+        tmp / "base",
+        *args,
+        "--out",
+        out,
+        "--mode",
+        "adapter",
+        "--quantize",
+        "int8",
+        *QUICK,
+        "--json",
+    )
+    ok(r)
+    report = json.loads(r.stdout)
+    assert [q["adapter"] for q in report["quantization"]] == [
+        "r8: kept in float32 (adapter mode)",
+        "r4-rslora: kept in float32 (adapter mode)",
+    ]
+    assert all(q["adapter_retained"] > 0.9 for q in report["quantization"])
+    meta = json.loads((out / "loraexport.json").read_text())
+    assert meta["weights_dtype"] == "int8" and meta["quantization"]["adapter"] == "kept in float32"
+    session = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    lora = [i for i in session.get_overridable_initializers() if ".lora_" in i.name]
+    assert len(lora) == 8 and all(i.type == "tensor(float)" for i in lora)
+
+
+def test_verify_mode_must_be_the_exports(served, tmp_path):
+    tmp, _ = served
+    ok(run("export", "--model", tmp / "base", "--adapter", tmp / "r8", "--out", tmp_path / "merged"))
+    common = ("verify", "--base", tmp / "base", "--adapter", tmp / "r8")
+    refused(
+        run(*common, "--onnx", tmp_path / "merged", "--mode", "adapter", *QUICK),
+        3,
+        "exported with mode merged",
+    )
+    weighted = (*common, "--adapter", tmp / "r2", "--weight", "1", "--weight", "0.5", "--onnx", tmp / "onnx")
+    refused(run(*weighted, *QUICK), 3, "--weight does not apply to an adapter-mode export")
+    ok(run(*common, "--onnx", tmp / "onnx", "--mode", "adapter", *QUICK))
