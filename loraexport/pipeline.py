@@ -77,7 +77,7 @@ def merge_and_export(
     if asked not in (ExportMode.MERGED, ExportMode.ADAPTER):
         raise InvalidInputError(f"merge-and-export --mode is merged or adapter, got {mode!r}")
     if asked is ExportMode.ADAPTER:
-        check_adapter_mode(adapters, max_rank, half, weights)
+        check_adapter_mode(adapters, max_rank, weights)
     opts = options or VerifyOptions(**option_fields)  # everything checked before any work
     out_plan = plan(out, force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data})
     check_eval_data(opts.eval_data)
@@ -91,7 +91,7 @@ def merge_and_export(
     inputs = {"base": model_provenance(base), "adapters": adapter_provenance(loaded)}
     graph, kind, keep, probes = merged, ExportMode.MERGED, None, None
     if asked is ExportMode.ADAPTER:  # the base once, each adapter a file the graph takes per run
-        graph, probes, rank = probe_model(loaded.base, loaded.adapters, max_rank)
+        graph, probes, rank = probe_model(loaded.base, loaded.adapters, max_rank, storage)
         kind, keep = ExportMode.ADAPTER, [f for pair in probes.values() for f in pair] if quant else None
     elif keep_adapter:  # the adapter kept in float32 beside the quantized base
         graph, kind = unmerged_model(loaded.base, loaded.adapters, loaded.weights), ExportMode.UNMERGED

@@ -27,10 +27,10 @@ from loraexport.lora.adapter import Adapter
 from loraexport.lora.inject import lora_layers
 from loraexport.output.plan import is_adapter_file, plan_files
 from loraexport.output.write import write_files
-from loraexport.stages.merge import unmerged_model
+from loraexport.stages.merge import merged_model, unmerged_model
 
 
-def check_adapter_mode(adapters: list, max_rank: int | None, half, weights) -> None:
+def check_adapter_mode(adapters: list, max_rank: int | None, weights) -> None:
     """Refuse what adapter mode cannot do, before any work."""
     if not adapters:
         raise InvalidInputError("--mode adapter needs an --adapter: its modules and rank shape the graph")
@@ -38,18 +38,16 @@ def check_adapter_mode(adapters: list, max_rank: int | None, half, weights) -> N
         isinstance(max_rank, bool) or not isinstance(max_rank, int) or not 1 <= max_rank <= MAX_LORA_RANK
     ):
         raise InvalidInputError(f"--max-rank must be an integer from 1 to {MAX_LORA_RANK}, got {max_rank!r}")
-    if half:
-        raise InvalidInputError(
-            "--dtype does not apply to --mode adapter yet; use --quantize for a smaller base"
-        )
     if weights:
         raise InvalidInputError("--weight does not apply to --mode adapter: each adapter is its own file")
 
 
-def probe_model(base: nn.Module, adapters: list[Adapter], max_rank: int | None):
+def probe_model(base: nn.Module, adapters: list[Adapter], max_rank: int | None, storage=None):
     """(the base with LoRA branches holding probe factors at the graph's rank, scaling 1; the
     probes; the rank). The modules are the first adapter's; the rank the largest of every
-    adapter's modules and ``max_rank``."""
+    adapter's modules and ``max_rank``. ``storage`` (a torch half dtype, ``--dtype``): the
+    base's weights rounded to it first, so the file stores them in it exactly; the probes, and
+    so the adapter inputs, stay float32."""
     for a in adapters:
         if a.replacements:
             name = next(iter(a.replacements))
@@ -58,6 +56,8 @@ def probe_model(base: nn.Module, adapters: list[Adapter], max_rank: int | None):
                 "holds LoRA factors only; use --mode merged"
             )
     rank = max([a.config.rank(m) for a in adapters for m in a.weights] + [max_rank or 0])
+    if storage is not None:
+        base = merged_model(base, [], storage_dtype=storage)[0]
     model = unmerged_model(base, adapters[0])
     layers = lora_layers(model)
     shapes = {m: (layer.in_features, layer.out_features) for m, layer in layers.items()}

@@ -194,7 +194,7 @@ def export(
     adapters = as_list(adapter) if adapter else []
     quant = check_quantize(quantize, keep_adapter, half, adapters)
     if asked is ExportMode.ADAPTER:
-        check_adapter_mode(adapters, max_rank, half, weights)
+        check_adapter_mode(adapters, max_rank, weights)
     if keep_adapter and asked is not ExportMode.ADAPTER:
         asked = ExportMode.UNMERGED  # the adapter kept beside the quantized base
     out_plan = plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
@@ -205,7 +205,7 @@ def export(
     model = loaded.base
     keep = probes = None
     if mode_ is ExportMode.ADAPTER:
-        model, probes, rank = probe_model(model, loaded.adapters, max_rank)
+        model, probes, rank = probe_model(model, loaded.adapters, max_rank, torch_dtype(half))
         keep = [f for pair in probes.values() for f in pair] if quant else None
     elif mode_ is ExportMode.UNMERGED:
         model = unmerged_model(model, loaded.adapters, loaded.weights)

@@ -183,7 +183,9 @@ def verify_into(
     torch.set_num_threads(threads)
     if meta.get("mode") == ExportMode.ADAPTER.value:  # each adapter against its own model
         exporter = torch_exporter(meta)
-        verify_adapter_mode(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, exporter)
+        verify_adapter_mode(
+            report, loaded, onnx_path, meta, opts, log, providers, threads, sources, exporter, half
+        )
         return
     unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
     quant = quantization(meta.get("weights_dtype"))

@@ -5,12 +5,14 @@ merged export and the base (``verify.adapters``)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import tempfile
 import time
 from pathlib import Path
 
-from loraexport.enums import ExportMode, quantization
+from loraexport.dtypes import torch_dtype
+from loraexport.enums import ExportMode, Precision, quantization
 from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
 from loraexport.report import Report
@@ -62,10 +64,15 @@ def verify_adapter_mode(
     threads: int,
     sources: list[str] | None,
     exporter: str | None,
+    half: Precision | None = None,
 ) -> None:
     """Parity per adapter and with none (per provider) into ``report.parity``; timings into
-    ``report.adapter_mode``."""
+    ``report.adapter_mode``. ``half`` (a --dtype export): the references' base weights are
+    rounded to it, as the file stores them; the adapters stay float32 on both sides."""
     graph = GraphLora.from_meta(meta, str(onnx_path))
+    if half is not None:
+        base = merged_model(loaded.base, [], storage_dtype=torch_dtype(half))[0]
+        loaded = dataclasses.replace(loaded, base=base)
     with tempfile.TemporaryDirectory(prefix="loraexport-adapters-") as td:
         files = adapter_files(loaded, graph, onnx_path, meta, Path(td))
         _parity(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files)

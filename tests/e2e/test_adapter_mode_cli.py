@@ -147,11 +147,10 @@ def test_convert_adapter_output_inside_an_input_is_refused(served):
 @pytest.mark.parametrize(
     "extra, needles",
     [
-        (("--dtype", "float16"), ("--dtype", "--mode adapter")),
         (("--max-rank", "0"), ("--max-rank",)),
         (("--weight", "0.5"), ("--weight", "--mode adapter")),
     ],
-    ids=["dtype", "max-rank-0", "weight"],
+    ids=["max-rank-0", "weight"],
 )
 def test_adapter_mode_options_that_cannot_work(served, tmp_path, extra, needles):
     tmp, _ = served
@@ -264,3 +263,35 @@ def test_verify_mode_must_be_the_exports(served, tmp_path):
     weighted = (*common, "--adapter", tmp / "r2", "--weight", "1", "--weight", "0.5", "--onnx", tmp / "onnx")
     refused(run(*weighted, *QUICK), 3, "--weight does not apply to an adapter-mode export")
     ok(run(*common, "--onnx", tmp / "onnx", "--mode", "adapter", *QUICK))
+
+
+def test_a_half_stored_base_keeps_the_adapter_inputs_float32(served, tmp_path):
+    """--mode adapter --dtype bfloat16: the base's weights stored in bfloat16 (rounded once),
+    the adapter inputs float32; each adapter passes parity against its own unmerged model on
+    the rounded base (what the file holds exactly)."""
+    tmp, _ = served
+    out = tmp_path / "bf16"
+    args = ("--adapter", tmp / "r8", "--adapter", tmp / "r2")
+    r = run(
+        "merge-and-export",
+        "--base",
+        tmp / "base",
+        *args,
+        "--out",
+        out,
+        "--mode",
+        "adapter",
+        "--dtype",
+        "bfloat16",
+        *QUICK,
+        "--json",
+    )
+    ok(r)
+    assert json.loads(r.stdout)["passed"] is True
+    import onnx
+
+    model = onnx.load(str(out / "model.onnx"))
+    types = {t.name: t.data_type for t in model.graph.initializer}
+    assert sum(v == onnx.TensorProto.BFLOAT16 for v in types.values()) >= 8  # the projections and more
+    lora = [n for n in types if ".lora_" in n]
+    assert len(lora) == 8 and all(types[n] == onnx.TensorProto.FLOAT for n in lora)

@@ -76,3 +76,32 @@ def test_compare_outputs_tolerance_is_derived():
     assert not bad.passed and bad.tolerance < 1e-3
     wrong_shape = compare_outputs("logits", ref32, ref64, ref64[:, :2], None)
     assert not wrong_shape.passed
+
+
+def test_a_padded_rows_float64_outputs_come_from_the_row_alone():
+    """``_unpadded_rows``: where the padded float64 run is not finite (transformers' eager
+    attention on a fully masked row), each padded row's unmasked positions are recomputed from
+    that row alone and put back at their positions, along each output's sequence axis (1 for
+    logits, 2 for a cache); finite rows and padded positions are left as they were."""
+    import numpy as np
+
+    from loraexport.verify.parity import _unpadded_rows
+
+    def run(graph, feeds):  # a "model": position t's output is the sum of the row's unmasked ids ≤ t
+        ids, mask = feeds["input_ids"], feeds["attention_mask"]
+        total = np.cumsum(ids * mask, axis=1).astype(np.float64)
+        if (mask == 0).any():  # the padded batch: NaN everywhere in a padded row
+            total[(mask == 0).any(axis=1)] = np.nan
+        return {
+            "logits": total[:, :, None] * np.ones(3),
+            "present.0.key": total[:, None, :, None] * np.ones((1, 2, 1, 4)),
+        }
+
+    ids = np.array([[0, 0, 5, 6, 7], [1, 2, 3, 4, 5]])
+    mask = np.array([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    out = {f"model.{k}": v for k, v in run("model", {"input_ids": ids, "attention_mask": mask}).items()}
+    _unpadded_rows(run, (1, 2, 4), (ids, mask, None), out)
+    np.testing.assert_array_equal(out["model.logits"][0, 2:, 0], [5, 11, 18])
+    np.testing.assert_array_equal(out["model.present.0.key"][0, 1, 2:, 3], [5, 11, 18])
+    assert np.isnan(out["model.logits"][0, :2]).all()  # padding: not compared, left alone
+    np.testing.assert_array_equal(out["model.logits"][1, :, 0], [1, 3, 6, 10, 15])
