@@ -27,6 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from loraexport.enums import MAX_LORA_RANK
 from loraexport.errors import AdapterMismatchError, ExportError
 
 PROBE_SEED = 20261130
@@ -117,16 +118,47 @@ class GraphLora:
 
     @classmethod
     def from_meta(cls, meta: dict, where: str) -> GraphLora:
+        """From ``loraexport.json`` (untrusted: every field is checked, one line per problem)."""
         lora = meta.get("lora_inputs")
         if meta.get("mode") != "adapter" or not isinstance(lora, dict):
             raise AdapterMismatchError(
                 f"{where} is not an adapter-mode export (export it with --mode adapter)"
             )
-        return cls(int(lora["rank"]), dict(lora["inputs"]))
+        rank, inputs = lora.get("rank"), lora.get("inputs")
+        if isinstance(rank, bool) or not isinstance(rank, int) or not 1 <= rank <= MAX_LORA_RANK:
+            raise AdapterMismatchError(
+                f"{where}: lora_inputs.rank must be an integer from 1 to {MAX_LORA_RANK}"
+            )
+        if not isinstance(inputs, dict) or not inputs:
+            raise AdapterMismatchError(f"{where}: lora_inputs.inputs must be a non-empty object")
+        for name, spec in inputs.items():
+            if not _valid_spec(name, spec, rank):
+                raise AdapterMismatchError(
+                    f"{where}: lora_inputs.inputs.{str(name)[:200]} is not a LoRA input"
+                )
+        return cls(rank, dict(inputs))
 
     @property
     def modules(self) -> set[str]:
         return {v["module"] for v in self.inputs.values()}
+
+
+def _valid_spec(name: object, spec: object, rank: int) -> bool:
+    """One ``lora_inputs.inputs`` entry: its name is its module's factor, a 2-D shape holding
+    the rank, a bool for the orientation."""
+    if not isinstance(spec, dict) or not isinstance(name, str):
+        return False
+    module, factor, shape = spec.get("module"), spec.get("factor"), spec.get("shape")
+    return (
+        isinstance(module, str)
+        and factor in ("A", "B")
+        and name == input_name(module, factor)
+        and isinstance(spec.get("transposed"), bool)
+        and isinstance(shape, list)
+        and len(shape) == 2
+        and all(isinstance(d, int) and not isinstance(d, bool) and 1 <= d <= 2**31 for d in shape)
+        and rank in shape
+    )
 
 
 def adapter_tensors(

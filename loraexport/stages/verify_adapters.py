@@ -17,7 +17,7 @@ from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
 from loraexport.report import Report
 from loraexport.runtime import RuntimeInputError
-from loraexport.runtime_adapters import Active
+from loraexport.runtime_adapters import Active, find_adapters
 from loraexport.stages.adapter_mode import adapter_file_tensors
 from loraexport.stages.export import describe, export_model
 from loraexport.stages.inputs import Loaded, Log
@@ -39,13 +39,17 @@ def adapter_files(
     """(name, file) per adapter of ``loaded``: the export's own file for an adapter it was made
     from (``source_sha256`` of the PEFT folder), else the adapter converted into ``scratch`` (so
     the conversion is checked too)."""
-    listed = meta.get("adapter_files") or []
-    by_source = {e.get("source_sha256"): e for e in listed if e.get("source_sha256")}
+    try:
+        found = find_adapters(directory, meta)  # names and files checked: plain names inside it
+    except RuntimeInputError as e:
+        raise InvalidInputError(str(e)) from e
+    listed = [e for e in meta.get("adapter_files") or [] if isinstance(e, dict) and e.get("name") in found]
+    by_source = {e.get("source_sha256"): e["name"] for e in listed if isinstance(e.get("source_sha256"), str)}
     out = []
     for i, adapter in enumerate(loaded.adapters):
-        entry = by_source.get(adapter.sha256() if adapter.path is not None else None)
-        if entry is not None:
-            out.append((entry["name"], directory / entry["file"]))
+        name = by_source.get(adapter.sha256() if adapter.path is not None else None)
+        if name is not None:
+            out.append((name, found[name]))
             continue
         path = scratch / f"{i}{ADAPTER_SUFFIX}"
         write_adapter_file(adapter_file_tensors(adapter, graph), path)

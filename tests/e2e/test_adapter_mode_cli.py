@@ -295,3 +295,36 @@ def test_a_half_stored_base_keeps_the_adapter_inputs_float32(served, tmp_path):
     assert sum(v == onnx.TensorProto.BFLOAT16 for v in types.values()) >= 8  # the projections and more
     lora = [n for n in types if ".lora_" in n]
     assert len(lora) == 8 and all(types[n] == onnx.TensorProto.FLOAT for n in lora)
+
+
+@pytest.mark.parametrize(
+    "tamper, needle",
+    [
+        (lambda m: m["lora_inputs"].update(rank="8"), "lora_inputs.rank"),
+        (lambda m: m["lora_inputs"].update(rank=10**9), "lora_inputs.rank"),
+        (lambda m: m["lora_inputs"].update(inputs=[]), "lora_inputs.inputs"),
+        (
+            lambda m: next(iter(m["lora_inputs"]["inputs"].values())).update(shape=[8, -1]),
+            "is not a LoRA input",
+        ),
+        (lambda m: next(iter(m["lora_inputs"]["inputs"].values())).update(factor="C"), "is not a LoRA input"),
+        (lambda m: m["adapter_files"][0].update(file="../r8/adapter_config.json"), "adapter_files"),
+    ],
+    ids=["rank-text", "rank-huge", "inputs-list", "shape-negative", "factor", "file-outside"],
+)
+def test_a_tampered_description_is_refused_in_one_line(served, tmp_path, tamper, needle):
+    """loraexport.json is input like any other: convert-adapter and verify refuse what does not
+    describe an adapter-mode graph (exit 3), and nothing outside the export is read as an adapter."""
+    import shutil
+
+    tmp, _ = served
+    onnx_dir = tmp_path / "onnx"
+    shutil.copytree(tmp / "onnx", onnx_dir)
+    meta = json.loads((onnx_dir / "loraexport.json").read_text())
+    tamper(meta)
+    (onnx_dir / "loraexport.json").write_text(json.dumps(meta))
+    if needle == "adapter_files":
+        r = run("verify", "--base", tmp / "base", "--adapter", tmp / "r8", "--onnx", onnx_dir, *QUICK)
+    else:
+        r = run("convert-adapter", tmp / "r8", "--onnx", onnx_dir, "--out", tmp_path / "x.onnx_adapter")
+    refused(r, 3, needle)
