@@ -328,3 +328,28 @@ def test_a_tampered_description_is_refused_in_one_line(served, tmp_path, tamper,
     else:
         r = run("convert-adapter", tmp / "r8", "--onnx", onnx_dir, "--out", tmp_path / "x.onnx_adapter")
     refused(r, 3, needle)
+
+
+def test_an_adapter_of_fewer_modules_leaves_the_others_at_zero(served, tmp_path):
+    """An adapter on q_proj only, for a graph adapting q_proj and v_proj: converted (4 tensors,
+    v_proj's inputs left at their zero defaults) and verified against its own unmerged model."""
+    tmp, _ = served
+    _adapter(tmp_path / "base", tmp_path / "q-only", 9, r=4, lora_alpha=4, targets=["q_proj"])
+    out = tmp_path / "q-only.onnx_adapter"
+    ok(run("convert-adapter", tmp_path / "q-only", "--onnx", tmp / "onnx", "--out", out))
+    assert sorted(ort.AdapterFormat.read_adapter(str(out)).get_parameters()) == sorted(
+        f"model.layers.{i}.self_attn.q_proj.lora_{f}.weight" for i in range(2) for f in "AB"
+    )
+    r = run(
+        "verify",
+        "--base",
+        tmp / "base",
+        "--adapter",
+        tmp_path / "q-only",
+        "--onnx",
+        tmp / "onnx",
+        *QUICK,
+        "--json",
+    )
+    ok(r)
+    assert json.loads(r.stdout)["passed"] is True
