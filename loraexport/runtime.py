@@ -16,7 +16,6 @@ library (through ``loraexport.untrusted``), so an app can ship without torch.
 
 from __future__ import annotations
 
-import contextlib
 from pathlib import Path
 
 import numpy as np
@@ -129,8 +128,7 @@ class OnnxModel:
         self.kv_cache = graph.get("kv_cache", "growing")
         # --mode adapter: adapter files by name; ``adapter=`` activates one for a call
         self.adapters = find_adapters(self.dir, self.meta)
-        self._adapters = AdapterOptions(self.adapters)
-        self._active_adapter: Active | None = None
+        self._adapters = AdapterOptions(self.adapters, set().union(*self.lora_inputs.values()))
         self.adapter = adapter
         self._adapters.options(adapter)  # an unknown name fails here, not at the first call
 
@@ -138,13 +136,15 @@ class OnnxModel:
     def cache_shape(self) -> tuple[int, int, int]:
         return self.n_layers, self.n_heads, self.head_dim
 
-    def _run(self, graph: str, feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    def _run(self, graph: str, feeds: dict[str, np.ndarray], active: Active | None = None) -> dict:
+        """One session run; ``active``: the adapter of this call (passed along, never kept on
+        the model, so threads sharing it each run their own)."""
         sess = self.sessions[graph]
         wanted = self.input_names[graph]
         try:
             feeds = {k: v for k, v in feeds.items() if k in wanted}
-            if self._active_adapter is not None:
-                feeds |= self._active_adapter.feeds(self.lora_inputs[graph])
+            if active is not None:
+                feeds |= active.feeds(self.lora_inputs[graph])
             outs = sess.run(None, feeds)
         except _ORT_LOAD_ERRORS as e:  # e.g. an export of another model: its inputs do not fit
             raise RuntimeInputError(
@@ -162,39 +162,34 @@ class OnnxModel:
         """Every output of a full forward without a cache, keyed ``<graph>.<output>``, at every
         position: a graph that computes the last position's logits only is run one token at a
         time through its cache (teacher forcing), the path generation takes."""
-        with self._active(adapter):
-            return self._forward_all(input_ids, attention_mask, decoder_input_ids)
-
-    @contextlib.contextmanager
-    def _active(self, adapter: str | Path | None):
-        """Run what is inside with ``adapter`` (a name in ``adapters`` or a file) active."""
-        self._active_adapter = self._adapters.options(self.adapter if adapter is None else adapter)
-        try:
-            yield
-        finally:
-            self._active_adapter = None
-
-    @property
-    def _bound(self) -> dict:
-        """The active adapter's tensors, for the decoder's io-binding (``runtime_adapters.Active``)."""
-        a = self._active_adapter
-        return {} if a is None else a.bound(self.lora_inputs["model"])
-
-    def _forward_all(self, input_ids, attention_mask, decoder_input_ids=None) -> dict[str, np.ndarray]:
+        active = self._active(adapter)
         if self.kind == "causal" and self.logits == "last":
             ids, mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
             if self.kv_cache == "shared-buffer":
-                outs = _shared(
-                    forward_stepwise, self.sessions["model"], ids, mask, self.cache_shape, self._bound
-                )
+                bound = self._bound(active)
+                outs = _shared(forward_stepwise, self.sessions["model"], ids, mask, self.cache_shape, bound)
             else:
-                outs = forward_growing(lambda feeds: self._run("model", feeds), ids, mask, self.cache_shape)
+                run = lambda feeds: self._run("model", feeds, active)  # noqa: E731
+                outs = forward_growing(run, ids, mask, self.cache_shape)
             return {f"model.{k}": v for k, v in outs.items()}
-        return self._single_pass(input_ids, attention_mask, decoder_input_ids)
+        return self._single_pass(input_ids, attention_mask, decoder_input_ids, active)
 
-    def _single_pass(self, input_ids, attention_mask, decoder_input_ids=None) -> dict[str, np.ndarray]:
+    def _active(self, adapter: str | Path | None) -> Active | None:
+        """The adapter of a call: ``adapter`` (a name in ``adapters`` or a file), else the model's."""
+        return self._adapters.options(self.adapter if adapter is None else adapter)
+
+    def _bound(self, active: Active | None) -> dict:
+        """``active``'s tensors, for the decoder's io-binding (``runtime_adapters.Active``)."""
+        return {} if active is None else active.bound(self.lora_inputs["model"])
+
+    def _single_pass(self, input_ids, attention_mask, decoder_input_ids=None, active=None) -> dict:
         return chain_forward(
-            self._run, self.kind, self.cache_shape, input_ids, attention_mask, decoder_input_ids
+            lambda graph, feeds: self._run(graph, feeds, active),
+            self.kind,
+            self.cache_shape,
+            input_ids,
+            attention_mask,
+            decoder_input_ids,
         )
 
     def forward(
@@ -206,8 +201,7 @@ class OnnxModel:
     ) -> np.ndarray:
         """The main output of one forward pass (a prompt pass): logits (B, T, V), (B, 1, V) from
         a graph that computes the last position's only, or an encoder's first output."""
-        with self._active(adapter):
-            outs = self._single_pass(input_ids, attention_mask, decoder_input_ids)
+        outs = self._single_pass(input_ids, attention_mask, decoder_input_ids, self._active(adapter))
         if self.kind == "seq2seq":
             return outs["decoder.logits"]
         return outs["model.logits"] if "model.logits" in outs else next(iter(outs.values()))
@@ -239,10 +233,7 @@ class OnnxModel:
         unmasked tokens (``position_ids``), as Hugging Face models expect. ``adapter``: an
         adapter-mode export's adapter (a name in ``adapters``, or an ``.onnx_adapter`` file).
         """
-        with self._active(adapter):
-            return self._generate(input_ids, attention_mask, max_new_tokens)
-
-    def _generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
+        active = self._active(adapter)
         if self.kind == "encoder":
             raise RuntimeInputError("an encoder model does not generate")
         input_ids = input_ids.astype(np.int64)
@@ -256,13 +247,13 @@ class OnnxModel:
                 mask,
                 max_new_tokens,
                 self.cache_shape,
-                self._bound,
+                self._bound(active),
             )
         B = input_ids.shape[0]
         past = empty_past(B, *self.cache_shape, np.float32)
         if self.kind == "seq2seq":
             graph = "decoder"
-            enc = self._run("encoder", {"input_ids": input_ids, "attention_mask": mask})
+            enc = self._run("encoder", {"input_ids": input_ids, "attention_mask": mask}, active)
             fixed = {"encoder_attention_mask": mask}
             fixed.update({k: v for k, v in enc.items() if k.startswith("encoder_key_values.")})
             step_ids = np.full((B, 1), self.tokens.get("bos", 1), dtype=np.int64)
@@ -274,7 +265,7 @@ class OnnxModel:
             if self.kind == "causal":
                 feeds["attention_mask"] = mask
                 feeds["position_ids"] = positions(mask)[:, -step_ids.shape[1] :]
-            outs = self._run(graph, feeds)
+            outs = self._run(graph, feeds, active)
             nxt = outs["logits"][:, -1].argmax(-1).reshape(B, 1).astype(np.int64)
             new.append(nxt)
             if step == max_new_tokens - 1:

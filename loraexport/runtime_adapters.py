@@ -21,7 +21,8 @@ def find_adapters(directory: Path, meta: dict) -> dict[str, Path]:
     listed = meta.get("adapter_files")
     for entry in listed if isinstance(listed, list) else []:
         name, file = (entry.get(k) if isinstance(entry, dict) else None for k in ("name", "file"))
-        if not (isinstance(name, str) and isinstance(file, str)) or Path(file).name != file or not file:
+        bad_file = not isinstance(file, str) or file in ("", ".", "..") or Path(file).name != file
+        if not isinstance(name, str) or bad_file:
             raise RuntimeInputError(
                 f"{directory / 'loraexport.json'}: adapter_files holds {entry!r}, not a name and a file"
             )
@@ -61,8 +62,10 @@ class Active:
 class AdapterOptions:
     """The adapters of one export, each loaded when first asked for and kept."""
 
-    def __init__(self, adapters: dict[str, Path]) -> None:
+    def __init__(self, adapters: dict[str, Path], inputs: set[str]) -> None:
+        """``inputs``: the graph inputs an adapter may fill (every session's)."""
         self.adapters = adapters
+        self.inputs = inputs
         self._loaded: dict[Path, Active] = {}
 
     def options(self, adapter: str | Path | None) -> Active | None:
@@ -79,5 +82,12 @@ class AdapterOptions:
         if path not in self._loaded:
             if not path.is_file():
                 raise RuntimeInputError(f"adapter file not found: {path}")
-            self._loaded[path] = Active(path)
+            active = Active(path)
+            unknown = sorted(set(active.tensors) - self.inputs)
+            if unknown:
+                raise RuntimeInputError(
+                    f"{path}: holds {unknown[0]}, which no graph of this export takes "
+                    f"({len(unknown)} such tensors; an adapter for another export?)"
+                )
+            self._loaded[path] = active
         return self._loaded[path]

@@ -81,8 +81,13 @@ def expose_factors(path: Path, probes: dict[str, tuple[np.ndarray, np.ndarray]])
         module, factor, transposed = hit
         name = input_name(module, factor)
         renamed[init.name] = name
-        if name in found:
-            continue  # a second copy of the same probe: its uses read the one input
+        if name in found:  # a second copy of the same probe: its uses read the one input
+            if found[name]["transposed"] != transposed:
+                raise ExportError(
+                    f"--mode adapter: {path.name} holds {module}'s LoRA {factor} both as it is and "
+                    "transposed; one graph input cannot stand for both"
+                )
+            continue
         found[name] = {"module": module, "factor": factor, "shape": list(init.dims), "transposed": transposed}
         kept.append(numpy_helper.from_array(np.zeros(tuple(init.dims), np.float32), name))
         graph.input.append(onnx.helper.make_tensor_value_info(name, onnx.TensorProto.FLOAT, list(init.dims)))
@@ -94,8 +99,30 @@ def expose_factors(path: Path, probes: dict[str, tuple[np.ndarray, np.ndarray]])
         for i, name in enumerate(node.input):
             if name in renamed:
                 node.input[i] = renamed[name]
+    data = path.with_name(path.name + ".data")
+    if data.is_file():  # a large model: the zero defaults join its external data (protobuf ≤ 2 GiB)
+        _append_external(model, data, set(found))
     onnx.save(model, str(path))
     return found
+
+
+def _append_external(model: onnx.ModelProto, data: Path, names: set[str]) -> None:
+    """Move the initializers ``names`` to the end of the external data file ``data``. The
+    probes' own bytes stay in it, unused (as much again as the zeros: r × (in + out) floats
+    per module)."""
+    with open(data, "ab") as f:
+        for init in model.graph.initializer:
+            if init.name not in names:
+                continue
+            f.write(b"\0" * (-f.tell() % 4096))  # aligned, as onnx writes them
+            offset, raw = f.tell(), init.raw_data
+            f.write(raw)
+            init.ClearField("raw_data")
+            init.data_location = onnx.TensorProto.EXTERNAL
+            del init.external_data[:]
+            for key, value in (("location", data.name), ("offset", str(offset)), ("length", str(len(raw)))):
+                entry = init.external_data.add()
+                entry.key, entry.value = key, value
 
 
 def check_exposed(found: dict[str, dict], probes: dict) -> None:
@@ -131,11 +158,24 @@ class GraphLora:
             )
         if not isinstance(inputs, dict) or not inputs:
             raise AdapterMismatchError(f"{where}: lora_inputs.inputs must be a non-empty object")
+        factors: dict[str, dict[str, dict]] = {}
         for name, spec in inputs.items():
             if not _valid_spec(name, spec, rank):
                 raise AdapterMismatchError(
                     f"{where}: lora_inputs.inputs.{str(name)[:200]} is not a LoRA input"
                 )
+            factors.setdefault(spec["module"], {})[spec["factor"]] = spec
+        for module, pair in factors.items():
+            if set(pair) != {"A", "B"}:
+                have = next(iter(pair))
+                raise AdapterMismatchError(
+                    f"{where}: lora_inputs has {module[:200]}'s lora_{have} but not its other factor"
+                )
+            # the rank on its axis: A is (rank, in), or (in, rank) transposed; B (out, rank) or (rank, out)
+            a_rank = pair["A"]["shape"][1 if pair["A"]["transposed"] else 0]
+            b_rank = pair["B"]["shape"][0 if pair["B"]["transposed"] else 1]
+            if a_rank != rank or b_rank != rank:
+                raise AdapterMismatchError(f"{where}: lora_inputs of {module[:200]} are not of rank {rank}")
         return cls(rank, dict(inputs))
 
     @property

@@ -3,6 +3,7 @@ how the graph takes adapters per request)."""
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import tempfile
@@ -28,6 +29,8 @@ from loraexport.lora.inject import lora_layers
 from loraexport.output.plan import is_adapter_file, plan_files
 from loraexport.output.write import write_files
 from loraexport.stages.merge import merged_model, unmerged_model
+
+NO_ADAPTER = "none"  # verification's name for the graph with no adapter active: no adapter's
 
 
 def check_adapter_mode(adapters: list, max_rank: int | None, weights) -> None:
@@ -55,10 +58,13 @@ def probe_model(base: nn.Module, adapters: list[Adapter], max_rank: int | None, 
                 f"{a.path}: replaces base tensor {name} (bias or modules_to_save): an onnxruntime adapter "
                 "holds LoRA factors only; use --mode merged"
             )
-    rank = max([a.config.rank(m) for a in adapters for m in a.weights] + [max_rank or 0])
+    rank = max(a.config.rank(m) for a in adapters for m in a.weights)
+    if max_rank is not None and max_rank < rank:
+        raise InvalidInputError(f"--max-rank {max_rank} is below the adapters' largest rank, {rank}")
+    rank = max_rank or rank
     if storage is not None:
         base = merged_model(base, [], storage_dtype=storage)[0]
-    model = unmerged_model(base, adapters[0])
+    model = unmerged_model(base, _template(adapters, rank))
     layers = lora_layers(model)
     shapes = {m: (layer.in_features, layer.out_features) for m, layer in layers.items()}
     probes = probe_factors(shapes, rank)
@@ -68,6 +74,35 @@ def probe_model(base: nn.Module, adapters: list[Adapter], max_rank: int | None, 
         layer.lora_B = nn.Parameter(torch.from_numpy(b), requires_grad=False)
         layer.r, layer.scaling = rank, 1.0
     return model, probes, rank
+
+
+def _template(adapters: list[Adapter], rank: int) -> Adapter:
+    """An adapter of zeros on every module any of ``adapters`` adapts (their union, in any
+    order), at ``rank``: what the graph is built from."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for a in adapters:
+        for m, (down, up) in a.weights.items():
+            shape = (down.shape[1], up.shape[0])
+            if shapes.setdefault(m, shape) != shape:
+                raise AdapterMismatchError(
+                    f"{m}: the adapters disagree on its shape ({shapes[m]} and {shape})"
+                )
+    config = dataclasses.replace(
+        adapters[0].config,
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(shapes),
+        rank_pattern={},
+        alpha_pattern={},
+        use_rslora=False,
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        modules_to_save=None,
+        bias="none",
+    )
+    zeros = {m: (torch.zeros(rank, i), torch.zeros(o, rank)) for m, (i, o) in shapes.items()}
+    return Adapter(config, zeros)
 
 
 def expose(out_dir: Path, graphs: list[str], probes: dict, rank: int) -> GraphLora:
@@ -113,7 +148,7 @@ def file_name(adapter: Adapter, taken: set[str]) -> str:
 
 def write_adapter_files(out_dir: Path, adapters: list[Adapter], graph: GraphLora) -> list[dict]:
     """One ``.onnx_adapter`` per adapter in ``out_dir``; their entries for ``loraexport.json``."""
-    entries, taken = [], set()
+    entries, taken = [], {f"{NO_ADAPTER}{ADAPTER_SUFFIX}"}
     for adapter in adapters:
         name = file_name(adapter, taken)
         write_adapter_file(adapter_file_tensors(adapter, graph), out_dir / name)
@@ -132,6 +167,18 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
+def _export_files(onnx_dir: Path, meta: dict) -> list[Path]:
+    """The files of an export that convert-adapter must not write over: its description, its
+    graphs and their data, and the adapter files it lists (their sha256 is in its description).
+    A new adapter file may go beside them."""
+    listed = {e.get("file") for e in meta.get("adapter_files") or [] if isinstance(e, dict)}
+    return [
+        p
+        for p in onnx_dir.iterdir()
+        if p.name == "loraexport.json" or p.name.endswith((".onnx", ".onnx.data")) or p.name in listed
+    ]
+
+
 def convert_adapter(
     adapter_dir: str | Path,
     onnx_dir: str | Path,
@@ -144,15 +191,15 @@ def convert_adapter(
     the graph (names, shapes, rank) before anything is written. Returns what was written."""
     if not str(out).endswith(ADAPTER_SUFFIX):
         raise UsageError(f"--out {out} must end in {ADAPTER_SUFFIX} (the name loraexport.runtime looks for)")
+    onnx_dir = Path(onnx_dir)
+    meta = read_export_meta(onnx_dir, InvalidInputError)
     out_plan = plan_files(
         [out],
         force=force,
-        inputs={"ADAPTER_DIR": adapter_dir, "--onnx": onnx_dir},
+        inputs={"ADAPTER_DIR": adapter_dir, "--onnx": _export_files(onnx_dir, meta)},
         label="--out",
         previous=is_adapter_file,
     )
-    onnx_dir = Path(onnx_dir)
-    meta = read_export_meta(onnx_dir, InvalidInputError)
     graph = GraphLora.from_meta(meta, str(onnx_dir))
     adapter = Adapter.load(adapter_dir, allow_pickle)
     tensors = adapter_file_tensors(adapter, graph)

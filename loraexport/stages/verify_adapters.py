@@ -12,13 +12,13 @@ import time
 from pathlib import Path
 
 from loraexport.dtypes import torch_dtype
-from loraexport.enums import ExportMode, Precision, quantization
+from loraexport.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
 from loraexport.report import Report
 from loraexport.runtime import RuntimeInputError
 from loraexport.runtime_adapters import Active, find_adapters
-from loraexport.stages.adapter_mode import adapter_file_tensors
+from loraexport.stages.adapter_mode import NO_ADAPTER, adapter_file_tensors, file_name
 from loraexport.stages.export import describe, export_model
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.stages.merge import merged_model, unmerged_model
@@ -45,15 +45,17 @@ def adapter_files(
         raise InvalidInputError(str(e)) from e
     listed = [e for e in meta.get("adapter_files") or [] if isinstance(e, dict) and e.get("name") in found]
     by_source = {e.get("source_sha256"): e["name"] for e in listed if isinstance(e.get("source_sha256"), str)}
-    out = []
+    out, taken = [], {f"{n}{ADAPTER_SUFFIX}" for n in (*found, NO_ADAPTER)}
+    stored_used: set[str] = set()
     for i, adapter in enumerate(loaded.adapters):
         name = by_source.get(adapter.sha256() if adapter.path is not None else None)
-        if name is not None:
+        if name is not None and name not in stored_used:  # the export's own file, named by it
+            stored_used.add(name)
             out.append((name, found[name]))
             continue
         path = scratch / f"{i}{ADAPTER_SUFFIX}"
         write_adapter_file(adapter_file_tensors(adapter, graph), path)
-        out.append((Path(adapter.path or f"adapter-{i}").name, path))
+        out.append((file_name(adapter, taken)[: -len(ADAPTER_SUFFIX)], path))  # unique, never "none"
     return out
 
 
@@ -74,6 +76,8 @@ def verify_adapter_mode(
     ``report.adapter_mode``. ``half`` (a --dtype export): the references' base weights are
     rounded to it, as the file stores them; the adapters stay float32 on both sides."""
     graph = GraphLora.from_meta(meta, str(onnx_path))
+    if not loaded.adapters:
+        raise InvalidInputError(f"{onnx_path} is an adapter-mode export: give the --adapter(s) to check")
     if half is not None:
         base = merged_model(loaded.base, [], storage_dtype=torch_dtype(half))[0]
         loaded = dataclasses.replace(loaded, base=base)
@@ -122,7 +126,7 @@ def _parity(report, loaded, onnx_path, meta, opts, log, providers, threads, sour
         cases = [
             (n, f, unmerged_model(loaded.base, a)) for (n, f), a in zip(files, loaded.adapters, strict=True)
         ]
-        cases.append(("none", None, loaded.base))
+        cases.append((NO_ADAPTER, None, loaded.base))
         for name, file, reference in cases:
             log(f"parity [{provider}, adapter {name}]: {opts.samples} cases …")
             try:
@@ -174,12 +178,18 @@ def _timings(result, loaded, onnx_path, meta, files, threads, latency: bool, log
     optimize = "optimize" in meta
     with tempfile.TemporaryDirectory(prefix="loraexport-adapter-latency-") as td:
         dirs = {}
-        merged = merged_model(loaded.base, loaded.adapters[:1])[0]
+        # exported as this export was: the same graph kind and weights (half: the base is
+        # already rounded, and the merge is rounded the same way; quantized: quantized alike)
+        precision = half_precision(meta.get("weights_dtype")) or quantization(meta.get("weights_dtype"))
+        storage = torch_dtype(half_precision(meta.get("weights_dtype")))
+        merged = merged_model(loaded.base, loaded.adapters[:1], storage_dtype=storage)[0]
         for key, m in (("merged", merged), ("base", loaded.base)):
             d = Path(td) / key
             d.mkdir()
-            res = export_model(loaded.family, m, d, exporter=exporter, optimize=optimize)
-            dirs[key] = open_model(d, "cpu", threads, describe(loaded.family, m, res, None, _mode(key)))
+            res = export_model(
+                loaded.family, m, d, exporter=exporter, weights_dtype=precision, optimize=optimize
+            )
+            dirs[key] = open_model(d, "cpu", threads, describe(loaded.family, m, res, precision, _mode(key)))
         first = files[0][1]
         for batch, seq in LATENCY_SHAPES:
             args = {k: v.numpy() for k, v in loaded.family.latency_inputs(loaded.base, batch, seq).items()}

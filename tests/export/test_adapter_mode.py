@@ -195,3 +195,67 @@ def test_runtime_with_adapters_runs_without_torch(family):
     assert r.returncode == 0, r.stderr
     assert r.stdout.strip() == str(sorted(VARIANTS))
     np.testing.assert_allclose(np.load(target), _torch_logits(reference["r4-rslora"], ids), atol=1e-4)
+
+
+def test_threads_sharing_one_model_each_run_their_own_adapter(family):
+    """Requests on threads sharing one ``OnnxModel`` (a server): each gets its own adapter's
+    outputs, never another thread's (the adapter of a call is passed along, not kept on the
+    model). Each of 4 threads × 25 calls is compared with the same call run alone: equal."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    _, out, _, _ = family
+    model = OnnxModel(out)
+    ids = _ids(4)
+    names = [*VARIANTS, None]
+    alone = {n: model.forward(ids, np.ones_like(ids), adapter=n) for n in names}
+
+    def work(name):
+        return all(
+            np.array_equal(model.forward(ids, np.ones_like(ids), adapter=name), alone[name])
+            for _ in range(25)
+        )
+
+    with ThreadPoolExecutor(len(names)) as pool:
+        assert all(pool.map(work, names))
+
+
+def test_an_adapter_for_another_graph_is_refused(family, tmp_path):
+    """An adapter file whose tensors this export has no input for (made for another export)
+    is refused in one line, not run as the base model."""
+    from loraexport.export.adapter import write_adapter_file
+    from loraexport.runtime import RuntimeInputError
+
+    _, out, _, _ = family
+    foreign = tmp_path / "foreign.onnx_adapter"
+    write_adapter_file(
+        {"model.layers.9.self_attn.q_proj.lora_A.weight": np.zeros((8, 4), np.float32)}, foreign
+    )
+    ids = _ids()
+    with pytest.raises(RuntimeInputError, match="no graph of this export takes"):
+        OnnxModel(out).forward(ids, np.ones_like(ids), adapter=foreign)
+
+
+def test_a_large_models_zero_defaults_go_to_its_external_data(tmp_path, monkeypatch):
+    """A graph with external data (here forced by a threshold of 1 KB): the adapter inputs'
+    zeros are appended to ``model.onnx.data`` (protobuf stays small), and an adapter still
+    gives its PEFT model's logits (tolerance as above)."""
+    import onnx
+
+    from loraexport.export import onnx as onnx_export
+
+    monkeypatch.setattr(onnx_export, "EXTERNAL_DATA_BYTES", 1024)
+    base = make_hf_decoder(tmp_path / "base", "llama")
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=8, target_modules=HF_TARGETS["llama"]))
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(5)) * 0.3)
+    lora.save_pretrained(tmp_path / "adapter")
+    export(tmp_path / "base", tmp_path / "onnx", adapter=tmp_path / "adapter", mode="adapter")
+    assert (tmp_path / "onnx" / "model.onnx.data").is_file()
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx"), load_external_data=False).graph
+    lora_inits = [t for t in graph.initializer if ".lora_" in t.name]
+    assert len(lora_inits) == 8 and all(t.data_location == onnx.TensorProto.EXTERNAL for t in lora_inits)
+    ids = _ids()
+    got = OnnxModel(tmp_path / "onnx").forward(ids, np.ones_like(ids), adapter="adapter")
+    np.testing.assert_allclose(got, _torch_logits(lora.eval(), ids), atol=1e-4)
