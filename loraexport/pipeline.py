@@ -86,8 +86,10 @@ def merge_and_export(
     log(f"loading {base} and {', '.join(map(str, adapters))} …")
     loaded = load_inputs(base, adapters, allow_pickle, weights)
     storage = torch_dtype(half)
-    merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=storage)
-    log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
+    merged = stats = None
+    if asked is not ExportMode.ADAPTER:  # adapter mode merges nothing: each adapter stays a file
+        merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=storage)
+        log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
     inputs = {"base": model_provenance(base), "adapters": adapter_provenance(loaded)}
     graph, kind, keep, probes = merged, ExportMode.MERGED, None, None
     if asked is ExportMode.ADAPTER:  # the base once, each adapter a file the graph takes per run

@@ -149,7 +149,9 @@ def write_report(report: Report, out_dir: Path) -> None:
     (out_dir / "report.md").write_text(as_md, encoding="utf-8")
 
 
-def new_report(base: str | Path, loaded: Loaded, stats: MergeStats, export: ExportResult | None) -> Report:
+def new_report(
+    base: str | Path, loaded: Loaded, stats: MergeStats | None, export: ExportResult | None
+) -> Report:
     return Report(
         base_info(base, loaded.family, loaded.base),
         [adapter_info(a, w) for a, w in zip(loaded.adapters, loaded.adapter_weights, strict=True)],
