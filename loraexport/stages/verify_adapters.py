@@ -170,7 +170,7 @@ def _timings(result, loaded, onnx_path, meta, files, threads, latency: bool, log
         )
         sha = _sha256(file)
         result.adapters.append(
-            AdapterTiming(name, file.name, sha, load_ms, max(0.0, (med["with"] - med["none"]) * 1e3))
+            AdapterTiming(name, file.name, sha, load_ms, (med["with"] - med["none"]) * 1e3)
         )
     if not latency:
         return

@@ -13,8 +13,9 @@ import numpy as np
 
 ACTIVATION_HOW = (
     "activation: median over interleaved runs of (a forward pass with the adapter active) − (the "
-    "same pass with none), batch 1; load: reading the file into the tensors loraexport.runtime "
-    "feeds (onnxruntime.AdapterFormat.read_adapter), once per adapter and session"
+    "same pass with none), batch 1 (below 0: within the timing noise); load: reading the file "
+    "into the tensors loraexport.runtime feeds (onnxruntime.AdapterFormat.read_adapter), once "
+    "per adapter and session"
 )
 
 
