@@ -20,6 +20,7 @@ from loraexport.verify.quantized import QuantCost
 
 SCHEMA = 1
 LATENCY_VARIANTS = ("torch_unmerged", "torch_merged", "onnx_merged", "onnx_base", "onnx_unmerged")
+OPTIONAL_VARIANTS = ("onnx_merged_fp16",)  # CUDA: the merged export computing in float16
 
 
 @dataclass
@@ -217,20 +218,23 @@ class Report:
         if self.quantization:
             lines += _quantization_markdown(self.quantization, self.quantization_failures)
         for lat in self.latency:
+            shown = LATENCY_VARIANTS + tuple(
+                v for v in OPTIONAL_VARIANTS if any(v in c.stats for c in lat.cases)
+            )
             lines += [
                 "",
                 f"## Latency ({lat.provider}, {lat.threads} threads, ms)",
                 "",
                 "Medians (p90) of interleaved runs after warm-up.",
                 "",
-                "| batch × seq | " + " | ".join(LATENCY_VARIANTS) + " | onnx merged / base | "
+                "| batch × seq | " + " | ".join(shown) + " | onnx merged / base | "
                 "onnx merged / torch unmerged |",
-                "|---|" + "---:|" * (len(LATENCY_VARIANTS) + 2),
+                "|---|" + "---:|" * (len(shown) + 2),
             ]
             for c in lat.cases:
                 cells = [
                     f"{c.stats[v].p50_ms:.3f} ({c.stats[v].p90_ms:.3f})" if v in c.stats else "–"
-                    for v in LATENCY_VARIANTS
+                    for v in shown
                 ]
                 r1, r2 = c.ratio("onnx_merged", "onnx_base"), c.ratio("onnx_merged", "torch_unmerged")
                 lines.append(f"| {c.batch} × {c.seq} | " + " | ".join(cells) + f" | {_r(r1)} | {_r(r2)} |")

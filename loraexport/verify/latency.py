@@ -9,6 +9,7 @@ onnxruntime (no spinning: see ``runtime.session_options``) and reported.
 from __future__ import annotations
 
 import random
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -21,6 +22,7 @@ from torch import nn
 from loraexport.errors import InvalidInputError
 from loraexport.models.base import ModelFamily
 from loraexport.runtime import OnnxModel, RuntimeInputError
+from loraexport.verify.device import bound_forward, float16_export
 
 
 @dataclass
@@ -137,10 +139,15 @@ def measure_latency(
     log: Callable[[str], None] = lambda _: None,
     budget_s: float = 4.0,
     points: tuple[tuple[int, int], ...] | None = None,
+    bound: bool | None = None,
 ) -> LatencyResult:
     """Time torch (unmerged, merged) and ONNX (merged, base, unmerged), interleaved, per (batch, seq).
 
     ``onnx_dirs``: each ONNX variant's folder and its description (None: read from the folder).
+    On CUDA (``bound`` defaults to it): single-graph exports are timed through an io-binding with
+    inputs and outputs on the device, and a float16-compute copy of the merged export is timed
+    as ``onnx_merged_fp16`` (``verify.device``); a copy that cannot be made or run is left out,
+    with the reason in the log.
     """
     torch.set_num_threads(threads)
     device = "cuda" if provider == "cuda" and torch.cuda.is_available() else "cpu"
@@ -150,6 +157,14 @@ def measure_latency(
     first_dir, first_meta = next(iter(onnx_dirs.values()))
     sacrificial = open_model(first_dir, provider, threads, first_meta)
     sessions = {name: open_model(d, provider, threads, m) for name, (d, m) in onnx_dirs.items()}
+    bound = provider == "cuda" if bound is None else bound
+    scratch = tempfile.TemporaryDirectory(prefix="loraexport-fp16-") if provider == "cuda" else None
+    if scratch is not None and "onnx_merged" in onnx_dirs:
+        try:
+            half = float16_export(onnx_dirs["onnx_merged"][0], Path(scratch.name) / "fp16")
+            sessions["onnx_merged_fp16"] = open_model(half, provider, threads)
+        except Exception as e:  # the converter and onnxruntime raise many types
+            log(f"latency [{provider}]: no float16-compute variant ({type(e).__name__}: {str(e)[:200]})")
     result = LatencyResult(provider, threads)
     torch_models = (
         {n: m.to(device) for n, m in models.items()} if provider == "cpu" or device == "cuda" else {}
@@ -162,12 +177,15 @@ def measure_latency(
         for name, m in torch_models.items():
             variants[name] = _torch_call(m, dev_in, device)
         for name, s in sessions.items():
-            variants[name] = lambda s=s, x=np_in: s.forward(**x)
+            call = bound_forward(s, np_in, "cuda" if provider == "cuda" else "cpu") if bound else None
+            variants[name] = call or (lambda s=s, x=np_in: s.forward(**x))
         log(f"latency [{provider}] batch {batch} × seq {seq}: {len(variants)} variants, interleaved …")
         result.cases.append(LatencyCase(batch, seq, time_interleaved(variants, budget_s=budget_s)))
     for m in torch_models.values():
         m.to("cpu")
-    del sacrificial
+    del sacrificial, sessions
+    if scratch is not None:
+        scratch.cleanup()
     return result
 
 
