@@ -4,7 +4,6 @@ how the graph takes adapters per request)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import re
 import tempfile
 from pathlib import Path
@@ -24,6 +23,7 @@ from loraexport.export.adapter import (
     probe_factors,
     write_adapter_file,
 )
+from loraexport.io import sha256_file
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.inject import lora_layers
 from loraexport.output.plan import is_adapter_file, plan_files
@@ -156,15 +156,11 @@ def write_adapter_files(out_dir: Path, adapters: list[Adapter], graph: GraphLora
             {
                 "name": name[: -len(ADAPTER_SUFFIX)],
                 "file": name,
-                "sha256": _sha256(out_dir / name),
+                "sha256": sha256_file(out_dir / name),
                 "source_sha256": adapter.sha256() if adapter.path is not None else None,
             }
         )
     return entries
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _export_files(onnx_dir: Path, meta: dict) -> list[Path]:

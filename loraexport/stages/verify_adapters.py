@@ -6,7 +6,6 @@ merged export and the base (``verify.adapters``)."""
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import tempfile
 import time
 from pathlib import Path
@@ -15,6 +14,7 @@ from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
+from loraexport.io import sha256_file
 from loraexport.report import Report
 from loraexport.runtime import RuntimeInputError
 from loraexport.runtime_adapters import Active, find_adapters
@@ -22,15 +22,16 @@ from loraexport.stages.adapter_mode import NO_ADAPTER, adapter_file_tensors, fil
 from loraexport.stages.export import describe, export_model
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.stages.merge import merged_model, unmerged_model
-from loraexport.verify.adapters import AdapterLatency, AdapterModeResult, AdapterTiming, interleaved_medians
+from loraexport.verify.adapters import AdapterLatency, AdapterModeResult, AdapterTiming
 from loraexport.verify.half import MIN_ADAPTER_RETAINED
-from loraexport.verify.latency import open_model
+from loraexport.verify.latency import open_model, time_interleaved
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import check_parity
 from loraexport.verify.quantized import quantization_cost
 
 LATENCY_SHAPES = ((1, 32), (4, 32))
-REPEATS = 15
+REPEATS = 15  # interleaved rounds per timing (fewer when one takes over twice TIMING_BUDGET_S)
+TIMING_BUDGET_S = 2.0
 
 
 def adapter_files(
@@ -161,16 +162,14 @@ def _timings(result, loaded, onnx_path, meta, files, threads, latency: bool, log
         t = time.perf_counter()
         Active(file)
         load_ms = (time.perf_counter() - t) * 1e3
-        med = interleaved_medians(
+        med = _medians_ms(
             {
                 "with": lambda f=file: model.forward(**x, adapter=f),
                 "none": lambda: model.forward(**x),
-            },
-            REPEATS,
+            }
         )
-        sha = _sha256(file)
         result.adapters.append(
-            AdapterTiming(name, file.name, sha, load_ms, (med["with"] - med["none"]) * 1e3)
+            AdapterTiming(name, file.name, sha256_file(file), load_ms, med["with"] - med["none"])
         )
     if not latency:
         return
@@ -183,32 +182,27 @@ def _timings(result, loaded, onnx_path, meta, files, threads, latency: bool, log
         precision = half_precision(meta.get("weights_dtype")) or quantization(meta.get("weights_dtype"))
         storage = torch_dtype(half_precision(meta.get("weights_dtype")))
         merged = merged_model(loaded.base, loaded.adapters[:1], storage_dtype=storage)[0]
-        for key, m in (("merged", merged), ("base", loaded.base)):
+        for key, m, mode in (("merged", merged, ExportMode.MERGED), ("base", loaded.base, ExportMode.BASE)):
             d = Path(td) / key
             d.mkdir()
             res = export_model(
                 loaded.family, m, d, exporter=exporter, weights_dtype=precision, optimize=optimize
             )
-            dirs[key] = open_model(d, "cpu", threads, describe(loaded.family, m, res, precision, _mode(key)))
+            dirs[key] = open_model(d, "cpu", threads, describe(loaded.family, m, res, precision, mode))
         first = files[0][1]
         for batch, seq in LATENCY_SHAPES:
             args = {k: v.numpy() for k, v in loaded.family.latency_inputs(loaded.base, batch, seq).items()}
-            med = interleaved_medians(
+            med = _medians_ms(
                 {
                     "adapter": lambda a=args: model.forward(**a, adapter=first),
                     "merged": lambda a=args: dirs["merged"].forward(**a),
                     "base": lambda a=args: dirs["base"].forward(**a),
-                },
-                REPEATS,
+                }
             )
-            result.latency.append(
-                AdapterLatency(batch, seq, med["adapter"] * 1e3, med["merged"] * 1e3, med["base"] * 1e3)
-            )
+            result.latency.append(AdapterLatency(batch, seq, med["adapter"], med["merged"], med["base"]))
 
 
-def _mode(key: str) -> ExportMode:
-    return ExportMode.MERGED if key == "merged" else ExportMode.BASE
-
-
-def _sha256(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
+def _medians_ms(variants: dict) -> dict[str, float]:
+    """Median milliseconds of each variant, timed interleaved (``verify.latency``)."""
+    stats = time_interleaved(variants, min_runs=REPEATS, max_runs=REPEATS, budget_s=TIMING_BUDGET_S)
+    return {name: s.p50_ms for name, s in stats.items()}

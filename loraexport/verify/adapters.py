@@ -5,11 +5,7 @@ model; this module holds the timings and their report lines."""
 
 from __future__ import annotations
 
-import time
-from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
-
-import numpy as np
 
 ACTIVATION_HOW = (
     "activation: median over interleaved runs of (a forward pass with the adapter active) − (the "
@@ -63,16 +59,3 @@ class AdapterModeResult:
                 for r in self.latency
             ]
         return [*lines, ""]
-
-
-def interleaved_medians(runs: dict[str, Callable[[], object]], repeats: int) -> dict[str, float]:
-    """Median seconds of each callable, run in turn ``repeats`` times after one warm-up each."""
-    for fn in runs.values():
-        fn()
-    times: dict[str, list[float]] = {k: [] for k in runs}
-    for _ in range(repeats):
-        for k, fn in runs.items():
-            t = time.perf_counter()
-            fn()
-            times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) for k, v in times.items()}

@@ -38,21 +38,16 @@ def served(tmp_path_factory):
     _adapter(tmp / "base", tmp / "r8", 1, r=8, lora_alpha=16)
     _adapter(tmp / "base", tmp / "r4-rslora", 2, r=4, lora_alpha=8, use_rslora=True)
     _adapter(tmp / "base", tmp / "r2", 3, r=2, lora_alpha=4, rank_pattern={"layers.0.self_attn.q_proj": 1})
-    r = run(
-        "merge-and-export",
-        "--base",
-        tmp / "base",
-        *[a for n in ("r8", "r4-rslora", "r2") for a in ("--adapter", tmp / n)],
-        "--out",
-        tmp / "onnx",
-        "--mode",
-        "adapter",
-        "--samples",
-        "2",
-        "--json",
-    )
+    adapters = [a for n in ("r8", "r4-rslora", "r2") for a in ("--adapter", tmp / n)]
+    r = serve(tmp, tmp / "onnx", *adapters, "--samples", "2")
     ok(r)
     return tmp, json.loads(r.stdout)
+
+
+def serve(tmp, out, *args):
+    """``merge-and-export --mode adapter --json`` on the fixture's base with ``args`` (the
+    adapters and any options); the result, its exit not yet checked."""
+    return run("merge-and-export", "--base", tmp / "base", *args, "--out", out, "--mode", "adapter", "--json")
 
 
 def test_merge_and_export_writes_and_verifies_one_file_per_adapter(served):
@@ -228,20 +223,7 @@ def test_a_quantized_base_keeps_every_adapter_in_float32(served, tmp_path):
     tmp, _ = served
     out = tmp_path / "q"
     args = ("--adapter", tmp / "r8", "--adapter", tmp / "r4-rslora")
-    r = run(
-        "merge-and-export",
-        "--base",
-        tmp / "base",
-        *args,
-        "--out",
-        out,
-        "--mode",
-        "adapter",
-        "--quantize",
-        "int8",
-        *QUICK,
-        "--json",
-    )
+    r = serve(tmp, out, *args, "--quantize", "int8", *QUICK)
     ok(r)
     report = json.loads(r.stdout)
     assert [q["adapter"] for q in report["quantization"]] == [
@@ -277,20 +259,7 @@ def test_a_half_stored_base_keeps_the_adapter_inputs_float32(served, tmp_path):
     tmp, _ = served
     out = tmp_path / "bf16"
     args = ("--adapter", tmp / "r8", "--adapter", tmp / "r2")
-    r = run(
-        "merge-and-export",
-        "--base",
-        tmp / "base",
-        *args,
-        "--out",
-        out,
-        "--mode",
-        "adapter",
-        "--dtype",
-        "bfloat16",
-        *QUICK,
-        "--json",
-    )
+    r = serve(tmp, out, *args, "--dtype", "bfloat16", *QUICK)
     ok(r)
     assert json.loads(r.stdout)["passed"] is True
     import onnx
@@ -396,18 +365,7 @@ def test_adapters_with_different_modules_in_any_order(served, tmp_path):
     tmp, _ = served
     _adapter(tmp_path / "base", tmp_path / "q-only", 12, r=2, lora_alpha=2, targets=["q_proj"])
     args = ("--adapter", tmp_path / "q-only", "--adapter", tmp / "r8")
-    r = run(
-        "merge-and-export",
-        "--base",
-        tmp / "base",
-        *args,
-        "--out",
-        tmp_path / "o",
-        "--mode",
-        "adapter",
-        *QUICK,
-        "--json",
-    )
+    r = serve(tmp, tmp_path / "o", *args, *QUICK)
     ok(r)
     report = json.loads(r.stdout)
     assert report["passed"] is True and len(report["parity_by_provider"]) == 3
