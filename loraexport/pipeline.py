@@ -11,6 +11,7 @@ from loraexport.errors import InvalidInputError, VerificationFailedError
 from loraexport.export.onnx import DEFAULT_OPSET, check_opset
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
+from loraexport.output.report_files import write_report
 from loraexport.report import Report
 from loraexport.stages.adapter_mode import check_adapter_mode, describe_adapters, probe_model
 from loraexport.stages.export import (
@@ -32,7 +33,8 @@ from loraexport.stages.inputs import (
     quiet,
 )
 from loraexport.stages.merge import merged_model, unmerged_model
-from loraexport.stages.verify import new_report, verify_into, write_report
+from loraexport.stages.streamed import streamed_merge_and_export, wants_stream
+from loraexport.stages.verify import new_report, verify_into
 from loraexport.verify.options import VerifyOptions
 
 
@@ -55,6 +57,8 @@ def merge_and_export(
     allow_pickle: bool = False,
     options: VerifyOptions | None = None,
     log: Log = quiet,
+    stream: bool | None = None,
+    show_progress: bool = False,
     **option_fields,
 ) -> Report:
     """Merge ``adapter`` into ``base``, export to ONNX, verify; write everything to ``out`` atomically.
@@ -68,6 +72,9 @@ def merge_and_export(
     the LoRA factors graph inputs, one ``.onnx_adapter`` per adapter (``export.adapter``), each
     verified against its own unmerged model; ``max_rank`` raises the graph's rank.
     ``options`` (or its fields as keywords: providers, samples, eval_data, ...): how to verify.
+    ``stream``: True writes the export from the checkpoint tensor by tensor and verifies it
+    against a layer-streamed reference, in bounded memory (``stages.streamed``; Llama, Mistral,
+    Qwen2); None (auto) does so when the model would not fit in memory; False never.
     Raises ``VerificationFailedError`` (after ``out`` is written) when parity fails.
     """
     half = half_precision(dtype)
@@ -79,6 +86,16 @@ def merge_and_export(
     if asked is ExportMode.ADAPTER:
         check_adapter_mode(adapters, max_rank, weights)
     opts = options or VerifyOptions(**option_fields)  # everything checked before any work
+    if wants_stream(base, stream):
+        check_eval_data(opts.eval_data)
+        if asked is ExportMode.ADAPTER:
+            raise InvalidInputError("--mode adapter is not streamed: give --no-stream")
+        log(f"{base}: streamed (the model is not loaded; memory stays bounded) …")
+        return streamed_merge_and_export(
+            base, adapters, out, weights=weights, half=half, quant=quant, keep_adapter=keep_adapter,
+            verify_output=verify_output, force=force, opts=opts, allow_pickle=allow_pickle, log=log,
+            progress=show_progress,
+        )  # fmt: skip
     out_plan = plan(out, force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data})
     check_eval_data(opts.eval_data)
     check_opset(opset, exporter or detect_family(base).exporter)  # before the weights are read

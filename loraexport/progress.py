@@ -41,9 +41,14 @@ class Progress:
         bar = "█" * int(frac * width) + "·" * (width - int(frac * width))
         elapsed = now - self.start
         extras = " ".join(f"{k}={_fmt(v)}" for k, v in self.postfix.items())
-        sys.stderr.write(
-            f"\r{self.desc} {bar} {self.n}/{self.total} {self.unit} {elapsed:5.1f}s {extras}\x1b[K"
-        )
+        if self.unit == "B":  # bytes: GB done of GB, the rate, and what is left
+            rate = self.n / elapsed if elapsed > 0 else 0.0
+            count = f"{self.n / 1e9:.2f}/{self.total / 1e9:.2f} GB {rate / 1e6:.0f} MB/s"
+        else:
+            rate = self.n / elapsed if elapsed > 0 else 0.0
+            count = f"{self.n}/{self.total} {self.unit}"
+        eta = f" ETA {_clock((self.total - self.n) / rate)}" if rate > 0 and self.n < self.total else ""
+        sys.stderr.write(f"\r{self.desc} {bar} {count} {_clock(elapsed)}{eta} {extras}\x1b[K")
         sys.stderr.flush()
 
     def close(self) -> None:
@@ -51,6 +56,12 @@ class Progress:
             self._draw(time.perf_counter())
             sys.stderr.write("\n")
             sys.stderr.flush()
+
+
+def _clock(seconds: float) -> str:
+    """``m:ss`` (``h:mm:ss`` past an hour)."""
+    s = int(seconds)
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}" if s >= 3600 else f"{s // 60}:{s % 60:02d}"
 
 
 def _fmt(v: Any) -> str:

@@ -11,6 +11,7 @@ from typing import Any
 
 from loraexport.export.onnx import ExportResult
 from loraexport.lora.merge import MergeStats
+from loraexport.memory import stages_markdown
 from loraexport.provenance import versions
 from loraexport.verify.adapters import AdapterModeResult
 from loraexport.verify.half import HalfCost
@@ -38,6 +39,11 @@ class Report:
     quantization: list[QuantCost] = field(default_factory=list)  # --quantize exports
     quantization_failures: list[str] = field(default_factory=list)  # the adapter lost to quantization
     adapter_mode: AdapterModeResult | None = None  # --mode adapter: loading, activation, latency
+    # each stage's wall time and peak resident memory (``memory.Stage``), and the run's memory
+    # facts: weights' bytes, the process's peak (a streamed run: ``stages.streamed``)
+    stages: list[dict[str, Any]] = field(default_factory=list)
+    memory: dict[str, Any] = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # what was checked how, in a sentence each
 
     @property
     def passed(self) -> bool | None:
@@ -102,6 +108,9 @@ class Report:
         out["quantization"] = [asdict(q) for q in self.quantization] or None
         out["quantization_failures"] = self.quantization_failures
         out["adapter_mode"] = self.adapter_mode.to_json() if self.adapter_mode else None
+        out.update(
+            {k: v for k, v in (("stages", self.stages), ("memory", self.memory), ("notes", self.notes)) if v}
+        )
         out["passed"] = self.passed
         return out
 
@@ -123,6 +132,7 @@ class Report:
             )
         if self.machine:
             lines.append(f"- machine: {self.machine.get('cpu', '?')}, {self.machine.get('cores', '?')} cores")
+        lines += [f"- {n}" for n in self.notes] + stages_markdown(self.stages, self.memory)
         if self.merge is not None:
             m = self.merge
             lines += [

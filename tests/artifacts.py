@@ -166,6 +166,17 @@ HF_DECODER = dict(
     bos_token_id=1,
     eos_token_id=2,
 )
+# A decoder whose layers dominate its bytes (16 layers of 512 wide, a 1000-token vocabulary): ~205 MB
+# of float32 weights, for the tests that bound memory by a multiple of the weights.
+MEMORY_MODEL = dict(
+    hidden_size=512,
+    intermediate_size=1376,
+    num_hidden_layers=16,
+    num_attention_heads=8,
+    num_key_value_heads=8,
+    vocab_size=1000,
+    max_position_embeddings=256,
+)
 HF_TARGETS = {"gpt2": ["c_attn"], "llama": ["q_proj", "v_proj"], "qwen2": ["q_proj", "v_proj"]}
 
 

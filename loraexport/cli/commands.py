@@ -95,6 +95,7 @@ def export(
     quantize,
     keep_adapter,
     optimize,
+    stream,
     max_rank,
     force,
     allow_pickle,
@@ -124,6 +125,8 @@ def export(
         force=force,
         allow_pickle=allow_pickle,
         log=log(ctx),
+        stream=stream,
+        show_progress=not ctx.obj["quiet"],
     )
     exporter_log(ctx, result)
     click.echo(
@@ -154,6 +157,7 @@ def merge_and_export(
     quantize,
     keep_adapter,
     optimize,
+    stream,
     max_rank,
     mode,
     no_verify,
@@ -191,6 +195,8 @@ def merge_and_export(
             exporter=exporter,
             allow_pickle=allow_pickle,
             log=log(ctx),
+            stream=stream,
+            show_progress=not ctx.obj["quiet"],
         )
     except VerificationFailedError as e:
         exporter_log(ctx, e.report.export)

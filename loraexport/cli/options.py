@@ -61,6 +61,15 @@ def export_options(f):
         help="With --mode adapter: the graph's LoRA rank (default: the largest rank of the adapters given).",
     )(f)
     f = click.option(
+        "--stream/--no-stream",
+        default=None,
+        help=(
+            "Llama, Mistral, Qwen2: write the (fused) graph from the checkpoint tensor by tensor and verify "
+            "it against a layer-streamed reference, in memory bounded by a layer, not the model "
+            "(default: when the model would not fit in the memory available)."
+        ),
+    )(f)
+    f = click.option(
         "--optimize",
         is_flag=True,
         help=(

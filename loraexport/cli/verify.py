@@ -41,6 +41,14 @@ from loraexport.errors import VerificationFailedError
     type=PATH,
     help="Only re-check the sha256 of every file in this loraexport output against its loraexport.json.",
 )
+@click.option(
+    "--stream/--no-stream",
+    default=None,
+    help=(
+        "Llama, Mistral, Qwen2: compute the unmerged reference layer by layer from the checkpoint, in "
+        "memory bounded by a layer (default: for a streamed export, or a model that would not fit)."
+    ),
+)
 @verify_options
 @click.pass_context
 def verify(
@@ -53,6 +61,7 @@ def verify(
     force,
     mode,
     check_files,
+    stream,
     verify_options,
     allow_pickle,
     as_json,
@@ -87,6 +96,8 @@ def verify(
             force=force,
             mode=mode,
             log=log(ctx),
+            stream=stream,
+            show_progress=not ctx.obj["quiet"],
         )
     except VerificationFailedError as e:
         print_report(e.report, None, as_json)

@@ -3,7 +3,6 @@ the weights stored in the precision asked for and ``loraexport.json`` describing
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,6 @@ from torch import nn
 from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
-from loraexport.export import genai
 from loraexport.export.fused_config import check_config
 from loraexport.export.half import store_weights_half
 from loraexport.export.onnx import (
@@ -24,12 +22,13 @@ from loraexport.export.onnx import (
 )
 from loraexport.export.optimize import FUSED_TYPES, LAST_POSITION_TYPES
 from loraexport.export.quantize import lora_matmuls, quantization_description, quantize_graph
-from loraexport.io import read_json, write_json
+from loraexport.io import read_json
 from loraexport.models.base import ModelFamily
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
 from loraexport.provenance import export_description
 from loraexport.stages.adapter_mode import check_adapter_mode, describe_adapters, probe_model
+from loraexport.stages.extras import write_extras
 from loraexport.stages.inputs import (
     Log,
     adapter_provenance,
@@ -40,6 +39,7 @@ from loraexport.stages.inputs import (
     quiet,
 )
 from loraexport.stages.merge import merged_model, unmerged_model
+from loraexport.stages.streamed import wants_stream
 
 
 def export_model(
@@ -140,23 +140,6 @@ def lora_factors(loaded) -> list[np.ndarray]:
     return [t.detach().float().numpy() for a in loaded.adapters for pair in a.weights.values() for t in pair]
 
 
-def write_extras(family: ModelFamily, src: Path, dst: Path, description: dict) -> None:
-    """What an app needs beside the graph: the base's config and tokenizer files (the tokenizer
-    class under the name transformers 4.x, Optimum and onnxruntime-genai read), and for a
-    decoder onnxruntime-genai runs, ``genai_config.json`` (``export.genai``)."""
-    for name in family.extra_files:
-        if not (src / name).is_file():
-            continue
-        if name == "tokenizer_config.json":  # checked when the base was loaded
-            config = read_json(src / name, ModelFormatError)
-            write_json(dst / name, genai.portable_tokenizer_config(config))
-        else:
-            shutil.copy2(src / name, dst / name)
-    if genai.supported(description["model"]) and "model" in description["graphs"]:
-        config = genai.genai_config(description["model"], description["graphs"]["model"])
-        write_json(dst / genai.GENAI_CONFIG, config)
-
-
 def export(
     model_dir: str | Path,
     out: str | Path,
@@ -174,6 +157,8 @@ def export(
     optimize: bool = False,
     max_rank: int | None = None,
     log: Log = quiet,
+    stream: bool | None = None,
+    show_progress: bool = False,
 ) -> ExportResult:
     """Export a model directory (optionally with adapters, ``merged`` or ``unmerged``) to ONNX.
 
@@ -181,7 +166,9 @@ def export(
     in it; the graph computes in float32. ``quantize`` int8/int4: the graph's MatMuls are
     quantized (``export.quantize``); with ``keep_adapter`` only the base's, the LoRA branches
     staying in float32 beside them (an unmerged graph). ``optimize``: fused, last-position
-    graphs for Hugging Face decoders (``export.optimize``).
+    graphs for Hugging Face decoders (``export.optimize``). ``stream``: True writes the fused
+    graph from the checkpoint tensor by tensor, in bounded memory (``stages.streamed``); None (auto)
+    does so when the model would not fit in memory; False never.
     """
     asked = ExportMode.parse(mode)
     if asked is ExportMode.BASE:
@@ -197,6 +184,14 @@ def export(
         check_adapter_mode(adapters, max_rank, weights)
     if keep_adapter and asked is not ExportMode.ADAPTER:
         asked = ExportMode.UNMERGED  # the adapter kept beside the quantized base
+    if wants_stream(model_dir, stream):
+        from loraexport.stages.streamed import streamed_export
+
+        log(f"{model_dir}: streamed (the model is not loaded; memory stays bounded) …")
+        return streamed_export(
+            model_dir, out, adapters, weights, asked, half, quant, keep_adapter, force, allow_pickle, log,
+            show_progress,
+        )  # fmt: skip
     out_plan = plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
     check_opset(opset, exporter or detect_family(model_dir).exporter)  # before the weights are read
     check_optimize(model_dir, optimize)

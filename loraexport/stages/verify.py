@@ -4,7 +4,6 @@ costs, and latency — into a ``Report``; ``report.json`` and ``report.md`` writ
 
 from __future__ import annotations
 
-import json
 import tempfile
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from loraexport.export.onnx import ExportResult
 from loraexport.io import require_dir
 from loraexport.lora.merge import MergeStats
 from loraexport.output import OutputPlan, plan_files, write_files
+from loraexport.output.report_files import report_texts
 from loraexport.report import Report
 from loraexport.runtime import PROVIDERS, RuntimeInputError
 from loraexport.stages.export import describe, export_model
@@ -36,6 +36,7 @@ from loraexport.stages.inputs import (
     quiet,
 )
 from loraexport.stages.merge import merged_model, unmerged_model
+from loraexport.stages.streamed import wants_stream
 from loraexport.stages.verify_adapters import verify_adapter_mode
 from loraexport.verify.half import MIN_ADAPTER_RETAINED, half_precision_costs
 from loraexport.verify.latency import measure_latency, open_model
@@ -69,9 +70,13 @@ def verify(
     options: VerifyOptions | None = None,
     mode: str | None = None,
     log: Log = quiet,
+    stream: bool | None = None,
+    show_progress: bool = False,
     **option_fields,
 ) -> Report:
     """Parity of ``onnx_dir`` (merged export) against base + adapter(s) unmerged, and latency.
+    ``stream`` (None: auto, for a streamed export or a model that would not fit in memory): the
+    reference computed layer by layer from the checkpoint (``stages.streamed.verify_export``).
     An adapter-mode export (``mode`` "adapter", else as its ``loraexport.json`` says): each
     adapter against its own unmerged model (``stages.verify_adapters``).
 
@@ -94,6 +99,16 @@ def verify(
     meta = read_export_meta(onnx_path, ModelFormatError)  # once, bounded and type-checked
     check_mode(meta, mode, weights, onnx_path)
     half = half_precision(meta.get("weights_dtype"))
+    if stream is not False and (meta.get("streamed") or wants_stream(base, stream)):
+        from loraexport.stages.streamed import verify_export
+
+        report = verify_export(
+            base, as_list(adapter), onnx_path, meta, weights, allow_pickle, opts, log, show_progress
+        )
+        if out_plan is not None:
+            write_files(out_plan, dict(zip(out_plan.targets, report_texts(report), strict=True)))
+        raise_if_failed(report, out_plan.targets[1] if out_plan is not None else None)
+        return report
     loaded = load_inputs(base, as_list(adapter), allow_pickle, weights)
     merged, stats = merged_model(
         loaded.base, loaded.adapters, loaded.weights, storage_dtype=torch_dtype(half)
@@ -136,17 +151,6 @@ def plan_report(path: str | Path, force: bool, inputs: dict) -> OutputPlan:
             "beside it with the suffix .md; give e.g. --report report.json"
         )
     return plan_files([p, p.with_suffix(".md")], force=force, inputs=inputs, label="--report")
-
-
-def report_texts(report: Report) -> tuple[str, str]:
-    """report.json and report.md, as every command writes them."""
-    return json.dumps(report.to_json(), indent=2) + "\n", report.to_markdown()
-
-
-def write_report(report: Report, out_dir: Path) -> None:
-    as_json, as_md = report_texts(report)
-    (out_dir / "report.json").write_text(as_json, encoding="utf-8")
-    (out_dir / "report.md").write_text(as_md, encoding="utf-8")
 
 
 def new_report(

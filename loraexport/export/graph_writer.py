@@ -1,0 +1,157 @@
+"""The initializers and nodes of a graph written node by node (``export.fused``): each weight
+stored once by name, in float32, half precision behind a ``Cast``, or quantized to ``MatMulNBits``
+as it is made, and with a ``Sink`` appended to the external data file at once (nothing held)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import TensorProto, helper
+
+from loraexport.enums import Precision
+from loraexport.errors import ExportError
+
+MS = "com.microsoft"
+# MatMulNBits as export.quantize writes it (symmetric, blocks of 16, int8 activations per block)
+NBITS_BLOCK = 16
+NBITS_ACCURACY_LEVEL = 4
+ELEMENT = {
+    torch.float32: TensorProto.FLOAT,
+    torch.float16: TensorProto.FLOAT16,
+    torch.bfloat16: TensorProto.BFLOAT16,
+    torch.uint8: TensorProto.UINT8,
+    torch.int64: TensorProto.INT64,
+    torch.int32: TensorProto.INT32,
+}
+HALF = {Precision.FLOAT16: torch.float16, Precision.BFLOAT16: torch.bfloat16}
+BITS = {Precision.INT8: 8, Precision.INT4: 4}
+ALIGN = 4096  # external tensors start on a page: onnxruntime can map them as they are
+
+
+class Sink:
+    """Initializers appended to ``model.onnx.data`` as they are made (page-aligned)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.f = open(path, "wb")  # noqa: SIM115 - closed in close()
+        self.offset = 0
+
+    def put(self, name: str, data: memoryview, element: int, dims: tuple[int, ...]) -> onnx.TensorProto:
+        pad = -self.offset % ALIGN if len(data) >= ALIGN else -self.offset % 64
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.offset += pad
+        self.f.write(data)
+        t = onnx.TensorProto(name=name, data_type=element, dims=list(dims))
+        for key, value in (
+            ("location", self.path.name),
+            ("offset", str(self.offset)),
+            ("length", str(len(data))),
+        ):
+            t.external_data.add(key=key, value=value)
+        t.data_location = onnx.TensorProto.EXTERNAL
+        self.offset += len(data)
+        return t
+
+    def close(self) -> None:
+        self.f.close()
+
+
+def _raw(t: torch.Tensor) -> memoryview:
+    return memoryview(t.contiguous().reshape(-1).view(torch.uint8).numpy())
+
+
+class Graph:
+    """Nodes and initializers as they are written; constants are stored once by name.
+
+    ``precision``: how the projections' weights are stored (float32, float16/bfloat16 behind a
+    Cast, int8/int4 as MatMulNBits); LoRA branches, norms and biases stay float32. ``sink``: write
+    each initializer to external data at once (else they are held and saved by ``_save``).
+    ``on_bytes(n)``: called with the bytes of each tensor written (progress)."""
+
+    def __init__(
+        self,
+        precision: Precision = Precision.FLOAT32,
+        sink: Sink | None = None,
+        on_bytes: Callable[[int], None] | None = None,
+    ) -> None:
+        self.nodes: list[onnx.NodeProto] = []
+        self.initializers: dict[str, onnx.TensorProto] = {}
+        self.nbytes = 0
+        self.branches = 0  # LoRA branches written
+        self.packed = {"qkv": 0, "mlp": 0}  # layers whose group is one packed MatMul
+        self.precision, self.sink, self.on_bytes = precision, sink, on_bytes
+        self.quantized = {4: 0, 8: 0}  # MatMulNBits written, by bits
+
+    def tensor(self, name: str, t: torch.Tensor) -> str:
+        """``t`` as an initializer ``name`` (once); its element type is its dtype's."""
+        if name in self.initializers:
+            return name
+        if t.dtype not in ELEMENT:
+            raise ExportError(f"fused export: {name} is {t.dtype}, which the graph cannot store")
+        data = _raw(t.detach().cpu())
+        element, dims = ELEMENT[t.dtype], tuple(t.shape)
+        if self.sink is not None and len(data) > 1024:
+            self.initializers[name] = self.sink.put(name, data, element, dims)
+        else:
+            self.initializers[name] = onnx.TensorProto(
+                name=name, data_type=element, dims=list(dims), raw_data=bytes(data)
+            )
+        self.nbytes += len(data)
+        if self.on_bytes:
+            self.on_bytes(len(data))
+        return name
+
+    def weight(self, name: str, array: np.ndarray) -> str:
+        return self.tensor(name, torch.from_numpy(np.array(array, order="C", copy=True)))
+
+    def const(self, name: str, values, dtype: type) -> str:
+        return self.weight(f"const.{name}", np.array(values, dtype))
+
+    def op(self, op_type: str, inputs: list[str], outputs: str | list[str], domain: str = "", **attrs):
+        """Append a node; returns its output name (or names, when given a list)."""
+        names = [outputs] if isinstance(outputs, str) else outputs
+        node_name = f"{next(n for n in names if n)}/{op_type}"
+        self.nodes.append(helper.make_node(op_type, inputs, names, node_name, domain=domain or None, **attrs))
+        return outputs
+
+    def matmul(self, x: str, weight: torch.Tensor, name: str, wide: bool = False) -> str:
+        """``x·Wᵀ`` in the graph's precision (``wide``: int4 keeps this one in 8 bits, as
+        ``export.quantize`` keeps the MLP's down projections and the LM head)."""
+        out = f"{name}.out"
+        if self.precision in BITS:
+            bits = 8 if wide or self.precision is Precision.INT8 else BITS[self.precision]
+            return self._nbits(x, weight, name, bits)
+        if self.precision in HALF:
+            stored = self.tensor(f"{name}.weight.T", weight.T.to(HALF[self.precision]))
+            cast = self.op("Cast", [stored], f"{name}.weight.T.float", to=TensorProto.FLOAT)
+            return self.op("MatMul", [x, cast], out)
+        return self.op("MatMul", [x, self.tensor(f"{name}.weight.T", weight.T.to(torch.float32))], out)
+
+    def _nbits(self, x: str, weight: torch.Tensor, name: str, bits: int) -> str:
+        """MatMulNBits with onnxruntime's own block quantizer (the one MatMulNBitsQuantizer calls),
+        one weight at a time: symmetric, no zero points."""
+        from onnxruntime.capi import _pybind_state as ort_c
+
+        wt = np.ascontiguousarray(weight.T.to(torch.float32).numpy())  # (K, N)
+        k, n = wt.shape
+        blocks = -(-k // NBITS_BLOCK)
+        if blocks * NBITS_BLOCK != k:
+            wt = np.pad(wt, ((0, blocks * NBITS_BLOCK - k), (0, 0)))
+        packed = np.zeros((n, blocks, NBITS_BLOCK * bits // 8), np.uint8)
+        scales = np.zeros((n, blocks), np.float32)
+        zero = np.zeros((n, -(-blocks // (8 // bits))), np.uint8)
+        quantize = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
+        quantize(packed, wt, scales, zero, NBITS_BLOCK, n, k, True)
+        del wt
+        self.quantized[bits] += 1
+        b = self.tensor(f"{name}.weight.T_Q{bits}", torch.from_numpy(packed))
+        s = self.tensor(f"{name}.weight.T_scales", torch.from_numpy(scales))
+        return self.op(
+            "MatMulNBits", [x, b, s], f"{name}.out", domain=MS,
+            K=k, N=n, bits=bits, block_size=NBITS_BLOCK, accuracy_level=NBITS_ACCURACY_LEVEL,
+        )  # fmt: skip

@@ -1,0 +1,19 @@
+"""report.json and report.md, as every command writes them."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from loraexport.report import Report
+
+
+def report_texts(report: Report) -> tuple[str, str]:
+    """report.json and report.md, as every command writes them."""
+    return json.dumps(report.to_json(), indent=2) + "\n", report.to_markdown()
+
+
+def write_report(report: Report, out_dir: Path) -> None:
+    as_json, as_md = report_texts(report)
+    (out_dir / "report.json").write_text(as_json, encoding="utf-8")
+    (out_dir / "report.md").write_text(as_md, encoding="utf-8")

@@ -1,0 +1,360 @@
+"""Models larger than memory: ``export`` and ``merge-and-export`` streamed, in bounded memory.
+
+The in-memory path holds the model (and, to verify, its unmerged twin and a float64 copy): about
+2.4–2.6× the float32 weights (``make bench-large``). The streamed path never builds a model:
+  * export: the fused decoder graph (``export.fused``) written from the checkpoint tensor by tensor
+    (``export.streamed``), merged in float64 per tensor or with the adapter kept as branches, and
+    stored in float32, float16/bfloat16 or int8/int4 as each weight is read;
+  * verify: onnxruntime runs the export as usual; the reference is the unmerged model computed
+    layer by layer from the safetensors (``verify.streamed``), in float32 and float64 in one pass
+    (``stages.verify_streamed``).
+Each stage's wall time and peak resident memory go into the report (``memory.Stage``).
+
+``--stream`` asks for it; by default (auto) a Llama/Mistral/Qwen2 checkpoint is streamed when the
+in-memory path would need more memory than the machine has available.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from pathlib import Path
+
+import onnx
+import torch
+
+from loraexport.description import BUILDER
+from loraexport.dtypes import torch_dtype
+from loraexport.enums import ExportMode, Precision
+from loraexport.errors import ExportError, InvalidInputError, ModelFormatError, VerificationFailedError
+from loraexport.export.fused import write_fused_decoder
+from loraexport.export.onnx import ExportResult, opset_written
+from loraexport.export.optimize import FUSED_TYPES
+from loraexport.export.quantize import quantization_description
+from loraexport.export.streamed import Checkpoint, CheckpointSource, float32_bytes
+from loraexport.io import read_json
+from loraexport.lora.adapter import Adapter
+from loraexport.memory import Stage, StageRecord, available, peak_rss
+from loraexport.models.registry import detect_family
+from loraexport.output import write_output
+from loraexport.output.report_files import write_report
+from loraexport.progress import Progress
+from loraexport.report import Report
+from loraexport.stages.extras import write_extras
+from loraexport.stages.inputs import Log, adapter_info, check_weights, machine, model_provenance, plan
+from loraexport.verify.chunked import is_fused
+
+# The in-memory path's peak as a multiple of the float32 weights (make bench-large: export 2.39x,
+# merge-and-export 2.59x, with --dtype 3.42x): auto-streaming starts where that would not fit.
+IN_MEMORY_FACTOR = 2.6
+SESSION_MARGIN = 1.25  # onnxruntime's session beyond its weights: arena, activations, the cache
+
+
+def wants_stream(model_dir: str | Path, stream: bool | None) -> bool:
+    """``--stream`` (True), ``--no-stream`` (False) or auto (None): stream a Llama/Mistral/Qwen2
+    checkpoint when the in-memory path would need more than the memory available now."""
+    if stream is False:
+        return False
+    config = read_json(Path(model_dir) / "config.json", ModelFormatError)
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if stream:
+        if kind not in FUSED_TYPES:
+            raise InvalidInputError(
+                f"--stream writes {', '.join(FUSED_TYPES)} decoders; {model_dir} is of type {kind!r}"
+            )
+        return True
+    if kind not in FUSED_TYPES:
+        return False
+    free = available()
+    try:
+        need = float32_bytes(model_dir) * IN_MEMORY_FACTOR
+    except ModelFormatError:  # the in-memory path reports a broken checkpoint, in its own order
+        return False
+    return free is not None and need > free
+
+
+def check_streamable(mode: ExportMode, half: Precision | None, verify: bool) -> None:
+    """What the streamed path does not do, refused before any work (``InvalidInputError``)."""
+    if mode is ExportMode.ADAPTER:
+        raise InvalidInputError(
+            "--mode adapter is not streamed: give --no-stream (the model must fit in memory)"
+        )
+    if half and verify:
+        raise InvalidInputError(
+            f"a streamed {half.value} export is not verified yet: give --no-verify, or --quantize "
+            "(verified against the layer-streamed reference)"
+        )
+
+
+def session_bytes(checkpoint: Checkpoint, precision: Precision) -> int:
+    """What onnxruntime holds to run the export, about: float32 weights for a float32 or
+    half-stored export (it folds the Casts when it loads), else the quantized MatMuls (at most 8
+    bits and a float32 scale per block of 16) and a float32 embedding."""
+    if not precision.is_quantized:
+        return 4 * checkpoint.numel
+    embed = math.prod(checkpoint.shape("model.embed_tokens.weight"))
+    return int((checkpoint.numel - embed) * (1 + 4 / 16)) + 4 * embed
+
+
+def check_session_fits(checkpoint: Checkpoint, precision: Precision) -> None:
+    """Refuse (``InvalidInputError``, before any work) to verify an export onnxruntime could not
+    hold in the memory available now, and say what it would need: an export that is not the fused
+    graph runs in one session (the fused graph runs a few layers at a time, ``verify.chunked``)."""
+    need, free = int(session_bytes(checkpoint, precision) * SESSION_MARGIN), available()
+    if free is not None and need > free:
+        how = (
+            "float32 compute of its weights"
+            if not precision.is_quantized
+            else f"its {precision.value} weights"
+        )
+        raise InvalidInputError(
+            f"verifying this export needs about {need / 1e9:.1f} GB for onnxruntime to run it ({how}); "
+            f"{free / 1e9:.1f} GB is available: give --no-verify, --quantize int8/int4, or run on a machine "
+            "with more memory"
+        )
+
+
+def _meta(config, precision: Precision, mode: ExportMode, info: dict, result: ExportResult) -> dict:
+    """``loraexport.json``'s description, as ``stages.export.describe`` writes it for a model in memory."""
+    heads = config.num_attention_heads
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    model = {
+        "kind": "causal",
+        "model_type": config.model_type,
+        "special_tokens": {"bos": config.bos_token_id, "eos": eos, "pad": config.pad_token_id},
+        "n_layers": config.num_hidden_layers,
+        "attention_heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "context_length": config.max_position_embeddings,
+        "family": "hf-causal",
+    }
+    out = {
+        "model": model,
+        "opset": result.opset,
+        "exporter": BUILDER,
+        "weights_dtype": precision.value,
+        "graphs": {
+            "model": {
+                "inputs": result.inputs["model"],
+                "outputs": result.outputs["model"],
+                **result.layouts["model"],
+            }
+        },
+        "mode": mode.value,
+        "optimize": result.optimized,
+        "streamed": True,
+    }
+    if precision.is_quantized:
+        adapter = "kept in float32" if mode is ExportMode.UNMERGED else "merged"
+        out["quantization"] = quantization_description(precision, adapter)
+    return out
+
+
+def write_streamed(
+    src: CheckpointSource, out_dir: Path, precision: Precision, log: Log, progress: bool
+) -> ExportResult:
+    """``out_dir/model.onnx`` (+ ``.data``) written from ``src`` tensor by tensor."""
+    t0 = time.perf_counter()
+    path = out_dir / "model.onnx"
+    total = src.checkpoint.nbytes
+    with Progress(total, "export", "B", progress) as bar:
+        src.checkpoint.on_read = bar.update
+        info = write_fused_decoder(src, path, precision, streamed=True)
+        src.checkpoint.on_read = None
+    try:
+        onnx.checker.check_model(str(path), full_check=False)
+    except onnx.checker.ValidationError as e:
+        raise ExportError(f"{path.name} (streamed) fails onnx.checker: {e}") from e
+    result = ExportResult(opset=opset_written(path) or 0, exporter=BUILDER)
+    result.files = [f for f in ("model.onnx", "model.onnx.data") if (out_dir / f).is_file()]
+    n = src.layers
+    cache = [f"{p}.{i}.{k}" for i in range(n) for k in ("key", "value") for p in ("past_key_values",)]
+    result.inputs["model"] = ["input_ids", "attention_mask", "position_ids", *cache]
+    result.outputs["model"] = ["logits", *(f"present.{i}.{k}" for i in range(n) for k in ("key", "value"))]
+    result.layouts["model"] = {"logits": "last", "kv_cache": "shared-buffer"}
+    result.optimized = {
+        "graph": "written by loraexport from the checkpoint, tensor by tensor (streamed)",
+        **info,
+    }
+    result.seconds = time.perf_counter() - t0
+    result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
+    log(
+        f"exported {', '.join(result.files)} ({result.bytes / 1e9:.2f} GB) in {result.seconds:.1f} s "
+        "(streamed)"
+    )
+    return result
+
+
+def _mode(adapters: list, keep_adapter: bool) -> ExportMode:
+    if not adapters:
+        return ExportMode.BASE
+    return ExportMode.UNMERGED if keep_adapter else ExportMode.MERGED
+
+
+def _load(base, adapter_paths, weights, keep_adapter, half, allow_pickle) -> CheckpointSource:
+    adapters = [Adapter.load(a, allow_pickle) for a in adapter_paths]
+    storage = torch_dtype(half) or torch.float32
+    return CheckpointSource(
+        base, adapters, check_weights(adapters, weights), merge=not keep_adapter, storage=storage
+    )
+
+
+def memory_facts(checkpoint: Checkpoint) -> dict:
+    """The run's peak resident memory beside the weights' bytes, for the report."""
+    peak = peak_rss()
+    return {
+        "weights_bytes": checkpoint.nbytes,
+        "float32_weights_bytes": 4 * checkpoint.numel,
+        "peak_rss_bytes": peak,
+        "weights_gb": round(checkpoint.nbytes / 1e9, 3),
+        "float32_weights_gb": round(4 * checkpoint.numel / 1e9, 3),
+        "peak_rss_gb": round(peak / 1e9, 3),
+    }
+
+
+def streamed_export(
+    model_dir,
+    out,
+    adapters,
+    weights,
+    mode: ExportMode,
+    half,
+    quant,
+    keep_adapter,
+    force,
+    allow_pickle,
+    log,
+    progress,
+) -> ExportResult:
+    """``loraexport export`` of a model larger than memory (see the module docstring)."""
+    check_streamable(mode, half, verify=False)
+    out_plan = plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
+    src = _load(model_dir, adapters, weights, keep_adapter or mode is ExportMode.UNMERGED, half, allow_pickle)
+    kind = _mode(adapters, keep_adapter or mode is ExportMode.UNMERGED)
+    precision = half or quant or Precision.FLOAT32
+    meta: dict = {}
+    with write_output(out_plan, meta=meta) as tmp:
+        result = write_streamed(src, tmp, precision, log, progress)
+        meta.update(
+            _meta(src.config, precision, kind, result.optimized, result), inputs=_inputs(model_dir, src)
+        )
+        _extras(model_dir, tmp, meta)
+    return result
+
+
+def _extras(model_dir, tmp: Path, meta: dict) -> None:
+    write_extras(detect_family(model_dir), Path(model_dir), tmp, meta)
+
+
+def _inputs(model_dir, src: CheckpointSource) -> dict:
+    out = {"base": model_provenance(model_dir)}
+    if src.adapters:
+        out["adapters"] = [
+            {"path": str(a.path), "sha256": a.sha256(), "weight": w}
+            for a, w in zip(src.adapters, src.weights, strict=True)
+        ]
+    return out
+
+
+def streamed_merge_and_export(
+    base,
+    adapters,
+    out,
+    *,
+    weights,
+    half,
+    quant,
+    keep_adapter,
+    verify_output,
+    force,
+    opts,
+    allow_pickle,
+    log,
+    progress,
+) -> Report:
+    """``merge-and-export`` of a model larger than memory: each stage's time and memory in the report."""
+    check_streamable(ExportMode.MERGED, half, verify_output)
+    out_plan = plan(out, force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data})
+    records: list[StageRecord] = []
+    with Stage("load and check the inputs (headers, adapters)", records):
+        src = _load(base, adapters, weights, keep_adapter, half, allow_pickle)
+    kind = _mode(adapters, keep_adapter)
+    precision = half or quant or Precision.FLOAT32
+    meta: dict = {}
+    with write_output(out_plan, meta=meta) as tmp:
+        merged = "adapter kept as float32 branches" if keep_adapter else "merged in float64 per tensor"
+        log(f"exporting {base} streamed ({precision.value}, {merged}) …")
+        with Stage(f"export, streamed ({precision.value}; {merged})", records):
+            result = write_streamed(src, tmp, precision, log, progress)
+        meta.update(_meta(src.config, precision, kind, result.optimized, result), inputs=_inputs(base, src))
+        _extras(base, tmp, meta)
+        report = Report(
+            {"path": str(base), "family": "hf-causal", "parameters": src.checkpoint.numel},
+            [adapter_info(a, w) for a, w in zip(src.adapters, src.weights, strict=True)],
+            export=result,
+            machine=machine(),
+        )
+        report.notes.append(
+            "streamed: no model object was built; the export was written from the checkpoint tensor by "
+            "tensor, and verification's reference is the unmerged model computed layer by layer"
+        )
+        if verify_output:
+            from loraexport.stages.verify_streamed import verify_streamed
+
+            verify_streamed(report, src, tmp, meta, precision, kind, opts, log, records, progress)
+        report.stages = [r.to_json() for r in records]
+        report.memory = memory_facts(src.checkpoint)
+        write_report(report, tmp)
+    if report.passed is False:
+        raise VerificationFailedError(
+            f"{report.verdict} ({'; '.join(report.failures[:2])}); "
+            f"report written to {Path(out) / 'report.md'}",
+            report,
+        )
+    return report
+
+
+def verify_export(
+    base, adapters, onnx_dir: Path, meta: dict, weights, allow_pickle, opts, log, progress
+) -> Report:
+    """``loraexport verify`` with the layer-streamed reference: a causal export (streamed or not)
+    of a Llama/Mistral/Qwen2 checkpoint, against base + adapters unmerged, in bounded memory."""
+    from loraexport.stages.verify_streamed import verify_streamed
+
+    kind = ExportMode.parse(meta.get("mode", "merged"))
+    precision = Precision.parse(meta.get("weights_dtype", "float32"))
+    half = precision if precision.is_half else None
+    check_streamable(kind, half, verify=True)
+    if meta.get("model", {}).get("kind") != "causal" or kind is ExportMode.BASE and adapters:
+        raise InvalidInputError(
+            f"{onnx_dir}: a streamed verification checks a merged or unmerged causal export"
+        )
+    records: list[StageRecord] = []
+    with Stage("load and check the inputs (headers, adapters)", records):
+        src = _load(base, adapters, weights, kind is ExportMode.UNMERGED, half, allow_pickle)
+        if not is_fused(meta):  # a fused graph runs a few layers at a time (verify.chunked)
+            check_session_fits(src.checkpoint, precision)
+    report = Report(
+        {"path": str(base), "family": "hf-causal", "parameters": src.checkpoint.numel},
+        [adapter_info(a, w) for a, w in zip(src.adapters, src.weights, strict=True)],
+        machine=machine(),
+    )
+    report.notes.append("verified against the unmerged model computed layer by layer from the checkpoint")
+    verify_streamed(
+        report,
+        src,
+        onnx_dir,
+        meta,
+        precision,
+        _mode(adapters, kind is ExportMode.UNMERGED),
+        opts,
+        log,
+        records,
+        progress,
+    )
+    report.stages = [r.to_json() for r in records]
+    report.memory = memory_facts(src.checkpoint)
+    return report

@@ -1,0 +1,271 @@
+"""Verification of a streamed export (``stages.streamed``) in bounded memory.
+
+The same questions as ``stages.verify``, with the unmerged model computed layer by layer from the
+safetensors (``verify.streamed.StreamedDecoder``: one layer's weights resident at a time) instead of
+a model in memory; onnxruntime runs the export as usual, and never at the same time as the
+reference. Inputs are few and short (``ROWS`` rows of ``LENGTH`` tokens, one left-padded, and
+``NEW_TOKENS`` greedy tokens): each reference pass reads the whole checkpoint, so a 7B model costs
+one read of 13.5 GB per pass, and generation one pass per token.
+
+* float32 exports: parity of every unpadded position's logits against the float32 reference,
+  judged against the float64 reference's noise floor (``verify.parity.compare_outputs``, with the
+  fused graph's multiple), and greedy tokens identical to the reference's;
+* quantized exports: what quantizing costs and how much of the adapter survives
+  (``verify.quantized``'s figures and gate), with Q₀ the same graph with its LoRA coefficients set
+  to zero (``--keep-adapter``) or the base exported and quantized the same way (merged).
+"""
+
+from __future__ import annotations
+
+import gc
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from loraexport.enums import ExportMode, Precision
+from loraexport.errors import InvalidInputError
+from loraexport.export.fused import write_fused_decoder
+from loraexport.export.streamed import CheckpointSource
+from loraexport.memory import Stage, StageRecord
+from loraexport.progress import Progress
+from loraexport.report import Report
+from loraexport.runtime import OnnxModel, RuntimeInputError
+from loraexport.stages.inputs import Log, machine
+from loraexport.verify.chunked import ChunkedDecoder, is_fused
+from loraexport.verify.half import MIN_ADAPTER_RETAINED
+from loraexport.verify.options import VerifyOptions
+from loraexport.verify.parity import (
+    FUSED_NOISE_MULTIPLE,
+    GenerationResult,
+    ParityCaseResult,
+    ParityResult,
+    compare_outputs,
+)
+from loraexport.verify.quantized import REFERENCE_TEXTS, QuantCost, adapter_figures, effect_sums
+
+ROWS = 2
+LENGTH = 24
+LEFT_PAD = 5  # the second row's leading pads: left-padded batches are what generation feeds
+NEW_TOKENS = 8
+REFERENCE = (
+    "the unmerged model (base + LoRA branches) computed layer by layer from the safetensors "
+    "(verify.streamed), float32; float64 for the noise floor"
+)
+
+
+def _inputs(src: CheckpointSource, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
+    """``ROWS`` rows of up to ``LENGTH`` tokens (text when the base has a tokenizer), the last
+    row left-padded; (ids, mask, what they are)."""
+    from loraexport.models.hf.tokenizer import encode, load_tokenizer
+
+    vocab = int(src.config.vocab_size)
+    length = min(LENGTH, int(src.config.max_position_embeddings) - NEW_TOKENS)
+    tokenizer = load_tokenizer(src.checkpoint.dir, vocab)
+    rows: list[list[int]]
+    if tokenizer is not None:
+        rows = [s[:length] for s in encode(tokenizer, list(REFERENCE_TEXTS[:ROWS]), vocab)]
+        what = "the reference texts' first tokens"
+    else:
+        g = torch.Generator().manual_seed(seed)
+        rows = [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(ROWS)]
+        what = "random token ids"
+    rows[-1] = rows[-1][: max(1, min(len(rows[-1]), length - LEFT_PAD))]
+    width = max(len(r) for r in rows)
+    ids = np.zeros((len(rows), width), np.int64)
+    mask = np.zeros((len(rows), width), np.int64)
+    for i, r in enumerate(rows):
+        ids[i, width - len(r) :], mask[i, width - len(r) :] = r, 1
+    return ids, mask, what
+
+
+def branches(src: CheckpointSource) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
+    """The adapters' LoRA branches by module, with their coefficients (weight × scaling)."""
+    out: dict[str, list] = {}
+    for a, w in zip(src.adapters, src.weights, strict=True):
+        for path, (lora_a, lora_b) in a.weights.items():
+            out.setdefault(path, []).append((lora_a, lora_b, float(w * a.config.scaling(path))))
+    return out
+
+
+def _onnx_outputs(
+    directory: Path, meta: dict, threads: int, ids: np.ndarray, mask: np.ndarray, generate: bool
+):
+    """onnxruntime's logits at every position (teacher forcing) and, with ``generate``, its greedy
+    tokens. A fused graph runs a few layers at a time (``verify.chunked``): onnxruntime never holds
+    the whole model; any other causal export in one session."""
+    try:
+        if is_fused(meta):
+            with ChunkedDecoder(directory, meta, threads) as model:
+                logits = model.forward_all(ids, mask)
+                tokens = model.generate(ids, mask, NEW_TOKENS) if generate else None
+        else:
+            model = OnnxModel(directory, "cpu", threads, meta)
+            logits = model.forward_all(ids, mask)["model.logits"]
+            tokens = model.generate(ids, mask, NEW_TOKENS) if generate else None
+            del model
+    except RuntimeInputError as e:
+        raise InvalidInputError(str(e)) from e
+    gc.collect()
+    return logits.astype(np.float64), tokens
+
+
+def _without_adapter(onnx_dir: Path, scratch: Path) -> None:
+    """``scratch/model.onnx``: the graph of ``onnx_dir`` with its LoRA coefficients
+    (``<name>.lora_c.<j>``) zero, reading the same ``model.onnx.data`` (hard-linked: no copy).
+    Not a session-level override: onnxruntime folds a scalar Mul into the MatMul before overrides
+    apply (measured: an override of the coefficients changed nothing)."""
+    import shutil
+
+    import onnx
+    from onnx import numpy_helper
+
+    proto = onnx.load(str(onnx_dir / "model.onnx"), load_external_data=False)
+    for t in proto.graph.initializer:
+        if ".lora_c." in t.name:
+            t.CopyFrom(numpy_helper.from_array(np.zeros((), np.float32), t.name))
+    onnx.save_model(proto, str(scratch / "model.onnx"))
+    data = onnx_dir / "model.onnx.data"
+    try:
+        (scratch / data.name).hardlink_to(data)
+    except OSError:  # another file system: a copy (the export's size, once)
+        shutil.copyfile(data, scratch / data.name)
+
+
+def verify_streamed(
+    report: Report,
+    src: CheckpointSource,
+    onnx_dir: Path,
+    meta: dict,
+    precision: Precision,
+    kind: ExportMode,
+    opts: VerifyOptions,
+    log: Log,
+    records: list[StageRecord],
+    progress: bool,
+) -> None:
+    """Add parity (float32) or the quantization figures to ``report``; each step a stage."""
+    from loraexport.verify.streamed import StreamedDecoder
+
+    threads = opts.threads or machine()["cores"]
+    torch.set_num_threads(threads)
+    ids, mask, what = _inputs(src, opts.seed)
+    quantized = precision.is_quantized
+    with Stage("verify: onnxruntime runs the export", records):
+        log(
+            f"verify: onnxruntime runs the export on {ids.shape[0]}×{ids.shape[1]} tokens, {NEW_TOKENS} new …"
+        )
+        q, got = _onnx_outputs(onnx_dir, meta, threads, ids, mask, generate=True)
+    q0 = None
+    if quantized and src.adapters:
+        with Stage("verify: the export without the adapter (Q0)", records):
+            q0 = _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log, progress)
+    streams = [(torch.float32, True), (torch.float64, True)]
+    if quantized:
+        streams = [(torch.float32, True), (torch.float32, False)]
+    with Stage(
+        "verify: layer-streamed reference, one pass (" + ", ".join(_name(s) for s in streams) + ")", records
+    ):
+        log("verify: the layer-streamed reference …")
+        with _reference_bar(src, progress, "reference") as bar:
+            ref = StreamedDecoder(src.checkpoint.dir, branches(src), progress=bar)
+            out = ref.forward(torch.from_numpy(ids), torch.from_numpy(mask), streams)
+    with Stage(f"verify: layer-streamed reference generates {NEW_TOKENS} tokens", records):
+        log(f"verify: the layer-streamed reference generates {NEW_TOKENS} tokens ({NEW_TOKENS} passes) …")
+        with _reference_bar(src, progress, "generate") as bar:
+            ref = StreamedDecoder(src.checkpoint.dir, branches(src), progress=bar)
+            want = ref.generate(torch.from_numpy(ids), torch.from_numpy(mask), NEW_TOKENS).numpy()
+    valid = mask.astype(bool)
+    generation = _generation(got, want)
+    if quantized:
+        _quantization(report, q, q0, out, streams, valid, generation, precision, kind, what)
+        return
+    u32, u64 = (out[s].double().numpy() for s in streams)
+    parity = compare_outputs("logits", u32, u64, q, valid, FUSED_NOISE_MULTIPLE)
+    case = ParityCaseResult(
+        f"{what}, {ids.shape[0]}×{ids.shape[1]} (one row left-padded)", *ids.shape, [parity]
+    )
+    report.parity.append(ParityResult("cpu", [case], generation, REFERENCE, FUSED_NOISE_MULTIPLE))
+
+
+def _name(stream) -> str:
+    dtype, lora = stream
+    return f"{str(dtype).removeprefix('torch.')}{' + LoRA' if lora else ' base'}"
+
+
+class _reference_bar:  # noqa: N801 - used as a context manager, like Progress
+    """A bytes progress bar for the reference's passes over the checkpoint (each pass restarts it)."""
+
+    def __init__(self, src: CheckpointSource, progress: bool, what: str) -> None:
+        self.bar = Progress(src.checkpoint.nbytes, what, "B", progress)
+
+    def __call__(self, done: int, total: int) -> None:
+        self.bar.total, self.bar.n = total, 0 if done < self.bar.n else self.bar.n
+        self.bar.update(done - self.bar.n)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.bar.close()
+
+
+def _generation(got: np.ndarray, want: np.ndarray) -> GenerationResult:
+    same = (got == want).all(axis=1)
+    first = None
+    if not same.all():
+        row = int(np.flatnonzero(~same)[0])
+        col = int(np.flatnonzero(got[row] != want[row])[0])
+        first = f"row {row}, token {col}: onnx {int(got[row, col])} vs reference {int(want[row, col])}"
+    return GenerationResult(len(same), int(same.sum()), got.shape[1], first)
+
+
+def _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log, progress) -> np.ndarray:
+    """Q₀: the export with its LoRA coefficients zeroed (kept adapter), or the base exported and
+    quantized the same way into a scratch folder beside the output (merged)."""
+    with tempfile.TemporaryDirectory(prefix=".loraexport-base-", dir=onnx_dir.parent) as td:
+        if kind is ExportMode.UNMERGED:
+            _without_adapter(onnx_dir, Path(td))
+        else:
+            log(f"verify: exporting the base, {precision.value} the same way, to compare with …")
+            base = CheckpointSource(src.checkpoint.dir, [], storage=src.storage)
+            with Progress(base.checkpoint.nbytes, "base export", "B", progress) as bar:
+                base.checkpoint.on_read = bar.update
+                write_fused_decoder(base, Path(td) / "model.onnx", precision, streamed=True)
+        base_meta = {**meta, "mode": ExportMode.BASE.value}
+        q0, _ = _onnx_outputs(Path(td), base_meta, threads, ids, mask, generate=False)
+    return q0
+
+
+def _quantization(report, q, q0, out, streams, valid, generation, precision, kind, what) -> None:
+    u = out[streams[0]].double().numpy()
+    b = out[streams[1]].double().numpy()
+    diff = (q - u)[valid]
+    adapter = "kept in float32" if kind is ExportMode.UNMERGED else "merged"
+    retained = effect_error = None
+    effect = 0.0
+    if q0 is not None:
+        sums = effect_sums((q - q0)[valid], (u - b)[valid])
+        retained, effect_error = adapter_figures(sums)
+        effect = float(np.sqrt(sums[1] / diff.size)) if diff.size else 0.0
+    cost = QuantCost(
+        precision.value,
+        adapter,
+        float(np.abs(diff).max(initial=0.0)),
+        float(np.sqrt((diff**2).mean())) if diff.size else 0.0,
+        float((q.argmax(-1) == u.argmax(-1))[valid].mean()),
+        generation.agreement,
+        effect,
+        retained,
+        effect_error,
+        inputs=f"{what} (against the layer-streamed unmerged reference)",
+        positions=int(valid.sum()),
+    )
+    report.quantization.append(cost)
+    if retained is not None and retained < MIN_ADAPTER_RETAINED:
+        hint = "; --keep-adapter keeps it exactly beside the quantized base" if adapter == "merged" else ""
+        report.quantization_failures.append(
+            f"only {retained:.0%} of the adapter's effect on the outputs survives {precision.value} "
+            f"quantization (adapter {adapter}; at least {MIN_ADAPTER_RETAINED:.0%} required){hint}"
+        )

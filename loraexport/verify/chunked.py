@@ -1,0 +1,224 @@
+"""The fused decoder graph run a few layers at a time, so that verifying an export never holds the
+whole model in onnxruntime: the ONNX side of bounded-memory verification.
+
+onnxruntime holds a graph's weights, and for its fast kernels a prepacked copy of them
+(``MatMulNBits`` with int8 activations: measured 9.1 GB for a 6.3 GB int4 7B export; with
+prepacking off it holds them once but decodes ~40x slower and computes otherwise). So the graph
+written by ``export.fused`` is cut, where its layers meet (the normed hidden state and the residual
+stream, ``layers.<k>.input_norm.out|residual``), into chunks of at most ``CHUNK_BYTES`` of weights
+and a quarter of the model,
+each saved as its own small ``.onnx`` file reading the same ``model.onnx.data`` (hard-linked into a
+scratch folder). Only one chunk's session is open at a time:
+
+* ``forward_all`` (teacher forcing): chunk after chunk, each stepping through every position with its
+  own growing cache, its boundary outputs kept for the next chunk: one session per chunk in all;
+* ``generate`` (greedy): token after token, each through every chunk (a session per chunk per
+  token: the whole model's load time per token); the prompt is one pass, then one token per call.
+
+Each chunk runs exactly the nodes of the file, on the inputs the whole graph would give them, so the
+numbers are those of the export; cutting only bounds what is resident.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import shutil
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from loraexport.fused_runtime import positions
+from loraexport.runtime import open_session
+
+CHUNK_BYTES = 512 * 1024**2  # weights per chunk at most (at least one layer)
+MIN_CHUNKS = 4  # and at most a quarter of the model: what is resident stays a fraction of it
+KV = ("key", "value")
+
+
+def _bytes(t: onnx.TensorProto) -> int:
+    for e in t.external_data:
+        if e.key == "length":
+            return int(e.value)
+    return len(t.raw_data)
+
+
+def _layer_of(name: str) -> int | None:
+    if name.startswith("layers."):
+        part = name.split(".")[1]
+        return int(part) if part.isdigit() else None
+    return None
+
+
+def _plan(proto: onnx.ModelProto, layers: int, budget: int) -> list[tuple[int, int]]:
+    """Layer ranges [a, b), each holding at most ``budget`` bytes of weights (at least one layer);
+    the embedding counts in the first, the LM head in the last."""
+    per_layer = [0] * layers
+    first = last = 0
+    for t in proto.graph.initializer:
+        i = _layer_of(t.name)
+        if i is not None and i < layers:
+            per_layer[i] += _bytes(t)
+        elif t.name.startswith("embed_tokens"):
+            first += _bytes(t)
+        elif t.name.startswith("lm_head"):
+            last += _bytes(t)
+    per_layer[0] += first
+    per_layer[-1] += last
+    chunks, start, size = [], 0, 0
+    for i, n in enumerate(per_layer):
+        if i > start and size + n > budget:
+            chunks.append((start, i))
+            start, size = i, 0
+        size += n
+    chunks.append((start, layers))
+    return chunks
+
+
+def _boundary(k: int, layers: int) -> list[str]:
+    """The tensors that carry the hidden state into layer ``k`` (or out of the last one)."""
+    return ["logits"] if k == layers else [f"layers.{k}.input_norm.out", f"layers.{k}.input_norm.residual"]
+
+
+def cut(proto: onnx.ModelProto, a: int, b: int, layers: int) -> onnx.ModelProto:
+    """The part of the fused graph that computes layers [a, b): the graph's own inputs it uses,
+    the boundary into layer ``a`` as inputs, the boundary out of layer ``b - 1`` (``logits`` for
+    the last chunk) and its layers' ``present.*`` as outputs. Initializers keep their external data."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output if o}
+    stops = set() if a == 0 else set(_boundary(a, layers))
+    wanted = _boundary(b, layers) + [f"present.{i}.{k}" for i in range(a, b) for k in KV]
+    keep: set[int] = set()
+    todo = list(wanted)
+    while todo:
+        name = todo.pop()
+        node = producer.get(name)
+        if name in stops or node is None or id(node) in keep:
+            continue
+        keep.add(id(node))
+        todo.extend(i for i in node.input if i)
+    nodes = [n for n in graph.node if id(n) in keep]
+    used = {i for n in nodes for i in n.input}
+    inputs = [i for i in graph.input if i.name in used]
+    inputs += [helper.make_tensor_value_info(s, TensorProto.FLOAT, None) for s in sorted(stops)]
+    declared = {o.name: o for o in graph.output}
+    outputs = [declared.get(w) or helper.make_tensor_value_info(w, TensorProto.FLOAT, None) for w in wanted]
+    inits = [t for t in graph.initializer if t.name in used]
+    sub = helper.make_graph(nodes, f"layers_{a}_{b}", inputs, outputs, inits)
+    return helper.make_model(sub, opset_imports=proto.opset_import, ir_version=proto.ir_version)
+
+
+def is_fused(meta: dict) -> bool:
+    """Whether an export is the graph ``export.fused`` writes (its layer boundaries are known)."""
+    return (meta.get("optimize") or {}).get("layout") == "fused" and meta.get("model", {}).get(
+        "kind"
+    ) == "causal"
+
+
+class ChunkedDecoder:
+    """An export's fused decoder graph, run chunk by chunk (see the module docstring). A context
+    manager: its scratch folder (the chunk files and a hard link of the weights) goes on exit."""
+
+    def __init__(
+        self, directory: Path, meta: dict, threads: int | None = None, budget: int | None = None
+    ) -> None:
+        self.dir = Path(directory)
+        model = meta["model"]
+        self.layers, self.kv_heads, self.head_dim = model["n_layers"], model["kv_heads"], model["head_dim"]
+        self.threads = threads
+        proto = onnx.load(str(self.dir / "model.onnx"), load_external_data=False)
+        total = sum(_bytes(t) for t in proto.graph.initializer)
+        self.ranges = _plan(proto, self.layers, budget or min(CHUNK_BYTES, total // MIN_CHUNKS))
+        self._scratch = tempfile.mkdtemp(prefix=".loraexport-chunks-", dir=self.dir.parent)
+        scratch = Path(self._scratch)
+        data = self.dir / "model.onnx.data"
+        if data.is_file():
+            try:
+                (scratch / data.name).hardlink_to(data)
+            except OSError:  # another file system: a copy (the export's size, once)
+                shutil.copyfile(data, scratch / data.name)
+        self.files = []
+        for a, b in self.ranges:
+            path = scratch / f"layers_{a}_{b}.onnx"
+            onnx.save_model(cut(proto, a, b, self.layers), str(path))
+            self.files.append(path)
+        del proto
+
+    def __enter__(self) -> ChunkedDecoder:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            shutil.rmtree(self._scratch)
+
+    @property
+    def chunks(self) -> int:
+        return len(self.ranges)
+
+    def _empty(self, batch: int, a: int, b: int) -> dict[str, np.ndarray]:
+        z = np.zeros((batch, self.kv_heads, 0, self.head_dim), np.float32)
+        return {f"past_key_values.{i}.{k}": z for i in range(a, b) for k in KV}
+
+    def _run(self, session, a: int, b: int, feeds: dict, past: dict, carry: list[np.ndarray] | None):
+        """One call of chunk [a, b): its boundary outputs and its next (grown) past."""
+        names = {i.name for i in session.get_inputs()}
+        full = {**feeds, **past}
+        if carry is not None:
+            full.update(zip(_boundary(a, self.layers), carry, strict=True))
+        wanted = _boundary(b, self.layers) + [f"present.{i}.{k}" for i in range(a, b) for k in KV]
+        out = dict(
+            zip(wanted, session.run(wanted, {k: v for k, v in full.items() if k in names}), strict=True)
+        )
+        grown = {
+            k.replace("present.", "past_key_values.", 1): v
+            for k, v in out.items()
+            if k.startswith("present.")
+        }
+        return [out[n] for n in _boundary(b, self.layers)], grown
+
+    def forward_all(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:
+        """Teacher-forced logits of every position (B, T, V), one token per call, as
+        ``runtime.OnnxModel.forward_all`` computes them for a last-position graph."""
+        ids, mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
+        batch, length = ids.shape
+        pos = positions(mask)
+        carries: list[list[np.ndarray] | None] = [None] * length
+        for (a, b), path in zip(self.ranges, self.files, strict=True):
+            session = open_session(path, "cpu", self.threads)
+            past = self._empty(batch, a, b)
+            for t in range(length):
+                feeds = {
+                    "input_ids": ids[:, t : t + 1],
+                    "attention_mask": mask[:, : t + 1],
+                    "position_ids": pos[:, t : t + 1],
+                }
+                carries[t], past = self._run(session, a, b, feeds, past, carries[t])
+            del session, past
+        return np.concatenate([c[0] for c in carries], axis=1)  # each (B, 1, V)
+
+    def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
+        """Greedy new tokens (B, max_new_tokens): the prompt in one pass, then a token per call,
+        through every chunk in turn (one chunk's session open at a time, unless there is one)."""
+        ids, mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
+        batch = ids.shape[0]
+        pasts = [self._empty(batch, a, b) for a, b in self.ranges]
+        sessions = [open_session(self.files[0], "cpu", self.threads)] if self.chunks == 1 else None
+        new = np.zeros((batch, max_new_tokens), np.int64)
+        step_ids, pos = ids, positions(mask)
+        for n in range(max_new_tokens):
+            feeds = {"input_ids": step_ids, "attention_mask": mask, "position_ids": pos}
+            carry = None
+            for c, (a, b) in enumerate(self.ranges):
+                session = sessions[0] if sessions else open_session(self.files[c], "cpu", self.threads)
+                carry, pasts[c] = self._run(session, a, b, feeds, pasts[c], carry)
+                del session
+            new[:, n] = carry[0][:, -1].argmax(-1)
+            step_ids = new[:, n : n + 1]
+            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
+            pos = positions(mask)[:, -1:]
+        return new
