@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real bench bench-pipeline bench-merge bench-large clean
+.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real bench bench-pipeline bench-merge bench-large bench-7b clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -100,6 +100,12 @@ bench: $(STAMP)
 # A generated 2.6 GB decoder: ONNX with external data, parity in onnxruntime (~20 GB of RAM).
 bench-large: $(STAMP)
 	$(BIN)/python benchmarks/bench_export_large.py --dir runs/bench-large
+
+# A generated Llama-2-7B-shaped float16 checkpoint (13.5 GB, written once to runs/bench-7b; needs
+# ~35 GB of disk): merge-and-export --quantize int4 --keep-adapter, verified, and --dtype bfloat16
+# --no-verify with a check of its first layers, each streamed, with wall time and peak RSS.
+bench-7b: $(STAMP)
+	$(BIN)/python benchmarks/bench_7b.py --dir runs/bench-7b
 
 # Streaming merge of a generated ~4.2 GB float16 checkpoint vs PEFT's in-memory path.
 bench-merge: $(STAMP)

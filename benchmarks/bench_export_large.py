@@ -2,9 +2,11 @@
 
 Builds (once, in runs/bench-large/, never committed) a random Llama-shaped float32 model of
 ~2.6 GB and a random LoRA adapter, then runs `loraexport export`, `loraexport
-merge-and-export --no-latency` and the same with `--dtype bfloat16` on it, each in its own
-process, and prints wall time, peak RSS (also as a multiple of the weights) and the parity
-verdict.
+merge-and-export --no-latency` and the same with `--dtype bfloat16` on it (the model in memory),
+then `export --stream` and `merge-and-export --stream --no-latency` (tensor by tensor, verified
+against the layer-streamed reference, onnxruntime a few layers at a time), each in its own
+process, and prints wall time, peak RSS (also as a multiple of the weights, and above the
+interpreter's own baseline) and the parity verdict. `--streamed-only`: the last two.
 """
 
 from __future__ import annotations
@@ -80,6 +82,7 @@ def _measure(cmd: list[str]) -> tuple[int, float, float, str]:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("runs/bench-large"))
+    ap.add_argument("--streamed-only", action="store_true", help="only the --stream rows (and the baseline)")
     args = ap.parse_args()
     build(args.dir)
     size = sum(f.stat().st_size for f in (args.dir / "base").glob("*.safetensors"))
@@ -98,20 +101,44 @@ def main() -> None:
             "--out", str(args.dir / "out-bf16"), "--force", "--no-latency", "--samples", "2",
             "--dtype", "bfloat16",
         ],
+        "export --stream": [
+            str(BIN / "loraexport"), "export", "--model", base, "--adapter", adapter,
+            "--out", str(args.dir / "out-export-stream"), "--force", "--stream",
+        ],
+        "merge-and-export --stream --no-latency": [
+            str(BIN / "loraexport"), "merge-and-export", "--base", base, "--adapter", adapter,
+            "--out", str(args.dir / "out-stream"), "--force", "--no-latency", "--stream",
+        ],
     }  # fmt: skip
+    if args.streamed_only:
+        stages = {k: v for k, v in stages.items() if "--stream" in k}
+    # the interpreter with what the CLI imports (torch, transformers, onnx, onnxruntime), no weights
+    baseline_cmd = [
+        sys.executable,
+        "-c",
+        "import loraexport.cli, loraexport.pipeline, transformers, onnxruntime",
+    ]
+    _, _, baseline, _ = _measure(baseline_cmd)
     rows = []
     for name, cmd in stages.items():
         code, wall, peak, out = _measure(cmd)
         print(f"## {name}\n{out}\n")
         rows.append((name, code, wall, peak))
     print(f"weights {size / 1e9:.2f} GB (float32)")
-    for out in ("out", "out-bf16"):
+    for out in ("out", "out-bf16", "out-stream"):
         d = args.dir / out
         files = {f.name: f.stat().st_size for f in d.iterdir()} if d.is_dir() else {}
         print(f"{out}: " + ", ".join(f"{k} {v / 1e9:.2f} GB" for k, v in files.items() if v > 1e6))
-    print("\n| stage | exit | wall | peak RSS | peak / weights |\n|---|---:|---:|---:|---:|")
+    print(f"interpreter baseline (imports, no weights): {baseline:.2f} GB")
+    print(
+        "\n| stage | exit | wall | peak RSS | peak / weights | above baseline / weights |"
+        "\n|---|---:|---:|---:|---:|---:|"
+    )
     for name, code, wall, peak in rows:
-        print(f"| {name} | {code} | {wall:.0f} s | {peak:.1f} GB | {peak / (size / 1e9):.2f}x |")
+        above = (peak - baseline) / (size / 1e9)
+        print(
+            f"| {name} | {code} | {wall:.0f} s | {peak:.2f} GB | {peak / (size / 1e9):.2f}x | {above:.2f}x |"
+        )
 
 
 if __name__ == "__main__":
