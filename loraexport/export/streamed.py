@@ -146,21 +146,59 @@ class CheckpointSource:
         self.weights = adapter_weights(len(self.adapters), weights)
         self.merge, self.storage = merge, storage
         self._check_layers()
+        linears = {
+            n.removesuffix(".weight") for n, shape in self.expected_shapes().items() if len(shape) == 2
+        }
+        linears.discard("model.embed_tokens")
         for adapter in self.adapters:
             check_adapter(adapter, self.checkpoint)
+            for path in sorted(set(adapter.weights) - linears):
+                raise AdapterMismatchError(
+                    f"adapter module {path!r}: a streamed export adapts the decoder's projections and "
+                    "an untied lm_head only"
+                )
 
     def _check_layers(self) -> None:
+        """Every tensor the graph reads is there with the shape the config gives it, from the
+        headers, before anything is read or written (a checkpoint is untrusted input)."""
         names = set(self.checkpoint.tensors)
-        for i in range(self.layers):
-            if f"model.layers.{i}.self_attn.q_proj.weight" not in names:
-                raise ModelFormatError(
-                    f"{self.checkpoint.dir}: num_hidden_layers is {self.layers} "
-                    f"but layer {i} has no q_proj weight"
-                )
         if f"model.layers.{self.layers}.self_attn.q_proj.weight" in names:
             raise ModelFormatError(
                 f"{self.checkpoint.dir}: more layers than num_hidden_layers ({self.layers})"
             )
+        for name, shape in self.expected_shapes().items():
+            if name not in names:
+                raise ModelFormatError(f"{self.checkpoint.dir}: the checkpoint has no tensor {name!r}")
+            if self.checkpoint.shape(name) != shape:
+                raise ModelFormatError(
+                    f"{self.checkpoint.dir}: {name} has shape {list(self.checkpoint.shape(name))}; "
+                    f"config.json gives {list(shape)}"
+                )
+
+    def expected_shapes(self) -> dict[str, tuple[int, ...]]:
+        """The shape of every tensor the fused graph reads, as config.json gives them."""
+        c = self.config
+        h, heads = int(c.hidden_size), int(c.num_attention_heads)
+        kv = int(getattr(c, "num_key_value_heads", None) or heads)
+        hd = int(getattr(c, "head_dim", None) or h // heads)
+        inter, vocab = int(c.intermediate_size), int(c.vocab_size)
+        out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
+        if self.checkpoint.has("lm_head.weight") or not getattr(c, "tie_word_embeddings", False):
+            out["lm_head.weight"] = (vocab, h)
+        for i in range(self.layers):
+            p = f"model.layers.{i}"
+            out |= {f"{p}.input_layernorm.weight": (h,), f"{p}.post_attention_layernorm.weight": (h,)}
+            out |= {
+                f"{p}.self_attn.q_proj.weight": (heads * hd, h),
+                f"{p}.self_attn.o_proj.weight": (h, heads * hd),
+            }
+            out |= {f"{p}.self_attn.{n}.weight": (kv * hd, h) for n in ("k_proj", "v_proj")}
+            out |= {f"{p}.mlp.{n}.weight": (inter, h) for n in ("gate_proj", "up_proj")}
+            out[f"{p}.mlp.down_proj.weight"] = (h, inter)
+            for n, size in (("q_proj", heads * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
+                if self.checkpoint.has(f"{p}.self_attn.{n}.bias"):
+                    out[f"{p}.self_attn.{n}.bias"] = (size,)
+        return out
 
     def _tensor(self, name: str) -> torch.Tensor:
         """A tensor with the adapters' replacements (trained biases, modules_to_save) applied."""
@@ -211,7 +249,9 @@ class CheckpointSource:
         raise ModelFormatError(f"{self.checkpoint.dir}: no lm_head.weight and tie_word_embeddings is not set")
 
     def lm_head(self) -> _Linear:
-        return _Linear(self._tensor(self._head_name()), None)
+        if self.checkpoint.has("lm_head.weight"):
+            return self.linear("lm_head")  # an adapter may target it: merged or kept like the others
+        return _Linear(self._tensor(self._head_name()), None)  # tied (check_adapter: not adapted)
 
 
 def check_adapter(adapter: Adapter, checkpoint: Checkpoint) -> None:

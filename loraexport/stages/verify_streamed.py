@@ -18,7 +18,7 @@ one read of 13.5 GB per pass, and generation one pass per token.
 from __future__ import annotations
 
 import gc
-import tempfile
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,7 @@ from loraexport.progress import Progress
 from loraexport.report import Report
 from loraexport.runtime import OnnxModel, RuntimeInputError
 from loraexport.stages.inputs import Log, machine
-from loraexport.verify.chunked import ChunkedDecoder, is_fused
+from loraexport.verify.chunked import ChunkedDecoder, is_fused, scratch_dir
 from loraexport.verify.half import MIN_ADAPTER_RETAINED
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import (
@@ -224,7 +224,8 @@ def _generation(got: np.ndarray, want: np.ndarray) -> GenerationResult:
 def _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log, progress) -> np.ndarray:
     """Q₀: the export with its LoRA coefficients zeroed (kept adapter), or the base exported and
     quantized the same way into a scratch folder beside the output (merged)."""
-    with tempfile.TemporaryDirectory(prefix=".loraexport-base-", dir=onnx_dir.parent) as td:
+    td = scratch_dir(onnx_dir, "base")
+    try:
         if kind is ExportMode.UNMERGED:
             _without_adapter(onnx_dir, Path(td))
         else:
@@ -235,6 +236,8 @@ def _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log,
                 write_fused_decoder(base, Path(td) / "model.onnx", precision, streamed=True)
         base_meta = {**meta, "mode": ExportMode.BASE.value}
         q0, _ = _onnx_outputs(Path(td), base_meta, threads, ids, mask, generate=False)
+    finally:
+        shutil.rmtree(td, ignore_errors=True)
     return q0
 
 

@@ -30,6 +30,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from loraexport.errors import InvalidInputError
 from loraexport.fused_runtime import positions
 from loraexport.runtime import open_session
 
@@ -110,6 +111,18 @@ def cut(proto: onnx.ModelProto, a: int, b: int, layers: int) -> onnx.ModelProto:
     return helper.make_model(sub, opset_imports=proto.opset_import, ir_version=proto.ir_version)
 
 
+def scratch_dir(beside: Path, what: str) -> str:
+    """A scratch folder beside ``beside`` (the same file system: the weights are hard-linked into
+    it, never copied), removed by its user; one line when the folder there is not writable."""
+    try:
+        return tempfile.mkdtemp(prefix=f".loraexport-{what}-", dir=beside.parent)
+    except OSError as e:
+        raise InvalidInputError(
+            f"cannot write a scratch folder beside {beside} (it holds hard links to the weights "
+            f"while onnxruntime runs them a few layers at a time): {e.strerror or e}"
+        ) from e
+
+
 def is_fused(meta: dict) -> bool:
     """Whether an export is the graph ``export.fused`` writes (its layer boundaries are known)."""
     return (meta.get("optimize") or {}).get("layout") == "fused" and meta.get("model", {}).get(
@@ -131,7 +144,7 @@ class ChunkedDecoder:
         proto = onnx.load(str(self.dir / "model.onnx"), load_external_data=False)
         total = sum(_bytes(t) for t in proto.graph.initializer)
         self.ranges = _plan(proto, self.layers, budget or min(CHUNK_BYTES, total // MIN_CHUNKS))
-        self._scratch = tempfile.mkdtemp(prefix=".loraexport-chunks-", dir=self.dir.parent)
+        self._scratch = scratch_dir(self.dir, "chunks")
         scratch = Path(self._scratch)
         data = self.dir / "model.onnx.data"
         if data.is_file():

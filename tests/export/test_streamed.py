@@ -131,7 +131,9 @@ def test_refusals_name_the_tensor_or_module(llama, tmp_path):
     config = json.loads((base / "config.json").read_text())
     for change, needle in (
         ({"model_type": "gpt2"}, "streamed export writes"),
-        ({"num_hidden_layers": 3}, "layer 2 has no q_proj"),
+        ({"num_hidden_layers": 3}, "no tensor 'model.layers.2.input_layernorm.weight'"),
+        ({"intermediate_size": 65}, r"gate_proj.weight has shape \[64, 32\]; config.json gives \[65, 32\]"),
+        ({"num_key_value_heads": 4}, r"k_proj.weight has shape \[16, 32\]; config.json gives \[32, 32\]"),
         ({"num_hidden_layers": 1}, "more layers than num_hidden_layers"),
         ({"hidden_size": -1}, "hidden_size"),
     ):
@@ -182,3 +184,20 @@ def test_streamed_export_memory_stays_a_fraction_of_the_weights(tmp_path, precis
     assert r.returncode == 0, r.stderr[-2000:]
     baseline, peak = map(int, r.stdout.split())
     assert peak - baseline < 0.25 * weights, (peak - baseline) / weights
+
+
+def test_an_adapter_on_the_lm_head_is_merged_and_one_on_the_embedding_refused(llama, tmp_path):
+    """Every module an adapter targets reaches the graph, or the export is refused by name."""
+    base, adapter_dir, model = llama
+    adapter = Adapter.load(adapter_dir)
+    g = torch.Generator().manual_seed(3)
+    vocab, hidden = model.lm_head.weight.shape
+    adapter.weights["lm_head"] = (torch.randn(4, hidden, generator=g), torch.randn(vocab, 4, generator=g))
+    adapter.config.target_modules = ["q_proj", "v_proj", "lm_head"]
+    src = CheckpointSource(base, [adapter])
+    head = src.lm_head().weight
+    assert not torch.equal(head, model.lm_head.weight)  # the update is in it
+    adapter.weights["model.embed_tokens"] = (torch.zeros(4, hidden), torch.zeros(vocab, 4))
+    adapter.config.target_modules = ["q_proj", "v_proj", "lm_head", "embed_tokens"]
+    with pytest.raises(AdapterMismatchError, match="embed_tokens"):
+        CheckpointSource(base, [adapter])
