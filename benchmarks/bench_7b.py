@@ -7,9 +7,10 @@ LoRA adapter on q/k/v/o. Then, each in its own process, with its wall time and p
 
 1. ``merge-and-export --quantize int4 --keep-adapter`` (no --stream: the size picks it), verified
    against the layer-streamed reference;
-2. ``merge-and-export --dtype bfloat16 --no-verify``, then a check of the written file: its first
-   ``CHECK_LAYERS`` layers (cut out of model.onnx, reading the same model.onnx.data) run in
-   onnxruntime against the layer-streamed reference's hidden state after those layers.
+2. ``merge-and-export --dtype bfloat16 --no-verify``, then two checks of the written file against
+   the layer-streamed unmerged reference: its first ``CHECK_LAYERS`` layers (cut out of model.onnx,
+   reading the same model.onnx.data) in one onnxruntime session, and the whole model run a chunk of
+   layers at a time (``verify.chunked``).
 
 Prints a table; the per-stage times and memory are in each output's report.json.
 """
@@ -252,10 +253,51 @@ def check_first_layers(base: Path, export: Path, layers: int) -> str:
     )
 
 
+def check_whole(base: Path, export: Path) -> str:
+    """The whole bfloat16 export in onnxruntime, a chunk of layers at a time (``verify.chunked``:
+    each chunk's float32 copy of its weights, never the model's 27 GB), against the layer-streamed
+    unmerged reference on 16 tokens."""
+    import numpy as np
+    import torch
+
+    from loraexport.lora.adapter import Adapter
+    from loraexport.stages.verify_streamed import branches as lora_branches
+    from loraexport.verify.chunked import ChunkedDecoder
+    from loraexport.verify.streamed import StreamedDecoder
+
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, CONFIG["vocab_size"], (1, 16), generator=g)
+    mask = torch.ones_like(ids)
+    meta = json.loads((export / "loraexport.json").read_text())
+    t0 = time.perf_counter()
+    with ChunkedDecoder(export, meta) as model:
+        got = model.forward_all(ids.numpy(), mask.numpy())[0].astype(np.float64)
+        chunks = model.chunks
+    onnx_s = time.perf_counter() - t0
+
+    class _Src:  # what verify_streamed.branches reads
+        adapters, weights = [Adapter.load(base.parent / "adapter")], [1.0]
+
+    streams = [(torch.float64, True), (torch.float32, True), (torch.float64, False)]
+    ref = StreamedDecoder(base, lora_branches(_Src)).forward(ids, mask, streams)
+    u64, u32, b64 = (ref[s][0].double().numpy() for s in streams)
+    err, noise, effect = (float(np.abs(x - u64).max()) for x in (got, u32, b64))
+    top1 = float((got.argmax(-1) == u64.argmax(-1)).mean())
+    return (
+        f"the whole bfloat16 export (onnxruntime, {chunks} chunks, {onnx_s:.0f} s) against the "
+        "layer-streamed "
+        f"unmerged reference, 16 tokens: max abs logit err {err:.3g} vs float64 (float32 reference's own: "
+        f"{noise:.3g}; the adapter's effect: {effect:.3g}; logits max {float(np.abs(u64).max()):.3g}), "
+        f"top-1 {top1:.0%}"
+    )
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dir", type=Path, default=Path("runs/bench-7b"))
-    ap.add_argument("--only", choices=["int4", "bf16"], default=None)
+    ap.add_argument(
+        "--only", choices=["int4", "bf16", "check"], default=None, help="check: only the bf16 checks"
+    )
     args = ap.parse_args()
     build(args.dir)
     base, adapter = args.dir / "base", args.dir / "adapter"
@@ -272,7 +314,7 @@ def main() -> None:
     }  # fmt: skip
     rows = []
     for name, cmd in runs.items():
-        if args.only and name != args.only:
+        if args.only and name != args.only:  # "check": no run, only the checks of out-bf16
             continue
         code, wall, peak, out = _measure(cmd)
         print(f"## {' '.join(cmd[1:])}\n{out}\n", flush=True)
@@ -287,6 +329,7 @@ def main() -> None:
         print(f"| {name} | {code} | {wall / 60:.1f} min | {peak:.2f} GB | {peak / (size / 1e9):.2f}x |")
     if (args.dir / "out-bf16" / "model.onnx").is_file() and args.only != "int4":
         print(check_first_layers(base, args.dir / "out-bf16", CHECK_LAYERS))
+        print(check_whole(base, args.dir / "out-bf16"))
 
 
 if __name__ == "__main__":

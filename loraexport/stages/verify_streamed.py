@@ -90,14 +90,20 @@ def branches(src: CheckpointSource) -> dict[str, list[tuple[torch.Tensor, torch.
 
 
 def _onnx_outputs(
-    directory: Path, meta: dict, threads: int, ids: np.ndarray, mask: np.ndarray, generate: bool
+    directory: Path,
+    meta: dict,
+    threads: int,
+    ids: np.ndarray,
+    mask: np.ndarray,
+    generate: bool,
+    progress: bool,
 ):
     """onnxruntime's logits at every position (teacher forcing) and, with ``generate``, its greedy
     tokens. A fused graph runs a few layers at a time (``verify.chunked``): onnxruntime never holds
     the whole model; any other causal export in one session."""
     try:
         if is_fused(meta):
-            with ChunkedDecoder(directory, meta, threads) as model:
+            with ChunkedDecoder(directory, meta, threads, progress=progress) as model:
                 logits = model.forward_all(ids, mask)
                 tokens = model.generate(ids, mask, NEW_TOKENS) if generate else None
         else:
@@ -156,7 +162,7 @@ def verify_streamed(
         log(
             f"verify: onnxruntime runs the export on {ids.shape[0]}×{ids.shape[1]} tokens, {NEW_TOKENS} new …"
         )
-        q, got = _onnx_outputs(onnx_dir, meta, threads, ids, mask, generate=True)
+        q, got = _onnx_outputs(onnx_dir, meta, threads, ids, mask, True, progress)
     q0 = None
     if quantized and src.adapters:
         with Stage("verify: the export without the adapter (Q0)", records):
@@ -235,7 +241,7 @@ def _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log,
                 base.checkpoint.on_read = bar.update
                 write_fused_decoder(base, Path(td) / "model.onnx", precision, streamed=True)
         base_meta = {**meta, "mode": ExportMode.BASE.value}
-        q0, _ = _onnx_outputs(Path(td), base_meta, threads, ids, mask, generate=False)
+        q0, _ = _onnx_outputs(Path(td), base_meta, threads, ids, mask, False, progress)
     finally:
         shutil.rmtree(td, ignore_errors=True)
     return q0

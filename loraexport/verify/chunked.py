@@ -32,6 +32,7 @@ from onnx import TensorProto, helper
 
 from loraexport.errors import InvalidInputError
 from loraexport.fused_runtime import positions
+from loraexport.progress import Progress
 from loraexport.runtime import open_session
 
 CHUNK_BYTES = 512 * 1024**2  # weights per chunk at most (at least one layer)
@@ -135,9 +136,15 @@ class ChunkedDecoder:
     manager: its scratch folder (the chunk files and a hard link of the weights) goes on exit."""
 
     def __init__(
-        self, directory: Path, meta: dict, threads: int | None = None, budget: int | None = None
+        self,
+        directory: Path,
+        meta: dict,
+        threads: int | None = None,
+        budget: int | None = None,
+        progress: bool = False,
     ) -> None:
-        self.dir = Path(directory)
+        """``progress``: a bar (on a terminal) over the calls of ``forward_all`` and ``generate``."""
+        self.dir, self.progress = Path(directory), progress
         model = meta["model"]
         self.layers, self.kv_heads, self.head_dim = model["n_layers"], model["kv_heads"], model["head_dim"]
         self.threads = threads
@@ -201,10 +208,12 @@ class ChunkedDecoder:
         batch, length = ids.shape
         pos = positions(mask)
         carries: list[list[np.ndarray] | None] = [None] * length
+        bar = Progress(self.chunks * length, "onnxruntime", "calls", self.progress)
         for (a, b), path in zip(self.ranges, self.files, strict=True):
             session = open_session(path, "cpu", self.threads)
             past = self._empty(batch, a, b)
             for t in range(length):
+                bar.update(1)
                 feeds = {
                     "input_ids": ids[:, t : t + 1],
                     "attention_mask": mask[:, : t + 1],
@@ -212,6 +221,7 @@ class ChunkedDecoder:
                 }
                 carries[t], past = self._run(session, a, b, feeds, past, carries[t])
             del session, past
+        bar.close()
         return np.concatenate([c[0] for c in carries], axis=1)  # each (B, 1, V)
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
@@ -223,6 +233,7 @@ class ChunkedDecoder:
         sessions = [open_session(self.files[0], "cpu", self.threads)] if self.chunks == 1 else None
         new = np.zeros((batch, max_new_tokens), np.int64)
         step_ids, pos = ids, positions(mask)
+        bar = Progress(max_new_tokens * self.chunks, "onnxruntime generate", "calls", self.progress)
         for n in range(max_new_tokens):
             feeds = {"input_ids": step_ids, "attention_mask": mask, "position_ids": pos}
             carry = None
@@ -230,8 +241,10 @@ class ChunkedDecoder:
                 session = sessions[0] if sessions else open_session(self.files[c], "cpu", self.threads)
                 carry, pasts[c] = self._run(session, a, b, feeds, pasts[c], carry)
                 del session
+                bar.update(1)
             new[:, n] = carry[0][:, -1].argmax(-1)
             step_ids = new[:, n : n + 1]
             mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
             pos = positions(mask)[:, -1:]
+        bar.close()
         return new
