@@ -51,6 +51,7 @@ from loraexport.export.fused_config import check_config
 from loraexport.export.fused_source import ModuleSource, Source, _Linear
 from loraexport.export.graph_writer import HALF, Graph, Sink
 from loraexport.export.onnx import EXTERNAL_DATA_BYTES
+from loraexport.lora.merge import cast_checked
 
 OPSETS = {"": 21, "com.microsoft": 1}
 IR_VERSION = 10  # what opset 21 needs; onnxruntime 1.32 loads it (the genai builder writes 10 too)
@@ -300,7 +301,9 @@ def write_fused_decoder(
     try:
         embed = src.embedding()
         if precision in HALF:  # gathered in half precision, then cast: never a float32 copy of the table
-            stored = g.tensor("embed_tokens.weight", embed.to(HALF[precision]))
+            stored = g.tensor(
+                "embed_tokens.weight", cast_checked(embed, HALF[precision], "model.embed_tokens.weight")
+            )
             gathered = g.op("Gather", [stored, "input_ids"], "embeddings.half")
             residual = g.op("Cast", [gathered], "embeddings", to=TensorProto.FLOAT)
         else:

@@ -47,3 +47,22 @@ def _check_window(config) -> None:
         raise ExportError(f"fused export: sliding_window {window} < max_position_embeddings {limit}")
     if types is not None and any(t not in ("full_attention", "sliding_attention") for t in types):
         raise ExportError(f"fused export: unsupported layer_types {sorted(set(types))}")
+
+
+def bias_allowed(config: Any, module: str) -> bool:
+    """Whether transformers builds the projection ``module`` (``...self_attn.q_proj``) with a bias,
+    as the config says: Qwen2's q/k/v always; Llama's attention projections with ``attention_bias``
+    and its MLP with ``mlp_bias``; Mistral's and every LM head never. A bias tensor a checkpoint
+    holds where the config has none is not part of the model (transformers ignores it too)."""
+    get = (
+        config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+    )
+    name = module.rsplit(".", 1)[-1]
+    kind = get("model_type")
+    if kind == "qwen2":
+        return name in ("q_proj", "k_proj", "v_proj")
+    if kind == "llama" and name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+        return bool(get("attention_bias", False))
+    if kind == "llama" and name in ("gate_proj", "up_proj", "down_proj"):
+        return bool(get("mlp_bias", False))
+    return False

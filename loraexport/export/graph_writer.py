@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from loraexport.enums import Precision
 from loraexport.errors import ExportError
+from loraexport.lora.merge import cast_checked
 
 MS = "com.microsoft"
 # MatMulNBits as export.quantize writes it (symmetric, blocks of 16, int8 activations per block)
@@ -127,7 +128,7 @@ class Graph:
             bits = 8 if wide or self.precision is Precision.INT8 else BITS[self.precision]
             return self._nbits(x, weight, name, bits)
         if self.precision in HALF:
-            stored = self.tensor(f"{name}.weight.T", weight.T.to(HALF[self.precision]))
+            stored = self.tensor(f"{name}.weight.T", cast_checked(weight.T, HALF[self.precision], name))
             cast = self.op("Cast", [stored], f"{name}.weight.T.float", to=TensorProto.FLOAT)
             return self.op("MatMul", [x, cast], out)
         return self.op("MatMul", [x, self.tensor(f"{name}.weight.T", weight.T.to(torch.float32))], out)

@@ -23,6 +23,7 @@ from pathlib import Path
 import torch
 
 from loraexport.errors import AdapterMismatchError, ModelFormatError
+from loraexport.export.fused_config import bias_allowed
 from loraexport.export.fused_source import FAMILIES, _Linear
 from loraexport.io import read_json
 from loraexport.lora.adapter import Adapter
@@ -67,12 +68,16 @@ class Checkpoint:
         self.dir, self.on_read = Path(model_dir), on_read
         shards, index = checkpoint_shards(self.dir)
         self.tensors: dict[str, tuple[Path, TensorInfo]] = {}
+        seen: dict[str, str] = {}
         for shard in shards:
             for t in read_header(self.dir / shard)[0]:
+                if t.name in seen:  # loaders differ on which copy wins: refuse both
+                    raise ModelFormatError(
+                        f"{self.dir}: tensor {t.name!r} is in two shards ({seen[t.name]}, {shard})"
+                    )
+                seen[t.name] = shard
                 if index is not None and index["weight_map"].get(t.name) != shard:
                     continue  # the index says where each tensor is: only there
-                if t.name in self.tensors:
-                    raise ModelFormatError(f"{self.dir}: tensor {t.name!r} is in two shards")
                 self.tensors[t.name] = (self.dir / shard, t)
         missing = sorted(set(index["weight_map"]) - set(self.tensors)) if index is not None else []
         if missing:
@@ -146,6 +151,7 @@ class CheckpointSource:
         self.weights = adapter_weights(len(self.adapters), weights)
         self.merge, self.storage = merge, storage
         self._check_layers()
+        self._replaced = self.replacements
         linears = {
             n.removesuffix(".weight") for n, shape in self.expected_shapes().items() if len(shape) == 2
         }
@@ -195,17 +201,29 @@ class CheckpointSource:
             out |= {f"{p}.self_attn.{n}.weight": (kv * hd, h) for n in ("k_proj", "v_proj")}
             out |= {f"{p}.mlp.{n}.weight": (inter, h) for n in ("gate_proj", "up_proj")}
             out[f"{p}.mlp.down_proj.weight"] = (h, inter)
-            for n, size in (("q_proj", heads * hd), ("k_proj", kv * hd), ("v_proj", kv * hd)):
-                if self.checkpoint.has(f"{p}.self_attn.{n}.bias"):
-                    out[f"{p}.self_attn.{n}.bias"] = (size,)
+            sizes = {"q_proj": heads * hd, "k_proj": kv * hd, "v_proj": kv * hd, "o_proj": h}
+            sizes |= {"gate_proj": inter, "up_proj": inter, "down_proj": h}
+            for n, size in sizes.items():
+                module = f"{p}.{'mlp' if n in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{n}"
+                if bias_allowed(c, module):
+                    out[f"{module}.bias"] = (size,)
+        return out
+
+    @property
+    def replacements(self) -> dict[str, torch.Tensor]:
+        """The adapters' replacements (trained biases, modules_to_save) by tensor name; two adapters
+        replacing one tensor with different values are refused, as the in-memory merge refuses them."""
+        out: dict[str, torch.Tensor] = {}
+        for adapter in self.adapters:
+            for name, t in adapter.replacements.items():
+                if name in out and not torch.equal(out[name], t):
+                    raise AdapterMismatchError(f"two adapters replace {name!r} with different values")
+                out[name] = t
         return out
 
     def _tensor(self, name: str) -> torch.Tensor:
         """A tensor with the adapters' replacements (trained biases, modules_to_save) applied."""
-        for adapter in reversed(self.adapters):
-            if name in adapter.replacements:
-                return adapter.replacements[name]
-        return self.checkpoint.read(name)
+        return self._replaced[name] if name in self._replaced else self.checkpoint.read(name)
 
     def linear_shape(self, path: str) -> tuple[int, int]:
         name = self._head_name() if path == "lm_head" else f"{path}.weight"
@@ -217,7 +235,7 @@ class CheckpointSource:
     def linear(self, path: str) -> _Linear:
         key = f"{path}.weight"
         w0 = self._tensor(key)
-        bias = self._tensor(f"{path}.bias") if self.checkpoint.has(f"{path}.bias") else None
+        bias = self._tensor(f"{path}.bias") if bias_allowed(self.config, path) else None
         touched = [a for a in self.adapters if path in a.weights or key in a.replacements]
         if self.merge and touched:
             merged, _ = merge_state_dict(

@@ -28,10 +28,11 @@ from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError, VerificationFailedError
 from loraexport.export.fused import write_fused_decoder
+from loraexport.export.fused_config import check_config
 from loraexport.export.onnx import ExportResult, opset_written
 from loraexport.export.optimize import FUSED_TYPES
 from loraexport.export.quantize import quantization_description
-from loraexport.export.streamed import Checkpoint, CheckpointSource, float32_bytes
+from loraexport.export.streamed import Checkpoint, CheckpointSource, float32_bytes, read_config
 from loraexport.io import read_json
 from loraexport.lora.adapter import Adapter
 from loraexport.memory import Stage, StageRecord, available, peak_rss
@@ -73,17 +74,43 @@ def wants_stream(model_dir: str | Path, stream: bool | None) -> bool:
     return free is not None and need > free
 
 
-def check_streamable(mode: ExportMode, half: Precision | None, verify: bool) -> None:
-    """What the streamed path does not do, refused before any work (``InvalidInputError``)."""
+def check_streamable(
+    model_dir,
+    mode: ExportMode,
+    half: Precision | None,
+    verify: bool,
+    opts=None,
+    command: str = "merge-and-export",
+) -> None:
+    """What the streamed path does not do, refused before any work (``InvalidInputError``): the
+    adapter mode, verifying a half-stored export, another provider than the CPU, and a model
+    configuration the fused graph cannot compute (read from config.json alone)."""
     if mode is ExportMode.ADAPTER:
         raise InvalidInputError(
             "--mode adapter is not streamed: give --no-stream (the model must fit in memory)"
         )
     if half and verify:
-        raise InvalidInputError(
-            f"a streamed {half.value} export is not verified yet: give --no-verify, or --quantize "
-            "(verified against the layer-streamed reference)"
+        how = (
+            "--no-verify, or --quantize"
+            if command != "verify"
+            else "--no-stream on a machine that holds the model"
         )
+        raise InvalidInputError(
+            f"a streamed {half.value} export is not verified yet: give {how} "
+            "(a quantized one is verified against the layer-streamed reference)"
+        )
+    providers = [p for p in (getattr(opts, "providers", None) or []) if p != "cpu"]
+    if verify and providers:
+        raise InvalidInputError(
+            f"a streamed verification runs on the CPU; --provider {providers[0]} is not streamed"
+        )
+    from loraexport.models.hf.common import read_config as hf_config
+
+    read_config(Path(model_dir))  # a fused family, before transformers reads it
+    try:
+        check_config(hf_config(Path(model_dir))[1].get_text_config(decoder=True))  # as the writer reads it
+    except ExportError as e:
+        raise InvalidInputError(f"--stream: {Path(model_dir) / 'config.json'}: {e}") from e
 
 
 def session_bytes(checkpoint: Checkpoint, precision: Precision) -> int:
@@ -230,7 +257,7 @@ def streamed_export(
     progress,
 ) -> ExportResult:
     """``loraexport export`` of a model larger than memory (see the module docstring)."""
-    check_streamable(mode, half, verify=False)
+    check_streamable(model_dir, mode, half, verify=False, command="export")
     out_plan = plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
     src = _load(model_dir, adapters, weights, keep_adapter or mode is ExportMode.UNMERGED, half, allow_pickle)
     kind = _mode(adapters, keep_adapter or mode is ExportMode.UNMERGED)
@@ -276,7 +303,7 @@ def streamed_merge_and_export(
     progress,
 ) -> Report:
     """``merge-and-export`` of a model larger than memory: each stage's time and memory in the report."""
-    check_streamable(ExportMode.MERGED, half, verify_output)
+    check_streamable(base, ExportMode.MERGED, half, verify_output, opts)
     out_plan = plan(out, force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data})
     records: list[StageRecord] = []
     with Stage("load and check the inputs (headers, adapters)", records):
@@ -327,8 +354,13 @@ def verify_export(
     kind = ExportMode.parse(meta.get("mode", "merged"))
     precision = Precision.parse(meta.get("weights_dtype", "float32"))
     half = precision if precision.is_half else None
-    check_streamable(kind, half, verify=True)
-    if meta.get("model", {}).get("kind") != "causal" or kind is ExportMode.BASE and adapters:
+    check_streamable(base, kind, half, True, opts, command="verify")
+    if (
+        not isinstance(meta.get("model"), dict)
+        or meta["model"].get("kind") != "causal"
+        or kind is ExportMode.BASE
+        and adapters
+    ):
         raise InvalidInputError(
             f"{onnx_dir}: a streamed verification checks a merged or unmerged causal export"
         )

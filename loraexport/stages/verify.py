@@ -99,7 +99,7 @@ def verify(
     meta = read_export_meta(onnx_path, ModelFormatError)  # once, bounded and type-checked
     check_mode(meta, mode, weights, onnx_path)
     half = half_precision(meta.get("weights_dtype"))
-    if stream is not False and (meta.get("streamed") or wants_stream(base, stream)):
+    if stream is not False and (meta.get("streamed") is True or wants_stream(base, stream)):
         from loraexport.stages.streamed import verify_export
 
         report = verify_export(

@@ -24,20 +24,22 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from loraexport.data import read_pairs
 from loraexport.enums import ExportMode, Precision
-from loraexport.errors import InvalidInputError
+from loraexport.errors import InvalidInputError, first_line
 from loraexport.export.fused import write_fused_decoder
 from loraexport.export.streamed import CheckpointSource
 from loraexport.memory import Stage, StageRecord
 from loraexport.progress import Progress
 from loraexport.report import Report
-from loraexport.runtime import OnnxModel, RuntimeInputError
+from loraexport.runtime import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
 from loraexport.stages.inputs import Log, machine
 from loraexport.verify.chunked import ChunkedDecoder, is_fused, scratch_dir
 from loraexport.verify.half import MIN_ADAPTER_RETAINED
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import (
     FUSED_NOISE_MULTIPLE,
+    NOISE_MULTIPLE,
     GenerationResult,
     ParityCaseResult,
     ParityResult,
@@ -55,18 +57,29 @@ REFERENCE = (
 )
 
 
-def _inputs(src: CheckpointSource, seed: int) -> tuple[np.ndarray, np.ndarray, str]:
-    """``ROWS`` rows of up to ``LENGTH`` tokens (text when the base has a tokenizer), the last
-    row left-padded; (ids, mask, what they are)."""
+def _inputs(
+    src: CheckpointSource, seed: int, sources: list[str] | None
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """``ROWS`` rows of up to ``LENGTH`` tokens (text when the base has a tokenizer: the
+    ``--eval-data`` prompts, else ``REFERENCE_TEXTS``), the last row left-padded; (ids, mask,
+    what they are)."""
     from loraexport.models.hf.tokenizer import encode, load_tokenizer
 
     vocab = int(src.config.vocab_size)
-    length = min(LENGTH, int(src.config.max_position_embeddings) - NEW_TOKENS)
+    positions = int(src.config.max_position_embeddings)
+    if positions < 2 * NEW_TOKENS:
+        raise InvalidInputError(
+            f"max_position_embeddings {positions}: a streamed verification needs {2 * NEW_TOKENS} positions"
+        )
+    length = min(LENGTH, positions - NEW_TOKENS)
     tokenizer = load_tokenizer(src.checkpoint.dir, vocab)
     rows: list[list[int]]
+    texts = [t for t in (sources or []) if t.strip()][:ROWS]
+    if tokenizer is not None and len(texts) < ROWS:
+        texts += list(REFERENCE_TEXTS[: ROWS - len(texts)])
     if tokenizer is not None:
-        rows = [s[:length] for s in encode(tokenizer, list(REFERENCE_TEXTS[:ROWS]), vocab)]
-        what = "the reference texts' first tokens"
+        rows = [s[:length] or [0] for s in encode(tokenizer, texts, vocab)]
+        what = "the --eval-data prompts' first tokens" if sources else "the reference texts' first tokens"
     else:
         g = torch.Generator().manual_seed(seed)
         rows = [torch.randint(0, vocab, (length,), generator=g).tolist() for _ in range(ROWS)]
@@ -113,6 +126,8 @@ def _onnx_outputs(
             del model
     except RuntimeInputError as e:
         raise InvalidInputError(str(e)) from e
+    except _ORT_LOAD_ERRORS as e:  # a graph that does not run on these inputs: not this model's export
+        raise InvalidInputError(f"onnxruntime cannot run {directory}: {first_line(e)}") from e
     gc.collect()
     return logits.astype(np.float64), tokens
 
@@ -156,7 +171,8 @@ def verify_streamed(
 
     threads = opts.threads or machine()["cores"]
     torch.set_num_threads(threads)
-    ids, mask, what = _inputs(src, opts.seed)
+    sources = [p for p, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
+    ids, mask, what = _inputs(src, opts.seed, sources)
     quantized = precision.is_quantized
     with Stage("verify: onnxruntime runs the export", records):
         log(
@@ -175,12 +191,12 @@ def verify_streamed(
     ):
         log("verify: the layer-streamed reference …")
         with _reference_bar(src, progress, "reference") as bar:
-            ref = StreamedDecoder(src.checkpoint.dir, branches(src), progress=bar)
+            ref = _decoder(StreamedDecoder, src, bar)
             out = ref.forward(torch.from_numpy(ids), torch.from_numpy(mask), streams)
     with Stage(f"verify: layer-streamed reference generates {NEW_TOKENS} tokens", records):
         log(f"verify: the layer-streamed reference generates {NEW_TOKENS} tokens ({NEW_TOKENS} passes) …")
         with _reference_bar(src, progress, "generate") as bar:
-            ref = StreamedDecoder(src.checkpoint.dir, branches(src), progress=bar)
+            ref = _decoder(StreamedDecoder, src, bar)
             want = ref.generate(torch.from_numpy(ids), torch.from_numpy(mask), NEW_TOKENS).numpy()
     valid = mask.astype(bool)
     generation = _generation(got, want)
@@ -188,16 +204,25 @@ def verify_streamed(
         _quantization(report, q, q0, out, streams, valid, generation, precision, kind, what)
         return
     u32, u64 = (out[s].double().numpy() for s in streams)
-    parity = compare_outputs("logits", u32, u64, q, valid, FUSED_NOISE_MULTIPLE)
+    multiple = FUSED_NOISE_MULTIPLE if is_fused(meta) else NOISE_MULTIPLE
+    parity = compare_outputs("logits", u32, u64, q, valid, multiple)
     case = ParityCaseResult(
         f"{what}, {ids.shape[0]}×{ids.shape[1]} (one row left-padded)", *ids.shape, [parity]
     )
-    report.parity.append(ParityResult("cpu", [case], generation, REFERENCE, FUSED_NOISE_MULTIPLE))
+    report.parity.append(ParityResult("cpu", [case], generation, REFERENCE, multiple))
 
 
 def _name(stream) -> str:
     dtype, lora = stream
     return f"{str(dtype).removeprefix('torch.')}{' + LoRA' if lora else ' base'}"
+
+
+def _decoder(cls, src: CheckpointSource, bar):
+    """The layer-streamed reference of ``src``: its LoRA branches and its adapters' replacements."""
+    try:
+        return cls(src.checkpoint.dir, branches(src), progress=bar, overrides=src.replacements)
+    except ValueError as e:  # what the reference cannot compute, in one line
+        raise InvalidInputError(str(e).splitlines()[0]) from e
 
 
 class _reference_bar:  # noqa: N801 - used as a context manager, like Progress

@@ -32,8 +32,9 @@ from onnx import TensorProto, helper
 
 from loraexport.errors import InvalidInputError
 from loraexport.fused_runtime import positions
+from loraexport.onnx_files import check_external_data
 from loraexport.progress import Progress
-from loraexport.runtime import open_session
+from loraexport.runtime import RuntimeInputError, open_session
 
 CHUNK_BYTES = 512 * 1024**2  # weights per chunk at most (at least one layer)
 MIN_CHUNKS = 4  # and at most a quarter of the model: what is resident stays a fraction of it
@@ -124,6 +125,28 @@ def scratch_dir(beside: Path, what: str) -> str:
         ) from e
 
 
+def _cache_dims(proto: onnx.ModelProto, meta: dict, where: Path) -> tuple[int, int, int]:
+    """(layers, kv heads, head dim) of the graph, read from its cache inputs and checked against
+    its ``loraexport.json`` (untrusted: a wrong count would cut the graph wrongly)."""
+    past = {i.name: i for i in proto.graph.input if i.name.startswith("past_key_values.")}
+    layers = len(past) // 2
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    first = past.get("past_key_values.0.key")
+    dims = [d.dim_value for d in first.type.tensor_type.shape.dim] if first is not None else []
+    said = (model.get("n_layers"), model.get("kv_heads"), model.get("head_dim"))
+    if (
+        not layers
+        or len(dims) != 4
+        or said != (layers, dims[1], dims[3])
+        or set(past) != {f"past_key_values.{i}.{k}" for i in range(layers) for k in KV}
+    ):
+        raise InvalidInputError(
+            f"{where / 'loraexport.json'}: n_layers, kv_heads, head_dim {list(said)} do not describe the "
+            f"graph's cache ({layers} layers of {dims[1:2] + dims[3:4]})"
+        )
+    return layers, dims[1], dims[3]
+
+
 def is_fused(meta: dict) -> bool:
     """Whether an export is the graph ``export.fused`` writes (its layer boundaries are known)."""
     return (meta.get("optimize") or {}).get("layout") == "fused" and meta.get("model", {}).get(
@@ -145,25 +168,32 @@ class ChunkedDecoder:
     ) -> None:
         """``progress``: a bar (on a terminal) over the calls of ``forward_all`` and ``generate``."""
         self.dir, self.progress = Path(directory), progress
-        model = meta["model"]
-        self.layers, self.kv_heads, self.head_dim = model["n_layers"], model["kv_heads"], model["head_dim"]
         self.threads = threads
+        try:
+            check_external_data(self.dir / "model.onnx")  # names the export's own files, bounded
+        except RuntimeInputError as e:
+            raise InvalidInputError(str(e)) from e
         proto = onnx.load(str(self.dir / "model.onnx"), load_external_data=False)
+        self.layers, self.kv_heads, self.head_dim = _cache_dims(proto, meta, self.dir)
         total = sum(_bytes(t) for t in proto.graph.initializer)
         self.ranges = _plan(proto, self.layers, budget or min(CHUNK_BYTES, total // MIN_CHUNKS))
         self._scratch = scratch_dir(self.dir, "chunks")
-        scratch = Path(self._scratch)
-        data = self.dir / "model.onnx.data"
-        if data.is_file():
-            try:
-                (scratch / data.name).hardlink_to(data)
-            except OSError:  # another file system: a copy (the export's size, once)
-                shutil.copyfile(data, scratch / data.name)
-        self.files = []
-        for a, b in self.ranges:
-            path = scratch / f"layers_{a}_{b}.onnx"
-            onnx.save_model(cut(proto, a, b, self.layers), str(path))
-            self.files.append(path)
+        try:  # a signal or a full disk here leaves nothing behind (the hard link holds the weights)
+            scratch = Path(self._scratch)
+            data = self.dir / "model.onnx.data"
+            if data.is_file():
+                try:
+                    (scratch / data.name).hardlink_to(data)
+                except OSError:  # another file system: a copy (the export's size, once)
+                    shutil.copyfile(data, scratch / data.name)
+            self.files = []
+            for a, b in self.ranges:
+                path = scratch / f"layers_{a}_{b}.onnx"
+                onnx.save_model(cut(proto, a, b, self.layers), str(path))
+                self.files.append(path)
+        except BaseException:
+            self.close()
+            raise
         del proto
 
     def __enter__(self) -> ChunkedDecoder:

@@ -28,6 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from loraexport.export.fused_config import bias_allowed
+
 Stream = tuple[torch.dtype, bool]
 Branch = tuple[torch.Tensor, torch.Tensor, float]
 Weights = dict[str, torch.Tensor]
@@ -65,10 +67,15 @@ class StreamedDecoder:
         branches: dict[str, list[Branch]] | None = None,
         *,
         progress: Callable[[int, int], None] | None = None,
+        overrides: dict[str, torch.Tensor] | None = None,
     ) -> None:
+        """``overrides``: tensors that replace the checkpoint's, by name (an adapter's trained
+        biases and ``modules_to_save``), each of the shape it replaces."""
         self.model_dir = Path(model_dir)
         self.progress = progress
+        self.overrides = dict(overrides or {})
         cfg = json.loads((self.model_dir / "config.json").read_text())
+        self._cfg = cfg
         self._read_config(cfg)
         self._files: dict[str, Path] = {}  # tensor name -> shard
         self._meta: dict[str, tuple[list[int], int]] = {}  # tensor name -> (shape, itemsize)
@@ -84,7 +91,12 @@ class StreamedDecoder:
                     sl = f.get_slice(name)
                     self._files[name] = self.model_dir / shard
                     self._meta[name] = (list(sl.get_shape()), _ITEMSIZE[sl.get_dtype()])
-        self._head_name = "model.embed_tokens.weight" if self.tie else "lm_head.weight"
+        # transformers keeps a checkpoint's own lm_head even when the config ties it
+        tied = self.tie and "lm_head.weight" not in self._meta
+        self._head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        for name, t in self.overrides.items():
+            if name not in self._meta or list(t.shape) != self._meta[name][0]:
+                raise ValueError(f"{self.model_dir}: override {name} fits no tensor of the checkpoint")
         required = ["model.embed_tokens.weight", "model.norm.weight", self._head_name]
         for i in range(self.n_layers):
             required += [f"model.layers.{i}.{m}.weight" for m in NORMS + LINEARS]
@@ -115,7 +127,7 @@ class StreamedDecoder:
         self.hidden, self.n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
         self.n_kv = cfg.get("num_key_value_heads") or self.n_heads
         self.head_dim = cfg.get("head_dim") or self.hidden // self.n_heads
-        self.eps, self.n_layers = float(cfg["rms_norm_eps"]), cfg["num_hidden_layers"]
+        self.eps, self.n_layers = float(cfg.get("rms_norm_eps", 1e-6)), cfg["num_hidden_layers"]
         self.tie = bool(cfg.get("tie_word_embeddings", False))
         # Sliding-window attention per layer, as transformers decides it (None: full attention).
         window, types = cfg.get("sliding_window") if cfg["model_type"] != "llama" else None, None
@@ -170,7 +182,7 @@ class StreamedDecoder:
         for path in dict.fromkeys(self._files[n] for n in names):
             with safe_open(path, framework="pt") as f:
                 out.update({n: f.get_tensor(n) for n in names if self._files[n] == path})
-        return out
+        return out | {n: self.overrides[n] for n in names if n in self.overrides}
 
     def _cast(
         self, stored: Weights, dtype: torch.dtype, modules: Iterable[str]
@@ -203,7 +215,8 @@ class StreamedDecoder:
             self.progress(self._done, self._total)
 
     def _linear(self, x: torch.Tensor, w: Weights, br: dict[str, list[Branch]], module: str) -> torch.Tensor:
-        y = F.linear(x, w[module + ".weight"], w.get(module + ".bias"))
+        bias = w.get(module + ".bias") if bias_allowed(self._cfg, module) else None
+        y = F.linear(x, w[module + ".weight"], bias)
         for a, b, c in br.get(module, ()):
             y = y + c * F.linear(F.linear(x, a), b)
         return y

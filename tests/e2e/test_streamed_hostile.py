@@ -1,0 +1,264 @@
+"""``--stream`` against hostile or unusual inputs (a review's findings, each kept as a test): the
+streamed export and its layer-streamed reference read a checkpoint as transformers does, or the
+input is refused in one line (exit 3) before anything is written; nothing is left beside it."""
+
+from __future__ import annotations
+
+import copy
+import json
+import shutil
+
+import numpy as np
+import onnx
+import peft
+import pytest
+import torch
+from artifacts import make_hf_decoder, make_peft_adapter
+from clihelp import ok, refused, run, untouched
+from safetensors.torch import load_file, save_file
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    root = tmp_path_factory.mktemp("hostile")
+    model = make_hf_decoder(root / "base", "llama")
+    make_peft_adapter(copy.deepcopy(model), root / "adapter", "llama")
+    return root / "base", root / "adapter", model
+
+
+def _variant(base, dst, config=None, tensors=None):
+    """A copy of ``base`` with config.json updated by ``config`` and its tensors edited in place."""
+    shutil.copytree(base, dst)
+    if config:
+        c = json.loads((dst / "config.json").read_text())
+        (dst / "config.json").write_text(json.dumps({**c, **config}))
+    if tensors:
+        t = load_file(str(dst / "model.safetensors"))
+        tensors(t)
+        save_file(t, str(dst / "model.safetensors"), metadata={"format": "pt"})
+    return dst
+
+
+def _peft(model, directory, **config):
+    """A PEFT adapter whose every trainable tensor (LoRA B, biases, saved modules) is moved."""
+    lora = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=4, lora_alpha=8, **config))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in lora.named_parameters():
+            if p.requires_grad and "lora_A" not in name:
+                p.add_(torch.randn(p.shape, generator=g) * 0.3)
+    lora.save_pretrained(directory)
+
+
+@pytest.mark.parametrize(
+    ("kind", "config"),
+    [
+        ("qwen2", dict(target_modules=["q_proj", "v_proj"], bias="lora_only")),
+        ("llama", dict(target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"])),
+    ],
+    ids=["trained-biases", "modules-to-save"],
+)
+def test_an_adapters_replaced_tensors_reach_the_export_and_the_reference(tmp_path, kind, config):
+    model = make_hf_decoder(tmp_path / "base", kind)
+    _peft(model, tmp_path / "adapter", **config)
+    ok(
+        run(
+            "merge-and-export",
+            "--base",
+            tmp_path / "base",
+            "--adapter",
+            tmp_path / "adapter",
+            "--out",
+            tmp_path / "o",
+            "--stream",
+        )
+    )
+
+
+def test_a_checkpoints_own_lm_head_is_kept_when_the_config_ties_it(llama, tmp_path):
+    base, adapter, _ = llama
+    v = _variant(base, tmp_path / "v", {"tie_word_embeddings": True})  # lm_head.weight stays, differs
+    ok(run("merge-and-export", "--base", v, "--adapter", adapter, "--out", tmp_path / "o", "--stream"))
+
+
+def test_bias_tensors_the_config_has_no_bias_for_are_ignored_as_transformers_ignores_them(llama, tmp_path):
+    base, adapter, _ = llama
+
+    def add_biases(t):
+        for i in range(2):
+            for n in ("q_proj", "k_proj", "v_proj"):
+                w = t[f"model.layers.{i}.self_attn.{n}.weight"]
+                t[f"model.layers.{i}.self_attn.{n}.bias"] = torch.full((w.shape[0],), 0.5)
+
+    v = _variant(base, tmp_path / "v", tensors=add_biases)  # attention_bias stays false
+    ok(run("export", "--model", v, "--out", tmp_path / "a", "--stream"))
+    ok(run("export", "--model", base, "--out", tmp_path / "b", "--stream"))
+    from loraexport.runtime import OnnxModel
+
+    ids, mask = np.array([[5, 6, 7, 8]]), np.ones((1, 4), np.int64)
+    assert np.array_equal(
+        OnnxModel(tmp_path / "a").forward(ids, mask), OnnxModel(tmp_path / "b").forward(ids, mask)
+    )
+    ok(run("merge-and-export", "--base", v, "--adapter", adapter, "--out", tmp_path / "c", "--stream"))
+
+
+@pytest.mark.parametrize(
+    ("config", "edit", "needles"),
+    [
+        (
+            {"attention_bias": True},
+            lambda t: t.update(
+                {
+                    f"model.layers.{i}.self_attn.{n}.bias": torch.zeros(
+                        33 if n == "o_proj" else 16 if n != "q_proj" else 32
+                    )
+                    for i in range(2)
+                    for n in ("q_proj", "k_proj", "v_proj", "o_proj")
+                }
+            ),
+            ("o_proj.bias has shape [33]", "config.json gives [32]"),
+        ),
+        (
+            {"rope_scaling": {"rope_type": "linear", "factor": 2.0}},
+            None,
+            ("--stream", "rope_type is 'linear'"),
+        ),
+        ({"max_position_embeddings": 6}, None, ("max_position_embeddings 6",)),
+    ],
+    ids=["o-proj-bias-shape", "linear-rope", "too-few-positions"],
+)
+def test_a_checkpoint_the_streamed_path_cannot_compute_is_refused_in_one_line(
+    llama, tmp_path, config, edit, needles
+):
+    base, adapter, _ = llama
+    v = _variant(base, tmp_path / "v", config, edit)
+    with untouched(tmp_path):
+        refused(
+            run("merge-and-export", "--base", v, "--adapter", adapter, "--out", tmp_path / "o", "--stream"),
+            3,
+            *needles,
+        )
+
+
+def test_a_config_without_rms_norm_eps_takes_transformers_default(llama, tmp_path):
+    base, adapter, _ = llama
+    v = _variant(base, tmp_path / "v")
+    c = json.loads((v / "config.json").read_text())
+    c.pop("rms_norm_eps")
+    (v / "config.json").write_text(json.dumps(c))
+    ok(run("merge-and-export", "--base", v, "--adapter", adapter, "--out", tmp_path / "o", "--stream"))
+
+
+def test_float16_storage_refuses_an_embedding_beyond_its_range(llama, tmp_path):
+    base, _, _ = llama
+    v = _variant(
+        base, tmp_path / "v", tensors=lambda t: t["model.embed_tokens.weight"].__setitem__((7, 3), 1e5)
+    )
+    with untouched(tmp_path):
+        refused(
+            run("export", "--model", v, "--out", tmp_path / "o", "--stream", "--dtype", "float16"),
+            3,
+            "embed_tokens",
+            "float16",
+        )
+
+
+def test_a_tensor_in_two_shards_is_refused(llama, tmp_path):
+    base, _, model = llama
+    v = tmp_path / "v"
+    copy.deepcopy(model).save_pretrained(v, max_shard_size="20KB")
+    index = json.loads((v / "model.safetensors.index.json").read_text())
+    name = "model.layers.0.self_attn.q_proj.weight"
+    other = next(f for f in sorted(set(index["weight_map"].values())) if f != index["weight_map"][name])
+    t = load_file(str(v / other))
+    t[name] = torch.zeros_like(model.model.layers[0].self_attn.q_proj.weight)
+    save_file(t, str(v / other), metadata={"format": "pt"})
+    with untouched(tmp_path):
+        refused(run("export", "--model", v, "--out", tmp_path / "o", "--stream"), 3, "is in two shards")
+
+
+def test_two_adapters_replacing_one_tensor_differently_are_refused(tmp_path):
+    model = make_hf_decoder(tmp_path / "base", "qwen2")
+    _peft(model, tmp_path / "a1", target_modules=["q_proj", "v_proj"], bias="lora_only")
+    torch.manual_seed(5)
+    _peft(model, tmp_path / "a2", target_modules=["q_proj", "v_proj"], bias="lora_only")
+    t = load_file(str(tmp_path / "a2" / "adapter_model.safetensors"))
+    key = next(k for k in t if k.endswith(".bias"))
+    t[key] = t[key] + 1.0
+    save_file(t, str(tmp_path / "a2" / "adapter_model.safetensors"))
+    args = ("--adapter", tmp_path / "a1", "--adapter", tmp_path / "a2", "--out", tmp_path / "o", "--stream")
+    refused(run("export", "--model", tmp_path / "base", *args), 3, "two adapters replace")
+
+
+@pytest.mark.parametrize(
+    ("edit", "needles"),
+    [
+        (lambda meta, out: meta["model"].update(n_layers=1), ("n_layers", "do not describe the graph")),
+        (lambda meta, out: meta["model"].update(head_dim=3), ("head_dim", "do not describe the graph")),
+        (lambda meta, out: (out / "model.onnx.data").unlink(), ("model.onnx.data",)),
+        (lambda meta, out: (out / "model.onnx").write_bytes(b"garbage"), ("not a readable ONNX model",)),
+    ],
+    ids=["n-layers", "head-dim", "no-data", "garbage-graph"],
+)
+def test_verify_stream_refuses_a_tampered_export_in_one_line(llama, tmp_path, edit, needles):
+    base, adapter, _ = llama
+    out = tmp_path / "out"
+    ok(run("export", "--model", base, "--adapter", adapter, "--out", out, "--stream"))
+    meta = json.loads((out / "loraexport.json").read_text())
+    edit(meta, out)
+    (out / "loraexport.json").write_text(json.dumps(meta))
+    r = run("verify", "--base", base, "--adapter", adapter, "--onnx", out, "--stream")
+    line = refused(r, 3, *needles)
+    assert ".loraexport-chunks" not in line  # the export's own file is named, not a scratch copy
+    assert not list(tmp_path.glob(".loraexport-*"))
+
+
+def test_a_failure_while_the_chunks_are_written_leaves_no_scratch_folder(llama, tmp_path, monkeypatch):
+    from loraexport.verify import chunked
+
+    base, adapter, _ = llama
+    out = tmp_path / "out"
+    ok(run("export", "--model", base, "--adapter", adapter, "--out", out, "--stream"))
+    meta = json.loads((out / "loraexport.json").read_text())
+
+    def full_disk(*a, **k):
+        raise KeyboardInterrupt  # what a signal raises mid-way
+
+    monkeypatch.setattr(onnx, "save_model", full_disk)
+    with pytest.raises(KeyboardInterrupt):
+        chunked.ChunkedDecoder(out, meta)
+    assert not list(tmp_path.glob(".loraexport-*"))
+
+
+def test_streamed_options_that_cannot_apply_are_refused(llama, tmp_path):
+    base, adapter, _ = llama
+    with untouched(tmp_path):
+        r = run(
+            "merge-and-export",
+            "--base",
+            base,
+            "--adapter",
+            adapter,
+            "--out",
+            tmp_path / "o",
+            "--stream",
+            "--provider",
+            "cuda",
+        )
+        refused(r, 3, "runs on the CPU", "cuda")
+    ok(
+        run(
+            "export",
+            "--model",
+            base,
+            "--adapter",
+            adapter,
+            "--out",
+            tmp_path / "bf",
+            "--stream",
+            "--dtype",
+            "bfloat16",
+        )
+    )
+    r = run("verify", "--base", base, "--adapter", adapter, "--onnx", tmp_path / "bf")
+    refused(r, 3, "not verified yet", "--no-stream")
