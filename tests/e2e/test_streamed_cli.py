@@ -16,6 +16,8 @@ from clihelp import leftovers, ok, refused, run, untouched
 
 from loraexport.runtime import OnnxModel
 
+pytestmark = pytest.mark.slow  # exports and onnxruntime sessions: seconds each
+
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

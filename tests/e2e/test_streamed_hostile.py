@@ -17,6 +17,8 @@ from artifacts import make_hf_decoder, make_peft_adapter
 from clihelp import ok, refused, run, untouched
 from safetensors.torch import load_file, save_file
 
+pytestmark = pytest.mark.slow  # exports and onnxruntime sessions: seconds each
+
 
 @pytest.fixture(scope="module")
 def llama(tmp_path_factory):

@@ -19,6 +19,8 @@ from loraexport.verify.chunked import ChunkedDecoder, _plan, cut, is_fused
 IDS = np.array([[5, 17, 3, 44, 9, 71, 2], [0, 0, 0, 8, 30, 12, 60]])
 MASK = (np.arange(7) >= np.array([[0], [3]])).astype(np.int64)  # the second row left-padded
 
+pytestmark = pytest.mark.slow  # exports and onnxruntime sessions: seconds each
+
 
 @pytest.fixture(scope="module", params=["llama", "qwen2"])
 def decoder(request, tmp_path_factory):
