@@ -93,6 +93,11 @@ def _inputs(
     return ids, mask, what
 
 
+def _inputs_of(src: CheckpointSource) -> tuple[Path, ...]:
+    """The folders verification reads (no scratch folder is made inside them)."""
+    return (src.checkpoint.dir, *(Path(a.path) for a in src.adapters if a.path is not None))
+
+
 def branches(src: CheckpointSource) -> dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]]:
     """The adapters' LoRA branches by module, with their coefficients (weight × scaling)."""
     out: dict[str, list] = {}
@@ -110,13 +115,14 @@ def _onnx_outputs(
     mask: np.ndarray,
     generate: bool,
     progress: bool,
+    avoid: tuple[Path, ...] = (),
 ):
     """onnxruntime's logits at every position (teacher forcing) and, with ``generate``, its greedy
     tokens. A fused graph runs a few layers at a time (``verify.chunked``): onnxruntime never holds
     the whole model; any other causal export in one session."""
     try:
         if is_fused(meta):
-            with ChunkedDecoder(directory, meta, threads, progress=progress) as model:
+            with ChunkedDecoder(directory, meta, threads, progress=progress, avoid=avoid) as model:
                 logits = model.forward_all(ids, mask)
                 tokens = model.generate(ids, mask, NEW_TOKENS) if generate else None
         else:
@@ -178,7 +184,7 @@ def verify_streamed(
         log(
             f"verify: onnxruntime runs the export on {ids.shape[0]}×{ids.shape[1]} tokens, {NEW_TOKENS} new …"
         )
-        q, got = _onnx_outputs(onnx_dir, meta, threads, ids, mask, True, progress)
+        q, got = _onnx_outputs(onnx_dir, meta, threads, ids, mask, True, progress, _inputs_of(src))
     q0 = None
     if quantized and src.adapters:
         with Stage("verify: the export without the adapter (Q0)", records):
@@ -255,7 +261,7 @@ def _generation(got: np.ndarray, want: np.ndarray) -> GenerationResult:
 def _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log, progress) -> np.ndarray:
     """Q₀: the export with its LoRA coefficients zeroed (kept adapter), or the base exported and
     quantized the same way into a scratch folder beside the output (merged)."""
-    td = scratch_dir(onnx_dir, "base")
+    td = scratch_dir(onnx_dir, "base", _inputs_of(src))
     try:
         if kind is ExportMode.UNMERGED:
             _without_adapter(onnx_dir, Path(td))
@@ -266,7 +272,7 @@ def _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log,
                 base.checkpoint.on_read = bar.update
                 write_fused_decoder(base, Path(td) / "model.onnx", precision, streamed=True)
         base_meta = {**meta, "mode": ExportMode.BASE.value}
-        q0, _ = _onnx_outputs(Path(td), base_meta, threads, ids, mask, False, progress)
+        q0, _ = _onnx_outputs(Path(td), base_meta, threads, ids, mask, False, progress, _inputs_of(src))
     finally:
         shutil.rmtree(td, ignore_errors=True)
     return q0

@@ -113,11 +113,15 @@ def cut(proto: onnx.ModelProto, a: int, b: int, layers: int) -> onnx.ModelProto:
     return helper.make_model(sub, opset_imports=proto.opset_import, ir_version=proto.ir_version)
 
 
-def scratch_dir(beside: Path, what: str) -> str:
+def scratch_dir(beside: Path, what: str, avoid: tuple[Path, ...] = ()) -> str:
     """A scratch folder beside ``beside`` (the same file system: the weights are hard-linked into
-    it, never copied), removed by its user; one line when the folder there is not writable."""
+    it, not copied), removed by its user; in the system's temporary folder instead when beside it
+    would be inside one of ``avoid`` (the inputs: nothing is written inside an input). One line
+    when the folder cannot be written."""
+    parent = beside.resolve().parent
+    inside = any(parent == a.resolve() or a.resolve() in parent.parents for a in avoid)
     try:
-        return tempfile.mkdtemp(prefix=f".loraexport-{what}-", dir=beside.parent)
+        return tempfile.mkdtemp(prefix=f".loraexport-{what}-", dir=None if inside else parent)
     except OSError as e:
         raise InvalidInputError(
             f"cannot write a scratch folder beside {beside} (it holds hard links to the weights "
@@ -165,8 +169,10 @@ class ChunkedDecoder:
         threads: int | None = None,
         budget: int | None = None,
         progress: bool = False,
+        avoid: tuple[Path, ...] = (),
     ) -> None:
-        """``progress``: a bar (on a terminal) over the calls of ``forward_all`` and ``generate``."""
+        """``progress``: a bar (on a terminal) over the calls of ``forward_all`` and ``generate``;
+        ``avoid``: the inputs, inside which no scratch folder is made (``scratch_dir``)."""
         self.dir, self.progress = Path(directory), progress
         self.threads = threads
         try:
@@ -177,7 +183,7 @@ class ChunkedDecoder:
         self.layers, self.kv_heads, self.head_dim = _cache_dims(proto, meta, self.dir)
         total = sum(_bytes(t) for t in proto.graph.initializer)
         self.ranges = _plan(proto, self.layers, budget or min(CHUNK_BYTES, total // MIN_CHUNKS))
-        self._scratch = scratch_dir(self.dir, "chunks")
+        self._scratch = scratch_dir(self.dir, "chunks", avoid)
         try:  # a signal or a full disk here leaves nothing behind (the hard link holds the weights)
             scratch = Path(self._scratch)
             data = self.dir / "model.onnx.data"

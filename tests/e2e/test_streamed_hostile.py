@@ -264,3 +264,20 @@ def test_streamed_options_that_cannot_apply_are_refused(llama, tmp_path):
     )
     r = run("verify", "--base", base, "--adapter", adapter, "--onnx", tmp_path / "bf")
     refused(r, 3, "not verified yet", "--no-stream")
+
+
+def test_an_export_inside_the_base_gets_its_scratch_folder_outside(llama, tmp_path, monkeypatch):
+    """Verification writes nothing inside an input, not even for a while: an export that sits in
+    the base's folder gets its chunks in the system's temporary folder."""
+    import tempfile
+
+    base, adapter, _ = llama
+    v = _variant(base, tmp_path / "v")
+    ok(run("export", "--model", v, "--adapter", adapter, "--out", tmp_path / "out", "--stream"))
+    shutil.move(tmp_path / "out", v / "onnx")  # the user keeps the export in the base's folder
+    made = []
+    real = tempfile.mkdtemp
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda *a, **k: made.append(k.get("dir")) or real(*a, **k))
+    ok(run("verify", "--base", v, "--adapter", adapter, "--onnx", v / "onnx", "--stream", "--no-latency"))
+    assert made and all(d is None for d in made)
+    assert not list(v.glob(".loraexport-*"))
