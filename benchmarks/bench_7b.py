@@ -316,11 +316,12 @@ def main() -> None:
     for name, cmd in runs.items():
         if args.only and name != args.only:  # "check": no run, only the checks of out-bf16
             continue
+        started = time.time()
         code, wall, peak, out = _measure(cmd)
         print(f"## {' '.join(cmd[1:])}\n{out}\n", flush=True)
         rows.append((name, code, wall, peak))
         report = args.dir / f"out-{name}" / "report.json"
-        if report.is_file():
+        if report.is_file() and report.stat().st_mtime > started:  # this run's, not an earlier one's
             for st in json.loads(report.read_text()).get("stages", []):
                 print(f"  {st['name']}: {st['seconds']:.0f} s, peak {st['peak_rss_gb']:.2f} GB")
     print(f"\nweights {size / 1e9:.2f} GB (float16)\n")
