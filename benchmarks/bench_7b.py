@@ -20,11 +20,11 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import subprocess
 import sys
 import time
 from pathlib import Path
+
+from bench_export_large import _measure  # run beside it: python benchmarks/bench_7b.py
 
 BIN = Path(sys.executable).parent
 CONFIG = dict(
@@ -136,25 +136,6 @@ def build(root: Path) -> None:
     )
     (root / ".done").write_text("")
     print(f"checkpoint: {total_size / 1e9:.2f} GB in {total} shards, {time.perf_counter() - t0:.0f} s")
-
-
-def _measure(cmd: list[str]) -> tuple[int, float, float, str]:
-    """Run ``cmd`` in a fresh process; (exit code, wall s, its peak RSS in GB, its output)."""
-    probe = (
-        "import resource, subprocess, sys; r = subprocess.run(sys.argv[1:], capture_output=True, text=True); "
-        "sys.stdout.write(r.stdout + r.stderr[-3000:]); "
-        "print('\\nPEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); sys.exit(r.returncode)"
-    )
-    t0 = time.perf_counter()
-    proc = subprocess.run(
-        [sys.executable, "-c", probe, *cmd],
-        capture_output=True,
-        text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"},
-    )
-    wall = time.perf_counter() - t0
-    out, _, peak = proc.stdout.rpartition("\nPEAK ")
-    return proc.returncode, wall, int(peak or 0) / 1e6, out.strip()
 
 
 def _first_layers_view(base: Path, view: Path, layers: int) -> None:

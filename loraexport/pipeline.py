@@ -7,11 +7,11 @@ from pathlib import Path
 
 from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, half_precision
-from loraexport.errors import InvalidInputError, VerificationFailedError
+from loraexport.errors import InvalidInputError
 from loraexport.export.onnx import DEFAULT_OPSET, check_opset
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
-from loraexport.output.report_files import write_report
+from loraexport.output.report_files import raise_if_output_failed, write_report
 from loraexport.report import Report
 from loraexport.stages.adapter_mode import check_adapter_mode, describe_adapters, probe_model
 from loraexport.stages.export import (
@@ -128,10 +128,5 @@ def merge_and_export(
         if verify_output:  # loraexport.json is written when the output is complete: ``meta`` now
             verify_into(report, loaded, merged, tmp, meta, opts, log, half)
         write_report(report, tmp)
-    if report.passed is False:
-        raise VerificationFailedError(
-            f"{report.verdict} ({'; '.join(report.failures[:2])}); "
-            f"report written to {Path(out) / 'report.md'}",
-            report,
-        )
+    raise_if_output_failed(report, out)
     return report

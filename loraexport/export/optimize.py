@@ -40,8 +40,17 @@ def fused_export(model: nn.Module, out_dir: Path, graph_io: tuple[list[str], lis
     from loraexport.export.fused import build_fused_decoder
 
     t0 = time.perf_counter()
+    info = build_fused_decoder(model, out_dir / "model.onnx")
+    graph = "written by loraexport (fused onnxruntime operators)"
+    return fused_result(out_dir, graph_io, {"graph": graph, **info}, t0)
+
+
+def fused_result(
+    out_dir: Path, graph_io: tuple[list[str], list[str]], optimized: dict, t0: float
+) -> ExportResult:
+    """The ``ExportResult`` of a fused graph just written to ``out_dir/model.onnx`` (checked by
+    onnx.checker here), from memory (``fused_export``) or streamed (``stages.streamed``)."""
     path = out_dir / "model.onnx"
-    info = build_fused_decoder(model, path)
     try:
         onnx.checker.check_model(str(path), full_check=False)
     except onnx.checker.ValidationError as e:
@@ -50,7 +59,7 @@ def fused_export(model: nn.Module, out_dir: Path, graph_io: tuple[list[str], lis
     result.files = [f for f in ("model.onnx", "model.onnx.data") if (out_dir / f).is_file()]
     result.inputs["model"], result.outputs["model"] = list(graph_io[0]), list(graph_io[1])
     result.layouts["model"] = {"logits": "last", "kv_cache": "shared-buffer"}
-    result.optimized = {"graph": "written by loraexport (fused onnxruntime operators)", **info}
+    result.optimized = optimized
     result.seconds = time.perf_counter() - t0
     result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
     return result

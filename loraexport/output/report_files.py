@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from loraexport.errors import VerificationFailedError
 from loraexport.report import Report
 
 
@@ -17,3 +18,13 @@ def write_report(report: Report, out_dir: Path) -> None:
     as_json, as_md = report_texts(report)
     (out_dir / "report.json").write_text(as_json, encoding="utf-8")
     (out_dir / "report.md").write_text(as_md, encoding="utf-8")
+
+
+def raise_if_output_failed(report: Report, out: str | Path) -> None:
+    """``VerificationFailedError`` (exit 4) for an output written whose verification failed."""
+    if report.passed is False:
+        raise VerificationFailedError(
+            f"{report.verdict} ({'; '.join(report.failures[:2])}); "
+            f"report written to {Path(out) / 'report.md'}",
+            report,
+        )

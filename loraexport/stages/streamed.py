@@ -20,17 +20,16 @@ import math
 import time
 from pathlib import Path
 
-import onnx
 import torch
 
 from loraexport.description import BUILDER
 from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision
-from loraexport.errors import ExportError, InvalidInputError, ModelFormatError, VerificationFailedError
+from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
 from loraexport.export.fused import write_fused_decoder
 from loraexport.export.fused_config import check_config
-from loraexport.export.onnx import ExportResult, opset_written
-from loraexport.export.optimize import FUSED_TYPES
+from loraexport.export.onnx import ExportResult
+from loraexport.export.optimize import FUSED_TYPES, fused_result
 from loraexport.export.quantize import quantization_description
 from loraexport.export.streamed import Checkpoint, CheckpointSource, float32_bytes, read_config
 from loraexport.io import read_json
@@ -38,7 +37,7 @@ from loraexport.lora.adapter import Adapter
 from loraexport.memory import Stage, StageRecord, available, peak_rss
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
-from loraexport.output.report_files import write_report
+from loraexport.output.report_files import raise_if_output_failed, write_report
 from loraexport.progress import Progress
 from loraexport.report import Report
 from loraexport.stages.extras import write_extras
@@ -191,23 +190,13 @@ def write_streamed(
         src.checkpoint.on_read = bar.update
         info = write_fused_decoder(src, path, precision, streamed=True)
         src.checkpoint.on_read = None
-    try:
-        onnx.checker.check_model(str(path), full_check=False)
-    except onnx.checker.ValidationError as e:
-        raise ExportError(f"{path.name} (streamed) fails onnx.checker: {e}") from e
-    result = ExportResult(opset=opset_written(path) or 0, exporter=BUILDER)
-    result.files = [f for f in ("model.onnx", "model.onnx.data") if (out_dir / f).is_file()]
-    n = src.layers
-    cache = [f"{p}.{i}.{k}" for i in range(n) for k in ("key", "value") for p in ("past_key_values",)]
-    result.inputs["model"] = ["input_ids", "attention_mask", "position_ids", *cache]
-    result.outputs["model"] = ["logits", *(f"present.{i}.{k}" for i in range(n) for k in ("key", "value"))]
-    result.layouts["model"] = {"logits": "last", "kv_cache": "shared-buffer"}
-    result.optimized = {
-        "graph": "written by loraexport from the checkpoint, tensor by tensor (streamed)",
-        **info,
-    }
-    result.seconds = time.perf_counter() - t0
-    result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
+    cache = [f"{i}.{k}" for i in range(src.layers) for k in ("key", "value")]
+    graph_io = (
+        ["input_ids", "attention_mask", "position_ids", *(f"past_key_values.{c}" for c in cache)],
+        ["logits", *(f"present.{c}" for c in cache)],
+    )
+    graph = "written by loraexport from the checkpoint, tensor by tensor (streamed)"
+    result = fused_result(out_dir, graph_io, {"graph": graph, **info}, t0)
     log(
         f"exported {', '.join(result.files)} ({result.bytes / 1e9:.2f} GB) in {result.seconds:.1f} s "
         "(streamed)"
@@ -335,12 +324,7 @@ def streamed_merge_and_export(
         report.stages = [r.to_json() for r in records]
         report.memory = memory_facts(src.checkpoint)
         write_report(report, tmp)
-    if report.passed is False:
-        raise VerificationFailedError(
-            f"{report.verdict} ({'; '.join(report.failures[:2])}); "
-            f"report written to {Path(out) / 'report.md'}",
-            report,
-        )
+    raise_if_output_failed(report, out)
     return report
 
 
