@@ -26,6 +26,7 @@ from loraexport.stages.inputs import (
     Log,
     adapter_provenance,
     as_list,
+    check_dora_mode,
     check_eval_data,
     load_inputs,
     model_provenance,
@@ -86,6 +87,7 @@ def merge_and_export(
     if asked is ExportMode.ADAPTER:
         check_adapter_mode(adapters, max_rank, weights)
     opts = options or VerifyOptions(**option_fields)  # everything checked before any work
+    check_dora_mode(adapters, asked, keep_adapter)
     if wants_stream(base, stream):
         check_eval_data(opts.eval_data)
         if asked is ExportMode.ADAPTER:

@@ -35,6 +35,11 @@ SCHEMA = 1
 MAX_SEED = 2**63 - 1
 MAX_DRAWS = 10_000  # = the CLI's --draws bound; each draw is a random subspace per module
 EFFECTIVE_RANK = "exp(entropy of σᵢ/Σσ) (Roy & Vetterli 2007): 1 = one direction, k = k equal directions"
+MAGNITUDE = (
+    "DoRA only: m₀ = ‖W0‖ per output row (m's value before training); magnitude_change = "
+    "‖m − m₀‖₂ / ‖m₀‖₂, magnitude_max_change = max |mᵢ/m₀ᵢ − 1|; dora_delta_fro = ‖W' − W0‖_F, "
+    "the merged weight's whole change (W' = m ⊙ (W0 + ΔW)/‖W0 + ΔW‖ per row)"
+)
 RANK_TOLERANCE = (
     "rank_used = the singular values of ΔW above max(out, in)·eps·σ₁ (float64 eps), ΔW's numerical "
     "rank: the k of proj_delta, proj_top and proj_random; 0 for ΔW = 0, whose projections are null"
@@ -120,6 +125,7 @@ def analyze(
             "effective_rank": EFFECTIVE_RANK,
             "energy_threshold": ENERGY_THRESHOLD,
             "rank_tolerance": RANK_TOLERANCE,
+            **({"magnitude": MAGNITUDE} if first.config.use_dora else {}),
         },
         "modules": modules,
         "layers": summarise(modules, "layer"),
@@ -144,7 +150,28 @@ def _module_entry(model: torch.nn.Module, adapter: Adapter, path: str, draws: in
     a, b = adapter.weights[path]
     figures = module_figures(w, a, b, adapter.config.scaling(path), draws=draws, seed=seed)
     layer, kind = split_path(path)
-    return {"module": path, "layer": layer, "type": kind, "shape": list(w.shape), **asdict(figures)}
+    entry = {"module": path, "layer": layer, "type": kind, "shape": list(w.shape), **asdict(figures)}
+    if path in adapter.magnitudes:
+        entry["dora"] = magnitude_figures(w, a, b, adapter.config.scaling(path), adapter.magnitudes[path])
+    return entry
+
+
+def magnitude_figures(
+    w0: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scaling: float, m: torch.Tensor
+) -> dict[str, float]:
+    """How DoRA's trained magnitude moved from its start ‖W0‖ (per output row), and the merged
+    weight's whole change, in float64; ``w0`` is (out, in)."""
+    w0 = w0.double()
+    m0 = torch.linalg.vector_norm(w0, dim=1)  # (out,)
+    m = m.double()
+    wide = w0 + scaling * (b.double() @ a.double())
+    merged = wide * (m / torch.linalg.vector_norm(wide, dim=1)).unsqueeze(1)
+    ratio = m / m0
+    return {
+        "magnitude_change": float(torch.linalg.vector_norm(m - m0) / torch.linalg.vector_norm(m0)),
+        "magnitude_max_change": float((ratio - 1).abs().max()),
+        "dora_delta_fro": float(torch.linalg.matrix_norm(merged - w0)),
+    }
 
 
 def _mean(values: list[float | None]) -> float | None:
@@ -174,6 +201,11 @@ def summarise(modules: list[dict], key: str) -> list[dict[str, Any]]:
                 "proj_top_mean": _mean([m["proj_top"] for m in ms]),
                 "proj_random_mean": _mean([m["proj_random"] for m in ms]),
                 "amplification_mean": _mean([m["amplification"] for m in ms]),
+                **(
+                    {"magnitude_change_mean": _mean([m["dora"]["magnitude_change"] for m in ms])}
+                    if all("dora" in m for m in ms)
+                    else {}
+                ),
             }
         )
     return rows
@@ -240,6 +272,7 @@ def _adapter_info(adapter: Adapter) -> dict[str, Any]:
         "r": c.r,
         "lora_alpha": c.lora_alpha,
         "use_rslora": c.use_rslora,
+        "use_dora": c.use_dora,
         "target_modules": c.target_modules,
         "modules": len(adapter.weights),
         "parameters": adapter.num_parameters,

@@ -77,7 +77,8 @@ def to_markdown(result: dict[str, Any]) -> str:
         "",
         f"- base: `{result['base']['path']}` ({result['base']['family']})",
         f"- adapter: `{a['path']}` — r={a['r']}, alpha={a['lora_alpha']}"
-        f"{', rsLoRA' if a['use_rslora'] else ''}, {a['modules']} modules, {a['parameters']:,} parameters",
+        f"{', rsLoRA' if a['use_rslora'] else ''}{', DoRA' if a.get('use_dora') else ''}, "
+        f"{a['modules']} modules, {a['parameters']:,} parameters",
         f"- computed in float64 in {result['seconds']:.1f} s",
         *(
             [
@@ -96,6 +97,7 @@ def to_markdown(result: dict[str, Any]) -> str:
         f"{s['random_draws']}). Amplification = ‖ΔW‖_F / ‖UᵀWV‖_F for ΔW's subspace "
         "(the LoRA paper's section 7). Effective rank: " + s["effective_rank"] + ". "
         f"rank@{s['energy_threshold']:.0%}: the fewest directions holding that share of ‖ΔW‖_F².",
+        *(["", "Magnitude (DoRA): " + s["magnitude"] + "."] if s.get("magnitude") else []),
         "",
         "## Per projection type",
         "",
@@ -128,6 +130,11 @@ def to_markdown(result: dict[str, Any]) -> str:
     ]
     header = ["module", "r", "s", "‖ΔW‖_F", "‖W‖_F", "σ₁(ΔW)", "eff. rank"]
     header += [f"rank@{s['energy_threshold']:.0%}", "‖UᵀWV‖ ΔW", "W top-r", "random", "amplif."]
+    if all("dora" in m for m in mods[:MD_MAX_MODULES]) and mods:  # DoRA: its magnitude beside ΔW
+        header += ["Δm/m₀", "max Δm/m₀", "‖W'−W0‖_F"]
+        for row, m in zip(rows, mods, strict=False):
+            d = m["dora"]
+            row += [_g(d["magnitude_change"]), _g(d["magnitude_max_change"]), _g(d["dora_delta_fro"])]
     lines += _table(header, rows)
     if len(mods) > MD_MAX_MODULES:
         lines += ["", f"({len(mods) - MD_MAX_MODULES} more modules in analysis.json)"]

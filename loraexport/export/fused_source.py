@@ -50,6 +50,8 @@ def _unwrap(module: nn.Module, where: str) -> tuple[nn.Linear, list]:
     if isinstance(module, nn.Linear):
         base, branches = module, []
     elif isinstance(module, LoRALinear):
+        if module.lora_magnitude is not None:  # refused earlier (check_dora_mode); never written wrong
+            raise ExportError(f"fused export: {where} is a DoRA layer, which a fused graph cannot keep")
         base, branches = module.base_layer, [(module.lora_A, module.lora_B, module.scaling)]
     elif isinstance(module, WeightedLoRALinear):
         base = module.base_layer

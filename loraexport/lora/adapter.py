@@ -2,7 +2,8 @@
 
 A directory holds ``adapter_config.json`` and ``adapter_model.safetensors`` whose keys are
 ``base_model.model.<module path>.lora_A.weight`` (r × in) and ``...lora_B.weight`` (out × r),
-exactly as ``peft.PeftModel.save_pretrained`` writes them.
+exactly as ``peft.PeftModel.save_pretrained`` writes them; a DoRA adapter also holds
+``...lora_magnitude_vector`` (out,) per module.
 """
 
 from __future__ import annotations
@@ -39,11 +40,17 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_NAME = "adapter_model.bin"
 PREFIX = "base_model.model."
 _KEY = re.compile(r"^base_model\.model\.(?P<path>.+)\.lora_(?P<which>[AB])(?:\.default)?\.weight$")
+# PEFT saves DoRA's magnitude without the ".weight" of its module (save_pretrained renames it back)
+_MAGNITUDE = re.compile(
+    r"^base_model\.model\.(?P<path>.+)\.lora_magnitude_vector(?:\.default)?(?:\.weight)?$"
+)
+MAGNITUDE_SUFFIX = ".lora_magnitude_vector"
 
 
 @dataclass
 class Adapter:
-    """A LoRA adapter: ``weights[path] = (A, B)`` with A (r × in), B (out × r)."""
+    """A LoRA adapter: ``weights[path] = (A, B)`` with A (r × in), B (out × r); with DoRA
+    (``config.use_dora``), ``magnitudes[path] = m`` (out,) for every module."""
 
     config: LoraConfig
     weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
@@ -51,6 +58,7 @@ class Adapter:
     # Base parameters the adapter replaces outright: biases trained with bias="all"/"lora_only"
     # and the weights of ``modules_to_save`` (a classifier head, say), by parameter name.
     replacements: dict[str, torch.Tensor] = field(default_factory=dict)
+    magnitudes: dict[str, torch.Tensor] = field(default_factory=dict)  # DoRA's m, by module path
 
     # ---- reading ----------------------------------------------------------------------
     @classmethod
@@ -61,10 +69,17 @@ class Adapter:
         tensors = _read_tensors(d, allow_pickle)
         weights: dict[str, dict[str, torch.Tensor]] = {}
         replacements: dict[str, torch.Tensor] = {}
+        magnitudes: dict[str, torch.Tensor] = {}
         for key, t in tensors.items():
             m = _KEY.match(key)
             if m is not None:
                 weights.setdefault(m["path"], {})[m["which"]] = t
+                continue
+            m = _MAGNITUDE.match(key)
+            if m is not None:
+                if m["path"] in magnitudes:
+                    raise AdapterFormatError(f"{d / WEIGHTS_NAME}: two magnitude vectors for {m['path']!r}")
+                magnitudes[m["path"]] = t
                 continue
             name = _replacement_name(key, config)
             if name is None:
@@ -84,7 +99,7 @@ class Adapter:
                 if which not in ab:
                     raise AdapterFormatError(f"adapter: tensor missing: '{PREFIX}{path}.lora_{which}.weight'")
             pairs[path] = (ab["A"], ab["B"])
-        adapter = cls(config, pairs, d, replacements)
+        adapter = cls(config, pairs, d, replacements, magnitudes)
         adapter.validate()
         return adapter
 
@@ -117,6 +132,7 @@ class Adapter:
                         f"adapter: '{PREFIX}{path}.lora_{which}.weight' contains NaN or Inf; "
                         "refusing to merge"
                     )
+        self._validate_magnitudes()
         for name, t in self.replacements.items():
             if t.is_complex():  # merged by a cast that would drop the imaginary part
                 raise AdapterFormatError(
@@ -124,6 +140,34 @@ class Adapter:
                 )
             if t.is_floating_point() and not _all_finite(t):
                 raise AdapterFormatError(f"adapter: '{PREFIX}{name}' contains NaN or Inf; refusing to merge")
+
+    def _validate_magnitudes(self) -> None:
+        """DoRA: one finite, floating (out,) magnitude per module; none without ``use_dora``."""
+        if not self.config.use_dora:
+            if self.magnitudes:
+                first = sorted(self.magnitudes)[0]
+                raise AdapterFormatError(
+                    f"adapter: '{PREFIX}{first}{MAGNITUDE_SUFFIX}' is a DoRA magnitude but "
+                    "adapter_config.json has use_dora=false"
+                )
+            return
+        for path, (_, b) in sorted(self.weights.items()):
+            m = self.magnitudes.get(path)
+            key = f"'{PREFIX}{path}{MAGNITUDE_SUFFIX}'"
+            if m is None:
+                raise AdapterFormatError(f"adapter: use_dora is set but tensor {key} is missing")
+            if not m.is_floating_point() or tuple(m.shape) != (b.shape[0],):
+                raise AdapterFormatError(
+                    f"adapter: {key} must be a floating-point vector of {b.shape[0]} (lora_B's rows), "
+                    f"got {m.dtype} {tuple(m.shape)}"
+                )
+            if not _all_finite(m):
+                raise AdapterFormatError(f"adapter: {key} contains NaN or Inf; refusing to merge")
+        extra = sorted(set(self.magnitudes) - set(self.weights))
+        if extra:
+            raise AdapterFormatError(
+                f"adapter: '{PREFIX}{extra[0]}{MAGNITUDE_SUFFIX}' has no lora_A/lora_B beside it"
+            )
 
     def check_targets(self, expected: set[str]) -> None:
         """The adapter holds tensors for exactly the ``expected`` module paths (those its config
@@ -192,17 +236,22 @@ class Adapter:
         for path, (a, b) in self.weights.items():
             tensors[f"{PREFIX}{path}.lora_A.weight"] = a.detach().cpu()
             tensors[f"{PREFIX}{path}.lora_B.weight"] = b.detach().cpu()
+        for path, m in self.magnitudes.items():
+            tensors[f"{PREFIX}{path}{MAGNITUDE_SUFFIX}"] = m.detach().cpu()
         save_safetensors(d / WEIGHTS_NAME, tensors)
 
     # ---- model interplay --------------------------------------------------------------
     @classmethod
     def from_model(cls, model: nn.Module, config: LoraConfig) -> Adapter:
-        """Collect the (trained) A and B of every ``LoRALinear`` in ``model``."""
+        """Collect the (trained) A and B (and DoRA's m) of every ``LoRALinear`` in ``model``."""
+        layers = lora_layers(model)
         return cls(
             config,
-            {
-                p: (m.lora_A.detach().clone(), m.lora_B.detach().clone())
-                for p, m in lora_layers(model).items()
+            {p: (m.lora_A.detach().clone(), m.lora_B.detach().clone()) for p, m in layers.items()},
+            magnitudes={
+                p: m.lora_magnitude.detach().clone()
+                for p, m in layers.items()
+                if m.lora_magnitude is not None
             },
         )
 
@@ -223,11 +272,14 @@ class Adapter:
                 a, b = self.weights[path]
                 layer.lora_A.copy_(a.to(layer.lora_A.dtype))
                 layer.lora_B.copy_(b.to(layer.lora_B.dtype))
+                if layer.lora_magnitude is not None:
+                    layer.lora_magnitude.copy_(self.magnitudes[path].to(layer.lora_magnitude.dtype))
         return model
 
     @property
     def num_parameters(self) -> int:
-        return sum(a.numel() + b.numel() for a, b in self.weights.values())
+        lora = sum(a.numel() + b.numel() for a, b in self.weights.values())
+        return lora + sum(m.numel() for m in self.magnitudes.values())
 
     def sha256(self) -> str:
         if self.path is None:

@@ -1,8 +1,8 @@
 """``LoraConfig``: a dataclass mirroring PEFT's ``adapter_config.json`` for LoRA.
 
-Only what changes the math is modelled. Keys PEFT writes that do not affect a plain LoRA
-merge are accepted and kept (so a round trip preserves them); keys that switch on a
-variant we do not implement (DoRA, LoRA bias, ...) are refused by name, never skipped.
+Only what changes the math is modelled. Keys PEFT writes that do not affect a LoRA merge are
+accepted and kept (so a round trip preserves them); DoRA (``use_dora``) is modelled; keys that
+switch on a variant we do not implement (LoRA bias, aLoRA, ...) are refused by name, never skipped.
 """
 
 from __future__ import annotations
@@ -42,7 +42,6 @@ _PASSIVE_KEYS = {
 }
 # Keys that select a variant we do not implement; allowed only at their "off" value.
 _VARIANT_KEYS = {
-    "use_dora": "DoRA (weight-decomposed LoRA)",
     "lora_bias": "LoRA bias on lora_B",
     "layer_replication": "layer replication",
     "target_parameters": "LoRA on nn.Parameter targets",
@@ -197,6 +196,7 @@ class LoraConfig:
     fan_in_fan_out: bool = False
     bias: str = "none"
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA (Liu et al. 2024): W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖ per output row
     rank_pattern: dict[str, int] = field(default_factory=dict)
     alpha_pattern: dict[str, float] = field(default_factory=dict)
     layers_to_transform: list[int] | int | None = None
@@ -228,7 +228,7 @@ class LoraConfig:
             raise _invalid("lora_alpha", "a finite number", self.lora_alpha)
         if not _is_number(self.lora_dropout) or not 0 <= self.lora_dropout < 1:
             raise _invalid("lora_dropout", "in [0, 1)", self.lora_dropout)
-        for key in ("fan_in_fan_out", "use_rslora"):
+        for key in ("fan_in_fan_out", "use_rslora", "use_dora"):
             if not isinstance(getattr(self, key), bool):
                 raise _invalid(key, "true or false", getattr(self, key))
         if not isinstance(self.bias, str) or self.bias not in _BIAS_VALUES:
@@ -321,7 +321,6 @@ class LoraConfig:
     def to_dict(self) -> dict[str, Any]:
         out = {f.name: getattr(self, f.name) for f in fields(self) if f.name != "extra"}
         out.update(self.extra)
-        out.setdefault("use_dora", False)
         out.setdefault("init_lora_weights", True)
         out.setdefault("inference_mode", True)
         return dict(sorted(out.items()))
@@ -338,7 +337,9 @@ class LoraConfig:
         kwargs: dict[str, Any] = {}
         extra: dict[str, Any] = {}
         for key, value in data.items():
-            if key in known:
+            if key == "use_dora" and value is None:  # off, as older PEFT configs may write it
+                kwargs[key] = False
+            elif key in known:
                 kwargs[key] = value
             elif key in _VARIANT_KEYS:
                 if not _is_off(value):

@@ -76,7 +76,7 @@ def inject(model: nn.Module, config: LoraConfig) -> dict[str, LoRALinear]:
     """Replace each targeted ``nn.Linear`` of ``model`` in place by a ``LoRALinear``.
 
     Every base parameter is frozen (including those not targeted); only ``lora_A`` and
-    ``lora_B`` are trainable. Returns ``{module_path: LoRALinear}``.
+    ``lora_B`` (and DoRA's ``lora_magnitude``) are trainable. Returns ``{module_path: LoRALinear}``.
     """
     for p in model.parameters():
         p.requires_grad_(False)
@@ -85,7 +85,13 @@ def inject(model: nn.Module, config: LoraConfig) -> dict[str, LoRALinear]:
         parent, child = _parent(model, path)
         base = getattr(parent, child)
         layer = LoRALinear(
-            base, config.rank(path), config.scaling(path), config.lora_dropout, features=linear_shape(base)
+            base,
+            config.rank(path),
+            config.scaling(path),
+            config.lora_dropout,
+            features=linear_shape(base),
+            dora=config.use_dora,
+            transposed=is_transposed(base),
         )
         setattr(parent, child, layer)
         wrapped[path] = layer

@@ -2,6 +2,11 @@
 
 LoRA (Hu et al., 2021, §4.1): ``h = W0·x + s·B·A·x`` with ``A`` (r × in) initialised
 Kaiming-uniform and ``B`` (out × r) at zero, so training starts from the base model.
+
+DoRA (Liu et al., 2024, eq. 5) adds a trained magnitude ``m`` (one per output row):
+``h = m / ‖W0 + s·B·A‖ ⊙ (W0·x + s·B·A·x) + bias``, the row norm treated as a constant in the
+backward pass (§4.3), and ``m`` initialised to ``‖W0‖`` so training again starts from the base.
+This is PEFT's ``DoraLinearLayer``, dropout included.
 """
 
 from __future__ import annotations
@@ -29,6 +34,8 @@ class LoRALinear(nn.Module):
         scaling: float,
         dropout: float = 0.0,
         features: tuple[int, int] | None = None,
+        dora: bool = False,
+        transposed: bool = False,
     ) -> None:
         super().__init__()
         if r < 1:
@@ -44,6 +51,12 @@ class LoRALinear(nn.Module):
         self.r = r
         self.scaling = float(scaling)
         self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        self.transposed = transposed  # Conv1D: the base weight is stored (in, out)
+        self.lora_magnitude: nn.Parameter | None = None
+        if dora:  # m = ‖W0‖ per output row (B = 0): the layer starts as the base
+            with torch.no_grad():
+                norm = row_norms(self._w0(), torch.zeros((), dtype=w.dtype, device=w.device))
+            self.lora_magnitude = nn.Parameter(norm)
 
     @property
     def in_features(self) -> int:
@@ -53,17 +66,39 @@ class LoRALinear(nn.Module):
     def out_features(self) -> int:
         return self.lora_B.shape[0]
 
+    def _w0(self) -> torch.Tensor:
+        """The base weight as (out, in)."""
+        w = self.base_layer.weight
+        return w.T if self.transposed else w
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer(x)
-        update = (self.dropout(x) @ self.lora_A.T) @ self.lora_B.T  # (..., r) then (..., out)
-        return base + self.scaling * update
+        xd = self.dropout(x)
+        update = (xd @ self.lora_A.T) @ self.lora_B.T  # (..., r) then (..., out)
+        if self.lora_magnitude is None:
+            return base + self.scaling * update
+        w0 = self._w0().to(x.dtype)
+        delta = (self.scaling * (self.lora_B @ self.lora_A)).detach()  # (out, in)
+        scale = self.lora_magnitude / row_norms(w0, delta).detach()  # (out,): ‖·‖ a constant (§4.3)
+        bias = self.base_layer.bias
+        if isinstance(self.dropout, nn.Identity) or not self.training:
+            plain = base if bias is None else base - bias  # W0·x without the bias
+        else:
+            plain = xd @ w0.T  # PEFT: with dropout, the rescaled base term sees the dropped input
+        return base + (scale - 1) * plain + scale * self.scaling * update
 
     def delta_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """``s·B·A`` computed in ``dtype`` (float32 or wider), shape (out, in)."""
         return self.scaling * (self.lora_B.to(dtype) @ self.lora_A.to(dtype))
 
     def extra_repr(self) -> str:
-        return f"r={self.r}, scaling={self.scaling:g}"
+        dora = ", dora" if self.lora_magnitude is not None else ""
+        return f"r={self.r}, scaling={self.scaling:g}{dora}"
+
+
+def row_norms(w0: torch.Tensor, delta: torch.Tensor) -> torch.Tensor:
+    """``‖W0 + ΔW‖`` per output row, both (out, in): DoRA's column norm in the paper's layout."""
+    return torch.linalg.vector_norm(w0 + delta, dim=1)
 
 
 class WeightedLoRALinear(nn.Module):

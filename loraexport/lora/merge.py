@@ -1,5 +1,8 @@
 """The merge math: ``W' = W0 + Σ wᵢ·sᵢ·Bᵢ·Aᵢ``, computed wide, checked, cast once.
 
+DoRA (one adapter, weight 1): ``W' = m ⊙ (W0 + s·B·A) / ‖W0 + s·B·A‖``, the norm and the
+factor per output row, as PEFT's ``merge_and_unload`` defines it, in the same wide dtype.
+
 Merging is a pure function over a state dict (``merge_state_dict``); nothing merges as a
 side effect. The product and the sum run in float64 by default (float32 at the least), so
 the stored weight is the correctly rounded value of the exact sum; a half-precision
@@ -16,7 +19,7 @@ import torch
 
 from loraexport.errors import AdapterFormatError, AdapterMismatchError, InvalidInputError
 from loraexport.lora.adapter import Adapter
-from loraexport.lora.weights import adapter_weights
+from loraexport.lora.weights import adapter_weights, check_dora
 
 WIDE_DTYPES = (torch.float32, torch.float64)
 
@@ -83,6 +86,15 @@ def cast_checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor
     return out
 
 
+def _dora(wide: torch.Tensor, m: torch.Tensor, transposed: bool) -> torch.Tensor:
+    """``m ⊙ wide / ‖wide‖`` per output row, in place, in wide's dtype (rows: dim 0, or dim 1 when
+    ``transposed``: GPT-2's Conv1D stores (in, out)). A zero row norm gives Inf, refused by the caller."""
+    dim = 0 if transposed else 1
+    norm = torch.linalg.vector_norm(wide, dim=dim, keepdim=True)  # (out, 1) or (1, out)
+    factor = m.to(wide.dtype).reshape(norm.shape) / norm
+    return wide.mul_(factor)
+
+
 def merge_state_dict(
     state: dict[str, torch.Tensor],
     adapters: list[Adapter],
@@ -107,8 +119,10 @@ def merge_state_dict(
     if compute_dtype not in WIDE_DTYPES:
         raise ValueError(f"merge must compute in float32 or float64, not {compute_dtype}")
     weights = adapter_weights(len(adapters), weights)
+    check_dora(adapters, weights)
     t0 = time.perf_counter()
     deltas: dict[str, torch.Tensor] = {}
+    magnitudes: dict[str, tuple[torch.Tensor, bool]] = {}  # DoRA: key -> (m, fan_in_fan_out)
     for adapter, w in zip(adapters, weights, strict=True):
         for path, (a, b) in adapter.weights.items():
             key = f"{path}.weight"
@@ -123,6 +137,8 @@ def merge_state_dict(
                     f"{tuple(state[key].shape)}"
                 )
             deltas[key] = deltas[key].add_(d) if key in deltas else d
+            if adapter.config.use_dora:
+                magnitudes[key] = (adapter.magnitudes[path], adapter.config.fan_in_fan_out)
     merged = dict(state)
     replaced: dict[str, torch.Tensor] = {}
     for adapter in adapters:  # trained biases, modules_to_save: taken as they are
@@ -140,6 +156,8 @@ def merge_state_dict(
         w0 = state[key]
         mod = ModuleMerge(key.removesuffix(".weight"), _amax(d), _amax(w0))
         wide = d.add_(w0)  # W0 + Σ w·s·B·A in compute_dtype (d is not needed any more)
+        if key in magnitudes:
+            wide = _dora(wide, *magnitudes[key])
         top = _amax(wide)  # NaN or Inf anywhere makes this NaN or Inf: the finiteness check
         if not math.isfinite(top):
             raise AdapterFormatError(f"merging into {key!r} gives NaN or Inf; refusing to write it")

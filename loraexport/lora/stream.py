@@ -333,4 +333,5 @@ def _restrict(adapter: Adapter, key: str) -> Adapter:
     path = key.removesuffix(".weight")
     lora = {path: adapter.weights[path]} if key.endswith(".weight") and path in adapter.weights else {}
     repl = {key: adapter.replacements[key]} if key in adapter.replacements else {}
-    return Adapter(adapter.config, lora, adapter.path, repl)
+    mags = {p: adapter.magnitudes[p] for p in lora if p in adapter.magnitudes}
+    return Adapter(adapter.config, lora, adapter.path, repl, mags)

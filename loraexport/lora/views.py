@@ -22,9 +22,9 @@ from torch import nn
 
 from loraexport.errors import AdapterMismatchError
 from loraexport.lora.adapter import Adapter
-from loraexport.lora.inject import linear_shape
+from loraexport.lora.inject import is_transposed, linear_shape
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
-from loraexport.lora.weights import adapter_weights
+from loraexport.lora.weights import adapter_weights, check_dora
 
 
 def shared_copy(model: nn.Module) -> nn.Module:
@@ -76,7 +76,8 @@ def merged_view(base: nn.Module, base_state: dict[str, torch.Tensor], merged_sta
 
 
 def unmerged_view(base: nn.Module, adapters: list[Adapter], weights: list[float] | None = None) -> nn.Module:
-    """``base`` with every adapter's LoRA branch active: ``W0·x + Σ wᵢ·sᵢ·Bᵢ·(Aᵢ·x)``.
+    """``base`` with every adapter's LoRA branch active: ``W0·x + Σ wᵢ·sᵢ·Bᵢ·(Aᵢ·x)`` (a DoRA
+    adapter: its layer rescaled by ``m / ‖W0 + s·B·A‖``, computed in the forward pass).
 
     The parity reference: nothing is merged. A layer one adapter targets gets a ``LoRALinear``
     (scaling ``w·s``); a layer several target gets a ``WeightedLoRALinear``. Replaced tensors
@@ -84,6 +85,7 @@ def unmerged_view(base: nn.Module, adapters: list[Adapter], weights: list[float]
     with different values is an error, as in ``merge_state_dict``.
     """
     weights = adapter_weights(len(adapters), weights)
+    check_dora(adapters, weights)  # DoRA: alone, at weight 1, so its layer is a LoRALinear
     model = shared_copy(base)  # ``adapters`` were checked against ``base`` when loaded (``check_fits``)
     replaced: dict[str, torch.Tensor] = {}
     for a in adapters:
@@ -94,18 +96,29 @@ def unmerged_view(base: nn.Module, adapters: list[Adapter], weights: list[float]
     for name, t in replaced.items():
         set_tensor(model, name, t)
     branches: dict[str, list[tuple[torch.Tensor, torch.Tensor, float]]] = defaultdict(list)
+    magnitudes: dict[str, torch.Tensor] = {}
     for a, w in zip(adapters, weights, strict=True):
         for path, (lora_a, lora_b) in a.weights.items():
             branches[path].append((lora_a, lora_b, w * a.config.scaling(path)))
+        magnitudes.update(a.magnitudes)
     with torch.no_grad():
         for path, br in branches.items():
             owner, attr = _owner(model, path)
             layer = getattr(owner, attr)
             if len(br) == 1:
                 lora_a, lora_b, c = br[0]
-                wrapped: nn.Module = LoRALinear(layer, lora_a.shape[0], c, features=linear_shape(layer))
+                wrapped: nn.Module = LoRALinear(
+                    layer,
+                    lora_a.shape[0],
+                    c,
+                    features=linear_shape(layer),
+                    dora=path in magnitudes,
+                    transposed=is_transposed(layer),
+                )
                 wrapped.lora_A.copy_(lora_a.to(wrapped.lora_A.dtype))
                 wrapped.lora_B.copy_(lora_b.to(wrapped.lora_B.dtype))
+                if path in magnitudes:
+                    wrapped.lora_magnitude.copy_(magnitudes[path].to(wrapped.lora_magnitude.dtype))
             else:
                 wrapped = WeightedLoRALinear(layer, br, features=linear_shape(layer))
             setattr(owner, attr, wrapped)

@@ -13,7 +13,7 @@ from torch import nn
 
 from loraexport.description import read_export_meta
 from loraexport.enums import MAX_LORA_RANK
-from loraexport.errors import AdapterMismatchError, InvalidInputError, UsageError
+from loraexport.errors import AdapterMismatchError, InvalidInputError, UnsupportedAdapterError, UsageError
 from loraexport.export.adapter import (
     ADAPTER_SUFFIX,
     GraphLora,
@@ -52,6 +52,7 @@ def probe_model(base: nn.Module, adapters: list[Adapter], max_rank: int | None, 
     base's weights rounded to it first, so the file stores them in it exactly; the probes, and
     so the adapter inputs, stay float32."""
     for a in adapters:
+        refuse_dora(a)
         if a.replacements:
             name = next(iter(a.replacements))
             raise AdapterMismatchError(
@@ -124,7 +125,16 @@ def describe_adapters(
     meta["adapter_files"] = write_adapter_files(out_dir, adapters, graph)
 
 
+def refuse_dora(adapter: Adapter) -> None:
+    if adapter.config.use_dora:
+        raise UnsupportedAdapterError(
+            f"{adapter.path}: a DoRA adapter cannot be an onnxruntime adapter file (its magnitude "
+            "rescales the whole weight; the graph's LoRA inputs hold A and B only); use --mode merged"
+        )
+
+
 def adapter_file_tensors(adapter: Adapter, graph: GraphLora) -> dict:
+    refuse_dora(adapter)
     weights = {m: (a.float().numpy(), b.float().numpy()) for m, (a, b) in adapter.weights.items()}
     scaling = {m: adapter.config.scaling(m) for m in adapter.weights}
     if adapter.replacements:

@@ -33,6 +33,7 @@ from loraexport.stages.inputs import (
     Log,
     adapter_provenance,
     as_list,
+    check_dora_mode,
     load_inputs,
     model_provenance,
     plan,
@@ -182,6 +183,7 @@ def export(
     quant = check_quantize(quantize, keep_adapter, half, adapters)
     if asked is ExportMode.ADAPTER:
         check_adapter_mode(adapters, max_rank, weights)
+    check_dora_mode(adapters, asked, keep_adapter, optimize)
     if keep_adapter and asked is not ExportMode.ADAPTER:
         asked = ExportMode.UNMERGED  # the adapter kept beside the quantized base
     if wants_stream(model_dir, stream):

@@ -13,9 +13,12 @@ from pathlib import Path
 from torch import nn
 
 from loraexport.data import read_pairs
-from loraexport.io import sha256_dir
-from loraexport.lora.adapter import Adapter
-from loraexport.lora.weights import adapter_weights
+from loraexport.enums import ExportMode
+from loraexport.errors import AdapterFormatError, UnsupportedAdapterError
+from loraexport.io import read_json, sha256_dir
+from loraexport.lora.adapter import CONFIG_NAME, Adapter
+from loraexport.lora.config import LoraConfig
+from loraexport.lora.weights import adapter_weights, check_dora
 from loraexport.models.base import ModelFamily
 from loraexport.models.registry import load_model_dir
 from loraexport.output import OutputPlan, plan_output
@@ -59,9 +62,35 @@ def load_inputs(
     weights = check_weights(adapters, weights)
     model_dir = load_model_dir(base)
     loaded = [Adapter.load(a, allow_pickle) for a in adapters]
+    check_dora(loaded, weights)
     for a in loaded:
         a.check_fits(model_dir.model)
     return Loaded(model_dir.family, model_dir.model, loaded, weights, model_dir.tokenizer)
+
+
+def check_dora_mode(adapters: list, mode: ExportMode, keep_adapter: bool, optimize: bool = False) -> None:
+    """DoRA adapters export merged (any precision, fused or streamed) or as a plain unmerged graph.
+    Where the graph keeps bare LoRA branches (``--mode adapter``, ``--keep-adapter``, an unmerged
+    ``--optimize`` graph) a DoRA adapter cannot be kept: its magnitude rescales the whole weight.
+    Read from adapter_config.json before any weight is."""
+    where = (
+        "--mode adapter"
+        if mode is ExportMode.ADAPTER
+        else "--keep-adapter"
+        if keep_adapter
+        else "--mode unmerged --optimize"
+        if mode is ExportMode.UNMERGED and optimize
+        else None
+    )
+    if where is None:
+        return
+    for path in adapters:
+        cfg = read_json(Path(path) / CONFIG_NAME, AdapterFormatError) if Path(path).is_dir() else None
+        if isinstance(cfg, dict) and LoraConfig.from_dict(cfg).use_dora:
+            raise UnsupportedAdapterError(
+                f"{path} is a DoRA adapter: {where} keeps LoRA branches beside the base, and DoRA's "
+                "magnitude rescales the whole weight; export it merged (the default)"
+            )
 
 
 def check_eval_data(path: str | Path | None) -> None:
@@ -90,6 +119,7 @@ def adapter_info(a: Adapter, weight: float = 1.0) -> dict:
         "targets": a.config.target_modules,
         "modules": len(a.weights),
         "use_rslora": a.config.use_rslora,
+        "use_dora": a.config.use_dora,
         "parameters": a.num_parameters,
     }
 

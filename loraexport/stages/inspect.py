@@ -39,6 +39,7 @@ def inspect_path(path: str | Path) -> dict:
             "r": c.r,
             "lora_alpha": c.lora_alpha,
             "use_rslora": c.use_rslora,
+            "use_dora": c.use_dora,
             "target_modules": c.target_modules,
             "modules": len(adapter.weights),
             "parameters": adapter.num_parameters,

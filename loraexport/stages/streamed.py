@@ -25,7 +25,7 @@ import torch
 from loraexport.description import BUILDER
 from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision
-from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
+from loraexport.errors import ExportError, InvalidInputError, ModelFormatError, UnsupportedAdapterError
 from loraexport.export.fused import write_fused_decoder
 from loraexport.export.fused_config import check_config
 from loraexport.export.onnx import ExportResult
@@ -34,6 +34,7 @@ from loraexport.export.quantize import quantization_description
 from loraexport.export.streamed import Checkpoint, CheckpointSource, float32_bytes, read_config
 from loraexport.io import read_json
 from loraexport.lora.adapter import Adapter
+from loraexport.lora.weights import check_dora
 from loraexport.memory import Stage, StageRecord, available, peak_rss
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
@@ -212,6 +213,13 @@ def _mode(adapters: list, keep_adapter: bool) -> ExportMode:
 
 def _load(base, adapter_paths, weights, keep_adapter, half, allow_pickle) -> CheckpointSource:
     adapters = [Adapter.load(a, allow_pickle) for a in adapter_paths]
+    check_dora(adapters, weights)
+    dora = next((a for a in adapters if a.config.use_dora), None)
+    if keep_adapter and dora is not None:
+        raise UnsupportedAdapterError(
+            f"{dora.path} is a DoRA adapter: a streamed unmerged graph keeps LoRA branches beside the base, "
+            "and DoRA's magnitude rescales the whole weight; export it merged"
+        )
     storage = torch_dtype(half) or torch.float32
     return CheckpointSource(
         base, adapters, check_weights(adapters, weights), merge=not keep_adapter, storage=storage

@@ -226,7 +226,10 @@ def _name(stream) -> str:
 def _decoder(cls, src: CheckpointSource, bar):
     """The layer-streamed reference of ``src``: its LoRA branches and its adapters' replacements."""
     try:
-        return cls(src.checkpoint.dir, branches(src), progress=bar, overrides=src.replacements)
+        magnitudes = {p: m for a in src.adapters for p, m in a.magnitudes.items()}  # DoRA: one adapter
+        return cls(
+            src.checkpoint.dir, branches(src), progress=bar, overrides=src.replacements, magnitudes=magnitudes
+        )
     except ValueError as e:  # what the reference cannot compute, in one line
         raise InvalidInputError(str(e).splitlines()[0]) from e
 

@@ -68,9 +68,12 @@ class StreamedDecoder:
         *,
         progress: Callable[[int, int], None] | None = None,
         overrides: dict[str, torch.Tensor] | None = None,
+        magnitudes: dict[str, torch.Tensor] | None = None,
     ) -> None:
         """``overrides``: tensors that replace the checkpoint's, by name (an adapter's trained
-        biases and ``modules_to_save``), each of the shape it replaces."""
+        biases and ``modules_to_save``), each of the shape it replaces. ``magnitudes``: DoRA's m
+        by module, for a module with one branch: the LoRA streams compute
+        ``m / ‖W + c·B·A‖ ⊙ (W·x + c·B·A·x) + bias`` there."""
         self.model_dir = Path(model_dir)
         self.progress = progress
         self.overrides = dict(overrides or {})
@@ -109,6 +112,11 @@ class StreamedDecoder:
         self.branches = dict(branches or {})
         for module, items in self.branches.items():
             self._check_branches(module, items)
+        self.magnitudes = dict(magnitudes or {})
+        for module, m in self.magnitudes.items():
+            items = self.branches.get(module, [])
+            if len(items) != 1 or tuple(m.shape) != (items[0][1].shape[0],):
+                raise ValueError(f"DoRA magnitude of {module} fits no single LoRA branch of that module")
         self._peak = 0
 
     def _read_config(self, cfg: dict) -> None:
@@ -216,6 +224,13 @@ class StreamedDecoder:
 
     def _linear(self, x: torch.Tensor, w: Weights, br: dict[str, list[Branch]], module: str) -> torch.Tensor:
         bias = w.get(module + ".bias") if bias_allowed(self._cfg, module) else None
+        if module in self.magnitudes and module in br:  # DoRA (a LoRA stream)
+            ((a, b, c),) = br[module]
+            weight = w[module + ".weight"]
+            y = F.linear(x, weight) + c * F.linear(F.linear(x, a), b)
+            norm = torch.linalg.vector_norm(weight + c * (b @ a), dim=1)  # (out,)
+            y = y * (self.magnitudes[module].to(y.dtype) / norm)
+            return y if bias is None else y + bias
         y = F.linear(x, w[module + ".weight"], bias)
         for a, b, c in br.get(module, ()):
             y = y + c * F.linear(F.linear(x, a), b)

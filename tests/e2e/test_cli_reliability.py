@@ -197,7 +197,7 @@ def test_adapter_config_unknown_peft_type(work, command, peft_type):
 @pytest.mark.parametrize(
     ("key", "value", "named"),
     [
-        ("use_dora", True, "DoRA"),
+        ("alora_invocation_tokens", [5, 6], "aLoRA"),
         ("lora_bias", True, "LoRA bias"),
         ("use_qalora", True, "QALoRA"),
         ("layer_replication", [[0, 1]], "layer replication"),

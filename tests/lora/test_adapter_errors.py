@@ -175,11 +175,11 @@ def test_config_not_json(adapter_dir, text):
         Adapter.load(adapter_dir)
 
 
-def test_config_with_dora_refused_on_load(adapter_dir):
+def test_dora_config_without_magnitudes_refused_on_load(adapter_dir):
     data = json.loads((adapter_dir / CONFIG_NAME).read_text())
     data["use_dora"] = True
     (adapter_dir / CONFIG_NAME).write_text(json.dumps(data))
-    with pytest.raises(InvalidInputError, match="use_dora"):
+    with pytest.raises(InvalidInputError, match="use_dora is set.*lora_magnitude_vector.*missing"):
         Adapter.load(adapter_dir)
 
 

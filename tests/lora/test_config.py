@@ -222,8 +222,8 @@ def _base_dict(**overrides) -> dict:
 @pytest.mark.parametrize(
     ("key", "value"),
     [
-        ("use_dora", True),
         ("lora_bias", True),
+        ("alora_invocation_tokens", [5, 6]),
         ("layer_replication", [[0, 1]]),
         ("trainable_token_indices", [1, 2]),
         ("target_parameters", ["experts.weight"]),
@@ -237,7 +237,20 @@ def test_variant_switched_on_is_refused_by_name(key, value):
 
 @pytest.mark.parametrize("value", [False, None, [], {}])
 def test_variant_switched_off_is_accepted(value):
-    LoraConfig.from_dict(_base_dict(use_dora=value, layer_replication=value))
+    LoraConfig.from_dict(_base_dict(lora_bias=value, layer_replication=value))
+
+
+@pytest.mark.parametrize(("value", "expected"), [(True, True), (False, False), (None, False)])
+def test_use_dora_is_modelled_and_round_trips(value, expected):
+    cfg = LoraConfig.from_dict(_base_dict(use_dora=value))
+    assert cfg.use_dora is expected
+    assert LoraConfig.from_dict(cfg.to_dict()).to_dict()["use_dora"] is expected
+
+
+@pytest.mark.parametrize("value", [1, "yes", [], {}])
+def test_use_dora_not_a_boolean_is_refused(value):
+    with pytest.raises(AdapterFormatError, match="use_dora"):
+        LoraConfig.from_dict(_base_dict(use_dora=value))
 
 
 def test_unknown_key_with_truthy_value_is_refused_by_name():
