@@ -16,7 +16,7 @@ from loraexport.data import Pair
 from loraexport.errors import TrainingDivergedError
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.config import LoraConfig
-from loraexport.lora.inject import inject, lora_layers
+from loraexport.lora.inject import inject
 from loraexport.models.reference import EOS, Vocab, batch_encode, greedy_generate, prompt_ids
 from loraexport.models.transformer import Transformer
 from loraexport.progress import Progress
@@ -32,10 +32,29 @@ class TrainResult:
     eval_before: float | None = None
     eval_after: float | None = None
     losses: list[float] = field(default_factory=list)
+    # what eval_before/after measure: "exact_match" (greedy outputs), "accuracy" (classifiers),
+    # None (nothing but the loss: decoders trained on plain text)
+    metric: str | None = "exact_match"
+    eval_loss_before: float | None = None
+    eval_loss_after: float | None = None
+    tokens: int = 0  # tokens the training steps read (padding excluded)
 
     @property
     def trainable_fraction(self) -> float:
         return self.trainable_parameters / self.base_parameters
+
+    def evals(self) -> dict[str, float | None]:
+        """The held-out numbers by name: ``eval_<metric>_before``/``_after``, and
+        ``eval_loss_before``/``_after`` where the loss was measured."""
+        out = {}
+        if self.metric is not None:
+            out |= {
+                f"eval_{self.metric}_before": self.eval_before,
+                f"eval_{self.metric}_after": self.eval_after,
+            }
+        if self.eval_loss_before is not None:
+            out |= {"eval_loss_before": self.eval_loss_before, "eval_loss_after": self.eval_loss_after}
+        return out
 
 
 def seed_everything(seed: int) -> None:
@@ -50,6 +69,21 @@ def _loss(model: Transformer, batch: dict[str, torch.Tensor]) -> tuple[torch.Ten
     return loss, int((labels != -100).sum())
 
 
+def warmup_steps(steps: int, warmup: float) -> int:
+    """Steps of linear warm-up: ``warmup`` below 1 is a fraction of ``steps`` (rounded down),
+    else a number of steps; at least 1 (a one-step warm-up is none: the first step is at full)."""
+    if warmup < 1:
+        return max(1, math.floor(steps * warmup + 1e-9))  # 1e-9: 0.05·steps is k, not k - 1e-16
+    return int(warmup)
+
+
+def scheduler(opt: torch.optim.Optimizer, steps: int, warm: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warm-up over ``warm`` steps, then cosine decay to 0 at ``steps``."""
+    return torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
+    )
+
+
 def fit(
     model: Transformer,
     params: Iterable[nn.Parameter],
@@ -59,17 +93,16 @@ def fit(
     lr: float,
     batch_size: int,
     seed: int,
+    warmup: float = 0.05,
     desc: str = "train",
     show_progress: bool = True,
     on_step: Callable[[int, float], None] | None = None,
 ) -> list[float]:
-    """AdamW with linear warm-up (5%) and cosine decay; batches sampled with ``seed``."""
+    """AdamW with linear warm-up (``warmup_steps``: 5% by default) and cosine decay; batches
+    sampled with ``seed``."""
     params = list(params)
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
-    warm = max(1, steps // 20)
-    sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min((s + 1) / warm, 0.5 * (1 + math.cos(math.pi * min(s, steps) / steps)))
-    )
+    sched = scheduler(opt, steps, warmup_steps(steps, warmup))
     rng = random.Random(seed)
     losses: list[float] = []
     model.train()
@@ -117,6 +150,14 @@ def exact_match(model: Transformer, pairs: list[Pair], batch_size: int = 256) ->
     return correct / len(pairs)
 
 
+def check_finite(params: list[nn.Parameter]) -> None:
+    """The trained parameters are finite, else ``TrainingDivergedError`` (nothing is written)."""
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        raise TrainingDivergedError(
+            "training diverged: the adapter's weights are not finite; nothing was written"
+        )
+
+
 def count_parameters(model: nn.Module, trainable_only: bool = False) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad or not trainable_only)
 
@@ -131,6 +172,7 @@ def train_lora(
     lr: float,
     batch_size: int,
     seed: int,
+    warmup: float = 0.05,
     show_progress: bool = True,
 ) -> tuple[Adapter, TrainResult]:
     """Inject LoRA into ``model`` (in place), train A and B only, return the adapter.
@@ -152,16 +194,13 @@ def train_lora(
         lr=lr,
         batch_size=batch_size,
         seed=seed,
+        warmup=warmup,
         desc="train LoRA",
         show_progress=show_progress,
     )
     seconds = time.perf_counter() - t0
     after = exact_match(model, eval_pairs) if eval_pairs else None
-    layers = lora_layers(model).values()
-    if not all(bool(torch.isfinite(p).all()) for m in layers for p in (m.lora_A, m.lora_B)):
-        raise TrainingDivergedError(
-            "training diverged: the adapter's weights are not finite; nothing was written"
-        )
-    n_trainable = sum(p.numel() for m in layers for p in (m.lora_A, m.lora_B))
+    check_finite(trainable)
+    n_trainable = sum(p.numel() for p in trainable)  # A and B (and DoRA's magnitudes)
     result = TrainResult(steps, seconds, losses[-1], n_trainable, base_params, before, after, losses)
     return Adapter.from_model(model, config), result

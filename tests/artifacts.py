@@ -218,3 +218,61 @@ def make_peft_adapter(model: nn.Module, directory: Path, kind: str, seed: int = 
                 p.copy_(torch.randn(p.shape, generator=g) * B_STD)
     lora.save_pretrained(directory)
     return lora.eval()
+
+
+# Tiny Hugging Face bases with a tokenizer, for ``train``: a word-level tokenizer (words w0..w39
+# after the special tokens) that adds what the real one adds: nothing (GPT-2), BOS (Llama),
+# [CLS] ... [SEP] (BERT).
+TRAIN_WORDS = 40
+TOKENIZERS = {
+    "gpt2": (["<pad>", "<s>", "</s>", "<unk>"], None, dict(bos_token="<s>", eos_token="</s>")),
+    "llama": (
+        ["<pad>", "<s>", "</s>", "<unk>"],
+        "<s> $A",
+        dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>"),
+    ),
+    "bert": (
+        ["[PAD]", "[UNK]", "[CLS]", "[SEP]"],
+        "[CLS] $A [SEP]",
+        dict(pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"),
+    ),
+}
+
+
+def word_tokenizer(kind: str):
+    """A transformers fast tokenizer of whitespace-separated words for ``TOKENIZERS[kind]``."""
+    import transformers
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+
+    specials, template, tokens = TOKENIZERS[kind]
+    words = specials + [f"w{i}" for i in range(TRAIN_WORDS)]
+    unk = next(s for s in specials if "unk" in s.lower())
+    tk = Tokenizer(models.WordLevel(vocab={w: i for i, w in enumerate(words)}, unk_token=unk))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    if template:
+        used = [(s, specials.index(s)) for s in specials if s in template]
+        tk.post_processor = processors.TemplateProcessing(single=template, special_tokens=used)
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=tk, unk_token=unk, **tokens)
+
+
+def make_hf_train_base(directory: Path, kind: str, seed: int = 0, num_labels: int = 2) -> Path:
+    """``kind`` ("gpt2", "llama": ``make_hf_decoder``; "bert": a sequence classifier with
+    ``num_labels``) saved with its ``word_tokenizer`` in ``directory``."""
+    import transformers
+
+    if kind == "bert":
+        torch.manual_seed(seed)
+        config = transformers.BertConfig(
+            vocab_size=HF_DECODER["vocab_size"],
+            hidden_size=32,
+            num_hidden_layers=2,
+            num_attention_heads=4,
+            intermediate_size=64,
+            max_position_embeddings=128,
+            num_labels=num_labels,
+        )
+        transformers.BertForSequenceClassification(config).eval().save_pretrained(directory)
+    else:
+        make_hf_decoder(directory, kind, seed)
+    word_tokenizer(kind).save_pretrained(directory)
+    return directory

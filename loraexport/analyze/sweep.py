@@ -111,8 +111,7 @@ def sweep(
     family, model = load_base(base)
     if not isinstance(model, Transformer):
         raise InvalidInputError(
-            f"sweep trains with loraexport train, which supports the reference Transformer only; "
-            f"{base} is a {family.name} model"
+            f"sweep supports the reference Transformer only; {base} is a {family.name} model"
         )
     if ranks is None:  # the paper's ranks, those the model's d_model × d_model projections can use
         ranks = [r for r in RANKS if r <= model.config.d_model]

@@ -8,7 +8,10 @@ from pathlib import Path
 import click
 
 from loraexport.cli.options import force_option, json_option, log
-from loraexport.cli.types import Names, Number, PositiveInt, Seed
+from loraexport.cli.types import Names, Number, PositiveInt, Seed, Warmup
+
+# = stages.train.MAX_LENGTH, MAX_GRAD_ACCUM (not imported: the CLI loads torch lazily)
+MAX_LENGTH, MAX_GRAD_ACCUM = 65536, 4096
 
 
 @click.command()
@@ -17,7 +20,8 @@ from loraexport.cli.types import Names, Number, PositiveInt, Seed
     "--data",
     required=True,
     type=click.Path(path_type=Path),
-    help='Training data, JSON Lines of {"source": ..., "target": ...}.',
+    help='Training data, JSON Lines: {"source", "target"} (reference Transformer); {"prompt", '
+    '"completion"} or {"text"} (decoders); {"text", "label"} (classifiers).',
 )
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Adapter directory to write.")
 @click.option(
@@ -48,39 +52,76 @@ from loraexport.cli.types import Names, Number, PositiveInt, Seed
     help="LoRA alpha (scaling alpha/r).",
 )
 @click.option(
-    "--targets", default="q,v", show_default=True, type=Names(), help="Comma-separated module names."
+    "--targets",
+    type=Names(),
+    help="Comma-separated module names (default: the attention query and value projections: q,v; "
+    "q_proj,v_proj for Llama, Mistral, Qwen2; c_attn for GPT-2; query,value for BERT, RoBERTa).",
 )
 @click.option("--target-regex", help="A regex over full module paths instead of --targets.")
 @click.option(
     "--dropout", default=0.0, show_default=True, type=Number(float, 0, 1, hi_open=True), help="LoRA dropout."
 )
 @click.option("--rslora", is_flag=True, help="Scale by alpha/sqrt(r) (rsLoRA).")
+@click.option(
+    "--dora", is_flag=True, help="DoRA (weight-decomposed LoRA): also train a magnitude per output row."
+)
 @click.option("--steps", default=600, show_default=True, type=PositiveInt(10**7), help="Optimizer steps.")
 @click.option(
     "--lr",
-    default=3e-3,
-    show_default=True,
     type=Number(float, 0, 10, lo_open=True),
-    help="Peak learning rate.",
+    help="Peak learning rate (default: 3e-3 for the reference Transformer, 2e-4 for Hugging Face bases).",
 )
-@click.option("--batch-size", default=64, show_default=True, type=PositiveInt(65536))
+@click.option(
+    "--warmup",
+    default=0.05,
+    show_default=True,
+    type=Warmup(),
+    help="Linear warm-up, a fraction of --steps (below 1) or a number of steps; then cosine decay.",
+)
+@click.option(
+    "--batch-size",
+    type=PositiveInt(65536),
+    help="Examples per micro-batch (default: 64 for the reference Transformer, 8 for Hugging Face bases).",
+)
+@click.option(
+    "--grad-accum",
+    default=1,
+    show_default=True,
+    type=PositiveInt(MAX_GRAD_ACCUM),
+    help="Micro-batches per optimizer step (Hugging Face bases).",
+)
+@click.option(
+    "--max-length",
+    type=Number(int, 2, MAX_LENGTH),
+    help="Tokens per example, at most; longer ones are refused (Hugging Face bases; default: 256, "
+    "at most the model's positions).",
+)
+@click.option(
+    "--pack", is_flag=True, help='Join {"text"} examples and cut them into rows of --max-length tokens.'
+)
 @click.option("--seed", default=0, show_default=True, type=Seed(), help="Seed of the run (0 to 2**63 - 1).")
 @force_option
 @json_option("Print the result as JSON on stdout.")
 @click.pass_context
-def train(ctx, targets, target_regex, rslora, as_json, **options):
+def train(ctx, targets, target_regex, rslora, dora, as_json, **options):
     """Train a LoRA adapter on a base model and save it in PEFT's format.
 
+    The reference Transformer, Hugging Face decoders (GPT-2, Llama, Mistral, Qwen2) and
+    sequence classifiers (BERT, RoBERTa with a *ForSequenceClassification head, trained too).
+
     \b
-    Example:
+    Examples:
       loraexport train --base samples/base --data samples/data/sort_train.jsonl \\
           --eval-data samples/data/sort_eval.jsonl --out runs/sort-adapter
+      loraexport train --base runs/real/smollm2 --data chat.jsonl --out runs/chat-adapter \\
+          --max-length 512 --batch-size 4 --grad-accum 4 --steps 300
     """
     from loraexport.stages.train import train as train_api
 
     result = train_api(
         targets=target_regex or targets,
         use_rslora=rslora,
+        use_dora=dora,
         show_progress=not ctx.obj["quiet"],
         log=log(ctx),
         **options,
@@ -94,16 +135,24 @@ def train(ctx, targets, target_regex, rslora, as_json, **options):
         "trainable_parameters": result.trainable_parameters,
         "base_parameters": result.base_parameters,
         "trainable_fraction": result.trainable_fraction,
-        "eval_exact_match_before": result.eval_before,
-        "eval_exact_match_after": result.eval_after,
+        **result.evals(),
     }
     if as_json:
         click.echo(json.dumps(summary, indent=2))
         return
-    click.echo(
-        f"trained {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}\n"
+    rate = f" ({result.tokens / result.seconds:,.0f} tokens/s)" if result.tokens and result.seconds else ""
+    lines = [
+        f"trained {result.steps} steps in {result.seconds:.1f}s, final loss {result.final_loss:.4f}{rate}",
         f"trainable parameters {result.trainable_parameters:,} of {result.base_parameters:,} "
-        f"({result.trainable_fraction:.2%})\n"
-        f"held-out exact match: base {result.eval_before:.1%} -> with adapter {result.eval_after:.1%}\n"
-        f"adapter written to {out}"
-    )
+        f"({result.trainable_fraction:.2%})",
+    ]
+    if result.eval_loss_before is not None:
+        lines.append(
+            f"held-out loss: base {result.eval_loss_before:.4f} -> with adapter {result.eval_loss_after:.4f}"
+        )
+    if result.metric is not None and result.eval_before is not None:
+        lines.append(
+            f"held-out {result.metric.replace('_', ' ')}: base {result.eval_before:.1%} -> "
+            f"with adapter {result.eval_after:.1%}"
+        )
+    click.echo("\n".join([*lines, f"adapter written to {out}"]))

@@ -88,6 +88,21 @@ def Seed() -> Number:  # noqa: N802
     return Number(int, 0, MAX_SEED)
 
 
+class Warmup(Number):
+    """``--warmup``: a fraction of the steps, in [0, 1), or a whole number of steps."""
+
+    def __init__(self) -> None:
+        super().__init__(float, 0, 10**7)
+
+    def convert(self, value, param, ctx):
+        value = super().convert(value, param, ctx)
+        if value < 1:
+            return value
+        if not float(value).is_integer():
+            self.fail(f"{value} is neither a fraction below 1 nor a whole number of steps", param, ctx)
+        return int(value)
+
+
 class IntList(click.ParamType):
     """Comma-separated integers in [1, hi], e.g. ``--ranks 1,2,4``."""
 

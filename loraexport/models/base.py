@@ -16,6 +16,7 @@ import torch
 from torch import nn
 
 from loraexport.export.spec import GraphSpec
+from loraexport.lora.config import DEFAULT_TARGETS
 
 Inputs = dict[str, torch.Tensor]
 
@@ -53,3 +54,7 @@ class ModelFamily:
     # model types ``optimizes`` accepts (given config.json); None: the family has none
     optimized_export: Callable[[nn.Module, Path, int, str], Any] | None = None
     optimizes: Callable[[dict[str, Any]], bool] = lambda cfg: False
+    # ``train`` without --targets: the layers it adapts, as this family names them (the attention
+    # query and value projections, the LoRA paper's choice at a fixed budget, §7.1); the default
+    # names the reference Transformer's
+    default_targets: Callable[[nn.Module], tuple[str, ...]] = lambda model: DEFAULT_TARGETS

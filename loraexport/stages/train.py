@@ -1,21 +1,37 @@
 """The train stage: a LoRA adapter trained on a base and written in PEFT's format, with
-``training.json`` (hyper-parameters, losses, held-out exact match) beside it."""
+``training.json`` (hyper-parameters, losses, held-out numbers before and after) beside it.
+
+The reference Transformer trains on ``{"source", "target"}`` pairs (``data``, ``training``);
+Hugging Face decoders and sequence classifiers on their JSON Lines formats (``data_hf``,
+``training_hf``). Every example is read and checked before any training.
+"""
 
 from __future__ import annotations
 
 import math
 from pathlib import Path
+from typing import Any
 
+from loraexport import data_hf
 from loraexport.data import read_pairs, split
 from loraexport.errors import InvalidInputError
 from loraexport.io import write_json
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import check_ranks
+from loraexport.models.hf.common import max_positions, text_config
 from loraexport.models.reference import check_pairs
-from loraexport.models.registry import load_base
+from loraexport.models.registry import ModelDir, load_model_dir
 from loraexport.models.transformer import Transformer
 from loraexport.output import plan_output, write_output
-from loraexport.training import TrainResult, train_lora
+from loraexport.training import TrainResult, train_lora, warmup_steps
+from loraexport.training_hf import Schedule, lora_config, task_of, train_hf
+
+# Defaults that differ by base: the reference Transformer is tiny and trains from a high rate
+# on large batches; for Hugging Face bases, the rate of PEFT's and QLoRA's examples (2e-4).
+DEFAULTS = {"reference": {"lr": 3e-3, "batch_size": 64}, "hf": {"lr": 2e-4, "batch_size": 8}}
+DEFAULT_MAX_LENGTH = 256
+MAX_LENGTH = 65536
+MAX_GRAD_ACCUM = 4096
 
 
 def train(
@@ -27,12 +43,17 @@ def train(
     eval_fraction: float = 0.1,
     rank: int = 8,
     alpha: float = 16.0,
-    targets: list[str] | str = ("q", "v"),
+    targets: list[str] | str | None = None,
     dropout: float = 0.0,
     use_rslora: bool = False,
+    use_dora: bool = False,
     steps: int = 600,
-    lr: float = 3e-3,
-    batch_size: int = 64,
+    lr: float | None = None,
+    batch_size: int | None = None,
+    warmup: float = 0.05,
+    grad_accum: int = 1,
+    max_length: int | None = None,
+    pack: bool = False,
     seed: int = 0,
     force: bool = False,
     show_progress: bool = True,
@@ -40,84 +61,201 @@ def train(
 ) -> TrainResult:
     """Train a LoRA adapter on ``base`` and write it to ``out`` in PEFT's layout.
 
-    ``out`` also gets ``training.json`` (hyper-parameters, losses, held-out accuracy).
+    ``targets``: module names or a regex (default: the family's query and value projections);
+    ``lr``, ``batch_size``: default by base (``DEFAULTS``); ``warmup``: a fraction of ``steps``
+    (below 1) or a number of steps. ``grad_accum``, ``max_length`` (default 256, at most the
+    model's positions) and ``pack`` apply to Hugging Face bases. ``out`` also gets
+    ``training.json``.
     """
-    _check_numbers(steps=steps, lr=lr, batch_size=batch_size, seed=seed, eval_fraction=eval_fraction)
+    numbers = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed, eval_fraction=eval_fraction)
+    _check_numbers(**numbers, warmup=warmup, grad_accum=grad_accum, max_length=max_length)
     plan = plan_output(out, force=force, inputs={"--base": base, "--data": data, "--eval-data": eval_data})
     for stale in plan.removed_stale:
         (log or (lambda _: None))(f"removed {stale.name}, left by a run that was killed")
-    family, model = load_base(base)
-    if not isinstance(model, Transformer):
-        raise InvalidInputError(
-            f"loraexport train supports the reference Transformer only; {base} is a {family.name} model "
-            "(train its adapter with PEFT, then use merge-and-export)"
+    loaded = load_model_dir(base)
+    kind = "reference" if isinstance(loaded.model, Transformer) else "hf"
+    lr = DEFAULTS[kind]["lr"] if lr is None else lr
+    batch_size = DEFAULTS[kind]["batch_size"] if batch_size is None else batch_size
+    lora = dict(
+        r=rank,
+        lora_alpha=alpha,
+        target_modules=_targets(targets, loaded),
+        lora_dropout=dropout,
+        use_rslora=use_rslora,
+        use_dora=use_dora,
+        base_model_name_or_path=str(base),
+    )
+    schedule = Schedule(steps, lr, batch_size, grad_accum, warmup, seed)
+    if kind == "reference":
+        _refuse_hf_options(base, grad_accum=grad_accum != 1, max_length=max_length is not None, pack=pack)
+        adapter, result, record = _train_reference(
+            loaded, data, eval_data, eval_fraction, lora, schedule, show_progress
         )
+    else:
+        hf = dict(max_length=max_length, pack=pack, show_progress=show_progress)
+        adapter, result, record = _train_hf(loaded, data, eval_data, eval_fraction, lora, schedule, **hf)
+    with write_output(plan) as tmp:
+        adapter.save(tmp)
+        write_json(tmp / "training.json", _training_json(record, lora, schedule, result))
+    return result
+
+
+def _refuse_hf_options(base: str | Path, **given: bool) -> None:
+    """The reference Transformer's training has no gradient accumulation, and its examples are
+    bounded by its ``max_len``: those options are refused rather than ignored."""
+    for name, was_given in given.items():
+        if was_given:
+            raise InvalidInputError(
+                f"--{name.replace('_', '-')} applies to Hugging Face bases; "
+                f"{base} is the reference Transformer"
+            )
+
+
+def _targets(targets: list[str] | str | None, loaded: ModelDir) -> list[str] | str:
+    if targets is None:
+        return list(loaded.family.default_targets(loaded.model))
+    return list(targets) if not isinstance(targets, str) else targets
+
+
+def _train_reference(
+    loaded: ModelDir,
+    data,
+    eval_data,
+    eval_fraction: float,
+    lora: dict,
+    schedule: Schedule,
+    show_progress: bool,
+):
+    model = loaded.model
     pairs = read_pairs(data)
     check_pairs(model.config, pairs, str(data))  # before any training: errors name the example
     if eval_data is not None:
         train_pairs, eval_pairs = pairs, read_pairs(eval_data)
         check_pairs(model.config, eval_pairs, str(eval_data))
     else:
-        train_pairs, eval_pairs = split(pairs, eval_fraction, seed)
-    config = LoraConfig(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=list(targets) if not isinstance(targets, str) else targets,
-        lora_dropout=dropout,
-        use_rslora=use_rslora,
-        base_model_name_or_path=str(base),
-    )
+        train_pairs, eval_pairs = split(pairs, eval_fraction, schedule.seed)
+    config = LoraConfig(**lora)
     check_ranks(model, config)  # before any allocation: r is bounded by the layers' dimensions
     adapter, result = train_lora(
         model,
         config,
         train_pairs,
         eval_pairs,
-        steps=steps,
-        lr=lr,
-        batch_size=batch_size,
-        seed=seed,
+        steps=schedule.steps,
+        lr=schedule.lr,
+        batch_size=schedule.batch_size,
+        seed=schedule.seed,
+        warmup=schedule.warmup,
         show_progress=show_progress,
     )
-    with write_output(plan) as tmp:
-        adapter.save(tmp)
-        write_json(
-            tmp / "training.json",
-            {
-                "steps": steps,
-                "lr": lr,
-                "batch_size": batch_size,
-                "seed": seed,
-                "train_examples": len(train_pairs),
-                "eval_examples": len(eval_pairs),
-                "seconds": result.seconds,
-                "final_loss": result.final_loss,
-                "trainable_parameters": result.trainable_parameters,
-                "base_parameters": result.base_parameters,
-                "eval_exact_match_before": result.eval_before,
-                "eval_exact_match_after": result.eval_after,
-                "losses": result.losses[:: max(1, len(result.losses) // 100)],
-            },
+    return adapter, result, {"train_examples": len(train_pairs), "eval_examples": len(eval_pairs)}
+
+
+def _train_hf(
+    loaded: ModelDir,
+    data,
+    eval_data,
+    eval_fraction: float,
+    lora: dict,
+    schedule: Schedule,
+    *,
+    max_length: int | None,
+    pack: bool,
+    show_progress: bool,
+):
+    model, tokenizer = loaded.model, loaded.tokenizer
+    task = task_of(loaded.family, model, tokenizer, loaded.path)
+    fmt, records = data_hf.read_records(data, task.kind, task.num_labels)
+    held_records = None
+    if eval_data is not None:
+        eval_fmt, held_records = data_hf.read_records(eval_data, task.kind, task.num_labels)
+        if eval_fmt != fmt:
+            raise InvalidInputError(
+                f"{eval_data}: its examples are {data_hf.SHAPES[eval_fmt]} but those of {data} are "
+                f"{data_hf.SHAPES[fmt]}; evaluate on the format trained"
+            )
+    if pack and fmt != data_hf.TEXT:
+        raise InvalidInputError(
+            f"--pack joins {data_hf.SHAPES[data_hf.TEXT]} examples; "
+            f"{data} holds {data_hf.SHAPES[fmt]} examples"
         )
-    return result
+    positions = max_positions(text_config(model))
+    length = min(max_length or DEFAULT_MAX_LENGTH, positions)
+    limit = f"--max-length {length}" if length < positions else f"the model's {positions} positions"
+    options = dict(max_length=length, limit=limit, eos=task.eos_id, pack=pack)
+    train_rows = data_hf.tokenize(data, fmt, records, tokenizer, **options)  # every line checked
+    if held_records is not None:
+        held = data_hf.tokenize(eval_data, fmt, held_records, tokenizer, **options)
+    else:
+        train_rows, held = data_hf.split(records, train_rows, eval_fraction, schedule.seed)
+    n_train, n_held = len(train_rows), len(held)
+    if pack:
+        train_rows, held = data_hf.pack(train_rows, length), data_hf.pack(held, length)
+    config = lora_config(model, task, **lora)
+    metric = "accuracy" if task.head else "exact_match" if fmt == data_hf.PROMPT else None
+    adapter, result = train_hf(model, config, task, train_rows, held, metric, schedule, show_progress)
+    record = {
+        "task": task.kind,
+        "data_format": fmt,
+        "max_length": length,
+        "pack": pack,
+        "train_examples": n_train,
+        "eval_examples": n_held,
+        "train_rows": len(train_rows),
+    }
+    return adapter, result, record
 
 
-def _check_numbers(*, steps: int, lr: float, batch_size: int, seed: int, eval_fraction: float) -> None:
+def _training_json(record: dict[str, Any], lora: dict, schedule: Schedule, result: TrainResult) -> dict:
+    return {
+        **record,
+        "steps": schedule.steps,
+        "lr": schedule.lr,
+        "batch_size": schedule.batch_size,
+        "grad_accum": schedule.grad_accum,
+        "warmup_steps": warmup_steps(schedule.steps, schedule.warmup),
+        "seed": schedule.seed,
+        "rank": lora["r"],
+        "alpha": lora["lora_alpha"],
+        "targets": lora["target_modules"],
+        "dropout": lora["lora_dropout"],
+        "rslora": lora["use_rslora"],
+        "dora": lora["use_dora"],
+        "seconds": result.seconds,
+        "tokens": result.tokens,
+        "final_loss": result.final_loss,
+        "trainable_parameters": result.trainable_parameters,
+        "base_parameters": result.base_parameters,
+        "trainable_fraction": result.trainable_fraction,
+        **result.evals(),
+        "losses": result.losses[:: max(1, len(result.losses) // 100)],
+    }
+
+
+def _check_numbers(**values: Any) -> None:
     """The CLI's types refuse these first (exit 2); callers of the Python API get exit 3's error."""
+
+    def number(v: Any, lo: float, hi: float, lo_open: bool = False) -> bool:
+        try:
+            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+        except OverflowError:
+            return False
+        return ok and (v > lo if lo_open else v >= lo) and v <= hi
+
+    def integer(v: Any, lo: int, hi: int) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
+
+    warmup = values["warmup"]
     ok = {
-        "steps": isinstance(steps, int) and 1 <= steps <= 10**7,
-        "lr": isinstance(lr, (int, float)) and math.isfinite(lr) and 0 < lr <= 10,
-        "batch_size": isinstance(batch_size, int) and 1 <= batch_size <= 65536,
-        "seed": isinstance(seed, int) and 0 <= seed <= 2**63 - 1,
-        "eval_fraction": isinstance(eval_fraction, (int, float)) and 0 < eval_fraction < 1,
+        "steps": integer(values["steps"], 1, 10**7),
+        "lr": values["lr"] is None or number(values["lr"], 0, 10, lo_open=True),
+        "batch_size": values["batch_size"] is None or integer(values["batch_size"], 1, 65536),
+        "seed": integer(values["seed"], 0, 2**63 - 1),
+        "eval_fraction": number(values["eval_fraction"], 0, 1, lo_open=True) and values["eval_fraction"] < 1,
+        "warmup": number(warmup, 0, 10**7) and (warmup < 1 or float(warmup).is_integer()),
+        "grad_accum": integer(values["grad_accum"], 1, MAX_GRAD_ACCUM),
+        "max_length": values["max_length"] is None or integer(values["max_length"], 2, MAX_LENGTH),
     }
     bad = [k for k, good in ok.items() if not good]
     if bad:
-        values = {
-            "steps": steps,
-            "lr": lr,
-            "batch_size": batch_size,
-            "seed": seed,
-            "eval_fraction": eval_fraction,
-        }
         raise InvalidInputError(f"{bad[0]} {values[bad[0]]!r} cannot be used for training")

@@ -275,12 +275,14 @@ def test_classifier_head_modules_to_save_and_trained_biases(tmp_path):
     assert report.passed and report.export.outputs["model"] == ["logits"]
 
 
-def test_train_refuses_a_hugging_face_base(hf_case, tmp_path):
+def test_train_needs_the_base_tokenizer(hf_case, tmp_path):
+    """These bases have no tokenizer files: training cannot read text (tests/e2e/test_train_hf_cli.py
+    trains bases that have one)."""
     _, base_dir, _, _ = hf_case
     data = tmp_path / "d.jsonl"
-    data.write_text('{"source": "12", "target": "21"}\n')
+    data.write_text('{"text": "12 21"}\n')
     r = run("train", "--base", base_dir, "--data", data, "--out", tmp_path / "o", quiet=False)
-    refused(r, 3, "reference Transformer only")
+    refused(r, 3, "has no tokenizer (tokenizer_config.json)")
     nothing_left(tmp_path / "o")
 
 

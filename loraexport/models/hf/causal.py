@@ -34,6 +34,10 @@ from loraexport.models.hf.family import hf_family
 from loraexport.models.hf.tokenizer import DEFAULT_PROMPTS, encode
 
 CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
+# What ``train`` adapts by default: the query and value projections; GPT-2 computes q, k and v in
+# one Conv1D (as PEFT's default target map has it)
+TARGETS = {"gpt2": ("c_attn",)}
+QV_TARGETS = ("q_proj", "v_proj")
 NEW_TOKENS = 32  # greedy tokens compared per prompt
 # (batch, length, padding) of the parity cases: batch sizes 1, 2, 4; lengths 2 to 64
 PARITY_SHAPES = [
@@ -244,4 +248,5 @@ HF_CAUSAL = hf_family(
     latency_points=((1, 16), (1, 128)),
     optimized_export=_optimized,
     optimizes=lambda cfg: optimize.supported(cfg.get("model_type")),
+    default_targets=lambda model: TARGETS.get(model.config.model_type, QV_TARGETS),
 )

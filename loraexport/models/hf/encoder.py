@@ -96,4 +96,5 @@ HF_ENCODER = hf_family(
     prompts=_no_prompts,
     generate=_no_generation,
     latency_points=((1, 16), (1, 128), (8, 128)),
+    default_targets=lambda model: ("query", "value"),
 )
