@@ -1,4 +1,5 @@
-"""Training data: JSON Lines with one ``{"source": str, "target": str}`` object per line."""
+"""Training data: JSON Lines with one ``{"source": str, "target": str}`` object per line (or
+``{"prompt": str, "completion": str}``, the Hugging Face decoders' format, read as the same pair)."""
 
 from __future__ import annotations
 
@@ -14,14 +15,17 @@ Pair = tuple[str, str]
 
 
 def read_pairs(path: str | Path) -> list[Pair]:
-    """Every example of a JSON Lines file; each line is bounded and checked (not UTF-8, not
+    """Every (source, target) of a JSON Lines file; each line is bounded and checked (not UTF-8, not
     JSON, nested too deeply, a number too long: ``DataFormatError`` naming the line)."""
     p = require_file(path, "data file")
     pairs: list[Pair] = []
     for n, obj in read_json_lines(p, DataFormatError):
-        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in ("source", "target")):
-            raise DataFormatError(f'{p}:{n}: expected {{"source": str, "target": str}}')
-        pairs.append((obj["source"], obj["target"]))
+        keys = ("source", "target") if isinstance(obj, dict) and "source" in obj else ("prompt", "completion")
+        if not isinstance(obj, dict) or not all(isinstance(obj.get(k), str) for k in keys):
+            raise DataFormatError(
+                f'{p}:{n}: expected {{"source": str, "target": str}} or {{"prompt": str, "completion": str}}'
+            )
+        pairs.append((obj[keys[0]], obj[keys[1]]))
     if not pairs:
         raise DataFormatError(f"{p}: no examples")
     return pairs

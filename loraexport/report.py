@@ -200,6 +200,12 @@ class Report:
                     f"\nGreedy decoding (onnxruntime with KV cache vs torch unmerged): "
                     f"{g.identical_rows}/{g.rows} rows identical, up to {g.max_new_tokens} new tokens."
                 )
+                if g.task_rows:
+                    n, on, ref = g.task_rows, g.task_exact_onnx, g.task_exact_reference
+                    lines.append(
+                        f"\nHeld-out exact match (`--eval-data` targets, greedy text up to <eos>): "
+                        f"onnxruntime {on}/{n} ({on / n:.1%}), torch unmerged {ref}/{n} ({ref / n:.1%})."
+                    )
             if p.failures:
                 lines += ["", "Failures:", *[f"- {f}" for f in p.failures]]
         if self.half:
@@ -262,20 +268,16 @@ class Report:
                     f"{self.merge.storage_dtype})",
                 )
             )
-        if self.export:
-            rows.append(
-                (
-                    "exported",
-                    f"{', '.join(self.export.files)} ({self.export.bytes / 1e6:.2f} MB, "
-                    f"opset {self.export.opset}, {self.export.seconds:.1f} s)",
-                )
-            )
+        if e := self.export:
+            size = f"{e.bytes / 1e6:.2f} MB, opset {e.opset}, {e.seconds:.1f} s"
+            rows.append(("exported", f"{', '.join(e.files)} ({size})"))
         for p in self.parity:
             text = f"{'PASSED' if p.passed else 'FAILED'}: max abs err {p.max_abs_err:.2e}"
             if p.top1_agreement is not None:
                 text += f", top-1 {p.top1_agreement:.1%}"
-            if p.generation:
-                text += f", generation {p.generation.identical_rows}/{p.generation.rows}"
+            if g := p.generation:
+                text += f", generation {g.identical_rows}/{g.rows}"
+                text += f", held-out exact match {g.task_exact_onnx}/{g.task_rows}" if g.task_rows else ""
             rows.append((f"parity [{p.provider}]", text))
         for q in self.quantization:
             rows.append(
@@ -348,7 +350,7 @@ def _parity_json(p: ParityResult) -> dict[str, Any]:
         "generation": asdict(p.generation) if p.generation else None,
         "tolerance": {
             "rule": "onnx_err_vs_fp64 <= noise_multiple * max(torch_fp32_err_vs_fp64, "
-            "floor_ulps * eps32 * max|ref|)",
+            "stored_err_vs_fp64, floor_ulps * eps32 * max|ref|)",
             "noise_multiple": p.noise_multiple,
             "floor_ulps": _const("FLOOR_ULPS"),
         },

@@ -43,6 +43,7 @@ from loraexport.verify.latency import measure_latency, open_model
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import check_parity
 from loraexport.verify.quantized import quantization_cost
+from loraexport.verify.stored import STORED_EPS, stored_weights_error
 
 
 def resolve_providers(requested: list[str] | None) -> list[str]:
@@ -185,7 +186,8 @@ def verify_into(
     """
     providers = resolve_providers(opts.providers)
     threads = opts.threads or machine()["cores"]
-    sources = [s for s, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
+    pairs = read_pairs(opts.eval_data) if opts.eval_data else None
+    sources = [s for s, _ in pairs] if pairs else None
     torch.set_num_threads(threads)
     if meta.get("mode") == ExportMode.ADAPTER.value:  # each adapter against its own model
         exporter = torch_exporter(meta)
@@ -202,6 +204,7 @@ def verify_into(
         providers_for_parity = providers
     reference = merged if half else unmerged
     what = f"the {half.value}-rounded merged model" if half else "the unmerged model"
+    stored = _stored(meta, half, unmerged, merged)
     for provider in providers_for_parity:
         log(f"parity [{provider}]: {opts.samples} cases against {what} (float32 and float64) …")
         # Opened inside and closed before the torch runs: never the session and the float64
@@ -215,9 +218,16 @@ def verify_into(
                 seed=opts.seed,
                 sources=sources,
                 tokenizer=loaded.tokenizer,
+                targets=[t for _, t in pairs] if pairs else None,
+                stored=stored,
             )
         except RuntimeInputError as e:  # the export does not run on this model's inputs
             raise InvalidInputError(str(e)) from e
+        if stored is not None:
+            result.reference += (
+                "; the noise floor also counts torch float32 on the file's own weights (the merge "
+                "rounded once to float32, checked against the unmerged layers in float64)"
+            )
         if half:
             result.reference = (
                 f"the merged model with its weights rounded to {half.value} (what the file stores), "
@@ -228,6 +238,14 @@ def verify_into(
     _half_costs(report, loaded, merged, unmerged, opts, log, half, sources)
     if opts.latency:
         _latency(report, loaded, merged, unmerged, (onnx_path, meta), opts, log, providers, threads)
+
+
+def _stored(meta: dict, half, unmerged: nn.Module, merged: nn.Module) -> nn.Module | None:
+    """The merged float32 model whose weights a merged float32 export stores, when they are the
+    correctly rounded merge of the unmerged reference (``verify.stored``); else None."""
+    if half or meta.get("mode") != ExportMode.MERGED.value or merged is None:
+        return None
+    return merged if stored_weights_error(unmerged, merged) <= STORED_EPS else None
 
 
 def torch_exporter(meta: dict) -> str | None:

@@ -26,6 +26,7 @@ from torch import nn
 
 from loraexport.models.base import ModelFamily
 from loraexport.runtime import OnnxModel, RuntimeInputError, chain_forward
+from loraexport.verify.task import task_targets, until_eos
 
 # ONNX's error vs float64 may be this many times torch-float32's own error vs float64.
 # Different accumulation orders give errors of the same order (1-4x seen on these models);
@@ -56,6 +57,7 @@ class OutputParity:
     passed: bool
     top1_agreement: float | None = None  # logits only
     note: str | None = None
+    stored_err_vs_fp64: float | None = None  # torch on the file's own rounded weights (verify.stored)
 
 
 @dataclass
@@ -76,6 +78,11 @@ class GenerationResult:
     identical_rows: int
     max_new_tokens: int
     first_mismatch: str | None = None
+    # Held-out data with targets (``--eval-data`` and a tokenizer): rows whose greedy text, up to
+    # <eos>, equals the target (both stripped of surrounding spaces), for onnxruntime and torch.
+    task_rows: int = 0
+    task_exact_onnx: int = 0
+    task_exact_reference: int = 0
 
     @property
     def agreement(self) -> float:
@@ -154,10 +161,13 @@ def compare_outputs(
     onnx: np.ndarray,
     valid: np.ndarray | None,
     multiple: float = NOISE_MULTIPLE,
+    stored32: np.ndarray | None = None,
 ) -> OutputParity:
     """Errors of one output. ``valid`` (B, T) selects the unmasked positions (padding is not
     compared: runtimes may differ on fully masked rows); it applies when the output's batch and
-    sequence axes (``seq_axis``) have its shape."""
+    sequence axes (``seq_axis``) have its shape. ``stored32``: torch float32 on the weights the
+    file stores (``verify.stored``); its error vs float64 counts as noise too."""
+    stored32 = ref32 if stored32 is None or stored32.shape != ref32.shape else stored32
     if onnx.shape != ref32.shape:
         return OutputParity(name, float("inf"), float("inf"), -1.0, float("inf"), 0.0, 0.0, False)
     axis = seq_axis(name)
@@ -167,14 +177,17 @@ def compare_outputs(
         and ref32.shape[0] == valid.shape[0]
         and ref32.shape[axis] == valid.shape[1]
     ):
-        ref32, ref64, onnx = (np.moveaxis(a, axis, 1)[valid] for a in (ref32, ref64, onnx))
-    ref32, ref64, onnx = (a.astype(np.float64) for a in (ref32, ref64, onnx))
+        ref32, ref64, onnx, stored32 = (
+            np.moveaxis(a, axis, 1)[valid] for a in (ref32, ref64, onnx, stored32)
+        )
+    ref32, ref64, onnx, stored32 = (a.astype(np.float64) for a in (ref32, ref64, onnx, stored32))
     abs_err = float(np.abs(onnx - ref32).max(initial=0.0))
     have64 = bool(np.isfinite(ref64).all())
     scale = float(np.abs(ref64 if have64 else ref32).max(initial=0.0))
     onnx64 = float(np.abs(onnx - ref64).max(initial=0.0)) if have64 else None
     torch64 = float(np.abs(ref32 - ref64).max(initial=0.0)) if have64 else None
-    tol = multiple * max(torch64 or 0.0, FLOOR_ULPS * F32_EPS * scale)
+    stored64 = float(np.abs(stored32 - ref64).max(initial=0.0)) if have64 else None
+    tol = multiple * max(torch64 or 0.0, stored64 or 0.0, FLOOR_ULPS * F32_EPS * scale)
     flat_o, flat_r = onnx.reshape(-1, onnx.shape[-1]), ref32.reshape(-1, ref32.shape[-1])
     num = (flat_o * flat_r).sum(-1)
     den = np.linalg.norm(flat_o, axis=-1) * np.linalg.norm(flat_r, axis=-1)
@@ -195,6 +208,7 @@ def compare_outputs(
         tol,
         passed,
         top1,
+        stored_err_vs_fp64=stored64 if stored64 != torch64 else None,
     )
 
 
@@ -223,13 +237,18 @@ def check_parity(
     sources: list[str] | None = None,
     generation_rows: int | None = None,
     tokenizer: Any | None = None,
+    targets: list[str] | None = None,
+    stored: nn.Module | None = None,
 ) -> ParityResult:
     """Compare every output of ``onnx_model`` with ``unmerged`` on ``samples`` cases, then greedy decoding.
 
     ``onnx_model`` may be a function opening the session: it is then closed before the torch
     runs, so the onnxruntime copy of the weights and the float64 model are never held together.
     ``tokenizer``: the base's (``ModelFamily.tokenizer``), which turns ``sources`` into
-    generation prompts; without one, a family makes prompts of its own.
+    generation prompts; without one, a family makes prompts of its own. ``targets`` (one per
+    source, with a tokenizer): the generated text is also scored against them (exact match).
+    ``stored``: the model with the weights a merged float32 file holds (checked by the caller with
+    ``verify.stored``): its own float32 error counts as noise too.
     """
     opened = onnx_model if isinstance(onnx_model, OnnxModel) else onnx_model()
     kind, shape, provider = opened.kind, opened.cache_shape, opened.provider
@@ -257,7 +276,16 @@ def check_parity(
     del opened  # when we opened it, this frees the session (and its copy of the weights)
     run = torch_runner(family, unmerged)
     r32 = [chain_forward(run, kind, shape, *a, dtype=np.float32) for a in args]
-    generation = compare_generation(family, unmerged, prompts, got_tokens, eos) if prompts else None
+    if stored is not None:
+        run_stored = torch_runner(family, stored)
+        s32 = [chain_forward(run_stored, kind, shape, *a, dtype=np.float32) for a in args]
+    else:
+        s32 = [{} for _ in args]
+    task = task_targets(family, unmerged, tokenizer, sources, targets) if prompts else {}
+    decode = (lambda ids: tokenizer.decode(ids, skip_special_tokens=True)) if task else None
+    generation = (
+        compare_generation(family, unmerged, prompts, got_tokens, eos, task, decode) if prompts else None
+    )
     # The float64 run converts the model in place and back (float32 → float64 → float32 is
     # exact), so no second copy of the weights is held.
     unmerged.double()
@@ -269,13 +297,15 @@ def check_parity(
     finally:
         unmerged.float()
     results = []
-    for case, o32, o64, onx in zip(cases, r32, r64, ox, strict=True):
+    for case, o32, o64, onx, st in zip(cases, r32, r64, ox, s32, strict=True):
         B, T = case.valid.shape
         res = ParityCaseResult(case.name, B, T)
         valid = case.valid.numpy()
         for out_name in o32:
             res.outputs.append(
-                compare_outputs(out_name, o32[out_name], o64[out_name], onx[out_name], valid, multiple)
+                compare_outputs(
+                    out_name, o32[out_name], o64[out_name], onx[out_name], valid, multiple, st.get(out_name)
+                )
             )
         results.append(res)
     _judge_without_float64(results)
@@ -331,21 +361,29 @@ def compare_generation(
     prompts: list[tuple[dict, int]],
     got_tokens: list[np.ndarray],
     eos: int | None,
+    task: dict[tuple[int, ...], str] | None = None,
+    decode: Callable[[list[int]], str] | None = None,
 ) -> GenerationResult:
     """Greedy decoding: onnxruntime's tokens (with cache, ``got_tokens``) vs torch unmerged, token
-    for token up to <eos>."""
-    total = same = 0
-    longest = 0
-    first = None
+    for token up to <eos>; with ``task`` (targets by prompt ids) and ``decode``, both texts are
+    scored against the targets."""
+    result = GenerationResult(0, 0, 0)
     for (inputs, max_new), got in zip(prompts, got_tokens, strict=True):
         want = family.generate(unmerged, inputs, max_new).numpy()
-        longest = max(longest, max_new)
+        result.max_new_tokens = max(result.max_new_tokens, max_new)
         for i, (w, g) in enumerate(zip(want.tolist(), got.tolist(), strict=True)):
             cut = w.index(eos) + 1 if eos in w else len(w)
-            total += 1
+            result.rows += 1
             if w[:cut] == g[:cut]:
-                same += 1
-            elif first is None:
+                result.identical_rows += 1
+            elif result.first_mismatch is None:
                 length = inputs["input_ids"].shape[1]
-                first = f"row {i} of a length-{length} batch: torch {w[:cut]} vs onnx {g[:cut]}"
-    return GenerationResult(total, same, longest, first)
+                result.first_mismatch = (
+                    f"row {i} of a length-{length} batch: torch {w[:cut]} vs onnx {g[:cut]}"
+                )
+            target = (task or {}).get(tuple(inputs["input_ids"][i].tolist()))
+            if target is not None and decode is not None:
+                result.task_rows += 1
+                result.task_exact_onnx += decode(until_eos(g, eos)).strip() == target.strip()
+                result.task_exact_reference += decode(until_eos(w, eos)).strip() == target.strip()
+    return result
