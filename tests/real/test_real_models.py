@@ -118,3 +118,31 @@ def test_minilm(tmp_path):
     assert report["parity"]["passed"] and report["parity"]["generation"] is None
     assert report["export"]["outputs"] == ["last_hidden_state"]
     assert (tmp_path / "out" / "vocab.txt").exists()
+
+
+def test_smollm2_trained_by_loraexport_loads_in_peft_and_exports(tmp_path):
+    """A short `loraexport train` run on the real model (40 steps of the sample task; the full
+    run is `make demo-real-train`): PEFT loads the folder as it is and its logits equal
+    loraexport's unmerged model's within 1e-5; merge-and-export passes, and onnxruntime's
+    greedy completions score as torch's on the held-out prompts."""
+    sys.path.insert(0, "samples/real")
+    from check_trained import PEFT_ATOL, peft_difference
+
+    exe = Path(sys.executable).with_name("loraexport")
+    held = tmp_path / "held.jsonl"
+    held.write_text("".join(Path("samples/real/sort_digits_eval.jsonl").read_text().splitlines(True)[:20]))
+    adapter = tmp_path / "adapter"
+    args = ["--base", str(REAL / "smollm2"), "--data", "samples/real/sort_digits_train.jsonl"]
+    args += ["--eval-data", str(held), "--out", str(adapter), "--targets", "q_proj,k_proj,v_proj,o_proj"]
+    args += ["--lr", "2e-3", "--batch-size", "16", "--steps", "40", "--max-length", "64"]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    proc = subprocess.run([str(exe), "train", *args], capture_output=True, text=True, timeout=900, env=env)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    diff, effect = peft_difference(REAL / "smollm2", adapter, held)
+    assert diff <= PEFT_ATOL and effect > 1.0, (diff, effect)
+    report = _merge_and_export(
+        REAL / "smollm2", adapter, tmp_path / "out", "--eval-data", str(held), "--no-latency"
+    )
+    g = report["parity"]["generation"]
+    assert report["passed"] and g["task_rows"] == 20
+    assert g["task_exact_onnx"] == g["task_exact_reference"]
