@@ -236,6 +236,11 @@ TOKENIZERS = {
         "[CLS] $A [SEP]",
         dict(pad_token="[PAD]", cls_token="[CLS]", sep_token="[SEP]"),
     ),
+    "roberta": (  # <pad> at 1: RoBERTa's pad_token_id
+        ["<s>", "<pad>", "</s>", "<unk>"],
+        "<s> $A </s>",
+        dict(bos_token="<s>", eos_token="</s>", pad_token="<pad>", cls_token="<s>", sep_token="</s>"),
+    ),
 }
 
 
@@ -256,22 +261,23 @@ def word_tokenizer(kind: str):
 
 
 def make_hf_train_base(directory: Path, kind: str, seed: int = 0, num_labels: int = 2) -> Path:
-    """``kind`` ("gpt2", "llama": ``make_hf_decoder``; "bert": a sequence classifier with
-    ``num_labels``) saved with its ``word_tokenizer`` in ``directory``."""
+    """``kind`` ("gpt2", "llama": ``make_hf_decoder``; "bert", "roberta": a sequence
+    classifier with ``num_labels``) saved with its ``word_tokenizer`` in ``directory``."""
     import transformers
 
-    if kind == "bert":
+    if kind in ("bert", "roberta"):
         torch.manual_seed(seed)
-        config = transformers.BertConfig(
-            vocab_size=HF_DECODER["vocab_size"],
-            hidden_size=32,
-            num_hidden_layers=2,
-            num_attention_heads=4,
-            intermediate_size=64,
-            max_position_embeddings=128,
-            num_labels=num_labels,
-        )
-        transformers.BertForSequenceClassification(config).eval().save_pretrained(directory)
+        small = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=64)
+        small |= dict(vocab_size=HF_DECODER["vocab_size"], num_labels=num_labels)
+        if kind == "bert":
+            model = transformers.BertForSequenceClassification(
+                transformers.BertConfig(**small, max_position_embeddings=128)
+            )
+        else:  # positions start after the pad id (1): two more
+            model = transformers.RobertaForSequenceClassification(
+                transformers.RobertaConfig(**small, max_position_embeddings=130, pad_token_id=1)
+            )
+        model.eval().save_pretrained(directory)
     else:
         make_hf_decoder(directory, kind, seed)
     word_tokenizer(kind).save_pretrained(directory)

@@ -314,3 +314,27 @@ def test_training_that_diverges_writes_nothing(bases, data, tmp_path, monkeypatc
     monkeypatch.setattr(training_hf, "_loss_sum", nan_at_step_2)
     refused(train(bases, data, "gpt2", tmp_path / "out"), 3, "training diverged at step 2 of 40")
     nothing_left(tmp_path / "out")
+
+
+@pytest.mark.slow
+def test_roberta_trains_and_round_trips_through_peft(data, root, tmp_path):
+    """RoBERTa (a classifier whose positions start after its pad id) trains through the CLI with
+    its defaults; PEFT reads the folder and agrees with us. (No Qwen2 here: transformers 5 loads
+    any tokenizer of a qwen2 folder as Qwen2Tokenizer, which turns this file's word-level test
+    tokenizer into no tokens at all.)"""
+    base = make_hf_train_base(root / "roberta", "roberta")
+    train_file, eval_file = data["bert"]
+    out = tmp_path / "adapter"
+    ok(run("train", "--base", base, "--data", train_file, "--eval-data", eval_file, "--out", out, *ARGS,
+           "--steps", "20"))  # fmt: skip
+    assert json.loads((out / CONFIG_NAME).read_text())["target_modules"] == ["query", "value"]
+    head = transformers.AutoModelForSequenceClassification.from_pretrained(str(base)).eval()
+    theirs = peft.PeftModel.from_pretrained(head, str(out)).eval()
+    theirs.save_pretrained(tmp_path / "again")
+    mine, again = load_file(out / WEIGHTS_NAME), load_file(tmp_path / "again" / WEIGHTS_NAME)
+    assert mine.keys() == again.keys() and all(torch.equal(mine[k], again[k]) for k in mine)
+    _, model = load_base(base)
+    ours = unmerged_model(model, [Adapter.load(out)])
+    with torch.no_grad():
+        want, got = theirs(**_inputs()).logits, ours(**_inputs()).logits
+    assert float((want - got).abs().max()) <= PEFT_ATOL
