@@ -13,26 +13,18 @@ from __future__ import annotations
 
 import json
 import random
+import sys
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from make_data import digit_strings  # noqa: E402  (4-8 digits, as the reference model's sample)
+
 SEED = 20261130
-MIN_LEN, MAX_LEN = 4, 8
 TRAIN, EVAL = 3000, 100
 
 
 def example(digits: str) -> dict[str, str]:
     return {"prompt": f"Sort the digits: {digits}\nSorted:", "completion": " " + "".join(sorted(digits))}
-
-
-def digit_strings(n: int, rng: random.Random, exclude: set[str]) -> list[str]:
-    out: list[str] = []
-    seen = set(exclude)
-    while len(out) < n:
-        s = "".join(rng.choice("0123456789") for _ in range(rng.randint(MIN_LEN, MAX_LEN)))
-        if s not in seen:
-            seen.add(s)
-            out.append(s)
-    return out
 
 
 def main() -> None:
