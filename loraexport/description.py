@@ -52,6 +52,7 @@ _TOP_LEVEL = {
         lambda v: isinstance(v, dict) and all(isinstance(x, str) for x in v.values()),
         "an object of sha256 digests",
     ),
+    "sha256": (lambda v: isinstance(v, str), "a string (the description's own digest)"),
 }
 
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import hashlib
+import json
 import os
 import stat
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,10 +25,34 @@ from loraexport.errors import InvalidInputError, ModelFormatError, VerificationF
 from loraexport.untrusted import short_repr
 
 MANIFEST = "loraexport.json"
+# loraexport.json's digest of its own content (every other key, canonical JSON): its claims are
+# checked like the files it lists.
+SELF_DIGEST = "sha256"
 _CHUNK = 1 << 20
 # open() errors that mean a path is no longer what was written: a link (O_NOFOLLOW), a file
 # where a folder was.
 _NOT_AS_WRITTEN = (errno.ELOOP, errno.ENOTDIR)
+
+
+def description_digest(meta: dict) -> str:
+    """The sha256 of ``meta`` without its own digest, as canonical JSON (sorted keys, no spaces)."""
+    body = {k: v for k, v in meta.items() if k != SELF_DIGEST}
+    text = json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True, allow_nan=False)
+    return hashlib.sha256(text.encode("ascii")).hexdigest()
+
+
+def check_description(meta: object) -> str:
+    """``ok`` when ``meta`` (a parsed loraexport.json) carries its own digest and it matches;
+    else what is wrong, in words."""
+    if not isinstance(meta, dict) or not isinstance(meta.get(SELF_DIGEST), str):
+        return "carries no digest of its own (edited, or written by an older loraexport): export again"
+    try:
+        digest = description_digest(meta)
+    except ValueError:  # a NaN or infinity: no JSON canonical form, so not what was written
+        return "holds a value JSON cannot carry: edited after it was written"
+    if digest != meta[SELF_DIGEST]:
+        return "edited after it was written (its own sha256 differs)"
+    return "ok"
 
 
 def sha256(path: Path) -> str:
@@ -85,13 +110,14 @@ class ManifestCheck:
     changed: list[str] = field(default_factory=list)
     missing: list[str] = field(default_factory=list)
     unlisted: list[str] = field(default_factory=list)  # present, not in the manifest: reported only
+    description: str = "ok"  # loraexport.json's own digest (``check_description``)
 
     @property
     def ok(self) -> bool:
-        return not self.changed and not self.missing
+        return not self.changed and not self.missing and self.description == "ok"
 
     def to_json(self) -> dict:
-        keys = ("checked", "changed", "missing", "unlisted")
+        keys = ("checked", "changed", "missing", "unlisted", "description")
         return {"directory": str(self.directory), "ok": self.ok} | {k: getattr(self, k) for k in keys}
 
 
@@ -102,6 +128,7 @@ def check_files(directory: str | Path) -> ManifestCheck:
     if not result.ok:
         what = [f"changed: {', '.join(result.changed)}"] * bool(result.changed)
         what += [f"missing: {', '.join(result.missing)}"] * bool(result.missing)
+        what += [f"loraexport.json {result.description}"] * (result.description != "ok")
         raise VerificationFailedError(
             f"{directory}: files do not match loraexport.json ({'; '.join(what)})", result
         )
@@ -190,7 +217,7 @@ def check_manifest(directory: str | Path) -> ManifestCheck:
     if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
         raise ModelFormatError(f'{manifest} has no "files" table of sha256 digests')
     listed = {rel: _listed_path(manifest, rel) for rel in sorted(files)}  # all checked before any work
-    result = ManifestCheck(d)
+    result = ManifestCheck(d, description=check_description(meta))
     try:
         root_fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
     except OSError as e:

@@ -13,15 +13,9 @@ from loraexport.models.registry import detect_family
 from loraexport.output import write_output
 from loraexport.output.report_files import raise_if_output_failed, write_report
 from loraexport.report import Report
-from loraexport.stages.adapter_mode import check_adapter_mode, describe_adapters, probe_model
-from loraexport.stages.export import (
-    check_optimize,
-    check_quantize,
-    describe,
-    export_model,
-    lora_factors,
-    write_extras,
-)
+from loraexport.stages.adapter_mode import check_adapter_mode
+from loraexport.stages.export import check_optimize, check_quantize, write_extras
+from loraexport.stages.graphs import export_into, export_subject
 from loraexport.stages.inputs import (
     Log,
     adapter_provenance,
@@ -33,7 +27,7 @@ from loraexport.stages.inputs import (
     plan,
     quiet,
 )
-from loraexport.stages.merge import merged_model, unmerged_model
+from loraexport.stages.merge import merged_model
 from loraexport.stages.streamed import streamed_merge_and_export, wants_stream
 from loraexport.stages.verify import new_report, verify_into
 from loraexport.verify.options import VerifyOptions
@@ -110,21 +104,14 @@ def merge_and_export(
         merged, stats = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=storage)
         log(f"merged {stats.modules_merged} modules in {stats.seconds * 1e3:.1f} ms ({stats.compute_dtype})")
     inputs = {"base": model_provenance(base), "adapters": adapter_provenance(loaded)}
-    graph, kind, keep, probes = merged, ExportMode.MERGED, None, None
-    if asked is ExportMode.ADAPTER:  # the base once, each adapter a file the graph takes per run
-        graph, probes, rank = probe_model(loaded.base, loaded.adapters, max_rank, storage)
-        kind, keep = ExportMode.ADAPTER, [f for pair in probes.values() for f in pair] if quant else None
-    elif keep_adapter:  # the adapter kept in float32 beside the quantized base
-        graph, kind = unmerged_model(loaded.base, loaded.adapters, loaded.weights), ExportMode.UNMERGED
-        keep = lora_factors(loaded)
+    kind = ExportMode.UNMERGED if keep_adapter and asked is ExportMode.MERGED else asked
+    subject = export_subject(loaded, kind, half or quant, max_rank, merged=merged)
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
         log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
-        result = export_model(loaded.family, graph, tmp, opset, exporter, half or quant, keep, optimize)
+        result = export_into(loaded, subject, tmp, meta, opset=opset, exporter=exporter, optimize=optimize)
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
-        meta.update(describe(loaded.family, graph, result, half or quant, kind), inputs=inputs)
-        if probes is not None:
-            describe_adapters(tmp, list(result.inputs), probes, rank, loaded.adapters, meta)
+        meta["inputs"] = inputs
         write_extras(loaded.family, Path(base), tmp, meta)
         report = new_report(base, loaded, stats, result)
         if verify_output:  # loraexport.json is written when the output is complete: ``meta`` now

@@ -14,7 +14,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from loraexport.manifest import MANIFEST, files_in, sha256
+from loraexport.manifest import MANIFEST, SELF_DIGEST, description_digest, files_in, sha256
 
 
 def versions() -> dict[str, str]:
@@ -58,7 +58,8 @@ def path_entry(path: str | Path, digest: str) -> dict[str, str]:
 
 def write(directory: Path, meta: dict[str, Any] | None = None, known: dict[Path, str] | None = None) -> dict:
     """Write ``directory/loraexport.json`` once: ``meta`` (an export's description and inputs,
-    with the versions that made it) and ``"files"``, the sha256 of every file in ``directory``.
+    with the versions that made it), ``"files"``, the sha256 of every file in ``directory``, and
+    ``"sha256"``, the digest of everything else it says (``manifest.description_digest``).
 
     ``known`` holds digests already computed (by a ``manifest.Hasher``) for files that have
     not changed since.
@@ -70,5 +71,6 @@ def write(directory: Path, meta: dict[str, Any] | None = None, known: dict[Path,
     out["files"] = {
         p.relative_to(directory).as_posix(): known.get(p.resolve()) or sha256(p) for p in files_in(directory)
     }
+    out[SELF_DIGEST] = description_digest(out)
     (directory / MANIFEST).write_text(json.dumps(out, indent=2) + "\n", encoding="utf-8")
     return out

@@ -13,11 +13,15 @@ from loraexport.export.onnx import ExportResult
 from loraexport.lora.merge import MergeStats
 from loraexport.memory import stages_markdown
 from loraexport.provenance import versions
+from loraexport.verify import gates
 from loraexport.verify.adapters import AdapterModeResult
+from loraexport.verify.gates import Budget
 from loraexport.verify.half import HalfCost
 from loraexport.verify.latency import LatencyResult
 from loraexport.verify.parity import ParityResult
+from loraexport.verify.proof import Proof
 from loraexport.verify.quantized import QuantCost
+from loraexport.verify.render import latency_json, parity_json, proof_markdown, quantization_markdown
 
 SCHEMA = 1
 LATENCY_VARIANTS = ("torch_unmerged", "torch_merged", "onnx_merged", "onnx_base", "onnx_unmerged")
@@ -44,33 +48,26 @@ class Report:
     stages: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was checked how, in a sentence each
+    # verify of an export on disk: its files against loraexport.json (``manifest.check_manifest``)
+    manifest: dict[str, Any] | None = None
+    proof: Proof | None = None  # a quantized export, weight by weight (``verify.proof``)
+    budget: Budget | None = None  # what the user allows a lossy export to cost (``verify.gates``)
+    warnings: list[str] = field(default_factory=list)  # said, not judged
 
     @property
     def passed(self) -> bool | None:
-        """None when nothing was checked (``--no-verify``); False when any check failed."""
-        if self.half_failures or self.quantization_failures:
-            return False
-        if self.parity:
-            return all(p.passed for p in self.parity)
-        return True if self.quantization else None
+        """None when nothing was checked (``--no-verify``); False when any rule failed (``verify.gates``)."""
+        return gates.passed(self)
 
     @property
     def failures(self) -> list[str]:
-        """Every parity failure, prefixed by its provider, then half-precision failures."""
-        return (
-            [f"[{p.provider}] {f}" for p in self.parity for f in p.failures]
-            + [f"[half precision] {f}" for f in self.half_failures]
-            + [f"[quantization] {f}" for f in self.quantization_failures]
-        )
+        """Every failed rule, proofs first, each prefixed by what it checks."""
+        return gates.failures(self)
 
     @property
     def verdict(self) -> str:
-        """``passed``, ``parity failed`` or ``adapter lost in half precision``, for a one-line message."""
-        if any(not p.passed for p in self.parity):
-            return "parity failed"
-        if self.half_failures:
-            return "adapter lost in half precision"
-        return "adapter lost in quantization" if self.quantization_failures else "passed"
+        """What failed first (or ``passed``), for a one-line message."""
+        return gates.verdict(self)
 
     # ---- JSON -------------------------------------------------------------------------
     def to_json(self) -> dict[str, Any]:
@@ -97,16 +94,21 @@ class Report:
                 "outputs": flat_out,
                 "graphs": {g: {"inputs": e.inputs[g], "outputs": e.outputs[g]} for g in e.inputs},
             }
-        out["parity"] = _parity_json(self.parity[0]) if self.parity else None
+        out["checks"] = gates.checks(self)
+        out["manifest"] = self.manifest
+        out["proof"] = self.proof.to_json() if self.proof is not None else None
+        out["parity"] = parity_json(self.parity[0]) if self.parity else None
         if len(self.parity) > 1:
-            out["parity_by_provider"] = {p.provider: _parity_json(p) for p in self.parity}
-        out["latency"] = _latency_json(self.latency[0]) if self.latency else None
+            out["parity_by_provider"] = {p.provider: parity_json(p) for p in self.parity}
+        out["latency"] = latency_json(self.latency[0]) if self.latency else None
         if len(self.latency) > 1:
-            out["latency_by_provider"] = {lat.provider: _latency_json(lat) for lat in self.latency}
+            out["latency_by_provider"] = {lat.provider: latency_json(lat) for lat in self.latency}
         out["half_precision"] = [asdict(h) for h in self.half] or None
         out["half_precision_failures"] = self.half_failures
         out["quantization"] = [asdict(q) for q in self.quantization] or None
         out["quantization_failures"] = self.quantization_failures
+        out["quality_budget"] = self.budget.to_json() if self.budget is not None else None
+        out["warnings"] = self.warnings
         out["adapter_mode"] = self.adapter_mode.to_json() if self.adapter_mode else None
         out.update(
             {k: v for k, v in (("stages", self.stages), ("memory", self.memory), ("notes", self.notes)) if v}
@@ -119,7 +121,7 @@ class Report:
         lines = ["# loraexport report", ""]
         verdict = {True: "**PASSED**", False: "**FAILED**", None: "not verified"}[self.passed]
         lines += [
-            f"Parity: {verdict}",
+            f"Verification: {verdict}" + (f" ({self.verdict})" if self.passed is False else ""),
             "",
             f"- base: `{self.base['path']}` ({self.base['family']}, {self.base['parameters']:,} parameters)",
         ]
@@ -133,6 +135,7 @@ class Report:
         if self.machine:
             lines.append(f"- machine: {self.machine.get('cpu', '?')}, {self.machine.get('cores', '?')} cores")
         lines += [f"- {n}" for n in self.notes] + stages_markdown(self.stages, self.memory)
+        lines += [f"- **warning**: {w}" for w in self.warnings]
         if self.merge is not None:
             m = self.merge
             lines += [
@@ -165,6 +168,8 @@ class Report:
                     f"{' …' if len(e.inputs[g]) > 4 else ''}; outputs "
                     f"{', '.join(e.outputs[g][:3])}{' …' if len(e.outputs[g]) > 3 else ''}"
                 )
+        if self.manifest or self.proof is not None:
+            lines += proof_markdown(self.manifest, self.proof, gates.manifest_failures(self.manifest))
         for p in self.parity:
             lines += [
                 "",
@@ -206,6 +211,13 @@ class Report:
                         f"\nHeld-out exact match (`--eval-data` targets, greedy text up to <eos>): "
                         f"onnxruntime {on}/{n} ({on / n:.1%}), torch unmerged {ref}/{n} ({ref / n:.1%})."
                     )
+            if p.as_written:
+                w = p.as_written
+                lines.append(
+                    "\nThe file as written (int8 activations) against itself computing in float32: max "
+                    f"abs difference {w['max_abs_diff']:.3g}, rms {w['rms_diff']:.3g}, top-1 "
+                    f"{_pct(w['top1_agreement'])} (measured, not judged: the kernels' integer arithmetic)."
+                )
             if p.failures:
                 lines += ["", "Failures:", *[f"- {f}" for f in p.failures]]
         if self.half:
@@ -232,7 +244,7 @@ class Report:
             if self.half_failures:
                 lines += ["", "Failures:", *[f"- {f}" for f in self.half_failures]]
         if self.quantization:
-            lines += _quantization_markdown(self.quantization, self.quantization_failures)
+            lines += quantization_markdown(self.quantization, self.quantization_failures, self.budget)
         for lat in self.latency:
             shown = LATENCY_VARIANTS + tuple(
                 v for v in OPTIONAL_VARIANTS if any(v in c.stats for c in lat.cases)
@@ -271,6 +283,15 @@ class Report:
         if e := self.export:
             size = f"{e.bytes / 1e6:.2f} MB, opset {e.opset}, {e.seconds:.1f} s"
             rows.append(("exported", f"{', '.join(e.files)} ({size})"))
+        if self.manifest:
+            bad = gates.manifest_failures(self.manifest)
+            rows.append(("files", f"{'FAILED' if bad else 'PASSED'}: {self.manifest.get('checked', 0)} "
+                         "match loraexport.json" + (f" ({bad[0]})" if bad else "")))  # fmt: skip
+        if (proof := self.proof) is not None:
+            n = sum(f.tensors for f in proof.files)
+            text = f"PASSED: {n} tensors proven against the reference"
+            text = text if proof.passed else f"FAILED: {proof.failures[0]}"
+            rows.append(("proof", text))
         for p in self.parity:
             text = f"{'PASSED' if p.passed else 'FAILED'}: max abs err {p.max_abs_err:.2e}"
             if p.top1_agreement is not None:
@@ -301,30 +322,6 @@ class Report:
         return rows
 
 
-def _quantization_markdown(rows: list[QuantCost], failures: list[str]) -> list[str]:
-    lines = [
-        "",
-        "## Quantization",
-        "",
-        "The quantized export (onnxruntime) against the unmerged float32 model (PyTorch); its exact "
-        "parity is not judged. " + rows[0].how + f". Logit figures over {rows[0].positions} positions "
-        f"of {rows[0].inputs}; generation over the generation prompts.",
-        "",
-        "| dtype | adapter | max abs err | rms err | top-1 | generation | adapter effect (rms) | "
-        "adapter retained | effect error |",
-        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
-    ]
-    for q in rows:
-        lines.append(
-            f"| {q.dtype} | {q.adapter} | {q.max_abs_err:.3g} | {q.rms_err:.3g} | {_pct(q.top1_agreement)} | "
-            f"{_pct(q.generation_agreement)} | {q.adapter_effect_rms:.3g} | {_pct(q.adapter_retained)} | "
-            f"{_pct(q.adapter_effect_error)} |"
-        )
-    if failures:
-        lines += ["", "Failures:", *[f"- {f}" for f in failures]]
-    return lines
-
-
 def _pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.1%}"
 
@@ -335,64 +332,3 @@ def _e(x: float | None) -> str:
 
 def _r(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
-
-
-def _parity_json(p: ParityResult) -> dict[str, Any]:
-    return {
-        "passed": p.passed,
-        "reference": p.reference,
-        "provider": p.provider,
-        "max_abs_err": p.max_abs_err,
-        "max_rel_err": p.max_rel_err,
-        "min_cosine": p.min_cosine,
-        "top1_agreement": p.top1_agreement,
-        "generation_agreement": p.generation.agreement if p.generation else None,
-        "generation": asdict(p.generation) if p.generation else None,
-        "tolerance": {
-            "rule": "onnx_err_vs_fp64 <= noise_multiple * max(torch_fp32_err_vs_fp64, "
-            "stored_err_vs_fp64, floor_ulps * eps32 * max|ref|)",
-            "noise_multiple": p.noise_multiple,
-            "floor_ulps": _const("FLOOR_ULPS"),
-        },
-        "failures": p.failures,
-        "cases": [
-            {
-                "name": c.name,
-                "batch": c.batch,
-                "seq": c.seq,
-                "passed": c.passed,
-                "outputs": [asdict(o) for o in c.outputs],
-            }
-            for c in p.cases
-        ],
-    }
-
-
-def _const(name: str) -> float:
-    from loraexport.verify import parity
-
-    return getattr(parity, name)
-
-
-def _latency_json(lat: LatencyResult) -> dict[str, Any]:
-    return {
-        "provider": lat.provider,
-        "threads": lat.threads,
-        "unit": "ms",
-        "cases": [
-            {
-                "batch": c.batch,
-                "seq": c.seq,
-                "p50": {v: s.p50_ms for v, s in c.stats.items()},
-                "p90": {v: s.p90_ms for v, s in c.stats.items()},
-                "iqr": {v: s.iqr_ms for v, s in c.stats.items()},
-                "runs": {v: s.runs for v, s in c.stats.items()},
-                "ratios": {
-                    "onnx_merged/onnx_base": c.ratio("onnx_merged", "onnx_base"),
-                    "onnx_merged/torch_unmerged": c.ratio("onnx_merged", "torch_unmerged"),
-                    "onnx_unmerged/onnx_merged": c.ratio("onnx_unmerged", "onnx_merged"),
-                },
-            }
-            for c in lat.cases
-        ],
-    }

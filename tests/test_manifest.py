@@ -55,6 +55,7 @@ def test_check_files_passes_an_unchanged_output_and_reports_added_files(tmp_path
         "changed": [],
         "missing": [],
         "unlisted": ["added.txt", "b/link"],
+        "description": "ok",
     }
 
 

@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from loraexport.export.onnx import ExportResult
-from loraexport.manifest import MANIFEST, check_manifest
+from loraexport.manifest import MANIFEST, check_manifest, description_digest
 from loraexport.provenance import export_description, path_entry, versions, write
 
 VERSION_KEYS = {"loraexport", "torch", "onnx", "onnxruntime", "python"}
@@ -32,12 +32,11 @@ def _output(d: Path) -> Path:
 def test_one_file_lists_every_file_with_its_sha256(tmp_path):
     d = _output(tmp_path / "out")
     written = write(d)
-    assert written == {
-        "files": {
-            "model.onnx": _sha(d / "model.onnx"),
-            "sub/notes.txt": _sha(d / "sub" / "notes.txt"),  # relative, with forward slashes
-        }
+    files = {
+        "model.onnx": _sha(d / "model.onnx"),
+        "sub/notes.txt": _sha(d / "sub" / "notes.txt"),  # relative, with forward slashes
     }  # not loraexport.json itself, not the link; no versions without a description
+    assert written == {"files": files, "sha256": description_digest({"files": files})}
     assert json.loads((d / MANIFEST).read_text()) == written  # the file holds what was returned
     assert (d / MANIFEST).read_text().endswith("}\n")
     assert check_manifest(d).ok and check_manifest(d).checked == 2  # the reader agrees
@@ -57,7 +56,7 @@ def test_meta_is_kept_and_versions_added(tmp_path):
     assert written["model"] == {"kind": "causal"}
     assert written["inputs"]["base"] == {"path": "runs/base", "sha256": "ab" * 32}
     assert set(written["versions"]) == VERSION_KEYS and written["versions"] == versions()
-    assert set(written) == {"model", "inputs", "versions", "files"}
+    assert set(written) == {"model", "inputs", "versions", "files", "sha256"}
     assert "versions" not in meta and "files" not in meta  # the caller's dict is left as it was
 
 
@@ -80,9 +79,10 @@ def test_known_digests_are_reused(tmp_path, monkeypatch):
 
 def test_an_empty_output_lists_no_files(tmp_path):
     (tmp_path / "out").mkdir()
-    assert write(tmp_path / "out") == {"files": {}}  # no description: no versions either
+    # no description: no versions either; the digest of what it says, always
+    assert write(tmp_path / "out") == {"files": {}, "sha256": description_digest({"files": {}})}
     written = write(tmp_path / "out", {})  # a description, still empty: it records what made it
-    assert set(written) == {"versions", "files"} and written["files"] == {}
+    assert set(written) == {"versions", "files", "sha256"} and written["files"] == {}
 
 
 def test_versions_are_strings():

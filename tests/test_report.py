@@ -62,7 +62,7 @@ def test_a_passing_report():
     report = _report(parity=[_parity()])
     assert report.passed is True and report.failures == [] and report.verdict == "passed"
     assert report.to_json()["passed"] is True
-    assert report.to_markdown().startswith("# loraexport report\n\nParity: **PASSED**\n")
+    assert report.to_markdown().startswith("# loraexport report\n\nVerification: **PASSED**\n")
 
 
 def test_a_report_without_parity_is_not_verified():
@@ -72,7 +72,7 @@ def test_a_report_without_parity_is_not_verified():
     data = report.to_json()
     assert data["passed"] is None and data["parity"] is None and data["latency"] is None
     assert data["half_precision"] is None and data["half_precision_failures"] == []
-    assert "Parity: not verified" in report.to_markdown()
+    assert "Verification: not verified" in report.to_markdown()
 
 
 def test_a_failing_parity_names_provider_case_and_output():
@@ -83,7 +83,7 @@ def test_a_failing_parity_names_provider_case_and_output():
     assert data["passed"] is False and data["parity"]["passed"] is False
     assert [c["passed"] for c in data["parity"]["cases"]] == [False]
     md = report.to_markdown()
-    assert "Parity: **FAILED**" in md and "- b1xs8/logits: onnx error 0.1" in md
+    assert "Verification: **FAILED** (parity failed)" in md and "- b1xs8/logits: onnx error 0.1" in md
     assert "| b1xs8 | logits | 1.00e-01 | 2.50e-02 | 0.9999999 | 50.0% |" in md and "| ✗ |" in md
 
 

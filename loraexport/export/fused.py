@@ -107,9 +107,10 @@ def _dims(src: Source) -> _Dims:
 
 
 # ---- writing the graph --------------------------------------------------------------------------
-def _project(g: Graph, x: str, lin: _Linear, name: str, wide: bool = False) -> str:
-    """``x·Wᵀ (+ b)`` then each LoRA branch, unmerged (float32), added to it."""
-    y = g.matmul(x, lin.weight, name, wide)
+def _project(g: Graph, x: str, lin: _Linear, name: str, wide: bool = False, parts: tuple = ()) -> str:
+    """``x·Wᵀ (+ b)`` then each LoRA branch, unmerged (float32), added to it; ``parts``: the
+    modules ``lin`` holds, (path, rows) each (``Graph.origins``)."""
+    y = g.matmul(x, lin.weight, name, wide, parts)
     if lin.bias is not None:
         y = g.op("Add", [y, g.tensor(f"{name}.bias", lin.bias.to(torch.float32))], f"{name}.biased")
     for j, (a, b, c) in enumerate(lin.branches):
@@ -132,7 +133,10 @@ def _project_group(
     """Several projections of ``x``: one packed MatMul + Split when none has LoRA branches."""
     lins = {n: src.linear(p) for n, p in paths.items()}
     if any(lin.branches for lin in lins.values()):
-        return [_project(g, x, lin, f"{prefix}.{n}") for n, lin in lins.items()]
+        return [
+            _project(g, x, lin, f"{prefix}.{n}", parts=((paths[n], lin.weight.shape[0]),))
+            for n, lin in lins.items()
+        ]
     g.packed[group] += 1
     sizes = [lin.weight.shape[0] for lin in lins.values()]
     weight = torch.cat([lin.weight for lin in lins.values()], dim=0)  # (Σ out, in)
@@ -141,7 +145,8 @@ def _project_group(
         bias = torch.cat([torch.zeros(n) if lin.bias is None else lin.bias.to(torch.float32)
                           for n, lin in zip(sizes, lins.values(), strict=True)])  # fmt: skip
     del lins
-    packed = _project(g, x, _Linear(weight, bias), f"{prefix}.{'_'.join(paths)}")
+    parts = tuple(zip(paths.values(), sizes, strict=True))
+    packed = _project(g, x, _Linear(weight, bias), f"{prefix}.{'_'.join(paths)}", parts=parts)
     split = g.const("split." + "_".join(map(str, sizes)), sizes, np.int64)
     return g.op("Split", [packed, split], [f"{prefix}.{n}.out" for n in paths], axis=-1)
 
@@ -193,7 +198,9 @@ def _attention(g: Graph, x: str, src: Source, i: int, d: _Dims, shared: tuple) -
         scale=float(d.head_dim**-0.5),
         do_rotary=0,
     )
-    return _project(g, out, src.linear(f"{where}.o_proj"), f"{p}.o_proj")
+    o_proj = src.linear(f"{where}.o_proj")
+    parts = ((f"{where}.o_proj", o_proj.weight.shape[0]),)
+    return _project(g, out, o_proj, f"{p}.o_proj", parts=parts)
 
 
 def _mlp(g: Graph, x: str, src: Source, i: int) -> str:
@@ -203,7 +210,9 @@ def _mlp(g: Graph, x: str, src: Source, i: int) -> str:
     sig = g.op("Sigmoid", [gate], f"{p}.sigmoid")
     act = g.op("Mul", [gate, sig], f"{p}.silu")
     h = g.op("Mul", [act, up], f"{p}.gated")
-    return _project(g, h, src.linear(f"{where}.down_proj"), f"{p}.down_proj", wide=True)
+    down = src.linear(f"{where}.down_proj")
+    parts = ((f"{where}.down_proj", down.weight.shape[0]),)
+    return _project(g, h, down, f"{p}.down_proj", wide=True, parts=parts)
 
 
 def _rms_norm(g: Graph, x: str, weight: torch.Tensor, name: str, eps: float) -> str:
@@ -282,8 +291,9 @@ def write_fused_decoder(
     *,
     streamed: bool = False,
     on_bytes: Callable[[int], None] | None = None,
+    origins: dict | None = None,
 ) -> dict:
-    """Write the fused decoder graph of ``src`` at ``path``.
+    """Write the fused decoder graph of ``src`` at ``path`` (``origins``: see ``build_fused_graph``).
 
     ``precision``: the projections' storage (float32; float16/bfloat16 behind a Cast; int8/int4 as
     MatMulNBits, quantized here one weight at a time). ``streamed``: every initializer goes to
@@ -295,51 +305,67 @@ def write_fused_decoder(
     for a graph not in float32). Raises ``ExportError`` for a model the graph cannot express.
     """
     path = Path(path)
-    d = _dims(src)
     sink = Sink(path.with_name(path.name + ".data")) if streamed else None
-    g = Graph(precision, sink, on_bytes)
     try:
-        embed = src.embedding()
-        if precision in HALF:  # gathered in half precision, then cast: never a float32 copy of the table
-            stored = g.tensor(
-                "embed_tokens.weight", cast_checked(embed, HALF[precision], "model.embed_tokens.weight")
-            )
-            gathered = g.op("Gather", [stored, "input_ids"], "embeddings.half")
-            residual = g.op("Cast", [gathered], "embeddings", to=TensorProto.FLOAT)
-        else:
-            residual = g.op(
-                "Gather",
-                [g.tensor("embed_tokens.weight", embed.to(torch.float32)), "input_ids"],
-                "embeddings",
-            )
-        del embed
-        shared = (*_mask_inputs(g), *_rotary_caches(g, d))
-        first = src.vector("model.layers.0.input_layernorm.weight")
-        h = _rms_norm(g, residual, first, "layers.0.input_norm", d.eps)
-        after = [
-            (f"model.layers.{i}.input_layernorm.weight", f"layers.{i}.input_norm") for i in range(1, d.layers)
-        ]
-        after.append(("model.norm.weight", "final_norm"))
-        layer_nodes = []
-        for i in range(d.layers):
-            start = len(g.nodes)
-            h, residual = _layer(g, src, i, d, shared, h, residual, after[i])
-            layer_nodes.append(len(g.nodes) - start)
-        last = g.op("Gather", [h, g.const("minus_one", -1, np.int64)], "last_hidden", axis=1)  # (B, H)
-        scores = _project(g, last, src.lm_head(), "lm_head", wide=True)  # (B, V)
-        g.op("Unsqueeze", [scores, g.const("axis1", [1], np.int64)], "logits")  # (B, 1, V)
+        proto, g, info = build_fused_graph(src, precision, sink, on_bytes, origins)
     finally:
         if sink is not None:
             sink.close()
-    inputs, outputs = _io(d)
-    graph = helper.make_graph(g.nodes, "fused_decoder", inputs, outputs, list(g.initializers.values()))
-    opsets = [helper.make_opsetid(domain, version) for domain, version in OPSETS.items()]
-    proto = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="loraexport")
     if sink is not None:
         onnx.save_model(proto, str(path))  # the graph; its tensors are in the data file already
         external = True
     else:
         external = _save(proto, path, g.nbytes)
+    return info | {"external_data": external}
+
+
+def build_fused_graph(
+    src: Source,
+    precision: Precision = Precision.FLOAT32,
+    sink: Sink | None = None,
+    on_bytes: Callable[[int], None] | None = None,
+    origins: dict | None = None,
+) -> tuple[onnx.ModelProto, Graph, dict]:
+    """The fused decoder graph of ``src`` as a model (its initializers handed to ``sink`` as they
+    are made, when given: a file's, or verify's comparison with a file), the ``Graph`` that made it
+    (``origins``: which modules each projection holds, into ``origins`` when given) and
+    ``write_fused_decoder``'s description."""
+    d = _dims(src)
+    g = Graph(precision, sink, on_bytes)
+    if origins is not None:
+        g.origins = origins
+    embed = src.embedding()
+    if precision in HALF:  # gathered in half precision, then cast: never a float32 copy of the table
+        stored = g.tensor(
+            "embed_tokens.weight", cast_checked(embed, HALF[precision], "model.embed_tokens.weight")
+        )
+        gathered = g.op("Gather", [stored, "input_ids"], "embeddings.half")
+        residual = g.op("Cast", [gathered], "embeddings", to=TensorProto.FLOAT)
+    else:
+        table = g.tensor("embed_tokens.weight", embed.to(torch.float32))
+        residual = g.op("Gather", [table, "input_ids"], "embeddings")
+    del embed
+    shared = (*_mask_inputs(g), *_rotary_caches(g, d))
+    first = src.vector("model.layers.0.input_layernorm.weight")
+    h = _rms_norm(g, residual, first, "layers.0.input_norm", d.eps)
+    after = [
+        (f"model.layers.{i}.input_layernorm.weight", f"layers.{i}.input_norm") for i in range(1, d.layers)
+    ]
+    after.append(("model.norm.weight", "final_norm"))
+    layer_nodes = []
+    for i in range(d.layers):
+        start = len(g.nodes)
+        h, residual = _layer(g, src, i, d, shared, h, residual, after[i])
+        layer_nodes.append(len(g.nodes) - start)
+    last = g.op("Gather", [h, g.const("minus_one", -1, np.int64)], "last_hidden", axis=1)  # (B, H)
+    head = src.lm_head()
+    scores = _project(g, last, head, "lm_head", wide=True, parts=(("lm_head", d.vocab),))  # (B, V)
+    del head
+    g.op("Unsqueeze", [scores, g.const("axis1", [1], np.int64)], "logits")  # (B, 1, V)
+    inputs, outputs = _io(d)
+    graph = helper.make_graph(g.nodes, "fused_decoder", inputs, outputs, list(g.initializers.values()))
+    opsets = [helper.make_opsetid(domain, version) for domain, version in OPSETS.items()]
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=IR_VERSION, producer_name="loraexport")
     info = {
         "layout": "fused",
         "attention": "GroupQueryAttention",
@@ -351,10 +377,10 @@ def write_fused_decoder(
         "packed_qkv_layers": g.packed["qkv"],
         "packed_mlp_layers": g.packed["mlp"],
         "lora_branches": g.branches,
-        "external_data": external,
+        "external_data": sink is not None,
     }
     if precision is not Precision.FLOAT32:
         info["weights"] = precision.value
     if any(g.quantized.values()):
         info["quantized"] = {f"int{b}": n for b, n in g.quantized.items() if n}
-    return info
+    return proto, g, info

@@ -14,6 +14,7 @@ from onnx import TensorProto, helper
 
 from loraexport.enums import Precision
 from loraexport.errors import ExportError
+from loraexport.export.qformat import nbits_quantize
 from loraexport.lora.merge import cast_checked
 
 MS = "com.microsoft"
@@ -87,6 +88,9 @@ class Graph:
         self.packed = {"qkv": 0, "mlp": 0}  # layers whose group is one packed MatMul
         self.precision, self.sink, self.on_bytes = precision, sink, on_bytes
         self.quantized = {4: 0, 8: 0}  # MatMulNBits written, by bits
+        # each projection's weight (``<name>.weight.T``, whatever it is stored as): the modules it
+        # holds, as (Hugging Face path, output rows) in the order they are packed along N
+        self.origins: dict[str, tuple[tuple[str, int], ...]] = {}
 
     def tensor(self, name: str, t: torch.Tensor) -> str:
         """``t`` as an initializer ``name`` (once); its element type is its dtype's."""
@@ -120,10 +124,12 @@ class Graph:
         self.nodes.append(helper.make_node(op_type, inputs, names, node_name, domain=domain or None, **attrs))
         return outputs
 
-    def matmul(self, x: str, weight: torch.Tensor, name: str, wide: bool = False) -> str:
+    def matmul(self, x: str, weight: torch.Tensor, name: str, wide: bool = False, parts: tuple = ()) -> str:
         """``x·Wᵀ`` in the graph's precision (``wide``: int4 keeps this one in 8 bits, as
-        ``export.quantize`` keeps the MLP's down projections and the LM head)."""
+        ``export.quantize`` keeps the MLP's down projections and the LM head); ``parts``: the
+        modules whose weights ``weight`` holds (``origins``)."""
         out = f"{name}.out"
+        self.origins[f"{name}.weight.T"] = tuple(parts)
         if self.precision in BITS:
             bits = 8 if wide or self.precision is Precision.INT8 else BITS[self.precision]
             return self._nbits(x, weight, name, bits)
@@ -135,19 +141,10 @@ class Graph:
 
     def _nbits(self, x: str, weight: torch.Tensor, name: str, bits: int) -> str:
         """MatMulNBits with onnxruntime's own block quantizer (the one MatMulNBitsQuantizer calls),
-        one weight at a time: symmetric, no zero points."""
-        from onnxruntime.capi import _pybind_state as ort_c
-
-        wt = np.ascontiguousarray(weight.T.to(torch.float32).numpy())  # (K, N)
+        one weight at a time: symmetric, no zero points (``export.qformat``)."""
+        wt = weight.T.to(torch.float32).numpy()  # (K, N)
         k, n = wt.shape
-        blocks = -(-k // NBITS_BLOCK)
-        if blocks * NBITS_BLOCK != k:
-            wt = np.pad(wt, ((0, blocks * NBITS_BLOCK - k), (0, 0)))
-        packed = np.zeros((n, blocks, NBITS_BLOCK * bits // 8), np.uint8)
-        scales = np.zeros((n, blocks), np.float32)
-        zero = np.zeros((n, -(-blocks // (8 // bits))), np.uint8)
-        quantize = ort_c.quantize_matmul_4bits if bits == 4 else ort_c.quantize_matmul_8bits
-        quantize(packed, wt, scales, zero, NBITS_BLOCK, n, k, True)
+        packed, scales = nbits_quantize(wt, bits, NBITS_BLOCK)
         del wt
         self.quantized[bits] += 1
         b = self.tensor(f"{name}.weight.T_Q{bits}", torch.from_numpy(packed))

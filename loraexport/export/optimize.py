@@ -22,6 +22,7 @@ import onnx
 from torch import nn
 
 from loraexport.description import BUILDER
+from loraexport.enums import Precision
 from loraexport.errors import ExportError
 from loraexport.export.onnx import ExportResult, export_graphs, opset_written
 from loraexport.export.spec import GraphSpec
@@ -34,13 +35,22 @@ def supported(model_type: str | None) -> bool:
     return model_type in FUSED_TYPES + LAST_POSITION_TYPES
 
 
-def fused_export(model: nn.Module, out_dir: Path, graph_io: tuple[list[str], list[str]]) -> ExportResult:
+def fused_export(
+    model: nn.Module,
+    out_dir: Path,
+    graph_io: tuple[list[str], list[str]],
+    precision: Precision | None = None,
+    origins: dict | None = None,
+) -> ExportResult:
     """``out_dir/model.onnx`` written by ``export.fused`` (``graph_io``: its input and output
-    names, those of the plain export)."""
-    from loraexport.export.fused import build_fused_decoder
+    names, those of the plain export); int8/int4 ``precision``: quantized as it is written, as the
+    streamed export does (``optimized["quantized"]`` then says so)."""
+    from loraexport.export.fused import write_fused_decoder
+    from loraexport.export.fused_source import ModuleSource
 
     t0 = time.perf_counter()
-    info = build_fused_decoder(model, out_dir / "model.onnx")
+    nbits = precision if precision in (Precision.INT8, Precision.INT4) else Precision.FLOAT32
+    info = write_fused_decoder(ModuleSource(model), out_dir / "model.onnx", nbits, origins=origins)
     graph = "written by loraexport (fused onnxruntime operators)"
     return fused_result(out_dir, graph_io, {"graph": graph, **info}, t0)
 

@@ -51,6 +51,8 @@ from loraexport.errors import ExportError, first_line
 NBITS_BLOCK = {Precision.INT8: 16, Precision.INT4: 16}
 NBITS_ACCURACY_LEVEL = 4  # int8 activations in MatMulNBits: the fast path on CPU (docs/notes §3)
 NBITS = {Precision.INT8: 8, Precision.INT4: 4}
+# Which MatMuls int4 keeps in 8 bits (``_wide_matmuls``; the fused writer's ``wide`` projections)
+EIGHT_BIT = "the MatMuls whose K exceeds the model's width (MLP down projections) and the LM head"
 
 
 def _fingerprint(array: np.ndarray) -> tuple[tuple[int, ...], str]:
@@ -83,12 +85,14 @@ def lora_matmuls(path: Path, factors: Iterable[np.ndarray]) -> list[str]:
 
 
 def quantization_description(precision: Precision, adapter: str) -> dict:
-    """How a graph was quantized, for ``loraexport.json`` and the report."""
+    """How a graph was quantized, for ``loraexport.json`` and the report: the quantizer's settings
+    (what verify's proof applies again), and where the adapter went."""
     if precision is Precision.INT8_DYNAMIC:
         method = (
             "onnxruntime quantize_dynamic: MatMul weights int8 per channel, activations per tensor "
             "at run time"
         )
+        settings = {"per_channel": True, "symmetric": True, "activations": "uint8 per tensor at run time"}
     else:
         method = (
             f"onnxruntime MatMulNBits: weights int{NBITS[precision]}, blocks of "
@@ -97,7 +101,13 @@ def quantization_description(precision: Precision, adapter: str) -> dict:
         )
         if precision is Precision.INT4:
             method += "; the MLP down projections and the LM head in 8 bits"
-    return {"bits": NBITS.get(precision, 8), "method": method, "adapter": adapter}
+        settings = {
+            "block_size": NBITS_BLOCK[precision],
+            "symmetric": True,
+            "accuracy_level": NBITS_ACCURACY_LEVEL,
+            "eight_bit": EIGHT_BIT if precision is Precision.INT4 else "all",
+        }
+    return {"bits": NBITS.get(precision, 8), "method": method, "adapter": adapter} | settings
 
 
 @contextlib.contextmanager

@@ -5,30 +5,31 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-from torch import nn
-
-from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
 from loraexport.export.fused_config import check_config
-from loraexport.export.half import store_weights_half
 from loraexport.export.onnx import (
     DEFAULT_OPSET,
-    EXTERNAL_DATA_BYTES,
     ExportResult,
     check_opset,
-    export_graphs,
 )
 from loraexport.export.optimize import FUSED_TYPES, LAST_POSITION_TYPES
-from loraexport.export.quantize import lora_matmuls, quantization_description, quantize_graph
 from loraexport.io import read_json
-from loraexport.models.base import ModelFamily
 from loraexport.models.registry import detect_family
 from loraexport.output import write_output
-from loraexport.provenance import export_description
-from loraexport.stages.adapter_mode import check_adapter_mode, describe_adapters, probe_model
+from loraexport.stages.adapter_mode import check_adapter_mode
 from loraexport.stages.extras import write_extras
+from loraexport.stages.graphs import (  # noqa: F401 (re-exported: the export stage's names)
+    Subject,
+    describe,
+    describe_quantization,
+    export_into,
+    export_model,
+    export_subject,
+    lora_factors,
+    quantize_graphs,
+    torch_exporter_of,
+)
 from loraexport.stages.inputs import (
     Log,
     adapter_provenance,
@@ -39,63 +40,7 @@ from loraexport.stages.inputs import (
     plan,
     quiet,
 )
-from loraexport.stages.merge import merged_model, unmerged_model
 from loraexport.stages.streamed import wants_stream
-
-
-def export_model(
-    family: ModelFamily,
-    model: nn.Module,
-    out_dir: Path,
-    opset: int = DEFAULT_OPSET,
-    exporter: str | None = None,
-    weights_dtype: Precision | str | None = None,
-    keep: list[np.ndarray] | None = None,
-    optimize: bool = False,
-) -> ExportResult:
-    """Export ``model``'s graphs into ``out_dir`` (which exists); ``optimize``: the family's
-    optimized graph (``export.optimize``; ``check_optimize`` said the family has one).
-
-    ``weights_dtype`` float16/bfloat16: store the weights in it (``export.half``); ``model``
-    must already hold weights rounded to it, so nothing is lost in the file. int8/int4:
-    quantize the graph's MatMuls (``export.quantize``), all but those whose weight is one of
-    ``keep`` (the LoRA factors of an unmerged model: the adapter stays in float32).
-    """
-    if optimize:
-        if family.optimized_export is None:
-            raise ExportError(f"--optimize: the {family.name} family has no optimized graph")
-        result = family.optimized_export(model, out_dir, opset, exporter or family.exporter)
-    else:
-        result = export_graphs(family.graph_specs(model), out_dir, opset, exporter or family.exporter)
-    half, quant = half_precision(weights_dtype), quantization(weights_dtype)
-    if half:
-        for g in result.inputs:
-            store_weights_half(out_dir / f"{g}.onnx", half.value, EXTERNAL_DATA_BYTES)
-    if quant:
-        for g in result.inputs:
-            path = out_dir / f"{g}.onnx"
-            kept = lora_matmuls(path, keep) if keep else []
-            if keep and not kept:
-                raise ExportError(f"{path.name}: the LoRA branch's MatMuls were not found; cannot keep them")
-            result.exporter_log += quantize_graph(path, quant, kept)
-    if half or quant:
-        names = [f for g in result.inputs for f in (f"{g}.onnx", f"{g}.onnx.data")]
-        result.files = [f for f in names if (out_dir / f).is_file()]
-        result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
-    return result
-
-
-def describe(
-    family: ModelFamily, model: nn.Module, result: ExportResult, precision: Precision | None, mode: ExportMode
-) -> dict:
-    """``loraexport.json``'s description of an export (``provenance``); a quantized one says how,
-    and whether the adapter was merged before quantizing or kept beside the quantized base."""
-    out = export_description(family, model, result, (precision or Precision.FLOAT32).value, mode.value)
-    if precision is not None and precision.is_quantized:
-        out["quantization"] = quantization_description(
-            precision, "kept in float32" if mode in (ExportMode.UNMERGED, ExportMode.ADAPTER) else "merged"
-        )
-    return out
 
 
 def check_optimize(model_dir: str | Path, optimize: bool) -> None:
@@ -134,11 +79,6 @@ def check_quantize(
 
 def optimize_types() -> tuple[str, ...]:
     return FUSED_TYPES + LAST_POSITION_TYPES
-
-
-def lora_factors(loaded) -> list[np.ndarray]:
-    """Every LoRA A and B of the loaded adapters, as the graph holds them (float32)."""
-    return [t.detach().float().numpy() for a in loaded.adapters for pair in a.weights.values() for t in pair]
 
 
 def export(
@@ -198,26 +138,13 @@ def export(
     check_opset(opset, exporter or detect_family(model_dir).exporter)  # before the weights are read
     check_optimize(model_dir, optimize)
     loaded = load_inputs(model_dir, adapters, allow_pickle, weights)
-    mode_ = asked if loaded.adapters else ExportMode.BASE
-    model = loaded.base
-    keep = probes = None
-    if mode_ is ExportMode.ADAPTER:
-        model, probes, rank = probe_model(model, loaded.adapters, max_rank, torch_dtype(half))
-        keep = [f for pair in probes.values() for f in pair] if quant else None
-    elif mode_ is ExportMode.UNMERGED:
-        model = unmerged_model(model, loaded.adapters, loaded.weights)
-        keep = lora_factors(loaded) if quant else None
-    elif loaded.adapters or half:
-        storage = torch_dtype(half)
-        model = merged_model(model, loaded.adapters, loaded.weights, storage_dtype=storage)[0]
+    subject = export_subject(loaded, asked, half or quant, max_rank)
     inputs = {"model": model_provenance(model_dir)}
     if loaded.adapters:
         inputs["adapters"] = adapter_provenance(loaded)
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
-        result = export_model(loaded.family, model, tmp, opset, exporter, half or quant, keep, optimize)
-        meta.update(describe(loaded.family, model, result, half or quant, mode_), inputs=inputs)
-        if probes is not None:
-            describe_adapters(tmp, list(result.inputs), probes, rank, loaded.adapters, meta)
+        result = export_into(loaded, subject, tmp, meta, opset=opset, exporter=exporter, optimize=optimize)
+        meta["inputs"] = inputs
         write_extras(loaded.family, Path(model_dir), tmp, meta)
     return result

@@ -12,18 +12,19 @@ import torch
 from torch import nn
 
 from loraexport.data import read_pairs
-from loraexport.description import EXPORTERS, read_export_meta
+from loraexport.description import read_export_meta
 from loraexport.dtypes import torch_dtype
 from loraexport.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import InvalidInputError, ModelFormatError, UsageError, VerificationFailedError
 from loraexport.export.onnx import ExportResult
 from loraexport.io import require_dir
 from loraexport.lora.merge import MergeStats
+from loraexport.manifest import check_manifest
 from loraexport.output import OutputPlan, plan_files, write_files
 from loraexport.output.report_files import report_texts
 from loraexport.report import Report
-from loraexport.runtime import PROVIDERS, RuntimeInputError
-from loraexport.stages.export import describe, export_model
+from loraexport.runtime import PROVIDERS, RuntimeInputError, check_external_data
+from loraexport.stages.graphs import describe, export_model, torch_exporter_of
 from loraexport.stages.inputs import (
     Loaded,
     Log,
@@ -36,13 +37,15 @@ from loraexport.stages.inputs import (
     quiet,
 )
 from loraexport.stages.merge import merged_model, unmerged_model
+from loraexport.stages.prove import graph_files
 from loraexport.stages.streamed import wants_stream
 from loraexport.stages.verify_adapters import verify_adapter_mode
-from loraexport.verify.half import MIN_ADAPTER_RETAINED, half_precision_costs
+from loraexport.stages.verify_quantized import verify_quantized
+from loraexport.verify import gates
+from loraexport.verify.half import half_precision_costs
 from loraexport.verify.latency import measure_latency, open_model
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import check_parity
-from loraexport.verify.quantized import quantization_cost
 from loraexport.verify.stored import STORED_EPS, stored_weights_error
 
 
@@ -98,6 +101,12 @@ def verify(
     check_eval_data(opts.eval_data)
     onnx_path = require_dir(onnx_dir, "ONNX directory")
     meta = read_export_meta(onnx_path, ModelFormatError)  # once, bounded and type-checked
+    check_graph_files(onnx_path, meta)  # sizes and external data's bounds, before a byte is hashed
+    files = check_manifest(onnx_path).to_json()  # before anything runs: every file as written
+    if gates.manifest_failures(files):
+        report = Report({"path": str(base), "family": "not loaded", "parameters": 0}, [], machine=machine())
+        report.manifest = files
+        _write_and_raise(report, out_plan)
     check_mode(meta, mode, weights, onnx_path)
     half = half_precision(meta.get("weights_dtype"))
     if stream is not False and (meta.get("streamed") is True or wants_stream(base, stream)):
@@ -106,16 +115,30 @@ def verify(
         report = verify_export(
             base, as_list(adapter), onnx_path, meta, weights, allow_pickle, opts, log, show_progress
         )
-        if out_plan is not None:
-            write_files(out_plan, dict(zip(out_plan.targets, report_texts(report), strict=True)))
-        raise_if_failed(report, out_plan.targets[1] if out_plan is not None else None)
-        return report
+        report.manifest = files
+        return _write_and_raise(report, out_plan)
     loaded = load_inputs(base, as_list(adapter), allow_pickle, weights)
     merged, stats = merged_model(
         loaded.base, loaded.adapters, loaded.weights, storage_dtype=torch_dtype(half)
     )
     report = new_report(base, loaded, stats, None)
+    report.manifest = files
     verify_into(report, loaded, merged, onnx_path, meta, opts, log, half)
+    return _write_and_raise(report, out_plan)
+
+
+def check_graph_files(onnx_path: Path, meta: dict) -> None:
+    """Each graph file an ONNX file of bounded size whose external data stays inside the folder
+    and within its data file (``onnx_files.check_external_data``): exit 3, unread, otherwise."""
+    for name in graph_files(meta):
+        try:
+            check_external_data(onnx_path / name)
+        except RuntimeInputError as e:
+            raise InvalidInputError(str(e)) from e
+
+
+def _write_and_raise(report: Report, out_plan: OutputPlan | None) -> Report:
+    """``--report``'s files written, then ``VerificationFailedError`` when a check failed."""
     if out_plan is not None:
         write_files(out_plan, dict(zip(out_plan.targets, report_texts(report), strict=True)))
     raise_if_failed(report, out_plan.targets[1] if out_plan is not None else None)
@@ -190,18 +213,16 @@ def verify_into(
     sources = [s for s, _ in pairs] if pairs else None
     torch.set_num_threads(threads)
     if meta.get("mode") == ExportMode.ADAPTER.value:  # each adapter against its own model
-        exporter = torch_exporter(meta)
+        exporter = torch_exporter_of(meta)
         verify_adapter_mode(
             report, loaded, onnx_path, meta, opts, log, providers, threads, sources, exporter, half
         )
         return
     unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
-    quant = quantization(meta.get("weights_dtype"))
-    if quant:  # a quantized graph is judged by what it keeps, not by float32 parity
-        _quantization(report, loaded, unmerged, onnx_path, meta, quant, opts, log, sources, threads)
-        providers_for_parity: list[str] = []
-    else:
-        providers_for_parity = providers
+    providers_for_parity = providers
+    if quantization(meta.get("weights_dtype")):  # proven weight by weight, then judged by arithmetic
+        verify_quantized(report, loaded, onnx_path, meta, opts, log, providers, threads, pairs)
+        providers_for_parity = []
     reference = merged if half else unmerged
     what = f"the {half.value}-rounded merged model" if half else "the unmerged model"
     stored = _stored(meta, half, unmerged, merged)
@@ -236,7 +257,7 @@ def verify_into(
             )
         report.parity.append(result)
     _half_costs(report, loaded, merged, unmerged, opts, log, half, sources)
-    if opts.latency:
+    if opts.latency and (report.proof is None or report.proof.passed):
         _latency(report, loaded, merged, unmerged, (onnx_path, meta), opts, log, providers, threads)
 
 
@@ -246,55 +267,6 @@ def _stored(meta: dict, half, unmerged: nn.Module, merged: nn.Module) -> nn.Modu
     if half or meta.get("mode") != ExportMode.MERGED.value or merged is None:
         return None
     return merged if stored_weights_error(unmerged, merged) <= STORED_EPS else None
-
-
-def torch_exporter(meta: dict) -> str | None:
-    """The torch.onnx exporter an export used (None: the family's default, also for a graph
-    loraexport wrote itself), for the graphs exported to compare with it."""
-    exporter = meta.get("exporter")
-    return exporter if exporter in EXPORTERS else None
-
-
-def _quantization(report, loaded, unmerged, onnx_path, meta, quant, opts, log, sources, threads) -> None:
-    """What the quantized export keeps of the unmerged float32 model and of the adapter
-    (``verify.quantized``): the base is exported and quantized the same way to compare with."""
-    adapter = meta.get("quantization", {}).get("adapter", "merged")
-    log(f"quantization: the {quant.value} export against the unmerged float32 model …")
-    with tempfile.TemporaryDirectory(prefix="loraexport-quantized-base-") as td:
-        log(f"exporting the base, quantized to {quant.value} the same way, for comparison …")
-        result = export_model(
-            loaded.family,
-            loaded.base,
-            Path(td),
-            exporter=torch_exporter(meta),
-            weights_dtype=quant,
-            optimize="optimize" in meta,
-        )
-        base_meta = describe(loaded.family, loaded.base, result, quant, ExportMode.BASE)
-        try:
-            cost = quantization_cost(
-                loaded.family,
-                loaded.base,
-                unmerged,
-                open_model(onnx_path, "cpu", threads, meta),
-                open_model(Path(td), "cpu", threads, base_meta),
-                quant.value,
-                adapter,
-                seed=opts.seed,
-                samples=opts.samples,
-                sources=sources,
-                tokenizer=loaded.tokenizer,
-            )
-        except RuntimeInputError as e:  # the export does not run on this model's inputs
-            raise InvalidInputError(str(e)) from e
-    report.quantization.append(cost)
-    kept = cost.adapter_retained
-    if kept is not None and kept < MIN_ADAPTER_RETAINED:
-        hint = "; --keep-adapter keeps it exactly beside the quantized base" if adapter == "merged" else ""
-        report.quantization_failures.append(
-            f"only {kept:.0%} of the adapter's effect on the outputs survives {quant.value} quantization "
-            f"(adapter {adapter}; at least {MIN_ADAPTER_RETAINED:.0%} required){hint}"
-        )
 
 
 def _half_costs(report, loaded, merged, unmerged, opts, log, half, sources) -> None:
@@ -319,18 +291,15 @@ def _half_costs(report, loaded, merged, unmerged, opts, log, half, sources) -> N
             tokenizer=loaded.tokenizer,
         )
         report.half.extend(rows)
-        kept = rows[0].adapter_retained
-        if stored and kept is not None and kept < MIN_ADAPTER_RETAINED:
-            report.half_failures.append(
-                f"only {kept:.0%} of the adapter's effect on the outputs survives rounding the merged "
-                f"weights to {dtype} (at least {MIN_ADAPTER_RETAINED:.0%} required); export in float32"
-            )
+        failure = gates.half_failure(rows[0].adapter_retained, dtype, opts.budget) if stored else None
+        if failure is not None:
+            report.half_failures.append(failure)
 
 
 def _latency(report, loaded, merged, unmerged, checked, opts, log, providers, threads) -> None:
     """Latency of the export (``checked``: its folder and description) against the base's and
     the unmerged model's graphs, exported as it was, and torch."""
-    exporter, optimize = torch_exporter(checked[1]), "optimize" in checked[1]
+    exporter, optimize = torch_exporter_of(checked[1]), "optimize" in checked[1]
     with tempfile.TemporaryDirectory(prefix="loraexport-latency-") as td:
         dirs = {"onnx_merged": checked}
         for name, model, mode in (

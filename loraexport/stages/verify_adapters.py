@@ -6,6 +6,7 @@ merged export and the base (``verify.adapters``)."""
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -19,11 +20,12 @@ from loraexport.report import Report
 from loraexport.runtime import RuntimeInputError
 from loraexport.runtime_adapters import Active, find_adapters
 from loraexport.stages.adapter_mode import NO_ADAPTER, adapter_file_tensors, file_name
-from loraexport.stages.export import describe, export_model
+from loraexport.stages.graphs import describe, export_model
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.stages.merge import merged_model, unmerged_model
+from loraexport.stages.prove import float_compute_dir, prove_export
+from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE, dequantized_reference, judge_quality
 from loraexport.verify.adapters import AdapterLatency, AdapterModeResult, AdapterTiming
-from loraexport.verify.half import MIN_ADAPTER_RETAINED
 from loraexport.verify.latency import open_model, time_interleaved
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import check_parity
@@ -89,11 +91,27 @@ def verify_adapter_mode(
         _timings(report.adapter_mode, loaded, onnx_path, meta, files, threads, opts.latency, log, exporter)
 
 
-def _quantized(report, loaded, onnx_path, meta, opts, log, threads, sources, files, quant) -> None:
-    """A quantized base: each adapter judged as ``verify.quantized`` judges a kept adapter, the
-    same graph with no adapter active being the base quantized the same way (Q₀)."""
+def _quantized(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files) -> None:
+    """A quantized base: proven weight by weight with every adapter file (``stages.prove``); each
+    adapter then judged by arithmetic against its unmerged model on the dequantized base, with the
+    graph computing in float32; then what quantizing costs, each adapter as ``verify.quantized``
+    judges a kept one (Q₀: the same graph with no adapter active)."""
+    quant = quantization(meta.get("weights_dtype"))
+    proven = prove_export(loaded, onnx_path, meta, log)
+    report.proof = proven.proof
+    if not proven.proof.passed:
+        return
+    base = dequantized_reference(proven, onnx_path, meta, model=loaded.base)
+    scratch = float_compute_dir(onnx_path, meta, tuple(Path(a.path) for a in loaded.adapters if a.path))
+    try:
+        for provider in providers:
+            _parity_each(report, loaded, base, scratch, meta, opts, log, provider, threads, sources, files)
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    for result in report.parity:
+        result.reference = f"{result.reference}; {DEQUANTIZED_REFERENCE}"
     for (name, file), adapter in zip(files, loaded.adapters, strict=True):
-        log(f"quantization [adapter {name}]: against its unmerged float32 model …")
+        log(f"quality [adapter {name}]: against its unmerged float32 model …")
         try:
             cost = quantization_cost(
                 loaded.family,
@@ -110,49 +128,48 @@ def _quantized(report, loaded, onnx_path, meta, opts, log, threads, sources, fil
             )
         except RuntimeInputError as e:
             raise InvalidInputError(str(e)) from e
-        report.quantization.append(cost)
-        if cost.adapter_retained is not None and cost.adapter_retained < MIN_ADAPTER_RETAINED:
-            report.quantization_failures.append(
-                f"adapter {name}: only {cost.adapter_retained:.0%} of its effect on the outputs survives "
-                f"the {quant.value} base (at least {MIN_ADAPTER_RETAINED:.0%} required)"
-            )
+        judge_quality(report, cost, opts, f"adapter {name}")
 
 
 def _parity(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files) -> None:
-    quant = quantization(meta.get("weights_dtype"))
-    if quant:  # judged by what it keeps, not by float32 parity
-        _quantized(report, loaded, onnx_path, meta, opts, log, threads, sources, files, quant)
+    if quantization(meta.get("weights_dtype")):  # proven, then judged computing in float32
+        _quantized(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files)
         return
     for provider in providers:
-        cases = [
-            (n, f, unmerged_model(loaded.base, a)) for (n, f), a in zip(files, loaded.adapters, strict=True)
-        ]
-        cases.append((NO_ADAPTER, None, loaded.base))
-        for name, file, reference in cases:
-            log(f"parity [{provider}, adapter {name}]: {opts.samples} cases …")
-            try:
-                result = check_parity(
-                    loaded.family,
-                    reference,
-                    lambda p=provider, f=file: open_model(onnx_path, p, threads, meta, f),
-                    samples=opts.samples,
-                    seed=opts.seed,
-                    sources=sources,
-                    tokenizer=loaded.tokenizer,
-                )
-            except RuntimeInputError as e:
-                raise InvalidInputError(str(e)) from e
-            result.provider = f"{provider}, adapter {name}"
-            if file is None:
-                result.reference = (
-                    "the base model in PyTorch float32 (no adapter active); float64 for the noise floor"
-                )
-            else:
-                result.reference = (
-                    f"adapter {name}'s own unmerged PyTorch model, float32 (base + its LoRA branches); "
-                    "float64 for the noise floor"
-                )
-            report.parity.append(result)
+        _parity_each(
+            report, loaded, loaded.base, onnx_path, meta, opts, log, provider, threads, sources, files
+        )
+
+
+def _parity_each(report, loaded, base, onnx_path, meta, opts, log, provider, threads, sources, files) -> None:
+    """Each adapter against its own unmerged model on ``base``, then no adapter against ``base``."""
+    cases = [(n, f, unmerged_model(base, a)) for (n, f), a in zip(files, loaded.adapters, strict=True)]
+    cases.append((NO_ADAPTER, None, base))
+    for name, file, reference in cases:
+        log(f"parity [{provider}, adapter {name}]: {opts.samples} cases …")
+        try:
+            result = check_parity(
+                loaded.family,
+                reference,
+                lambda p=provider, f=file: open_model(onnx_path, p, threads, meta, f),
+                samples=opts.samples,
+                seed=opts.seed,
+                sources=sources,
+                tokenizer=loaded.tokenizer,
+            )
+        except RuntimeInputError as e:
+            raise InvalidInputError(str(e)) from e
+        result.provider = f"{provider}, adapter {name}"
+        if file is None:
+            result.reference = (
+                "the base model in PyTorch float32 (no adapter active); float64 for the noise floor"
+            )
+        else:
+            result.reference = (
+                f"adapter {name}'s own unmerged PyTorch model, float32 (base + its LoRA branches); "
+                "float64 for the noise floor"
+            )
+        report.parity.append(result)
 
 
 def _timings(result, loaded, onnx_path, meta, files, threads, latency: bool, log: Log, exporter) -> None:

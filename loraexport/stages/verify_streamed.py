@@ -34,8 +34,8 @@ from loraexport.progress import Progress
 from loraexport.report import Report
 from loraexport.runtime import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
 from loraexport.stages.inputs import Log, machine
+from loraexport.stages.verify_quantized import judge_quality
 from loraexport.verify.chunked import ChunkedDecoder, is_fused, scratch_dir
-from loraexport.verify.half import MIN_ADAPTER_RETAINED
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import (
     FUSED_NOISE_MULTIPLE,
@@ -180,11 +180,20 @@ def verify_streamed(
     sources = [p for p, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
     ids, mask, what = _inputs(src, opts.seed, sources)
     quantized = precision.is_quantized
+    proven = _prove(report, src, onnx_dir, meta, precision, kind, log, records) if quantized else None
+    if proven is not None and not proven.proof.passed:
+        return
     with Stage("verify: onnxruntime runs the export", records):
         log(
             f"verify: onnxruntime runs the export on {ids.shape[0]}×{ids.shape[1]} tokens, {NEW_TOKENS} new …"
         )
         q, got = _onnx_outputs(onnx_dir, meta, threads, ids, mask, True, progress, _inputs_of(src))
+    if proven is not None:
+        origins = proven.origins["model.onnx"]
+        inputs = (ids, mask, what)
+        _dequantized_parity(
+            report, src, onnx_dir, meta, origins, kind, inputs, q, threads, log, records, progress
+        )
     q0 = None
     if quantized and src.adapters:
         with Stage("verify: the export without the adapter (Q0)", records):
@@ -207,7 +216,7 @@ def verify_streamed(
     valid = mask.astype(bool)
     generation = _generation(got, want)
     if quantized:
-        _quantization(report, q, q0, out, streams, valid, generation, precision, kind, what)
+        _quantization(report, q, q0, out, streams, valid, generation, precision, kind, what, opts)
         return
     u32, u64 = (out[s].double().numpy() for s in streams)
     multiple = FUSED_NOISE_MULTIPLE if is_fused(meta) else NOISE_MULTIPLE
@@ -223,13 +232,15 @@ def _name(stream) -> str:
     return f"{str(dtype).removeprefix('torch.')}{' + LoRA' if lora else ' base'}"
 
 
-def _decoder(cls, src: CheckpointSource, bar):
-    """The layer-streamed reference of ``src``: its LoRA branches and its adapters' replacements."""
+def _decoder(cls, src: CheckpointSource, bar, weights=None, kept: bool = True):
+    """The layer-streamed reference of ``src``: its LoRA branches and its adapters' replacements;
+    ``weights``: a proven export's dequantized weights, holding the merge unless ``kept``."""
     try:
         magnitudes = {p: m for a in src.adapters for p, m in a.magnitudes.items()}  # DoRA: one adapter
-        return cls(
-            src.checkpoint.dir, branches(src), progress=bar, overrides=src.replacements, magnitudes=magnitudes
-        )
+        if not kept:  # a merged export's weights hold the adapter, DoRA's magnitude included
+            return cls(src.checkpoint.dir, {}, progress=bar, overrides=src.replacements, weights=weights)
+        kw = {"overrides": src.replacements, "magnitudes": magnitudes, "weights": weights}
+        return cls(src.checkpoint.dir, branches(src), progress=bar, **kw)
     except ValueError as e:  # what the reference cannot compute, in one line
         raise InvalidInputError(str(e).splitlines()[0]) from e
 
@@ -281,7 +292,7 @@ def _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log,
     return q0
 
 
-def _quantization(report, q, q0, out, streams, valid, generation, precision, kind, what) -> None:
+def _quantization(report, q, q0, out, streams, valid, generation, precision, kind, what, opts) -> None:
     u = out[streams[0]].double().numpy()
     b = out[streams[1]].double().numpy()
     diff = (q - u)[valid]
@@ -305,10 +316,74 @@ def _quantization(report, q, q0, out, streams, valid, generation, precision, kin
         inputs=f"{what} (against the layer-streamed unmerged reference)",
         positions=int(valid.sum()),
     )
-    report.quantization.append(cost)
-    if retained is not None and retained < MIN_ADAPTER_RETAINED:
-        hint = "; --keep-adapter keeps it exactly beside the quantized base" if adapter == "merged" else ""
-        report.quantization_failures.append(
-            f"only {retained:.0%} of the adapter's effect on the outputs survives {precision.value} "
-            f"quantization (adapter {adapter}; at least {MIN_ADAPTER_RETAINED:.0%} required){hint}"
+    judge_quality(report, cost, opts, f"{precision.value}, adapter {adapter}")
+
+
+def _prove(report, src, onnx_dir, meta, precision, kind, log, records):
+    """The weight-level proof of a fused export against the checkpoint, tensor by tensor."""
+    from loraexport.export.quantize import quantization_description
+    from loraexport.stages.prove import prove_checkpoint
+
+    if not is_fused(meta):
+        raise InvalidInputError(
+            f"{onnx_dir}: a quantized export that is not loraexport's fused graph is proven with the model "
+            "in memory: give --no-stream"
         )
+    with Stage("verify: proof (the export written again from the checkpoint, compared)", records):
+        log("verify: proof: the export written again from the checkpoint, tensor by tensor …")
+        proven = prove_checkpoint(src, onnx_dir, meta, precision)
+    adapter = "kept in float32" if kind is ExportMode.UNMERGED else "merged"
+    if meta.get("quantization") != quantization_description(precision, adapter):
+        proven.proof.claims.append("loraexport.json: 'quantization' is not how the export was made")
+    report.proof = proven.proof
+    return proven
+
+
+def _dequantized_parity(
+    report, src, onnx_dir, meta, origins, kind, inputs, q, threads, log, records, progress
+):
+    """The export computing in float32 (onnxruntime, a few layers at a time) against the
+    layer-streamed reference running the dequantized weights the proof accepted."""
+    from loraexport.stages.prove import float_compute_dir
+    from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE
+    from loraexport.verify.dequantized import FileWeights
+    from loraexport.verify.streamed import StreamedDecoder
+
+    ids, mask, what = inputs
+    with Stage("verify: onnxruntime runs the export computing in float32", records):
+        log("verify: onnxruntime runs the export computing in float32 …")
+        scratch = float_compute_dir(onnx_dir, meta, _inputs_of(src))
+        try:
+            qf, got = _onnx_outputs(scratch, meta, threads, ids, mask, True, progress, _inputs_of(src))
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+    weights = FileWeights(onnx_dir / "model.onnx", origins)
+    kept = kind is ExportMode.UNMERGED
+    streams = [(torch.float32, True), (torch.float64, True)]
+    try:
+        with Stage("verify: layer-streamed dequantized reference (float32, float64)", records):
+            log("verify: the layer-streamed reference on the dequantized weights …")
+            with _reference_bar(src, progress, "reference") as bar:
+                ref = _decoder(StreamedDecoder, src, bar, weights, kept)
+                out = ref.forward(torch.from_numpy(ids), torch.from_numpy(mask), streams)
+        with Stage(f"verify: layer-streamed dequantized reference generates {NEW_TOKENS} tokens", records):
+            with _reference_bar(src, progress, "generate") as bar:
+                ref = _decoder(StreamedDecoder, src, bar, weights, kept)
+                want = ref.generate(torch.from_numpy(ids), torch.from_numpy(mask), NEW_TOKENS).numpy()
+    finally:
+        weights.close()
+    valid = mask.astype(bool)
+    d32, d64 = (out[s].double().numpy() for s in streams)
+    parity = compare_outputs("logits", d32, d64, qf, valid, FUSED_NOISE_MULTIPLE)
+    case = ParityCaseResult(
+        f"{what}, {ids.shape[0]}×{ids.shape[1]} (one row left-padded)", *ids.shape, [parity]
+    )
+    result = ParityResult("cpu", [case], _generation(got, want), DEQUANTIZED_REFERENCE, FUSED_NOISE_MULTIPLE)
+    diff = (q - qf)[valid]
+    result.as_written = {
+        "what": "the export as written against itself computing in float32",
+        "max_abs_diff": float(np.abs(diff).max(initial=0.0)),
+        "rms_diff": float(np.sqrt((diff**2).mean())) if diff.size else 0.0,
+        "top1_agreement": float((q.argmax(-1) == qf.argmax(-1))[valid].mean()),
+    }
+    report.parity.append(result)

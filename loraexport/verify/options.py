@@ -12,6 +12,7 @@ from pathlib import Path
 
 from loraexport.enums import Precision
 from loraexport.errors import InvalidInputError
+from loraexport.verify.gates import Budget
 
 
 def _is_int(value: object) -> bool:
@@ -31,6 +32,9 @@ class VerifyOptions:
     latency_points: tuple[tuple[int, int], ...] | None = None  # default: the family's
     latency_budget_s: float = 4.0  # timing per (batch, seq) point
     half: tuple[str, ...] = ()  # "float16"/"bfloat16": report what storing merged weights in them costs
+    # a budget for what a lossy export may cost against the unmerged float32 model (verify.gates)
+    min_top1: float | None = None
+    min_adapter_retained: float | None = None
 
     def __post_init__(self) -> None:
         """The bounds the CLI's option types enforce, for callers of the Python API too."""
@@ -47,3 +51,8 @@ class VerifyOptions:
         for name, ok in checks.items():
             if not ok:
                 raise InvalidInputError(f"verify option {name}={getattr(self, name)!r} cannot be used")
+        self.budget  # noqa: B018 - checked now (InvalidInputError), before any work
+
+    @property
+    def budget(self) -> Budget:
+        return Budget(self.min_top1, self.min_adapter_retained)

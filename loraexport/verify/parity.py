@@ -96,6 +96,9 @@ class ParityResult:
     generation: GenerationResult | None
     reference: str = "unmerged PyTorch float32 (base + LoRA branches); float64 for the noise floor"
     noise_multiple: float = NOISE_MULTIPLE  # the tolerance's multiple of torch's own noise
+    # a quantized export, judged computing in float32: the file as written against that
+    # (``verify.dequantized.as_written``), what its int8 activations add, measured not judged
+    as_written: dict | None = None
 
     @property
     def passed(self) -> bool:

@@ -46,6 +46,12 @@ def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum({t.data_ptr(): t.nbytes for t in tensors}.values())
 
 
+def _is_linear(module: str) -> bool:
+    """``model.layers.<i>.self_attn.q_proj`` and its kind: a projection of a decoder layer."""
+    parts = module.split(".")
+    return len(parts) == 5 and parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in LINEARS
+
+
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """transformers' LlamaRMSNorm (normalizes in float32), except that float64 stays float64."""
     h = x if x.dtype == torch.float64 else x.to(torch.float32)
@@ -54,8 +60,7 @@ def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return torch.cat((-x.chunk(2, dim=-1)[1], x.chunk(2, dim=-1)[0]), dim=-1)
 
 
 class StreamedDecoder:
@@ -69,12 +74,15 @@ class StreamedDecoder:
         progress: Callable[[int, int], None] | None = None,
         overrides: dict[str, torch.Tensor] | None = None,
         magnitudes: dict[str, torch.Tensor] | None = None,
+        weights: Callable[[str], torch.Tensor | None] | None = None,
     ) -> None:
         """``overrides``: tensors that replace the checkpoint's, by name (an adapter's trained
         biases and ``modules_to_save``), each of the shape it replaces. ``magnitudes``: DoRA's m
         by module, for a module with one branch: the LoRA streams compute
-        ``m / ‖W + c·B·A‖ ⊙ (W·x + c·B·A·x) + bias`` there."""
+        ``m / ‖W + c·B·A‖ ⊙ (W·x + c·B·A·x) + bias`` there. ``weights(module)``: a projection's
+        weight (out, in) instead of the checkpoint's, or None (``verify.dequantized.FileWeights``)."""
         self.model_dir = Path(model_dir)
+        self.weights = weights
         self.progress = progress
         self.overrides = dict(overrides or {})
         cfg = json.loads((self.model_dir / "config.json").read_text())
@@ -151,9 +159,7 @@ class StreamedDecoder:
 
     def _check_branches(self, module: str, items: list[Branch]) -> None:
         name = self._head_name if module == "lm_head" else module + ".weight"
-        parts = module.split(".")
-        in_layer = len(parts) == 5 and parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in LINEARS
-        if not (module == "lm_head" or in_layer) or name not in self._meta:
+        if not (module == "lm_head" or _is_linear(module)) or name not in self._meta:
             raise ValueError(f"LoRA branch {module!r} names no linear module of {self.model_dir}")
         out_f, in_f = self._meta[name][0]
         for a, b, _ in items:
@@ -190,7 +196,14 @@ class StreamedDecoder:
         for path in dict.fromkeys(self._files[n] for n in names):
             with safe_open(path, framework="pt") as f:
                 out.update({n: f.get_tensor(n) for n in names if self._files[n] == path})
-        return out | {n: self.overrides[n] for n in names if n in self.overrides}
+        out |= {n: self.overrides[n] for n in names if n in self.overrides}
+        for n in names if self.weights is not None else ():
+            module = "lm_head" if n == self._head_name else n.removesuffix(".weight")
+            value = self.weights(module) if module == "lm_head" or _is_linear(module) else None
+            if value is not None and list(value.shape) != self._meta[n][0]:
+                raise ValueError(f"{module}: a weight {tuple(value.shape)} that is not the checkpoint's")
+            out[n] = out[n] if value is None else value
+        return out
 
     def _cast(
         self, stored: Weights, dtype: torch.dtype, modules: Iterable[str]

@@ -19,6 +19,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
+from loraexport.enums import Precision
 from loraexport.errors import ModelFormatError
 from loraexport.export import optimize
 from loraexport.export.onnx import ExportResult
@@ -126,12 +127,22 @@ def _specs(model: nn.Module, last_position: bool = False) -> list[GraphSpec]:
     ]
 
 
-def _optimized(model: nn.Module, out_dir: Path, opset: int, exporter: str) -> ExportResult:
-    """--optimize (``export.optimize``): the fused graph for Llama, Mistral and Qwen2; GPT-2's
-    torch.onnx export with the LM head on the last position."""
+def _optimized(
+    model: nn.Module,
+    out_dir: Path,
+    opset: int,
+    exporter: str,
+    precision: Precision | None = None,
+    origins: dict | None = None,
+) -> ExportResult:
+    """--optimize (``export.optimize``): the fused graph for Llama, Mistral and Qwen2 (written
+    quantized when ``precision`` is int8/int4); GPT-2's torch.onnx export with the LM head on the
+    last position (float32: quantized afterwards). ``origins``: filled by the fused writer with the
+    modules each weight holds (``export.graph_writer.Graph.origins``)."""
     if model.config.model_type in optimize.FUSED_TYPES:
         spec = _specs(model)[0]
-        return optimize.fused_export(model, out_dir, (spec.input_names, spec.output_names))
+        io = (spec.input_names, spec.output_names)
+        return optimize.fused_export(model, out_dir, io, precision, origins)
     return optimize.last_position_export(_specs(model, last_position=True), out_dir, opset, exporter)
 
 

@@ -1,0 +1,164 @@
+"""A model in memory exported into a folder: the graphs of the subject an export mode makes of
+the loaded inputs, in the precision asked for, and ``loraexport.json``'s description of them.
+The ``export`` and ``merge-and-export`` commands write with it; ``verify`` exports the reference
+with it again to prove a quantized file (``stages.prove``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from torch import nn
+
+from loraexport.description import EXPORTERS
+from loraexport.dtypes import torch_dtype
+from loraexport.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.errors import ExportError
+from loraexport.export.half import store_weights_half
+from loraexport.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportResult, export_graphs
+from loraexport.export.quantize import lora_matmuls, quantization_description, quantize_graph
+from loraexport.models.base import ModelFamily
+from loraexport.provenance import export_description
+from loraexport.stages.adapter_mode import describe_adapters, probe_model
+from loraexport.stages.merge import merged_model, unmerged_model
+
+
+def export_model(
+    family: ModelFamily,
+    model: nn.Module,
+    out_dir: Path,
+    opset: int = DEFAULT_OPSET,
+    exporter: str | None = None,
+    weights_dtype: Precision | str | None = None,
+    keep: list[np.ndarray] | None = None,
+    optimize: bool = False,
+    on_float=None,
+    origins: dict | None = None,
+) -> ExportResult:
+    """Export ``model``'s graphs into ``out_dir`` (which exists); ``optimize``: the family's
+    optimized graph (``export.optimize``; ``check_optimize`` said the family has one).
+    ``on_float(path)``: called with each graph file before it is quantized (verify's proof maps
+    the float weights to the model's modules there); ``origins``: a graph written by loraexport
+    itself fills it with the modules each weight holds (``export.graph_writer.Graph.origins``).
+
+    ``weights_dtype`` float16/bfloat16: store the weights in it (``export.half``); ``model``
+    must already hold weights rounded to it, so nothing is lost in the file. int8/int4:
+    quantize the graph's MatMuls (``export.quantize``), all but those whose weight is one of
+    ``keep`` (the LoRA factors of an unmerged model: the adapter stays in float32).
+    """
+    half, quant = half_precision(weights_dtype), quantization(weights_dtype)
+    if optimize:
+        if family.optimized_export is None:
+            raise ExportError(f"--optimize: the {family.name} family has no optimized graph")
+        nbits = quant if quant in (Precision.INT8, Precision.INT4) else None
+        how = {"precision": nbits} | ({"origins": origins} if origins is not None else {})
+        result = family.optimized_export(model, out_dir, opset, exporter or family.exporter, **how)
+    else:
+        result = export_graphs(family.graph_specs(model), out_dir, opset, exporter or family.exporter)
+    if half:
+        for g in result.inputs:
+            store_weights_half(out_dir / f"{g}.onnx", half.value, EXTERNAL_DATA_BYTES)
+    if quant and not result.optimized.get("quantized"):  # a graph written quantized is done
+        result.exporter_log += quantize_graphs(out_dir, list(result.inputs), quant, keep, on_float)
+    if half or quant:
+        names = [f for g in result.inputs for f in (f"{g}.onnx", f"{g}.onnx.data")]
+        result.files = [f for f in names if (out_dir / f).is_file()]
+        result.bytes = sum((out_dir / f).stat().st_size for f in result.files)
+    return result
+
+
+def quantize_graphs(out_dir: Path, graphs: list[str], quant: Precision, keep, on_float=None) -> str:
+    """Quantize each graph file in place, all MatMuls but those whose weight is one of ``keep``;
+    return the quantizer's log."""
+    log = ""
+    for g in graphs:
+        path = out_dir / f"{g}.onnx"
+        if on_float is not None:
+            on_float(path)
+        kept = lora_matmuls(path, keep) if keep else []
+        if keep and not kept:
+            raise ExportError(f"{path.name}: the LoRA branch's MatMuls were not found; cannot keep them")
+        log += quantize_graph(path, quant, kept)
+    return log
+
+
+def describe(
+    family: ModelFamily, model: nn.Module, result: ExportResult, precision: Precision | None, mode: ExportMode
+) -> dict:
+    """``loraexport.json``'s description of an export (``provenance``); a quantized one says how,
+    and whether the adapter was merged before quantizing or kept beside the quantized base."""
+    out = export_description(family, model, result, (precision or Precision.FLOAT32).value, mode.value)
+    return out | describe_quantization(precision, mode)
+
+
+def describe_quantization(precision: Precision | None, mode: ExportMode) -> dict:
+    """``{"quantization": ...}`` for a quantized export (its settings, where the adapter is)."""
+    if precision is None or not precision.is_quantized:
+        return {}
+    kept = mode in (ExportMode.UNMERGED, ExportMode.ADAPTER)
+    return {"quantization": quantization_description(precision, "kept in float32" if kept else "merged")}
+
+
+def torch_exporter_of(meta: dict) -> str | None:
+    """The torch.onnx exporter an export used (None: the family's default, also for a graph
+    loraexport wrote itself), for the graphs exported to compare with it."""
+    exporter = meta.get("exporter")
+    return exporter if exporter in EXPORTERS else None
+
+
+def lora_factors(loaded) -> list[np.ndarray]:
+    """Every LoRA A and B of the loaded adapters, as the graph holds them (float32)."""
+    return [t.detach().float().numpy() for a in loaded.adapters for pair in a.weights.values() for t in pair]
+
+
+@dataclass
+class Subject:
+    """What an export of loaded inputs writes: the model, in which mode and precision; the LoRA
+    factors the quantizer leaves in float32 (``keep``); adapter mode's probes and rank."""
+
+    model: nn.Module
+    mode: ExportMode
+    precision: Precision | None = None
+    keep: list[np.ndarray] | None = None
+    probes: dict | None = None
+    rank: int | None = None
+
+
+def export_subject(
+    loaded, mode: ExportMode, precision: Precision | None, max_rank: int | None = None, merged=None
+) -> Subject:
+    """The model an export of ``loaded`` in ``mode`` (merged, unmerged — the adapter kept beside a
+    quantized base — or adapter) writes; ``merged``: the merged model, when already made."""
+    half = half_precision(precision)
+    quant = quantization(precision)
+    if not loaded.adapters:
+        model = merged_model(loaded.base, [], storage_dtype=torch_dtype(half))[0] if half else loaded.base
+        return Subject(model, ExportMode.BASE, precision)
+    if mode is ExportMode.ADAPTER:
+        model, probes, rank = probe_model(loaded.base, loaded.adapters, max_rank, torch_dtype(half))
+        keep = [f for pair in probes.values() for f in pair] if quant else None
+        return Subject(model, mode, precision, keep, probes, rank)
+    if mode is ExportMode.UNMERGED:
+        model = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
+        return Subject(model, mode, precision, lora_factors(loaded) if quant else None)
+    if merged is None:
+        storage = torch_dtype(half)
+        merged = merged_model(loaded.base, loaded.adapters, loaded.weights, storage_dtype=storage)[0]
+    return Subject(merged, ExportMode.MERGED, precision)
+
+
+def export_into(
+    loaded, subject: Subject, out_dir: Path, meta: dict, *, opset: int = DEFAULT_OPSET, exporter=None,
+    optimize: bool = False, on_float=None, origins: dict | None = None,
+) -> ExportResult:  # fmt: skip
+    """``subject`` exported into ``out_dir`` (which exists), its description added to ``meta``
+    (adapter mode: the probes made graph inputs and one ``.onnx_adapter`` per adapter)."""
+    result = export_model(
+        loaded.family, subject.model, out_dir, opset, exporter, subject.precision, subject.keep, optimize,
+        on_float=on_float, origins=origins,
+    )  # fmt: skip
+    meta.update(describe(loaded.family, subject.model, result, subject.precision, subject.mode))
+    if subject.probes is not None:
+        describe_adapters(out_dir, list(result.inputs), subject.probes, subject.rank, loaded.adapters, meta)
+    return result

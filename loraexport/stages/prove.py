@@ -1,0 +1,246 @@
+"""The proof stage: a quantized export, weight by weight, against the export the reference makes
+(``verify.proof``), for a model in memory or a checkpoint read tensor by tensor; then the graphs
+computing in float32 (``verify.dequantized``) for parity by arithmetic.
+
+The reference is what ``verify`` was given: the base and adapters at the weights asked for, merged
+in float64 and rounded once (a merged export), or the base with the adapter kept beside it
+(``--keep-adapter``, adapter mode). It is exported again as ``loraexport.json`` says the file was:
+a graph loraexport writes itself is compared as it is written, tensor by tensor; any other is
+exported into a scratch folder and compared there. ``loraexport.json``'s claims (the model's
+facts, the quantizer's settings, adapter mode's inputs) must be those of the export made.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from loraexport.description import BUILDER
+from loraexport.enums import ExportMode, Precision
+from loraexport.errors import InvalidInputError
+from loraexport.export.adapter import ADAPTER_SUFFIX
+from loraexport.export.fused import build_fused_graph
+from loraexport.export.fused_source import ModuleSource
+from loraexport.onnx_files import RuntimeInputError
+from loraexport.runtime_adapters import Active
+from loraexport.stages.graphs import Subject, export_into, export_subject, torch_exporter_of
+from loraexport.stages.inputs import Loaded, Log
+from loraexport.verify.chunked import scratch_dir
+from loraexport.verify.dequantized import float_compute_graph, float_origins, weight_index
+from loraexport.verify.proof import (
+    CompareSink,
+    FileProof,
+    Origins,
+    Proof,
+    check_claims,
+    compare_graph,
+    compare_initializers,
+)
+from loraexport.verify.tensorfile import TensorFile, tensor_array
+
+# loraexport.json's claims a reader acts on, which the export made again must repeat
+CLAIMS = ("model", "weights_dtype", "mode", "quantization", "graphs", "lora_inputs")
+NBITS = (Precision.INT8, Precision.INT4)
+
+
+@dataclass
+class Proven:
+    """A proof, the modules each file's quantized weights hold, and the reference proven against."""
+
+    proof: Proof
+    origins: dict[str, Origins] = field(default_factory=dict)  # by graph file name
+    subject: Subject | None = None
+
+
+def graph_files(meta: dict) -> list[str]:
+    """The graph files of an export, by its kind (never by names loraexport.json gives)."""
+    kind = meta.get("model", {}).get("kind") if isinstance(meta.get("model"), dict) else None
+    return ["encoder.onnx", "decoder.onnx"] if kind == "seq2seq" else ["model.onnx"]
+
+
+def prove_export(loaded: Loaded, onnx_dir: Path, meta: dict, log: Log) -> Proven:
+    """The weight-level proof of the quantized export ``onnx_dir`` (described by ``meta``) against
+    the reference ``loaded`` gives. Raises ``InvalidInputError`` for files that cannot be read."""
+    precision = Precision.parse(meta.get("weights_dtype", "float32"))
+    mode = ExportMode.parse(meta.get("mode", "merged"))
+    lora = meta.get("lora_inputs") if isinstance(meta.get("lora_inputs"), dict) else {}
+    rank = lora.get("rank") if isinstance(lora.get("rank"), int) else None
+    subject = export_subject(loaded, mode, precision, rank)
+    t0 = time.perf_counter()
+    try:
+        if meta.get("exporter") == BUILDER and precision in NBITS and mode is not ExportMode.ADAPTER:
+            log(f"proof: writing the {precision.value} graph of the reference again, tensor by tensor …")
+            proven = _prove_written(ModuleSource(subject.model), onnx_dir / "model.onnx", precision)
+            proven.subject = subject
+            _claims(proven.proof, meta, expected_claims(loaded, subject))
+        else:
+            log(f"proof: exporting the reference again, {precision.value}, to compare with …")
+            proven = _prove_exported(loaded, subject, onnx_dir, meta)
+    except RuntimeInputError as e:
+        raise InvalidInputError(str(e)) from e
+    proven.proof.seconds = time.perf_counter() - t0
+    return proven
+
+
+def prove_checkpoint(src, onnx_dir: Path, meta: dict, precision: Precision) -> Proven:
+    """The proof of a fused export against a checkpoint read tensor by tensor (``--stream``)."""
+    try:
+        t0 = time.perf_counter()
+        proven = _prove_written(src, onnx_dir / "model.onnx", precision)
+        proven.proof.seconds = time.perf_counter() - t0
+    except RuntimeInputError as e:
+        raise InvalidInputError(str(e)) from e
+    return proven
+
+
+def _prove_written(src, path: Path, precision: Precision) -> Proven:
+    """The fused graph of ``src`` written again in ``precision`` and compared as it is made."""
+    proof = Proof("the fused graph written again from the reference weights, compared tensor by tensor")
+    fp = FileProof(path.name)
+    origins: Origins = {}
+    with TensorFile(path) as actual:
+        sink = CompareSink(actual, fp, origins)
+        expected, _, _ = build_fused_graph(src, precision, sink, origins=origins)
+        compare_graph(expected, actual.proto, fp)
+        inline = {t.name: t for t in expected.graph.initializer}
+        compare_initializers(expected, lambda n: tensor_array(inline[n]), actual, fp, origins, sink.done)
+        check_claims(expected, origins, fp)
+    proof.files.append(fp)
+    return Proven(proof, {path.name: origins})
+
+
+def _prove_exported(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict) -> Proven:
+    """The reference exported into a scratch folder as ``meta`` says, compared file by file."""
+    proof = Proof("the reference exported again as loraexport.json says, compared tensor by tensor")
+    origins: dict[str, Origins] = {}
+    index: dict = {}
+
+    def on_float(path: Path) -> None:  # before quantizing: which module each float weight is
+        if not index:
+            index.update(weight_index(subject.model))
+        origins[path.name] = float_origins(path, index)
+
+    fused: Origins = {}
+    scratch = Path(tempfile.mkdtemp(prefix="loraexport-proof-"))
+    try:
+        replay: dict = {}
+        opset = meta.get("opset") if isinstance(meta.get("opset"), int) else None
+        kwargs = {"opset": opset} if opset else {}
+        export_into(
+            loaded, subject, scratch, replay, exporter=torch_exporter_of(meta), optimize="optimize" in meta,
+            on_float=on_float, origins=fused, **kwargs,
+        )  # fmt: skip
+        if fused:
+            origins["model.onnx"] = fused
+        for name in graph_files(replay):
+            fp = FileProof(name)
+            proof.files.append(fp)
+            if not (onnx_dir / name).is_file():
+                fp.fail("missing from the export")
+                continue
+            with TensorFile(scratch / name) as want, TensorFile(onnx_dir / name) as got:
+                compare_graph(want.proto, got.proto, fp)
+                compare_initializers(want.proto, want.array, got, fp, origins.get(name, {}))
+                check_claims(want.proto, origins.get(name, {}), fp)
+        _adapter_files(proof, scratch, replay, onnx_dir, meta)
+        _claims(proof, meta, {k: replay[k] for k in CLAIMS if k in replay})
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return Proven(proof, origins, subject)
+
+
+def expected_claims(loaded: Loaded, subject: Subject) -> dict:
+    """What ``loraexport.json`` must say of an export of ``subject`` that proof compares without
+    exporting it again: the model's facts, the precision, the mode, the quantizer's settings."""
+    from loraexport.stages.graphs import describe_quantization
+
+    out = {
+        "model": loaded.family.runtime_meta(subject.model) | {"family": loaded.family.name},
+        "weights_dtype": (subject.precision or Precision.FLOAT32).value,
+        "mode": subject.mode.value,
+    }
+    return out | describe_quantization(subject.precision, subject.mode)
+
+
+def _claims(proof: Proof, meta: dict, expected: dict) -> None:
+    for key, value in expected.items():
+        if meta.get(key) != value:
+            proof.claims.append(
+                f"loraexport.json: {key!r} is not what the export made from the reference says"
+            )
+
+
+def _adapter_files(proof: Proof, scratch: Path, replay: dict, onnx_dir: Path, meta: dict) -> None:
+    """Each ``.onnx_adapter`` the export lists against the one the reference makes of the adapter
+    it was made from (paired by the adapter's sha256); a listed file whose adapter was not given
+    cannot be proven, and fails."""
+    made = {e.get("source_sha256"): e for e in replay.get("adapter_files") or []}
+    for entry in meta.get("adapter_files") or []:
+        name = entry.get("file") if isinstance(entry, dict) else None
+        if not isinstance(name, str) or not name.endswith(ADAPTER_SUFFIX) or os.sep in name:
+            proof.claims.append(f"loraexport.json: adapter_files lists {str(name)[:80]!r}: no adapter file")
+            continue
+        fp = FileProof(name)
+        proof.files.append(fp)
+        twin = made.get(entry.get("source_sha256"))
+        if twin is None:
+            fp.fail("made from an adapter verify was not given (its source sha256 matches none): give every "
+                    "adapter of the export to prove its files")  # fmt: skip
+            continue
+        _compare_adapter(scratch / twin["file"], onnx_dir / name, fp)
+
+
+def _compare_adapter(want_path: Path, got_path: Path, fp: FileProof) -> None:
+    try:
+        got = Active(got_path).tensors
+    except RuntimeInputError as e:
+        fp.fail(str(e))
+        return
+    want = Active(want_path).tensors
+    for name in sorted(set(got) - set(want)):
+        fp.fail(f"tensor {name!r} is unclaimed: the adapter makes no such tensor")
+    for name in sorted(set(want) - set(got)):
+        fp.fail(f"tensor {name!r} is missing")
+    for name in sorted(set(want) & set(got)):
+        a, b = want[name].numpy(), got[name].numpy()
+        if a.dtype != b.dtype or a.shape != b.shape or a.tobytes() != b.tobytes():
+            same = a.shape == b.shape and a.dtype == b.dtype
+            diff = float(np.abs(a.astype(np.float64) - b.astype(np.float64)).max()) if same else float("inf")
+            fp.fail(f"tensor {name!r} differs from the adapter's (max difference {diff:.3g})")
+        else:
+            fp.tensors += 1
+            fp.bytes += a.nbytes
+
+
+# ---- the export computing in float32 ------------------------------------------------------------
+def float_compute_dir(onnx_dir: Path, meta: dict, avoid: tuple[Path, ...] = ()) -> Path:
+    """A scratch folder holding ``onnx_dir``'s graphs computing in float32, and its other files
+    (weights, adapter files) hard-linked, not copied, where the file system allows; its user
+    removes it."""
+    scratch = Path(scratch_dir(onnx_dir, "float-compute", avoid))
+    graphs = graph_files(meta)
+    try:
+        for name in graphs:
+            proto = onnx.load(str(onnx_dir / name), load_external_data=False)
+            onnx.save_model(float_compute_graph(proto)[0], str(scratch / name))
+        for entry in os.scandir(onnx_dir):
+            if entry.is_file(follow_symlinks=False) and entry.name not in graphs:
+                _link(Path(entry.path), scratch / entry.name)
+    except BaseException:
+        shutil.rmtree(scratch, ignore_errors=True)
+        raise
+    return scratch
+
+
+def _link(source: Path, target: Path) -> None:
+    try:
+        target.hardlink_to(source)
+    except OSError:  # another file system: a copy
+        shutil.copyfile(source, target)

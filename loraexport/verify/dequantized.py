@@ -1,0 +1,249 @@
+"""What a proven quantized export computes, on both sides, so that parity can be judged by
+arithmetic rather than by how much of the adapter survived:
+
+* torch: the reference model with each quantized module's weight replaced by the float values the
+  file's quantized tensors stand for (``dequantized_copy``; the file's own bytes, once the proof
+  has shown they are the reference's quantization);
+* onnxruntime: the same graph computing in float32 (``float_compute_graph``): ``MatMulNBits`` at
+  accuracy level 0 (weights dequantized, activations kept float32, instead of level 4's int8
+  activations per block), and ``quantize_dynamic``'s MatMulInteger chains as a MatMul of the float
+  input with ``DequantizeLinear`` of the weight (instead of activations quantized per tensor).
+
+The two then agree to float32 noise, with the tolerance ``verify.parity`` derives for any float32
+export; what int8 activations add is measured (the file as written against its float-compute twin),
+never assumed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from onnx import helper
+from torch import nn
+
+from loraexport.export.qformat import dynamic_dequantize, nbits_dequantize, source_of
+from loraexport.lora.inject import is_transposed, linear_shape
+from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
+from loraexport.lora.views import set_tensor, shared_copy
+from loraexport.verify.proof import Origins, roles
+from loraexport.verify.tensorfile import TensorFile
+
+Index = dict[tuple[tuple[int, ...], str], list[str]]  # (shape, sha256) -> module paths
+
+
+def _digest(a: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
+
+
+def weight_index(model: nn.Module) -> Index:
+    """Every linear layer's weight of ``model`` (``nn.Linear``, GPT-2's ``Conv1D``; the base layer
+    of a LoRA branch), as the graph may store it, by value: as it is and transposed."""
+    index: Index = {}
+    for path, m in model.named_modules():
+        if linear_shape(m) is None:
+            continue
+        w = m.weight.detach().float().cpu().numpy()
+        for value in (w, w.T):
+            index.setdefault((value.shape, _digest(value)), []).append(path)
+    return index
+
+
+def float_origins(path: Path, index: Index) -> Origins:
+    """The 2-D float initializers of the float graph ``path`` that hold a linear layer's weight, by
+    value (the exporters do not keep module names): {initializer: ((module, rows),)}. Several
+    layers with equal weights are taken in turn."""
+    model = onnx.load(str(path))
+    used: dict[tuple, int] = {}
+    out: Origins = {}
+    for t in model.graph.initializer:
+        if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2:
+            continue
+        value = onnx.numpy_helper.to_array(t)
+        key = (value.shape, _digest(value))
+        modules = index.get(key)
+        if modules:
+            i = min(used.get(key, 0), len(modules) - 1)
+            used[key] = i + 1
+            out[t.name] = ((modules[i], -1),)
+    return out
+
+
+def dequantized_weights(path: Path, origins: Origins) -> dict[str, np.ndarray]:
+    """{module: the float weight (K, N) its quantized tensor in ``path`` stands for}: a product's
+    right-hand side, as the graph computes ``x @ W``; a packed tensor split by its modules' rows."""
+    out: dict[str, np.ndarray] = {}
+    with TensorFile(path) as f:
+        for name, role in roles(f.proto).items():
+            if role.kind != "weight":
+                continue
+            src = source_of(name)
+            base = src[0] if src else name
+            parts = origins.get(base) or (origins.get(base[:-2]) if base.endswith(".T") else None)
+            if not parts:
+                continue
+            if role.fmt is not None:
+                w = nbits_dequantize(f.array(name), f.array(base + "_scales"), role.fmt)
+            else:
+                w = dynamic_dequantize(f.array(name), f.array(base + "_scale"), f.array(base + "_zero_point"))
+            start = 0
+            for module, rows in parts:
+                n = w.shape[1] if rows < 0 else rows
+                out[module] = np.ascontiguousarray(w[:, start : start + n])
+                start += n
+    return out
+
+
+def _linear(model: nn.Module, path: str) -> tuple[str, nn.Module]:
+    """(parameter path prefix, the layer holding the weight) of module ``path``: a LoRA wrapper's
+    base layer."""
+    m = model.get_submodule(path)
+    if isinstance(m, (LoRALinear, WeightedLoRALinear)):
+        return f"{path}.base_layer", m.base_layer
+    return path, m
+
+
+def dequantized_copy(model: nn.Module, weights: dict[str, np.ndarray]) -> nn.Module:
+    """``model`` (shared, not copied) with each module of ``weights`` given its dequantized weight
+    (K, N): transposed back for ``nn.Linear``, as it is for ``Conv1D``. A tied LM head gets its own
+    tensor: the embedding it shares stays float, as the graph's does."""
+    out = shared_copy(model)
+    for path, kn in weights.items():
+        prefix, layer = _linear(out, path)
+        value = torch.from_numpy(kn if is_transposed(layer) else np.ascontiguousarray(kn.T))
+        if tuple(value.shape) != tuple(layer.weight.shape):
+            raise ValueError(
+                f"{path}: dequantized weight {tuple(value.shape)} is not {tuple(layer.weight.shape)}"
+            )
+        set_tensor(out, f"{prefix}.weight", value)
+    return out.eval()
+
+
+# ---- the graph computing in float32 -------------------------------------------------------------
+def float_compute_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
+    """``proto`` computing its quantized products in float32 (see the module docstring); the
+    number of products changed. The quantized weights themselves are not touched."""
+    changed = 0
+    for n in proto.graph.node:
+        if n.op_type == "MatMulNBits":
+            for a in n.attribute:
+                if a.name == "accuracy_level":
+                    a.i = 0
+                    changed += 1
+                    break
+            else:
+                n.attribute.append(helper.make_attribute("accuracy_level", 0))
+                changed += 1
+    return proto, changed + _dynamic_to_float(proto)
+
+
+def _dynamic_to_float(proto: onnx.ModelProto) -> int:
+    """Each ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul`` chain of ``quantize_dynamic``
+    as ``MatMul(x, DequantizeLinear(W_quantized, W_scale, W_zero_point, axis=1))``."""
+    graph = proto.graph
+    producer = {o: n for n in graph.node for o in n.output}
+    consumers: dict[str, list[onnx.NodeProto]] = {}
+    for n in graph.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    inits = {t.name for t in graph.initializer}
+    drop: set[int] = set()
+    replace: dict[int, list[onnx.NodeProto]] = {}
+    for n in list(graph.node):
+        if n.op_type != "MatMulInteger" or len(n.input) < 4 or n.input[1] not in inits:
+            continue
+        quant = producer.get(n.input[0])
+        cast = (consumers.get(n.output[0]) or [None])[0]
+        mul = (consumers.get(cast.output[0]) or [None])[0] if cast is not None else None
+        if quant is None or quant.op_type != "DynamicQuantizeLinear" or cast is None or mul is None:
+            continue
+        src = source_of(n.input[1])
+        if src is None or src[0] + "_scale" not in inits:
+            continue
+        w = f"{src[0]}.dequantized"
+        replace[id(mul)] = [  # where the chain's result was made: after everything it reads
+            helper.make_node("DequantizeLinear", [n.input[1], src[0] + "_scale", n.input[3]], [w],
+                             name=f"{w}/DequantizeLinear", axis=1),
+            helper.make_node("MatMul", [quant.input[0], w], [mul.output[0]], name=f"{w}/MatMul"),
+        ]  # fmt: skip
+        drop.update((id(n), id(cast)))
+    if replace:
+        nodes = [m for n in graph.node if id(n) not in drop for m in replace.get(id(n), [n])]
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return len(replace)
+
+
+def as_written(family, model: nn.Module, written, computed, samples: int, seed: int) -> dict:
+    """The export as written (int8 activations, ``written``) against its float-compute twin
+    (``computed``) on the parity cases: what the kernels' integer arithmetic adds, measured."""
+    err, sq, n, agree, positions = 0.0, 0.0, 0, 0, 0
+    for case in family.parity_cases(model, samples, seed):
+        args = [case.inputs["input_ids"].numpy(), case.inputs["attention_mask"].numpy()]
+        if "decoder_input_ids" in case.inputs:
+            args.append(case.inputs["decoder_input_ids"].numpy())
+        a, b = _main(written.forward_all(*args)), _main(computed.forward_all(*args))
+        valid = case.valid.numpy() if a.shape[:2] == tuple(case.valid.shape) else np.ones(a.shape[:2], bool)
+        diff = (a - b)[valid]
+        err = max(err, float(np.abs(diff).max(initial=0.0)))
+        sq, n = sq + float((diff**2).sum()), n + diff.size
+        agree += int((a.argmax(-1) == b.argmax(-1))[valid].sum())
+        positions += int(valid.sum())
+    return {
+        "what": "the export as written against itself computing in float32, on the parity cases",
+        "max_abs_diff": err,
+        "rms_diff": (sq / n) ** 0.5 if n else 0.0,
+        "top1_agreement": agree / positions if positions else None,
+    }
+
+
+def _main(outputs: dict[str, np.ndarray]) -> np.ndarray:
+    for name in ("decoder.logits", "model.logits"):
+        if name in outputs:
+            return outputs[name].astype(np.float64)
+    return next(iter(outputs.values())).astype(np.float64)
+
+
+class FileWeights:
+    """A proven fused export's dequantized weights by module, read from the file when asked for
+    (one quantized tensor held at a time): the layer-streamed reference's weights (``--stream``)."""
+
+    def __init__(self, path: Path, origins: Origins) -> None:
+        self.path, self._where = Path(path), {}
+        self._file = TensorFile(self.path)
+        self._roles = roles(self._file.proto)
+        for name, role in self._roles.items():
+            src = source_of(name)
+            if role.kind != "weight" or src is None or src[0] not in origins:
+                continue
+            start = 0
+            for module, rows in origins[src[0]]:
+                self._where[module] = (name, src[0], start, rows)
+                start += rows
+        self._cached: tuple[str, np.ndarray] | None = None
+
+    def __call__(self, module: str) -> torch.Tensor | None:
+        """``module``'s weight (out, in) float32, or None when the export does not quantize it."""
+        if module not in self._where:
+            return None
+        name, base, start, rows = self._where[module]
+        if self._cached is None or self._cached[0] != name:
+            self._cached = None  # the previous tensor is freed before the next is read
+            fmt = self._roles[name].fmt
+            if fmt is not None:
+                w = nbits_dequantize(self._file.array(name), self._file.array(base + "_scales"), fmt)
+            else:
+                w = dynamic_dequantize(
+                    self._file.array(name),
+                    self._file.array(base + "_scale"),
+                    self._file.array(base + "_zero_point"),
+                )
+            self._cached = (name, w)
+        return torch.from_numpy(np.ascontiguousarray(self._cached[1][:, start : start + rows].T))
+
+    def close(self) -> None:
+        self._cached = None
+        self._file.close()
