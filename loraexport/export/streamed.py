@@ -37,6 +37,7 @@ from loraexport.lora.stream import (
     read_header,
 )
 from loraexport.lora.weights import adapter_weights
+from loraexport.models import strict
 
 CONFIG = "config.json"
 
@@ -152,9 +153,8 @@ class CheckpointSource:
         self.merge, self.storage = merge, storage
         self._check_layers()
         self._replaced = self.replacements
-        linears = {
-            n.removesuffix(".weight") for n, shape in self.expected_shapes().items() if len(shape) == 2
-        }
+        expected = self.expected_shapes()
+        linears = {n.removesuffix(".weight") for n, shape in expected.items() if len(shape) == 2}
         linears.discard("model.embed_tokens")
         for adapter in self.adapters:
             check_adapter(adapter, self.checkpoint)
@@ -163,18 +163,25 @@ class CheckpointSource:
                     f"adapter module {path!r}: a streamed export adapts the decoder's projections and "
                     "an untied lm_head only"
                 )
+            for name in sorted(set(adapter.replacements) - set(expected)):  # a stored buffer, say
+                raise AdapterMismatchError(f"adapter replaces {name!r}, which the export does not read")
 
     def _check_layers(self) -> None:
-        """Every tensor the graph reads is there with the shape the config gives it, from the
-        headers, before anything is read or written (a checkpoint is untrusted input)."""
+        """Every tensor the graph reads is there with the shape the config gives it, and every
+        tensor there is one the graph reads (or a stored copy of a buffer it computes: ``strict``),
+        from the headers, before anything is read or written (a checkpoint is untrusted input)."""
         names = set(self.checkpoint.tensors)
         if f"model.layers.{self.layers}.self_attn.q_proj.weight" in names:
             raise ModelFormatError(
                 f"{self.checkpoint.dir}: more layers than num_hidden_layers ({self.layers})"
             )
-        for name, shape in self.expected_shapes().items():
-            if name not in names:
-                raise ModelFormatError(f"{self.checkpoint.dir}: the checkpoint has no tensor {name!r}")
+        expected = self.expected_shapes()
+        strict.refuse(
+            f"{self.checkpoint.dir}: the checkpoint does not match config.json",
+            [n for n in expected if n not in names],
+            [n for n in names if n not in expected and not strict.computed_buffer(n)],
+        )
+        for name, shape in expected.items():
             if self.checkpoint.shape(name) != shape:
                 raise ModelFormatError(
                     f"{self.checkpoint.dir}: {name} has shape {list(self.checkpoint.shape(name))}; "

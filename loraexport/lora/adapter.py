@@ -70,9 +70,11 @@ class Adapter:
         weights: dict[str, dict[str, torch.Tensor]] = {}
         replacements: dict[str, torch.Tensor] = {}
         magnitudes: dict[str, torch.Tensor] = {}
+        held: dict[str, str] = {}  # what each tensor gives -> its key
         for key, t in tensors.items():
             m = _KEY.match(key)
             if m is not None:
+                _hold(held, f"lora_{m['which']} of {m['path']!r}", key, d)
                 weights.setdefault(m["path"], {})[m["which"]] = t
                 continue
             m = _MAGNITUDE.match(key)
@@ -90,6 +92,7 @@ class Adapter:
                     + (", or a weight of modules_to_save" if config.modules_to_save else "")
                     + ")"
                 )
+            _hold(held, f"{name!r}", key, d)
             replacements[name] = t
         if not weights:
             raise AdapterFormatError(f"{d / WEIGHTS_NAME}: holds no LoRA tensors")
@@ -292,6 +295,14 @@ def _all_finite(t: torch.Tensor) -> bool:
     if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
         t = t.float()  # exact: float32 holds every float8 value, inf and nan included
     return bool(torch.isfinite(t).all())
+
+
+def _hold(held: dict[str, str], what: str, key: str, d: Path) -> None:
+    """Each LoRA factor and replaced tensor comes from one key: PEFT's names with and without
+    ``.default`` (or ``base_layer``, ``modules_to_save``) for one tensor would leave one unused."""
+    if what in held:
+        raise AdapterFormatError(f"{d / WEIGHTS_NAME}: tensors {held[what]!r} and {key!r} both give {what}")
+    held[what] = key
 
 
 def _replacement_name(key: str, config: LoraConfig) -> str | None:

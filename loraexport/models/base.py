@@ -7,7 +7,7 @@ the protocol only: the families are listed in ``models.registry``, which imports
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -37,7 +37,9 @@ class ModelFamily:
 
     name: str
     detect: Callable[[dict[str, Any]], bool]  # given config.json
-    load: Callable[[Path], nn.Module]  # eval mode, float32
+    # (directory, supplied) -> the model in eval mode, float32, every tensor from the checkpoint
+    # but ``supplied`` (names of tensors or modules the caller provides: models.strict)
+    load: Callable[[Path, Collection[str]], nn.Module]
     tokenizer: Callable[[Path], Any | None]  # the directory's tokenizer, checked; None: none
     save: Callable[[nn.Module, Path], None]
     graph_specs: Callable[[nn.Module], list[GraphSpec]]

@@ -5,8 +5,8 @@ while the checkpoint beside it may be a few kilobytes; building the model first 
 afterwards lets a hostile or broken directory exhaust memory. So a config is checked in three
 steps, all before a real tensor is made: its values (types, ranges: ``check_hf_config``), the
 model it implies, built on the meta device (no storage), against the safetensors headers
-(``check_state_shapes``, ``check_hf_checkpoint``: names, shapes, float dtypes, and no more
-parameters than the checkpoint holds), and only then the real load. The headers come from
+(``check_state_shapes``, ``check_hf_checkpoint``: every tensor the model needs and no other,
+by name (``strict``), with its shape and a float dtype), and only then the real load. The headers come from
 ``lora.stream.read_header``, which validates every offset against the file's size, so what a
 checkpoint "holds" is bounded by the bytes on disk.
 
@@ -15,9 +15,8 @@ Errors are ``ModelFormatError``s of one line naming the file, the key and the va
 
 from __future__ import annotations
 
-import math
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,7 @@ from torch import nn
 
 from loraexport.errors import ModelFormatError
 from loraexport.lora.stream import TensorInfo, checkpoint_shards, read_header
+from loraexport.models.strict import Names, hf_names, refuse
 from loraexport.untrusted import short_repr
 
 FLOAT_CODES = ("F32", "F16", "BF16", "F64")  # safetensors dtypes loraexport takes as weights
@@ -231,10 +231,6 @@ def checkpoint_tensors(
     return out
 
 
-def _numel(shape: Iterable[int]) -> int:
-    return math.prod(shape)
-
-
 def _require_float(path: Path, t: TensorInfo) -> None:
     if t.dtype not in FLOAT_CODES:
         raise ModelFormatError(
@@ -250,14 +246,7 @@ def check_state_shapes(
     ``config.json`` describes, built on meta), each of float dtype and of that shape."""
     got = {t.name: t for t in tensors}
     mismatch = f"{path} does not match config.json"
-    missing = [n for n in expected if n not in got]
-    if missing:
-        raise ModelFormatError(f"{mismatch}: no tensor {missing[0]!r} ({len(missing)} missing)")
-    unexpected = [n for n in got if n not in expected]
-    if unexpected:
-        raise ModelFormatError(
-            f"{mismatch}: unexpected tensor {unexpected[0]!r} ({len(unexpected)} unexpected)"
-        )
+    refuse(mismatch, [n for n in expected if n not in got], [n for n in got if n not in expected])
     for name, shape in expected.items():
         t = got[name]
         _require_float(path, t)
@@ -283,35 +272,29 @@ def check_hf_depth(key: str, layers: int, tensors: Iterable[str], config: Path) 
 
 
 def check_hf_checkpoint(
-    meta: nn.Module, tensors: Mapping[str, tuple[Path, TensorInfo]], config: Path
-) -> None:
+    meta: nn.Module,
+    tensors: Mapping[str, tuple[Path, TensorInfo]],
+    config: Path,
+    supplied: Collection[str] = (),
+) -> Names:
     """A Hugging Face model built on meta from ``config`` against its checkpoint's headers.
 
-    Checkpoint names may carry the base model's prefix or not (a ``BertModel`` saved inside a
-    classifier, or the reverse), and transformers renames some legacy keys; so names are matched
-    with and without the prefix, and a tensor that matches no parameter is left to transformers
-    (it ignores it). Refused: a tensor matching a parameter with a non-float dtype or another
-    shape, and a model with more parameters than the checkpoint holds floats, which bounds
-    what the real load allocates by the size of the files.
+    Names first (``strict.hf_names``): every parameter comes from a tensor (tied weights from one
+    of their names, ``supplied`` tensors or modules from the caller), every tensor is taken or
+    ignorable; names may carry the base model's prefix or not (a ``BertModel`` saved inside a
+    classifier, or the reverse). Then each tensor taken: a float dtype and the parameter's shape,
+    which bounds what the real load allocates by the size of the files. Returns the names.
     """
-    params = dict(meta.named_parameters(remove_duplicate=False))
-    prefix = f"{meta.base_model_prefix}." if getattr(meta, "base_model_prefix", "") else ""
-    held = 0
-    for name, (path, t) in tensors.items():
-        candidates = (name, name.removeprefix(prefix), prefix + name) if prefix else (name,)
-        match = next((c for c in candidates if c in params), None)
-        if match is not None:
+    names = hf_names(meta, tensors, f"{config.parent}: the checkpoint does not match {config.name}", supplied)
+    state = meta.state_dict(keep_vars=True)
+    for name, key in names.params.items():
+        path, t = tensors[name]
+        if state[key].is_floating_point():  # parameters (a persistent buffer may be an integer)
             _require_float(path, t)
-            if tuple(t.shape) != tuple(params[match].shape):
-                raise ModelFormatError(
-                    f"{path} does not match {config}: tensor {name!r} has shape {t.shape}, "
-                    f"config.json implies {list(params[match].shape)}"
-                )
-        if t.dtype in FLOAT_CODES:
-            held += _numel(t.shape)
-    expected = sum(p.numel() for p in meta.parameters())  # tied weights once
-    if expected > held:
-        raise ModelFormatError(
-            f"{config}: the model it describes has {expected:,} parameters but the checkpoint holds "
-            f"{held:,} float values"
-        )
+        shape = tuple(state[key].shape)
+        if tuple(t.shape) != shape:
+            raise ModelFormatError(
+                f"{path} does not match {config}: tensor {name!r} has shape {t.shape}, "
+                f"config.json implies {list(shape)}"
+            )
+    return names

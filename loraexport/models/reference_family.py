@@ -100,7 +100,7 @@ def _latency_inputs(model: Transformer, batch: int, seq: int) -> Inputs:
 REFERENCE = ModelFamily(
     name="reference-transformer",
     detect=lambda cfg: cfg.get("model_type") == ref.MODEL_TYPE,
-    load=ref.load_model,
+    load=lambda directory, supplied=(): ref.load_model(directory),  # no heads to supply: all stored
     tokenizer=lambda directory: None,
     save=ref.save_model,
     graph_specs=graph_specs,

@@ -9,7 +9,7 @@ they import it only when a model is loaded. A caller with a family of its own pa
 from __future__ import annotations
 
 import importlib.util
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,13 +55,16 @@ def detect_family(directory: str | Path, families: Sequence[ModelFamily] = FAMIL
     )
 
 
-def load_model_dir(directory: str | Path, families: Sequence[ModelFamily] = FAMILIES) -> ModelDir:
+def load_model_dir(
+    directory: str | Path, families: Sequence[ModelFamily] = FAMILIES, supplied: Collection[str] = ()
+) -> ModelDir:
     """Model and tokenizer of ``directory``, each read and checked once. The tokenizer comes
-    first: a broken one is refused before the weights are read."""
+    first: a broken one is refused before the weights are read. ``supplied``: tensors or modules
+    the caller provides itself, which the checkpoint may lack (``ModelFamily.load``)."""
     family = detect_family(directory, families)
     path = Path(directory)
     tokenizer = family.tokenizer(path)
-    return ModelDir(family, family.load(path), tokenizer, path)
+    return ModelDir(family, family.load(path, supplied), tokenizer, path)
 
 
 def load_base(directory: str | Path) -> tuple[ModelFamily, nn.Module]:

@@ -58,10 +58,11 @@ def load_inputs(
     allow_pickle: bool = False,
     weights: list[float] | None = None,
 ) -> Loaded:
-    """The base and adapters, loaded and checked against each other once."""
+    """The base and adapters, loaded and checked against each other once. The tensors an adapter
+    replaces (modules_to_save: a classifier head trained from scratch) may be absent from the base."""
     weights = check_weights(adapters, weights)
-    model_dir = load_model_dir(base)
     loaded = [Adapter.load(a, allow_pickle) for a in adapters]
+    model_dir = load_model_dir(base, supplied={n for a in loaded for n in a.replacements})
     check_dora(loaded, weights)
     for a in loaded:
         a.check_fits(model_dir.model)

@@ -24,7 +24,7 @@ from loraexport.models.registry import ModelDir, load_model_dir
 from loraexport.models.transformer import Transformer
 from loraexport.output import plan_output, write_output
 from loraexport.training import TrainResult, train_lora, warmup_steps
-from loraexport.training_hf import Schedule, lora_config, task_of, train_hf
+from loraexport.training_hf import HEAD, Schedule, lora_config, task_of, train_hf
 
 # Defaults that differ by base: the reference Transformer is tiny and trains from a high rate
 # on large batches; for Hugging Face bases, the rate of PEFT's and QLoRA's examples (2e-4).
@@ -72,7 +72,7 @@ def train(
     plan = plan_output(out, force=force, inputs={"--base": base, "--data": data, "--eval-data": eval_data})
     for stale in plan.removed_stale:
         (log or (lambda _: None))(f"removed {stale.name}, left by a run that was killed")
-    loaded = load_model_dir(base)
+    loaded = load_model_dir(base, supplied=(HEAD,))  # a classifier's head may be new: it is trained
     kind = "reference" if isinstance(loaded.model, Transformer) else "hf"
     lr = DEFAULTS[kind]["lr"] if lr is None else lr
     batch_size = DEFAULTS[kind]["batch_size"] if batch_size is None else batch_size

@@ -363,14 +363,16 @@ def test_hf_more_layers_than_the_checkpoint_holds(hf_copy, name, key):
 
 
 @needs_hf
-def test_hf_more_parameters_than_the_checkpoint_holds(hf_copy):
-    """Tensors the config implies but the checkpoint lacks: transformers would fill them with
-    random values (and allocate them, however large)."""
+def test_hf_parameter_the_checkpoint_lacks(hf_copy):
+    """A tensor the config implies but the checkpoint lacks: transformers would fill it with
+    random values (and allocate it, however large). More cases: tests/models/test_strict_loading.py."""
     d = hf_copy("gpt2")
     tensors = load_file(str(d / "model.safetensors"))
     del tensors["transformer.h.0.mlp.c_fc.weight"]
     save_file(tensors, str(d / "model.safetensors"), metadata={"format": "pt"})
-    _inspect_refuses(d, "config.json: the model it describes has", "parameters but the checkpoint holds")
+    _inspect_refuses(
+        d, "the checkpoint does not match config.json", "no tensor 'transformer.h.0.mlp.c_fc.weight'"
+    )
 
 
 @needs_hf

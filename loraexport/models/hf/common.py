@@ -3,7 +3,8 @@ loaded (local files only, never remote code), cache dimensions, random parity ba
 
 The config is checked before anything is allocated: its values (``checks.check_hf_config``),
 then the model it describes, built on the meta device (no storage), against the checkpoint's
-safetensors headers (``checks.check_hf_checkpoint``), then the real load.
+safetensors headers (``checks.check_hf_checkpoint``: every tensor, by name), then the real load,
+whose own report of missing and unused tensors must agree (``strict.check_loaded``).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import copy
 import io
 import logging
 import warnings
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +32,7 @@ from loraexport.models.checks import (
     checkpoint_tensors,
     hf_value,
 )
+from loraexport.models.strict import check_loaded
 from loraexport.untrusted import read_json, short_repr
 
 # Positions a model must have: the decoder export traces a 4-token cache plus 3 new tokens, the
@@ -120,24 +123,37 @@ def _model_class(raw: dict[str, Any], encoder: bool):
     return transformers.AutoModel
 
 
-def _check(directory: Path, encoder: bool):
+def _build_options(cls, tensors) -> dict[str, Any]:
+    """A bare encoder exports ``last_hidden_state`` only: built without a pooler when the
+    checkpoint holds none (a masked-LM checkpoint such as roberta-base), rather than with a
+    random one that strict loading refuses as missing."""
+    import transformers
+
+    bare = cls is transformers.AutoModel
+    return {"add_pooling_layer": False} if bare and not any("pooler." in n for n in tensors) else {}
+
+
+def _check(directory: Path, encoder: bool, supplied: Collection[str]):
     """The config of ``directory`` (``read_config``), then the model it describes, built on the
-    meta device, against the checkpoint's headers, then ``generation_config.json``. Returns the
-    transformers config and the model class to load."""
+    meta device, against the checkpoint's headers (``supplied``: what the caller provides in
+    place of the checkpoint), then ``generation_config.json``. Returns the transformers config,
+    the model class to load, its build options (``_build_options``) and how the checkpoint's
+    names map onto the model's."""
     raw, config = read_config(directory)
     path = directory / "config.json"
     cls = _model_class(raw, encoder)
     tensors = checkpoint_tensors(directory)
+    options = _build_options(cls, tensors)
     text = config.get_text_config(decoder=True)
     check_hf_depth(hf_value(raw, text, "num_hidden_layers")[0], text.num_hidden_layers, tensors, path)
     try:
         with quiet_transformers(), torch.device("meta"):
-            meta = cls.from_config(copy.deepcopy(config), attn_implementation="eager")
+            meta = cls.from_config(copy.deepcopy(config), attn_implementation="eager", **options)
     except build_errors() as e:
         raise ModelFormatError(
             f"{path}: transformers cannot build the model it describes: {reason(e)}"
         ) from e
-    check_hf_checkpoint(meta, tensors, path)
+    names = check_hf_checkpoint(meta, tensors, path, supplied)
     if max_positions(text) < MIN_POSITIONS:
         key, value = hf_value(raw, text, "max_position_embeddings")
         raise ModelFormatError(
@@ -145,7 +161,7 @@ def _check(directory: Path, encoder: bool):
             f"at least {MIN_POSITIONS}"
         )
     _check_generation_config(directory)
-    return config, cls
+    return config, cls, options, names
 
 
 def _check_generation_config(directory: Path) -> None:
@@ -166,12 +182,14 @@ def _check_generation_config(directory: Path) -> None:
             raise ModelFormatError(f"{path}: transformers cannot read it: {reason(e)}") from e
 
 
-def load(directory: Path, encoder: bool) -> nn.Module:
-    """The model of ``directory``, checked (``_check``), in eval mode and float32."""
-    config, cls = _check(directory, encoder)
+def load(directory: Path, encoder: bool, supplied: Collection[str] = ()) -> nn.Module:
+    """The model of ``directory``, checked (``_check``), in eval mode and float32. ``supplied``:
+    tensors or modules the caller provides itself (an adapter's modules_to_save, a head trained
+    from scratch), which the checkpoint may lack (``strict``); the rest comes from it."""
+    config, cls, options, names = _check(directory, encoder, supplied)
     try:
         with quiet_transformers():
-            model = cls.from_pretrained(
+            model, info = cls.from_pretrained(
                 str(directory),
                 config=config,
                 local_files_only=True,
@@ -179,9 +197,12 @@ def load(directory: Path, encoder: bool) -> nn.Module:
                 use_safetensors=True,
                 dtype=torch.float32,
                 attn_implementation="eager",
+                output_loading_info=True,
+                **options,
             )
     except (OSError, ValueError, KeyError, RuntimeError) as e:
         raise ModelFormatError(f"{directory}: transformers cannot load it: {first_line(e)}") from e
+    check_loaded(info, f"{directory}: the checkpoint does not match config.json", names, supplied)
     model.config.use_cache = not encoder
     return model.eval()
 

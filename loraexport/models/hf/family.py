@@ -16,7 +16,7 @@ def hf_family(name: str, model_types: tuple[str, ...], encoder: bool, **specific
     return ModelFamily(
         name=name,
         detect=lambda cfg: cfg.get("model_type") in model_types,
-        load=lambda directory: load(directory, encoder=encoder),
+        load=lambda directory, supplied=(): load(directory, encoder=encoder, supplied=supplied),
         tokenizer=model_tokenizer,
         save=save,
         latency_inputs=latency_inputs,
