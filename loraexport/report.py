@@ -38,7 +38,7 @@ class Report:
     latency: list[LatencyResult] = field(default_factory=list)
     machine: dict[str, Any] = field(default_factory=dict)
     half: list[HalfCost] = field(default_factory=list)  # verify --half, and --dtype exports
-    # a half-precision export whose rounding loses the adapter (verify.half.MIN_ADAPTER_RETAINED)
+    # a half-precision export whose rounding loses the adapter (verify.gates.MIN_ADAPTER_RETAINED)
     half_failures: list[str] = field(default_factory=list)
     quantization: list[QuantCost] = field(default_factory=list)  # --quantize exports
     quantization_failures: list[str] = field(default_factory=list)  # the adapter lost to quantization
@@ -319,6 +319,7 @@ class Report:
                         f"{_r(c.ratio('onnx_merged', 'torch_unmerged'))}",
                     )
                 )
+        rows += [("warning", w) for w in self.warnings]
         return rows
 
 

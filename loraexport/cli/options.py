@@ -137,7 +137,18 @@ def verify_options(f):
     ``VerifyOptions`` (keyword ``verify_options``), then ``--allow-pickle`` and ``--json``."""
 
     @functools.wraps(f)
-    def command(*args, providers, samples, eval_data, no_latency, half, threads, **kwargs):
+    def command(
+        *args,
+        providers,
+        samples,
+        eval_data,
+        no_latency,
+        half,
+        threads,
+        min_top1,
+        min_adapter_retained,
+        **kwargs,
+    ):
         options = VerifyOptions(
             providers=list(providers) or None,
             samples=samples,
@@ -145,6 +156,8 @@ def verify_options(f):
             latency=not no_latency,
             half=tuple(half),
             threads=threads,
+            min_top1=min_top1,
+            min_adapter_retained=min_adapter_retained,
         )
         return f(*args, verify_options=options, **kwargs)
 
@@ -178,6 +191,22 @@ def verify_options(f):
                 "--threads",
                 type=PositiveInt(256),
                 help="Threads for torch and onnxruntime (default: cores).",
+            ),
+            click.option(
+                "--min-top1",
+                type=Number(float, 0.0, 1.0, lo_open=True),
+                help=(
+                    "Quality budget of a quantized or half-precision export: its top-1 agreement with the "
+                    "unmerged float32 model must reach this share (e.g. 0.95), else exit 4."
+                ),
+            ),
+            click.option(
+                "--min-adapter-retained",
+                type=Number(float, 0.0, 1.0, lo_open=True),
+                help=(
+                    "Quality budget: the share of the adapter's effect the export shows must lie within "
+                    "[this, 2 - this] (e.g. 0.9: 90% to 110%), else exit 4."
+                ),
             ),
             pickle_option,
             json_option("Print report.json on stdout."),

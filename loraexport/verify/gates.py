@@ -79,7 +79,7 @@ def quality_failures(cost, budget: Budget, where: str) -> list[str]:
             hint = "; --keep-adapter keeps it exactly beside the quantized base" if kept < low else ""
             out.append(
                 f"{where}: the export shows {kept:.1%} of the adapter's effect on the outputs, outside "
-                f"[{low:.0%}, {high:.0%}] (--min-adapter-retained {budget.min_adapter_retained:g}){hint}"
+                f"[{low:.1%}, {high:.1%}] (--min-adapter-retained {budget.min_adapter_retained:g}){hint}"
             )
     return out
 

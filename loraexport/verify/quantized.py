@@ -1,8 +1,9 @@
 """What quantizing an export costs, against the unmerged float32 model, and how much of the
-adapter survives it.
+adapter survives it: the *quality* of a quantized export, reported beside its proof.
 
-A quantized graph cannot match the float32 model to float32 noise, so its exact parity is not
-judged; instead, with onnxruntime running the quantized export (Q) and PyTorch the unmerged
+Whether the file is right is proven elsewhere (``verify.proof``: the reference's quantization,
+tensor by tensor; then parity against the dequantized reference). What it costs is measured here,
+with onnxruntime running the quantized export as written (Q) and PyTorch the unmerged
 float32 model (U), on text (``--eval-data``, else ``REFERENCE_TEXTS``) when the model has a
 tokenizer, else on the parity cases' random token ids:
   * max abs logit error and top-1 agreement of Q against U (unmasked positions; a graph
@@ -21,8 +22,10 @@ tokenizer, else on the parity cases' random token ids:
     gate was 1 − this; on SmolLM2-135M with int4 it went below 0 for an adapter kept exactly
     in float32: Q's and Q₀'s quantization errors differ, because the adapter moves the
     activations the quantized weights see, and that difference was counted as adapter lost.)
-A quantized export keeping less than ``MIN_ADAPTER_RETAINED`` of the adapter's effect fails
-verification (exit 4), as a half-precision one does.
+These figures gate only under a budget the user sets (``verify.gates.Budget``: ``--min-top1``,
+``--min-adapter-retained``, the latter bounded on both sides). Until 2026-12-06 ``adapter_retained``
+≥ 50% was the only gate on a quantized export: a projection onto the adapter's effect, with no
+upper bound and blind to an error at right angles to the adapter, it passed wrong files.
 """
 
 from __future__ import annotations
@@ -36,7 +39,6 @@ from torch import nn
 
 from loraexport.models.base import ModelFamily, ParityCase
 from loraexport.runtime import OnnxModel, chain_forward
-from loraexport.verify.half import MIN_ADAPTER_RETAINED  # noqa: F401 (the same gate)
 from loraexport.verify.parity import torch_runner
 
 # Text for the logit figures of a model with a tokenizer and no --eval-data: prose, code and a

@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import pytest
-from tamper import restamp
 from artifacts import copy_dir, edit_json
 from onnx import numpy_helper
+from tamper import restamp
 
 from loraexport.errors import VerificationFailedError
 from loraexport.lora.adapter import CONFIG_NAME

@@ -1,0 +1,99 @@
+"""Honest quantized exports still pass, each through ``merge-and-export`` (which verifies what it
+wrote, before ``loraexport.json`` exists) and then ``verify`` of the folder on disk (files first,
+then the proof, parity against the dequantized reference, quality): the proof cannot reject
+everything. Tiny Llama, Qwen2 (tied embeddings), Mistral and GPT-2, each int8, int4,
+int4 --keep-adapter and int8-dynamic; adapter mode with two adapters; --stream."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from clihelp import QUICK, ok, run
+from hf_tiny import save_base_and_adapter
+
+pytest.importorskip("peft")
+pytestmark = pytest.mark.slow
+
+FAMILIES = ("llama", "qwen2", "mistral", "gpt2")
+VARIANTS = {
+    "int8": ("--quantize", "int8"),
+    "int4": ("--quantize", "int4"),
+    "int4-keep": ("--quantize", "int4", "--keep-adapter"),
+    "int8-dynamic": ("--quantize", "int8-dynamic"),
+}
+
+
+@pytest.fixture(scope="module", params=FAMILIES)
+def family(request, tmp_path_factory):
+    return request.param, *save_base_and_adapter(request.param, tmp_path_factory.mktemp(request.param))
+
+
+def _checked(out, verified) -> dict:
+    """Both reports pass, each with its proof and its parity against the dequantized reference."""
+    for report in (json.loads((out / "report.json").read_text()), verified):
+        assert report["passed"] is True, report["proof"]["failures"] + report["parity"]["failures"]
+        assert report["proof"]["passed"] and report["proof"]["quantized_tensors"] > 0
+        assert report["proof"]["modules"] >= report["proof"]["quantized_tensors"]
+        assert report["parity"]["passed"] and report["parity"]["top1_agreement"] == 1.0
+    assert verified["manifest"]["checked"] >= 3 and verified["manifest"]["description"] == "ok"
+    return verified
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
+def test_an_honest_quantized_export_passes(family, variant, tmp_path):
+    name, base, adapter = family
+    out = tmp_path / "out"
+    # --optimize: the graphs people ship (the fused graph; GPT-2's last-position one)
+    ok(run("merge-and-export", "--base", base, "--adapter", adapter, "--out", out, "--optimize",
+           *VARIANTS[variant], *QUICK))  # fmt: skip
+    r = ok(run("verify", "--base", base, "--adapter", adapter, "--onnx", out, *QUICK, "--json"))
+    verified = _checked(out, json.loads(r.stdout))
+    if name == "qwen2":  # tied: the LM head is quantized, the embedding it shares stays float
+        assert verified["proof"]["modules"] == 2 * 7 + 1
+
+
+@pytest.mark.parametrize("variant", ["int4", "int8-dynamic"])
+@pytest.mark.parametrize("name", ["llama", "gpt2"])  # Linear and Conv1D layers
+def test_the_torch_onnx_graph_is_proven_too(name, variant, tmp_path):
+    """Without --optimize, tensors carry the exporter's names: modules are found by value."""
+    base, adapter = save_base_and_adapter(name, tmp_path / "in")
+    out = tmp_path / "out"
+    ok(
+        run(
+            "merge-and-export", "--base", base, "--adapter", adapter, "--out", out, *VARIANTS[variant], *QUICK
+        )
+    )
+    r = ok(run("verify", "--base", base, "--adapter", adapter, "--onnx", out, *QUICK, "--json"))
+    _checked(out, json.loads(r.stdout))
+
+
+def test_adapter_mode_with_two_adapters(tmp_path):
+    base, adapter = save_base_and_adapter("llama", tmp_path / "one")
+    _, other = save_base_and_adapter("llama", tmp_path / "two", seed=5)
+    out = tmp_path / "out"
+    adapters = ("--adapter", adapter, "--adapter", other)
+    ok(run("merge-and-export", "--base", base, *adapters, "--mode", "adapter", "--quantize", "int8",
+           "--out", out, *QUICK))  # fmt: skip
+    r = ok(run("verify", "--base", base, *adapters, "--onnx", out, *QUICK, "--json"))
+    report = json.loads(r.stdout)
+    files = {f["file"] for f in report["proof"]["files"]}
+    assert (
+        files == {"model.onnx", "adapter.onnx_adapter", "adapter-2.onnx_adapter"}
+        and report["proof"]["passed"]
+    )
+    assert len(report["parity_by_provider"]) == 3  # each adapter, and none, against the dequantized base
+
+
+@pytest.mark.parametrize("keep", [False, True], ids=["merged", "keep"])
+def test_streamed_int4(tmp_path, keep):
+    base, adapter = save_base_and_adapter("qwen2", tmp_path / "in")
+    out = tmp_path / "out"
+    keep_flag = ("--keep-adapter",) * keep
+    ok(run("merge-and-export", "--base", base, "--adapter", adapter, "--out", out, "--stream", "--quantize",
+           "int4", *keep_flag, *QUICK))  # fmt: skip
+    for stream in ("--stream", "--no-stream"):  # the streamed proof, and the in-memory one, agree
+        r = ok(run("verify", "--base", base, "--adapter", adapter, "--onnx", out, stream, *QUICK, "--json"))
+        _checked(out, json.loads(r.stdout))
+    shutil.rmtree(out)
