@@ -36,7 +36,8 @@ BIN = Path(sys.executable).parent / "loraexport"
 # The installed console script, else the module (for the tests that do not need the script itself).
 COMMAND = [str(BIN)] if BIN.is_file() else [sys.executable, "-m", "loraexport.cli"]
 needs_bin = pytest.mark.skipif(not BIN.exists(), reason="the console script is not installed")
-QUICK = ("--no-latency", "--samples", "2")  # verify without timing, on two parity cases: seconds
+QUICK = ("--no-latency", "--samples", "2", "--threads", "1")  # verify without timing, on two parity cases,
+# one thread: two test workers share the two cores (spinning OpenMP threads slow both down 10x)
 
 
 def _argv(args: tuple[object, ...], quiet: bool) -> list[str]:

@@ -111,6 +111,26 @@ def test_smollm2_quantized(tmp_path, variant):
     print(json.dumps(q, indent=1))
     assert q["inputs"] == "reference texts" and q["positions"] >= 150
     assert holds(q), q
+    # proven weight by weight (every projection of 30 layers and the LM head), then judged by
+    # arithmetic: the export computing in float32 against the dequantized reference
+    proof, parity = report["proof"], report["parity"]
+    print(
+        f"proof: {proof['tensors']} tensors in {proof['seconds']:.1f} s; parity {parity['max_abs_err']:.2e}"
+    )
+    assert proof["passed"] and proof["modules"] == 30 * 7 + 1 and not proof["off_by_one_step"]
+    assert parity["passed"] and parity["top1_agreement"] == 1.0
+    # a layer's MLP swapped with the next one's, loraexport.json made to agree: exit 4, named
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tamper import edit_initializers, restamp, swap_layers
+
+    edit_initializers(out / "model.onnx", lambda a: swap_layers(a, "mlp.down_proj", layers=(3, 4)))
+    restamp(out)
+    exe = Path(sys.executable).with_name("loraexport")
+    args = ["verify", "--base", str(REAL / "smollm2"), "--adapter", str(REAL / "smollm2-adapter")]
+    proc = subprocess.run(
+        [str(exe), *args, "--onnx", str(out), "--no-latency"], capture_output=True, text=True
+    )
+    assert proc.returncode == 4 and "layers.3.mlp.down_proj.weight.T_Q8" in proc.stderr, proc.stderr[-2000:]
 
 
 def test_minilm(tmp_path):
