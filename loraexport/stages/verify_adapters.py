@@ -156,6 +156,7 @@ def _parity_each(report, loaded, base, onnx_path, meta, opts, log, provider, thr
                 seed=opts.seed,
                 sources=sources,
                 tokenizer=loaded.tokenizer,
+                quantized=quantization(meta.get("weights_dtype")) is not None,  # the float-compute twin
             )
         except RuntimeInputError as e:
             raise InvalidInputError(str(e)) from e

@@ -90,6 +90,7 @@ def verify_quantized(
                     sources=sources,
                     tokenizer=loaded.tokenizer,
                     targets=[t for _, t in pairs] if pairs else None,
+                    quantized=True,
                 )
                 result.reference = DEQUANTIZED_REFERENCE
                 result.as_written = as_written(

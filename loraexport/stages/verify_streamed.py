@@ -40,6 +40,7 @@ from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import (
     FUSED_NOISE_MULTIPLE,
     NOISE_MULTIPLE,
+    QUANTIZED_FACTOR,
     GenerationResult,
     ParityCaseResult,
     ParityResult,
@@ -374,11 +375,12 @@ def _dequantized_parity(
         weights.close()
     valid = mask.astype(bool)
     d32, d64 = (out[s].double().numpy() for s in streams)
-    parity = compare_outputs("logits", d32, d64, qf, valid, FUSED_NOISE_MULTIPLE)
+    multiple = FUSED_NOISE_MULTIPLE * QUANTIZED_FACTOR  # a quantized graph computing in float32
+    parity = compare_outputs("logits", d32, d64, qf, valid, multiple)
     case = ParityCaseResult(
         f"{what}, {ids.shape[0]}×{ids.shape[1]} (one row left-padded)", *ids.shape, [parity]
     )
-    result = ParityResult("cpu", [case], _generation(got, want), DEQUANTIZED_REFERENCE, FUSED_NOISE_MULTIPLE)
+    result = ParityResult("cpu", [case], _generation(got, want), DEQUANTIZED_REFERENCE, multiple)
     diff = (q - qf)[valid]
     result.as_written = {
         "what": "the export as written against itself computing in float32",
