@@ -21,7 +21,15 @@ from loraexport.verify.latency import LatencyResult
 from loraexport.verify.parity import ParityResult
 from loraexport.verify.proof import Proof
 from loraexport.verify.quantized import QuantCost
-from loraexport.verify.render import latency_json, parity_json, proof_markdown, quantization_markdown
+from loraexport.verify.render import (
+    latency_json,
+    parity_json,
+    pct,
+    proof_markdown,
+    quantization_markdown,
+    ratio,
+    sci,
+)
 
 SCHEMA = 1
 LATENCY_VARIANTS = ("torch_unmerged", "torch_merged", "onnx_merged", "onnx_base", "onnx_unmerged")
@@ -190,8 +198,8 @@ class Report:
                     top1 = "" if o.top1_agreement is None else f"{o.top1_agreement:.1%}"
                     lines.append(
                         f"| {c.name} | {o.output} | {o.max_abs_err:.2e} | {o.max_rel_err:.2e} | "
-                        f"{o.min_cosine:.7f} | {top1} | {_e(o.onnx_err_vs_fp64)} / "
-                        f"{_e(o.torch_err_vs_fp64)} | {o.tolerance:.2e} | "
+                        f"{o.min_cosine:.7f} | {top1} | {sci(o.onnx_err_vs_fp64)} / "
+                        f"{sci(o.torch_err_vs_fp64)} | {o.tolerance:.2e} | "
                         f"{'✓' if o.passed else '✗'} |"
                     )
             n_out = sum(len(c.outputs) for c in p.cases)
@@ -216,7 +224,7 @@ class Report:
                 lines.append(
                     "\nThe file as written (int8 activations) against itself computing in float32: max "
                     f"abs difference {w['max_abs_diff']:.3g}, rms {w['rms_diff']:.3g}, top-1 "
-                    f"{_pct(w['top1_agreement'])} (measured, not judged: the kernels' integer arithmetic)."
+                    f"{pct(w['top1_agreement'])} (measured, not judged: the kernels' integer arithmetic)."
                 )
             if p.failures:
                 lines += ["", "Failures:", *[f"- {f}" for f in p.failures]]
@@ -238,8 +246,8 @@ class Report:
             for h in self.half:
                 lines.append(
                     f"| {h.dtype} | {h.variant} | {h.max_abs_err:.3g} | {h.rms_err:.3g} | "
-                    f"{_pct(h.top1_agreement)} | {_pct(h.generation_agreement)} | {_e(h.max_cast_rel_err)} | "
-                    f"{_pct(h.adapter_retained)} |"
+                    f"{pct(h.top1_agreement)} | {pct(h.generation_agreement)} | {sci(h.max_cast_rel_err)} | "
+                    f"{pct(h.adapter_retained)} |"
                 )
             if self.half_failures:
                 lines += ["", "Failures:", *[f"- {f}" for f in self.half_failures]]
@@ -265,7 +273,9 @@ class Report:
                     for v in shown
                 ]
                 r1, r2 = c.ratio("onnx_merged", "onnx_base"), c.ratio("onnx_merged", "torch_unmerged")
-                lines.append(f"| {c.batch} × {c.seq} | " + " | ".join(cells) + f" | {_r(r1)} | {_r(r2)} |")
+                lines.append(
+                    f"| {c.batch} × {c.seq} | " + " | ".join(cells) + f" | {ratio(r1)} | {ratio(r2)} |"
+                )
         if self.adapter_mode is not None:
             lines += ["", *self.adapter_mode.markdown()]
         return "\n".join(lines) + "\n"
@@ -304,9 +314,9 @@ class Report:
             rows.append(
                 (
                     f"quantized {q.dtype}",
-                    f"adapter {q.adapter}: top-1 {_pct(q.top1_agreement)} against the unmerged float32 "
-                    f"model, adapter retained {_pct(q.adapter_retained)}, max abs err {q.max_abs_err:.3g}, "
-                    f"generation {_pct(q.generation_agreement)}",
+                    f"adapter {q.adapter}: top-1 {pct(q.top1_agreement)} against the unmerged float32 "
+                    f"model, adapter retained {pct(q.adapter_retained)}, max abs err {q.max_abs_err:.3g}, "
+                    f"generation {pct(q.generation_agreement)}",
                 )
             )
         for lat in self.latency:
@@ -315,21 +325,9 @@ class Report:
                     (
                         f"latency [{lat.provider}] {c.batch}×{c.seq}",
                         f"onnx merged {c.stats['onnx_merged'].p50_ms:.2f} ms, merged/base "
-                        f"{_r(c.ratio('onnx_merged', 'onnx_base'))}, vs torch unmerged "
-                        f"{_r(c.ratio('onnx_merged', 'torch_unmerged'))}",
+                        f"{ratio(c.ratio('onnx_merged', 'onnx_base'))}, vs torch unmerged "
+                        f"{ratio(c.ratio('onnx_merged', 'torch_unmerged'))}",
                     )
                 )
         rows += [("warning", w) for w in self.warnings]
         return rows
-
-
-def _pct(x: float | None) -> str:
-    return "–" if x is None else f"{x:.1%}"
-
-
-def _e(x: float | None) -> str:
-    return "n/a" if x is None else f"{x:.2e}"
-
-
-def _r(x: float | None) -> str:
-    return "–" if x is None else f"{x:.3f}"

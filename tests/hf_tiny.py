@@ -27,6 +27,7 @@ TARGETS = {
     "qwen2": ["q_proj", "v_proj", "down_proj"],
     "mistral": ["q_proj", "k_proj", "v_proj", "o_proj"],
     "gpt2": ["c_attn"],
+    "bert": ["query", "value"],
 }
 
 
@@ -39,6 +40,10 @@ def build(name: str, seed: int = 0):
         config = tf.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=2, n_head=4, n_positions=128,
                                bos_token_id=1, eos_token_id=2)  # fmt: skip
         return tf.GPT2LMHeadModel(config).eval()
+    if name == "bert":
+        config = tf.BertConfig(vocab_size=VOCAB, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                               intermediate_size=64, max_position_embeddings=128)  # fmt: skip
+        return tf.BertModel(config).eval()
     if name == "qwen2":
         return tf.Qwen2ForCausalLM(tf.Qwen2Config(**_SMALL, tie_word_embeddings=True)).eval()
     if name == "mistral":

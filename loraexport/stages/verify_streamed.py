@@ -181,7 +181,9 @@ def verify_streamed(
     sources = [p for p, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
     ids, mask, what = _inputs(src, opts.seed, sources)
     quantized = precision.is_quantized
-    proven = _prove(report, src, onnx_dir, meta, precision, kind, log, records) if quantized else None
+    proven = (
+        _prove(report, src, onnx_dir, meta, precision, kind, log, records, progress) if quantized else None
+    )
     if proven is not None and not proven.proof.passed:
         return
     with Stage("verify: onnxruntime runs the export", records):
@@ -320,7 +322,7 @@ def _quantization(report, q, q0, out, streams, valid, generation, precision, kin
     judge_quality(report, cost, opts, f"{precision.value}, adapter {adapter}")
 
 
-def _prove(report, src, onnx_dir, meta, precision, kind, log, records):
+def _prove(report, src, onnx_dir, meta, precision, kind, log, records, progress):
     """The weight-level proof of a fused export against the checkpoint, tensor by tensor."""
     from loraexport.export.quantize import quantization_description
     from loraexport.stages.prove import prove_checkpoint
@@ -332,7 +334,12 @@ def _prove(report, src, onnx_dir, meta, precision, kind, log, records):
         )
     with Stage("verify: proof (the export written again from the checkpoint, compared)", records):
         log("verify: proof: the export written again from the checkpoint, tensor by tensor …")
-        proven = prove_checkpoint(src, onnx_dir, meta, precision)
+        with Progress(src.checkpoint.nbytes, "proof", "B", progress) as bar:
+            src.checkpoint.on_read = bar.update
+            try:
+                proven = prove_checkpoint(src, onnx_dir, meta, precision)
+            finally:
+                src.checkpoint.on_read = None
     adapter = "kept in float32" if kind is ExportMode.UNMERGED else "merged"
     if meta.get("quantization") != quantization_description(precision, adapter):
         proven.proof.claims.append("loraexport.json: 'quantization' is not how the export was made")

@@ -29,7 +29,7 @@ from loraexport.export.qformat import dynamic_dequantize, nbits_dequantize, sour
 from loraexport.lora.inject import is_transposed, linear_shape
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
 from loraexport.lora.views import set_tensor, shared_copy
-from loraexport.verify.proof import Origins, roles
+from loraexport.verify.proof import Origins, held_by, roles
 from loraexport.verify.tensorfile import TensorFile
 
 Index = dict[tuple[tuple[int, ...], str], list[str]]  # (shape, sha256) -> module paths
@@ -80,9 +80,7 @@ def dequantized_weights(path: Path, origins: Origins) -> dict[str, np.ndarray]:
         for name, role in roles(f.proto).items():
             if role.kind != "weight":
                 continue
-            src = source_of(name)
-            base = src[0] if src else name
-            parts = origins.get(base) or (origins.get(base[:-2]) if base.endswith(".T") else None)
+            base, parts = held_by(name, origins)
             if not parts:
                 continue
             if role.fmt is not None:

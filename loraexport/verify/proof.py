@@ -144,12 +144,18 @@ def roles(proto: onnx.ModelProto) -> dict[str, Role]:
     return out
 
 
+def held_by(name: str, origins: Origins) -> tuple[str, tuple[tuple[str, int], ...]]:
+    """(the float weight a quantized tensor was made from, the modules it holds: () if unknown);
+    a GPT-2 weight the quantizer transposed first (``<name>.T``) holds what ``<name>`` held."""
+    src = source_of(name)
+    base = src[0] if src else name
+    parts = origins.get(base) or (origins.get(base[:-2]) if base.endswith(".T") else None)
+    return base, tuple(parts or ())
+
+
 def describe_tensor(name: str, origins: Origins) -> str:
     """``'name'``, with the modules whose weights it holds when known."""
-    src = source_of(name)
-    parts = origins.get(src[0] if src else name) or origins.get(name) or ()
-    if not parts and src and src[0].endswith(".T"):
-        parts = origins.get(src[0][:-2]) or ()
+    parts = held_by(name, origins)[1] or origins.get(name) or ()
     mods = ", ".join(m for m, _ in parts[:3]) + (" …" if len(parts) > 3 else "")
     return f"tensor {name!r}" + (f" ({mods})" if mods else "")
 
@@ -302,14 +308,13 @@ def _scales_equal(weight: str, read_expected, actual: TensorFile) -> bool:
 
 
 def check_claims(expected: onnx.ModelProto, origins: Origins, fp: FileProof) -> None:
-    """Each quantized weight holds the weights of modules, and no module is held twice."""
+    """Both ways: each quantized weight holds the weights of modules, no module is held twice, and
+    no module's weight is left a float32 product in a quantized graph (the quantizer skipped it)."""
     held: dict[str, str] = {}
     for name, role in roles(expected).items():
         if role.kind != "weight":
             continue
-        src = source_of(name)
-        base = src[0] if src else name
-        parts = origins.get(base) or (origins.get(base[:-2]) if base.endswith(".T") else None)
+        parts = held_by(name, origins)[1]
         if not parts:
             fp.fail(f"tensor {name!r} ({role.op} computing {role.node!r}) holds no module's weights")
             continue
@@ -317,6 +322,12 @@ def check_claims(expected: onnx.ModelProto, origins: Origins, fp: FileProof) -> 
             if module in held and held[module] != name:
                 fp.fail(f"module {module} is held by {held[module]!r} and {name!r}")
             held[module] = name
+    inits = {t.name for t in expected.graph.initializer}
+    for n in expected.graph.node:
+        weight = n.input[1] if n.op_type in ("MatMul", "Gemm") and len(n.input) > 1 else None
+        for module, _ in origins.get(weight, ()) if weight in inits else ():
+            if module not in held:
+                fp.fail(f"module {module} stays a float32 {n.op_type} in a quantized graph ({weight!r})")
     fp.modules = len(held)
 
 

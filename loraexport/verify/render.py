@@ -62,9 +62,9 @@ def quantization_markdown(rows: list, failures: list[str], budget) -> list[str]:
     ]
     for q in rows:
         lines.append(
-            f"| {q.dtype} | {q.adapter} | {q.max_abs_err:.3g} | {q.rms_err:.3g} | {_pct(q.top1_agreement)} | "
-            f"{_pct(q.generation_agreement)} | {q.adapter_effect_rms:.3g} | {_pct(q.adapter_retained)} | "
-            f"{_pct(q.adapter_effect_error)} |"
+            f"| {q.dtype} | {q.adapter} | {q.max_abs_err:.3g} | {q.rms_err:.3g} | {pct(q.top1_agreement)} | "
+            f"{pct(q.generation_agreement)} | {q.adapter_effect_rms:.3g} | {pct(q.adapter_retained)} | "
+            f"{pct(q.adapter_effect_error)} |"
         )
     if failures:
         lines += ["", "Failures:", *[f"- {f}" for f in failures]]
@@ -81,15 +81,15 @@ def _budget(budget) -> str:
     return ", ".join(parts)
 
 
-def _pct(x: float | None) -> str:
+def pct(x: float | None) -> str:
     return "–" if x is None else f"{x:.1%}"
 
 
-def _e(x: float | None) -> str:
+def sci(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.2e}"
 
 
-def _r(x: float | None) -> str:
+def ratio(x: float | None) -> str:
     return "–" if x is None else f"{x:.3f}"
 
 

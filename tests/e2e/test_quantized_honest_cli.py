@@ -69,6 +69,22 @@ def test_the_torch_onnx_graph_is_proven_too(name, variant, tmp_path):
     _checked(out, json.loads(r.stdout))
 
 
+def test_an_encoder_and_the_encoder_decoder(seq2seq_base, seq2seq_adapter, tmp_path):
+    """BERT (torchscript, no logits: its hidden states) int8 with the adapter kept, and the
+    reference encoder-decoder (dynamo: two graph files) int4: proven and passing."""
+    base, adapter = save_base_and_adapter("bert", tmp_path / "bert")
+    for (b, a), options in (
+        ((base, adapter), ("--quantize", "int8", "--keep-adapter")),
+        ((seq2seq_base, seq2seq_adapter), ("--quantize", "int4")),
+    ):
+        out = tmp_path / f"out-{options[1]}"
+        ok(run("merge-and-export", "--base", b, "--adapter", a, "--out", out, *options, *QUICK))
+        r = ok(run("verify", "--base", b, "--adapter", a, "--onnx", out, *QUICK, "--json"))
+        report = json.loads(r.stdout)
+        assert report["proof"]["passed"] and report["parity"]["passed"], report["proof"]["failures"]
+        assert {f["file"] for f in report["proof"]["files"]} <= {"model.onnx", "encoder.onnx", "decoder.onnx"}
+
+
 def test_adapter_mode_with_two_adapters(tmp_path):
     base, adapter = save_base_and_adapter("llama", tmp_path / "one")
     _, other = save_base_and_adapter("llama", tmp_path / "two", seed=5)

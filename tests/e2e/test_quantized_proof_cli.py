@@ -290,7 +290,7 @@ def test_a_passing_report_shows_proof_then_parity_then_quality(llama, int4, tmp_
     data = json.loads((tmp_path / "report.json").read_text())
     kinds = {c["name"]: c["kind"] for c in data["checks"]}
     assert kinds == {"files": "proof", "weights": "proof", "parity": "proof", "quantization": "quality"}
-    assert data["proof"]["passed"] and data["proof"]["quantized_tensors"] == 9  # qkv, o, gate|up, down per layer; lm_head
+    assert data["proof"]["passed"] and data["proof"]["quantized_tensors"] == 9  # 4 packed per layer + lm_head
     assert data["proof"]["modules"] == 15  # q,k,v,o,gate,up,down × 2 layers + lm_head, each held once
     # the export computing in float32 against the dequantized reference: float32 noise
     assert data["parity"]["passed"] and data["parity"]["max_abs_err"] < 1e-4

@@ -234,3 +234,28 @@ def test_loraexport_json_digests_itself():
         "carries no digest"
     )
     assert check_description(meta | {"x": float("nan")}).startswith("holds a value JSON cannot carry")
+
+
+def test_modules_map_to_quantized_tensors_both_ways():
+    """A weight nobody holds, a module held twice, a module the quantizer left float32: each named."""
+    from loraexport.verify.proof import check_claims
+
+    packed, scales, fmt = _packed()
+
+    def nbits(x, w, out):
+        return helper.make_node("MatMulNBits", [x, f"{w}_Q4", f"{w}_scales"], [out], domain=MS, K=fmt.k,
+                                N=fmt.n, bits=4, block_size=16)  # fmt: skip
+
+    nodes = [nbits("x", "a", "y1"), nbits("y1", "b", "y2"), helper.make_node("MatMul", ["y2", "c"], ["y3"])]
+    inits = [numpy_helper.from_array(np.ones((2, 2), np.float32), "c")]
+    model = helper.make_model(helper.make_graph(nodes, "g", [], [], inits))
+    fp = FileProof("f")
+    check_claims(model, {"a": (("m.q", 40),), "b": (("m.q", 40),), "c": (("m.k", 2),)}, fp)
+    assert any("m.q is held by 'a_Q4' and 'b_Q4'" in f for f in fp.failures)
+    assert any("m.k stays a float32 MatMul" in f for f in fp.failures)
+    orphan = FileProof("f")
+    check_claims(model, {"a": (("m.q", 40),)}, orphan)
+    assert any("'b_Q4'" in f and "holds no module" in f for f in orphan.failures)
+    fine = FileProof("f")
+    check_claims(model, {"a": (("m.q", 40),), "b": (("m.v", 40),)}, fine)
+    assert fine.passed and fine.modules == 2
