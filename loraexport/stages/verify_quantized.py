@@ -15,6 +15,7 @@ import shutil
 import tempfile
 from pathlib import Path
 
+import torch
 from torch import nn
 
 from loraexport.enums import ExportMode, Precision
@@ -47,7 +48,7 @@ def dequantized_reference(
     weights: dict = {}
     for name in graph_files(meta):
         for module, value in dequantized_weights(onnx_dir / name, proven.origins.get(name, {})).items():
-            if module in weights and weights[module].tobytes() != value.tobytes():
+            if module in weights and not torch.equal(weights[module], value):
                 raise InvalidInputError(f"{module} is quantized differently in two graphs of {onnx_dir}")
             weights[module] = value
     target = model if model is not None else proven.subject.model

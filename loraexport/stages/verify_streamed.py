@@ -10,9 +10,10 @@ one read of 13.5 GB per pass, and generation one pass per token.
 * float32 exports: parity of every unpadded position's logits against the float32 reference,
   judged against the float64 reference's noise floor (``verify.parity.compare_outputs``, with the
   fused graph's multiple), and greedy tokens identical to the reference's;
-* quantized exports: what quantizing costs and how much of the adapter survives
-  (``verify.quantized``'s figures and gate), with Q₀ the same graph with its LoRA coefficients set
-  to zero (``--keep-adapter``) or the base exported and quantized the same way (merged).
+* quantized exports: the proof (the export written again from the checkpoint, compared tensor by
+  tensor), parity of the export computing in float32 against the reference on the dequantized
+  weights (one teacher-forced pass over the prompt and onnxruntime's greedy tokens), then quality
+  (``verify.quantized``), with Q₀ the graph with its LoRA coefficients at zero or the base.
 """
 
 from __future__ import annotations
@@ -28,14 +29,17 @@ from loraexport.data import read_pairs
 from loraexport.enums import ExportMode, Precision
 from loraexport.errors import InvalidInputError, first_line
 from loraexport.export.fused import write_fused_decoder
+from loraexport.export.quantize import quantization_description
 from loraexport.export.streamed import CheckpointSource
 from loraexport.memory import Stage, StageRecord
 from loraexport.progress import Progress
 from loraexport.report import Report
 from loraexport.runtime import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
 from loraexport.stages.inputs import Log, machine
-from loraexport.stages.verify_quantized import judge_quality
+from loraexport.stages.prove import float_compute_dir, prove_checkpoint
+from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE, judge_quality
 from loraexport.verify.chunked import ChunkedDecoder, is_fused, scratch_dir
+from loraexport.verify.dequantized import FileWeights
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import (
     FUSED_NOISE_MULTIPLE,
@@ -324,9 +328,6 @@ def _quantization(report, q, q0, out, streams, valid, generation, precision, kin
 
 def _prove(report, src, onnx_dir, meta, precision, kind, log, records, progress):
     """The weight-level proof of a fused export against the checkpoint, tensor by tensor."""
-    from loraexport.export.quantize import quantization_description
-    from loraexport.stages.prove import prove_checkpoint
-
     if not is_fused(meta):
         raise InvalidInputError(
             f"{onnx_dir}: a quantized export that is not loraexport's fused graph is proven with the model "
@@ -352,9 +353,6 @@ def _dequantized_parity(
 ):
     """The export computing in float32 (onnxruntime, a few layers at a time) against the
     layer-streamed reference running the dequantized weights the proof accepted."""
-    from loraexport.stages.prove import float_compute_dir
-    from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE
-    from loraexport.verify.dequantized import FileWeights
     from loraexport.verify.streamed import StreamedDecoder
 
     ids, mask, what = inputs
@@ -365,21 +363,25 @@ def _dequantized_parity(
             qf, got = _onnx_outputs(scratch, meta, threads, ids, mask, True, progress, _inputs_of(src))
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+    # One pass over the prompt and onnxruntime's greedy tokens (teacher forcing): greedy decoding
+    # agrees exactly when the reference's next token at each step is the one onnxruntime chose.
+    full_ids = np.concatenate([ids, got[:, :-1]], axis=1)
+    full_mask = np.concatenate([mask, np.ones_like(got[:, :-1])], axis=1)
     weights = FileWeights(onnx_dir / "model.onnx", origins)
-    kept = kind is ExportMode.UNMERGED
     streams = [(torch.float32, True), (torch.float64, True)]
     try:
-        with Stage("verify: layer-streamed dequantized reference (float32, float64)", records):
-            log("verify: the layer-streamed reference on the dequantized weights …")
+        with Stage("verify: layer-streamed dequantized reference (float32, float64, one pass)", records):
+            log(
+                "verify: the layer-streamed reference on the dequantized weights (prompt and greedy tokens) …"
+            )
             with _reference_bar(src, progress, "reference") as bar:
-                ref = _decoder(StreamedDecoder, src, bar, weights, kept)
-                out = ref.forward(torch.from_numpy(ids), torch.from_numpy(mask), streams)
-        with Stage(f"verify: layer-streamed dequantized reference generates {NEW_TOKENS} tokens", records):
-            with _reference_bar(src, progress, "generate") as bar:
-                ref = _decoder(StreamedDecoder, src, bar, weights, kept)
-                want = ref.generate(torch.from_numpy(ids), torch.from_numpy(mask), NEW_TOKENS).numpy()
+                ref = _decoder(StreamedDecoder, src, bar, weights, kind is ExportMode.UNMERGED)
+                full = ref.forward(torch.from_numpy(full_ids), torch.from_numpy(full_mask), streams)
     finally:
         weights.close()
+    t = ids.shape[1]
+    out = {s: v[:, :t] for s, v in full.items()}
+    want = full[streams[0]][:, t - 1 :].argmax(-1).numpy()  # (B, NEW_TOKENS): each step's next token
     valid = mask.astype(bool)
     d32, d64 = (out[s].double().numpy() for s in streams)
     multiple = FUSED_NOISE_MULTIPLE * QUANTIZED_FACTOR  # a quantized graph computing in float32

@@ -25,7 +25,7 @@ import torch
 from onnx import helper
 from torch import nn
 
-from loraexport.export.qformat import dynamic_dequantize, nbits_dequantize, source_of
+from loraexport.export.qformat import dynamic_dequantize, source_of
 from loraexport.lora.inject import is_transposed, linear_shape
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
 from loraexport.lora.views import set_tensor, shared_copy
@@ -72,26 +72,39 @@ def float_origins(path: Path, index: Index) -> Origins:
     return out
 
 
-def dequantized_weights(path: Path, origins: Origins) -> dict[str, np.ndarray]:
-    """{module: the float weight (K, N) its quantized tensor in ``path`` stands for}: a product's
-    right-hand side, as the graph computes ``x @ W``; a packed tensor split by its modules' rows."""
-    out: dict[str, np.ndarray] = {}
+def dequantized_rows(f: TensorFile, name: str, base: str, role) -> torch.Tensor:
+    """The float32 weight a quantized tensor of ``f`` stands for, as rows (N, K): one row per
+    output, as ``nn.Linear`` holds it. Computed with torch (threads, no transposed copy); equal
+    bit for bit to ``export.qformat``'s reading (tested)."""
+    fmt = role.fmt
+    if fmt is None:  # quantize_dynamic: (K, N) per output channel
+        w = dynamic_dequantize(f.array(name), f.array(base + "_scale"), f.array(base + "_zero_point"))
+        return torch.from_numpy(np.ascontiguousarray(w.T))
+    packed = torch.from_numpy(np.array(f.array(name), copy=True)).reshape(fmt.n, fmt.blocks, -1)
+    codes = torch.stack((packed & 15, packed >> 4), dim=-1) if fmt.bits == 4 else packed
+    scales = torch.from_numpy(np.array(f.array(base + "_scales"), np.float32)).reshape(fmt.n, fmt.blocks, 1)
+    rows = (codes.reshape(fmt.n, fmt.blocks, fmt.block).to(torch.float32) - fmt.zero) * scales
+    return rows.reshape(fmt.n, -1)[:, : fmt.k].contiguous()
+
+
+def _split(rows: torch.Tensor, parts) -> dict[str, torch.Tensor]:
+    out, start = {}, 0
+    for module, n in parts:
+        n = rows.shape[0] if n < 0 else n
+        out[module] = rows[start : start + n]
+        start += n
+    return out
+
+
+def dequantized_weights(path: Path, origins: Origins) -> dict[str, torch.Tensor]:
+    """{module: the float weight (out, in) its quantized tensor in ``path`` stands for}; a packed
+    tensor split by its modules' rows."""
+    out: dict[str, torch.Tensor] = {}
     with TensorFile(path) as f:
         for name, role in roles(f.proto).items():
-            if role.kind != "weight":
-                continue
             base, parts = held_by(name, origins)
-            if not parts:
-                continue
-            if role.fmt is not None:
-                w = nbits_dequantize(f.array(name), f.array(base + "_scales"), role.fmt)
-            else:
-                w = dynamic_dequantize(f.array(name), f.array(base + "_scale"), f.array(base + "_zero_point"))
-            start = 0
-            for module, rows in parts:
-                n = w.shape[1] if rows < 0 else rows
-                out[module] = np.ascontiguousarray(w[:, start : start + n])
-                start += n
+            if role.kind == "weight" and parts:
+                out |= _split(dequantized_rows(f, name, base, role), parts)
     return out
 
 
@@ -104,14 +117,14 @@ def _linear(model: nn.Module, path: str) -> tuple[str, nn.Module]:
     return path, m
 
 
-def dequantized_copy(model: nn.Module, weights: dict[str, np.ndarray]) -> nn.Module:
+def dequantized_copy(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     """``model`` (shared, not copied) with each module of ``weights`` given its dequantized weight
-    (K, N): transposed back for ``nn.Linear``, as it is for ``Conv1D``. A tied LM head gets its own
+    (out, in): as it is for ``nn.Linear``, transposed for ``Conv1D``. A tied LM head gets its own
     tensor: the embedding it shares stays float, as the graph's does."""
     out = shared_copy(model)
-    for path, kn in weights.items():
+    for path, rows in weights.items():
         prefix, layer = _linear(out, path)
-        value = torch.from_numpy(kn if is_transposed(layer) else np.ascontiguousarray(kn.T))
+        value = rows.T.contiguous() if is_transposed(layer) else rows
         if tuple(value.shape) != tuple(layer.weight.shape):
             raise ValueError(
                 f"{path}: dequantized weight {tuple(value.shape)} is not {tuple(layer.weight.shape)}"
@@ -230,17 +243,8 @@ class FileWeights:
         name, base, start, rows = self._where[module]
         if self._cached is None or self._cached[0] != name:
             self._cached = None  # the previous tensor is freed before the next is read
-            fmt = self._roles[name].fmt
-            if fmt is not None:
-                w = nbits_dequantize(self._file.array(name), self._file.array(base + "_scales"), fmt)
-            else:
-                w = dynamic_dequantize(
-                    self._file.array(name),
-                    self._file.array(base + "_scale"),
-                    self._file.array(base + "_zero_point"),
-                )
-            self._cached = (name, w)
-        return torch.from_numpy(np.ascontiguousarray(self._cached[1][:, start : start + rows].T))
+            self._cached = (name, dequantized_rows(self._file, name, base, self._roles[name]))
+        return self._cached[1][start : start + rows]
 
     def close(self) -> None:
         self._cached = None

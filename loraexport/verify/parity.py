@@ -38,12 +38,10 @@ NOISE_MULTIPLE = 10.0
 # differences add up through the residual stream). A wrong weight is still 1e3x and more
 # (``tests/export/test_optimize.py`` plants one).
 FUSED_NOISE_MULTIPLE = 20.0
-# A quantized export computing in float32 against the reference on its dequantized weights
-# (``verify.dequantized``) may be this many times its graph's float multiple: on real
-# SmolLM2-135M int8 (fused graph) one 2-token case reached 26.4x, where torch float32's own error
-# is smallest (1.9e-6 on a cache value) and no LoRA branch adds to it; the other cases 1.3x at
-# most, int4 --keep-adapter 4.6x, the float32 export of the same model 4.8x on the same cases. A
-# node reading the wrong weights moves outputs by 1e3x and more (the proof names it first).
+# A quantized export computing in float32 against the reference on its dequantized weights may be
+# this many times its graph's float multiple: real SmolLM2-135M int8 (fused) reached 26.4x in one
+# 2-token case, where torch's own error is smallest (no LoRA branch adds to it; other cases 1.3x,
+# int4 --keep-adapter 4.6x, its float32 export 4.8x). A wrong weight is 1e3x and more.
 QUANTIZED_FACTOR = 2.0
 # When torch-float32 happens to be almost exact on some output, the noise used is at least
 # this many float32 ulps of the output's magnitude (a few roundings are always allowed).

@@ -259,3 +259,22 @@ def test_modules_map_to_quantized_tensors_both_ways():
     fine = FileProof("f")
     check_claims(model, {"a": (("m.q", 40),), "b": (("m.v", 40),)}, fine)
     assert fine.passed and fine.modules == 2
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.integers(1, 80), st.integers(1, 20), st.sampled_from([4, 8]), st.integers(0, 2**31 - 1))
+def test_the_torch_reading_equals_the_reference_reading_bit_for_bit(k, n, bits, seed):
+    """``verify.dequantized.dequantized_rows`` (torch, rows, what the references use) against
+    ``export.qformat.nbits_dequantize`` (numpy, tested against onnxruntime above)."""
+    from loraexport.verify.dequantized import dequantized_rows
+
+    w = np.random.default_rng(seed).standard_normal((k, n)).astype(np.float32)
+    packed, scales = nbits_quantize(w, bits, 16)
+    fmt = NBits(k, n, bits, 16)
+
+    class File:
+        def array(self, name):
+            return {"w_Q": packed, "w_scales": scales}[name]
+
+    rows = dequantized_rows(File(), "w_Q", "w", Role("weight", "MatMulNBits", "y", fmt)).numpy()
+    assert rows.tobytes() == np.ascontiguousarray(nbits_dequantize(packed, scales, fmt).T).tobytes()
