@@ -326,9 +326,7 @@ def streamed_merge_and_export(
             "tensor, and verification's reference is the unmerged model computed layer by layer"
         )
         if verify_output:
-            from loraexport.stages.verify_streamed import verify_streamed
-
-            verify_streamed(report, src, tmp, meta, precision, kind, opts, log, records, progress)
+            _verify(report, src, tmp, meta, precision, kind, opts, log, records, progress)
         report.stages = [r.to_json() for r in records]
         report.memory = memory_facts(src.checkpoint)
         write_report(report, tmp)
@@ -341,8 +339,6 @@ def verify_export(
 ) -> Report:
     """``loraexport verify`` with the layer-streamed reference: a causal export (streamed or not)
     of a Llama/Mistral/Qwen2 checkpoint, against base + adapters unmerged, in bounded memory."""
-    from loraexport.stages.verify_streamed import verify_streamed
-
     kind = ExportMode.parse(meta.get("mode", "merged"))
     precision = Precision.parse(meta.get("weights_dtype", "float32"))
     half = precision if precision.is_half else None
@@ -367,18 +363,17 @@ def verify_export(
         machine=machine(),
     )
     report.notes.append("verified against the unmerged model computed layer by layer from the checkpoint")
-    verify_streamed(
-        report,
-        src,
-        onnx_dir,
-        meta,
-        precision,
-        _mode(adapters, kind is ExportMode.UNMERGED),
-        opts,
-        log,
-        records,
-        progress,
-    )
+    mode = _mode(adapters, kind is ExportMode.UNMERGED)
+    _verify(report, src, onnx_dir, meta, precision, mode, opts, log, records, progress)
     report.stages = [r.to_json() for r in records]
     report.memory = memory_facts(src.checkpoint)
     return report
+
+
+def _verify(report, src, onnx_dir, meta, precision, kind, opts, log, records, progress) -> None:
+    """A float32 export's parity, or a quantized one's proof, parity and quality, streamed."""
+    if precision.is_quantized:
+        from loraexport.stages.verify_streamed_quantized import verify_streamed_quantized as run
+    else:
+        from loraexport.stages.verify_streamed import verify_streamed as run
+    run(report, src, onnx_dir, meta, precision, kind, opts, log, records, progress)

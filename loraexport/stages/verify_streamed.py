@@ -28,29 +28,23 @@ import torch
 from loraexport.data import read_pairs
 from loraexport.enums import ExportMode, Precision
 from loraexport.errors import InvalidInputError, first_line
-from loraexport.export.fused import write_fused_decoder
-from loraexport.export.quantize import quantization_description
 from loraexport.export.streamed import CheckpointSource
 from loraexport.memory import Stage, StageRecord
 from loraexport.progress import Progress
 from loraexport.report import Report
 from loraexport.runtime import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
 from loraexport.stages.inputs import Log, machine
-from loraexport.stages.prove import float_compute_dir, prove_checkpoint
-from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE, judge_quality
-from loraexport.verify.chunked import ChunkedDecoder, is_fused, scratch_dir
-from loraexport.verify.dequantized import FileWeights
+from loraexport.verify.chunked import ChunkedDecoder, is_fused
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import (
     FUSED_NOISE_MULTIPLE,
     NOISE_MULTIPLE,
-    QUANTIZED_FACTOR,
     GenerationResult,
     ParityCaseResult,
     ParityResult,
     compare_outputs,
 )
-from loraexport.verify.quantized import REFERENCE_TEXTS, QuantCost, adapter_figures, effect_sums
+from loraexport.verify.quantized import REFERENCE_TEXTS
 
 ROWS = 2
 LENGTH = 24
@@ -62,7 +56,7 @@ REFERENCE = (
 )
 
 
-def _inputs(
+def streamed_inputs(
     src: CheckpointSource, seed: int, sources: list[str] | None
 ) -> tuple[np.ndarray, np.ndarray, str]:
     """``ROWS`` rows of up to ``LENGTH`` tokens (text when the base has a tokenizer: the
@@ -98,7 +92,7 @@ def _inputs(
     return ids, mask, what
 
 
-def _inputs_of(src: CheckpointSource) -> tuple[Path, ...]:
+def inputs_of(src: CheckpointSource) -> tuple[Path, ...]:
     """The folders verification reads (no scratch folder is made inside them)."""
     return (src.checkpoint.dir, *(Path(a.path) for a in src.adapters if a.path is not None))
 
@@ -112,7 +106,7 @@ def branches(src: CheckpointSource) -> dict[str, list[tuple[torch.Tensor, torch.
     return out
 
 
-def _onnx_outputs(
+def onnx_outputs(
     directory: Path,
     meta: dict,
     threads: int,
@@ -143,12 +137,11 @@ def _onnx_outputs(
     return logits.astype(np.float64), tokens
 
 
-def _without_adapter(onnx_dir: Path, scratch: Path) -> None:
+def without_adapter(onnx_dir: Path, scratch: Path) -> None:
     """``scratch/model.onnx``: the graph of ``onnx_dir`` with its LoRA coefficients
     (``<name>.lora_c.<j>``) zero, reading the same ``model.onnx.data`` (hard-linked: no copy).
     Not a session-level override: onnxruntime folds a scalar Mul into the MatMul before overrides
     apply (measured: an override of the coefficients changed nothing)."""
-    import shutil
 
     import onnx
     from onnx import numpy_helper
@@ -180,66 +173,52 @@ def verify_streamed(
     """Add parity (float32) or the quantization figures to ``report``; each step a stage."""
     from loraexport.verify.streamed import StreamedDecoder
 
-    threads = opts.threads or machine()["cores"]
-    torch.set_num_threads(threads)
-    sources = [p for p, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
-    ids, mask, what = _inputs(src, opts.seed, sources)
-    quantized = precision.is_quantized
-    proven = (
-        _prove(report, src, onnx_dir, meta, precision, kind, log, records, progress) if quantized else None
-    )
-    if proven is not None and not proven.proof.passed:
-        return
+    threads = setup_threads(opts)
+    ids, mask, what = streamed_inputs(src, opts.seed, eval_sources(opts))
     with Stage("verify: onnxruntime runs the export", records):
         log(
             f"verify: onnxruntime runs the export on {ids.shape[0]}×{ids.shape[1]} tokens, {NEW_TOKENS} new …"
         )
-        q, got = _onnx_outputs(onnx_dir, meta, threads, ids, mask, True, progress, _inputs_of(src))
-    if proven is not None:
-        origins = proven.origins["model.onnx"]
-        inputs = (ids, mask, what)
-        _dequantized_parity(
-            report, src, onnx_dir, meta, origins, kind, inputs, q, threads, log, records, progress
-        )
-    q0 = None
-    if quantized and src.adapters:
-        with Stage("verify: the export without the adapter (Q0)", records):
-            q0 = _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log, progress)
+        q, got = onnx_outputs(onnx_dir, meta, threads, ids, mask, True, progress, inputs_of(src))
     streams = [(torch.float32, True), (torch.float64, True)]
-    if quantized:
-        streams = [(torch.float32, True), (torch.float32, False)]
-    with Stage(
-        "verify: layer-streamed reference, one pass (" + ", ".join(_name(s) for s in streams) + ")", records
-    ):
+    with Stage("verify: layer-streamed reference, one pass (float32 + LoRA, float64 + LoRA)", records):
         log("verify: the layer-streamed reference …")
-        with _reference_bar(src, progress, "reference") as bar:
-            ref = _decoder(StreamedDecoder, src, bar)
+        with ReferenceBar(src, progress, "reference") as bar:
+            ref = reference_decoder(StreamedDecoder, src, bar)
             out = ref.forward(torch.from_numpy(ids), torch.from_numpy(mask), streams)
     with Stage(f"verify: layer-streamed reference generates {NEW_TOKENS} tokens", records):
         log(f"verify: the layer-streamed reference generates {NEW_TOKENS} tokens ({NEW_TOKENS} passes) …")
-        with _reference_bar(src, progress, "generate") as bar:
-            ref = _decoder(StreamedDecoder, src, bar)
+        with ReferenceBar(src, progress, "generate") as bar:
+            ref = reference_decoder(StreamedDecoder, src, bar)
             want = ref.generate(torch.from_numpy(ids), torch.from_numpy(mask), NEW_TOKENS).numpy()
     valid = mask.astype(bool)
-    generation = _generation(got, want)
-    if quantized:
-        _quantization(report, q, q0, out, streams, valid, generation, precision, kind, what, opts)
-        return
     u32, u64 = (out[s].double().numpy() for s in streams)
     multiple = FUSED_NOISE_MULTIPLE if is_fused(meta) else NOISE_MULTIPLE
     parity = compare_outputs("logits", u32, u64, q, valid, multiple)
-    case = ParityCaseResult(
+    report.parity.append(
+        ParityResult(
+            "cpu", [case_result(what, ids, parity)], generation_result(got, want), REFERENCE, multiple
+        )
+    )
+
+
+def setup_threads(opts: VerifyOptions) -> int:
+    threads = opts.threads or machine()["cores"]
+    torch.set_num_threads(threads)
+    return threads
+
+
+def eval_sources(opts: VerifyOptions) -> list[str] | None:
+    return [p for p, _ in read_pairs(opts.eval_data)] if opts.eval_data else None
+
+
+def case_result(what: str, ids: np.ndarray, parity) -> ParityCaseResult:
+    return ParityCaseResult(
         f"{what}, {ids.shape[0]}×{ids.shape[1]} (one row left-padded)", *ids.shape, [parity]
     )
-    report.parity.append(ParityResult("cpu", [case], generation, REFERENCE, multiple))
 
 
-def _name(stream) -> str:
-    dtype, lora = stream
-    return f"{str(dtype).removeprefix('torch.')}{' + LoRA' if lora else ' base'}"
-
-
-def _decoder(cls, src: CheckpointSource, bar, weights=None, kept: bool = True):
+def reference_decoder(cls, src: CheckpointSource, bar, weights=None, kept: bool = True):
     """The layer-streamed reference of ``src``: its LoRA branches and its adapters' replacements;
     ``weights``: a proven export's dequantized weights, holding the merge unless ``kept``."""
     try:
@@ -252,7 +231,7 @@ def _decoder(cls, src: CheckpointSource, bar, weights=None, kept: bool = True):
         raise InvalidInputError(str(e).splitlines()[0]) from e
 
 
-class _reference_bar:  # noqa: N801 - used as a context manager, like Progress
+class ReferenceBar:
     """A bytes progress bar for the reference's passes over the checkpoint (each pass restarts it)."""
 
     def __init__(self, src: CheckpointSource, progress: bool, what: str) -> None:
@@ -269,7 +248,7 @@ class _reference_bar:  # noqa: N801 - used as a context manager, like Progress
         self.bar.close()
 
 
-def _generation(got: np.ndarray, want: np.ndarray) -> GenerationResult:
+def generation_result(got: np.ndarray, want: np.ndarray) -> GenerationResult:
     same = (got == want).all(axis=1)
     first = None
     if not same.all():
@@ -277,124 +256,3 @@ def _generation(got: np.ndarray, want: np.ndarray) -> GenerationResult:
         col = int(np.flatnonzero(got[row] != want[row])[0])
         first = f"row {row}, token {col}: onnx {int(got[row, col])} vs reference {int(want[row, col])}"
     return GenerationResult(len(same), int(same.sum()), got.shape[1], first)
-
-
-def _base_outputs(src, onnx_dir, meta, precision, kind, threads, ids, mask, log, progress) -> np.ndarray:
-    """Q₀: the export with its LoRA coefficients zeroed (kept adapter), or the base exported and
-    quantized the same way into a scratch folder beside the output (merged)."""
-    td = scratch_dir(onnx_dir, "base", _inputs_of(src))
-    try:
-        if kind is ExportMode.UNMERGED:
-            _without_adapter(onnx_dir, Path(td))
-        else:
-            log(f"verify: exporting the base, {precision.value} the same way, to compare with …")
-            base = CheckpointSource(src.checkpoint.dir, [], storage=src.storage)
-            with Progress(base.checkpoint.nbytes, "base export", "B", progress) as bar:
-                base.checkpoint.on_read = bar.update
-                write_fused_decoder(base, Path(td) / "model.onnx", precision, streamed=True)
-        base_meta = {**meta, "mode": ExportMode.BASE.value}
-        q0, _ = _onnx_outputs(Path(td), base_meta, threads, ids, mask, False, progress, _inputs_of(src))
-    finally:
-        shutil.rmtree(td, ignore_errors=True)
-    return q0
-
-
-def _quantization(report, q, q0, out, streams, valid, generation, precision, kind, what, opts) -> None:
-    u = out[streams[0]].double().numpy()
-    b = out[streams[1]].double().numpy()
-    diff = (q - u)[valid]
-    adapter = "kept in float32" if kind is ExportMode.UNMERGED else "merged"
-    retained = effect_error = None
-    effect = 0.0
-    if q0 is not None:
-        sums = effect_sums((q - q0)[valid], (u - b)[valid])
-        retained, effect_error = adapter_figures(sums)
-        effect = float(np.sqrt(sums[1] / diff.size)) if diff.size else 0.0
-    cost = QuantCost(
-        precision.value,
-        adapter,
-        float(np.abs(diff).max(initial=0.0)),
-        float(np.sqrt((diff**2).mean())) if diff.size else 0.0,
-        float((q.argmax(-1) == u.argmax(-1))[valid].mean()),
-        generation.agreement,
-        effect,
-        retained,
-        effect_error,
-        inputs=f"{what} (against the layer-streamed unmerged reference)",
-        positions=int(valid.sum()),
-    )
-    judge_quality(report, cost, opts, f"{precision.value}, adapter {adapter}")
-
-
-def _prove(report, src, onnx_dir, meta, precision, kind, log, records, progress):
-    """The weight-level proof of a fused export against the checkpoint, tensor by tensor."""
-    if not is_fused(meta):
-        raise InvalidInputError(
-            f"{onnx_dir}: a quantized export that is not loraexport's fused graph is proven with the model "
-            "in memory: give --no-stream"
-        )
-    with Stage("verify: proof (the export written again from the checkpoint, compared)", records):
-        log("verify: proof: the export written again from the checkpoint, tensor by tensor …")
-        with Progress(src.checkpoint.nbytes, "proof", "B", progress) as bar:
-            src.checkpoint.on_read = bar.update
-            try:
-                proven = prove_checkpoint(src, onnx_dir, meta, precision)
-            finally:
-                src.checkpoint.on_read = None
-    adapter = "kept in float32" if kind is ExportMode.UNMERGED else "merged"
-    if meta.get("quantization") != quantization_description(precision, adapter):
-        proven.proof.claims.append("loraexport.json: 'quantization' is not how the export was made")
-    report.proof = proven.proof
-    return proven
-
-
-def _dequantized_parity(
-    report, src, onnx_dir, meta, origins, kind, inputs, q, threads, log, records, progress
-):
-    """The export computing in float32 (onnxruntime, a few layers at a time) against the
-    layer-streamed reference running the dequantized weights the proof accepted."""
-    from loraexport.verify.streamed import StreamedDecoder
-
-    ids, mask, what = inputs
-    with Stage("verify: onnxruntime runs the export computing in float32", records):
-        log("verify: onnxruntime runs the export computing in float32 …")
-        scratch = float_compute_dir(onnx_dir, meta, _inputs_of(src))
-        try:
-            qf, got = _onnx_outputs(scratch, meta, threads, ids, mask, True, progress, _inputs_of(src))
-        finally:
-            shutil.rmtree(scratch, ignore_errors=True)
-    # One pass over the prompt and onnxruntime's greedy tokens (teacher forcing): greedy decoding
-    # agrees exactly when the reference's next token at each step is the one onnxruntime chose.
-    full_ids = np.concatenate([ids, got[:, :-1]], axis=1)
-    full_mask = np.concatenate([mask, np.ones_like(got[:, :-1])], axis=1)
-    weights = FileWeights(onnx_dir / "model.onnx", origins)
-    streams = [(torch.float32, True), (torch.float64, True)]
-    try:
-        with Stage("verify: layer-streamed dequantized reference (float32, float64, one pass)", records):
-            log(
-                "verify: the layer-streamed reference on the dequantized weights (prompt and greedy tokens) …"
-            )
-            with _reference_bar(src, progress, "reference") as bar:
-                ref = _decoder(StreamedDecoder, src, bar, weights, kind is ExportMode.UNMERGED)
-                full = ref.forward(torch.from_numpy(full_ids), torch.from_numpy(full_mask), streams)
-    finally:
-        weights.close()
-    t = ids.shape[1]
-    out = {s: v[:, :t] for s, v in full.items()}
-    want = full[streams[0]][:, t - 1 :].argmax(-1).numpy()  # (B, NEW_TOKENS): each step's next token
-    valid = mask.astype(bool)
-    d32, d64 = (out[s].double().numpy() for s in streams)
-    multiple = FUSED_NOISE_MULTIPLE * QUANTIZED_FACTOR  # a quantized graph computing in float32
-    parity = compare_outputs("logits", d32, d64, qf, valid, multiple)
-    case = ParityCaseResult(
-        f"{what}, {ids.shape[0]}×{ids.shape[1]} (one row left-padded)", *ids.shape, [parity]
-    )
-    result = ParityResult("cpu", [case], _generation(got, want), DEQUANTIZED_REFERENCE, multiple)
-    diff = (q - qf)[valid]
-    result.as_written = {
-        "what": "the export as written against itself computing in float32",
-        "max_abs_diff": float(np.abs(diff).max(initial=0.0)),
-        "rms_diff": float(np.sqrt((diff**2).mean())) if diff.size else 0.0,
-        "top1_agreement": float((q.argmax(-1) == qf.argmax(-1))[valid].mean()),
-    }
-    report.parity.append(result)

@@ -29,13 +29,13 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from loraexport.export.fused_config import bias_allowed
+from loraexport.verify.streamed_config import decoder_config
 
 Stream = tuple[torch.dtype, bool]
 Branch = tuple[torch.Tensor, torch.Tensor, float]
 Weights = dict[str, torch.Tensor]
 Cache = dict[Stream, list[tuple[torch.Tensor, torch.Tensor] | None]]
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
 LINEARS = (*(f"self_attn.{p}_proj" for p in "qkvo"), *(f"mlp.{p}_proj" for p in ("gate", "up", "down")))
 NORMS = ("input_layernorm", "post_attention_layernorm")
 _ITEMSIZE = dict(F64=8, F32=4, F16=2, BF16=2, I64=8, I32=4, I16=2, I8=1, U8=1, BOOL=1)
@@ -44,6 +44,24 @@ _ITEMSIZE = dict(F64=8, F32=4, F16=2, BF16=2, I64=8, I32=4, I16=2, I8=1, U8=1, B
 def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
     """Bytes held by distinct tensors (a cast to the dtype a tensor already has is no copy)."""
     return sum({t.data_ptr(): t.nbytes for t in tensors}.values())
+
+
+class _Cast(dict):
+    """A group's tensors in ``dtype``, each cast when it is read: a float64 stream never holds a
+    float64 copy of a whole 7B layer (1.6 GB), only of the product it computes."""
+
+    def __init__(self, stored: Weights, dtype: torch.dtype) -> None:
+        super().__init__(stored)
+        self.dtype = dtype
+
+    def __getitem__(self, name: str) -> torch.Tensor:
+        return super().__getitem__(name).to(self.dtype)
+
+    def get(self, name: str, default=None):
+        return self[name] if name in self else default
+
+    def __or__(self, other: dict) -> _Cast:
+        return _Cast({**dict(self.items()), **other}, self.dtype)
 
 
 def _is_linear(module: str) -> bool:
@@ -87,7 +105,15 @@ class StreamedDecoder:
         self.overrides = dict(overrides or {})
         cfg = json.loads((self.model_dir / "config.json").read_text())
         self._cfg = cfg
-        self._read_config(cfg)
+        c = decoder_config(cfg, self.model_dir)
+        self.theta, self.hidden, self.n_heads, self.n_kv, self.head_dim = (
+            c.theta,
+            c.hidden,
+            c.heads,
+            c.kv,
+            c.head_dim,
+        )
+        self.eps, self.n_layers, self.tie, self.windows = c.eps, c.layers, c.tie, c.windows
         self._files: dict[str, Path] = {}  # tensor name -> shard
         self._meta: dict[str, tuple[list[int], int]] = {}  # tensor name -> (shape, itemsize)
         index = self.model_dir / "model.safetensors.index.json"
@@ -126,36 +152,6 @@ class StreamedDecoder:
             if len(items) != 1 or tuple(m.shape) != (items[0][1].shape[0],):
                 raise ValueError(f"DoRA magnitude of {module} fits no single LoRA branch of that module")
         self._peak = 0
-
-    def _read_config(self, cfg: dict) -> None:
-        if cfg.get("model_type") not in MODEL_TYPES:
-            raise ValueError(f"{self.model_dir}: model_type {cfg.get('model_type')!r} not in {MODEL_TYPES}")
-        if cfg.get("hidden_act", "silu") != "silu":
-            raise ValueError(
-                f"{self.model_dir}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)"
-            )
-        rope = cfg.get("rope_parameters") or {}
-        for params in (rope, cfg.get("rope_scaling") or {}):
-            kind = params.get("rope_type", params.get("type", "default"))
-            if kind != "default" or params.get("partial_rotary_factor", 1.0) != 1.0:
-                raise ValueError(f"{self.model_dir}: RoPE {params} is not supported (only default RoPE)")
-        self.theta = float(rope.get("rope_theta", cfg.get("rope_theta", 10000.0)))
-        self.hidden, self.n_heads = cfg["hidden_size"], cfg["num_attention_heads"]
-        self.n_kv = cfg.get("num_key_value_heads") or self.n_heads
-        self.head_dim = cfg.get("head_dim") or self.hidden // self.n_heads
-        self.eps, self.n_layers = float(cfg.get("rms_norm_eps", 1e-6)), cfg["num_hidden_layers"]
-        self.tie = bool(cfg.get("tie_word_embeddings", False))
-        # Sliding-window attention per layer, as transformers decides it (None: full attention).
-        window, types = cfg.get("sliding_window") if cfg["model_type"] != "llama" else None, None
-        if cfg["model_type"] == "qwen2":
-            window = window if cfg.get("use_sliding_window", False) else None
-            first = cfg.get("max_window_layers", 28)  # older configs, without layer_types
-            types = cfg.get("layer_types") or [
-                "sliding_attention" if i >= first else "" for i in range(self.n_layers)
-            ]
-        self.windows = [
-            window if types is None or types[i] == "sliding_attention" else None for i in range(self.n_layers)
-        ]
 
     def _check_branches(self, module: str, items: list[Branch]) -> None:
         name = self._head_name if module == "lm_head" else module + ".weight"
@@ -208,16 +204,17 @@ class StreamedDecoder:
     def _cast(
         self, stored: Weights, dtype: torch.dtype, modules: Iterable[str]
     ) -> tuple[Weights, dict[str, list[Branch]]]:
-        """One dtype's copy of a group and of the LoRA branches of `modules`; the peak is noted while
-        the stored group, the copy and the cast branches are all held."""
-        weights = {k: v.to(dtype) for k, v in stored.items()}
+        """A group in one dtype (each tensor cast when read, then dropped: one copy at a time) and
+        the LoRA branches of `modules`; the peak noted: the group, one cast tensor, the branches."""
+        weights = _Cast(stored, dtype)
         branches = {
             m: [(a.to(dtype), b.to(dtype), c) for a, b, c in self.branches[m]]
             for m in modules
             if m in self.branches
         }
-        cast_branches = (t for bs in branches.values() for a, b, _ in bs for t in (a, b))
-        self._peak = max(self._peak, _nbytes([*stored.values(), *weights.values(), *cast_branches]))
+        cast_branches = [t for bs in branches.values() for a, b, _ in bs for t in (a, b)]
+        one = max((t.numel() * dtype.itemsize for t in stored.values() if t.dtype != dtype), default=0)
+        self._peak = max(self._peak, _nbytes([*stored.values(), *cast_branches]) + one)
         return weights, branches
 
     def _apply(self, stored: Weights, streams: list[Stream], modules: list[str], fn: Callable) -> None:

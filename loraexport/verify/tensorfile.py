@@ -13,6 +13,8 @@ from onnx import numpy_helper
 
 from loraexport.onnx_files import RuntimeInputError, check_external_data
 
+BLOCK = 1 << 24  # bytes compared at a time
+
 
 class TensorFile:
     """``path``'s graph (``proto``, weights not loaded) and its initializers by name."""
@@ -33,12 +35,34 @@ class TensorFile:
         """The initializer ``name`` as an array (read from its external data if it has some)."""
         return tensor_array(self.initializers[name], self._read_external)
 
-    def _read_external(self, t: onnx.TensorProto) -> bytes:
+    def same_bytes(self, name: str, data: memoryview | bytes) -> bool:
+        """Whether initializer ``name`` holds exactly ``data`` (its raw little-endian bytes), read a
+        block at a time when external: nothing the size of the tensor is held."""
+        t = self.initializers[name]
+        view = memoryview(data).cast("B")
+        if not (t.data_location == onnx.TensorProto.EXTERNAL or t.external_data):
+            return self.array(name).tobytes() == view.tobytes()
         info = {e.key: e.value for e in t.external_data}
-        location = info.get("location", "")
+        length = int(info["length"]) if "length" in info else _nbytes(t)
+        if length != len(view):
+            return False
+        f = self._open(info.get("location", ""))
+        f.seek(int(info.get("offset", "0")))
+        for start in range(0, length, BLOCK):
+            if f.read(BLOCK if start + BLOCK <= length else length - start) != view[start : start + BLOCK]:
+                return False
+        return True
+
+    def _open(self, location: str):
         f = self._files.get(location)
         if f is None:
             f = self._files[location] = open(self.path.parent / location, "rb")  # noqa: SIM115
+        return f
+
+    def _read_external(self, t: onnx.TensorProto) -> bytes:
+        info = {e.key: e.value for e in t.external_data}
+        location = info.get("location", "")
+        f = self._open(location)
         offset = int(info.get("offset", "0"))
         length = int(info["length"]) if "length" in info else _nbytes(t)
         f.seek(offset)
