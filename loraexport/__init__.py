@@ -11,6 +11,8 @@ Heavy modules (torch, onnx) are imported on first use, so ``import loraexport`` 
 
 from __future__ import annotations
 
+import sys
+import types
 from typing import TYPE_CHECKING, Any
 
 from loraexport._version import __version__
@@ -36,9 +38,28 @@ if TYPE_CHECKING:  # pragma: no cover
     from loraexport.stages.verify import verify
 
 
+def _api(name: str) -> Any:
+    import importlib
+
+    return getattr(importlib.import_module(_LAZY[name]), name)
+
+
 def __getattr__(name: str) -> Any:
     if name in _LAZY:
-        import importlib
-
-        return getattr(importlib.import_module(_LAZY[name]), name)
+        return _api(name)
     raise AttributeError(f"module 'loraexport' has no attribute {name!r}")
+
+
+class _Package(types.ModuleType):
+    """``loraexport.export`` and ``loraexport.verify`` are functions, and also the names of
+    subpackages: importing ``loraexport.export.onnx`` binds the subpackage on the package, which
+    would hide the function from then on. The API's names always answer with the function
+    (submodules are reached through ``import``, which reads ``sys.modules``)."""
+
+    def __getattribute__(self, name: str) -> Any:
+        if name in _LAZY:
+            return _api(name)
+        return super().__getattribute__(name)
+
+
+sys.modules[__name__].__class__ = _Package

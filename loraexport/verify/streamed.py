@@ -29,7 +29,15 @@ import torch.nn.functional as F
 from safetensors import safe_open
 
 from loraexport.export.fused_config import bias_allowed
+from loraexport.verify import streamed_ops
 from loraexport.verify.streamed_config import decoder_config
+from loraexport.verify.streamed_ops import (
+    Cast,
+    linear_blocks,
+    nbytes,
+    rms_norm,
+    rotate_half,
+)
 
 Stream = tuple[torch.dtype, bool]
 Branch = tuple[torch.Tensor, torch.Tensor, float]
@@ -41,44 +49,10 @@ NORMS = ("input_layernorm", "post_attention_layernorm")
 _ITEMSIZE = dict(F64=8, F32=4, F16=2, BF16=2, I64=8, I32=4, I16=2, I8=1, U8=1, BOOL=1)
 
 
-def _nbytes(tensors: Iterable[torch.Tensor]) -> int:
-    """Bytes held by distinct tensors (a cast to the dtype a tensor already has is no copy)."""
-    return sum({t.data_ptr(): t.nbytes for t in tensors}.values())
-
-
-class _Cast(dict):
-    """A group's tensors in ``dtype``, each cast when it is read: a float64 stream never holds a
-    float64 copy of a whole 7B layer (1.6 GB), only of the product it computes."""
-
-    def __init__(self, stored: Weights, dtype: torch.dtype) -> None:
-        super().__init__(stored)
-        self.dtype = dtype
-
-    def __getitem__(self, name: str) -> torch.Tensor:
-        return super().__getitem__(name).to(self.dtype)
-
-    def get(self, name: str, default=None):
-        return self[name] if name in self else default
-
-    def __or__(self, other: dict) -> _Cast:
-        return _Cast({**dict(self.items()), **other}, self.dtype)
-
-
 def _is_linear(module: str) -> bool:
     """``model.layers.<i>.self_attn.q_proj`` and its kind: a projection of a decoder layer."""
     parts = module.split(".")
     return len(parts) == 5 and parts[:2] == ["model", "layers"] and ".".join(parts[3:]) in LINEARS
-
-
-def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """transformers' LlamaRMSNorm (normalizes in float32), except that float64 stays float64."""
-    h = x if x.dtype == torch.float64 else x.to(torch.float32)
-    h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + eps)
-    return weight * h.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    return torch.cat((-x.chunk(2, dim=-1)[1], x.chunk(2, dim=-1)[0]), dim=-1)
 
 
 class StreamedDecoder:
@@ -206,7 +180,7 @@ class StreamedDecoder:
     ) -> tuple[Weights, dict[str, list[Branch]]]:
         """A group in one dtype (each tensor cast when read, then dropped: one copy at a time) and
         the LoRA branches of `modules`; the peak noted: the group, one cast tensor, the branches."""
-        weights = _Cast(stored, dtype)
+        weights = Cast(stored, dtype)
         branches = {
             m: [(a.to(dtype), b.to(dtype), c) for a, b, c in self.branches[m]]
             for m in modules
@@ -214,7 +188,10 @@ class StreamedDecoder:
         }
         cast_branches = [t for bs in branches.values() for a, b, _ in bs for t in (a, b)]
         one = max((t.numel() * dtype.itemsize for t in stored.values() if t.dtype != dtype), default=0)
-        self._peak = max(self._peak, _nbytes([*stored.values(), *cast_branches]) + one)
+        one = (
+            min(one, streamed_ops.CAST_BLOCK_BYTES) if not self.magnitudes else one
+        )  # DoRA casts whole weights
+        self._peak = max(self._peak, nbytes([*stored.values(), *cast_branches]) + one)
         return weights, branches
 
     def _apply(self, stored: Weights, streams: list[Stream], modules: list[str], fn: Callable) -> None:
@@ -241,7 +218,7 @@ class StreamedDecoder:
             norm = torch.linalg.vector_norm(weight + c * (b @ a), dim=1)  # (out,)
             y = y * (self.magnitudes[module].to(y.dtype) / norm)
             return y if bias is None else y + bias
-        y = F.linear(x, w[module + ".weight"], bias)
+        y = linear_blocks(x, w, module + ".weight", bias)
         for a, b, c in br.get(module, ()):
             y = y + c * F.linear(F.linear(x, a), b)
         return y
@@ -259,13 +236,13 @@ class StreamedDecoder:
         """One decoder layer (pre-norm attention + SiLU MLP) on one stream's hidden states (B, T, H)."""
         p = f"model.layers.{i}."
         bsz, t = h.shape[:2]
-        x = _rms_norm(h, w[p + "input_layernorm.weight"], self.eps)
+        x = rms_norm(h, w[p + "input_layernorm.weight"], self.eps)
         q, k, v = (
             self._linear(x, w, br, p + f"self_attn.{n}_proj").view(bsz, t, -1, self.head_dim).transpose(1, 2)
             for n in "qkv"
         )
         cos, sin = (r[:, None] for r in rope)
-        q, k = q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+        q, k = q * cos + rotate_half(q) * sin, k * cos + rotate_half(k) * sin
         if cache is not None:
             if cache[i] is not None:
                 k, v = torch.cat((cache[i][0], k), dim=2), torch.cat((cache[i][1], v), dim=2)
@@ -278,7 +255,7 @@ class StreamedDecoder:
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32 if half else None).to(h.dtype)
         attn = (probs @ v).transpose(1, 2).reshape(bsz, t, -1)
         h = h + self._linear(attn, w, br, p + "self_attn.o_proj")
-        x = _rms_norm(h, w[p + "post_attention_layernorm.weight"], self.eps)
+        x = rms_norm(h, w[p + "post_attention_layernorm.weight"], self.eps)
         gate, up = self._linear(x, w, br, p + "mlp.gate_proj"), self._linear(x, w, br, p + "mlp.up_proj")
         return h + self._linear(F.silu(gate) * up, w, br, p + "mlp.down_proj")
 
@@ -341,8 +318,8 @@ class StreamedDecoder:
 
         def head(s: Stream, w: Weights, br: dict) -> None:
             h = hidden.pop(s)[:, -1] if last_only else hidden.pop(s)
-            h = _rms_norm(h, w["model.norm.weight"], self.eps)
-            logits[s] = self._linear(h, w | {"lm_head.weight": w[self._head_name]}, br, "lm_head")
+            h = rms_norm(h, w["model.norm.weight"], self.eps)
+            logits[s] = self._linear(h, w | {"lm_head.weight": w.stored(self._head_name)}, br, "lm_head")
 
         names = ["model.norm.weight", self._head_name]
         self._apply(self._read(names), streams, ["lm_head"], head)

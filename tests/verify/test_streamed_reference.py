@@ -293,3 +293,22 @@ def test_bad_inputs_raise_value_errors(tmp_path):
     save_file(tensors, missing / "model.safetensors", metadata={"format": "pt"})
     with pytest.raises(ValueError, match=r"missing: tensor model.layers.1.mlp.up_proj.weight missing"):
         StreamedDecoder(missing)
+
+
+def test_a_large_cast_is_made_a_block_of_rows_at_a_time(tmp_path, monkeypatch):
+    """Blocks of rows compute the same products (the same dot products, in float64 to round-off;
+    float32 within its own rounding, since the library may order the sums by shape)."""
+    from loraexport.verify import streamed_ops
+
+    model = make_model("llama_gqa", num_hidden_layers=2)
+    path = save(model.half(), tmp_path / "f16")
+    whole = StreamedDecoder(path).forward(*batch(), streams=[(F32, False), (F64, False)])
+    monkeypatch.setattr(streamed_ops, "CAST_BLOCK_BYTES", 4096)
+    blocked_decoder = StreamedDecoder(path)
+    blocked = blocked_decoder.forward(*batch(), streams=[(F32, False), (F64, False)])
+    torch.testing.assert_close(blocked[(F64, False)], whole[(F64, False)], rtol=0, atol=1e-12)
+    torch.testing.assert_close(blocked[(F32, False)], whole[(F32, False)], rtol=0, atol=1e-5)
+    stored = sum(
+        t.nbytes for n, t in load_file(path / "model.safetensors").items() if n.startswith("model.layers.0.")
+    )
+    assert blocked_decoder.max_resident_bytes <= stored + 4096  # a layer as stored and one block cast
