@@ -18,7 +18,7 @@ import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper, numpy_helper
 
-from loraexport.runtime import session_options
+from loraexport.runtime.model import session_options
 
 
 def _median_seconds(fn, runs: int) -> float:

@@ -14,7 +14,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from loraexport.report import LATENCY_VARIANTS  # noqa: E402
+from loraexport.report.contents import LATENCY_VARIANTS  # noqa: E402
 from loraexport.stages.export import export  # noqa: E402
 from loraexport.stages.train import train  # noqa: E402
 from loraexport.stages.verify import verify  # noqa: E402

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loraexport.dtypes import torch_dtype
-from loraexport.enums import ExportMode, half_precision
+from loraexport.artifact.output import write_output
+from loraexport.core.dtypes import torch_dtype
+from loraexport.core.enums import ExportMode, half_precision
 from loraexport.errors import InvalidInputError
 from loraexport.export.onnx import DEFAULT_OPSET, check_opset
 from loraexport.models.registry import detect_family
-from loraexport.output import write_output
-from loraexport.output.report_files import raise_if_output_failed, write_report
-from loraexport.report import Report
+from loraexport.report.contents import Report
+from loraexport.report.files import raise_if_output_failed, write_report
 from loraexport.stages.adapter_mode import check_adapter_mode
 from loraexport.stages.export import check_optimize, check_quantize, write_extras
 from loraexport.stages.graphs import export_into, export_subject

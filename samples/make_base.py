@@ -17,10 +17,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
-from loraexport.data import read_pairs  # noqa: E402
 from loraexport.models.reference import SPECIALS, save_model  # noqa: E402
 from loraexport.models.transformer import Transformer, TransformerConfig  # noqa: E402
-from loraexport.training import exact_match, fit, seed_everything  # noqa: E402
+from loraexport.training.data import read_pairs  # noqa: E402
+from loraexport.training.loop import exact_match, fit, seed_everything  # noqa: E402
 
 HERE = Path(__file__).parent
 SEED = 0

@@ -14,7 +14,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from loraexport.data import write_pairs  # noqa: E402
+from loraexport.training.data import write_pairs  # noqa: E402
 
 SEED = 20261128
 MIN_LEN, MAX_LEN = 4, 8

@@ -174,7 +174,7 @@ def sitecustomize(hook: Path, source: str) -> dict[str, str]:
 # ends (Python runs handlers between bytecodes, and a busy machine may deliver the signal while
 # the child is still between its flush and the sleep), so one 60 s sleep made the test flaky.
 SLOW_MERGE = (
-    "import sys, time\nfrom loraexport import progress\n"
+    "import sys, time\nfrom loraexport.core import progress\n"
     "def update(self, n=1, **kw):\n    sys.stderr.write('READY\\n'); sys.stderr.flush()\n"
     "    for _ in range(600):\n        time.sleep(0.1)\n"
     "progress.Progress.update = update\n"

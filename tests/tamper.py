@@ -20,7 +20,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from loraexport.manifest import SELF_DIGEST, description_digest, sha256
+from loraexport.artifact.manifest import SELF_DIGEST, description_digest, sha256
 
 
 def edit_initializers(path: Path, change: Callable[[dict[str, np.ndarray]], None]) -> None:

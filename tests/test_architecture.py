@@ -6,7 +6,9 @@ inside functions, which is where import circles hide):
   shared namespace) or the CLI, except the CLI itself;
 - click only under ``loraexport/cli/``; torch never in ``loraexport.runtime`` (apps ship it
   without torch) or in the modules it imports;
-- no file over 400 lines, no CLI module over 250.
+- no file over 400 lines, no CLI module over 250;
+- floors: a package imports only the packages below it (``LAYERS``); at most 6 modules at the
+  package root; the Hugging Face model types spelled in one module (``models.types``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,25 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "loraexport"
 MAX_LINES = 400
 MAX_CLI_LINES = 250
+MAX_ROOT_MODULES = 6
+# The floors, lowest first: a module may import its own package and those below it. errors and
+# _version sit at the root (apps catch ``loraexport.errors``), beside core.
+LAYERS = (
+    ("errors", "_version", "core"),
+    ("artifact",),  # loraexport.json and the output folder: no torch
+    ("runtime",),  # apps: onnxruntime + numpy only
+    ("lora",),
+    ("models",),
+    ("export",),
+    ("training",),
+    ("verify",),
+    ("report",),
+    ("stages",),
+    ("pipeline",),
+    ("analyze",),
+    ("cli",),
+)
+MODEL_TYPES = ('"llama"', '"mistral"', '"qwen2"', '"gpt2"', '"bert"', '"roberta"')
 
 
 def _module_name(path: Path) -> str:
@@ -142,3 +163,45 @@ def test_files_stay_small():
 def test_the_checker_sees_a_planted_circle():
     assert _cycles({"a": {"b"}, "b": {"c"}, "c": {"a"}, "d": {"a"}}) == [["a", "b", "c"]]
     assert _cycles({"a": {"b"}, "b": set()}) == []
+
+
+def _floor(module: str) -> int:
+    top = module.split(".")[1] if "." in module else ""
+    for i, names in enumerate(LAYERS):
+        if top in names:
+            return i
+    raise AssertionError(f"{module}: package {top!r} is on no floor of LAYERS")
+
+
+def _back_arrows(internal: dict[str, set[str]]) -> list[str]:
+    return sorted(
+        f"{m} imports {d}"
+        for m, deps in internal.items()
+        if m != "loraexport"
+        for d in deps
+        if d != "loraexport" and d not in _parents(m) and _floor(d) > _floor(m)
+    )
+
+
+def test_no_back_arrows():
+    internal, _ = _graph()
+    assert _back_arrows(internal) == []
+
+
+def test_the_checker_sees_a_planted_back_arrow():
+    planted = {"loraexport.models.base": {"loraexport.export.onnx"}, "loraexport.export.onnx": set()}
+    assert _back_arrows(planted) == ["loraexport.models.base imports loraexport.export.onnx"]
+
+
+def test_few_modules_at_the_package_root():
+    root = sorted(p.name for p in PACKAGE.glob("*.py"))
+    assert len(root) <= MAX_ROOT_MODULES, root
+
+
+def test_model_types_are_spelled_in_one_module():
+    spelled = {
+        name
+        for name, path in _modules().items()
+        if any(t in path.read_text(encoding="utf-8") for t in MODEL_TYPES)
+    }
+    assert spelled == {"loraexport.models.types"}, spelled

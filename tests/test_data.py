@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from loraexport.data import read_pairs, split, write_pairs
 from loraexport.errors import DataFormatError, InputNotFoundError
+from loraexport.training.data import read_pairs, split, write_pairs
 
 PAIRS = [(f"{i:03d}", f"{i:03d}"[::-1]) for i in range(50)]
 

@@ -8,8 +8,8 @@ import json
 
 import pytest
 
-from loraexport.description import EXPORTERS, KINDS, META, check_export_meta, read_export_meta
-from loraexport.enums import ExportMode, Precision
+from loraexport.artifact.schema import EXPORTERS, KINDS, META, check_export_meta, read_export_meta
+from loraexport.core.enums import ExportMode, Precision
 
 GOOD = {
     "model": {"kind": "causal", "family": "reference", "special_tokens": {"bos": 1, "eos": 2, "pad": None}},

@@ -6,8 +6,8 @@ import onnx
 import pytest
 import torch
 
-from loraexport.dtypes import ONNX, TORCH, torch_dtype
-from loraexport.enums import Precision
+from loraexport.core.dtypes import ONNX, TORCH, torch_dtype
+from loraexport.core.enums import Precision
 from loraexport.errors import InvalidInputError
 
 FLOATS = [p for p in Precision if not p.is_quantized]  # a quantized graph has no one element type

@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from loraexport.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import InvalidInputError
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
+from loraexport.artifact.manifest import MANIFEST, Hasher, check_files, check_manifest, files_in
+from loraexport.artifact.provenance import write
 from loraexport.errors import VerificationFailedError
-from loraexport.manifest import MANIFEST, Hasher, check_files, check_manifest, files_in
-from loraexport.provenance import write
 
 
 def _tree(d: Path) -> Path:

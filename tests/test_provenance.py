@@ -8,9 +8,9 @@ import json
 from pathlib import Path
 from types import SimpleNamespace
 
+from loraexport.artifact.manifest import MANIFEST, check_manifest, description_digest
+from loraexport.artifact.provenance import export_description, path_entry, versions, write
 from loraexport.export.onnx import ExportResult
-from loraexport.manifest import MANIFEST, check_manifest, description_digest
-from loraexport.provenance import export_description, path_entry, versions, write
 
 VERSION_KEYS = {"loraexport", "torch", "onnx", "onnxruntime", "python"}
 

@@ -9,7 +9,7 @@ import pytest
 
 from loraexport.export.onnx import ExportResult
 from loraexport.lora.merge import MergeStats, ModuleMerge
-from loraexport.report import LATENCY_VARIANTS, SCHEMA, Report
+from loraexport.report.contents import LATENCY_VARIANTS, SCHEMA, Report
 from loraexport.verify.half import HalfCost
 from loraexport.verify.latency import LatencyCase, LatencyResult, LatencyStats
 from loraexport.verify.parity import GenerationResult, OutputParity, ParityCaseResult, ParityResult

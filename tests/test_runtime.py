@@ -16,7 +16,7 @@ import pytest
 from artifacts import VOCAB, copy_dir, random_batch
 from onnx import helper, numpy_helper
 
-from loraexport.runtime import (
+from loraexport.runtime.model import (
     MAX_ONNX_BYTES,
     OnnxModel,
     RuntimeInputError,

@@ -6,11 +6,11 @@ import pytest
 import torch
 from conftest import SAMPLE_BASE, SORT_TRAIN
 
-from loraexport.data import read_pairs
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import lora_layers
 from loraexport.models.reference import load_model
-from loraexport.training import count_parameters, exact_match, train_lora
+from loraexport.training.data import read_pairs
+from loraexport.training.loop import count_parameters, exact_match, train_lora
 
 STEPS = 20
 # 30 LoRA steps on sorting from a reversal base: the mean loss of the last 5 steps falls below

@@ -6,10 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from loraexport.data_hf import CAUSAL, CLASSIFY, Example, Record, pack, split
 from loraexport.errors import InvalidInputError
-from loraexport.training import warmup_steps
-from loraexport.training_hf import IGNORE, Task, collate, exact_match
+from loraexport.training.data_hf import CAUSAL, CLASSIFY, Example, Record, pack, split
+from loraexport.training.hf import IGNORE, Task, collate, exact_match
+from loraexport.training.loop import warmup_steps
 
 PAD, EOS = 0, 2
 DECODER = Task(CAUSAL, PAD, eos_id=EOS)

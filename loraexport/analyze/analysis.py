@@ -22,12 +22,12 @@ from loraexport.analyze.spectra import (
     module_figures,
     subspace_similarity,
 )
+from loraexport.artifact.output import plan_output
+from loraexport.core.progress import Progress
 from loraexport.errors import AdapterFormatError, AdapterMismatchError, InvalidInputError
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.inject import is_transposed
 from loraexport.models.registry import load_base
-from loraexport.output import plan_output
-from loraexport.progress import Progress
 
 SCHEMA = 1
 # Seeds: a signed 64-bit integer, which every JSON reader of analysis.json can hold (torch itself

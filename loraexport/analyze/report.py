@@ -7,8 +7,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from loraexport.io import write_json
-from loraexport.output import OutputPlan, plan_output, write_output
+from loraexport.artifact.output import OutputPlan, plan_output, write_output
+from loraexport.core.io import write_json
 
 MD_MAX_MODULES = 96  # analysis.md lists modules one per row up to this many (the JSON has all)
 MD_MAX_PHI = 8  # φ(i, i) columns shown in analysis.md

@@ -21,16 +21,16 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraexport.data import read_pairs, split, write_pairs
+from loraexport.artifact.output import plan_output, write_output
+from loraexport.core.io import write_json
+from loraexport.core.progress import Progress
 from loraexport.errors import InvalidInputError
-from loraexport.io import write_json
 from loraexport.lora.adapter import Adapter
 from loraexport.models.reference import batch_encode, check_pairs, load_model
 from loraexport.models.registry import load_base
 from loraexport.models.transformer import Transformer
-from loraexport.output import plan_output, write_output
-from loraexport.progress import Progress
 from loraexport.stages.train import train
+from loraexport.training.data import read_pairs, split, write_pairs
 
 SCHEMA = 1
 TARGET_SETS: tuple[tuple[str, ...], ...] = (("q",), ("k",), ("v",), ("o",), ("q", "v"), ("q", "k", "v", "o"))

@@ -23,7 +23,7 @@ from loraexport.cli.options import (
     serve_mode_option,
     verify_options,
 )
-from loraexport.enums import Precision
+from loraexport.core.enums import Precision
 from loraexport.errors import VerificationFailedError
 
 

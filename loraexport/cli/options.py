@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from loraexport.cli.types import MAX_OPSET, MAX_OPSET_TORCHSCRIPT, MIN_OPSET, Number, PositiveInt
-from loraexport.enums import MAX_LORA_RANK, ExportMode, Precision
+from loraexport.core.enums import MAX_LORA_RANK, ExportMode, Precision
 from loraexport.verify.options import VerifyOptions
 
 # readable=False: the library checks paths and says what is wrong in one line (exit 3)

@@ -7,7 +7,7 @@ import json
 import click
 
 from loraexport.cli.options import PATH, adapter_options, log, print_report, verify_options
-from loraexport.enums import ExportMode
+from loraexport.core.enums import ExportMode
 from loraexport.errors import VerificationFailedError
 
 
@@ -106,7 +106,7 @@ def verify(
 
 
 def _check_files(ctx: click.Context, directory, as_json: bool) -> None:
-    from loraexport.manifest import check_files
+    from loraexport.artifact.manifest import check_files
 
     try:
         result = check_files(directory)

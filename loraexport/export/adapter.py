@@ -27,7 +27,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from loraexport.enums import MAX_LORA_RANK
+from loraexport.core.enums import MAX_LORA_RANK
 from loraexport.errors import AdapterMismatchError, ExportError
 
 PROBE_SEED = 20261130

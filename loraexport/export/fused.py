@@ -10,7 +10,7 @@ then Gather(last position) → MatMul(lm_head) → Unsqueeze.
 
 I/O names are those of the plain exports (``input_ids``, ``attention_mask``, ``position_ids``,
 ``past_key_values.{i}.key|value`` → ``logits``, ``present.{i}.key|value``): ``loraexport.runtime``,
-``loraexport.fused_runtime`` and onnxruntime-genai (``past_present_share_buffer`` either way) run it.
+``loraexport.runtime.fused`` and onnxruntime-genai (``past_present_share_buffer`` either way) run it.
 
 Supported calls (GroupQueryAttention on CPU, measured):
 - a prompt pass with no past (past length 0, or a shared buffer not yet written), any batch;
@@ -45,7 +45,7 @@ import torch
 from onnx import TensorProto, helper
 from torch import nn
 
-from loraexport.enums import Precision
+from loraexport.core.enums import Precision
 from loraexport.errors import ExportError
 from loraexport.export.fused_config import check_config
 from loraexport.export.fused_source import ModuleSource, Source, _Linear

@@ -11,6 +11,7 @@ from types import SimpleNamespace
 from typing import Any
 
 from loraexport.errors import ExportError
+from loraexport.models.types import LLAMA, QWEN2
 
 
 def check_config(config: Any) -> float:
@@ -59,10 +60,10 @@ def bias_allowed(config: Any, module: str) -> bool:
     )
     name = module.rsplit(".", 1)[-1]
     kind = get("model_type")
-    if kind == "qwen2":
+    if kind == QWEN2:
         return name in ("q_proj", "k_proj", "v_proj")
-    if kind == "llama" and name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+    if kind == LLAMA and name in ("q_proj", "k_proj", "v_proj", "o_proj"):
         return bool(get("attention_bias", False))
-    if kind == "llama" and name in ("gate_proj", "up_proj", "down_proj"):
+    if kind == LLAMA and name in ("gate_proj", "up_proj", "down_proj"):
         return bool(get("mlp_bias", False))
     return False

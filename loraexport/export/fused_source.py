@@ -12,8 +12,7 @@ from torch import nn
 
 from loraexport.errors import ExportError
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
-
-FAMILIES = ("llama", "mistral", "qwen2")
+from loraexport.models.types import FUSED_TYPES
 
 
 @dataclass(frozen=True)
@@ -74,8 +73,10 @@ class ModuleSource:
     def __init__(self, model: nn.Module) -> None:
         config = getattr(model, "config", None)
         family = getattr(config, "model_type", None)
-        if family not in FAMILIES or not all(hasattr(model, a) for a in ("model", "lm_head")):
-            raise ExportError(f"fused export: {type(model).__name__} ({family!r}) is not one of {FAMILIES}")
+        if family not in FUSED_TYPES or not all(hasattr(model, a) for a in ("model", "lm_head")):
+            raise ExportError(
+                f"fused export: {type(model).__name__} ({family!r}) is not one of {FUSED_TYPES}"
+            )
         self.model, self.config, self.layers = model, config, len(model.model.layers)
 
     def linear_shape(self, path: str) -> tuple[int, int]:

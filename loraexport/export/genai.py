@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraexport.models.types import GENAI_TYPES
+
 GENAI_CONFIG = "genai_config.json"
-GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "decoder"}
 # transformers 5 writes this tokenizer class; transformers 4.x (Optimum) cannot read it, and
 # both they and onnxruntime-genai read the fast tokenizer's class under its older name.
 NEW_TOKENIZER_CLASSES = {"TokenizersBackend": "PreTrainedTokenizerFast"}

@@ -12,7 +12,7 @@ import onnx
 import torch
 from onnx import TensorProto, helper
 
-from loraexport.enums import Precision
+from loraexport.core.enums import Precision
 from loraexport.errors import ExportError
 from loraexport.export.qformat import nbits_quantize
 from loraexport.lora.merge import cast_checked

@@ -23,8 +23,8 @@ import onnx
 import torch
 from onnx import helper, numpy_helper
 
-from loraexport.dtypes import ONNX, TORCH
-from loraexport.enums import Precision
+from loraexport.core.dtypes import ONNX, TORCH
+from loraexport.core.enums import Precision
 from loraexport.errors import ExportError, first_line
 
 MIN_ELEMENTS = 16  # smaller constants are not worth a Cast node

@@ -27,9 +27,9 @@ from typing import BinaryIO
 import onnx
 import torch
 
-from loraexport.description import EXPORTERS
+from loraexport.artifact.schema import EXPORTERS
 from loraexport.errors import ExportError, InvalidInputError, first_line
-from loraexport.export.spec import GraphSpec
+from loraexport.models.spec import GraphSpec
 
 DEFAULT_OPSET = 18
 # The opsets each exporter writes as asked, and onnxruntime loads (1.32: "official support for

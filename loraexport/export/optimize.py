@@ -21,18 +21,32 @@ from pathlib import Path
 import onnx
 from torch import nn
 
-from loraexport.description import BUILDER
-from loraexport.enums import Precision
+from loraexport.artifact.schema import BUILDER
+from loraexport.core.enums import Precision
 from loraexport.errors import ExportError
 from loraexport.export.onnx import ExportResult, export_graphs, opset_written
-from loraexport.export.spec import GraphSpec
-
-FUSED_TYPES = ("llama", "mistral", "qwen2")  # model types export.fused writes
-LAST_POSITION_TYPES = ("gpt2",)  # the torch.onnx export, LM head on the last position
+from loraexport.models.spec import GraphSpec
+from loraexport.models.types import FUSED_TYPES
 
 
-def supported(model_type: str | None) -> bool:
-    return model_type in FUSED_TYPES + LAST_POSITION_TYPES
+def optimized_export(
+    model: nn.Module,
+    specs: list[GraphSpec],
+    out_dir: Path,
+    opset: int,
+    exporter: str,
+    precision: Precision | None = None,
+    origins: dict | None = None,
+) -> ExportResult:
+    """--optimize: the fused graph for Llama, Mistral and Qwen2 (written quantized when
+    ``precision`` is int8/int4; its inputs and outputs named as ``specs``'); GPT-2's torch.onnx
+    export of ``specs`` (the family's last-position graph; float32, quantized afterwards).
+    ``origins``: filled by the fused writer with the modules each weight holds
+    (``export.graph_writer.Graph.origins``)."""
+    if model.config.model_type in FUSED_TYPES:
+        io = (specs[0].input_names, specs[0].output_names)
+        return fused_export(model, out_dir, io, precision, origins)
+    return last_position_export(specs, out_dir, opset, exporter)
 
 
 def fused_export(

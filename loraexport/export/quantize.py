@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from loraexport.enums import Precision
+from loraexport.core.enums import Precision
 from loraexport.errors import ExportError, first_line
 
 # Weights per scale along K, chosen by measurement on SmolLM2-135M (reference texts, top-1

@@ -22,10 +22,10 @@ from pathlib import Path
 
 import torch
 
+from loraexport.core.io import read_json
 from loraexport.errors import AdapterMismatchError, ModelFormatError
 from loraexport.export.fused_config import bias_allowed
-from loraexport.export.fused_source import FAMILIES, _Linear
-from loraexport.io import read_json
+from loraexport.export.fused_source import _Linear
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import cast_checked, merge_state_dict
 from loraexport.lora.stream import (
@@ -38,6 +38,7 @@ from loraexport.lora.stream import (
 )
 from loraexport.lora.weights import adapter_weights
 from loraexport.models import strict
+from loraexport.models.types import FUSED_TYPES
 
 CONFIG = "config.json"
 
@@ -48,9 +49,9 @@ def read_config(model_dir: Path) -> dict:
     if not isinstance(config, dict):
         raise ModelFormatError(f"{model_dir / CONFIG}: not a JSON object")
     kind = config.get("model_type")
-    if kind not in FAMILIES:
+    if kind not in FUSED_TYPES:
         raise ModelFormatError(
-            f"{model_dir}: model_type {kind!r}: a streamed export writes {', '.join(FAMILIES)} only"
+            f"{model_dir}: model_type {kind!r}: a streamed export writes {', '.join(FUSED_TYPES)} only"
         )
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings"):
         value = config.get(key)

@@ -15,8 +15,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraexport.errors import AdapterFormatError, AdapterMismatchError, UnsupportedAdapterError
-from loraexport.io import (
+from loraexport.core.io import (
     load_safetensors,
     read_json,
     require_dir,
@@ -24,6 +23,7 @@ from loraexport.io import (
     sha256_dir,
     write_json,
 )
+from loraexport.errors import AdapterFormatError, AdapterMismatchError, UnsupportedAdapterError
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import (
     inject,

@@ -13,8 +13,8 @@ import warnings
 from dataclasses import dataclass, field, fields
 from typing import Any
 
+from loraexport.core.io import short_repr
 from loraexport.errors import AdapterFormatError, UnsupportedAdapterError
-from loraexport.io import short_repr
 
 try:  # the parser behind re.compile, to look at a pattern's structure (renamed in Python 3.11)
     from re import _constants as _sre

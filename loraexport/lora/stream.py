@@ -22,8 +22,9 @@ from pathlib import Path
 
 import torch
 
+from loraexport.artifact.schema import META
+from loraexport.core.io import parse_json, read_json, short_repr
 from loraexport.errors import AdapterMismatchError, ModelFormatError
-from loraexport.io import parse_json, read_json, short_repr
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, cast_checked, merge_state_dict
 
@@ -270,7 +271,7 @@ def stream_merge(
         if (
             f.is_file()
             and f.name not in shards
-            and f.name not in (INDEX, "loraexport.json")  # the base's manifest describes the base
+            and f.name not in (INDEX, META)  # the base's manifest describes the base
             and f.suffix not in (".bin", ".pt", ".pth")
         ):
             shutil.copy2(f, out / f.name)

@@ -15,8 +15,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraexport.export.spec import GraphSpec
 from loraexport.lora.config import DEFAULT_TARGETS
+from loraexport.models.spec import GraphSpec
 
 Inputs = dict[str, torch.Tensor]
 
@@ -52,9 +52,9 @@ class ModelFamily:
     latency_points: tuple[tuple[int, int], ...]
     extra_files: tuple[str, ...] = ()  # copied from the base into the output (tokenizer, ...)
     exporter: str = "dynamo"  # default torch.onnx exporter (see export.onnx.export_graphs)
-    # --optimize (export.optimize): (model, out_dir, opset, exporter) -> ExportResult, for the
+    # --optimize (export.optimize): the graphs with the LM head on the last position, for the
     # model types ``optimizes`` accepts (given config.json); None: the family has none
-    optimized_export: Callable[[nn.Module, Path, int, str], Any] | None = None
+    optimized_specs: Callable[[nn.Module], list[GraphSpec]] | None = None
     optimizes: Callable[[dict[str, Any]], bool] = lambda cfg: False
     # ``train`` without --targets: the layers it adapts, as this family names them (the attention
     # query and value projections, the LoRA paper's choice at a fixed budget, §7.1); the default

@@ -22,10 +22,11 @@ from typing import Any
 
 from torch import nn
 
+from loraexport.core.untrusted import short_repr
 from loraexport.errors import ModelFormatError
 from loraexport.lora.stream import TensorInfo, checkpoint_shards, read_header
 from loraexport.models.strict import Names, hf_names, refuse
-from loraexport.untrusted import short_repr
+from loraexport.models.types import ROBERTA
 
 FLOAT_CODES = ("F32", "F16", "BF16", "F64")  # safetensors dtypes loraexport takes as weights
 
@@ -181,7 +182,7 @@ def check_hf_shapes(raw: Mapping[str, Any], defaults: Any, where: Path) -> None:
     (pk, pad), (vk, vocab) = value("pad_token_id"), value("vocab_size")
     if pad is not None and not -vocab <= pad < vocab:
         raise ModelFormatError(f"{where}: {pk} {pad} is not a token of the vocabulary ({vk} {vocab})")
-    if raw.get("model_type") == "roberta" and pad is None:  # RoBERTa numbers positions after it
+    if raw.get("model_type") == ROBERTA and pad is None:  # RoBERTa numbers positions after it
         raise ModelFormatError(f"{where}: {pk} must be set for a RoBERTa model, got null")
 
 

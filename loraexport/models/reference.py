@@ -11,11 +11,11 @@ from pathlib import Path
 
 import torch
 
+from loraexport.core.io import load_safetensors, require_dir, save_safetensors, write_json
+from loraexport.core.untrusted import read_json, short_repr
 from loraexport.errors import DataFormatError, ModelFormatError
-from loraexport.io import load_safetensors, require_dir, save_safetensors, write_json
 from loraexport.models.checks import check_state_shapes, checkpoint_tensors
 from loraexport.models.transformer import Transformer, TransformerConfig
-from loraexport.untrusted import read_json, short_repr
 
 PAD, BOS, EOS, SEP = 0, 1, 2, 3
 SPECIALS = ["<pad>", "<bos>", "<eos>", "<sep>"]

@@ -19,7 +19,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from loraexport.export.spec import GraphSpec
+from loraexport.models.spec import GraphSpec
 from loraexport.models.transformer import Transformer
 
 

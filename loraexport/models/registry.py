@@ -16,12 +16,12 @@ from typing import Any
 
 from torch import nn
 
+from loraexport.core.io import require_dir
+from loraexport.core.untrusted import read_json, short_repr
 from loraexport.errors import ModelFormatError
-from loraexport.io import require_dir
 from loraexport.models.base import ModelFamily
 from loraexport.models.hf import HF_CAUSAL, HF_ENCODER
 from loraexport.models.reference_family import REFERENCE
-from loraexport.untrusted import read_json, short_repr
 
 FAMILIES: tuple[ModelFamily, ...] = (
     REFERENCE,

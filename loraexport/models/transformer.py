@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraexport.untrusted import short_repr
+from loraexport.core.untrusted import short_repr
 
 KV = tuple[torch.Tensor, torch.Tensor]  # (key, value), each (B, H, T, Dh)
 

@@ -11,8 +11,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraexport.description import read_export_meta
-from loraexport.enums import MAX_LORA_RANK
+from loraexport.artifact.output.plan import is_adapter_file, plan_files
+from loraexport.artifact.output.write import write_files
+from loraexport.artifact.schema import META, read_export_meta
+from loraexport.core.enums import MAX_LORA_RANK
+from loraexport.core.io import sha256_file
 from loraexport.errors import AdapterMismatchError, InvalidInputError, UnsupportedAdapterError, UsageError
 from loraexport.export.adapter import (
     ADAPTER_SUFFIX,
@@ -23,11 +26,8 @@ from loraexport.export.adapter import (
     probe_factors,
     write_adapter_file,
 )
-from loraexport.io import sha256_file
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.inject import lora_layers
-from loraexport.output.plan import is_adapter_file, plan_files
-from loraexport.output.write import write_files
 from loraexport.stages.merge import merged_model, unmerged_model
 
 NO_ADAPTER = "none"  # verification's name for the graph with no adapter active: no adapter's
@@ -181,7 +181,7 @@ def _export_files(onnx_dir: Path, meta: dict) -> list[Path]:
     return [
         p
         for p in onnx_dir.iterdir()
-        if p.name == "loraexport.json" or p.name.endswith((".onnx", ".onnx.data")) or p.name in listed
+        if p.name == META or p.name.endswith((".onnx", ".onnx.data")) or p.name in listed
     ]
 
 

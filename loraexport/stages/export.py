@@ -5,7 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from loraexport.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.artifact.output import write_output
+from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.core.io import read_json
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
 from loraexport.export.fused_config import check_config
 from loraexport.export.onnx import (
@@ -13,10 +15,8 @@ from loraexport.export.onnx import (
     ExportResult,
     check_opset,
 )
-from loraexport.export.optimize import FUSED_TYPES, LAST_POSITION_TYPES
-from loraexport.io import read_json
 from loraexport.models.registry import detect_family
-from loraexport.output import write_output
+from loraexport.models.types import FUSED_TYPES, OPTIMIZED_TYPES
 from loraexport.stages.adapter_mode import check_adapter_mode
 from loraexport.stages.extras import write_extras
 from loraexport.stages.graphs import (  # noqa: F401 (re-exported: the export stage's names)
@@ -78,7 +78,7 @@ def check_quantize(
 
 
 def optimize_types() -> tuple[str, ...]:
-    return FUSED_TYPES + LAST_POSITION_TYPES
+    return OPTIMIZED_TYPES
 
 
 def export(

@@ -6,9 +6,9 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+from loraexport.core.io import read_json, write_json
 from loraexport.errors import ModelFormatError
 from loraexport.export import genai
-from loraexport.io import read_json, write_json
 from loraexport.models.base import ModelFamily
 
 

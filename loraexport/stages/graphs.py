@@ -11,15 +11,16 @@ from pathlib import Path
 import numpy as np
 from torch import nn
 
-from loraexport.description import EXPORTERS
-from loraexport.dtypes import torch_dtype
-from loraexport.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.artifact.provenance import export_description
+from loraexport.artifact.schema import EXPORTERS
+from loraexport.core.dtypes import torch_dtype
+from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import ExportError
 from loraexport.export.half import store_weights_half
 from loraexport.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportResult, export_graphs
+from loraexport.export.optimize import optimized_export
 from loraexport.export.quantize import lora_matmuls, quantization_description, quantize_graph
 from loraexport.models.base import ModelFamily
-from loraexport.provenance import export_description
 from loraexport.stages.adapter_mode import describe_adapters, probe_model
 from loraexport.stages.merge import merged_model, unmerged_model
 
@@ -49,11 +50,12 @@ def export_model(
     """
     half, quant = half_precision(weights_dtype), quantization(weights_dtype)
     if optimize:
-        if family.optimized_export is None:
+        if family.optimized_specs is None:
             raise ExportError(f"--optimize: the {family.name} family has no optimized graph")
         nbits = quant if quant in (Precision.INT8, Precision.INT4) else None
         how = {"precision": nbits} | ({"origins": origins} if origins is not None else {})
-        result = family.optimized_export(model, out_dir, opset, exporter or family.exporter, **how)
+        specs = family.optimized_specs(model)
+        result = optimized_export(model, specs, out_dir, opset, exporter or family.exporter, **how)
     else:
         result = export_graphs(family.graph_specs(model), out_dir, opset, exporter or family.exporter)
     if half:

@@ -12,16 +12,16 @@ from pathlib import Path
 
 from torch import nn
 
-from loraexport.data import read_pairs
-from loraexport.enums import ExportMode
+from loraexport.artifact.output import OutputPlan, plan_output
+from loraexport.core.enums import ExportMode
+from loraexport.core.io import read_json, sha256_dir
 from loraexport.errors import AdapterFormatError, UnsupportedAdapterError
-from loraexport.io import read_json, sha256_dir
 from loraexport.lora.adapter import CONFIG_NAME, Adapter
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.weights import adapter_weights, check_dora
 from loraexport.models.base import ModelFamily
 from loraexport.models.registry import load_model_dir
-from loraexport.output import OutputPlan, plan_output
+from loraexport.training.data import read_pairs
 
 Log = Callable[[str], None]
 

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraexport.artifact.schema import META
+from loraexport.core.io import require_dir
 from loraexport.errors import InvalidInputError
-from loraexport.io import require_dir
 from loraexport.lora.adapter import CONFIG_NAME, Adapter
 from loraexport.lora.inject import linear_names
 from loraexport.models.registry import load_base
@@ -15,7 +16,7 @@ from loraexport.models.registry import load_base
 def inspect_path(path: str | Path) -> dict:
     """Say what ``path`` is — a PEFT adapter, a model directory, or a loraexport output — and its facts."""
     d = require_dir(path, "path")
-    meta = _output_meta(d / "loraexport.json")
+    meta = _output_meta(d / META)
     if "graphs" in meta:  # an export; other outputs only list their files
         info = {
             "kind": "loraexport output",
@@ -64,10 +65,10 @@ def inspect_path(path: str | Path) -> dict:
 def _output_meta(path: Path) -> dict:
     """``loraexport.json`` of a folder loraexport wrote ({} when there is none), read bounded and
     checked: an export description (it has ``graphs``) key by key, any other as a manifest."""
-    from loraexport.description import check_export_meta
+    from loraexport.artifact.schema import check_export_meta
+    from loraexport.core.io import read_json
+    from loraexport.core.untrusted import short_repr
     from loraexport.errors import ModelFormatError
-    from loraexport.io import read_json
-    from loraexport.untrusted import short_repr
 
     if not path.is_file():
         return {}
@@ -84,9 +85,9 @@ def _output_meta(path: Path) -> dict:
 
 def _report_passed(path: Path) -> bool | None:
     """``passed`` of a ``report.json`` verify wrote: true, false, or null (parity not run)."""
+    from loraexport.core.io import read_json
+    from loraexport.core.untrusted import short_repr
     from loraexport.errors import ModelFormatError
-    from loraexport.io import read_json
-    from loraexport.untrusted import short_repr
 
     report = read_json(path, ModelFormatError)
     if not isinstance(report, dict):

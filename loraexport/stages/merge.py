@@ -8,16 +8,16 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraexport.dtypes import torch_dtype
-from loraexport.io import require_dir, write_json
+from loraexport.artifact.manifest import Hasher
+from loraexport.artifact.output import write_output
+from loraexport.artifact.provenance import versions
+from loraexport.core.dtypes import torch_dtype
+from loraexport.core.io import require_dir, write_json
+from loraexport.core.progress import Progress
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, merge_state_dict
 from loraexport.lora.stream import checkpoint_shards, stream_merge
 from loraexport.lora.views import merged_view, unmerged_view
-from loraexport.manifest import Hasher
-from loraexport.output import write_output
-from loraexport.progress import Progress
-from loraexport.provenance import versions
 from loraexport.stages.inputs import Log, adapter_info, as_list, check_weights, plan, quiet
 
 

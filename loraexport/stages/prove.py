@@ -22,14 +22,14 @@ from pathlib import Path
 import numpy as np
 import onnx
 
-from loraexport.description import BUILDER
-from loraexport.enums import ExportMode, Precision
+from loraexport.artifact.schema import BUILDER
+from loraexport.core.enums import ExportMode, Precision
 from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX
 from loraexport.export.fused import build_fused_graph
 from loraexport.export.fused_source import ModuleSource
-from loraexport.onnx_files import RuntimeInputError
-from loraexport.runtime_adapters import Active
+from loraexport.runtime.adapters import Active
+from loraexport.runtime.files import RuntimeInputError
 from loraexport.stages.graphs import Subject, export_into, export_subject, torch_exporter_of
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.verify.chunked import scratch_dir

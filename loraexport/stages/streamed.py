@@ -22,25 +22,26 @@ from pathlib import Path
 
 import torch
 
-from loraexport.description import BUILDER
-from loraexport.dtypes import torch_dtype
-from loraexport.enums import ExportMode, Precision
+from loraexport.artifact.output import write_output
+from loraexport.artifact.schema import BUILDER
+from loraexport.core.dtypes import torch_dtype
+from loraexport.core.enums import ExportMode, Precision
+from loraexport.core.io import read_json
+from loraexport.core.memory import Stage, StageRecord, available, peak_rss
+from loraexport.core.progress import Progress
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError, UnsupportedAdapterError
 from loraexport.export.fused import write_fused_decoder
 from loraexport.export.fused_config import check_config
 from loraexport.export.onnx import ExportResult
-from loraexport.export.optimize import FUSED_TYPES, fused_result
+from loraexport.export.optimize import fused_result
 from loraexport.export.quantize import quantization_description
 from loraexport.export.streamed import Checkpoint, CheckpointSource, float32_bytes, read_config
-from loraexport.io import read_json
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.weights import check_dora
-from loraexport.memory import Stage, StageRecord, available, peak_rss
 from loraexport.models.registry import detect_family
-from loraexport.output import write_output
-from loraexport.output.report_files import raise_if_output_failed, write_report
-from loraexport.progress import Progress
-from loraexport.report import Report
+from loraexport.models.types import FUSED_TYPES
+from loraexport.report.contents import Report
+from loraexport.report.files import raise_if_output_failed, write_report
 from loraexport.stages.extras import write_extras
 from loraexport.stages.inputs import Log, adapter_info, check_weights, machine, model_provenance, plan
 from loraexport.verify.chunked import is_fused

@@ -12,19 +12,19 @@ import math
 from pathlib import Path
 from typing import Any
 
-from loraexport import data_hf
-from loraexport.data import read_pairs, split
+from loraexport.artifact.output import plan_output, write_output
+from loraexport.core.io import write_json
 from loraexport.errors import InvalidInputError
-from loraexport.io import write_json
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import check_ranks
 from loraexport.models.hf.common import max_positions, text_config
 from loraexport.models.reference import check_pairs
 from loraexport.models.registry import ModelDir, load_model_dir
 from loraexport.models.transformer import Transformer
-from loraexport.output import plan_output, write_output
-from loraexport.training import TrainResult, train_lora, warmup_steps
-from loraexport.training_hf import HEAD, Schedule, lora_config, task_of, train_hf
+from loraexport.training import data_hf
+from loraexport.training.data import read_pairs, split
+from loraexport.training.hf import HEAD, Schedule, lora_config, task_of, train_hf
+from loraexport.training.loop import TrainResult, train_lora, warmup_steps
 
 # Defaults that differ by base: the reference Transformer is tiny and trains from a high rate
 # on large batches; for Hugging Face bases, the rate of PEFT's and QLoRA's examples (2e-4).

@@ -11,19 +11,18 @@ import onnxruntime as ort
 import torch
 from torch import nn
 
-from loraexport.data import read_pairs
-from loraexport.description import read_export_meta
-from loraexport.dtypes import torch_dtype
-from loraexport.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.artifact.manifest import check_manifest
+from loraexport.artifact.output import OutputPlan, plan_files, write_files
+from loraexport.artifact.schema import read_export_meta
+from loraexport.core.dtypes import torch_dtype
+from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.core.io import require_dir
 from loraexport.errors import InvalidInputError, ModelFormatError, UsageError, VerificationFailedError
 from loraexport.export.onnx import ExportResult
-from loraexport.io import require_dir
 from loraexport.lora.merge import MergeStats
-from loraexport.manifest import check_manifest
-from loraexport.output import OutputPlan, plan_files, write_files
-from loraexport.output.report_files import report_texts
-from loraexport.report import Report
-from loraexport.runtime import PROVIDERS, RuntimeInputError, check_external_data
+from loraexport.report.contents import Report
+from loraexport.report.files import report_texts
+from loraexport.runtime.model import PROVIDERS, RuntimeInputError, check_external_data
 from loraexport.stages.graphs import describe, export_model, torch_exporter_of
 from loraexport.stages.inputs import (
     Loaded,
@@ -41,6 +40,7 @@ from loraexport.stages.prove import graph_files
 from loraexport.stages.streamed import wants_stream
 from loraexport.stages.verify_adapters import verify_adapter_mode
 from loraexport.stages.verify_quantized import verify_quantized
+from loraexport.training.data import read_pairs
 from loraexport.verify import gates
 from loraexport.verify.half import half_precision_costs
 from loraexport.verify.latency import measure_latency, open_model
@@ -129,7 +129,7 @@ def verify(
 
 def check_graph_files(onnx_path: Path, meta: dict) -> None:
     """Each graph file an ONNX file of bounded size whose external data stays inside the folder
-    and within its data file (``onnx_files.check_external_data``): exit 3, unread, otherwise."""
+    and within its data file (``runtime.files.check_external_data``): exit 3, unread, otherwise."""
     for name in graph_files(meta):
         try:
             check_external_data(onnx_path / name)

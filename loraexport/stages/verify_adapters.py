@@ -11,14 +11,14 @@ import tempfile
 import time
 from pathlib import Path
 
-from loraexport.dtypes import torch_dtype
-from loraexport.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.core.dtypes import torch_dtype
+from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
+from loraexport.core.io import sha256_file
 from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
-from loraexport.io import sha256_file
-from loraexport.report import Report
-from loraexport.runtime import RuntimeInputError
-from loraexport.runtime_adapters import Active, find_adapters
+from loraexport.report.contents import Report
+from loraexport.runtime.adapters import Active, find_adapters
+from loraexport.runtime.model import RuntimeInputError
 from loraexport.stages.adapter_mode import NO_ADAPTER, adapter_file_tensors, file_name
 from loraexport.stages.graphs import describe, export_model
 from loraexport.stages.inputs import Loaded, Log

@@ -18,10 +18,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from loraexport.enums import ExportMode, Precision
+from loraexport.core.enums import ExportMode, Precision
 from loraexport.errors import InvalidInputError
-from loraexport.report import Report
-from loraexport.runtime import RuntimeInputError
+from loraexport.report.contents import Report
+from loraexport.runtime.model import RuntimeInputError
 from loraexport.stages.graphs import describe, export_model, torch_exporter_of
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.stages.merge import unmerged_model

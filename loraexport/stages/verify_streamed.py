@@ -25,15 +25,15 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraexport.data import read_pairs
-from loraexport.enums import ExportMode, Precision
+from loraexport.core.enums import ExportMode, Precision
+from loraexport.core.memory import Stage, StageRecord
+from loraexport.core.progress import Progress
 from loraexport.errors import InvalidInputError, first_line
 from loraexport.export.streamed import CheckpointSource
-from loraexport.memory import Stage, StageRecord
-from loraexport.progress import Progress
-from loraexport.report import Report
-from loraexport.runtime import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
+from loraexport.report.contents import Report
+from loraexport.runtime.model import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
 from loraexport.stages.inputs import Log, machine
+from loraexport.training.data import read_pairs
 from loraexport.verify.chunked import ChunkedDecoder, is_fused
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import (

@@ -25,14 +25,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from loraexport.enums import ExportMode, Precision
+from loraexport.core.enums import ExportMode, Precision
+from loraexport.core.memory import Stage, StageRecord
+from loraexport.core.progress import Progress
 from loraexport.errors import InvalidInputError
 from loraexport.export.fused import write_fused_decoder
 from loraexport.export.quantize import quantization_description
 from loraexport.export.streamed import CheckpointSource
-from loraexport.memory import Stage, StageRecord
-from loraexport.progress import Progress
-from loraexport.report import Report
+from loraexport.report.contents import Report
 from loraexport.stages.inputs import Log
 from loraexport.stages.prove import Proven, float_compute_dir, prove_checkpoint
 from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE, judge_quality

@@ -30,11 +30,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from loraexport.core.progress import Progress
 from loraexport.errors import InvalidInputError
-from loraexport.fused_runtime import positions
-from loraexport.onnx_files import check_external_data
-from loraexport.progress import Progress
-from loraexport.runtime import RuntimeInputError, open_session
+from loraexport.runtime.files import check_external_data
+from loraexport.runtime.fused import positions
+from loraexport.runtime.model import RuntimeInputError, open_session
 
 CHUNK_BYTES = 512 * 1024**2  # weights per chunk at most (at least one layer)
 MIN_CHUNKS = 4  # and at most a quarter of the model: what is resident stays a fraction of it

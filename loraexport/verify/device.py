@@ -19,7 +19,7 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 
-from loraexport.runtime import OnnxModel, chain_forward
+from loraexport.runtime.model import OnnxModel, chain_forward
 
 SINGLE_GRAPH = ("causal", "encoder")  # a seq2seq pass chains two sessions: timed as it runs
 

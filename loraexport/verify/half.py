@@ -25,8 +25,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from loraexport.dtypes import TORCH
-from loraexport.enums import Precision
+from loraexport.core.dtypes import TORCH
+from loraexport.core.enums import Precision
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import merge_state_dict
 from loraexport.lora.views import merged_view, set_tensor, shared_copy

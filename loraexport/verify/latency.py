@@ -21,7 +21,7 @@ from torch import nn
 
 from loraexport.errors import InvalidInputError
 from loraexport.models.base import ModelFamily
-from loraexport.runtime import OnnxModel, RuntimeInputError
+from loraexport.runtime.model import OnnxModel, RuntimeInputError
 from loraexport.verify.device import bound_forward, float16_export
 
 

@@ -10,7 +10,7 @@ import math
 from dataclasses import dataclass
 from pathlib import Path
 
-from loraexport.enums import Precision
+from loraexport.core.enums import Precision
 from loraexport.errors import InvalidInputError
 from loraexport.verify.gates import Budget
 

@@ -25,7 +25,7 @@ import torch
 from torch import nn
 
 from loraexport.models.base import ModelFamily
-from loraexport.runtime import OnnxModel, RuntimeInputError, chain_forward
+from loraexport.runtime.model import OnnxModel, RuntimeInputError, chain_forward
 from loraexport.verify.task import task_targets, until_eos
 
 # ONNX's error vs float64 may be this many times torch-float32's own error vs float64.

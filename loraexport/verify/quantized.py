@@ -38,7 +38,7 @@ import torch
 from torch import nn
 
 from loraexport.models.base import ModelFamily, ParityCase
-from loraexport.runtime import OnnxModel, chain_forward
+from loraexport.runtime.model import OnnxModel, chain_forward
 from loraexport.verify.parity import torch_runner
 
 # Text for the logit figures of a model with a tokenizer and no --eval-data: prose, code and a

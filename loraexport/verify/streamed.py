@@ -162,18 +162,22 @@ class StreamedDecoder:
         return self._peak
 
     def _read(self, names: Sequence[str]) -> Weights:
-        out: Weights = {}
-        for path in dict.fromkeys(self._files[n] for n in names):
-            with safe_open(path, framework="pt") as f:
-                out.update({n: f.get_tensor(n) for n in names if self._files[n] == path})
-        out |= {n: self.overrides[n] for n in names if n in self.overrides}
+        """A group's tensors: from ``weights`` where it supplies them (the checkpoint's copy is then
+        never read), else the checkpoint's, or ``overrides``'."""
+        supplied: Weights = {}
         for n in names if self.weights is not None else ():
             module = "lm_head" if n == self._head_name else n.removesuffix(".weight")
             value = self.weights(module) if module == "lm_head" or _is_linear(module) else None
             if value is not None and list(value.shape) != self._meta[n][0]:
                 raise ValueError(f"{module}: a weight {tuple(value.shape)} that is not the checkpoint's")
-            out[n] = out[n] if value is None else value
-        return out
+            if value is not None:
+                supplied[n] = value
+        rest = [n for n in names if n not in supplied]
+        out: Weights = {}
+        for path in dict.fromkeys(self._files[n] for n in rest):
+            with safe_open(path, framework="pt") as f:
+                out.update({n: f.get_tensor(n) for n in rest if self._files[n] == path})
+        return out | {n: self.overrides[n] for n in rest if n in self.overrides} | supplied
 
     def _cast(
         self, stored: Weights, dtype: torch.dtype, modules: Iterable[str]

@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-MODEL_TYPES = ("llama", "mistral", "qwen2")
+from loraexport.models.types import FUSED_TYPES, LLAMA, QWEN2
 
 
 @dataclass(frozen=True)
@@ -24,8 +24,8 @@ class DecoderConfig:
 
 def decoder_config(cfg: dict, where: Path) -> DecoderConfig:
     """``cfg`` (config.json) as the decoder computes it; ``ValueError`` naming ``where`` else."""
-    if cfg.get("model_type") not in MODEL_TYPES:
-        raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} not in {MODEL_TYPES}")
+    if cfg.get("model_type") not in FUSED_TYPES:
+        raise ValueError(f"{where}: model_type {cfg.get('model_type')!r} not in {FUSED_TYPES}")
     if cfg.get("hidden_act", "silu") != "silu":
         raise ValueError(f"{where}: hidden_act {cfg['hidden_act']!r} is not supported (only silu)")
     rope = cfg.get("rope_parameters") or {}
@@ -35,8 +35,8 @@ def decoder_config(cfg: dict, where: Path) -> DecoderConfig:
             raise ValueError(f"{where}: RoPE {params} is not supported (only default RoPE)")
     heads, layers = cfg["num_attention_heads"], cfg["num_hidden_layers"]
     # Sliding-window attention per layer, as transformers decides it (None: full attention).
-    window, types = cfg.get("sliding_window") if cfg["model_type"] != "llama" else None, None
-    if cfg["model_type"] == "qwen2":
+    window, types = cfg.get("sliding_window") if cfg["model_type"] != LLAMA else None, None
+    if cfg["model_type"] == QWEN2:
         window = window if cfg.get("use_sliding_window", False) else None
         first = cfg.get("max_window_layers", 28)  # older configs, without layer_types
         types = cfg.get("layer_types") or ["sliding_attention" if i >= first else "" for i in range(layers)]

@@ -11,7 +11,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from loraexport.onnx_files import RuntimeInputError, check_external_data
+from loraexport.runtime.files import RuntimeInputError, check_external_data
 
 BLOCK = 1 << 24  # bytes compared at a time
 

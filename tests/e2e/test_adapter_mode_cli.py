@@ -347,7 +347,7 @@ def test_convert_adapter_into_the_export_folder(served, tmp_path):
     it there); the export's own files, its listed adapter files included, are never written."""
     import shutil
 
-    from loraexport.runtime import OnnxModel
+    from loraexport.runtime.model import OnnxModel
 
     tmp, _ = served
     onnx_dir = tmp_path / "served"

@@ -12,7 +12,7 @@ import pytest
 from artifacts import copy_dir
 from clihelp import needs_bin, ok, program, refused, run, untouched
 
-from loraexport.provenance import write as write_manifest
+from loraexport.artifact.provenance import write as write_manifest
 
 
 def _listed(directory: Path) -> dict[str, str]:

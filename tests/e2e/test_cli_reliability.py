@@ -86,14 +86,14 @@ def test_unreadable_adapter_directory(work, command, monkeypatch):
 def test_unreadable_adapter_config(work, command, monkeypatch):
     config = work / "adapter" / CONFIG_NAME
     config.chmod(0)
-    import loraexport.untrusted
+    import loraexport.core.untrusted
 
     def denied(file, *args, **kwargs):  # root reads a mode-000 file anyway: fail as for a user
         if Path(file) == config:
             raise PermissionError(errno.EACCES, "Permission denied")
         return open(file, *args, **kwargs)
 
-    monkeypatch.setattr(loraexport.untrusted, "open", denied, raising=False)  # where JSON is read
+    monkeypatch.setattr(loraexport.core.untrusted, "open", denied, raising=False)  # where JSON is read
     try:
         _merge_refused(work, command, 3, str(config), "Permission denied")
     finally:
@@ -392,12 +392,12 @@ def test_disk_full_during_export_leaves_nothing(work, monkeypatch):
 def test_disk_full_while_saving_a_trained_adapter_leaves_nothing(
     tmp_path, sample_base, small_data, monkeypatch
 ):
-    import loraexport.io
+    import loraexport.core.io
 
     def full(*args, **kwargs):
         raise OSError(errno.ENOSPC, "No space left on device")
 
-    monkeypatch.setattr(loraexport.io, "save_file", full)
+    monkeypatch.setattr(loraexport.core.io, "save_file", full)
     with untouched(tmp_path):
         r = run(
             "train",

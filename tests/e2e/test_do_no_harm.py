@@ -189,7 +189,7 @@ BARRIER = textwrap.dedent(
     # until the other has arrived there too, so both have done all their work when they race.
     import os, time
     from pathlib import Path
-    from loraexport.output import swap as output
+    from loraexport.artifact.output import swap as output
 
     real = output.swap_in
 
@@ -260,7 +260,7 @@ def test_stale_temporary_folder_of_a_killed_run_is_removed(w, tmp_path):
     removes it (owned by name and PID: the process is gone)."""
     env = sitecustomize(
         tmp_path / "hook",
-        "import os, signal\nfrom loraexport.output import swap\n"
+        "import os, signal\nfrom loraexport.artifact.output import swap\n"
         "swap.swap_in = lambda *a: os.kill(os.getpid(), signal.SIGKILL)\n",
     )
     args = ["merge", "--base", "llama", "--adapter", "ad", "--out", "out"]
@@ -357,7 +357,7 @@ def test_rank_beyond_the_layers_is_refused_before_allocating(w):
 
 def test_training_that_diverges_writes_nothing(w, monkeypatch):
     """A loss that becomes NaN (here: forced at step 3) stops training with exit 3."""
-    from loraexport import training as train_module
+    from loraexport.training import loop as train_module
 
     real, calls = train_module._loss, []
 

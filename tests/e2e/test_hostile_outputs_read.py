@@ -17,8 +17,8 @@ from artifacts import VOCAB, copy_dir, edit_json, make_adapter, make_base
 from clihelp import needs_bin, ok, peak_rss_mb, program, refused, run, untouched
 from onnx import external_data_helper
 
-from loraexport.runtime import MAX_ONNX_BYTES, OnnxModel, RuntimeInputError, check_export_meta
-from loraexport.untrusted import MAX_JSON_BYTES
+from loraexport.core.untrusted import MAX_JSON_BYTES
+from loraexport.runtime.model import MAX_ONNX_BYTES, OnnxModel, RuntimeInputError, check_export_meta
 
 RSS_LIMIT_MB = 1024  # the bound for a hostile-size input
 SPARSE_ONNX_BYTES = 6 * 1024**3  # `truncate -s 6G model.onnx`: costs no disk, 3x protobuf's limit

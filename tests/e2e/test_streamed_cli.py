@@ -14,7 +14,7 @@ import torch
 from artifacts import MEMORY_MODEL, make_hf_decoder, make_peft_adapter
 from clihelp import leftovers, ok, refused, run, untouched
 
-from loraexport.runtime import OnnxModel
+from loraexport.runtime.model import OnnxModel
 
 pytestmark = pytest.mark.slow  # exports and onnxruntime sessions: seconds each
 

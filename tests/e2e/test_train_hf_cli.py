@@ -242,7 +242,7 @@ def test_text_examples_packed_into_rows(bases, tmp_path):
 
 
 def test_progress_shows_loss_and_tokens_per_second(bases, data, tmp_path, monkeypatch):
-    from loraexport import training_hf
+    from loraexport.training import hf as training_hf
 
     seen = []
 
@@ -302,7 +302,7 @@ def test_target_regex_and_rslora(bases, data, tmp_path):
 
 
 def test_training_that_diverges_writes_nothing(bases, data, tmp_path, monkeypatch):
-    from loraexport import training_hf
+    from loraexport.training import hf as training_hf
 
     real, calls = training_hf._loss_sum, []
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from artifacts import HF_TARGETS, make_hf_decoder
 
-from loraexport.runtime import OnnxModel
+from loraexport.runtime.model import OnnxModel
 from loraexport.stages.export import export
 
 peft = pytest.importorskip("peft")
@@ -96,7 +96,7 @@ def test_each_adapter_through_plain_onnxruntime_matches_its_peft_model(family):
 
 
 def _empty_past(session, ids) -> dict:
-    from loraexport.runtime import positions
+    from loraexport.runtime.model import positions
 
     out = {"position_ids": positions(np.ones_like(ids))}
     for i in session.get_inputs():
@@ -223,7 +223,7 @@ def test_an_adapter_for_another_graph_is_refused(family, tmp_path):
     """An adapter file whose tensors this export has no input for (made for another export)
     is refused in one line, not run as the base model."""
     from loraexport.export.adapter import write_adapter_file
-    from loraexport.runtime import RuntimeInputError
+    from loraexport.runtime.model import RuntimeInputError
 
     _, out, _, _ = family
     foreign = tmp_path / "foreign.onnx_adapter"

@@ -1,6 +1,6 @@
 """The fused decoder graph (``loraexport.export.fused``: GroupQueryAttention, RotaryEmbedding,
 skip RMSNorms, last-position logits) computes what the Hugging Face model computes, through a
-prompt pass, a shared KV buffer (``loraexport.fused_runtime``) and a growing cache alike, with
+prompt pass, a shared KV buffer (``loraexport.runtime.fused``) and a growing cache alike, with
 LoRA branches kept unmerged and byte-exact."""
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from onnx import numpy_helper
 from loraexport.errors import ExportError
 from loraexport.export import fused
 from loraexport.export.fused import build_fused_decoder
-from loraexport.fused_runtime import forward_stepwise, generate_shared
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
-from loraexport.runtime import positions, session_options
+from loraexport.runtime.fused import forward_stepwise, generate_shared
+from loraexport.runtime.model import positions, session_options
 
 transformers = pytest.importorskip("transformers")
 

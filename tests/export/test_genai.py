@@ -13,7 +13,7 @@ from artifacts import make_hf_decoder, make_peft_adapter
 
 from loraexport.export.genai import GENAI_CONFIG, genai_config, portable_tokenizer_config, supported
 from loraexport.pipeline import merge_and_export
-from loraexport.runtime import OnnxModel
+from loraexport.runtime.model import OnnxModel
 
 transformers = pytest.importorskip("transformers")
 peft = pytest.importorskip("peft")

@@ -11,12 +11,12 @@ import onnxruntime as ort
 import pytest
 from onnx import helper, numpy_helper
 
-from loraexport.dtypes import torch_dtype
-from loraexport.enums import ExportMode
+from loraexport.core.dtypes import torch_dtype
+from loraexport.core.enums import ExportMode
 from loraexport.export.half import SUFFIX, store_weights_half
 from loraexport.export.onnx import EXTERNAL_DATA_BYTES
 from loraexport.lora.adapter import Adapter
-from loraexport.runtime import OnnxModel
+from loraexport.runtime.model import OnnxModel
 from loraexport.stages.export import describe, export, export_model
 from loraexport.stages.merge import merged_model
 

@@ -17,7 +17,7 @@ from clihelp import one_line_message
 from loraexport.errors import ExportError, InvalidInputError
 from loraexport.lora.adapter import Adapter
 from loraexport.models.reference import load_model
-from loraexport.runtime import OnnxModel, empty_past
+from loraexport.runtime.model import OnnxModel, empty_past
 from loraexport.stages.export import export
 from loraexport.stages.merge import unmerged_model
 

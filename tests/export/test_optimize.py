@@ -17,7 +17,7 @@ from onnx import numpy_helper
 
 from loraexport.errors import VerificationFailedError
 from loraexport.pipeline import merge_and_export
-from loraexport.runtime import OnnxModel, RuntimeInputError
+from loraexport.runtime.model import OnnxModel, RuntimeInputError
 from loraexport.stages.export import export
 from loraexport.stages.verify import verify
 

@@ -13,9 +13,9 @@ import pytest
 from artifacts import edit_tensors
 from clihelp import QUICK, ok, refused, run, untouched
 
-from loraexport.enums import ExportMode
+from loraexport.core.enums import ExportMode
 from loraexport.export.quantize import lora_matmuls
-from loraexport.runtime import OnnxModel
+from loraexport.runtime.model import OnnxModel
 from loraexport.stages.export import describe, export, export_model, lora_factors
 from loraexport.stages.inputs import load_inputs
 from loraexport.stages.merge import unmerged_model

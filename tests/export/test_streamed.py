@@ -18,7 +18,7 @@ import torch
 from artifacts import MEMORY_MODEL, make_hf_decoder, make_peft_adapter
 from onnx import numpy_helper
 
-from loraexport.enums import Precision
+from loraexport.core.enums import Precision
 from loraexport.errors import AdapterMismatchError, ModelFormatError
 from loraexport.export.fused import build_fused_decoder, write_fused_decoder
 from loraexport.export.quantize import quantize_graph
@@ -150,10 +150,10 @@ MEMORY_SCRIPT = textwrap.dedent(
     import sys, time
     from pathlib import Path
     import torch, onnx, onnxruntime, transformers  # everything the export imports, before the baseline
-    from loraexport.enums import Precision
+    from loraexport.core.enums import Precision
     from loraexport.export.fused import write_fused_decoder
     from loraexport.export.streamed import CheckpointSource
-    from loraexport.memory import Stage, rss
+    from loraexport.core.memory import Stage, rss
     base, out, precision = Path(sys.argv[1]), Path(sys.argv[2]), Precision(sys.argv[3])
     records = []
     src = CheckpointSource(base)

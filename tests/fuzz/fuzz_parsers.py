@@ -61,8 +61,8 @@ import torch  # noqa: E402
 from safetensors.torch import save_file  # noqa: E402
 from torch import nn  # noqa: E402
 
+from loraexport.core.io import load_safetensors, read_json  # noqa: E402
 from loraexport.errors import AdapterFormatError, LoraExportError, ModelFormatError  # noqa: E402
-from loraexport.io import load_safetensors, read_json  # noqa: E402
 from loraexport.lora.adapter import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME, Adapter  # noqa: E402
 from loraexport.lora.config import _PASSIVE_KEYS, _VARIANT_KEYS, LoraConfig  # noqa: E402
 from loraexport.lora.merge import merge_state_dict  # noqa: E402

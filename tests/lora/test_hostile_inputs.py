@@ -17,8 +17,8 @@ import torch
 from clihelp import one_line_message
 from safetensors.torch import save_file
 
+from loraexport.core.io import read_json, require_dir, require_file
 from loraexport.errors import AdapterFormatError, InputNotFoundError, ModelFormatError
-from loraexport.io import read_json, require_dir, require_file
 from loraexport.lora.adapter import CONFIG_NAME, PICKLE_NAME, PREFIX, WEIGHTS_NAME, Adapter
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.stream import INDEX, checkpoint_shards, read_header
@@ -132,13 +132,13 @@ def test_read_json_unreadable_file(tmp_path, monkeypatch):
     path = tmp_path / CONFIG_NAME
     path.write_text("{}")
 
-    import loraexport.untrusted
+    import loraexport.core.untrusted
 
     def denied(file, *args, **kwargs):
         raise PermissionError(13, "Permission denied")
 
     # chmod does not stop root, who runs CI here: fail the open where JSON is read
-    monkeypatch.setattr(loraexport.untrusted, "open", denied, raising=False)
+    monkeypatch.setattr(loraexport.core.untrusted, "open", denied, raising=False)
     with pytest.raises(AdapterFormatError) as e:
         read_json(path, AdapterFormatError)
     one_line_message(e, str(path), "Permission denied")

@@ -140,7 +140,7 @@ def _adapter_dir(tmp_path):
 def test_sigint_leaves_nothing(tmp_path, monkeypatch):
     _checkpoint(tmp_path / "base")
     adapter = _adapter_dir(tmp_path)
-    from loraexport.progress import Progress
+    from loraexport.core.progress import Progress
 
     def interrupt(self, n=1, **kw):
         raise KeyboardInterrupt

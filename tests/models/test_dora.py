@@ -20,7 +20,7 @@ from loraexport.lora.adapter import Adapter
 from loraexport.lora.views import unmerged_view
 from loraexport.models.registry import load_base
 from loraexport.pipeline import merge_and_export
-from loraexport.runtime import OnnxModel, RuntimeInputError, positions
+from loraexport.runtime.model import OnnxModel, RuntimeInputError, positions
 from loraexport.stages.merge import merged_model
 from models.test_hf import DECODERS, MODELS, VOCAB, _inputs
 

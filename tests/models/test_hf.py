@@ -21,7 +21,7 @@ peft = pytest.importorskip("peft")
 from loraexport.lora.adapter import Adapter  # noqa: E402
 from loraexport.models.registry import load_base  # noqa: E402
 from loraexport.pipeline import merge_and_export  # noqa: E402
-from loraexport.runtime import OnnxModel, RuntimeInputError, positions  # noqa: E402
+from loraexport.runtime.model import OnnxModel, RuntimeInputError, positions  # noqa: E402
 from loraexport.stages.merge import merged_model  # noqa: E402
 
 # Merged weights vs PEFT: both add s·B·A to W0 once; ours in float64 then rounded, PEFT's in

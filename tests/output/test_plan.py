@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 from clihelp import previous_output
 
+from loraexport.artifact.output import plan_files, plan_output
 from loraexport.errors import OutputExistsError, OutputNotWritableError, UsageError
-from loraexport.output import plan_files, plan_output
 
 
 def test_existing_output_refused_without_force(tmp_path):

@@ -9,8 +9,8 @@ import shutil
 import pytest
 from clihelp import leftovers, previous_output
 
+from loraexport.artifact.output import plan_output, swap, write_output
 from loraexport.errors import OutputTakenError
-from loraexport.output import plan_output, swap, write_output
 
 
 def test_a_folder_created_meanwhile_is_left_alone(tmp_path):

@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from clihelp import leftovers, previous_output
 
-from loraexport.output import dir_mode, plan_files, plan_output, write_files, write_output
-from loraexport.untrusted import read_json
+from loraexport.artifact.output import dir_mode, plan_files, plan_output, write_files, write_output
+from loraexport.core.untrusted import read_json
 
 
 def _write(out: Path, force: bool = False) -> None:

@@ -10,7 +10,7 @@ import pytest
 from artifacts import ORT_ATOL, random_batch
 
 from loraexport.errors import OutputExistsError
-from loraexport.runtime import OnnxModel
+from loraexport.runtime.model import OnnxModel
 from loraexport.stages.export import export
 
 

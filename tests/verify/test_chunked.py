@@ -13,7 +13,7 @@ import pytest
 from artifacts import make_hf_decoder, make_peft_adapter
 from clihelp import ok, run
 
-from loraexport.runtime import OnnxModel
+from loraexport.runtime.model import OnnxModel
 from loraexport.verify.chunked import ChunkedDecoder, _plan, cut, is_fused
 
 IDS = np.array([[5, 17, 3, 44, 9, 71, 2], [0, 0, 0, 8, 30, 12, 60]])

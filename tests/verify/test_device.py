@@ -11,7 +11,7 @@ import pytest
 import torch
 from artifacts import make_hf_decoder, make_peft_adapter
 
-from loraexport.runtime import OnnxModel
+from loraexport.runtime.model import OnnxModel
 from loraexport.stages.export import export
 from loraexport.stages.inputs import load_inputs
 from loraexport.stages.merge import merged_model, unmerged_model

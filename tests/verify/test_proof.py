@@ -15,6 +15,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from onnx import TensorProto, helper, numpy_helper
 
+from loraexport.artifact.manifest import SELF_DIGEST, check_description, description_digest
 from loraexport.export.qformat import (
     NBits,
     dynamic_dequantize,
@@ -23,7 +24,6 @@ from loraexport.export.qformat import (
     nbits_quantize,
     source_of,
 )
-from loraexport.manifest import SELF_DIGEST, check_description, description_digest
 from loraexport.verify.dequantized import float_compute_graph
 from loraexport.verify.gates import Budget, quality_failures, retained_band
 from loraexport.verify.proof import MAX_STEP_SHARE, FileProof, Role, compare_tensor, roles

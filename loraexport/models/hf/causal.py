@@ -19,11 +19,7 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from loraexport.enums import Precision
 from loraexport.errors import ModelFormatError
-from loraexport.export import optimize
-from loraexport.export.onnx import ExportResult
-from loraexport.export.spec import GraphSpec
 from loraexport.models.base import Inputs, ParityCase
 from loraexport.models.hf.common import (
     cache_dims,
@@ -33,11 +29,12 @@ from loraexport.models.hf.common import (
 )
 from loraexport.models.hf.family import hf_family
 from loraexport.models.hf.tokenizer import DEFAULT_PROMPTS, encode
+from loraexport.models.spec import GraphSpec
+from loraexport.models.types import CAUSAL_TYPES, GPT2, OPTIMIZED_TYPES
 
-CAUSAL_TYPES = ("gpt2", "llama", "mistral", "qwen2")
 # What ``train`` adapts by default: the query and value projections; GPT-2 computes q, k and v in
 # one Conv1D (as PEFT's default target map has it)
-TARGETS = {"gpt2": ("c_attn",)}
+TARGETS = {GPT2: ("c_attn",)}
 QV_TARGETS = ("q_proj", "v_proj")
 NEW_TOKENS = 32  # greedy tokens compared per prompt
 # (batch, length, padding) of the parity cases: batch sizes 1, 2, 4; lengths 2 to 64
@@ -125,25 +122,6 @@ def _specs(model: nn.Module, last_position: bool = False) -> list[GraphSpec]:
             ),
         )
     ]
-
-
-def _optimized(
-    model: nn.Module,
-    out_dir: Path,
-    opset: int,
-    exporter: str,
-    precision: Precision | None = None,
-    origins: dict | None = None,
-) -> ExportResult:
-    """--optimize (``export.optimize``): the fused graph for Llama, Mistral and Qwen2 (written
-    quantized when ``precision`` is int8/int4); GPT-2's torch.onnx export with the LM head on the
-    last position (float32: quantized afterwards). ``origins``: filled by the fused writer with the
-    modules each weight holds (``export.graph_writer.Graph.origins``)."""
-    if model.config.model_type in optimize.FUSED_TYPES:
-        spec = _specs(model)[0]
-        io = (spec.input_names, spec.output_names)
-        return optimize.fused_export(model, out_dir, io, precision, origins)
-    return optimize.last_position_export(_specs(model, last_position=True), out_dir, opset, exporter)
 
 
 # ---- metadata, parity, generation ---------------------------------------------------------------
@@ -257,7 +235,7 @@ HF_CAUSAL = hf_family(
     prompts=_prompts,
     generate=_generate,
     latency_points=((1, 16), (1, 128)),
-    optimized_export=_optimized,
-    optimizes=lambda cfg: optimize.supported(cfg.get("model_type")),
+    optimized_specs=lambda model: _specs(model, last_position=True),
+    optimizes=lambda cfg: cfg.get("model_type") in OPTIMIZED_TYPES,
     default_targets=lambda model: TARGETS.get(model.config.model_type, QV_TARGETS),
 )

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from loraexport.core.untrusted import read_json, short_repr
 from loraexport.errors import ModelFormatError, first_line
 from loraexport.models.base import Inputs, ParityCase
 from loraexport.models.checks import (
@@ -33,7 +34,7 @@ from loraexport.models.checks import (
     hf_value,
 )
 from loraexport.models.strict import check_loaded
-from loraexport.untrusted import read_json, short_repr
+from loraexport.models.types import ROBERTA
 
 # Positions a model must have: the decoder export traces a 4-token cache plus 3 new tokens, the
 # encoder export 5 tokens, and parity runs batches as long as the model allows.
@@ -216,7 +217,7 @@ def save(model: nn.Module, directory: Path) -> None:
 def max_positions(config) -> int:
     """Positions a sequence may use: RoBERTa numbers them from ``pad_token_id + 1``."""
     n = getattr(config, "max_position_embeddings", None) or 2**31
-    if config.model_type == "roberta":
+    if config.model_type == ROBERTA:
         n -= (config.pad_token_id or 0) + 1
     return n
 

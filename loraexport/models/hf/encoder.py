@@ -12,12 +12,12 @@ import torch
 from torch import nn
 from torch.export import Dim
 
-from loraexport.export.spec import GraphSpec
 from loraexport.models.base import Inputs, ParityCase
 from loraexport.models.hf.common import max_positions, random_cases
 from loraexport.models.hf.family import hf_family
+from loraexport.models.spec import GraphSpec
+from loraexport.models.types import ENCODER_TYPES
 
-ENCODER_TYPES = ("bert", "roberta")
 # (batch, length, padding) of the parity cases: unpadded and right-padded (token_type_ids are
 # fed as zeros by the runners)
 PARITY_SHAPES = [(1, 16, "none"), (4, 32, "right"), (2, 64, "right"), (1, 2, "none"), (4, 24, "right")]

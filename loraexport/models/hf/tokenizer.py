@@ -10,10 +10,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from loraexport.core.untrusted import read_json, short_repr
 from loraexport.errors import ModelFormatError
 from loraexport.models.checks import check_tokenizer_config
 from loraexport.models.hf.common import quiet_transformers, read_config, reason
-from loraexport.untrusted import read_json, short_repr
 
 TOKENIZER_FILES = (
     "config.json",

@@ -6,7 +6,7 @@ import json
 from pathlib import Path
 
 from loraexport.errors import VerificationFailedError
-from loraexport.report import Report
+from loraexport.report.contents import Report
 
 
 def report_texts(report: Report) -> tuple[str, str]:

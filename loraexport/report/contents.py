@@ -9,10 +9,10 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+from loraexport.artifact.provenance import versions
+from loraexport.core.memory import stages_markdown
 from loraexport.export.onnx import ExportResult
 from loraexport.lora.merge import MergeStats
-from loraexport.memory import stages_markdown
-from loraexport.provenance import versions
 from loraexport.verify import gates
 from loraexport.verify.adapters import AdapterModeResult
 from loraexport.verify.gates import Budget

@@ -20,10 +20,11 @@ from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraexport.artifact.output.swap import Identity, identity
+from loraexport.artifact.schema import META
 from loraexport.errors import OutputExistsError, OutputNotWritableError, UsageError
-from loraexport.output.swap import Identity, identity
 
-MANIFEST = "loraexport.json"
+MANIFEST = META
 REPORT_HEADING = "# loraexport report"
 TMP_SUFFIX_BYTES = len(".tmp-4194304-xxxxxxxx") + 1  # the leading dot of the temporary name
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")

@@ -12,14 +12,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraexport.data import Pair
+from loraexport.core.progress import Progress
 from loraexport.errors import TrainingDivergedError
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import inject
 from loraexport.models.reference import EOS, Vocab, batch_encode, greedy_generate, prompt_ids
 from loraexport.models.transformer import Transformer
-from loraexport.progress import Progress
+from loraexport.training.data import Pair
 
 
 @dataclass

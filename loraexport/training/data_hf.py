@@ -24,9 +24,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from loraexport.core.io import require_file
+from loraexport.core.untrusted import read_json_lines, short_repr
 from loraexport.errors import DataFormatError
-from loraexport.io import require_file
-from loraexport.untrusted import read_json_lines, short_repr
 
 CAUSAL, CLASSIFY = "causal", "classify"  # what is trained: next tokens, or one label per text
 PROMPT, TEXT, LABELLED = "prompt-completion", "text", "text-label"  # the formats of a line

@@ -8,8 +8,8 @@ import os
 import stat
 from pathlib import Path
 
+from loraexport.core.untrusted import short_repr
 from loraexport.errors import first_line
-from loraexport.untrusted import short_repr
 
 # protobuf cannot parse a message over 2 GiB (INT_MAX bytes): a larger .onnx is no ONNX model,
 # and is refused from its size alone, before a byte of it is read. Weights beyond it live in

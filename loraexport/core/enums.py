@@ -3,7 +3,7 @@ in which precision weights are stored (``Precision``).
 
 The CLI's choices, ``loraexport.json``'s ``"mode"`` and ``"weights_dtype"``, the export and
 verify stages and ``loraexport.runtime`` all use these values. No torch here (the runtime and
-the CLI import it); ``loraexport.dtypes`` maps them to torch and ONNX types.
+the CLI import it); ``loraexport.core.dtypes`` maps them to torch and ONNX types.
 """
 
 from __future__ import annotations

@@ -6,7 +6,7 @@ in at the end (``write``), with one atomic rename that never replaces what it wa
 (``swap``).
 """
 
-from loraexport.output.plan import (
+from loraexport.artifact.output.plan import (
     MANIFEST,
     OutputPlan,
     check_not_input,
@@ -14,8 +14,8 @@ from loraexport.output.plan import (
     plan_output,
     remove_stale,
 )
-from loraexport.output.swap import signals_deferred
-from loraexport.output.write import dir_mode, write_files, write_output
+from loraexport.artifact.output.swap import signals_deferred
+from loraexport.artifact.output.write import dir_mode, write_files, write_output
 
 __all__ = [
     "MANIFEST",

@@ -21,10 +21,11 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from loraexport.artifact.schema import META
+from loraexport.core.untrusted import short_repr
 from loraexport.errors import InvalidInputError, ModelFormatError, VerificationFailedError
-from loraexport.untrusted import short_repr
 
-MANIFEST = "loraexport.json"
+MANIFEST = META  # the manifest is loraexport.json itself
 # loraexport.json's digest of its own content (every other key, canonical JSON): its claims are
 # checked like the files it lists.
 SELF_DIGEST = "sha256"
@@ -56,7 +57,7 @@ def check_description(meta: object) -> str:
 
 
 def sha256(path: Path) -> str:
-    from loraexport.io import sha256_file
+    from loraexport.core.io import sha256_file
 
     return sha256_file(path)
 
@@ -206,7 +207,7 @@ def check_manifest(directory: str | Path) -> ManifestCheck:
     Nothing is followed: a listed file replaced by a link (wherever it leads), a folder or a FIFO
     is *changed*. A manifest that lists a path outside ``directory`` is invalid (exit 3).
     """
-    from loraexport.io import read_json, require_dir
+    from loraexport.core.io import read_json, require_dir
 
     d = require_dir(directory, "output directory")
     manifest = d / MANIFEST

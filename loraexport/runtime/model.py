@@ -11,7 +11,7 @@ Everything is checked before it is used: ``loraexport.json`` is read bounded and
 reads or maps them (``check_external_data``).
 
 This module imports only numpy, onnxruntime, onnx (when a file is checked) and the standard
-library (through ``loraexport.untrusted``), so an app can ship without torch.
+library (through ``loraexport.core.untrusted``), so an app can ship without torch.
 """
 
 from __future__ import annotations
@@ -21,9 +21,16 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from loraexport.description import KINDS, check_export_meta, read_export_meta  # noqa: F401 (re-exported)
+from loraexport.artifact.schema import KINDS, META, check_export_meta, read_export_meta  # noqa: F401 (re-exported)
+from loraexport.core.untrusted import short_repr
 from loraexport.errors import InvalidInputError, first_line
-from loraexport.fused_runtime import (  # noqa: F401 (positions, empty_past: re-exported)
+from loraexport.runtime.adapters import Active, AdapterOptions, find_adapters
+from loraexport.runtime.files import (  # noqa: F401 (re-exported)
+    MAX_ONNX_BYTES,
+    RuntimeInputError,
+    check_external_data,
+)
+from loraexport.runtime.fused import (  # noqa: F401 (positions, empty_past: re-exported)
     empty_past,
     forward_growing,
     forward_stepwise,
@@ -31,13 +38,6 @@ from loraexport.fused_runtime import (  # noqa: F401 (positions, empty_past: re-
     next_past,
     positions,
 )
-from loraexport.onnx_files import (  # noqa: F401 (re-exported)
-    MAX_ONNX_BYTES,
-    RuntimeInputError,
-    check_external_data,
-)
-from loraexport.runtime_adapters import Active, AdapterOptions, find_adapters
-from loraexport.untrusted import short_repr
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # What onnxruntime raises for a model it cannot load (bad graph, bad protobuf, missing data...).
@@ -104,7 +104,7 @@ class OnnxModel:
         self.meta = (
             read_export_meta(self.dir, RuntimeInputError)
             if meta is None
-            else check_export_meta(meta, self.dir / "loraexport.json", RuntimeInputError)
+            else check_export_meta(meta, self.dir / META, RuntimeInputError)
         )
         self.kind = self.meta["model"]["kind"]
         self.tokens = self.meta["model"]["special_tokens"]
@@ -122,7 +122,7 @@ class OnnxModel:
         self.n_layers = len(past) // 2
         self.n_heads, self.head_dim = (past[0].shape[1], past[0].shape[3]) if past else (0, 0)
         # How an --optimize graph differs (``loraexport.json`` graphs.<name>): logits for the
-        # last position only, and a key/value cache the graph updates in place (fused_runtime).
+        # last position only, and a key/value cache the graph updates in place (runtime.fused).
         graph = self.meta.get("graphs", {}).get("decoder" if self.kind == "seq2seq" else "model", {})
         self.logits = graph.get("logits", "all")
         self.kv_cache = graph.get("kv_cache", "growing")
@@ -179,7 +179,7 @@ class OnnxModel:
         return self._adapters.options(self.adapter if adapter is None else adapter)
 
     def _bound(self, active: Active | None) -> dict:
-        """``active``'s tensors, for the decoder's io-binding (``runtime_adapters.Active``)."""
+        """``active``'s tensors, for the decoder's io-binding (``runtime.adapters.Active``)."""
         return {} if active is None else active.bound(self.lora_inputs["model"])
 
     def _single_pass(self, input_ids, attention_mask, decoder_input_ids=None, active=None) -> dict:
@@ -278,7 +278,7 @@ class OnnxModel:
 
 
 def _shared(fn, session: ort.InferenceSession, *args):
-    """``fused_runtime``'s ``fn`` on a shared-buffer graph; what it refuses, and what onnxruntime
+    """``runtime.fused``'s ``fn`` on a shared-buffer graph; what it refuses, and what onnxruntime
     cannot run, is a ``RuntimeInputError``."""
     try:
         return fn(session, *args)

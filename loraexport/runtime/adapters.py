@@ -8,7 +8,7 @@ from pathlib import Path
 
 import onnxruntime as ort
 
-from loraexport.onnx_files import RuntimeInputError
+from loraexport.runtime.files import RuntimeInputError
 
 SUFFIX = ".onnx_adapter"
 

@@ -7,9 +7,9 @@ import json
 import random
 from pathlib import Path
 
+from loraexport.core.io import require_file
+from loraexport.core.untrusted import read_json_lines
 from loraexport.errors import DataFormatError
-from loraexport.io import require_file
-from loraexport.untrusted import read_json_lines
 
 Pair = tuple[str, str]
 

@@ -1,6 +1,6 @@
 """File helpers shared by every stage: input paths, JSON, safetensors and hashes.
 
-Outputs (checks against inputs, temporary folders, the final swap) live in ``output.py``."""
+Outputs (checks against inputs, temporary folders, the final swap) live in ``artifact.output``."""
 
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from loraexport.core.untrusted import parse_json, read_json, short_repr  # noqa: F401 (re-exported)
 from loraexport.errors import InputNotFoundError, InvalidInputError
-from loraexport.untrusted import parse_json, read_json, short_repr  # noqa: F401 (re-exported)
 
 
 def _stat_problem(p: Path) -> str | None:

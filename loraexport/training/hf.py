@@ -23,14 +23,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from loraexport.data_hf import CAUSAL, CLASSIFY, Example
+from loraexport.core.progress import Progress
+from loraexport.core.untrusted import short_repr
 from loraexport.errors import AdapterMismatchError, InvalidInputError, TrainingDivergedError
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import check_ranks, inject, is_transposed, target_names
 from loraexport.models.base import ModelFamily
-from loraexport.progress import Progress
-from loraexport.training import (
+from loraexport.training.data_hf import CAUSAL, CLASSIFY, Example
+from loraexport.training.loop import (
     TrainResult,
     check_finite,
     count_parameters,
@@ -38,7 +39,6 @@ from loraexport.training import (
     seed_everything,
     warmup_steps,
 )
-from loraexport.untrusted import short_repr
 
 HEAD = "classifier"  # BERT's and RoBERTa's sequence-classification head (PEFT's modules_to_save)
 IGNORE = -100  # the label of a position without loss (cross_entropy's ignore_index)

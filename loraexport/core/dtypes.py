@@ -6,7 +6,7 @@ from __future__ import annotations
 import onnx
 import torch
 
-from loraexport.enums import Precision
+from loraexport.core.enums import Precision
 from loraexport.errors import InvalidInputError
 
 TORCH = {

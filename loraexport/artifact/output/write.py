@@ -16,9 +16,9 @@ import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 
+from loraexport.artifact.output import swap
+from loraexport.artifact.output.plan import OutputPlan, same_or_under
 from loraexport.errors import InputNotFoundError, OutputNotWritableError, UsageError
-from loraexport.output import swap
-from loraexport.output.plan import OutputPlan, same_or_under
 
 
 def _make_parents(p: Path) -> list[Path]:
@@ -111,7 +111,7 @@ def write_output(plan: OutputPlan, hasher=None, meta: dict | None = None) -> Ite
     A signal that arrives during the swap is delivered right after it; the exception then
     carries ``loraexport_written`` (the output is complete).
     """
-    from loraexport import provenance
+    from loraexport.artifact import provenance
 
     target = plan.path
     with _writing(plan, hasher) as (tmp, _made):

@@ -3,7 +3,7 @@ sha256 of every file it holds — written once, when the output is complete.
 
 Stages describe their output as they work (``export_description``, ``inputs``); the
 description travels to ``output.write_output``, which calls ``write`` on the finished
-temporary folder just before it is moved into place. Readers: ``description.read_export_meta``
+temporary folder just before it is moved into place. Readers: ``schema.read_export_meta``
 (bounded, type-checked) and ``manifest.check_manifest``.
 """
 
@@ -14,7 +14,7 @@ import platform
 from pathlib import Path
 from typing import Any
 
-from loraexport.manifest import MANIFEST, SELF_DIGEST, description_digest, files_in, sha256
+from loraexport.artifact.manifest import MANIFEST, SELF_DIGEST, description_digest, files_in, sha256
 
 
 def versions() -> dict[str, str]:

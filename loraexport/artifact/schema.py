@@ -9,8 +9,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from loraexport.enums import ExportMode, Precision
-from loraexport.untrusted import read_json, short_repr
+from loraexport.core.enums import ExportMode, Precision
+from loraexport.core.untrusted import read_json, short_repr
 
 KINDS = ("seq2seq", "causal", "encoder")
 EXPORTERS = ("dynamo", "torchscript")  # the torch.onnx exporters (loraexport.export.onnx)

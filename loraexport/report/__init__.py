@@ -1,0 +1,1 @@
+"""``report.json`` / ``report.md`` (``contents``) and writing them beside an export (``files``)."""
