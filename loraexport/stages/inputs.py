@@ -4,7 +4,6 @@ every stage records about them (provenance, the machine, where the output goes).
 
 from __future__ import annotations
 
-import os
 import platform
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -15,6 +14,7 @@ from torch import nn
 from loraexport.artifact.output import OutputPlan, plan_output
 from loraexport.core.enums import ExportMode
 from loraexport.core.io import read_json, sha256_dir
+from loraexport.core.threads import cores
 from loraexport.errors import AdapterFormatError, UnsupportedAdapterError
 from loraexport.lora.adapter import CONFIG_NAME, Adapter
 from loraexport.lora.config import LoraConfig
@@ -154,5 +154,4 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
-    return {"cpu": cpu, "cores": cores, "platform": platform.platform()}
+    return {"cpu": cpu, "cores": cores(), "platform": platform.platform()}

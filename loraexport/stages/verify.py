@@ -8,12 +8,12 @@ import tempfile
 from pathlib import Path
 
 import onnxruntime as ort
-import torch
 from torch import nn
 
 from loraexport.artifact.manifest import check_manifest
 from loraexport.artifact.output import OutputPlan, plan_files, write_files
 from loraexport.artifact.schema import read_export_meta
+from loraexport.core import threads as torch_threads
 from loraexport.core.dtypes import torch_dtype
 from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.core.io import require_dir
@@ -45,7 +45,7 @@ from loraexport.verify import gates
 from loraexport.verify.half import half_precision_costs
 from loraexport.verify.latency import measure_latency, open_model
 from loraexport.verify.options import VerifyOptions
-from loraexport.verify.parity import check_parity
+from loraexport.verify.parity import parity_on
 from loraexport.verify.stored import STORED_EPS, stored_weights_error
 
 
@@ -208,10 +208,9 @@ def verify_into(
     comparison graphs for latency are exported with its exporter.
     """
     providers = resolve_providers(opts.providers)
-    threads = opts.threads or machine()["cores"]
+    threads = torch_threads.use(sum(p.numel() for p in loaded.base.parameters()), opts.threads, log)
     pairs = read_pairs(opts.eval_data) if opts.eval_data else None
     sources = [s for s, _ in pairs] if pairs else None
-    torch.set_num_threads(threads)
     if meta.get("mode") == ExportMode.ADAPTER.value:  # each adapter against its own model
         exporter = torch_exporter_of(meta)
         verify_adapter_mode(
@@ -230,20 +229,8 @@ def verify_into(
         log(f"parity [{provider}]: {opts.samples} cases against {what} (float32 and float64) …")
         # Opened inside and closed before the torch runs: never the session and the float64
         # model at once (memory stays near twice the weights).
-        try:
-            result = check_parity(
-                loaded.family,
-                reference,
-                lambda p=provider: open_model(onnx_path, p, threads, meta),
-                samples=opts.samples,
-                seed=opts.seed,
-                sources=sources,
-                tokenizer=loaded.tokenizer,
-                targets=[t for _, t in pairs] if pairs else None,
-                stored=stored,
-            )
-        except RuntimeInputError as e:  # the export does not run on this model's inputs
-            raise InvalidInputError(str(e)) from e
+        opener = lambda p=provider: open_model(onnx_path, p, threads, meta)  # noqa: E731
+        result = parity_on(loaded.family, reference, opener, opts, pairs, loaded.tokenizer, stored=stored)
         if stored is not None:
             result.reference += (
                 "; the noise floor also counts torch float32 on the file's own weights (the merge "

@@ -30,7 +30,7 @@ from loraexport.verify import gates
 from loraexport.verify.dequantized import as_written, dequantized_copy, dequantized_weights
 from loraexport.verify.latency import open_model
 from loraexport.verify.options import VerifyOptions
-from loraexport.verify.parity import check_parity
+from loraexport.verify.parity import parity_on
 from loraexport.verify.quantized import QuantCost, quantization_cost
 
 DEQUANTIZED_REFERENCE = (
@@ -82,16 +82,9 @@ def verify_quantized(
         for provider in providers:
             log(f"parity [{provider}]: {opts.samples} cases against the dequantized reference …")
             try:
-                result = check_parity(
-                    loaded.family,
-                    reference,
-                    lambda p=provider: open_model(scratch, p, threads, meta),
-                    samples=opts.samples,
-                    seed=opts.seed,
-                    sources=sources,
-                    tokenizer=loaded.tokenizer,
-                    targets=[t for _, t in pairs] if pairs else None,
-                    quantized=True,
+                opener = lambda p=provider: open_model(scratch, p, threads, meta)  # noqa: E731
+                result = parity_on(
+                    loaded.family, reference, opener, opts, pairs, loaded.tokenizer, quantized=True
                 )
                 result.reference = DEQUANTIZED_REFERENCE
                 result.as_written = as_written(

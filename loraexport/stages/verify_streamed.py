@@ -28,11 +28,12 @@ import torch
 from loraexport.core.enums import ExportMode, Precision
 from loraexport.core.memory import Stage, StageRecord
 from loraexport.core.progress import Progress
+from loraexport.core.threads import cores
 from loraexport.errors import InvalidInputError, first_line
 from loraexport.export.streamed import CheckpointSource
 from loraexport.report.contents import Report
 from loraexport.runtime.model import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
-from loraexport.stages.inputs import Log, machine
+from loraexport.stages.inputs import Log
 from loraexport.training.data import read_pairs
 from loraexport.verify.chunked import ChunkedDecoder, is_fused
 from loraexport.verify.options import VerifyOptions
@@ -203,7 +204,7 @@ def verify_streamed(
 
 
 def setup_threads(opts: VerifyOptions) -> int:
-    threads = opts.threads or machine()["cores"]
+    threads = opts.threads or cores()
     torch.set_num_threads(threads)
     return threads
 
