@@ -83,7 +83,9 @@ def dequantized_rows(f: TensorFile, name: str, base: str, role) -> torch.Tensor:
     packed = torch.from_numpy(np.array(f.array(name), copy=True)).reshape(fmt.n, fmt.blocks, -1)
     codes = torch.stack((packed & 15, packed >> 4), dim=-1) if fmt.bits == 4 else packed
     scales = torch.from_numpy(np.array(f.array(base + "_scales"), np.float32)).reshape(fmt.n, fmt.blocks, 1)
-    rows = (codes.reshape(fmt.n, fmt.blocks, fmt.block).to(torch.float32) - fmt.zero) * scales
+    rows = codes.reshape(fmt.n, fmt.blocks, fmt.block).to(torch.float32)
+    del packed, codes
+    rows.sub_(fmt.zero).mul_(scales)  # in place: one float32 copy of the weight, never three
     return rows.reshape(fmt.n, -1)[:, : fmt.k].contiguous()
 
 
