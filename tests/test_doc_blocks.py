@@ -2,8 +2,9 @@
 the repository (``tests/doc_blocks.py`` says how blocks are found, marked and run).
 
 ``make test`` runs the fast blocks (and checks the documents' shape); ``make test-docs`` runs
-every block, the ``<!-- slow -->`` ones included. ``LORAEXPORT_DOC_SKIP=text,...`` skips the
-blocks holding any of these texts (they are listed as skipped): for a partial run by hand.
+every block, the ``<!-- slow -->`` ones included. ``LORAEXPORT_DOC_SKIP="make bench,make fuzz"``
+skips each block with one of these commands on a line of its own (comments aside); skipped
+blocks are listed. For a partial run by hand.
 """
 
 from __future__ import annotations
@@ -85,11 +86,11 @@ def _run_in_order(tmp_path: Path, slow: bool) -> None:
         pytest.skip("runs in the environment `make install` made (.venv/.installed)")
     root = fresh_copy(tmp_path / "clone", venv)
     env = environment(root)
-    skip = [s for s in os.environ.get("LORAEXPORT_DOC_SKIP", "").split(",") if s]
+    skip = {s.strip() for s in os.environ.get("LORAEXPORT_DOC_SKIP", "").split(",") if s.strip()}
     runnable = [b for b in all_blocks() if b.kind in ("sh", "python") and (slow or not b.slow)]
     total = 0.0
     for block in runnable:
-        if any(s in block.text for s in skip):
+        if skip & {line.split("#")[0].strip() for line in block.text.splitlines()}:
             print(f"skipped  {block.where} (LORAEXPORT_DOC_SKIP)", flush=True)
             continue
         ran = run_block(block, root, env, None if block.slow else FAST_TIMEOUT)
