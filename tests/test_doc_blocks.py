@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import re
+import shutil
 from pathlib import Path
 
 import pytest
@@ -62,15 +63,26 @@ def test_no_test_count_written_by_hand():
             assert not TEST_COUNT.search(t), f"{p.relative_to(REPO)}:{n}: a test count: {t.strip()}"
 
 
+def _anchors(path: Path) -> set[str]:
+    """The anchors GitHub makes of a page's headings: lower case, punctuation dropped, spaces → -."""
+    text = path.read_text(encoding="utf-8")
+    text = re.sub(r"^```.*?^```", "", text, flags=re.M | re.S)  # no headings in code blocks
+    heads = re.findall(r"^#{1,6} (.+)$", text, flags=re.M)
+    return {re.sub(r"[^\w\- ]", "", h.strip().lower()).replace(" ", "-") for h in heads}
+
+
 def test_every_doc_is_linked_from_readme_and_every_link_resolves():
     linked = documents()[1:]
     assert sorted(linked) == _docs(), "README.md links every docs/*.md (its reading order)"
-    link = re.compile(r"\]\(([^)#\s]+)(?:#[^)]*)?\)")
+    link = re.compile(r"\]\(([^)#\s]*)(?:#([^)\s]*))?\)")
     for p in [REPO / "README.md", *_docs()]:
-        for target in link.findall(p.read_text(encoding="utf-8")):
+        for target, anchor in link.findall(p.read_text(encoding="utf-8")):
             if "://" in target:
                 continue
-            assert (p.parent / target).exists(), f"{p.relative_to(REPO)}: broken link {target}"
+            page = p.parent / target if target else p
+            assert page.exists(), f"{p.relative_to(REPO)}: broken link {target}"
+            if anchor and page.suffix == ".md":
+                assert anchor in _anchors(page), f"{p.relative_to(REPO)}: no heading for {target}#{anchor}"
 
 
 def test_every_block_says_what_it_is():
@@ -84,6 +96,8 @@ def _run_in_order(tmp_path: Path, slow: bool) -> None:
     venv = installed_venv()
     if venv is None:
         pytest.skip("runs in the environment `make install` made (.venv/.installed)")
+    if shutil.which("git") is None or not (REPO / ".git").exists():
+        pytest.skip("copies the files git tracks: needs git and a clone")
     root = fresh_copy(tmp_path / "clone", venv)
     env = environment(root)
     skip = {s.strip() for s in os.environ.get("LORAEXPORT_DOC_SKIP", "").split(",") if s.strip()}
