@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train bench bench-pipeline bench-merge bench-large bench-7b clean
+.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train test-docs bench bench-pipeline bench-merge bench-large bench-7b clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -64,13 +64,19 @@ demo-real-train: runs/real/.prepared
 bench-pipeline: runs/real/.prepared
 	$(BIN)/python benchmarks/bench_pipeline.py --real runs/real
 
-# One worker per core (pytest-xdist): on CI's 2 cores 1509 tests take 4-6 minutes (2026-11-30: 6.2 min on a clean clone).
+# One worker per core (pytest-xdist); its time on CI's machine: docs/measurements.md.
 test: $(STAMP)
 	$(BIN)/python -m pytest -n auto
 
 # The inner loop: everything but the tests marked slow (exports, subprocesses, training).
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not slow and not real"
+
+# Every command block of README.md and docs/*.md, in order, in a fresh copy of the repository,
+# the <!-- slow --> ones included (make demo, the real models, the benchmarks: hours, ~35 GB of
+# disk, ~20 GB of memory); `make test` runs the fast ones (tests/test_doc_blocks.py, docs/ci.md).
+test-docs: $(STAMP)
+	LORAEXPORT_DOC_BLOCKS_SLOW=1 $(BIN)/python -m pytest -m docs -p no:cacheprovider -s tests/test_doc_blocks.py
 
 # Mutation fuzzing of the safetensors, index and adapter_config.json parsers, Adapter.load, and
 # model config.json (reference and Hugging Face) and tokenizer_config.json through loading:
