@@ -75,7 +75,7 @@ def train(
         (log or (lambda _: None))(f"removed {stale.name}, left by a run that was killed")
     loaded = load_model_dir(base, supplied=(HEAD,))  # a classifier's head may be new: it is trained
     kind = "reference" if isinstance(loaded.model, Transformer) else "hf"
-    torch_threads.use(sum(p.numel() for p in loaded.model.parameters()), None, log)
+    torch_threads.use(sum(p.numel() for p in loaded.model.parameters()))  # said by verify, not here
     lr = DEFAULTS[kind]["lr"] if lr is None else lr
     batch_size = DEFAULTS[kind]["batch_size"] if batch_size is None else batch_size
     lora = dict(

@@ -45,7 +45,7 @@ from loraexport.verify import gates
 from loraexport.verify.half import half_precision_costs
 from loraexport.verify.latency import measure_latency, open_model
 from loraexport.verify.options import VerifyOptions
-from loraexport.verify.parity import parity_on
+from loraexport.verify.parity_on import parity_on
 from loraexport.verify.stored import STORED_EPS, stored_weights_error
 
 

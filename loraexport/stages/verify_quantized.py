@@ -30,7 +30,7 @@ from loraexport.verify import gates
 from loraexport.verify.dequantized import as_written, dequantized_copy, dequantized_weights
 from loraexport.verify.latency import open_model
 from loraexport.verify.options import VerifyOptions
-from loraexport.verify.parity import parity_on
+from loraexport.verify.parity_on import parity_on
 from loraexport.verify.quantized import QuantCost, quantization_cost
 
 DEQUANTIZED_REFERENCE = (

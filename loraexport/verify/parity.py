@@ -24,7 +24,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from loraexport.errors import InvalidInputError
 from loraexport.models.base import ModelFamily
 from loraexport.runtime.model import OnnxModel, RuntimeInputError, chain_forward
 from loraexport.verify.task import task_targets, until_eos
@@ -234,34 +233,6 @@ def check_same_model(expected: dict, kind: str, shape: tuple[int, int, int], whe
 
 def _described(kind: str, shape: tuple) -> str:
     return kind if kind == "encoder" else f"{kind} model with cache (layers, heads, head size) {tuple(shape)}"
-
-
-def parity_on(
-    family: ModelFamily,
-    reference: nn.Module,
-    opener: Callable[[], OnnxModel],
-    opts: Any,
-    pairs: list[tuple[str, str]] | None,
-    tokenizer: Any | None,
-    **how: Any,
-) -> ParityResult:
-    """``check_parity`` with a verification's options (``opts.samples``, ``opts.seed``) on its
-    ``(source, target)`` pairs (``--eval-data``, or None); inputs the export refuses to run are
-    the user's error (``InvalidInputError``: exit 3). ``how``: ``stored``, ``quantized``."""
-    try:
-        return check_parity(
-            family,
-            reference,
-            opener,
-            samples=opts.samples,
-            seed=opts.seed,
-            sources=[s for s, _ in pairs] if pairs else None,
-            tokenizer=tokenizer,
-            targets=[t for _, t in pairs] if pairs else None,
-            **how,
-        )
-    except RuntimeInputError as e:  # the export does not run on this model's inputs
-        raise InvalidInputError(str(e)) from e
 
 
 def check_parity(
