@@ -28,6 +28,7 @@ from loraexport.stages.inputs import (
     quiet,
 )
 from loraexport.stages.merge import merged_model
+from loraexport.stages.prove import FloatGraphs
 from loraexport.stages.streamed import streamed_merge_and_export, wants_stream
 from loraexport.stages.verify import new_report, verify_into
 from loraexport.verify.options import VerifyOptions
@@ -108,14 +109,22 @@ def merge_and_export(
     subject = export_subject(loaded, kind, half or quant, max_rank, merged=merged)
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
-        log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
-        result = export_into(loaded, subject, tmp, meta, opset=opset, exporter=exporter, optimize=optimize)
-        log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
-        meta["inputs"] = inputs
-        write_extras(loaded.family, Path(base), tmp, meta)
-        report = new_report(base, loaded, stats, result)
-        if verify_output:  # loraexport.json is written when the output is complete: ``meta`` now
-            verify_into(report, loaded, merged, tmp, meta, opts, log, half)
+        # the float graphs before quantizing, for the proof (quantized again, not exported again)
+        made = FloatGraphs(tmp, (Path(base), *map(Path, adapters))) if quant and verify_output else None
+        try:
+            log(f"exporting to ONNX ({exporter or loaded.family.exporter} exporter) …")
+            on_float = made.keep if made else None
+            how = {"opset": opset, "exporter": exporter, "optimize": optimize, "on_float": on_float}
+            result = export_into(loaded, subject, tmp, meta, **how)
+            log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
+            meta["inputs"] = inputs
+            write_extras(loaded.family, Path(base), tmp, meta)
+            report = new_report(base, loaded, stats, result)
+            if verify_output:  # loraexport.json is written when the output is complete: ``meta`` now
+                verify_into(report, loaded, merged, tmp, meta, opts, log, half, made=made)
+        finally:
+            if made:
+                made.close()
         write_report(report, tmp)
     raise_if_output_failed(report, out)
     return report

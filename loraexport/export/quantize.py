@@ -143,17 +143,7 @@ def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = No
             if precision is Precision.INT8_DYNAMIC:
                 _dynamic(path, scratch, set(keep or []), external)
             elif precision in NBITS:
-                from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-                model = onnx.load(str(path))
-                gemms_to_matmuls(model)
-                kept, block = set(keep or []), NBITS_BLOCK[precision]
-                if precision is Precision.INT4:
-                    wide, rest = _wide_matmuls(model, kept)
-                    if wide:  # first these in 8 bits, all else left alone
-                        model = _nbits(MatMulNBitsQuantizer, model, 8, block, kept | set(rest))
-                model = _nbits(MatMulNBitsQuantizer, model, NBITS[precision], block, kept)
-                model.save_model_to_file(str(scratch), external)
+                _nbits_model(onnx.load(str(path)), precision, keep).save_model_to_file(str(scratch), external)
             else:
                 raise ExportError(f"{precision.value} is not a quantization")
     except (KeyboardInterrupt, MemoryError, ExportError):
@@ -164,6 +154,35 @@ def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = No
         raise ExportError(f"onnxruntime.quantization failed on {path.name}: {first_line(e)}") from e
     _replace(scratch, path, external)
     return captured.getvalue()
+
+
+def quantized_proto(
+    model: onnx.ModelProto, precision: Precision, keep: list[str] | None = None
+) -> onnx.ModelProto:
+    """``model`` (a float graph in memory, changed in place) with its MatMuls but ``keep``
+    quantized as ``quantize_graph`` quantizes a file (int8, int4): the proof compares a file
+    with it without writing it. Raises ``ExportError`` when the quantizer fails."""
+    captured = io.StringIO()
+    try:
+        with _quiet(captured):
+            return _nbits_model(model, precision, keep).model
+    except (KeyboardInterrupt, MemoryError):
+        raise
+    except Exception as e:  # the quantizer raises many types; keep its message
+        raise ExportError(f"onnxruntime.quantization failed: {first_line(e)}") from e
+
+
+def _nbits_model(model: onnx.ModelProto, precision: Precision, keep: list[str] | None):
+    """int8/int4 of ``model`` (a quantizer's ONNXModel): int4 keeps the wide MatMuls in 8 bits."""
+    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
+
+    gemms_to_matmuls(model)
+    kept, block = set(keep or []), NBITS_BLOCK[precision]
+    if precision is Precision.INT4:
+        wide, rest = _wide_matmuls(model, kept)
+        if wide:  # first these in 8 bits, all else left alone
+            model = _nbits(MatMulNBitsQuantizer, model, 8, block, kept | set(rest))
+    return _nbits(MatMulNBitsQuantizer, model, NBITS[precision], block, kept)
 
 
 def _dynamic(source: Path, target: Path, exclude: set[str], external: bool) -> None:

@@ -28,6 +28,7 @@ from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX
 from loraexport.export.fused import build_fused_graph
 from loraexport.export.fused_source import ModuleSource
+from loraexport.export.quantize import lora_matmuls, quantized_proto
 from loraexport.runtime.adapters import Active
 from loraexport.runtime.files import RuntimeInputError
 from loraexport.stages.graphs import Subject, export_into, export_subject, torch_exporter_of
@@ -65,9 +66,49 @@ def graph_files(meta: dict) -> list[str]:
     return ["encoder.onnx", "decoder.onnx"] if kind == "seq2seq" else ["model.onnx"]
 
 
-def prove_export(loaded: Loaded, onnx_dir: Path, meta: dict, log: Log) -> Proven:
+class FloatGraphs:
+    """The graph files of this run's export as the exporter wrote them, before quantizing (hard
+    links beside the output, removed on ``close``): ``merge-and-export`` hands them to the proof,
+    which quantizes them again instead of exporting the reference a second time. The proof still
+    matches every float weight to the reference's modules by value, so a graph that is not the
+    reference's export fails as it would have."""
+
+    def __init__(self, beside: Path, avoid: tuple[Path, ...] = ()):
+        self.dir = Path(scratch_dir(beside, "float-graphs", avoid))
+        self.files: list[str] = []
+
+    def keep(self, path: Path) -> None:  # export_model's on_float: called before each graph is quantized
+        for source in (path, path.with_name(path.name + ".data")):
+            if source.is_file():  # a graph with external data is rewritten in place: copied
+                copy = source.suffix == ".onnx" and self._external(path)
+                _link_or_copy(source, self.dir / source.name, copy)
+        self.files.append(path.name)
+
+    @staticmethod
+    def _external(path: Path) -> bool:  # the quantizer rewrites such a graph file in place
+        return path.with_name(path.name + ".data").is_file()
+
+    def close(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def _link_or_copy(source: Path, target: Path, copy: bool) -> None:
+    if not copy:
+        try:
+            target.hardlink_to(source)
+            return
+        except OSError:  # another file system: a copy
+            pass
+    shutil.copyfile(source, target)
+
+
+def prove_export(
+    loaded: Loaded, onnx_dir: Path, meta: dict, log: Log, made: FloatGraphs | None = None
+) -> Proven:
     """The weight-level proof of the quantized export ``onnx_dir`` (described by ``meta``) against
-    the reference ``loaded`` gives. Raises ``InvalidInputError`` for files that cannot be read."""
+    the reference ``loaded`` gives. ``made``: the float graphs this run exported (``meta`` then
+    describes this run's export, not a file read). Raises ``InvalidInputError`` for files that
+    cannot be read."""
     precision = Precision.parse(meta.get("weights_dtype", "float32"))
     mode = ExportMode.parse(meta.get("mode", "merged"))
     lora = meta.get("lora_inputs") if isinstance(meta.get("lora_inputs"), dict) else {}
@@ -80,6 +121,9 @@ def prove_export(loaded: Loaded, onnx_dir: Path, meta: dict, log: Log) -> Proven
             proven = _prove_written(ModuleSource(subject.model), onnx_dir / "model.onnx", precision)
             proven.subject = subject
             _claims(proven.proof, meta, expected_claims(loaded, subject))
+        elif made is not None and made.files and precision in NBITS:
+            log(f"proof: quantizing the graph this run exported again, {precision.value}, to compare with …")
+            proven = _prove_requantized(subject, made, onnx_dir, precision)
         else:
             log(f"proof: exporting the reference again, {precision.value}, to compare with …")
             proven = _prove_exported(loaded, subject, onnx_dir, meta)
@@ -120,12 +164,12 @@ def _prove_exported(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict
     """The reference exported into a scratch folder as ``meta`` says, compared file by file."""
     proof = Proof("the reference exported again as loraexport.json says, compared tensor by tensor")
     origins: dict[str, Origins] = {}
-    index: dict = {}
+    index: list = []  # made at the first graph
 
     def on_float(path: Path) -> None:  # before quantizing: which module each float weight is
         if not index:
-            index.update(weight_index(subject.model))
-        origins[path.name] = float_origins(path, index)
+            index.append(weight_index(subject.model))
+        origins[path.name] = float_origins(path, index[0])
 
     fused: Origins = {}
     scratch = Path(tempfile.mkdtemp(prefix="loraexport-proof-"))
@@ -153,6 +197,34 @@ def _prove_exported(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict
         _claims(proof, meta, {k: replay[k] for k in CLAIMS if k in replay})
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
+    return Proven(proof, origins, subject)
+
+
+def _prove_requantized(subject: Subject, made: FloatGraphs, onnx_dir: Path, precision: Precision) -> Proven:
+    """Each float graph of ``made``, its weights matched to the reference's modules by value,
+    quantized again in memory and compared with the file of the same name."""
+    proof = Proof(
+        "the graph this run exported, before quantizing, its float weights matched to the reference's "
+        "modules by value, quantized again and compared tensor by tensor"
+    )
+    origins: dict[str, Origins] = {}
+    index = weight_index(subject.model)
+    for name in made.files:
+        fp = FileProof(name)
+        proof.files.append(fp)
+        path = made.dir / name
+        if not (onnx_dir / name).is_file():
+            fp.fail("missing from the export")
+            continue
+        kept = lora_matmuls(path, subject.keep) if subject.keep else []
+        model = onnx.load(str(path))
+        origins[name] = float_origins(model, index)
+        want = quantized_proto(model, precision, kept)
+        read = {t.name: t for t in want.graph.initializer}.__getitem__
+        with TensorFile(onnx_dir / name) as got:
+            compare_graph(want, got.proto, fp)
+            compare_initializers(want, lambda n, read=read: tensor_array(read(n)), got, fp, origins[name])
+            check_claims(want, origins[name], fp)
     return Proven(proof, origins, subject)
 
 

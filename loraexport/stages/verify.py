@@ -36,7 +36,7 @@ from loraexport.stages.inputs import (
     quiet,
 )
 from loraexport.stages.merge import merged_model, unmerged_model
-from loraexport.stages.prove import graph_files
+from loraexport.stages.prove import FloatGraphs, graph_files
 from loraexport.stages.streamed import wants_stream
 from loraexport.stages.verify_adapters import verify_adapter_mode
 from loraexport.stages.verify_quantized import verify_quantized
@@ -198,8 +198,11 @@ def verify_into(
     opts: VerifyOptions,
     log: Log,
     half: Precision | None = None,
+    *,
+    made: FloatGraphs | None = None,
 ) -> None:
-    """Add parity (per provider), half-precision costs and latency to ``report``.
+    """Add parity (per provider), half-precision costs and latency to ``report``. ``made``: the
+    float graphs this run exported (``merge-and-export``), for the proof of a quantized export.
 
     With half-stored weights (``half``), parity is judged against ``merged`` (the merged
     weights rounded to that precision, which the file must hold exactly), and what the
@@ -220,7 +223,7 @@ def verify_into(
     unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
     providers_for_parity = providers
     if quantization(meta.get("weights_dtype")):  # proven weight by weight, then judged by arithmetic
-        verify_quantized(report, loaded, onnx_path, meta, opts, log, providers, threads, pairs)
+        verify_quantized(report, loaded, onnx_path, meta, opts, log, providers, threads, pairs, made)
         providers_for_parity = []
     reference = merged if half else unmerged
     what = f"the {half.value}-rounded merged model" if half else "the unmerged model"

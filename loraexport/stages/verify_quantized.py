@@ -25,7 +25,7 @@ from loraexport.runtime.model import RuntimeInputError
 from loraexport.stages.graphs import describe, export_model, torch_exporter_of
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.stages.merge import unmerged_model
-from loraexport.stages.prove import Proven, float_compute_dir, graph_files, prove_export
+from loraexport.stages.prove import FloatGraphs, Proven, float_compute_dir, graph_files, prove_export
 from loraexport.verify import gates
 from loraexport.verify.dequantized import as_written, dequantized_copy, dequantized_weights
 from loraexport.verify.latency import open_model
@@ -67,11 +67,13 @@ def verify_quantized(
     providers: list[str],
     threads: int,
     pairs: list | None,
+    made: FloatGraphs | None = None,
 ) -> None:
-    """Proof, parity against the dequantized reference (per provider), then quality."""
+    """Proof, parity against the dequantized reference (per provider), then quality. ``made``:
+    the float graphs this run exported, which the proof quantizes again (``stages.prove``)."""
     quant = Precision.parse(meta["weights_dtype"])
     sources = [s for s, _ in pairs] if pairs else None
-    proven = prove_export(loaded, onnx_path, meta, log)
+    proven = prove_export(loaded, onnx_path, meta, log, made)
     report.proof = proven.proof
     if not proven.proof.passed:
         log("proof: the export is not the reference's quantization; parity and quality are not measured")

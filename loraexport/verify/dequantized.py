@@ -16,7 +16,6 @@ never assumed.
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -25,6 +24,7 @@ import torch
 from onnx import helper
 from torch import nn
 
+from loraexport.core.values import ValueIndex
 from loraexport.export.qformat import dynamic_dequantize, source_of
 from loraexport.lora.inject import is_transposed, linear_shape
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
@@ -32,40 +32,33 @@ from loraexport.lora.views import set_tensor, shared_copy
 from loraexport.verify.proof import Origins, held_by, roles
 from loraexport.verify.tensorfile import TensorFile
 
-Index = dict[tuple[tuple[int, ...], str], list[str]]  # (shape, sha256) -> module paths
 
-
-def _digest(a: np.ndarray) -> str:
-    return hashlib.sha256(np.ascontiguousarray(a, dtype=np.float32).tobytes()).hexdigest()
-
-
-def weight_index(model: nn.Module) -> Index:
+def weight_index(model: nn.Module) -> ValueIndex:
     """Every linear layer's weight of ``model`` (``nn.Linear``, GPT-2's ``Conv1D``; the base layer
     of a LoRA branch), as the graph may store it, by value: as it is and transposed."""
-    index: Index = {}
+    index = ValueIndex()
     for path, m in model.named_modules():
         if linear_shape(m) is None:
             continue
         w = m.weight.detach().float().cpu().numpy()
-        for value in (w, w.T):
-            index.setdefault((value.shape, _digest(value)), []).append(path)
+        index.add(w, path)
+        index.add(w.T, path)
     return index
 
 
-def float_origins(path: Path, index: Index) -> Origins:
-    """The 2-D float initializers of the float graph ``path`` that hold a linear layer's weight, by
-    value (the exporters do not keep module names): {initializer: ((module, rows),)}. Several
-    layers with equal weights are taken in turn."""
-    model = onnx.load(str(path))
+def float_origins(graph: Path | onnx.ModelProto, index: ValueIndex) -> Origins:
+    """The 2-D float initializers of the float graph ``graph`` (a file, or loaded) that hold a
+    linear layer's weight, by value (the exporters do not keep module names): {initializer:
+    ((module, rows),)}. Several layers with equal weights are taken in turn."""
+    model = graph if isinstance(graph, onnx.ModelProto) else onnx.load(str(graph))
     used: dict[tuple, int] = {}
     out: Origins = {}
     for t in model.graph.initializer:
         if t.data_type != onnx.TensorProto.FLOAT or len(t.dims) != 2:
             continue
-        value = onnx.numpy_helper.to_array(t)
-        key = (value.shape, _digest(value))
-        modules = index.get(key)
+        modules = index.find(onnx.numpy_helper.to_array(t))
         if modules:
+            key = tuple(modules)
             i = min(used.get(key, 0), len(modules) - 1)
             used[key] = i + 1
             out[t.name] = ((modules[i], -1),)
