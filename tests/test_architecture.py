@@ -8,7 +8,9 @@ inside functions, which is where import circles hide):
   without torch) or in the modules it imports;
 - no file over 400 lines, no CLI module over 250;
 - floors: a package imports only the packages below it (``LAYERS``); at most 6 modules at the
-  package root; the Hugging Face model types spelled in one module (``models.types``).
+  package root; the Hugging Face model types spelled in one module (``models.types``);
+- no public function of ``stages/``, ``pipeline`` or ``cli/`` takes more than 8 parameters
+  (options travel as ``spec.ExportSpec``, ``spec.Run``, ``VerifyOptions``, ``TrainOptions``).
 """
 
 from __future__ import annotations
@@ -20,10 +22,12 @@ PACKAGE = Path(__file__).resolve().parents[1] / "loraexport"
 MAX_LINES = 400
 MAX_CLI_LINES = 250
 MAX_ROOT_MODULES = 6
+MAX_PARAMETERS = 8  # of a public function in stages/, pipeline, cli/ (*args and **kwargs count one each)
 # The floors, lowest first: a module may import its own package and those below it. errors and
 # _version sit at the root (apps catch ``loraexport.errors``), beside core.
 LAYERS = (
     ("errors", "_version", "core"),
+    ("spec",),  # ExportSpec, Run: what an export is and how a command runs (no torch)
     ("artifact",),  # loraexport.json and the output folder: no torch
     ("runtime",),  # apps: onnxruntime + numpy only
     ("lora",),
@@ -205,3 +209,30 @@ def test_model_types_are_spelled_in_one_module():
         if any(t in path.read_text(encoding="utf-8") for t in MODEL_TYPES)
     }
     assert spelled == {"loraexport.models.types"}, spelled
+
+
+def _long_signatures(source: str, where: str) -> list[str]:
+    out = []
+    for node in ast.parse(source).body:
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef) and not node.name.startswith("_"):
+            a = node.args
+            count = len(a.posonlyargs) + len(a.args) + len(a.kwonlyargs) + bool(a.vararg) + bool(a.kwarg)
+            if count > MAX_PARAMETERS:
+                out.append(f"{where}.{node.name}: {count} parameters")
+    return out
+
+
+def test_no_public_function_of_the_upper_floors_takes_more_than_8_parameters():
+    found = []
+    for name, path in _modules().items():
+        if name == "loraexport.pipeline" or name.startswith(("loraexport.stages.", "loraexport.cli.")):
+            found += _long_signatures(path.read_text(encoding="utf-8"), name)
+    assert found == []
+
+
+def test_the_signature_checker_sees_a_planted_long_signature():
+    planted = (
+        "def run(a, b, c, d, e, f, g, *, h=1, **rest):\n    pass\n\n"
+        "def _private(a, b, c, d, e, f, g, h, i):\n    pass\n"
+    )
+    assert _long_signatures(planted, "m") == ["m.run: 9 parameters"]

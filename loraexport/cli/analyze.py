@@ -7,7 +7,8 @@ import json
 import click
 
 from loraexport.cli.options import PATH as _path
-from loraexport.cli.options import force_option, json_option, log, pickle_option
+from loraexport.cli.options import force_option, json_option, pickle_option
+from loraexport.cli.output import log
 from loraexport.cli.types import MAX_RANK, MAX_SEED, RANKS, IntList, PositiveInt, Seed  # noqa: F401 (MAX_SEED, RANKS: tests)
 
 DRAWS_HELP = "Random subspaces averaged for the random baseline."

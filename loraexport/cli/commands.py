@@ -12,17 +12,14 @@ from loraexport.cli.options import (
     PATH,
     adapter_options,
     export_options,
-    exporter_log,
     force_option,
     json_option,
-    log,
     mode_option,
     pickle_option,
-    print_report,
-    print_table,
     serve_mode_option,
     verify_options,
 )
+from loraexport.cli.output import exporter_log, log, print_report, print_table, run_of
 from loraexport.core.enums import Precision
 from loraexport.errors import VerificationFailedError
 
@@ -40,7 +37,7 @@ from loraexport.errors import VerificationFailedError
 @pickle_option
 @json_option("Print the merge statistics as JSON.")
 @click.pass_context
-def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json):
+def merge(ctx, dtype, as_json, force, allow_pickle, **paths):
     """Merge LoRA adapter(s) into the base weights: W' = W0 + Σ w·s·B·A.
 
     The sum is computed in float64 and cast once to the storage dtype; merge.json in the
@@ -52,17 +49,9 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
     """
     from loraexport.stages.merge import merge as merge_api
 
-    stats = merge_api(
-        base,
-        list(adapters),
-        out,
-        weights=list(weights) or None,
-        dtype=dtype,
-        force=force,
-        allow_pickle=allow_pickle,
-        show_progress=not ctx.obj["quiet"],
-        log=log(ctx),
-    )
+    base, adapters, weights, out = paths["base"], paths["adapters"], paths["weights"], paths["out"]
+    run = run_of(ctx, force, allow_pickle)
+    stats = merge_api(base, list(adapters), out, weights=list(weights) or None, dtype=dtype, run=run)
     if as_json:
         click.echo(json.dumps(asdict(stats), indent=2))
         return
@@ -82,24 +71,7 @@ def merge(ctx, base, adapters, weights, out, dtype, force, allow_pickle, as_json
 @force_option
 @pickle_option
 @click.pass_context
-def export(
-    ctx,
-    model_dir,
-    adapters,
-    weights,
-    out,
-    opset,
-    exporter,
-    mode,
-    dtype,
-    quantize,
-    keep_adapter,
-    optimize,
-    stream,
-    max_rank,
-    force,
-    allow_pickle,
-):
+def export(ctx, model_dir, adapters, weights, out, spec, force, allow_pickle):
     """Export a model (optionally with adapters, merged or not) to ONNX.
 
     \b
@@ -109,24 +81,9 @@ def export(
     from loraexport.stages.export import export as export_api
 
     log(ctx)("exporting to ONNX …")
+    run = run_of(ctx, force, allow_pickle)
     result = export_api(
-        model_dir,
-        out,
-        adapter=list(adapters) or None,
-        weights=list(weights) or None,
-        mode=mode,
-        dtype=dtype,
-        quantize=quantize,
-        keep_adapter=keep_adapter,
-        optimize=optimize,
-        max_rank=max_rank,
-        opset=opset,
-        exporter=exporter,
-        force=force,
-        allow_pickle=allow_pickle,
-        log=log(ctx),
-        stream=stream,
-        show_progress=not ctx.obj["quiet"],
+        model_dir, out, spec, adapter=list(adapters) or None, weights=list(weights) or None, run=run
     )
     exporter_log(ctx, result)
     click.echo(
@@ -145,27 +102,7 @@ def export(
 @force_option
 @verify_options
 @click.pass_context
-def merge_and_export(
-    ctx,
-    base,
-    adapters,
-    weights,
-    out,
-    opset,
-    exporter,
-    dtype,
-    quantize,
-    keep_adapter,
-    optimize,
-    stream,
-    max_rank,
-    mode,
-    no_verify,
-    force,
-    verify_options,
-    allow_pickle,
-    as_json,
-):
+def merge_and_export(ctx, spec, verify_options, no_verify, force, allow_pickle, as_json, **paths):
     """Merge an adapter, export to ONNX, verify parity and latency, write report.md/json.
 
     Exit 0 when parity passes, 4 when it fails (the output and report are still written).
@@ -176,28 +113,10 @@ def merge_and_export(
     """
     from loraexport.pipeline import merge_and_export as mae
 
+    base, adapters, weights, out = paths["base"], paths["adapters"], paths["weights"], paths["out"]
+    run = run_of(ctx, force, allow_pickle, verify_output=not no_verify)
     try:
-        report = mae(
-            base,
-            list(adapters),
-            out,
-            weights=list(weights) or None,
-            dtype=dtype,
-            quantize=quantize,
-            keep_adapter=keep_adapter,
-            optimize=optimize,
-            mode=mode,
-            max_rank=max_rank,
-            verify_output=not no_verify,
-            options=verify_options,
-            force=force,
-            opset=opset,
-            exporter=exporter,
-            allow_pickle=allow_pickle,
-            log=log(ctx),
-            stream=stream,
-            show_progress=not ctx.obj["quiet"],
-        )
+        report = mae(base, list(adapters), out, spec, verify_options, weights=list(weights) or None, run=run)
     except VerificationFailedError as e:
         exporter_log(ctx, e.report.export)
         print_report(e.report, out, as_json)

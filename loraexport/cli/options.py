@@ -7,13 +7,13 @@ the options verify and merge-and-export share; the library checks it before any 
 from __future__ import annotations
 
 import functools
-import json
 from pathlib import Path
 
 import click
 
 from loraexport.cli.types import MAX_OPSET, MAX_OPSET_TORCHSCRIPT, MIN_OPSET, Number, PositiveInt
 from loraexport.core.enums import MAX_LORA_RANK, ExportMode, Precision
+from loraexport.spec import SPEC_FIELDS, ExportSpec
 from loraexport.verify.options import VerifyOptions
 
 # readable=False: the library checks paths and says what is wrong in one line (exit 3)
@@ -53,13 +53,22 @@ def adapter_options(required: bool = True):
 
 
 def export_options(f):
-    """--opset, --exporter, --dtype, --quantize, --keep-adapter, --optimize and --max-rank, shared
-    by export and merge-and-export."""
+    """--opset, --exporter, --dtype, --quantize, --keep-adapter, --optimize, --stream and --max-rank
+    (and the command's --mode), shared by export and merge-and-export: given to the command as one
+    ``ExportSpec`` (keyword ``spec``), checked by its table before any work."""
+
+    inner = f
+
+    @functools.wraps(inner)
+    def command(*args, **kwargs):
+        asked = {name: kwargs.pop(name) for name in SPEC_FIELDS if name in kwargs}
+        return inner(*args, spec=ExportSpec.from_options(**asked), **kwargs)
+
     f = click.option(
         "--max-rank",
         type=Number(int, 1, MAX_LORA_RANK),
         help="With --mode adapter: the graph's LoRA rank (default: the largest rank of the adapters given).",
-    )(f)
+    )(command)
     f = click.option(
         "--stream/--no-stream",
         default=None,
@@ -214,33 +223,3 @@ def verify_options(f):
     ):
         command = opt(command)
     return command
-
-
-# ---- printing ----------------------------------------------------------------------------------
-def log(ctx: click.Context):
-    """Progress messages for stderr, or nothing with --quiet."""
-    return (lambda msg: None) if ctx.obj["quiet"] else (lambda msg: click.echo(msg, err=True))
-
-
-def exporter_log(ctx: click.Context, result) -> None:
-    """With --verbose: what torch.onnx printed while it exported (captured, fd level included)."""
-    if ctx.obj["verbose"] and result is not None and result.exporter_log.strip():
-        click.echo(result.exporter_log.rstrip(), err=True)
-
-
-def print_report(report, out: Path | None, as_json: bool) -> None:
-    if as_json:
-        click.echo(json.dumps(report.to_json(), indent=2))
-        return
-    rows = report.summary_rows()
-    width = max(len(k) for k, _ in rows)
-    for k, v in rows:
-        click.echo(f"{k:<{width}}  {v}")
-    if out is not None:
-        click.echo(f"{'report':<{width}}  {out / 'report.md'} (and report.json)")
-
-
-def print_table(info: dict) -> None:
-    width = max(len(k) for k in info)
-    for k, v in info.items():
-        click.echo(f"{k:<{width}}  {v}")

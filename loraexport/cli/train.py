@@ -7,7 +7,8 @@ from pathlib import Path
 
 import click
 
-from loraexport.cli.options import force_option, json_option, log
+from loraexport.cli.options import force_option, json_option
+from loraexport.cli.output import log
 from loraexport.cli.types import Names, Number, PositiveInt, Seed, Warmup
 
 # = stages.train.MAX_LENGTH, MAX_GRAD_ACCUM (not imported: the CLI loads torch lazily)

@@ -6,7 +6,8 @@ import json
 
 import click
 
-from loraexport.cli.options import PATH, adapter_options, log, print_report, verify_options
+from loraexport.cli.options import PATH, adapter_options, verify_options
+from loraexport.cli.output import log, print_report, run_of
 from loraexport.core.enums import ExportMode
 from loraexport.errors import VerificationFailedError
 
@@ -51,21 +52,7 @@ from loraexport.errors import VerificationFailedError
 )
 @verify_options
 @click.pass_context
-def verify(
-    ctx,
-    base,
-    adapters,
-    weights,
-    onnx_dir,
-    report_path,
-    force,
-    mode,
-    check_files,
-    stream,
-    verify_options,
-    allow_pickle,
-    as_json,
-):
+def verify(ctx, verify_options, check_files, force, allow_pickle, as_json, **args):
     """Check an exported model against base + adapter unmerged: parity and latency.
 
     Exit 4 when parity fails (the report is still written). With --check-files DIR: only
@@ -79,6 +66,7 @@ def verify(
     if check_files is not None:
         _check_files(ctx, check_files, as_json)
         return
+    base, adapters, onnx_dir = args["base"], args["adapters"], args["onnx_dir"]
     for value, name in ((base, "--base"), (adapters, "--adapter"), (onnx_dir, "--onnx")):
         if not value:
             raise click.UsageError(f"Missing option '{name}' (required unless --check-files).")
@@ -89,15 +77,12 @@ def verify(
             base,
             list(adapters),
             onnx_dir,
-            weights=list(weights) or None,
-            options=verify_options,
-            allow_pickle=allow_pickle,
-            report_path=report_path,
-            force=force,
-            mode=mode,
-            log=log(ctx),
-            stream=stream,
-            show_progress=not ctx.obj["quiet"],
+            verify_options,
+            weights=list(args["weights"]) or None,
+            report_path=args["report_path"],
+            run=run_of(ctx, force, allow_pickle),
+            mode=args["mode"],
+            stream=args["stream"],
         )
     except VerificationFailedError as e:
         print_report(e.report, None, as_json)

@@ -14,7 +14,6 @@ from torch import nn
 from loraexport.artifact.output.plan import is_adapter_file, plan_files
 from loraexport.artifact.output.write import write_files
 from loraexport.artifact.schema import META, read_export_meta
-from loraexport.core.enums import MAX_LORA_RANK
 from loraexport.core.io import sha256_file
 from loraexport.errors import AdapterMismatchError, InvalidInputError, UnsupportedAdapterError, UsageError
 from loraexport.export.adapter import (
@@ -31,18 +30,6 @@ from loraexport.lora.inject import lora_layers
 from loraexport.stages.merge import merged_model, unmerged_model
 
 NO_ADAPTER = "none"  # verification's name for the graph with no adapter active: no adapter's
-
-
-def check_adapter_mode(adapters: list, max_rank: int | None, weights) -> None:
-    """Refuse what adapter mode cannot do, before any work."""
-    if not adapters:
-        raise InvalidInputError("--mode adapter needs an --adapter: its modules and rank shape the graph")
-    if max_rank is not None and (
-        isinstance(max_rank, bool) or not isinstance(max_rank, int) or not 1 <= max_rank <= MAX_LORA_RANK
-    ):
-        raise InvalidInputError(f"--max-rank must be an integer from 1 to {MAX_LORA_RANK}, got {max_rank!r}")
-    if weights:
-        raise InvalidInputError("--weight does not apply to --mode adapter: each adapter is its own file")
 
 
 def probe_model(base: nn.Module, adapters: list[Adapter], max_rank: int | None, storage=None):

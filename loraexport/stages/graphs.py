@@ -5,7 +5,7 @@ with it again to prove a quantized file (``stages.prove``)."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,11 @@ from loraexport.core.dtypes import torch_dtype
 from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.errors import ExportError
 from loraexport.export.half import store_weights_half
-from loraexport.export.onnx import DEFAULT_OPSET, EXTERNAL_DATA_BYTES, ExportResult, export_graphs
+from loraexport.export.onnx import EXTERNAL_DATA_BYTES, ExportResult, export_graphs
 from loraexport.export.optimize import optimized_export
 from loraexport.export.quantize import lora_matmuls, quantization_description, quantize_graph
 from loraexport.models.base import ModelFamily
+from loraexport.spec import ExportSpec
 from loraexport.stages.adapter_mode import describe_adapters, probe_model
 from loraexport.stages.merge import merged_model, unmerged_model
 
@@ -29,26 +30,26 @@ def export_model(
     family: ModelFamily,
     model: nn.Module,
     out_dir: Path,
-    opset: int = DEFAULT_OPSET,
-    exporter: str | None = None,
-    weights_dtype: Precision | str | None = None,
+    spec: ExportSpec = ExportSpec(),
     keep: list[np.ndarray] | None = None,
-    optimize: bool = False,
+    *,
     on_float=None,
     origins: dict | None = None,
 ) -> ExportResult:
-    """Export ``model``'s graphs into ``out_dir`` (which exists); ``optimize``: the family's
-    optimized graph (``export.optimize``; ``check_optimize`` said the family has one).
-    ``on_float(path)``: called with each graph file before it is quantized (verify's proof maps
-    the float weights to the model's modules there); ``origins``: a graph written by loraexport
-    itself fills it with the modules each weight holds (``export.graph_writer.Graph.origins``).
+    """Export ``model``'s graphs into ``out_dir`` (which exists) as ``spec`` says (opset,
+    exporter, precision, graph); an optimized graph: the family's (``export.optimize``;
+    ``check_optimize`` said the family has one). ``on_float(path)``: called with each graph file
+    before it is quantized (verify's proof maps the float weights to the model's modules there);
+    ``origins``: a graph written by loraexport itself fills it with the modules each weight holds
+    (``export.graph_writer.Graph.origins``).
 
-    ``weights_dtype`` float16/bfloat16: store the weights in it (``export.half``); ``model``
-    must already hold weights rounded to it, so nothing is lost in the file. int8/int4:
-    quantize the graph's MatMuls (``export.quantize``), all but those whose weight is one of
-    ``keep`` (the LoRA factors of an unmerged model: the adapter stays in float32).
+    float16/bfloat16: store the weights in it (``export.half``); ``model`` must already hold
+    weights rounded to it, so nothing is lost in the file. int8/int4: quantize the graph's
+    MatMuls (``export.quantize``), all but those whose weight is one of ``keep`` (the LoRA factors
+    of an unmerged model: the adapter stays in float32).
     """
-    half, quant = half_precision(weights_dtype), quantization(weights_dtype)
+    opset, exporter, optimize = spec.opset, spec.exporter, spec.optimize
+    half, quant = spec.half, spec.quant
     if optimize:
         if family.optimized_specs is None:
             raise ExportError(f"--optimize: the {family.name} family has no optimized graph")
@@ -151,15 +152,22 @@ def export_subject(
 
 
 def export_into(
-    loaded, subject: Subject, out_dir: Path, meta: dict, *, opset: int = DEFAULT_OPSET, exporter=None,
-    optimize: bool = False, on_float=None, origins: dict | None = None,
-) -> ExportResult:  # fmt: skip
-    """``subject`` exported into ``out_dir`` (which exists), its description added to ``meta``
-    (adapter mode: the probes made graph inputs and one ``.onnx_adapter`` per adapter)."""
+    loaded,
+    subject: Subject,
+    out_dir: Path,
+    meta: dict,
+    spec: ExportSpec = ExportSpec(),
+    *,
+    on_float=None,
+    origins=None,
+) -> ExportResult:
+    """``subject`` exported into ``out_dir`` (which exists) with ``spec``'s graph, opset and
+    exporter, its description added to ``meta`` (adapter mode: the probes made graph inputs and
+    one ``.onnx_adapter`` per adapter)."""
+    spec = replace(spec, precision=subject.precision or Precision.FLOAT32)
     result = export_model(
-        loaded.family, subject.model, out_dir, opset, exporter, subject.precision, subject.keep, optimize,
-        on_float=on_float, origins=origins,
-    )  # fmt: skip
+        loaded.family, subject.model, out_dir, spec, subject.keep, on_float=on_float, origins=origins
+    )
     meta.update(describe(loaded.family, subject.model, result, subject.precision, subject.mode))
     if subject.probes is not None:
         describe_adapters(out_dir, list(result.inputs), subject.probes, subject.rank, loaded.adapters, meta)

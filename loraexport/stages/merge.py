@@ -18,7 +18,8 @@ from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats, merge_state_dict
 from loraexport.lora.stream import checkpoint_shards, stream_merge
 from loraexport.lora.views import merged_view, unmerged_view
-from loraexport.stages.inputs import Log, adapter_info, as_list, check_weights, plan, quiet
+from loraexport.spec import Run, run_of
+from loraexport.stages.inputs import adapter_info, as_list, check_weights, plan
 
 
 def unmerged_model(
@@ -52,28 +53,28 @@ def merge(
     *,
     weights: list[float] | None = None,
     dtype: str | None = None,
-    force: bool = False,
-    allow_pickle: bool = False,
-    show_progress: bool = True,
-    log: Log = quiet,
+    run: Run | None = None,
+    **run_fields,
 ) -> MergeStats:
     """Merge adapter(s) into the safetensors checkpoint in ``base``; write ``out`` in its layout.
 
     Streams tensor by tensor (``lora.stream``): no model is built, memory stays bounded by the
     largest tensor, untargeted tensors are copied without being decoded. ``merge.json`` records
-    per module max|ΔW| and the error of the final cast.
+    per module max|ΔW| and the error of the final cast. ``run`` (or force, allow_pickle, log,
+    show_progress: a bar by default, drawn only on a terminal).
     """
+    run = run_of(run, {"show_progress": True} | run_fields) if run is None else run_of(run, run_fields)
     weights = check_weights(adapters, weights)
     storage = torch_dtype(dtype)
-    out_plan = plan(out, force, log, {"--base": base, "--adapter": adapters})
+    out_plan = plan(out, run.force, run.log, {"--base": base, "--adapter": adapters})
     base_dir = require_dir(base, "base model directory")
-    loaded = [Adapter.load(a, allow_pickle) for a in adapters]
+    loaded = [Adapter.load(a, run.allow_pickle) for a in adapters]
     shards, _ = checkpoint_shards(base_dir)
     total = sum((base_dir / s).stat().st_size for s in shards)
     hasher = Hasher()  # shards are hashed for the manifest while the next one is merged
     with (
         write_output(out_plan, hasher) as tmp,
-        Progress(total, "merge", "B", show_progress) as bar,
+        Progress(total, "merge", "B", run.show_progress) as bar,
     ):
         stats = stream_merge(
             base_dir,

@@ -31,6 +31,7 @@ from loraexport.export.fused_source import ModuleSource
 from loraexport.export.quantize import lora_matmuls, quantized_proto
 from loraexport.runtime.adapters import Active
 from loraexport.runtime.files import RuntimeInputError
+from loraexport.spec import ExportSpec
 from loraexport.stages.graphs import Subject, export_into, export_subject, torch_exporter_of
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.verify.chunked import scratch_dir
@@ -176,11 +177,8 @@ def _prove_exported(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict
     try:
         replay: dict = {}
         opset = meta.get("opset") if isinstance(meta.get("opset"), int) else None
-        kwargs = {"opset": opset} if opset else {}
-        export_into(
-            loaded, subject, scratch, replay, exporter=torch_exporter_of(meta), optimize="optimize" in meta,
-            on_float=on_float, origins=fused, **kwargs,
-        )  # fmt: skip
+        how = ExportSpec.of_graph(optimize="optimize" in meta, exporter=torch_exporter_of(meta), opset=opset)
+        export_into(loaded, subject, scratch, replay, how, on_float=on_float, origins=fused)
         if fused:
             origins["model.onnx"] = fused
         for name in graph_files(replay):

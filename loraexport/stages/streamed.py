@@ -42,9 +42,11 @@ from loraexport.models.registry import detect_family
 from loraexport.models.types import FUSED_TYPES
 from loraexport.report.contents import Report
 from loraexport.report.files import raise_if_output_failed, write_report
+from loraexport.spec import ExportSpec, Run
 from loraexport.stages.extras import write_extras
 from loraexport.stages.inputs import Log, adapter_info, check_weights, machine, model_provenance, plan
 from loraexport.verify.chunked import is_fused
+from loraexport.verify.options import VerifyOptions
 
 # The in-memory path's peak as a multiple of the float32 weights (make bench-large: export 2.39x,
 # merge-and-export 2.59x, with --dtype 3.42x): auto-streaming starts where that would not fit.
@@ -240,31 +242,18 @@ def memory_facts(checkpoint: Checkpoint) -> dict:
     }
 
 
-def streamed_export(
-    model_dir,
-    out,
-    adapters,
-    weights,
-    mode: ExportMode,
-    half,
-    quant,
-    keep_adapter,
-    force,
-    allow_pickle,
-    log,
-    progress,
-) -> ExportResult:
+def streamed_export(model_dir, out, adapters: list, weights, spec: ExportSpec, run: Run) -> ExportResult:
     """``loraexport export`` of a model larger than memory (see the module docstring)."""
-    check_streamable(model_dir, mode, half, verify=False, command="export")
-    out_plan = plan(out, force, log, {"--model": model_dir, "--adapter": adapters})
-    src = _load(model_dir, adapters, weights, keep_adapter or mode is ExportMode.UNMERGED, half, allow_pickle)
-    kind = _mode(adapters, keep_adapter or mode is ExportMode.UNMERGED)
-    precision = half or quant or Precision.FLOAT32
+    check_streamable(model_dir, spec.mode, spec.half, verify=False, command="export")
+    out_plan = plan(out, run.force, run.log, {"--model": model_dir, "--adapter": adapters})
+    keep = spec.mode is ExportMode.UNMERGED
+    src = _load(model_dir, adapters, weights, keep, spec.half, run.allow_pickle)
+    kind = _mode(adapters, keep)
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
-        result = write_streamed(src, tmp, precision, log, progress)
+        result = write_streamed(src, tmp, spec.precision, run.log, run.show_progress)
         meta.update(
-            _meta(src.config, precision, kind, result.optimized, result), inputs=_inputs(model_dir, src)
+            _meta(src.config, spec.precision, kind, result.optimized, result), inputs=_inputs(model_dir, src)
         )
         _extras(model_dir, tmp, meta)
     return result
@@ -285,29 +274,18 @@ def _inputs(model_dir, src: CheckpointSource) -> dict:
 
 
 def streamed_merge_and_export(
-    base,
-    adapters,
-    out,
-    *,
-    weights,
-    half,
-    quant,
-    keep_adapter,
-    verify_output,
-    force,
-    opts,
-    allow_pickle,
-    log,
-    progress,
+    base, adapters: list, out, weights, spec: ExportSpec, opts: VerifyOptions, run: Run
 ) -> Report:
     """``merge-and-export`` of a model larger than memory: each stage's time and memory in the report."""
-    check_streamable(base, ExportMode.MERGED, half, verify_output, opts)
-    out_plan = plan(out, force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data})
+    check_streamable(base, ExportMode.MERGED, spec.half, run.verify_output, opts)
+    log, progress, keep_adapter, precision = run.log, run.show_progress, spec.keep_adapter, spec.precision
+    out_plan = plan(
+        out, run.force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data}
+    )
     records: list[StageRecord] = []
     with Stage("load and check the inputs (headers, adapters)", records):
-        src = _load(base, adapters, weights, keep_adapter, half, allow_pickle)
+        src = _load(base, adapters, weights, keep_adapter, spec.half, run.allow_pickle)
     kind = _mode(adapters, keep_adapter)
-    precision = half or quant or Precision.FLOAT32
     meta: dict = {}
     with write_output(out_plan, meta=meta) as tmp:
         merged = "adapter kept as float32 branches" if keep_adapter else "merged in float64 per tensor"
@@ -326,7 +304,7 @@ def streamed_merge_and_export(
             "streamed: no model object was built; the export was written from the checkpoint tensor by "
             "tensor, and verification's reference is the unmerged model computed layer by layer"
         )
-        if verify_output:
+        if run.verify_output:
             _verify(report, src, tmp, meta, precision, kind, opts, log, records, progress)
         report.stages = [r.to_json() for r in records]
         report.memory = memory_facts(src.checkpoint)
@@ -335,9 +313,7 @@ def streamed_merge_and_export(
     return report
 
 
-def verify_export(
-    base, adapters, onnx_dir: Path, meta: dict, weights, allow_pickle, opts, log, progress
-) -> Report:
+def verify_export(base, adapters, onnx_dir: Path, meta: dict, weights, opts, run: Run) -> Report:
     """``loraexport verify`` with the layer-streamed reference: a causal export (streamed or not)
     of a Llama/Mistral/Qwen2 checkpoint, against base + adapters unmerged, in bounded memory."""
     kind = ExportMode.parse(meta.get("mode", "merged"))
@@ -355,7 +331,7 @@ def verify_export(
         )
     records: list[StageRecord] = []
     with Stage("load and check the inputs (headers, adapters)", records):
-        src = _load(base, adapters, weights, kind is ExportMode.UNMERGED, half, allow_pickle)
+        src = _load(base, adapters, weights, kind is ExportMode.UNMERGED, half, run.allow_pickle)
         if not is_fused(meta):  # a fused graph runs a few layers at a time (verify.chunked)
             check_session_fits(src.checkpoint, precision)
     report = Report(
@@ -365,7 +341,7 @@ def verify_export(
     )
     report.notes.append("verified against the unmerged model computed layer by layer from the checkpoint")
     mode = _mode(adapters, kind is ExportMode.UNMERGED)
-    _verify(report, src, onnx_dir, meta, precision, mode, opts, log, records, progress)
+    _verify(report, src, onnx_dir, meta, precision, mode, opts, run.log, records, run.show_progress)
     report.stages = [r.to_json() for r in records]
     report.memory = memory_facts(src.checkpoint)
     return report
@@ -373,8 +349,11 @@ def verify_export(
 
 def _verify(report, src, onnx_dir, meta, precision, kind, opts, log, records, progress) -> None:
     """A float32 export's parity, or a quantized one's proof, parity and quality, streamed."""
+    from loraexport.stages.verification import Verification
+
     if precision.is_quantized:
         from loraexport.stages.verify_streamed_quantized import verify_streamed_quantized as run
     else:
         from loraexport.stages.verify_streamed import verify_streamed as run
-    run(report, src, onnx_dir, meta, precision, kind, opts, log, records, progress)
+    v = Verification(report, onnx_dir, meta, opts, log, records=records, progress=progress)
+    run(v, src, precision, kind)

@@ -23,28 +23,28 @@ from loraexport.lora.merge import MergeStats
 from loraexport.report.contents import Report
 from loraexport.report.files import report_texts
 from loraexport.runtime.model import PROVIDERS, RuntimeInputError, check_external_data
+from loraexport.spec import RUN_FIELDS, ExportSpec, Run, run_of, split_fields
 from loraexport.stages.graphs import describe, export_model, torch_exporter_of
 from loraexport.stages.inputs import (
     Loaded,
-    Log,
     adapter_info,
     as_list,
     base_info,
     check_eval_data,
     load_inputs,
     machine,
-    quiet,
 )
 from loraexport.stages.merge import merged_model, unmerged_model
-from loraexport.stages.prove import FloatGraphs, graph_files
+from loraexport.stages.prove import graph_files
 from loraexport.stages.streamed import wants_stream
+from loraexport.stages.verification import Verification
 from loraexport.stages.verify_adapters import verify_adapter_mode
 from loraexport.stages.verify_quantized import verify_quantized
 from loraexport.training.data import read_pairs
 from loraexport.verify import gates
 from loraexport.verify.half import half_precision_costs
 from loraexport.verify.latency import measure_latency, open_model
-from loraexport.verify.options import VerifyOptions
+from loraexport.verify.options import OPTION_FIELDS, VerifyOptions, options_of
 from loraexport.verify.parity_on import parity_on
 from loraexport.verify.stored import STORED_EPS, stored_weights_error
 
@@ -66,17 +66,12 @@ def verify(
     base: str | Path,
     adapter: str | Path | list[str | Path],
     onnx_dir: str | Path,
+    options: VerifyOptions | None = None,
     *,
     weights: list[float] | None = None,
-    allow_pickle: bool = False,
     report_path: str | Path | None = None,
-    force: bool = False,
-    options: VerifyOptions | None = None,
-    mode: str | None = None,
-    log: Log = quiet,
-    stream: bool | None = None,
-    show_progress: bool = False,
-    **option_fields,
+    run: Run | None = None,
+    **fields,
 ) -> Report:
     """Parity of ``onnx_dir`` (merged export) against base + adapter(s) unmerged, and latency.
     ``stream`` (None: auto, for a streamed export or a model that would not fit in memory): the
@@ -87,17 +82,21 @@ def verify(
     ``adapter`` is one path or a list; ``weights`` one weight per adapter (default 1.0 each).
     ``report_path``: write report.json there and report.md beside it (checked before any work,
     like every output; replaced only with ``force``, and only if verify wrote it). ``options``
-    (or its fields as keywords): how to check. Returns the report; raises
+    (or its fields as keywords): how to check; ``run`` (or force, allow_pickle, log,
+    show_progress); ``mode``, ``stream`` as keywords. Returns the report; raises
     ``VerificationFailedError`` (with ``.report``, after writing it) when parity fails.
     """
-    opts = options or VerifyOptions(**option_fields)  # checked before any work
+    option_fields, run_fields, asked = split_fields(fields, OPTION_FIELDS, RUN_FIELDS, ("mode", "stream"))
+    opts = options_of(options, option_fields)  # checked before any work
+    run = run_of(run, run_fields)
+    mode, stream, log = asked.get("mode"), asked.get("stream"), run.log
     inputs = {
         "--base": base,
         "--adapter": as_list(adapter),
         "--onnx": onnx_dir,
         "--eval-data": opts.eval_data,
     }
-    out_plan = plan_report(report_path, force, inputs) if report_path is not None else None
+    out_plan = plan_report(report_path, run.force, inputs) if report_path is not None else None
     check_eval_data(opts.eval_data)
     onnx_path = require_dir(onnx_dir, "ONNX directory")
     meta = read_export_meta(onnx_path, ModelFormatError)  # once, bounded and type-checked
@@ -112,18 +111,16 @@ def verify(
     if stream is not False and (meta.get("streamed") is True or wants_stream(base, stream)):
         from loraexport.stages.streamed import verify_export
 
-        report = verify_export(
-            base, as_list(adapter), onnx_path, meta, weights, allow_pickle, opts, log, show_progress
-        )
+        report = verify_export(base, as_list(adapter), onnx_path, meta, weights, opts, run)
         report.manifest = files
         return _write_and_raise(report, out_plan)
-    loaded = load_inputs(base, as_list(adapter), allow_pickle, weights)
+    loaded = load_inputs(base, as_list(adapter), run.allow_pickle, weights)
     merged, stats = merged_model(
         loaded.base, loaded.adapters, loaded.weights, storage_dtype=torch_dtype(half)
     )
     report = new_report(base, loaded, stats, None)
     report.manifest = files
-    verify_into(report, loaded, merged, onnx_path, meta, opts, log, half)
+    verify_into(Verification(report, onnx_path, meta, opts, log), loaded, merged, half)
     return _write_and_raise(report, out_plan)
 
 
@@ -189,41 +186,30 @@ def new_report(
     )
 
 
-def verify_into(
-    report: Report,
-    loaded: Loaded,
-    merged: nn.Module,
-    onnx_path: Path,
-    meta: dict,
-    opts: VerifyOptions,
-    log: Log,
-    half: Precision | None = None,
-    *,
-    made: FloatGraphs | None = None,
-) -> None:
-    """Add parity (per provider), half-precision costs and latency to ``report``. ``made``: the
-    float graphs this run exported (``merge-and-export``), for the proof of a quantized export.
+def verify_into(v: Verification, loaded: Loaded, merged: nn.Module, half: Precision | None = None) -> None:
+    """Add parity (per provider), half-precision costs and latency to ``v.report``.
 
     With half-stored weights (``half``), parity is judged against ``merged`` (the merged
     weights rounded to that precision, which the file must hold exactly), and what the
-    rounding costs against the unmerged model is added to the half-precision section. ``meta``
-    is the export's description (``loraexport.json``, read once or not written yet); the
-    comparison graphs for latency are exported with its exporter.
+    rounding costs against the unmerged model is added to the half-precision section.
+    ``v.meta`` is the export's description (``loraexport.json``, read once or not written yet);
+    the comparison graphs for latency are exported with its exporter. ``v.made``: the float
+    graphs this run exported (``merge-and-export``), for the proof of a quantized export.
     """
-    providers = resolve_providers(opts.providers)
-    threads = torch_threads.use(sum(p.numel() for p in loaded.base.parameters()), opts.threads, log)
-    pairs = read_pairs(opts.eval_data) if opts.eval_data else None
-    sources = [s for s, _ in pairs] if pairs else None
+    report, onnx_path, meta, opts, log = v.report, v.onnx_path, v.meta, v.opts, v.log
+    v.providers = providers = resolve_providers(opts.providers)
+    v.threads = threads = torch_threads.use(
+        sum(p.numel() for p in loaded.base.parameters()), opts.threads, log
+    )
+    v.pairs = pairs = read_pairs(opts.eval_data) if opts.eval_data else None
+    sources = v.sources
     if meta.get("mode") == ExportMode.ADAPTER.value:  # each adapter against its own model
-        exporter = torch_exporter_of(meta)
-        verify_adapter_mode(
-            report, loaded, onnx_path, meta, opts, log, providers, threads, sources, exporter, half
-        )
+        verify_adapter_mode(v, loaded, torch_exporter_of(meta), half)
         return
     unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
     providers_for_parity = providers
     if quantization(meta.get("weights_dtype")):  # proven weight by weight, then judged by arithmetic
-        verify_quantized(report, loaded, onnx_path, meta, opts, log, providers, threads, pairs, made)
+        verify_quantized(v, loaded)
         providers_for_parity = []
     reference = merged if half else unmerged
     what = f"the {half.value}-rounded merged model" if half else "the unmerged model"
@@ -299,7 +285,9 @@ def _latency(report, loaded, merged, unmerged, checked, opts, log, providers, th
             log(f"exporting {name.removeprefix('onnx_')} model for comparison …")
             d = Path(td) / name
             d.mkdir()
-            result = export_model(loaded.family, model, d, exporter=exporter, optimize=optimize)
+            result = export_model(
+                loaded.family, model, d, ExportSpec.of_graph(optimize=optimize, exporter=exporter)
+            )
             dirs[name] = (d, describe(loaded.family, model, result, None, mode))
         torch_models = {"torch_unmerged": unmerged, "torch_merged": merged}
         for provider in providers:

@@ -16,18 +16,18 @@ from loraexport.core.enums import ExportMode, Precision, half_precision, quantiz
 from loraexport.core.io import sha256_file
 from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
-from loraexport.report.contents import Report
 from loraexport.runtime.adapters import Active, find_adapters
 from loraexport.runtime.model import RuntimeInputError
+from loraexport.spec import ExportSpec
 from loraexport.stages.adapter_mode import NO_ADAPTER, adapter_file_tensors, file_name
 from loraexport.stages.graphs import describe, export_model
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.stages.merge import merged_model, unmerged_model
 from loraexport.stages.prove import float_compute_dir, prove_export
+from loraexport.stages.verification import Verification
 from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE, dequantized_reference, judge_quality
 from loraexport.verify.adapters import AdapterLatency, AdapterModeResult, AdapterTiming
 from loraexport.verify.latency import open_model, time_interleaved
-from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import check_parity
 from loraexport.verify.quantized import quantization_cost
 
@@ -63,21 +63,13 @@ def adapter_files(
 
 
 def verify_adapter_mode(
-    report: Report,
-    loaded: Loaded,
-    onnx_path: Path,
-    meta: dict,
-    opts: VerifyOptions,
-    log: Log,
-    providers: list[str],
-    threads: int,
-    sources: list[str] | None,
-    exporter: str | None,
-    half: Precision | None = None,
+    v: Verification, loaded: Loaded, exporter: str | None, half: Precision | None = None
 ) -> None:
     """Parity per adapter and with none (per provider) into ``report.parity``; timings into
     ``report.adapter_mode``. ``half`` (a --dtype export): the references' base weights are
     rounded to it, as the file stores them; the adapters stay float32 on both sides."""
+    report, onnx_path, meta, opts, log = v.report, v.onnx_path, v.meta, v.opts, v.log
+    providers, threads, sources = v.providers, v.threads, v.sources
     graph = GraphLora.from_meta(meta, str(onnx_path))
     if not loaded.adapters:
         raise InvalidInputError(f"{onnx_path} is an adapter-mode export: give the --adapter(s) to check")
@@ -204,7 +196,7 @@ def _timings(result, loaded, onnx_path, meta, files, threads, latency: bool, log
             d = Path(td) / key
             d.mkdir()
             res = export_model(
-                loaded.family, m, d, exporter=exporter, weights_dtype=precision, optimize=optimize
+                loaded.family, m, d, ExportSpec.of_graph(precision, optimize=optimize, exporter=exporter)
             )
             dirs[key] = open_model(d, "cpu", threads, describe(loaded.family, m, res, precision, mode))
         first = files[0][1]

@@ -22,10 +22,12 @@ from loraexport.core.enums import ExportMode, Precision
 from loraexport.errors import InvalidInputError
 from loraexport.report.contents import Report
 from loraexport.runtime.model import RuntimeInputError
+from loraexport.spec import ExportSpec
 from loraexport.stages.graphs import describe, export_model, torch_exporter_of
-from loraexport.stages.inputs import Loaded, Log
+from loraexport.stages.inputs import Loaded
 from loraexport.stages.merge import unmerged_model
-from loraexport.stages.prove import FloatGraphs, Proven, float_compute_dir, graph_files, prove_export
+from loraexport.stages.prove import Proven, float_compute_dir, graph_files, prove_export
+from loraexport.stages.verification import Verification
 from loraexport.verify import gates
 from loraexport.verify.dequantized import as_written, dequantized_copy, dequantized_weights
 from loraexport.verify.latency import open_model
@@ -57,20 +59,11 @@ def dequantized_reference(
     return dequantized_copy(target, weights)
 
 
-def verify_quantized(
-    report: Report,
-    loaded: Loaded,
-    onnx_path: Path,
-    meta: dict,
-    opts: VerifyOptions,
-    log: Log,
-    providers: list[str],
-    threads: int,
-    pairs: list | None,
-    made: FloatGraphs | None = None,
-) -> None:
-    """Proof, parity against the dequantized reference (per provider), then quality. ``made``:
+def verify_quantized(v: Verification, loaded: Loaded) -> None:
+    """Proof, parity against the dequantized reference (per provider), then quality. ``v.made``:
     the float graphs this run exported, which the proof quantizes again (``stages.prove``)."""
+    report, onnx_path, meta, opts, log = v.report, v.onnx_path, v.meta, v.opts, v.log
+    providers, threads, pairs, made = v.providers, v.threads, v.pairs, v.made
     quant = Precision.parse(meta["weights_dtype"])
     sources = [s for s, _ in pairs] if pairs else None
     proven = prove_export(loaded, onnx_path, meta, log, made)
@@ -118,10 +111,8 @@ def _quality(report, loaded, onnx_path, meta, quant, opts, log, sources, threads
     log(f"quality: the {quant.value} export against the unmerged float32 model …")
     with tempfile.TemporaryDirectory(prefix="loraexport-quantized-base-") as td:
         log(f"exporting the base, quantized to {quant.value} the same way, for comparison …")
-        result = export_model(
-            loaded.family, loaded.base, Path(td), exporter=torch_exporter_of(meta), weights_dtype=quant,
-            optimize="optimize" in meta,
-        )  # fmt: skip
+        how = ExportSpec.of_graph(quant, optimize="optimize" in meta, exporter=torch_exporter_of(meta))
+        result = export_model(loaded.family, loaded.base, Path(td), how)
         base_meta = describe(loaded.family, loaded.base, result, quant, ExportMode.BASE)
         try:
             cost = quantization_cost(

@@ -26,14 +26,13 @@ import numpy as np
 import torch
 
 from loraexport.core.enums import ExportMode, Precision
-from loraexport.core.memory import Stage, StageRecord
+from loraexport.core.memory import Stage
 from loraexport.core.progress import Progress
 from loraexport.core.threads import cores
 from loraexport.errors import InvalidInputError, first_line
 from loraexport.export.streamed import CheckpointSource
-from loraexport.report.contents import Report
 from loraexport.runtime.model import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
-from loraexport.stages.inputs import Log
+from loraexport.stages.verification import Verification
 from loraexport.training.data import read_pairs
 from loraexport.verify.chunked import ChunkedDecoder, is_fused
 from loraexport.verify.options import VerifyOptions
@@ -159,19 +158,10 @@ def without_adapter(onnx_dir: Path, scratch: Path) -> None:
         shutil.copyfile(data, scratch / data.name)
 
 
-def verify_streamed(
-    report: Report,
-    src: CheckpointSource,
-    onnx_dir: Path,
-    meta: dict,
-    precision: Precision,
-    kind: ExportMode,
-    opts: VerifyOptions,
-    log: Log,
-    records: list[StageRecord],
-    progress: bool,
-) -> None:
+def verify_streamed(v: Verification, src: CheckpointSource, precision: Precision, kind: ExportMode) -> None:
     """Add parity (float32) or the quantization figures to ``report``; each step a stage."""
+    report, onnx_dir, meta, opts, log = v.report, v.onnx_path, v.meta, v.opts, v.log
+    records, progress = v.records, v.progress
     from loraexport.verify.streamed import StreamedDecoder
 
     threads = setup_threads(opts)

@@ -26,15 +26,14 @@ import numpy as np
 import torch
 
 from loraexport.core.enums import ExportMode, Precision
-from loraexport.core.memory import Stage, StageRecord
+from loraexport.core.memory import Stage
 from loraexport.core.progress import Progress
 from loraexport.errors import InvalidInputError
 from loraexport.export.fused import write_fused_decoder
 from loraexport.export.quantize import quantization_description
 from loraexport.export.streamed import CheckpointSource
-from loraexport.report.contents import Report
-from loraexport.stages.inputs import Log
 from loraexport.stages.prove import Proven, float_compute_dir, prove_checkpoint
+from loraexport.stages.verification import Verification
 from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE, judge_quality
 from loraexport.stages.verify_streamed import (
     NEW_TOKENS,
@@ -51,24 +50,16 @@ from loraexport.stages.verify_streamed import (
 )
 from loraexport.verify.chunked import is_fused, scratch_dir
 from loraexport.verify.dequantized import FileWeights
-from loraexport.verify.options import VerifyOptions
 from loraexport.verify.parity import FUSED_NOISE_MULTIPLE, QUANTIZED_FACTOR, ParityResult, compare_outputs
 from loraexport.verify.quantized import QuantCost, adapter_figures, effect_sums
 
 
 def verify_streamed_quantized(
-    report: Report,
-    src: CheckpointSource,
-    onnx_dir: Path,
-    meta: dict,
-    precision: Precision,
-    kind: ExportMode,
-    opts: VerifyOptions,
-    log: Log,
-    records: list[StageRecord],
-    progress: bool,
+    v: Verification, src: CheckpointSource, precision: Precision, kind: ExportMode
 ) -> None:
     """Proof, parity against the dequantized reference, quality; each step a stage."""
+    report, onnx_dir, meta, opts, log = v.report, v.onnx_path, v.meta, v.opts, v.log
+    records, progress = v.records, v.progress
     from loraexport.verify.streamed import StreamedDecoder
 
     threads = setup_threads(opts)

@@ -7,7 +7,7 @@ of the Python API get them too. No torch here: the CLI builds it while parsing.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from loraexport.core.enums import Precision
@@ -56,3 +56,15 @@ class VerifyOptions:
     @property
     def budget(self) -> Budget:
         return Budget(self.min_top1, self.min_adapter_retained)
+
+
+OPTION_FIELDS = tuple(f.name for f in fields(VerifyOptions))
+
+
+def options_of(options: VerifyOptions | None, given: dict) -> VerifyOptions:
+    """``options``, or the ``VerifyOptions`` made of the keywords ``given`` (never both)."""
+    if options is not None:
+        if given:
+            raise TypeError(f"give options= or its fields, not both ({', '.join(sorted(given))})")
+        return options
+    return VerifyOptions(**given)

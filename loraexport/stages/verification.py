@@ -1,0 +1,36 @@
+"""``Verification``: one verification's context, handed from stage to stage — what is checked
+(the export's folder and its ``loraexport.json``), how (``VerifyOptions``, the providers and
+threads chosen, the evaluation pairs), where the findings go (the report, the log, the stage
+records of a streamed run) and what this run already made (the float graphs ``merge-and-export``
+exported, for the proof). Each verify stage takes it and the reference it checks against."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from loraexport.core.memory import StageRecord
+from loraexport.report.contents import Report
+from loraexport.stages.inputs import Log, quiet
+from loraexport.stages.prove import FloatGraphs
+from loraexport.verify.options import VerifyOptions
+
+
+@dataclass
+class Verification:
+    report: Report
+    onnx_path: Path
+    meta: dict
+    opts: VerifyOptions
+    log: Log = quiet
+    providers: list[str] = field(default_factory=list)
+    threads: int = 1
+    pairs: list | None = None  # (source, target) of --eval-data
+    made: FloatGraphs | None = None  # merge-and-export: the graphs as exported, before quantizing
+    records: list[StageRecord] = field(default_factory=list)  # streamed: each step's time and memory
+    progress: bool = False  # streamed: draw bars (on a terminal)
+
+    @property
+    def sources(self) -> list[str] | None:
+        """The prompts of --eval-data, or None."""
+        return [s for s, _ in self.pairs] if self.pairs else None
