@@ -3,11 +3,15 @@ callers of the Python API too, when it is made; ``train`` takes it or its fields
 
 from __future__ import annotations
 
+import dataclasses
+import importlib
 import json
 import math
 
+import click
 import pytest
 
+from loraexport.cli.types import Number
 from loraexport.errors import InvalidInputError
 from loraexport.training.options import TrainOptions
 
@@ -30,7 +34,8 @@ def test_the_defaults_are_valid():
     [("steps", 1), ("steps", 10**7), ("lr", 10), ("lr", 1e-9), ("batch_size", 1), ("batch_size", 65536)]
     + [("seed", 0), ("seed", 2**63 - 1), ("eval_fraction", 0.999), ("eval_fraction", 1e-9)]
     + [("warmup", 0), ("warmup", 0.99), ("warmup", 10**7), ("warmup", 30.0)]
-    + [("grad_accum", 1), ("grad_accum", 4096), ("max_length", 2), ("max_length", 65536)],
+    + [("grad_accum", 1), ("grad_accum", 4096), ("max_length", 2), ("max_length", 65536)]
+    + [("rank", 1), ("rank", 65536), ("alpha", 1e-9), ("alpha", 1e6), ("dropout", 0), ("dropout", 0.999)],
 )
 def test_the_bounds_are_kept(name, value):
     assert getattr(TrainOptions(**{name: value}), name) == value
@@ -60,6 +65,16 @@ def test_the_bounds_are_kept(name, value):
         ("grad_accum", 4097),
         ("max_length", 1),
         ("max_length", 65537),
+        ("rank", 0),
+        ("rank", 65537),
+        ("rank", 4.0),
+        ("alpha", 0),
+        ("alpha", -16.0),
+        ("alpha", 1e6 + 1),
+        ("alpha", math.nan),
+        ("dropout", -0.1),
+        ("dropout", 1),
+        ("dropout", math.inf),
         ("lr", "3e-3"),
     ],
 )
@@ -70,7 +85,9 @@ def test_a_value_out_of_bounds_is_refused_naming_it(name, value):
     assert "\n" not in str(e.value)
 
 
-@pytest.mark.parametrize("name", ["steps", "batch_size", "seed", "grad_accum", "max_length", "lr"])
+@pytest.mark.parametrize(
+    "name", ["steps", "batch_size", "seed", "grad_accum", "max_length", "lr", "rank", "alpha", "dropout"]
+)
 def test_a_boolean_is_not_a_number(name):
     with pytest.raises(InvalidInputError, match=f"^{name} True cannot be used for training$"):
         TrainOptions(**{name: True})
@@ -79,6 +96,40 @@ def test_a_boolean_is_not_a_number(name):
 def test_the_first_value_out_of_bounds_is_named():
     with pytest.raises(InvalidInputError, match="^steps 0 "):
         TrainOptions(max_length=1, steps=0)
+
+
+def _cli_number_options() -> list[click.Parameter]:
+    command = importlib.import_module("loraexport.cli.train").train  # the package's ``train`` is the command
+    return [p for p in command.params if isinstance(p.type, Number)]
+
+
+def test_every_number_the_cli_takes_is_a_field():
+    """So the bounds test below covers each of them (a new one shows up here first)."""
+    names = {p.name for p in _cli_number_options()}
+    assert len(names) == 11 and names <= {f.name for f in dataclasses.fields(TrainOptions)}
+
+
+@pytest.mark.parametrize("param", _cli_number_options(), ids=lambda p: p.name)
+def test_the_bounds_are_those_of_the_cli(param):
+    """At each end of the CLI's range: the end itself (kept unless the range is open there) and
+    the next value beyond it (refused), for the library as for the CLI's type."""
+    t = param.type
+    beyond = (
+        (t.lo - 1, t.hi + 1)
+        if t.kind is int
+        else (math.nextafter(t.lo, -math.inf), math.nextafter(t.hi, math.inf))
+    )
+    for end, is_open, past in ((t.lo, t.lo_open, beyond[0]), (t.hi, t.hi_open, beyond[1])):
+        end = t.kind(end)
+        if is_open:
+            with pytest.raises(InvalidInputError, match=f"^{param.name} "):
+                TrainOptions(**{param.name: end})
+        else:
+            assert getattr(TrainOptions(**{param.name: end}), param.name) == end
+        with pytest.raises(InvalidInputError, match=f"^{param.name} "):
+            TrainOptions(**{param.name: past})
+        with pytest.raises(click.BadParameter):
+            t.convert(past, param, None)
 
 
 def test_options_are_checked_once_and_frozen():

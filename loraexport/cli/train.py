@@ -9,7 +9,7 @@ import click
 
 from loraexport.cli.options import force_option, json_option, log
 from loraexport.cli.types import Names, Number, PositiveInt, Seed, Warmup
-from loraexport.training.options import MAX_GRAD_ACCUM, MAX_LENGTH, TrainOptions
+from loraexport.training.options import MAX_ALPHA, MAX_GRAD_ACCUM, MAX_LENGTH, MAX_RANK, TrainOptions
 
 
 @click.command()
@@ -39,14 +39,14 @@ from loraexport.training.options import MAX_GRAD_ACCUM, MAX_LENGTH, TrainOptions
     "-r",
     default=8,
     show_default=True,
-    type=PositiveInt(65536),
+    type=PositiveInt(MAX_RANK),
     help="LoRA rank r (at most the smallest dimension of a targeted layer).",
 )
 @click.option(
     "--alpha",
     default=16.0,
     show_default=True,
-    type=Number(float, 0, 1e6, lo_open=True),
+    type=Number(float, 0, MAX_ALPHA, lo_open=True),
     help="LoRA alpha (scaling alpha/r).",
 )
 @click.option(

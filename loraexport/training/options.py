@@ -14,6 +14,7 @@ from pathlib import Path
 from loraexport.errors import InvalidInputError
 
 MAX_RANK = 65536
+MAX_ALPHA = 1e6
 MAX_STEPS = 10**7
 MAX_BATCH_SIZE = 65536
 MAX_GRAD_ACCUM = 4096
@@ -75,6 +76,9 @@ class TrainOptions:
             "warmup": _is_number(warmup, 0, MAX_STEPS) and (warmup < 1 or float(warmup).is_integer()),
             "grad_accum": _is_int(self.grad_accum, 1, MAX_GRAD_ACCUM),
             "max_length": self.max_length is None or _is_int(self.max_length, 2, MAX_LENGTH),
+            "rank": _is_int(self.rank, 1, MAX_RANK),
+            "alpha": _is_number(self.alpha, 0, MAX_ALPHA, lo_open=True),
+            "dropout": _is_number(self.dropout, 0, 1, hi_open=True),
         }
         bad = [name for name, good in ok.items() if not good]
         if bad:
