@@ -34,7 +34,7 @@ def _g(x: float | None, digits: int = 4) -> str:
 @pickle_option
 @json_option("Print analysis.json on stdout.")
 @click.pass_context
-def analyze(ctx, base, adapter, compare, out, draws, seed, no_plots, force, allow_pickle, as_json):
+def analyze(ctx, out, no_plots, as_json, **options):
     """Analyse ΔW = s·B·A of an adapter against its base weights (LoRA paper, section 7).
 
     Per adapted module, summarised per layer and per projection type: ‖ΔW‖_F, the singular
@@ -50,18 +50,9 @@ def analyze(ctx, base, adapter, compare, out, draws, seed, no_plots, force, allo
     """
     from loraexport.analyze.analysis import analyze as analyze_api
 
+    # options: base, adapter, compare, draws, seed, force, allow_pickle (analyze_api's names)
     result = analyze_api(
-        base,
-        adapter,
-        out,
-        compare=compare,
-        force=force,
-        draws=draws,
-        seed=seed,
-        plots=not no_plots,
-        allow_pickle=allow_pickle,
-        show_progress=not ctx.obj["quiet"],
-        log=log(ctx),
+        out=out, plots=not no_plots, show_progress=not ctx.obj["quiet"], log=log(ctx), **options
     )
     if as_json:
         click.echo(json.dumps(result, indent=2))
@@ -124,7 +115,7 @@ def analyze(ctx, base, adapter, compare, out, draws, seed, no_plots, force, allo
 @force_option
 @json_option("Print sweep.json on stdout.")
 @click.pass_context
-def sweep(ctx, base, data, eval_data, out, steps, seeds, budget_rank, ranks, force, as_json):
+def sweep(ctx, out, as_json, **options):
     """Train adapters for several target sets and ranks; tabulate held-out quality.
 
     Table 1 (the LoRA paper's table 5): targets {q}, {k}, {v}, {o}, {q,v}, {q,k,v,o} at one
@@ -139,19 +130,8 @@ def sweep(ctx, base, data, eval_data, out, steps, seeds, budget_rank, ranks, for
     """
     from loraexport.analyze.sweep import sweep as sweep_api
 
-    result = sweep_api(
-        base,
-        data,
-        out,
-        eval_data=eval_data,
-        steps=steps,
-        seeds=seeds,
-        budget_rank=budget_rank,
-        ranks=ranks,
-        force=force,
-        show_progress=not ctx.obj["quiet"],
-        log=log(ctx),
-    )
+    # options: base, data, eval_data, steps, seeds, budget_rank, ranks, force (sweep_api's names)
+    result = sweep_api(out=out, show_progress=not ctx.obj["quiet"], log=log(ctx), **options)
     if as_json:
         click.echo(json.dumps(result, indent=2))
         return

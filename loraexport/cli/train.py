@@ -10,9 +10,7 @@ import click
 from loraexport.cli.options import force_option, json_option
 from loraexport.cli.output import log
 from loraexport.cli.types import Names, Number, PositiveInt, Seed, Warmup
-
-# = stages.train.MAX_LENGTH, MAX_GRAD_ACCUM (not imported: the CLI loads torch lazily)
-MAX_LENGTH, MAX_GRAD_ACCUM = 65536, 4096
+from loraexport.training.options import MAX_ALPHA, MAX_GRAD_ACCUM, MAX_LENGTH, MAX_RANK, TrainOptions
 
 
 @click.command()
@@ -42,14 +40,14 @@ MAX_LENGTH, MAX_GRAD_ACCUM = 65536, 4096
     "-r",
     default=8,
     show_default=True,
-    type=PositiveInt(65536),
+    type=PositiveInt(MAX_RANK),
     help="LoRA rank r (at most the smallest dimension of a targeted layer).",
 )
 @click.option(
     "--alpha",
     default=16.0,
     show_default=True,
-    type=Number(float, 0, 1e6, lo_open=True),
+    type=Number(float, 0, MAX_ALPHA, lo_open=True),
     help="LoRA alpha (scaling alpha/r).",
 )
 @click.option(
@@ -119,15 +117,11 @@ def train(ctx, targets, target_regex, rslora, dora, as_json, **options):
     """
     from loraexport.stages.train import train as train_api
 
+    base, data, out, force = (options.pop(k) for k in ("base", "data", "out", "force"))
+    train_options = TrainOptions(targets=target_regex or targets, use_rslora=rslora, use_dora=dora, **options)
     result = train_api(
-        targets=target_regex or targets,
-        use_rslora=rslora,
-        use_dora=dora,
-        show_progress=not ctx.obj["quiet"],
-        log=log(ctx),
-        **options,
+        base, data, out, train_options, force=force, show_progress=not ctx.obj["quiet"], log=log(ctx)
     )
-    out = options["out"]
     summary = {
         "adapter": str(out),
         "steps": result.steps,

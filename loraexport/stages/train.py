@@ -8,7 +8,6 @@ Hugging Face decoders and sequence classifiers on their JSON Lines formats (``da
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any
 
@@ -26,80 +25,78 @@ from loraexport.training import data_hf
 from loraexport.training.data import read_pairs, split
 from loraexport.training.hf import HEAD, Schedule, lora_config, task_of, train_hf
 from loraexport.training.loop import TrainResult, train_lora, warmup_steps
+from loraexport.training.options import TrainOptions
 
 # Defaults that differ by base: the reference Transformer is tiny and trains from a high rate
 # on large batches; for Hugging Face bases, the rate of PEFT's and QLoRA's examples (2e-4).
 DEFAULTS = {"reference": {"lr": 3e-3, "batch_size": 64}, "hf": {"lr": 2e-4, "batch_size": 8}}
 DEFAULT_MAX_LENGTH = 256
-MAX_LENGTH = 65536
-MAX_GRAD_ACCUM = 4096
 
 
 def train(
     base: str | Path,
     data: str | Path,
     out: str | Path,
+    options: TrainOptions | None = None,
     *,
-    eval_data: str | Path | None = None,
-    eval_fraction: float = 0.1,
-    rank: int = 8,
-    alpha: float = 16.0,
-    targets: list[str] | str | None = None,
-    dropout: float = 0.0,
-    use_rslora: bool = False,
-    use_dora: bool = False,
-    steps: int = 600,
-    lr: float | None = None,
-    batch_size: int | None = None,
-    warmup: float = 0.05,
-    grad_accum: int = 1,
-    max_length: int | None = None,
-    pack: bool = False,
-    seed: int = 0,
     force: bool = False,
     show_progress: bool = True,
     log=None,
+    **option_fields: Any,
 ) -> TrainResult:
     """Train a LoRA adapter on ``base`` and write it to ``out`` in PEFT's layout.
 
-    ``targets``: module names or a regex (default: the family's query and value projections);
-    ``lr``, ``batch_size``: default by base (``DEFAULTS``); ``warmup``: a fraction of ``steps``
-    (below 1) or a number of steps. ``grad_accum``, ``max_length`` (default 256, at most the
-    model's positions) and ``pack`` apply to Hugging Face bases. ``out`` also gets
-    ``training.json``.
+    ``options`` (or its fields as keywords, ``rank=4, steps=20``; not both): how to train,
+    checked before any work (``TrainOptions``). ``out`` also gets ``training.json``.
     """
-    numbers = dict(steps=steps, lr=lr, batch_size=batch_size, seed=seed, eval_fraction=eval_fraction)
-    _check_numbers(**numbers, warmup=warmup, grad_accum=grad_accum, max_length=max_length)
-    plan = plan_output(out, force=force, inputs={"--base": base, "--data": data, "--eval-data": eval_data})
+    opts = _options(options, option_fields)
+    inputs = {"--base": base, "--data": data, "--eval-data": opts.eval_data}
+    plan = plan_output(out, force=force, inputs=inputs)
     for stale in plan.removed_stale:
         (log or (lambda _: None))(f"removed {stale.name}, left by a run that was killed")
     loaded = load_model_dir(base, supplied=(HEAD,))  # a classifier's head may be new: it is trained
     kind = "reference" if isinstance(loaded.model, Transformer) else "hf"
     torch_threads.use(sum(p.numel() for p in loaded.model.parameters()))  # said by verify, not here
-    lr = DEFAULTS[kind]["lr"] if lr is None else lr
-    batch_size = DEFAULTS[kind]["batch_size"] if batch_size is None else batch_size
+    lr = DEFAULTS[kind]["lr"] if opts.lr is None else opts.lr
+    batch_size = DEFAULTS[kind]["batch_size"] if opts.batch_size is None else opts.batch_size
     lora = dict(
-        r=rank,
-        lora_alpha=alpha,
-        target_modules=_targets(targets, loaded),
-        lora_dropout=dropout,
-        use_rslora=use_rslora,
-        use_dora=use_dora,
+        r=opts.rank,
+        lora_alpha=opts.alpha,
+        target_modules=_targets(opts.targets, loaded),
+        lora_dropout=opts.dropout,
+        use_rslora=opts.use_rslora,
+        use_dora=opts.use_dora,
         base_model_name_or_path=str(base),
     )
-    schedule = Schedule(steps, lr, batch_size, grad_accum, warmup, seed)
+    schedule = Schedule(opts.steps, lr, batch_size, opts.grad_accum, opts.warmup, opts.seed)
     if kind == "reference":
-        _refuse_hf_options(base, grad_accum=grad_accum != 1, max_length=max_length is not None, pack=pack)
-        adapter, result, record = _train_reference(
-            loaded, data, eval_data, eval_fraction, lora, schedule, show_progress
-        )
+        given = dict(grad_accum=opts.grad_accum != 1, max_length=opts.max_length is not None, pack=opts.pack)
+        _refuse_hf_options(base, **given)
+        adapter, result, record = _train_reference(loaded, data, opts, lora, schedule, show_progress)
     else:
-        hf = dict(max_length=max_length, pack=pack, show_progress=show_progress)
-        adapter, result, record = _train_hf(loaded, data, eval_data, eval_fraction, lora, schedule, **hf)
+        adapter, result, record = _train_hf(loaded, data, opts, lora, schedule, show_progress)
     with write_output(plan) as tmp:
         adapter.save(tmp)
         write_json(tmp / "training.json", _training_json(record, lora, schedule, result))
     return result
+
+
+def _options(options: TrainOptions | None, fields: dict[str, Any]) -> TrainOptions:
+    """``options``, or one made of ``fields`` (checked now); the two together are refused, as is
+    a keyword that names no field (a TypeError, as Python's for an unknown keyword)."""
+    if options is None:
+        unknown = [name for name in fields if name not in TrainOptions.__dataclass_fields__]
+        if unknown:
+            raise TypeError(f"train() got an unexpected keyword argument {unknown[0]!r}")
+        return TrainOptions(**fields)
+    if not isinstance(options, TrainOptions):
+        raise TypeError(f"train(): options must be a TrainOptions, not {type(options).__name__}")
+    if fields:
+        given = ", ".join(fields)
+        raise TypeError(
+            f"train() takes options or their fields as keywords, not both (got options and {given})"
+        )
+    return options
 
 
 def _refuse_hf_options(base: str | Path, **given: bool) -> None:
@@ -120,22 +117,16 @@ def _targets(targets: list[str] | str | None, loaded: ModelDir) -> list[str] | s
 
 
 def _train_reference(
-    loaded: ModelDir,
-    data,
-    eval_data,
-    eval_fraction: float,
-    lora: dict,
-    schedule: Schedule,
-    show_progress: bool,
+    loaded: ModelDir, data, opts: TrainOptions, lora: dict, schedule: Schedule, show_progress: bool
 ):
     model = loaded.model
     pairs = read_pairs(data)
     check_pairs(model.config, pairs, str(data))  # before any training: errors name the example
-    if eval_data is not None:
-        train_pairs, eval_pairs = pairs, read_pairs(eval_data)
-        check_pairs(model.config, eval_pairs, str(eval_data))
+    if opts.eval_data is not None:
+        train_pairs, eval_pairs = pairs, read_pairs(opts.eval_data)
+        check_pairs(model.config, eval_pairs, str(opts.eval_data))
     else:
-        train_pairs, eval_pairs = split(pairs, eval_fraction, schedule.seed)
+        train_pairs, eval_pairs = split(pairs, opts.eval_fraction, schedule.seed)
     config = LoraConfig(**lora)
     check_ranks(model, config)  # before any allocation: r is bounded by the layers' dimensions
     adapter, result = train_lora(
@@ -154,18 +145,10 @@ def _train_reference(
 
 
 def _train_hf(
-    loaded: ModelDir,
-    data,
-    eval_data,
-    eval_fraction: float,
-    lora: dict,
-    schedule: Schedule,
-    *,
-    max_length: int | None,
-    pack: bool,
-    show_progress: bool,
+    loaded: ModelDir, data, opts: TrainOptions, lora: dict, schedule: Schedule, show_progress: bool
 ):
     model, tokenizer = loaded.model, loaded.tokenizer
+    eval_data, pack = opts.eval_data, opts.pack
     task = task_of(loaded.family, model, tokenizer, loaded.path)
     fmt, records = data_hf.read_records(data, task.kind, task.num_labels)
     held_records = None
@@ -182,14 +165,14 @@ def _train_hf(
             f"{data} holds {data_hf.SHAPES[fmt]} examples"
         )
     positions = max_positions(text_config(model))
-    length = min(max_length or DEFAULT_MAX_LENGTH, positions)
+    length = min(opts.max_length or DEFAULT_MAX_LENGTH, positions)
     limit = f"--max-length {length}" if length < positions else f"the model's {positions} positions"
     options = dict(max_length=length, limit=limit, eos=task.eos_id, pack=pack)
     train_rows = data_hf.tokenize(data, fmt, records, tokenizer, **options)  # every line checked
     if held_records is not None:
         held = data_hf.tokenize(eval_data, fmt, held_records, tokenizer, **options)
     else:
-        train_rows, held = data_hf.split(records, train_rows, eval_fraction, schedule.seed)
+        train_rows, held = data_hf.split(records, train_rows, opts.eval_fraction, schedule.seed)
     n_train, n_held = len(train_rows), len(held)
     if pack:
         train_rows, held = data_hf.pack(train_rows, length), data_hf.pack(held, length)
@@ -232,32 +215,3 @@ def _training_json(record: dict[str, Any], lora: dict, schedule: Schedule, resul
         **result.evals(),
         "losses": result.losses[:: max(1, len(result.losses) // 100)],
     }
-
-
-def _check_numbers(**values: Any) -> None:
-    """The CLI's types refuse these first (exit 2); callers of the Python API get exit 3's error."""
-
-    def number(v: Any, lo: float, hi: float, lo_open: bool = False) -> bool:
-        try:
-            ok = isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-        except OverflowError:
-            return False
-        return ok and (v > lo if lo_open else v >= lo) and v <= hi
-
-    def integer(v: Any, lo: int, hi: int) -> bool:
-        return isinstance(v, int) and not isinstance(v, bool) and lo <= v <= hi
-
-    warmup = values["warmup"]
-    ok = {
-        "steps": integer(values["steps"], 1, 10**7),
-        "lr": values["lr"] is None or number(values["lr"], 0, 10, lo_open=True),
-        "batch_size": values["batch_size"] is None or integer(values["batch_size"], 1, 65536),
-        "seed": integer(values["seed"], 0, 2**63 - 1),
-        "eval_fraction": number(values["eval_fraction"], 0, 1, lo_open=True) and values["eval_fraction"] < 1,
-        "warmup": number(warmup, 0, 10**7) and (warmup < 1 or float(warmup).is_integer()),
-        "grad_accum": integer(values["grad_accum"], 1, MAX_GRAD_ACCUM),
-        "max_length": values["max_length"] is None or integer(values["max_length"], 2, MAX_LENGTH),
-    }
-    bad = [k for k, good in ok.items() if not good]
-    if bad:
-        raise InvalidInputError(f"{bad[0]} {values[bad[0]]!r} cannot be used for training")
