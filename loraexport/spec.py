@@ -138,6 +138,13 @@ class ExportSpec:
             exporter=exporter,
         )
 
+    def check_streamed(self) -> None:
+        """The rules again for a spec the model's size chose to stream (``--stream`` not given)."""
+        streamed = replace(self, residency=Residency.STREAM)
+        for rule in COMBINATIONS:
+            if rule.refuses(streamed, False):
+                raise InvalidInputError(rule.message)
+
     # what the stages read
     @property
     def half(self) -> Precision | None:
@@ -192,7 +199,20 @@ COMBINATIONS: tuple[Rule, ...] = (
         "--mode adapter is not streamed: give --no-stream (the model must fit in memory)",
         "mode × residency",
     ),
+    Rule(  # the fused writer has no quantize_dynamic: it wrote float32 and called it int8-dynamic
+        lambda s, both: s.precision is Precision.INT8_DYNAMIC and s.residency is Residency.STREAM,
+        "--quantize int8-dynamic is not streamed: give --quantize int8 or int4, or --no-stream",
+        "precision × residency",
+    ),
 )
+
+
+def refusals_table() -> str:
+    """``COMBINATIONS`` as the Markdown table docs/support.md prints (a test holds them equal)."""
+    rows = ["| axes | refused with exit 3 |", "|---|---|"]
+    rows += [f"| {rule.axes} | {rule.message} |" for rule in COMBINATIONS]
+    return "\n".join(rows) + "\n"
+
 
 SPEC_FIELDS = (
     "mode", "dtype", "quantize", "keep_adapter", "optimize", "stream", "opset", "exporter", "max_rank"

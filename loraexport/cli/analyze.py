@@ -18,6 +18,9 @@ def _g(x: float | None, digits: int = 4) -> str:
     return "–" if x is None else f"{x:.{digits}g}"
 
 
+BUDGET_RANK = "Rank of a single target type; n types get budget-rank/n each (equal parameters)."
+
+
 @click.command()
 @click.option("--base", required=True, type=_path, help="Base model directory.")
 @click.option("--adapter", required=True, type=_path, help="PEFT adapter directory.")
@@ -100,13 +103,7 @@ def analyze(ctx, out, no_plots, as_json, **options):
 @click.option(
     "--seeds", default=3, show_default=True, type=PositiveInt(100), help="Training runs per configuration."
 )
-@click.option(
-    "--budget-rank",
-    default=8,
-    show_default=True,
-    type=PositiveInt(MAX_RANK),
-    help="Rank of a single target type; n types get budget-rank/n each (equal parameters).",
-)
+@click.option("--budget-rank", default=8, show_default=True, type=PositiveInt(MAX_RANK), help=BUDGET_RANK)
 @click.option(
     "--ranks",
     type=IntList(MAX_RANK),

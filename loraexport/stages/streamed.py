@@ -244,6 +244,7 @@ def memory_facts(checkpoint: Checkpoint) -> dict:
 
 def streamed_export(model_dir, out, adapters: list, weights, spec: ExportSpec, run: Run) -> ExportResult:
     """``loraexport export`` of a model larger than memory (see the module docstring)."""
+    spec.check_streamed()
     check_streamable(model_dir, spec.mode, spec.half, verify=False, command="export")
     out_plan = plan(out, run.force, run.log, {"--model": model_dir, "--adapter": adapters})
     keep = spec.mode is ExportMode.UNMERGED
@@ -277,6 +278,7 @@ def streamed_merge_and_export(
     base, adapters: list, out, weights, spec: ExportSpec, opts: VerifyOptions, run: Run
 ) -> Report:
     """``merge-and-export`` of a model larger than memory: each stage's time and memory in the report."""
+    spec.check_streamed()
     check_streamable(base, ExportMode.MERGED, spec.half, run.verify_output, opts)
     log, progress, keep_adapter, precision = run.log, run.show_progress, spec.keep_adapter, spec.precision
     out_plan = plan(

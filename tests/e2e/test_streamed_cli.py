@@ -125,6 +125,7 @@ def test_auto_streams_when_the_model_would_not_fit(llama, tmp_path, monkeypatch)
     [
         (("--mode", "adapter"), ("--mode adapter is not streamed",)),
         (("--dtype", "bfloat16"), ("not verified yet", "--no-verify")),
+        (("--quantize", "int8-dynamic"), ("--quantize int8-dynamic is not streamed", "--no-stream")),
     ],
 )
 def test_what_the_streamed_path_does_not_do_is_refused(llama, tmp_path, extra, needles):
@@ -142,6 +143,29 @@ def test_what_the_streamed_path_does_not_do_is_refused(llama, tmp_path, extra, n
             *extra,
         )
         refused(r, 3, *needles)
+
+
+def test_int8_dynamic_is_never_streamed_not_even_when_the_size_chose_it(llama, tmp_path, monkeypatch):
+    """It once wrote a float32 graph described as int8-dynamic (the fused writer has no
+    quantize_dynamic): refused before any work, asked for or chosen by the model's size."""
+    import loraexport.stages.streamed as streamed
+
+    base, adapter, _ = llama
+    monkeypatch.setattr(streamed, "available", lambda: 1000)  # bytes: nothing fits, so auto streams
+    for command, where in (("export", "--model"), ("merge-and-export", "--base")):
+        with untouched(tmp_path):
+            r = run(
+                command,
+                where,
+                base,
+                "--adapter",
+                adapter,
+                "--out",
+                tmp_path / "o",
+                "--quantize",
+                "int8-dynamic",
+            )
+            refused(r, 3, "--quantize int8-dynamic is not streamed")
 
 
 def test_stream_refuses_a_family_it_cannot_write(tmp_path):
