@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train test-docs bench bench-pipeline bench-merge bench-large bench-7b clean
+.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train test-docs bench bench-pipeline bench-merge bench-large bench-bounded bench-7b clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -120,6 +120,12 @@ bench: $(STAMP)
 # A generated 2.6 GB decoder: ONNX with external data, parity in onnxruntime (~20 GB of RAM).
 bench-large: $(STAMP)
 	$(BIN)/python benchmarks/bench_export_large.py --dir runs/bench-large
+
+# The default path's memory: a generated 0.54B float16 Llama (1.1 GB, written once to
+# runs/bench-bounded), merge-and-export --dtype bfloat16 --no-verify and --quantize int4 with no
+# residency flag, then with --no-stream; peak RSS above the interpreter per float32 weight byte.
+bench-bounded: $(STAMP)
+	$(BIN)/python benchmarks/bench_bounded.py --dir runs/bench-bounded
 
 # A generated Llama-2-7B-shaped float16 checkpoint (13.5 GB, written once to runs/bench-7b; needs
 # ~35 GB of disk): merge-and-export --quantize int4 --keep-adapter, verified, and --dtype bfloat16

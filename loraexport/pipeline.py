@@ -27,7 +27,7 @@ from loraexport.stages.inputs import (
 )
 from loraexport.stages.merge import merged_model
 from loraexport.stages.prove import FloatGraphs
-from loraexport.stages.streamed import streamed_merge_and_export, wants_stream
+from loraexport.stages.streamed import streamed_merge_and_export, streams
 from loraexport.stages.verification import Verification
 from loraexport.stages.verify import new_report, verify_into
 from loraexport.verify.options import OPTION_FIELDS, VerifyOptions, options_of
@@ -71,7 +71,7 @@ def merge_and_export(
     opts = options_of(options, option_fields)  # everything checked before any work
     log = run.log
     check_dora_mode(adapters, spec.mode, spec.keep_adapter)
-    if wants_stream(base, spec.stream):
+    if streams(base, spec, opts if run.verify_output else None, adapters):
         check_eval_data(opts.eval_data)
         if spec.mode is ExportMode.ADAPTER:
             raise InvalidInputError("--mode adapter is not streamed: give --no-stream")

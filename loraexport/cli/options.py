@@ -74,8 +74,9 @@ def export_options(f):
         default=None,
         help=(
             "Llama, Mistral, Qwen2: write the (fused) graph from the checkpoint tensor by tensor and verify "
-            "it against a layer-streamed reference, in memory bounded by a layer, not the model "
-            "(default: when the model would not fit in the memory available)."
+            "it against a layer-streamed reference, in memory bounded by a layer, not the model (default: "
+            "whenever the streamed path does what is asked). --no-stream: the model in memory, the "
+            "torch.onnx graph with logits at every position (or --optimize's), latency measured."
         ),
     )(f)
     f = click.option(

@@ -36,7 +36,7 @@ from loraexport.stages.inputs import (
     model_provenance,
     plan,
 )
-from loraexport.stages.streamed import wants_stream
+from loraexport.stages.streamed import streams
 
 
 def check_optimize(model_dir: str | Path, optimize: bool) -> None:
@@ -89,7 +89,7 @@ def export(
     spec.check(adapters, weights)
     check_dora_mode(adapters, spec.mode, spec.keep_adapter, spec.optimize)
     log = run.log
-    if wants_stream(model_dir, spec.stream):
+    if streams(model_dir, spec, None, adapters):
         from loraexport.stages.streamed import streamed_export
 
         log(f"{model_dir}: streamed (the model is not loaded; memory stays bounded) …")

@@ -77,6 +77,55 @@ def wants_stream(model_dir: str | Path, stream: bool | None) -> bool:
     return free is not None and need > free
 
 
+def streams(model_dir: str | Path, spec: ExportSpec, verify: VerifyOptions | None, adapters=()) -> bool:
+    """Whether an export of ``model_dir`` (verified with ``verify``, or not verified: None) is
+    written from the checkpoint: ``--stream``, ``--no-stream``, or by default for the decoders the
+    fused writer supports, whenever the streamed path does what is asked — the bounded path is the
+    default, whatever the size. Otherwise only when the in-memory path would not fit (the streamed
+    path's checks then say, in one line, what it cannot do)."""
+    if spec.stream is not None:
+        return wants_stream(model_dir, spec.stream)
+    config = read_json(Path(model_dir) / "config.json", ModelFormatError)
+    if not isinstance(config, dict) or config.get("model_type") not in FUSED_TYPES:
+        return False
+    return streamable(model_dir, spec, verify, adapters) or wants_stream(model_dir, None)
+
+
+def streamable(model_dir: str | Path, spec: ExportSpec, verify: VerifyOptions | None, adapters=()) -> bool:
+    """The streamed path does what ``spec`` (and ``verify``) ask of this model: not adapter mode,
+    int8-dynamic, a torch.onnx option (--exporter, --opset), a verified half-precision export,
+    another provider than the CPU, a DoRA adapter kept unmerged, or a configuration the fused
+    graph cannot compute."""
+    from loraexport.spec import DEFAULT_OPSET
+
+    if spec.mode is ExportMode.ADAPTER or spec.precision is Precision.INT8_DYNAMIC:
+        return False
+    if spec.exporter is not None or spec.opset != DEFAULT_OPSET:
+        return False
+    if verify is not None and (spec.half or any(p != "cpu" for p in verify.providers or [])):
+        return False
+    if spec.mode is ExportMode.UNMERGED and any(_is_dora(a) for a in adapters):
+        return False
+    try:
+        from loraexport.models.hf.common import read_config as hf_config
+
+        check_config(hf_config(Path(model_dir))[1].get_text_config(decoder=True))
+    except (ExportError, ModelFormatError, OSError, ValueError):
+        return False
+    return True
+
+
+def _is_dora(path) -> bool:
+    from loraexport.lora.adapter import CONFIG_NAME
+    from loraexport.lora.config import LoraConfig
+
+    try:
+        cfg = read_json(Path(path) / CONFIG_NAME, ModelFormatError)
+        return isinstance(cfg, dict) and LoraConfig.from_dict(cfg).use_dora
+    except Exception:  # an unreadable adapter is reported by the path that loads it
+        return False
+
+
 def check_streamable(
     model_dir,
     mode: ExportMode,
@@ -144,11 +193,12 @@ def check_session_fits(checkpoint: Checkpoint, precision: Precision) -> None:
         )
 
 
-def _meta(config, precision: Precision, mode: ExportMode, info: dict, result: ExportResult) -> dict:
-    """``loraexport.json``'s description, as ``stages.export.describe`` writes it for a model in memory."""
+def model_facts(config) -> dict:
+    """``loraexport.json``'s ``model``: the facts a reader of a streamed export acts on, from its config
+    (the streamed proof holds the description to them)."""
     heads = config.num_attention_heads
     eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-    model = {
+    return {
         "kind": "causal",
         "model_type": config.model_type,
         "special_tokens": {"bos": config.bos_token_id, "eos": eos, "pad": config.pad_token_id},
@@ -161,8 +211,12 @@ def _meta(config, precision: Precision, mode: ExportMode, info: dict, result: Ex
         "context_length": config.max_position_embeddings,
         "family": "hf-causal",
     }
+
+
+def _meta(config, precision: Precision, mode: ExportMode, info: dict, result: ExportResult) -> dict:
+    """``loraexport.json``'s description, as ``stages.export.describe`` writes it for a model in memory."""
     out = {
-        "model": model,
+        "model": model_facts(config),
         "opset": result.opset,
         "exporter": BUILDER,
         "weights_dtype": precision.value,

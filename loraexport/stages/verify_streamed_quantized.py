@@ -33,6 +33,7 @@ from loraexport.export.fused import write_fused_decoder
 from loraexport.export.quantize import quantization_description
 from loraexport.export.streamed import CheckpointSource
 from loraexport.stages.prove import Proven, float_compute_dir, prove_checkpoint
+from loraexport.stages.streamed import model_facts
 from loraexport.stages.verification import Verification
 from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE, judge_quality
 from loraexport.stages.verify_streamed import (
@@ -114,6 +115,8 @@ def _prove(report, src, onnx_dir, meta, precision, kind, log, records, progress)
     adapter = "kept in float32" if kind is ExportMode.UNMERGED else "merged"
     if meta.get("quantization") != quantization_description(precision, adapter):
         proven.proof.claims.append("loraexport.json: 'quantization' is not how the export was made")
+    if meta.get("model") != model_facts(src.config):  # what a reader acts on: tokens, cache shapes
+        proven.proof.claims.append("loraexport.json: 'model' is not what the checkpoint's config says")
     report.proof = proven.proof
     return proven
 

@@ -37,19 +37,24 @@ def _export(inputs, out, *options):
 
 @pytest.fixture(scope="module")
 def int8(llama, tmp_path_factory):
-    """merge-and-export --optimize --quantize int8 of the tiny Llama (the issue's recipes' export)."""
-    return _export(llama, tmp_path_factory.mktemp("int8") / "out", "--optimize", "--quantize", "int8")
+    """merge-and-export --optimize --quantize int8 of the tiny Llama in memory (the issue's recipes'
+    export; by default the same graph is written from the checkpoint: ``streamed_int8``)."""
+    return _export(
+        llama, tmp_path_factory.mktemp("int8") / "out", "--optimize", "--no-stream", "--quantize", "int8"
+    )
 
 
 @pytest.fixture(scope="module")
 def int4(llama, tmp_path_factory):
-    return _export(llama, tmp_path_factory.mktemp("int4") / "out", "--optimize", "--quantize", "int4")
+    return _export(
+        llama, tmp_path_factory.mktemp("int4") / "out", "--optimize", "--no-stream", "--quantize", "int4"
+    )
 
 
 @pytest.fixture(scope="module")
 def plain_int4(llama, tmp_path_factory):
-    """The torch.onnx graph (no --optimize): tensors named by the exporter, not by module."""
-    return _export(llama, tmp_path_factory.mktemp("plain") / "out", "--quantize", "int4")
+    """The torch.onnx graph (--no-stream): tensors named by the exporter, not by module."""
+    return _export(llama, tmp_path_factory.mktemp("plain") / "out", "--no-stream", "--quantize", "int4")
 
 
 @pytest.fixture(scope="module")
@@ -236,6 +241,31 @@ def test_an_unclaimed_tensor_and_a_missing_one(llama, int8, tmp_path):
 def test_false_claims_in_loraexport_json(llama, int8, tmp_path, change, needle):
     out = tmp_path / "claims"
     shutil.copytree(int8, out)
+    edit_meta(out, change)
+    _wrong(_verify(llama, out), needle)
+
+
+@pytest.fixture(scope="module")
+def streamed_int8(llama, tmp_path_factory):
+    """The default path: the fused graph written from the checkpoint, verified layer by layer."""
+    out = _export(llama, tmp_path_factory.mktemp("streamed") / "out", "--quantize", "int8")
+    assert json.loads((out / "loraexport.json").read_text())["streamed"] is True
+    return out
+
+
+@pytest.mark.parametrize(
+    "change, needle",
+    [
+        (lambda m: m["model"]["special_tokens"].update(eos=5), "'model'"),
+        (lambda m: m["model"].update(kv_heads=1), "'model'"),
+        (lambda m: m["quantization"].update(block_size=32), "'quantization'"),
+    ],
+    ids=["eos", "kv-heads", "block-size"],
+)
+def test_false_claims_of_a_streamed_export(llama, streamed_int8, tmp_path, change, needle):
+    """The streamed proof holds loraexport.json's model facts to the checkpoint's config too."""
+    out = tmp_path / "claims"
+    shutil.copytree(streamed_int8, out)
     edit_meta(out, change)
     _wrong(_verify(llama, out), needle)
 

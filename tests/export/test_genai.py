@@ -51,7 +51,9 @@ def test_onnxruntime_genai_generates_peft_tokens(family, optimize, tmp_path):
     base = make_hf_decoder(tmp_path / "base", family, **({"hidden_size": 64} if optimize else {}))
     lora = make_peft_adapter(base, tmp_path / "adapter", family)
     out = tmp_path / "onnx"
-    merge_and_export(tmp_path / "base", tmp_path / "adapter", out, optimize=optimize, verify_output=False)
+    merge_and_export(
+        tmp_path / "base", tmp_path / "adapter", out, optimize=optimize, stream=False, verify_output=False
+    )
 
     config = json.loads((out / GENAI_CONFIG).read_text())
     assert config["model"]["type"] == GENAI_TYPES[family] and config["model"]["vocab_size"] == 96

@@ -34,8 +34,10 @@ def optimized(request, tmp_path_factory):
     tmp = tmp_path_factory.mktemp(f"opt-{kind}")
     model = make_hf_decoder(tmp / "base", kind, **({"hidden_size": 64} if kind != "gpt2" else {}))
     make_peft_adapter(model, tmp / "adapter", kind)
-    report = merge_and_export(tmp / "base", tmp / "adapter", tmp / "opt", optimize=True, latency=False)
-    merge_and_export(tmp / "base", tmp / "adapter", tmp / "plain", verify_output=False)
+    report = merge_and_export(
+        tmp / "base", tmp / "adapter", tmp / "opt", optimize=True, stream=False, latency=False
+    )
+    merge_and_export(tmp / "base", tmp / "adapter", tmp / "plain", stream=False, verify_output=False)
     return kind, tmp / "base", tmp / "adapter", tmp / "opt", tmp / "plain", report
 
 

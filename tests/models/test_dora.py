@@ -71,7 +71,7 @@ def dora_case(request, tmp_path_factory):
 def dora_export(dora_case, tmp_path_factory):
     _, base_dir, adapter_dir, _ = dora_case
     out = tmp_path_factory.mktemp("dora-export") / "out"
-    return merge_and_export(base_dir, adapter_dir, out, samples=3, latency=False), out
+    return merge_and_export(base_dir, adapter_dir, out, samples=3, latency=False, stream=False), out
 
 
 def _kw(name: str, ids: torch.Tensor, mask: torch.Tensor) -> dict:

@@ -138,7 +138,7 @@ def hf_export(hf_case, tmp_path_factory):
     """merge-and-export of ``hf_case`` (parity verified on 3 cases, no latency): (report, out dir)."""
     _, base_dir, adapter_dir, _ = hf_case
     out = tmp_path_factory.mktemp("export") / "out"
-    return merge_and_export(base_dir, adapter_dir, out, samples=3, latency=False), out
+    return merge_and_export(base_dir, adapter_dir, out, samples=3, latency=False, stream=False), out
 
 
 def test_merged_weights_equal_peft(hf_case):
