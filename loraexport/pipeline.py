@@ -27,7 +27,8 @@ from loraexport.stages.inputs import (
 )
 from loraexport.stages.merge import merged_model
 from loraexport.stages.prove import FloatGraphs
-from loraexport.stages.streamed import streamed_merge_and_export, streams
+from loraexport.stages.residency import streams
+from loraexport.stages.streamed import streamed_merge_and_export
 from loraexport.stages.verification import Verification
 from loraexport.stages.verify import new_report, verify_into
 from loraexport.verify.options import OPTION_FIELDS, VerifyOptions, options_of

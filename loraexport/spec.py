@@ -42,7 +42,7 @@ class Residency(str, Enum):
 
 @dataclass(frozen=True)
 class ExportSpec:
-    """What an export is. ``residency`` None: chosen by the model (``stages.streamed.wants_stream``)."""
+    """What an export is. ``residency`` None: chosen by the model (``stages.residency.streams``)."""
 
     mode: ExportMode = ExportMode.MERGED
     precision: Precision = Precision.FLOAT32
@@ -182,7 +182,7 @@ class Rule:
 
 # Every combination of the option axes the export refuses, in the order they are checked. The
 # family axis (which families stream, which have an optimized graph) is the registry's:
-# ``models.types`` and ``stages.export.check_optimize``/``stages.streamed.wants_stream``.
+# ``models.types`` and ``stages.export.check_optimize``/``stages.residency.streams``.
 COMBINATIONS: tuple[Rule, ...] = (
     Rule(
         lambda s, both: both,

@@ -67,3 +67,23 @@ def bias_allowed(config: Any, module: str) -> bool:
     if kind == LLAMA and name in ("gate_proj", "up_proj", "down_proj"):
         return bool(get("mlp_bias", False))
     return False
+
+
+def model_facts(config) -> dict:
+    """``loraexport.json``'s ``model``: the facts a reader of a streamed export acts on, from its config
+    (the streamed proof holds the description to them)."""
+    heads = config.num_attention_heads
+    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    return {
+        "kind": "causal",
+        "model_type": config.model_type,
+        "special_tokens": {"bos": config.bos_token_id, "eos": eos, "pad": config.pad_token_id},
+        "n_layers": config.num_hidden_layers,
+        "attention_heads": heads,
+        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
+        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
+        "hidden_size": config.hidden_size,
+        "vocab_size": config.vocab_size,
+        "context_length": config.max_position_embeddings,
+        "family": "hf-causal",
+    }

@@ -36,7 +36,7 @@ from loraexport.stages.inputs import (
     model_provenance,
     plan,
 )
-from loraexport.stages.streamed import streams
+from loraexport.stages.residency import streams
 
 
 def check_optimize(model_dir: str | Path, optimize: bool) -> None:

@@ -26,143 +26,28 @@ from loraexport.artifact.output import write_output
 from loraexport.artifact.schema import BUILDER
 from loraexport.core.dtypes import torch_dtype
 from loraexport.core.enums import ExportMode, Precision
-from loraexport.core.io import read_json
 from loraexport.core.memory import Stage, StageRecord, available, peak_rss
 from loraexport.core.progress import Progress
-from loraexport.errors import ExportError, InvalidInputError, ModelFormatError, UnsupportedAdapterError
+from loraexport.errors import InvalidInputError, UnsupportedAdapterError
 from loraexport.export.fused import write_fused_decoder
-from loraexport.export.fused_config import check_config
+from loraexport.export.fused_config import model_facts
 from loraexport.export.onnx import ExportResult
 from loraexport.export.optimize import fused_result
 from loraexport.export.quantize import quantization_description
-from loraexport.export.streamed import Checkpoint, CheckpointSource, float32_bytes, read_config
+from loraexport.export.streamed import Checkpoint, CheckpointSource
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.weights import check_dora
 from loraexport.models.registry import detect_family
-from loraexport.models.types import FUSED_TYPES
 from loraexport.report.contents import Report
 from loraexport.report.files import raise_if_output_failed, write_report
 from loraexport.spec import ExportSpec, Run
 from loraexport.stages.extras import write_extras
 from loraexport.stages.inputs import Log, adapter_info, check_weights, machine, model_provenance, plan
+from loraexport.stages.residency import check_streamable
 from loraexport.verify.chunked import is_fused
 from loraexport.verify.options import VerifyOptions
 
-# The in-memory path's peak as a multiple of the float32 weights (make bench-large: export 2.39x,
-# merge-and-export 2.59x, with --dtype 3.42x): auto-streaming starts where that would not fit.
-IN_MEMORY_FACTOR = 2.6
 SESSION_MARGIN = 1.25  # onnxruntime's session beyond its weights: arena, activations, the cache
-
-
-def wants_stream(model_dir: str | Path, stream: bool | None) -> bool:
-    """``--stream`` (True), ``--no-stream`` (False) or auto (None): stream a Llama/Mistral/Qwen2
-    checkpoint when the in-memory path would need more than the memory available now."""
-    if stream is False:
-        return False
-    config = read_json(Path(model_dir) / "config.json", ModelFormatError)
-    kind = config.get("model_type") if isinstance(config, dict) else None
-    if stream:
-        if kind not in FUSED_TYPES:
-            raise InvalidInputError(
-                f"--stream writes {', '.join(FUSED_TYPES)} decoders; {model_dir} is of type {kind!r}"
-            )
-        return True
-    if kind not in FUSED_TYPES:
-        return False
-    free = available()
-    try:
-        need = float32_bytes(model_dir) * IN_MEMORY_FACTOR
-    except ModelFormatError:  # the in-memory path reports a broken checkpoint, in its own order
-        return False
-    return free is not None and need > free
-
-
-def streams(model_dir: str | Path, spec: ExportSpec, verify: VerifyOptions | None, adapters=()) -> bool:
-    """Whether an export of ``model_dir`` (verified with ``verify``, or not verified: None) is
-    written from the checkpoint: ``--stream``, ``--no-stream``, or by default for the decoders the
-    fused writer supports, whenever the streamed path does what is asked — the bounded path is the
-    default, whatever the size. Otherwise only when the in-memory path would not fit (the streamed
-    path's checks then say, in one line, what it cannot do)."""
-    if spec.stream is not None:
-        return wants_stream(model_dir, spec.stream)
-    config = read_json(Path(model_dir) / "config.json", ModelFormatError)
-    if not isinstance(config, dict) or config.get("model_type") not in FUSED_TYPES:
-        return False
-    return streamable(model_dir, spec, verify, adapters) or wants_stream(model_dir, None)
-
-
-def streamable(model_dir: str | Path, spec: ExportSpec, verify: VerifyOptions | None, adapters=()) -> bool:
-    """The streamed path does what ``spec`` (and ``verify``) ask of this model: not adapter mode,
-    int8-dynamic, a torch.onnx option (--exporter, --opset), a verified half-precision export,
-    another provider than the CPU, a DoRA adapter kept unmerged, or a configuration the fused
-    graph cannot compute."""
-    from loraexport.spec import DEFAULT_OPSET
-
-    if spec.mode is ExportMode.ADAPTER or spec.precision is Precision.INT8_DYNAMIC:
-        return False
-    if spec.exporter is not None or spec.opset != DEFAULT_OPSET:
-        return False
-    if verify is not None and (spec.half or any(p != "cpu" for p in verify.providers or [])):
-        return False
-    if spec.mode is ExportMode.UNMERGED and any(_is_dora(a) for a in adapters):
-        return False
-    try:
-        from loraexport.models.hf.common import read_config as hf_config
-
-        check_config(hf_config(Path(model_dir))[1].get_text_config(decoder=True))
-    except (ExportError, ModelFormatError, OSError, ValueError):
-        return False
-    return True
-
-
-def _is_dora(path) -> bool:
-    from loraexport.lora.adapter import CONFIG_NAME
-    from loraexport.lora.config import LoraConfig
-
-    try:
-        cfg = read_json(Path(path) / CONFIG_NAME, ModelFormatError)
-        return isinstance(cfg, dict) and LoraConfig.from_dict(cfg).use_dora
-    except Exception:  # an unreadable adapter is reported by the path that loads it
-        return False
-
-
-def check_streamable(
-    model_dir,
-    mode: ExportMode,
-    half: Precision | None,
-    verify: bool,
-    opts=None,
-    command: str = "merge-and-export",
-) -> None:
-    """What the streamed path does not do, refused before any work (``InvalidInputError``): the
-    adapter mode, verifying a half-stored export, another provider than the CPU, and a model
-    configuration the fused graph cannot compute (read from config.json alone)."""
-    if mode is ExportMode.ADAPTER:
-        raise InvalidInputError(
-            "--mode adapter is not streamed: give --no-stream (the model must fit in memory)"
-        )
-    if half and verify:
-        how = (
-            "--no-verify, or --quantize"
-            if command != "verify"
-            else "--no-stream on a machine that holds the model"
-        )
-        raise InvalidInputError(
-            f"a streamed {half.value} export is not verified yet: give {how} "
-            "(a quantized one is verified against the layer-streamed reference)"
-        )
-    providers = [p for p in (getattr(opts, "providers", None) or []) if p != "cpu"]
-    if verify and providers:
-        raise InvalidInputError(
-            f"a streamed verification runs on the CPU; --provider {providers[0]} is not streamed"
-        )
-    from loraexport.models.hf.common import read_config as hf_config
-
-    read_config(Path(model_dir))  # a fused family, before transformers reads it
-    try:
-        check_config(hf_config(Path(model_dir))[1].get_text_config(decoder=True))  # as the writer reads it
-    except ExportError as e:
-        raise InvalidInputError(f"--stream: {Path(model_dir) / 'config.json'}: {e}") from e
 
 
 def session_bytes(checkpoint: Checkpoint, precision: Precision) -> int:
@@ -191,26 +76,6 @@ def check_session_fits(checkpoint: Checkpoint, precision: Precision) -> None:
             f"{free / 1e9:.1f} GB is available: give --no-verify, --quantize int8/int4, or run on a machine "
             "with more memory"
         )
-
-
-def model_facts(config) -> dict:
-    """``loraexport.json``'s ``model``: the facts a reader of a streamed export acts on, from its config
-    (the streamed proof holds the description to them)."""
-    heads = config.num_attention_heads
-    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
-    return {
-        "kind": "causal",
-        "model_type": config.model_type,
-        "special_tokens": {"bos": config.bos_token_id, "eos": eos, "pad": config.pad_token_id},
-        "n_layers": config.num_hidden_layers,
-        "attention_heads": heads,
-        "kv_heads": getattr(config, "num_key_value_heads", None) or heads,
-        "head_dim": getattr(config, "head_dim", None) or config.hidden_size // heads,
-        "hidden_size": config.hidden_size,
-        "vocab_size": config.vocab_size,
-        "context_length": config.max_position_embeddings,
-        "family": "hf-causal",
-    }
 
 
 def _meta(config, precision: Precision, mode: ExportMode, info: dict, result: ExportResult) -> dict:

@@ -36,7 +36,7 @@ from loraexport.stages.inputs import (
 )
 from loraexport.stages.merge import merged_model, unmerged_model
 from loraexport.stages.prove import graph_files
-from loraexport.stages.streamed import wants_stream
+from loraexport.stages.residency import wants_stream
 from loraexport.stages.verification import Verification
 from loraexport.stages.verify_adapters import verify_adapter_mode
 from loraexport.stages.verify_quantized import verify_quantized

@@ -109,10 +109,11 @@ def test_export_streamed_writes_a_runnable_export(llama, tmp_path):
 
 
 def test_auto_streams_when_the_model_would_not_fit(llama, tmp_path, monkeypatch):
+    import loraexport.stages.residency as residency
     import loraexport.stages.streamed as streamed
 
     base, adapter, _ = llama
-    monkeypatch.setattr(streamed, "available", lambda: 1000)  # bytes: nothing fits
+    monkeypatch.setattr(residency, "available", lambda: 1000)  # bytes: nothing fits
     monkeypatch.setattr(streamed, "check_session_fits", lambda *a: None)
     ok(run("merge-and-export", "--base", base, "--adapter", adapter, "--out", tmp_path / "a", "--no-latency"))
     assert json.loads((tmp_path / "a" / "loraexport.json").read_text()).get("streamed") is True
@@ -148,10 +149,10 @@ def test_what_the_streamed_path_does_not_do_is_refused(llama, tmp_path, extra, n
 def test_int8_dynamic_is_never_streamed_not_even_when_the_size_chose_it(llama, tmp_path, monkeypatch):
     """It once wrote a float32 graph described as int8-dynamic (the fused writer has no
     quantize_dynamic): refused before any work, asked for or chosen by the model's size."""
-    import loraexport.stages.streamed as streamed
+    import loraexport.stages.residency as residency
 
     base, adapter, _ = llama
-    monkeypatch.setattr(streamed, "available", lambda: 1000)  # bytes: nothing fits, so auto streams
+    monkeypatch.setattr(residency, "available", lambda: 1000)  # bytes: nothing fits, so auto streams
     for command, where in (("export", "--model"), ("merge-and-export", "--base")):
         with untouched(tmp_path):
             r = run(
