@@ -79,15 +79,14 @@ class FloatGraphs:
         self.files: list[str] = []
 
     def keep(self, path: Path) -> None:  # export_model's on_float: called before each graph is quantized
-        for source in (path, path.with_name(path.name + ".data")):
-            if source.is_file():  # a graph with external data is rewritten in place: copied
-                copy = source.suffix == ".onnx" and self._external(path)
-                _link_or_copy(source, self.dir / source.name, copy)
+        """A graph alone is hard-linked (the quantizer replaces it by a rename). A graph with external
+        data is copied, both files: the quantizer rewrites such a graph file in place, and onnx
+        refuses to load external data with more than one link (its guard against hard-link attacks)."""
+        data = path.with_name(path.name + ".data")
+        for source in (path, data):
+            if source.is_file():
+                _link_or_copy(source, self.dir / source.name, copy=data.is_file())
         self.files.append(path.name)
-
-    @staticmethod
-    def _external(path: Path) -> bool:  # the quantizer rewrites such a graph file in place
-        return path.with_name(path.name + ".data").is_file()
 
     def close(self) -> None:
         shutil.rmtree(self.dir, ignore_errors=True)

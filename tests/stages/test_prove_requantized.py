@@ -95,3 +95,29 @@ def test_a_file_that_is_not_the_kept_graph_quantized_fails(made, tmp_path):
     proof = _prove(loaded, float_graph, out, meta)
     assert not proof.passed
     assert any("differs" in f or "module" in f for f in proof.files[0].failures), proof.files[0].failures
+
+
+def test_a_graph_with_external_data_is_copied_not_linked(tmp_path):
+    """onnx refuses external data with more than one hard link: a link kept for the proof made the
+    quantizer fail on every in-memory export over 1.8 GB (bench-bounded, --no-stream --quantize)."""
+    export = tmp_path / "export"
+    export.mkdir()
+    (export / "model.onnx").write_bytes(b"graph")
+    (export / "model.onnx.data").write_bytes(b"weights")
+    keep = FloatGraphs(export)
+    try:
+        keep.keep(export / "model.onnx")
+        for name in ("model.onnx", "model.onnx.data"):
+            assert (export / name).stat().st_nlink == 1
+            assert (keep.dir / name).read_bytes() == (export / name).read_bytes()
+    finally:
+        keep.close()
+    alone = tmp_path / "alone"
+    alone.mkdir()
+    (alone / "model.onnx").write_bytes(b"graph and weights")
+    keep = FloatGraphs(alone)
+    try:
+        keep.keep(alone / "model.onnx")  # replaced by a rename: a hard link keeps the float graph
+        assert (keep.dir / "model.onnx").read_bytes() == b"graph and weights"
+    finally:
+        keep.close()
