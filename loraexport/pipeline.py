@@ -27,7 +27,7 @@ from loraexport.stages.inputs import (
 )
 from loraexport.stages.merge import merged_model
 from loraexport.stages.prove import FloatGraphs
-from loraexport.stages.residency import streams
+from loraexport.stages.residency import streams, verifies_in_memory
 from loraexport.stages.streamed import streamed_merge_and_export
 from loraexport.stages.verification import Verification
 from loraexport.stages.verify import new_report, verify_into
@@ -77,7 +77,10 @@ def merge_and_export(
         if spec.mode is ExportMode.ADAPTER:
             raise InvalidInputError("--mode adapter is not streamed: give --no-stream")
         log(f"{base}: streamed (the model is not loaded; memory stays bounded) …")
-        return streamed_merge_and_export(base, adapters, out, weights, spec, opts, run)
+        # chosen, not asked (--stream): a small model is verified in memory, with the fuller checks
+        small = run.verify_output and spec.stream is None and verifies_in_memory(base)
+        in_memory = _verifier(base, adapters, weights, spec, opts, run) if small else None
+        return streamed_merge_and_export(base, adapters, out, weights, spec, opts, run, in_memory)
     out_plan = plan(
         out, run.force, log, {"--base": base, "--adapter": adapters, "--eval-data": opts.eval_data}
     )
@@ -116,3 +119,17 @@ def merge_and_export(
         write_report(report, tmp)
     raise_if_output_failed(report, out)
     return report
+
+
+def _verifier(base, adapters: list, weights, spec: ExportSpec, opts: VerifyOptions, run: Run):
+    """Verification with the model in memory, of an export written from the checkpoint."""
+
+    def verify(report: Report, onnx_dir: Path, meta: dict) -> None:
+        loaded = load_inputs(base, adapters, run.allow_pickle, weights)
+        storage = torch_dtype(spec.half)
+        merged, report.merge = merged_model(
+            loaded.base, loaded.adapters, loaded.weights, storage_dtype=storage
+        )
+        verify_into(Verification(report, onnx_dir, meta, opts, run.log), loaded, merged, spec.half)
+
+    return verify

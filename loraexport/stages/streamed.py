@@ -194,9 +194,11 @@ def _inputs(model_dir, src: CheckpointSource) -> dict:
 
 
 def streamed_merge_and_export(
-    base, adapters: list, out, weights, spec: ExportSpec, opts: VerifyOptions, run: Run
+    base, adapters: list, out, weights, spec: ExportSpec, opts: VerifyOptions, run: Run, in_memory=None
 ) -> Report:
-    """``merge-and-export`` of a model larger than memory: each stage's time and memory in the report."""
+    """``merge-and-export`` written from the checkpoint: each stage's time and memory in the report.
+    ``in_memory(report, onnx_dir, meta)``: verifies with the model in memory (a small model,
+    ``residency.verifies_in_memory``); else the reference is computed layer by layer."""
     spec.check_streamed()
     check_streamable(base, ExportMode.MERGED, spec.half, run.verify_output, opts)
     log, progress, keep_adapter, precision = run.log, run.show_progress, spec.keep_adapter, spec.precision
@@ -221,11 +223,19 @@ def streamed_merge_and_export(
             export=result,
             machine=machine(),
         )
-        report.notes.append(
-            "streamed: no model object was built; the export was written from the checkpoint tensor by "
-            "tensor, and verification's reference is the unmerged model computed layer by layer"
+        how = (
+            "the model in memory (small enough)"
+            if in_memory
+            else "the unmerged model computed layer by layer"
         )
-        if run.verify_output:
+        report.notes.append(
+            "streamed: no model object was built for the export, written from the checkpoint tensor by "
+            f"tensor; verification's reference is {how}"
+        )
+        if run.verify_output and in_memory is not None:
+            with Stage("verify, the model in memory", records):
+                in_memory(report, tmp, meta)
+        elif run.verify_output:
             _verify(report, src, tmp, meta, precision, kind, opts, log, records, progress)
         report.stages = [r.to_json() for r in records]
         report.memory = memory_facts(src.checkpoint)

@@ -238,3 +238,31 @@ def test_merge_and_export_streamed_stays_under_the_weights_in_memory(tmp_path):
         f"streamed merge-and-export: {(peak_mb - baseline_mb) / weights_mb:.2f}x the weights above baseline"
     )
     assert peak_mb - baseline_mb < 1.0 * weights_mb, (peak_mb, baseline_mb, weights_mb)
+
+
+def test_the_default_writes_from_the_checkpoint_and_verifies_a_small_model_in_memory(llama, tmp_path):
+    """No flag: the bounded export (written from the checkpoint), and for a model this small the
+    fuller in-memory checks (parity cases of several shapes, latency); --stream keeps the
+    layer-streamed reference."""
+    base, adapter, _ = llama
+    ok(
+        run(
+            "merge-and-export",
+            "--base",
+            base,
+            "--adapter",
+            adapter,
+            "--out",
+            tmp_path / "d",
+            "--samples",
+            "3",
+        )
+    )
+    meta = json.loads((tmp_path / "d" / "loraexport.json").read_text())
+    report = _report(tmp_path / "d")
+    assert meta["streamed"] is True and report["passed"] is True
+    assert any("the model in memory" in n for n in report["notes"])
+    assert len(report["parity"]["cases"]) == 3 and report["latency"]
+    assert [s["name"] for s in report["stages"]][-1] == "verify, the model in memory"
+    ok(run("merge-and-export", "--base", base, "--adapter", adapter, "--out", tmp_path / "s", "--stream"))
+    assert any("layer by layer" in n for n in _report(tmp_path / "s")["notes"])
