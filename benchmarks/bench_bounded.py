@@ -8,50 +8,14 @@ of the float32 weights (issue: ≤ 0.5× and ≤ 1.0× by default)."""
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_export_large import BIN, _measure  # noqa: E402
+from bench_export_large import BIN, _measure, build  # noqa: E402
+from bench_export_large import CONFIG as LARGE  # noqa: E402
 
-CONFIG = dict(
-    hidden_size=2048,
-    intermediate_size=5632,
-    num_hidden_layers=8,
-    num_attention_heads=16,
-    num_key_value_heads=16,
-    vocab_size=32000,
-    max_position_embeddings=2048,
-    bos_token_id=1,
-    eos_token_id=2,
-    tie_word_embeddings=False,
-)
-
-
-def build(root: Path) -> None:
-    if (root / "adapter" / "adapter_model.safetensors").exists():
-        return
-    import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG)).half()
-    model.save_pretrained(root / "base", safe_serialization=True)
-    del model
-    r, g, h = 8, torch.Generator().manual_seed(1), CONFIG["hidden_size"]
-    tensors = {}
-    for i in range(CONFIG["num_hidden_layers"]):
-        for n in ("q_proj", "v_proj"):
-            p = f"base_model.model.model.layers.{i}.self_attn.{n}"
-            tensors[p + ".lora_A.weight"] = torch.randn(r, h, generator=g) * 0.02
-            tensors[p + ".lora_B.weight"] = torch.randn(h, r, generator=g) * 0.02
-    (root / "adapter").mkdir(parents=True)
-    save_file(tensors, str(root / "adapter" / "adapter_model.safetensors"), metadata={"format": "pt"})
-    (root / "adapter" / "adapter_config.json").write_text(
-        json.dumps({"peft_type": "LORA", "r": r, "lora_alpha": 16, "target_modules": ["q_proj", "v_proj"]})
-    )
+CONFIG = {**LARGE, "num_hidden_layers": 8}  # 0.54 B parameters
 
 
 def main() -> None:
@@ -59,7 +23,7 @@ def main() -> None:
     ap.add_argument("--dir", type=Path, default=Path("runs/bench-bounded"))
     ap.add_argument("--default-only", action="store_true", help="skip the --no-stream rows")
     args = ap.parse_args()
-    build(args.dir)
+    build(args.dir, CONFIG, half=True)
     import math
 
     from safetensors import safe_open

@@ -34,7 +34,9 @@ CONFIG = dict(
 )
 
 
-def build(root: Path) -> None:
+def build(root: Path, config: dict = CONFIG, half: bool = False) -> None:
+    """``root/base`` (a random Llama of ``config``, float16 with ``half``) and ``root/adapter`` (r=8
+    on q and v), written once."""
     if (root / "adapter" / "adapter_model.safetensors").exists():
         return
     import torch
@@ -42,13 +44,14 @@ def build(root: Path) -> None:
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    model = LlamaForCausalLM(LlamaConfig(**CONFIG))
+    model = LlamaForCausalLM(LlamaConfig(**config))
+    model = model.half() if half else model
     model.save_pretrained(root / "base", safe_serialization=True, max_shard_size="1GB")
     del model
     r, g = 8, torch.Generator().manual_seed(1)
-    h = CONFIG["hidden_size"]
+    h = config["hidden_size"]
     tensors = {}
-    for i in range(CONFIG["num_hidden_layers"]):
+    for i in range(config["num_hidden_layers"]):
         for n in ("q_proj", "v_proj"):
             p = f"base_model.model.model.layers.{i}.self_attn.{n}"
             tensors[p + ".lora_A.weight"] = torch.randn(r, h, generator=g) * 0.02
