@@ -168,7 +168,7 @@ def check_first_layers(base: Path, export: Path, layers: int) -> str:
     from safetensors import safe_open
 
     from loraexport.lora.adapter import Adapter
-    from loraexport.stages.verify_streamed import branches as lora_branches
+    from loraexport.verify.layered import branches as lora_branches
     from loraexport.verify.streamed import StreamedDecoder
 
     out_name = f"layers.{layers}.input_norm.out"
@@ -217,7 +217,7 @@ def check_first_layers(base: Path, export: Path, layers: int) -> str:
     _first_layers_view(base, view, layers)
     adapter = Adapter.load(base.parent / "adapter")
 
-    class _Src:  # what verify_streamed.branches reads
+    class _Src:  # what verify.layered.branches reads
         adapters, weights = [adapter], [1.0]
 
     lora = {k: v for k, v in lora_branches(_Src).items() if int(k.split(".")[2]) < layers}
@@ -242,8 +242,8 @@ def check_whole(base: Path, export: Path) -> str:
     import torch
 
     from loraexport.lora.adapter import Adapter
-    from loraexport.stages.verify_streamed import branches as lora_branches
     from loraexport.verify.chunked import ChunkedDecoder
+    from loraexport.verify.layered import branches as lora_branches
     from loraexport.verify.streamed import StreamedDecoder
 
     g = torch.Generator().manual_seed(0)
@@ -256,7 +256,7 @@ def check_whole(base: Path, export: Path) -> str:
         chunks = model.chunks
     onnx_s = time.perf_counter() - t0
 
-    class _Src:  # what verify_streamed.branches reads
+    class _Src:  # what verify.layered.branches reads
         adapters, weights = [Adapter.load(base.parent / "adapter")], [1.0]
 
     streams = [(torch.float64, True), (torch.float32, True), (torch.float64, False)]

@@ -6,7 +6,6 @@ from __future__ import annotations
 import hashlib
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 from loraexport.artifact.manifest import MANIFEST, check_manifest, description_digest
 from loraexport.artifact.provenance import export_description, path_entry, versions, write
@@ -91,10 +90,7 @@ def test_versions_are_strings():
 
 
 def test_export_description():
-    family = SimpleNamespace(
-        name="reference",
-        runtime_meta=lambda model: {"kind": "seq2seq", "special_tokens": {"bos": 1}, "name": model},
-    )
+    model = {"kind": "seq2seq", "special_tokens": {"bos": 1}, "name": "m", "family": "reference"}
     result = ExportResult(
         files=["encoder.onnx", "decoder.onnx"],
         opset=19,
@@ -102,9 +98,9 @@ def test_export_description():
         inputs={"encoder": ["input_ids"], "decoder": ["input_ids", "encoder_attention_mask"]},
         outputs={"encoder": ["encoder_key_values.0.key"], "decoder": ["logits"]},
     )
-    meta = export_description(family, "m", result, "bfloat16", "merged")
+    meta = export_description(model, result, "bfloat16", "merged")
     assert meta == {
-        "model": {"kind": "seq2seq", "special_tokens": {"bos": 1}, "name": "m", "family": "reference"},
+        "model": model,
         "opset": 19,
         "exporter": "torchscript",
         "weights_dtype": "bfloat16",
@@ -114,3 +110,4 @@ def test_export_description():
         },
         "mode": "merged",
     }
+    assert export_description(model, result, "bfloat16", "merged", streamed=True)["streamed"] is True

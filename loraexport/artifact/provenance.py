@@ -34,10 +34,14 @@ def versions() -> dict[str, str]:
     }
 
 
-def export_description(family, model, result, weights_dtype: str, mode: str) -> dict[str, Any]:
-    """What an export holds: the model's runtime facts, how it was exported, its graphs' I/O."""
+def export_description(
+    model: dict, result, weights_dtype: str, mode: str, streamed: bool = False
+) -> dict[str, Any]:
+    """What an export holds: the model's runtime facts (``model``: a model family's
+    ``runtime_meta``, or a checkpoint's config read by the streamed writer), how it was exported,
+    its graphs' I/O; ``streamed``: written from the checkpoint tensor by tensor."""
     out = {
-        "model": family.runtime_meta(model) | {"family": family.name},
+        "model": model,
         "opset": result.opset,  # as written (read back from the file)
         "exporter": result.exporter,
         "weights_dtype": weights_dtype,
@@ -49,6 +53,8 @@ def export_description(family, model, result, weights_dtype: str, mode: str) -> 
     }
     if result.optimized:
         out["optimize"] = result.optimized
+    if streamed:
+        out["streamed"] = True
     return out
 
 

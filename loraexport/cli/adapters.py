@@ -25,7 +25,7 @@ def convert_adapter(adapter_dir, onnx_dir, out, force, allow_pickle, as_json):
     Example:
       loraexport convert-adapter runs/other-adapter --onnx runs/served --out runs/served/other.onnx_adapter
     """
-    from loraexport.stages.adapter_mode import convert_adapter as convert
+    from loraexport.stages.export import convert_adapter as convert
 
     written = convert(adapter_dir, onnx_dir, out, force=force, allow_pickle=allow_pickle)
     if as_json:

@@ -73,7 +73,7 @@ def fused_result(
     out_dir: Path, graph_io: tuple[list[str], list[str]], optimized: dict, t0: float
 ) -> ExportResult:
     """The ``ExportResult`` of a fused graph just written to ``out_dir/model.onnx`` (checked by
-    onnx.checker here), from memory (``fused_export``) or streamed (``stages.streamed``)."""
+    onnx.checker here), from memory (``fused_export``) or streamed (``stages.sources``)."""
     path = out_dir / "model.onnx"
     try:
         onnx.checker.check_model(str(path), full_check=False)

@@ -52,7 +52,7 @@ class Report:
     quantization_failures: list[str] = field(default_factory=list)  # the adapter lost to quantization
     adapter_mode: AdapterModeResult | None = None  # --mode adapter: loading, activation, latency
     # each stage's wall time and peak resident memory (``memory.Stage``), and the run's memory
-    # facts: weights' bytes, the process's peak (a streamed run: ``stages.streamed``)
+    # facts: weights' bytes, the process's peak (a streamed run: ``stages.sources``)
     stages: list[dict[str, Any]] = field(default_factory=list)
     memory: dict[str, Any] = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # what was checked how, in a sentence each

@@ -5,24 +5,29 @@ with it again to prove a quantized file (``stages.prove``)."""
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import torch
 from torch import nn
 
 from loraexport.artifact.provenance import export_description
 from loraexport.artifact.schema import EXPORTERS
 from loraexport.core.dtypes import torch_dtype
 from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
-from loraexport.errors import ExportError
+from loraexport.errors import AdapterMismatchError, ExportError, InvalidInputError
+from loraexport.export.adapter import probe_factors
+from loraexport.export.adapter_files import describe_adapters, refuse_dora
 from loraexport.export.half import store_weights_half
 from loraexport.export.onnx import EXTERNAL_DATA_BYTES, ExportResult, export_graphs
 from loraexport.export.optimize import optimized_export
 from loraexport.export.quantize import lora_matmuls, quantization_description, quantize_graph
+from loraexport.lora.adapter import Adapter
+from loraexport.lora.inject import lora_layers
 from loraexport.models.base import ModelFamily
 from loraexport.spec import ExportSpec
-from loraexport.stages.adapter_mode import describe_adapters, probe_model
 from loraexport.stages.merge import merged_model, unmerged_model
 
 
@@ -91,7 +96,8 @@ def describe(
 ) -> dict:
     """``loraexport.json``'s description of an export (``provenance``); a quantized one says how,
     and whether the adapter was merged before quantizing or kept beside the quantized base."""
-    out = export_description(family, model, result, (precision or Precision.FLOAT32).value, mode.value)
+    facts = family.runtime_meta(model) | {"family": family.name}
+    out = export_description(facts, result, (precision or Precision.FLOAT32).value, mode.value)
     return out | describe_quantization(precision, mode)
 
 
@@ -172,3 +178,64 @@ def export_into(
     if subject.probes is not None:
         describe_adapters(out_dir, list(result.inputs), subject.probes, subject.rank, loaded.adapters, meta)
     return result
+
+
+def probe_model(base: nn.Module, adapters: list[Adapter], max_rank: int | None, storage=None):
+    """(the base with LoRA branches holding probe factors at the graph's rank, scaling 1; the
+    probes; the rank). The modules are the first adapter's; the rank the largest of every
+    adapter's modules and ``max_rank``. ``storage`` (a torch half dtype, ``--dtype``): the
+    base's weights rounded to it first, so the file stores them in it exactly; the probes, and
+    so the adapter inputs, stay float32."""
+    for a in adapters:
+        refuse_dora(a)
+        if a.replacements:
+            name = next(iter(a.replacements))
+            raise AdapterMismatchError(
+                f"{a.path}: replaces base tensor {name} (bias or modules_to_save): an onnxruntime adapter "
+                "holds LoRA factors only; use --mode merged"
+            )
+    rank = max(a.config.rank(m) for a in adapters for m in a.weights)
+    if max_rank is not None and max_rank < rank:
+        raise InvalidInputError(f"--max-rank {max_rank} is below the adapters' largest rank, {rank}")
+    rank = max_rank or rank
+    if storage is not None:
+        base = merged_model(base, [], storage_dtype=storage)[0]
+    model = unmerged_model(base, _template(adapters, rank))
+    layers = lora_layers(model)
+    shapes = {m: (layer.in_features, layer.out_features) for m, layer in layers.items()}
+    probes = probe_factors(shapes, rank)
+    for m, layer in layers.items():
+        a, b = probes[m]
+        layer.lora_A = nn.Parameter(torch.from_numpy(a), requires_grad=False)
+        layer.lora_B = nn.Parameter(torch.from_numpy(b), requires_grad=False)
+        layer.r, layer.scaling = rank, 1.0
+    return model, probes, rank
+
+
+def _template(adapters: list[Adapter], rank: int) -> Adapter:
+    """An adapter of zeros on every module any of ``adapters`` adapts (their union, in any
+    order), at ``rank``: what the graph is built from."""
+    shapes: dict[str, tuple[int, int]] = {}
+    for a in adapters:
+        for m, (down, up) in a.weights.items():
+            shape = (down.shape[1], up.shape[0])
+            if shapes.setdefault(m, shape) != shape:
+                raise AdapterMismatchError(
+                    f"{m}: the adapters disagree on its shape ({shapes[m]} and {shape})"
+                )
+    config = dataclasses.replace(
+        adapters[0].config,
+        r=rank,
+        lora_alpha=rank,
+        target_modules=sorted(shapes),
+        rank_pattern={},
+        alpha_pattern={},
+        use_rslora=False,
+        layers_to_transform=None,
+        layers_pattern=None,
+        exclude_modules=None,
+        modules_to_save=None,
+        bias="none",
+    )
+    zeros = {m: (torch.zeros(rank, i), torch.zeros(o, rank)) for m, (i, o) in shapes.items()}
+    return Adapter(config, zeros)

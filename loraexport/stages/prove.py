@@ -21,6 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import torch
+from torch import nn
 
 from loraexport.artifact.schema import BUILDER
 from loraexport.core.enums import ExportMode, Precision
@@ -35,7 +37,13 @@ from loraexport.spec import ExportSpec
 from loraexport.stages.graphs import Subject, export_into, export_subject, torch_exporter_of
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.verify.chunked import scratch_dir
-from loraexport.verify.dequantized import float_compute_graph, float_origins, weight_index
+from loraexport.verify.dequantized import (
+    dequantized_copy,
+    dequantized_weights,
+    float_compute_graph,
+    float_origins,
+    weight_index,
+)
 from loraexport.verify.proof import (
     CompareSink,
     FileProof,
@@ -313,3 +321,20 @@ def _link(source: Path, target: Path) -> None:
         target.hardlink_to(source)
     except OSError:  # another file system: a copy
         shutil.copyfile(source, target)
+
+
+def dequantized_reference(
+    proven: Proven, onnx_dir: Path, meta: dict, model: nn.Module | None = None
+) -> nn.Module:
+    """``model`` (default: the proof's reference) with every quantized module's weight replaced by
+    the float values the file's proven tensors stand for."""
+    weights: dict = {}
+    for name in graph_files(meta):
+        for module, value in dequantized_weights(onnx_dir / name, proven.origins.get(name, {})).items():
+            if module in weights and not torch.equal(weights[module], value):
+                raise InvalidInputError(f"{module} is quantized differently in two graphs of {onnx_dir}")
+            weights[module] = value
+    target = model if model is not None else proven.subject.model
+    if model is not None:  # adapter mode: the probe model's base layers are the base's modules
+        weights = {k.removesuffix(".base_layer"): v for k, v in weights.items()}
+    return dequantized_copy(target, weights)

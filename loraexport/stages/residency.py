@@ -1,19 +1,20 @@
 """Where an export's weights are while it is made: the model built in torch, or the checkpoint read
-tensor by tensor (``stages.streamed``). ``streams`` decides, once, for ``export``,
+tensor by tensor (``stages.sources``). ``streams`` decides, once, for ``export``,
 ``merge-and-export`` and ``verify``: ``--stream``, ``--no-stream``, or by default the bounded path for
 the decoders the fused writer supports whenever it does what is asked; ``check_streamable`` refuses,
 in one line and before any work, what the streamed path does not do."""
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 from loraexport.core.enums import ExportMode, Precision
 from loraexport.core.io import read_json
-from loraexport.core.memory import available
+from loraexport.core.memory import available, peak_rss
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
 from loraexport.export.fused_config import check_config
-from loraexport.export.streamed import float32_bytes, read_config
+from loraexport.export.streamed import Checkpoint, float32_bytes, read_config
 from loraexport.models.types import FUSED_TYPES
 from loraexport.spec import ExportSpec
 from loraexport.verify.options import VerifyOptions
@@ -148,3 +149,47 @@ def verifies_in_memory(model_dir: str | Path) -> bool:
         return False
     free = available()
     return need <= VERIFY_IN_MEMORY_BYTES and (free is None or need * IN_MEMORY_FACTOR < free)
+
+
+SESSION_MARGIN = 1.25  # onnxruntime's session beyond its weights: arena, activations, the cache
+
+
+def session_bytes(checkpoint: Checkpoint, precision: Precision) -> int:
+    """What onnxruntime holds to run the export, about: float32 weights for a float32 or
+    half-stored export (it folds the Casts when it loads), else the quantized MatMuls (at most 8
+    bits and a float32 scale per block of 16) and a float32 embedding."""
+    if not precision.is_quantized:
+        return 4 * checkpoint.numel
+    embed = math.prod(checkpoint.shape("model.embed_tokens.weight"))
+    return int((checkpoint.numel - embed) * (1 + 4 / 16)) + 4 * embed
+
+
+def check_session_fits(checkpoint: Checkpoint, precision: Precision) -> None:
+    """Refuse (``InvalidInputError``, before any work) to verify an export onnxruntime could not
+    hold in the memory available now, and say what it would need: an export that is not the fused
+    graph runs in one session (the fused graph runs a few layers at a time, ``verify.chunked``)."""
+    need, free = int(session_bytes(checkpoint, precision) * SESSION_MARGIN), available()
+    if free is not None and need > free:
+        how = (
+            "float32 compute of its weights"
+            if not precision.is_quantized
+            else f"its {precision.value} weights"
+        )
+        raise InvalidInputError(
+            f"verifying this export needs about {need / 1e9:.1f} GB for onnxruntime to run it ({how}); "
+            f"{free / 1e9:.1f} GB is available: give --no-verify, --quantize int8/int4, or run on a machine "
+            "with more memory"
+        )
+
+
+def memory_facts(checkpoint: Checkpoint) -> dict:
+    """The run's peak resident memory beside the weights' bytes, for the report."""
+    peak = peak_rss()
+    return {
+        "weights_bytes": checkpoint.nbytes,
+        "float32_weights_bytes": 4 * checkpoint.numel,
+        "peak_rss_bytes": peak,
+        "weights_gb": round(checkpoint.nbytes / 1e9, 3),
+        "float32_weights_gb": round(4 * checkpoint.numel / 1e9, 3),
+        "peak_rss_gb": round(peak / 1e9, 3),
+    }

@@ -1,8 +1,9 @@
-"""``Verification``: one verification's context, handed from stage to stage — what is checked
-(the export's folder and its ``loraexport.json``), how (``VerifyOptions``, the providers and
-threads chosen, the evaluation pairs), where the findings go (the report, the log, the stage
-records of a streamed run) and what this run already made (the float graphs ``merge-and-export``
-exported, for the proof). Each verify stage takes it and the reference it checks against."""
+"""``Verification``: one verification's context, handed from step to step of the verify flow
+(``stages.verify.verify_into``) — what is checked (the export's folder and its
+``loraexport.json``), how (``VerifyOptions``, the providers and threads chosen, the evaluation
+pairs), where the findings go (the report, the log, the stage records of a streamed run) and what
+this run already made (the float graphs ``merge-and-export`` exported, for the proof). Each
+reference (``stages.references``) takes it at every step."""
 
 from __future__ import annotations
 
@@ -13,7 +14,9 @@ from loraexport.core.memory import StageRecord
 from loraexport.report.contents import Report
 from loraexport.stages.inputs import Log, quiet
 from loraexport.stages.prove import FloatGraphs
+from loraexport.verify import gates
 from loraexport.verify.options import VerifyOptions
+from loraexport.verify.quantized import QuantCost
 
 
 @dataclass
@@ -34,3 +37,14 @@ class Verification:
     def sources(self) -> list[str] | None:
         """The prompts of --eval-data, or None."""
         return [s for s, _ in self.pairs] if self.pairs else None
+
+    def judge(self, cost: QuantCost, where: str) -> None:
+        """Record what quantizing costs; the user's budget makes it a gate (``verify.gates``),
+        else a lost adapter is only said."""
+        report, opts = self.report, self.opts
+        report.quantization.append(cost)
+        report.budget = opts.budget
+        report.quantization_failures += gates.quality_failures(cost, opts.budget, where)
+        warning = None if opts.budget.set else gates.lost_adapter_warning(cost)
+        if warning is not None:
+            report.warnings.append(warning)

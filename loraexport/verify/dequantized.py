@@ -32,6 +32,12 @@ from loraexport.lora.views import set_tensor, shared_copy
 from loraexport.verify.proof import Origins, held_by, roles
 from loraexport.verify.tensorfile import TensorFile
 
+DEQUANTIZED_REFERENCE = (
+    "the reference with the dequantized weights the proof accepted, in PyTorch float32 (float64 for "
+    "the noise floor), against the export computing in float32 (MatMulNBits at accuracy level 0, "
+    "quantize_dynamic's products as MatMul of DequantizeLinear): the same weights on both sides"
+)
+
 
 def weight_index(model: nn.Module) -> ValueIndex:
     """Every linear layer's weight of ``model`` (``nn.Linear``, GPT-2's ``Conv1D``; the base layer

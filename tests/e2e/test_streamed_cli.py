@@ -110,11 +110,11 @@ def test_export_streamed_writes_a_runnable_export(llama, tmp_path):
 
 def test_auto_streams_when_the_model_would_not_fit(llama, tmp_path, monkeypatch):
     import loraexport.stages.residency as residency
-    import loraexport.stages.streamed as streamed
+    import loraexport.stages.verify as verify
 
     base, adapter, _ = llama
     monkeypatch.setattr(residency, "available", lambda: 1000)  # bytes: nothing fits
-    monkeypatch.setattr(streamed, "check_session_fits", lambda *a: None)
+    monkeypatch.setattr(verify, "check_session_fits", lambda *a: None)
     ok(run("merge-and-export", "--base", base, "--adapter", adapter, "--out", tmp_path / "a", "--no-latency"))
     assert json.loads((tmp_path / "a" / "loraexport.json").read_text()).get("streamed") is True
     ok(run("export", "--model", base, "--out", tmp_path / "b", "--no-stream"))
@@ -182,11 +182,11 @@ def test_stream_refuses_a_family_it_cannot_write(tmp_path):
 def test_verify_says_what_memory_it_would_need(llama, tmp_path, monkeypatch):
     """An export that is not the fused graph runs in one onnxruntime session: where that would
     not fit, verify says what it needs instead of running out of memory."""
-    import loraexport.stages.streamed as streamed
+    import loraexport.stages.residency as residency
 
     base, adapter, _ = llama
     ok(run("export", "--model", base, "--adapter", adapter, "--out", tmp_path / "plain", "--no-stream"))
-    monkeypatch.setattr(streamed, "available", lambda: 10**5)
+    monkeypatch.setattr(residency, "available", lambda: 10**5)
     with untouched(tmp_path):
         r = run("verify", "--base", base, "--adapter", adapter, "--onnx", tmp_path / "plain", "--stream")
         refused(r, 3, "verifying this export needs about", "GB is available", "--no-verify")

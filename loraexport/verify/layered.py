@@ -1,20 +1,10 @@
-"""Verification of a streamed export (``stages.streamed``) in bounded memory.
-
-The same questions as ``stages.verify``, with the unmerged model computed layer by layer from the
-safetensors (``verify.streamed.StreamedDecoder``: one layer's weights resident at a time) instead of
-a model in memory; onnxruntime runs the export as usual, and never at the same time as the
-reference. Inputs are few and short (``ROWS`` rows of ``LENGTH`` tokens, one left-padded, and
-``NEW_TOKENS`` greedy tokens): each reference pass reads the whole checkpoint, so a 7B model costs
-one read of 13.5 GB per pass, and generation one pass per token.
-
-* float32 exports: parity of every unpadded position's logits against the float32 reference,
-  judged against the float64 reference's noise floor (``verify.parity.compare_outputs``, with the
-  fused graph's multiple), and greedy tokens identical to the reference's;
-* quantized exports: the proof (the export written again from the checkpoint, compared tensor by
-  tensor), parity of the export computing in float32 against the reference on the dequantized
-  weights (one teacher-forced pass over the prompt and onnxruntime's greedy tokens), then quality
-  (``verify.quantized``), with Q₀ the graph with its LoRA coefficients at zero or the base.
-"""
+"""The layer-streamed reference's side of a verification, in bounded memory: the few short inputs
+it runs (``ROWS`` rows of ``LENGTH`` tokens, one left-padded, and ``NEW_TOKENS`` greedy tokens:
+each reference pass reads the whole checkpoint, so a 7B model costs one read of 13.5 GB per pass,
+and generation one pass per token), onnxruntime's outputs on them (one session, or a few layers
+at a time for the fused graph: ``verify.chunked``), the reference decoder of a checkpoint and its
+adapters (``verify.streamed``), and the figures made of their outputs. ``stages.references``
+sequences them."""
 
 from __future__ import annotations
 
@@ -26,25 +16,16 @@ import numpy as np
 import torch
 
 from loraexport.core.enums import ExportMode, Precision
-from loraexport.core.memory import Stage
 from loraexport.core.progress import Progress
 from loraexport.core.threads import cores
 from loraexport.errors import InvalidInputError, first_line
 from loraexport.export.streamed import CheckpointSource
 from loraexport.runtime.model import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
-from loraexport.stages.verification import Verification
 from loraexport.training.data import read_pairs
 from loraexport.verify.chunked import ChunkedDecoder, is_fused
 from loraexport.verify.options import VerifyOptions
-from loraexport.verify.parity import (
-    FUSED_NOISE_MULTIPLE,
-    NOISE_MULTIPLE,
-    GenerationResult,
-    ParityCaseResult,
-    ParityResult,
-    compare_outputs,
-)
-from loraexport.verify.quantized import REFERENCE_TEXTS
+from loraexport.verify.parity import GenerationResult, ParityCaseResult
+from loraexport.verify.quantized import REFERENCE_TEXTS, QuantCost, adapter_figures, effect_sums
 
 ROWS = 2
 LENGTH = 24
@@ -158,41 +139,6 @@ def without_adapter(onnx_dir: Path, scratch: Path) -> None:
         shutil.copyfile(data, scratch / data.name)
 
 
-def verify_streamed(v: Verification, src: CheckpointSource, precision: Precision, kind: ExportMode) -> None:
-    """Add parity (float32) or the quantization figures to ``report``; each step a stage."""
-    report, onnx_dir, meta, opts, log = v.report, v.onnx_path, v.meta, v.opts, v.log
-    records, progress = v.records, v.progress
-    from loraexport.verify.streamed import StreamedDecoder
-
-    threads = setup_threads(opts)
-    ids, mask, what = streamed_inputs(src, opts.seed, eval_sources(opts))
-    with Stage("verify: onnxruntime runs the export", records):
-        log(
-            f"verify: onnxruntime runs the export on {ids.shape[0]}×{ids.shape[1]} tokens, {NEW_TOKENS} new …"
-        )
-        q, got = onnx_outputs(onnx_dir, meta, threads, ids, mask, True, progress, inputs_of(src))
-    streams = [(torch.float32, True), (torch.float64, True)]
-    with Stage("verify: layer-streamed reference, one pass (float32 + LoRA, float64 + LoRA)", records):
-        log("verify: the layer-streamed reference …")
-        with ReferenceBar(src, progress, "reference") as bar:
-            ref = reference_decoder(StreamedDecoder, src, bar)
-            out = ref.forward(torch.from_numpy(ids), torch.from_numpy(mask), streams)
-    with Stage(f"verify: layer-streamed reference generates {NEW_TOKENS} tokens", records):
-        log(f"verify: the layer-streamed reference generates {NEW_TOKENS} tokens ({NEW_TOKENS} passes) …")
-        with ReferenceBar(src, progress, "generate") as bar:
-            ref = reference_decoder(StreamedDecoder, src, bar)
-            want = ref.generate(torch.from_numpy(ids), torch.from_numpy(mask), NEW_TOKENS).numpy()
-    valid = mask.astype(bool)
-    u32, u64 = (out[s].double().numpy() for s in streams)
-    multiple = FUSED_NOISE_MULTIPLE if is_fused(meta) else NOISE_MULTIPLE
-    parity = compare_outputs("logits", u32, u64, q, valid, multiple)
-    report.parity.append(
-        ParityResult(
-            "cpu", [case_result(what, ids, parity)], generation_result(got, want), REFERENCE, multiple
-        )
-    )
-
-
 def setup_threads(opts: VerifyOptions) -> int:
     threads = opts.threads or cores()
     torch.set_num_threads(threads)
@@ -247,3 +193,34 @@ def generation_result(got: np.ndarray, want: np.ndarray) -> GenerationResult:
         col = int(np.flatnonzero(got[row] != want[row])[0])
         first = f"row {row}, token {col}: onnx {int(got[row, col])} vs reference {int(want[row, col])}"
     return GenerationResult(len(same), int(same.sum()), got.shape[1], first)
+
+
+def streamed_quality_cost(
+    q, q0, out, streams, valid, generation, precision: Precision, kind: ExportMode, what: str
+) -> QuantCost:
+    """What the quantized export ``q`` keeps of the layer-streamed unmerged float32 model (``out``'s
+    first stream) and of the adapter (against ``q0``, the export without it, and the base, the
+    second stream): ``verify.quantized``'s figures, on the positions ``valid``."""
+    u = out[streams[0]].double().numpy()
+    b = out[streams[1]].double().numpy()
+    diff = (q - u)[valid]
+    adapter = "kept in float32" if kind is ExportMode.UNMERGED else "merged"
+    retained = effect_error = None
+    effect = 0.0
+    if q0 is not None:
+        sums = effect_sums((q - q0)[valid], (u - b)[valid])
+        retained, effect_error = adapter_figures(sums)
+        effect = float(np.sqrt(sums[1] / diff.size)) if diff.size else 0.0
+    return QuantCost(
+        precision.value,
+        adapter,
+        float(np.abs(diff).max(initial=0.0)),
+        float(np.sqrt((diff**2).mean())) if diff.size else 0.0,
+        float((q.argmax(-1) == u.argmax(-1))[valid].mean()),
+        generation.agreement,
+        effect,
+        retained,
+        effect_error,
+        inputs=f"{what} (against the layer-streamed unmerged reference)",
+        positions=int(valid.sum()),
+    )

@@ -1,7 +1,15 @@
-"""Verification of an adapter-mode export (``--mode adapter``): each adapter, active in the
-one graph, against its own unmerged PyTorch model; the graph with no adapter active against the
-base; then what loading and activating an adapter costs, and the graph's latency against the
-merged export and the base (``verify.adapters``)."""
+"""The reference of an adapter-mode export (``--mode adapter``): each adapter, active in the one
+graph, against its own unmerged PyTorch model; the graph with no adapter active against the base.
+Each step of the verify flow (``stages.verify.verify_into``):
+
+* proof (a quantized base): weight by weight with every adapter file (``stages.prove``);
+* parity, per provider and adapter: float32 against each unmerged model; a quantized base computing
+  in float32 against each unmerged model on the dequantized base;
+* quality (quantized): what quantizing costs, each adapter as ``verify.quantized`` judges a kept
+  one (Q₀: the same graph with no adapter active);
+* latency: what loading and activating an adapter costs, and the graph against the merged export
+  and the base (``verify.adapters``).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +17,7 @@ import dataclasses
 import shutil
 import tempfile
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from loraexport.core.dtypes import torch_dtype
@@ -16,17 +25,18 @@ from loraexport.core.enums import ExportMode, Precision, half_precision, quantiz
 from loraexport.core.io import sha256_file
 from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
+from loraexport.export.adapter_files import NO_ADAPTER, adapter_file_tensors, file_name
 from loraexport.runtime.adapters import Active, find_adapters
 from loraexport.runtime.model import RuntimeInputError
 from loraexport.spec import ExportSpec
-from loraexport.stages.adapter_mode import NO_ADAPTER, adapter_file_tensors, file_name
-from loraexport.stages.graphs import describe, export_model
+from loraexport.stages.graphs import describe, export_model, torch_exporter_of
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.stages.merge import merged_model, unmerged_model
-from loraexport.stages.prove import float_compute_dir, prove_export
+from loraexport.stages.prove import Proven, dequantized_reference, float_compute_dir, prove_export
+from loraexport.stages.references.in_memory import setup_in_memory
 from loraexport.stages.verification import Verification
-from loraexport.stages.verify_quantized import DEQUANTIZED_REFERENCE, dequantized_reference, judge_quality
 from loraexport.verify.adapters import AdapterLatency, AdapterModeResult, AdapterTiming
+from loraexport.verify.dequantized import DEQUANTIZED_REFERENCE
 from loraexport.verify.latency import open_model, time_interleaved
 from loraexport.verify.parity import check_parity
 from loraexport.verify.quantized import quantization_cost
@@ -62,79 +72,91 @@ def adapter_files(
     return out
 
 
-def verify_adapter_mode(
-    v: Verification, loaded: Loaded, exporter: str | None, half: Precision | None = None
-) -> None:
-    """Parity per adapter and with none (per provider) into ``report.parity``; timings into
-    ``report.adapter_mode``. ``half`` (a --dtype export): the references' base weights are
-    rounded to it, as the file stores them; the adapters stay float32 on both sides."""
-    report, onnx_path, meta, opts, log = v.report, v.onnx_path, v.meta, v.opts, v.log
-    providers, threads, sources = v.providers, v.threads, v.sources
-    graph = GraphLora.from_meta(meta, str(onnx_path))
-    if not loaded.adapters:
-        raise InvalidInputError(f"{onnx_path} is an adapter-mode export: give the --adapter(s) to check")
-    if half is not None:
-        base = merged_model(loaded.base, [], storage_dtype=torch_dtype(half))[0]
-        loaded = dataclasses.replace(loaded, base=base)
-    with tempfile.TemporaryDirectory(prefix="loraexport-adapters-") as td:
-        files = adapter_files(loaded, graph, onnx_path, meta, Path(td))
-        _parity(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files)
-        report.adapter_mode = AdapterModeResult(graph.rank)
-        _timings(report.adapter_mode, loaded, onnx_path, meta, files, threads, opts.latency, log, exporter)
+@dataclass
+class Adapters:
+    """Each adapter of ``loaded`` against its own unmerged model. ``half`` (a --dtype export): the
+    references' base weights are rounded to it, as the file stores them; the adapters stay float32
+    on both sides."""
 
+    loaded: Loaded
+    half: Precision | None = None
+    files: list[tuple[str, Path]] = field(default_factory=list)  # (name, adapter file) per adapter
+    graph: GraphLora | None = None
+    scratch: Path | None = None
 
-def _quantized(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files) -> None:
-    """A quantized base: proven weight by weight with every adapter file (``stages.prove``); each
-    adapter then judged by arithmetic against its unmerged model on the dequantized base, with the
-    graph computing in float32; then what quantizing costs, each adapter as ``verify.quantized``
-    judges a kept one (Q₀: the same graph with no adapter active)."""
-    quant = quantization(meta.get("weights_dtype"))
-    proven = prove_export(loaded, onnx_path, meta, log)
-    report.proof = proven.proof
-    if not proven.proof.passed:
-        return
-    base = dequantized_reference(proven, onnx_path, meta, model=loaded.base)
-    scratch = float_compute_dir(onnx_path, meta, tuple(Path(a.path) for a in loaded.adapters if a.path))
-    try:
-        for provider in providers:
-            _parity_each(report, loaded, base, scratch, meta, opts, log, provider, threads, sources, files)
-    finally:
-        shutil.rmtree(scratch, ignore_errors=True)
-    for result in report.parity:
-        result.reference = f"{result.reference}; {DEQUANTIZED_REFERENCE}"
-    for (name, file), adapter in zip(files, loaded.adapters, strict=True):
-        log(f"quality [adapter {name}]: against its unmerged float32 model …")
-        try:
-            cost = quantization_cost(
-                loaded.family,
-                loaded.base,
-                unmerged_model(loaded.base, adapter),
-                open_model(onnx_path, "cpu", threads, meta, file),
-                open_model(onnx_path, "cpu", threads, meta),
-                quant.value,
-                f"{name}: kept in float32 (adapter mode)",
-                seed=opts.seed,
-                samples=opts.samples,
-                sources=sources,
-                tokenizer=loaded.tokenizer,
+    def setup(self, v: Verification) -> None:
+        setup_in_memory(v, self.loaded)
+        self.graph = GraphLora.from_meta(v.meta, str(v.onnx_path))
+        if not self.loaded.adapters:
+            raise InvalidInputError(
+                f"{v.onnx_path} is an adapter-mode export: give the --adapter(s) to check"
             )
-        except RuntimeInputError as e:
-            raise InvalidInputError(str(e)) from e
-        judge_quality(report, cost, opts, f"adapter {name}")
+        if self.half is not None:
+            base = merged_model(self.loaded.base, [], storage_dtype=torch_dtype(self.half))[0]
+            self.loaded = dataclasses.replace(self.loaded, base=base)
+        self.scratch = Path(tempfile.mkdtemp(prefix="loraexport-adapters-"))
+        self.files = adapter_files(self.loaded, self.graph, v.onnx_path, v.meta, self.scratch)
 
+    def prove(self, v: Verification) -> Proven:
+        return prove_export(self.loaded, v.onnx_path, v.meta, v.log)
 
-def _parity(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files) -> None:
-    if quantization(meta.get("weights_dtype")):  # proven, then judged computing in float32
-        _quantized(report, loaded, onnx_path, meta, opts, log, providers, threads, sources, files)
-        return
-    for provider in providers:
-        _parity_each(
-            report, loaded, loaded.base, onnx_path, meta, opts, log, provider, threads, sources, files
+    def parity(self, v: Verification, proven: Proven | None) -> None:
+        loaded, onnx_path, meta = self.loaded, v.onnx_path, v.meta
+        if proven is None:
+            for provider in v.providers:
+                _parity_each(v, loaded, loaded.base, onnx_path, provider, self.files)
+            return
+        base = dequantized_reference(proven, onnx_path, meta, model=loaded.base)
+        scratch = float_compute_dir(onnx_path, meta, tuple(Path(a.path) for a in loaded.adapters if a.path))
+        try:  # the graph computing in float32, on the base the proof accepted
+            for provider in v.providers:
+                _parity_each(v, loaded, base, scratch, provider, self.files)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+        for result in v.report.parity:
+            result.reference = f"{result.reference}; {DEQUANTIZED_REFERENCE}"
+
+    def quality(self, v: Verification, proven: Proven | None) -> None:
+        """A quantized base: what quantizing costs, each adapter as a kept one is judged."""
+        if proven is None:
+            return
+        loaded, opts, threads, meta = self.loaded, v.opts, v.threads, v.meta
+        quant = quantization(meta.get("weights_dtype"))
+        for (name, file), adapter in zip(self.files, loaded.adapters, strict=True):
+            v.log(f"quality [adapter {name}]: against its unmerged float32 model …")
+            try:
+                cost = quantization_cost(
+                    loaded.family,
+                    loaded.base,
+                    unmerged_model(loaded.base, adapter),
+                    open_model(v.onnx_path, "cpu", threads, meta, file),
+                    open_model(v.onnx_path, "cpu", threads, meta),
+                    quant.value,
+                    f"{name}: kept in float32 (adapter mode)",
+                    seed=opts.seed,
+                    samples=opts.samples,
+                    sources=v.sources,
+                    tokenizer=loaded.tokenizer,
+                )
+            except RuntimeInputError as e:
+                raise InvalidInputError(str(e)) from e
+            v.judge(cost, f"adapter {name}")
+
+    def latency(self, v: Verification) -> None:
+        v.report.adapter_mode = AdapterModeResult(self.graph.rank)
+        result, exporter = v.report.adapter_mode, torch_exporter_of(v.meta)
+        _timings(
+            result, self.loaded, v.onnx_path, v.meta, self.files, v.threads, v.opts.latency, v.log, exporter
         )
 
+    def close(self) -> None:
+        if self.scratch is not None:
+            shutil.rmtree(self.scratch, ignore_errors=True)
 
-def _parity_each(report, loaded, base, onnx_path, meta, opts, log, provider, threads, sources, files) -> None:
+
+def _parity_each(v: Verification, loaded: Loaded, base, onnx_path: Path, provider: str, files) -> None:
     """Each adapter against its own unmerged model on ``base``, then no adapter against ``base``."""
+    report, meta, opts, log, threads, sources = v.report, v.meta, v.opts, v.log, v.threads, v.sources
     cases = [(n, f, unmerged_model(base, a)) for (n, f), a in zip(files, loaded.adapters, strict=True)]
     cases.append((NO_ADAPTER, None, base))
     for name, file, reference in cases:
