@@ -236,3 +236,45 @@ def test_the_signature_checker_sees_a_planted_long_signature():
         "def _private(a, b, c, d, e, f, g, h, i):\n    pass\n"
     )
     assert _long_signatures(planted, "m") == ["m.run: 9 parameters"]
+
+
+def _calls(source: str, name: str) -> int:
+    """How many calls of ``name`` (a function or a class) ``source`` makes."""
+    return sum(
+        isinstance(n, ast.Call)
+        and (getattr(n.func, "id", None) == name or getattr(n.func, "attr", None) == name)
+        for n in ast.walk(ast.parse(source))
+    )
+
+
+def _places(name: str) -> dict[str, int]:
+    counts = {m: _calls(p.read_text(encoding="utf-8"), name) for m, p in _modules().items()}
+    return {m: c for m, c in counts.items() if c}
+
+
+def test_one_flow_per_stage():
+    """An export folder is written by one flow (``stages.export.write_export``, the only caller of
+    ``write_output`` with a description) and every verification runs one flow
+    (``stages.verify.verify_into``, the only place that sequences proof, parity, quality and
+    latency): a residency or a mode is a ``Source`` or a reference, never an orchestrator of its own."""
+    described = {
+        m
+        for m, p in _modules().items()
+        for n in ast.walk(ast.parse(p.read_text(encoding="utf-8")))
+        if isinstance(n, ast.Call)
+        and getattr(n.func, "id", None) == "write_output"
+        and any(k.arg == "meta" for k in n.keywords)
+    }
+    assert described == {"loraexport.stages.export"}, described
+    assert set(_places("write_export")) == {"loraexport.stages.export", "loraexport.pipeline"}
+    steps = {
+        m
+        for step in ("prove", "parity", "quality", "latency")
+        for m in _places(step)
+        if m.startswith("loraexport.stages")
+    }
+    assert steps == {"loraexport.stages.verify"}, steps
+
+
+def test_the_flow_checker_counts_calls():
+    assert _calls("x = f(1)\ny.f(2)\ng(f)\n", "f") == 2
