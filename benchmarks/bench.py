@@ -202,7 +202,7 @@ def torch_runners(model, last_position: bool = False):
 def onnx_runners(directory: Path, threads: int):
     from loraexport.runtime.model import OnnxModel
 
-    om = OnnxModel(directory, threads=threads)
+    om = OnnxModel(directory, threads=threads, spinning=False)  # as genai_runner: the same setting
     return (lambda ids, mask: om.forward(ids, mask)), (lambda ids, mask, n: om.generate(ids, mask, n)[0])
 
 

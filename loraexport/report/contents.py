@@ -261,7 +261,10 @@ class Report:
                 "",
                 f"## Latency ({lat.provider}, {lat.threads} threads, ms)",
                 "",
-                "Medians (p90) of interleaved runs after warm-up.",
+                "Medians (p90) of interleaved runs after warm-up. onnxruntime's threads "
+                + ("spin" if lat.spinning else "do not spin")
+                + " between runs (torch runs in turn on the same cores; an app's `OnnxModel` lets them"
+                " spin).",
                 "",
                 "| batch × seq | " + " | ".join(shown) + " | onnx merged / base | "
                 "onnx merged / torch unmerged |",

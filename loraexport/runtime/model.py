@@ -52,8 +52,11 @@ _ORT_FATAL_ONLY = 4
 
 
 # ---- sessions -----------------------------------------------------------------------------------
-def session_options(threads: int | None = None) -> ort.SessionOptions:
-    """Fixed thread counts and no spinning: spinning threads distort timings on small machines.
+def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
+    """Fixed thread counts; ``spinning``: onnxruntime's threads spin between runs, waiting for
+    the next one (its own default: an app decoding token after token gains from it). Off (the
+    default here) for a harness that runs onnxruntime and torch in turn on the same cores, where a
+    spinning thread takes the core the other side needs: verification, latency, ``make bench``.
 
     onnxruntime logs only fatal errors: every error it has also raises, and loraexport says
     it in one line (the log would print a second, ANSI-coloured copy on stderr first).
@@ -62,13 +65,16 @@ def session_options(threads: int | None = None) -> ort.SessionOptions:
     so.intra_op_num_threads = threads or 0
     so.inter_op_num_threads = 1
     so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-    so.add_session_config_entry("session.inter_op.allow_spinning", "0")
+    if not spinning:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
     so.log_severity_level = _ORT_FATAL_ONLY
     return so
 
 
-def open_session(path: str | Path, provider: str = "cpu", threads: int | None = None) -> ort.InferenceSession:
+def open_session(
+    path: str | Path, provider: str = "cpu", threads: int | None = None, spinning: bool = False
+) -> ort.InferenceSession:
     p = Path(path)
     if provider not in PROVIDERS:
         raise RuntimeInputError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
@@ -77,7 +83,8 @@ def open_session(path: str | Path, provider: str = "cpu", threads: int | None = 
     check_external_data(p)
     providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
     try:
-        return ort.InferenceSession(str(p), sess_options=session_options(threads), providers=providers)
+        options = session_options(threads, spinning)
+        return ort.InferenceSession(str(p), sess_options=options, providers=providers)
     except _ORT_LOAD_ERRORS as e:
         raise RuntimeInputError(f"onnxruntime cannot load {p}: {first_line(e)}") from e
 
@@ -96,10 +103,14 @@ class OnnxModel:
         threads: int | None = None,
         meta: dict | None = None,
         adapter: str | Path | None = None,
+        *,
+        spinning: bool = True,
     ) -> None:
         """``meta``: the export's description when the caller holds it already (a pipeline
         checking its own export before ``loraexport.json`` is written); it is checked all the same.
-        ``adapter``: an adapter-mode export's adapter active in every call that names none."""
+        ``adapter``: an adapter-mode export's adapter active in every call that names none.
+        ``spinning``: onnxruntime's threads spin between runs (its default, right for an app);
+        loraexport's own checks and timings turn it off (``session_options``)."""
         self.dir = Path(directory)
         self.meta = (
             read_export_meta(self.dir, RuntimeInputError)
@@ -111,7 +122,8 @@ class OnnxModel:
         self.provider = provider
         self.threads = threads
         names = ["encoder", "decoder"] if self.kind == "seq2seq" else ["model"]
-        self.sessions = {n: open_session(self.dir / f"{n}.onnx", provider, self.threads) for n in names}
+        self.spinning = spinning
+        self.sessions = {n: open_session(self.dir / f"{n}.onnx", provider, threads, spinning) for n in names}
         self.input_names = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
         # graph inputs with defaults (--mode adapter: the LoRA factors), which an adapter fills
         self.lora_inputs = {

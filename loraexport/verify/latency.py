@@ -3,7 +3,8 @@ and the comparison verify makes with it (``measure_latency``).
 
 Variants are timed A B C A B C … after a warm-up, so that slow phases of a noisy machine
 hit every variant alike and the ratio of two medians holds. Threads are fixed for torch and
-onnxruntime (no spinning: see ``runtime.session_options``) and reported.
+onnxruntime (no spinning: torch runs in turn on the same cores; ``runtime.session_options``)
+and reported.
 """
 
 from __future__ import annotations
@@ -56,6 +57,7 @@ class LatencyResult:
     provider: str
     threads: int
     cases: list[LatencyCase] = field(default_factory=list)
+    spinning: bool = False  # onnxruntime's threads spin between runs (``runtime.session_options``)
 
 
 def time_interleaved(
@@ -125,7 +127,7 @@ def open_model(
     ``meta``: its description, when already read (or not yet written); ``adapter``: the
     adapter active in every call (``--mode adapter``)."""
     try:
-        return OnnxModel(directory, provider, threads, meta, adapter)
+        return OnnxModel(directory, provider, threads, meta, adapter, spinning=False)  # torch runs in turn
     except RuntimeInputError as e:
         raise InvalidInputError(str(e)) from e
 

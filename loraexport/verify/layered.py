@@ -106,7 +106,7 @@ def onnx_outputs(
                 logits = model.forward_all(ids, mask)
                 tokens = model.generate(ids, mask, NEW_TOKENS) if generate else None
         else:
-            model = OnnxModel(directory, "cpu", threads, meta)
+            model = OnnxModel(directory, "cpu", threads, meta, spinning=False)
             logits = model.forward_all(ids, mask)["model.logits"]
             tokens = model.generate(ids, mask, NEW_TOKENS) if generate else None
             del model

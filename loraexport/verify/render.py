@@ -135,6 +135,7 @@ def latency_json(lat: LatencyResult) -> dict[str, Any]:
     return {
         "provider": lat.provider,
         "threads": lat.threads,
+        "onnxruntime_spinning": lat.spinning,
         "unit": "ms",
         "cases": [
             {
