@@ -15,12 +15,12 @@ from onnx import TensorProto, helper
 from loraexport.core.enums import Precision
 from loraexport.errors import ExportError
 from loraexport.export.qformat import nbits_quantize
+from loraexport.export.quantize import NBITS_ACCURACY_LEVEL, NBITS_BLOCK
 from loraexport.lora.merge import cast_checked
 
 MS = "com.microsoft"
-# MatMulNBits as export.quantize writes it (symmetric, blocks of 16, int8 activations per block)
-NBITS_BLOCK = 16
-NBITS_ACCURACY_LEVEL = 4
+# MatMulNBits as export.quantize writes it (symmetric, its blocks (NBITS_BLOCK), int8 activations per
+# block)
 ELEMENT = {
     torch.float32: TensorProto.FLOAT,
     torch.float16: TensorProto.FLOAT16,
@@ -144,12 +144,12 @@ class Graph:
         one weight at a time: symmetric, no zero points (``export.qformat``)."""
         wt = weight.T.to(torch.float32).numpy()  # (K, N)
         k, n = wt.shape
-        packed, scales = nbits_quantize(wt, bits, NBITS_BLOCK)
+        packed, scales = nbits_quantize(wt, bits, NBITS_BLOCK[self.precision])
         del wt
         self.quantized[bits] += 1
         b = self.tensor(f"{name}.weight.T_Q{bits}", torch.from_numpy(packed))
         s = self.tensor(f"{name}.weight.T_scales", torch.from_numpy(scales))
         return self.op(
             "MatMulNBits", [x, b, s], f"{name}.out", domain=MS,
-            K=k, N=n, bits=bits, block_size=NBITS_BLOCK, accuracy_level=NBITS_ACCURACY_LEVEL,
+            K=k, N=n, bits=bits, block_size=NBITS_BLOCK[self.precision], accuracy_level=NBITS_ACCURACY_LEVEL,
         )  # fmt: skip

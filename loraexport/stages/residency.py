@@ -14,6 +14,7 @@ from loraexport.core.io import read_json
 from loraexport.core.memory import available, peak_rss
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
 from loraexport.export.fused_config import check_config
+from loraexport.export.quantize import NBITS_BLOCK
 from loraexport.export.streamed import Checkpoint, float32_bytes, read_config
 from loraexport.models.types import FUSED_TYPES
 from loraexport.spec import ExportSpec
@@ -161,7 +162,7 @@ def session_bytes(checkpoint: Checkpoint, precision: Precision) -> int:
     if not precision.is_quantized:
         return 4 * checkpoint.numel
     embed = math.prod(checkpoint.shape("model.embed_tokens.weight"))
-    return int((checkpoint.numel - embed) * (1 + 4 / 16)) + 4 * embed
+    return int((checkpoint.numel - embed) * (1 + 4 / min(NBITS_BLOCK.values()))) + 4 * embed
 
 
 def check_session_fits(checkpoint: Checkpoint, precision: Precision) -> None:

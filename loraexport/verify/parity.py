@@ -26,7 +26,8 @@ from torch import nn
 
 from loraexport.models.base import ModelFamily
 from loraexport.runtime.model import OnnxModel, RuntimeInputError, chain_forward
-from loraexport.verify.task import task_targets, until_eos
+from loraexport.verify.generation import GenerationResult, compare_generation  # noqa: F401 (re-exported)
+from loraexport.verify.task import task_targets
 
 # ONNX's error vs float64 may be this many times torch-float32's own error vs float64.
 # Different accumulation orders give errors of the same order (1-4x seen on these models);
@@ -43,8 +44,7 @@ FUSED_NOISE_MULTIPLE = 20.0
 # 2-token case, where torch's own error is smallest (no LoRA branch adds to it; other cases 1.3x,
 # int4 --keep-adapter 4.6x, its float32 export 4.8x). A wrong weight is 1e3x and more.
 QUANTIZED_FACTOR = 2.0
-# When torch-float32 happens to be almost exact on some output, the noise used is at least
-# this many float32 ulps of the output's magnitude (a few roundings are always allowed).
+# torch-float32 almost exact on some output: the noise is at least this many ulps of its magnitude.
 FLOOR_ULPS = 4
 F32_EPS = float(np.finfo(np.float32).eps)
 RANDOM_PROMPTS = 64  # generation prompts when no held-out data is given
@@ -75,23 +75,6 @@ class ParityCaseResult:
     @property
     def passed(self) -> bool:
         return all(o.passed for o in self.outputs)
-
-
-@dataclass
-class GenerationResult:
-    rows: int
-    identical_rows: int
-    max_new_tokens: int
-    first_mismatch: str | None = None
-    # Held-out data with targets (``--eval-data`` and a tokenizer): rows whose greedy text, up to
-    # <eos>, equals the target (both stripped of surrounding spaces), for onnxruntime and torch.
-    task_rows: int = 0
-    task_exact_onnx: int = 0
-    task_exact_reference: int = 0
-
-    @property
-    def agreement(self) -> float:
-        return self.identical_rows / self.rows if self.rows else 1.0
 
 
 @dataclass
@@ -235,6 +218,12 @@ def _described(kind: str, shape: tuple) -> str:
     return kind if kind == "encoder" else f"{kind} model with cache (layers, heads, head size) {tuple(shape)}"
 
 
+def noise_multiple(fused: bool, quantized: bool) -> float:
+    """The tolerance's multiple of torch's own noise for a graph (``fused``: loraexport's fused one;
+    ``quantized``: computing in float32 on its dequantized weights)."""
+    return (FUSED_NOISE_MULTIPLE if fused else NOISE_MULTIPLE) * (QUANTIZED_FACTOR if quantized else 1.0)
+
+
 def check_parity(
     family: ModelFamily,
     unmerged: nn.Module,
@@ -262,8 +251,7 @@ def check_parity(
     """
     opened = onnx_model if isinstance(onnx_model, OnnxModel) else onnx_model()
     kind, shape, provider = opened.kind, opened.cache_shape, opened.provider
-    multiple = FUSED_NOISE_MULTIPLE if opened.kv_cache == "shared-buffer" else NOISE_MULTIPLE
-    multiple *= QUANTIZED_FACTOR if quantized else 1.0
+    multiple = noise_multiple(opened.kv_cache == "shared-buffer", quantized)
     check_same_model(family.runtime_meta(unmerged), kind, shape, opened.dir)
     cases = family.parity_cases(unmerged, samples, seed)
     args = [
@@ -364,37 +352,3 @@ def _judge_without_float64(results: list[ParityCaseResult]) -> None:
                 o.tolerance = max(o.tolerance, noise.get(o.output, 0.0))
                 o.passed = o.passed or (o.max_abs_err <= o.tolerance and o.top1_agreement in (None, 1.0))
                 o.note = "float64 run not finite (masked rows); judged vs float32 with other cases' noise"
-
-
-def compare_generation(
-    family: ModelFamily,
-    unmerged: nn.Module,
-    prompts: list[tuple[dict, int]],
-    got_tokens: list[np.ndarray],
-    eos: int | None,
-    task: dict[tuple[int, ...], str] | None = None,
-    decode: Callable[[list[int]], str] | None = None,
-) -> GenerationResult:
-    """Greedy decoding: onnxruntime's tokens (with cache, ``got_tokens``) vs torch unmerged, token
-    for token up to <eos>; with ``task`` (targets by prompt ids) and ``decode``, both texts are
-    scored against the targets."""
-    result = GenerationResult(0, 0, 0)
-    for (inputs, max_new), got in zip(prompts, got_tokens, strict=True):
-        want = family.generate(unmerged, inputs, max_new).numpy()
-        result.max_new_tokens = max(result.max_new_tokens, max_new)
-        for i, (w, g) in enumerate(zip(want.tolist(), got.tolist(), strict=True)):
-            cut = w.index(eos) + 1 if eos in w else len(w)
-            result.rows += 1
-            if w[:cut] == g[:cut]:
-                result.identical_rows += 1
-            elif result.first_mismatch is None:
-                length = inputs["input_ids"].shape[1]
-                result.first_mismatch = (
-                    f"row {i} of a length-{length} batch: torch {w[:cut]} vs onnx {g[:cut]}"
-                )
-            target = (task or {}).get(tuple(inputs["input_ids"][i].tolist()))
-            if target is not None and decode is not None:
-                result.task_rows += 1
-                result.task_exact_onnx += decode(until_eos(g, eos)).strip() == target.strip()
-                result.task_exact_reference += decode(until_eos(w, eos)).strip() == target.strip()
-    return result

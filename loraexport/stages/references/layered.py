@@ -54,13 +54,7 @@ from loraexport.verify.layered import (
     streamed_quality_cost,
     without_adapter,
 )
-from loraexport.verify.parity import (
-    FUSED_NOISE_MULTIPLE,
-    NOISE_MULTIPLE,
-    QUANTIZED_FACTOR,
-    ParityResult,
-    compare_outputs,
-)
+from loraexport.verify.parity import ParityResult, compare_outputs, noise_multiple
 
 
 @dataclass
@@ -133,7 +127,7 @@ class Layered:
                 ref = reference_decoder(StreamedDecoder, src, bar)
                 want = ref.generate(torch.from_numpy(ids), torch.from_numpy(mask), NEW_TOKENS).numpy()
         u32, u64 = (out[s].double().numpy() for s in streams)
-        multiple = FUSED_NOISE_MULTIPLE if is_fused(v.meta) else NOISE_MULTIPLE
+        multiple = noise_multiple(is_fused(v.meta), quantized=False)
         parity = compare_outputs("logits", u32, u64, q, mask.astype(bool), multiple)
         case = case_result(what, ids, parity)
         v.report.parity.append(ParityResult("cpu", [case], generation_result(got, want), REFERENCE, multiple))
@@ -176,7 +170,7 @@ class Layered:
             weights.close()
         valid = mask.astype(bool)
         d32, d64 = (full[s][:, :t].double().numpy() for s in streams)
-        multiple = FUSED_NOISE_MULTIPLE * QUANTIZED_FACTOR  # a quantized graph computing in float32
+        multiple = noise_multiple(fused=True, quantized=True)  # proven: loraexport's fused graph
         parity = compare_outputs("logits", d32, d64, qf[:, :t], valid, multiple)
         chosen = qf[:, t - 1 :].argmax(-1)  # the float-compute twin's next tokens along the path
         generation = generation_result(chosen, full[streams[0]][:, t - 1 :].argmax(-1).numpy())
