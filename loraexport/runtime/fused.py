@@ -21,14 +21,16 @@ import numpy as np
 import onnxruntime as ort
 
 from loraexport.errors import InvalidInputError
-
-KV = ("key", "value")
-
-
-def positions(mask: np.ndarray) -> np.ndarray:
-    """Position ids from a 0/1 mask: unmasked tokens count 0, 1, 2, … (left padding gets 0).
-    ``loraexport.runtime`` uses it too (and imports this module, not the other way round)."""
-    return np.clip(np.cumsum(mask, axis=1) - 1, 0, None).astype(np.int64)
+from loraexport.runtime.decode import (  # noqa: F401 (positions, empty_past, next_past: re-exported)
+    KV,
+    Growing,
+    empty_past,
+    greedy,
+    next_past,
+    positions,
+    prompt,
+    teacher_forced,
+)
 
 
 def _check_graph(session: ort.InferenceSession, cache_shape: tuple[int, int, int]) -> int:
@@ -49,9 +51,10 @@ def _check_graph(session: ort.InferenceSession, cache_shape: tuple[int, int, int
     return logits[2]
 
 
-class _SharedCache:
+class SharedCache:
     """An io-binding with each layer's ``(B, KV, MAX, D)`` buffer bound as past and present, and
-    a ``(B, 1, V)`` logits buffer; ``step`` binds the small inputs and runs one call."""
+    a ``(B, 1, V)`` logits buffer; ``step`` binds the small inputs and runs one call: the shared
+    buffer strategy of ``runtime.decode``."""
 
     def __init__(
         self,
@@ -100,16 +103,6 @@ class _SharedCache:
         return self.logits[:, 0]
 
 
-def _prompt(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    ids = np.asarray(input_ids, dtype=np.int64)
-    mask = np.asarray(attention_mask, dtype=np.int64)
-    if ids.ndim != 2 or mask.shape != ids.shape or ids.shape[1] == 0:
-        raise InvalidInputError(
-            f"input_ids {ids.shape} and attention_mask {mask.shape} must both be (batch, tokens), tokens ≥ 1"
-        )
-    return ids, mask
-
-
 def generate_shared(
     session: ort.InferenceSession,
     input_ids: np.ndarray,
@@ -124,24 +117,12 @@ def generate_shared(
     prompt runs in one call (no past), then one token per call. Rows keep decoding after their
     end token (lockstep); cut each row at its first end token.
     """
-    ids, prompt_mask = _prompt(input_ids, attention_mask)
+    ids, prompt_mask = prompt(input_ids, attention_mask)
     batch, prompt_len = ids.shape
-    new = np.zeros((batch, max(max_new_tokens, 0)), np.int64)
     if max_new_tokens <= 0:
-        return new
-    max_len = prompt_len + max_new_tokens
-    cache = _SharedCache(session, batch, max_len, cache_shape, bound)
-    mask = np.ones((batch, max_len), np.int64)  # generated tokens are never padding
-    mask[:, :prompt_len] = prompt_mask
-    logits = cache.step(ids, prompt_mask, positions(prompt_mask))
-    first_position = prompt_mask.sum(axis=1, keepdims=True)  # (B, 1): the next position per row
-    for k in range(max_new_tokens):
-        new[:, k] = logits.argmax(axis=-1)
-        if k == max_new_tokens - 1:
-            break
-        total = prompt_len + k + 1
-        logits = cache.step(new[:, k : k + 1], mask[:, :total], first_position + k)
-    return new
+        return np.zeros((batch, 0), np.int64)
+    cache = SharedCache(session, batch, prompt_len + max_new_tokens, cache_shape, bound)
+    return greedy(cache.step, ids, prompt_mask, max_new_tokens)
 
 
 def forward_stepwise(
@@ -160,13 +141,9 @@ def forward_stepwise(
     position's values are finite but not meaningful (its query attends to padding only, or to
     the row's tokens so far).
     """
-    ids, mask = _prompt(input_ids, attention_mask)
-    batch, length = ids.shape
-    pos = positions(mask)
-    cache = _SharedCache(session, batch, length, cache_shape, bound)
-    logits = np.zeros((batch, length, cache.logits.shape[-1]), np.float32)
-    for t in range(length):
-        logits[:, t] = cache.step(ids[:, t : t + 1], mask[:, : t + 1], pos[:, t : t + 1])
+    ids, mask = prompt(input_ids, attention_mask)
+    cache = SharedCache(session, *ids.shape, cache_shape, bound)
+    logits = teacher_forced(cache.step, ids, mask)
     return {"logits": logits, **{name: buffer.copy() for name, buffer in cache.cache.items()}}
 
 
@@ -174,28 +151,6 @@ def forward_growing(run, input_ids: np.ndarray, mask: np.ndarray, shape: tuple[i
     """``forward_stepwise`` for a last-position graph whose cache grows (present = past + new):
     ``run(feeds) -> {output: array}`` is fed token t with the cache of tokens < t; the logits of
     every position and the final cache, as one pass without a cache gives them."""
-    B, T = input_ids.shape
-    past = empty_past(B, *shape, np.float32)
-    pos = positions(mask)
-    logits, outs = [], {}
-    for t in range(T):
-        feeds = {"input_ids": input_ids[:, t : t + 1], "attention_mask": mask[:, : t + 1], **past}
-        outs = run({**feeds, "position_ids": pos[:, t : t + 1]})
-        logits.append(outs["logits"][:, -1:])
-        past = next_past(outs)
-    return {"logits": np.concatenate(logits, axis=1), **{k: v for k, v in outs.items() if k != "logits"}}
-
-
-def empty_past(batch: int, layers: int, heads: int, head_dim: int, dtype: type) -> dict[str, np.ndarray]:
-    """A zero-length self-attention cache: the first call of a cached decoder."""
-    z = np.zeros((batch, heads, 0, head_dim), dtype=dtype)
-    return {f"past_key_values.{i}.{k}": z for i in range(layers) for k in ("key", "value")}
-
-
-def next_past(outputs: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-    """A growing cache's next inputs: each ``present.*`` output as ``past_key_values.*``."""
-    return {
-        k.replace("present.", "past_key_values.", 1): v
-        for k, v in outputs.items()
-        if k.startswith("present.")
-    }
+    growing = Growing(run, input_ids.shape[0], shape)
+    logits = teacher_forced(growing.step, input_ids, mask)
+    return {"logits": logits, **{k: v for k, v in growing.outputs.items() if k != "logits"}}

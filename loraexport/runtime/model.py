@@ -25,6 +25,7 @@ from loraexport.artifact.schema import KINDS, META, check_export_meta, read_expo
 from loraexport.core.untrusted import short_repr
 from loraexport.errors import InvalidInputError, first_line
 from loraexport.runtime.adapters import Active, AdapterOptions, find_adapters
+from loraexport.runtime.decode import Growing, greedy
 from loraexport.runtime.files import (  # noqa: F401 (re-exported)
     MAX_ONNX_BYTES,
     RuntimeInputError,
@@ -240,10 +241,12 @@ class OnnxModel:
     ) -> np.ndarray:
         """Greedy decoding with the KV cache, all in onnxruntime; new ids (B, max_new_tokens).
 
-        Rows keep decoding after their end token so the batch advances in lockstep; cut each
-        row at its first end token. Causal prompts may be left-padded: positions count only
-        unmasked tokens (``position_ids``), as Hugging Face models expect. ``adapter``: an
-        adapter-mode export's adapter (a name in ``adapters``, or an ``.onnx_adapter`` file).
+        One loop for every graph (``runtime.decode.greedy``) over its cache: growing, or the fused
+        graph's shared buffer. Rows keep decoding after their end token so the batch advances in
+        lockstep; cut each row at its first end token. Causal prompts may be left-padded:
+        positions count only unmasked tokens (``position_ids``), as Hugging Face models expect.
+        ``adapter``: an adapter-mode export's adapter (a name in ``adapters``, or an
+        ``.onnx_adapter`` file).
         """
         active = self._active(adapter)
         if self.kind == "encoder":
@@ -262,38 +265,29 @@ class OnnxModel:
                 self._bound(active),
             )
         B = input_ids.shape[0]
-        past = empty_past(B, *self.cache_shape, np.float32)
-        if self.kind == "seq2seq":
-            graph = "decoder"
+        if self.kind == "seq2seq":  # the decoder starts from <bos>, its positions its own count
             enc = self._run("encoder", {"input_ids": input_ids, "attention_mask": mask}, active)
             fixed = {"encoder_attention_mask": mask}
             fixed.update({k: v for k, v in enc.items() if k.startswith("encoder_key_values.")})
-            step_ids = np.full((B, 1), self.tokens.get("bos", 1), dtype=np.int64)
-        else:
-            graph, fixed, step_ids = "model", {}, input_ids
-        new = []
-        for step in range(max_new_tokens):
-            feeds = {"input_ids": step_ids, **past, **fixed}
-            if self.kind == "causal":
-                feeds["attention_mask"] = mask
-                feeds["position_ids"] = positions(mask)[:, -step_ids.shape[1] :]
-            outs = self._run(graph, feeds, active)
-            nxt = outs["logits"][:, -1].argmax(-1).reshape(B, 1).astype(np.int64)
-            new.append(nxt)
-            if step == max_new_tokens - 1:
-                break
-            past = next_past(outs)
-            step_ids = nxt
-            if self.kind == "causal":
-                mask = np.concatenate([mask, np.ones((B, 1), dtype=np.int64)], axis=1)
-        return np.concatenate(new, axis=1) if new else np.zeros((B, 0), np.int64)
+            run = lambda feeds: self._run("decoder", feeds, active)  # noqa: E731
+            bos = np.full((B, 1), self.tokens.get("bos", 1), dtype=np.int64)
+            decoder = Growing(run, B, self.cache_shape, fixed, causal=False)
+            return _decoding(greedy, decoder.step, bos, np.ones_like(bos), max_new_tokens)
+        run = lambda feeds: self._run("model", feeds, active)  # noqa: E731
+        return _decoding(greedy, Growing(run, B, self.cache_shape).step, input_ids, mask, max_new_tokens)
 
 
 def _shared(fn, session: ort.InferenceSession, *args):
     """``runtime.fused``'s ``fn`` on a shared-buffer graph; what it refuses, and what onnxruntime
     cannot run, is a ``RuntimeInputError``."""
+    return _decoding(fn, session, *args)
+
+
+def _decoding(fn, *args):
+    """``fn(*args)`` (a decoding loop, ``runtime.decode``); what it refuses, and what onnxruntime
+    cannot run, is a ``RuntimeInputError``."""
     try:
-        return fn(session, *args)
+        return fn(*args)
     except InvalidInputError as e:
         raise RuntimeInputError(str(e)) from e
     except _ORT_LOAD_ERRORS as e:

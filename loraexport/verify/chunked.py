@@ -11,9 +11,12 @@ each saved as its own small ``.onnx`` file reading the same ``model.onnx.data`` 
 scratch folder). Only one chunk's session is open at a time:
 
 * ``forward_all`` (teacher forcing): chunk after chunk, each stepping through every position with its
-  own growing cache, its boundary outputs kept for the next chunk: one session per chunk in all;
-* ``generate`` (greedy): token after token, each through every chunk (a session per chunk per
-  token: the whole model's load time per token); the prompt is one pass, then one token per call.
+  own growing cache, its boundary outputs kept for the next chunk: one session per chunk in all
+  (chunk-major, not the runtime's token-major ``runtime.decode.teacher_forced``: that would open
+  every chunk's session once per token);
+* ``generate`` (greedy, the runtime's loop ``runtime.decode.greedy`` over this cache strategy):
+  token after token, each through every chunk (a session per chunk per token: the whole model's
+  load time per token); the prompt is one pass, then one token per call.
 
 Each chunk runs exactly the nodes of the file, on the inputs the whole graph would give them, so the
 numbers are those of the export; cutting only bounds what is resident.
@@ -32,8 +35,8 @@ from onnx import TensorProto, helper
 
 from loraexport.core.progress import Progress
 from loraexport.errors import InvalidInputError
+from loraexport.runtime.decode import greedy, positions
 from loraexport.runtime.files import check_external_data
-from loraexport.runtime.fused import positions
 from loraexport.runtime.model import RuntimeInputError, open_session
 
 CHUNK_BYTES = 512 * 1024**2  # weights per chunk at most (at least one layer)
@@ -261,26 +264,25 @@ class ChunkedDecoder:
         return np.concatenate([c[0] for c in carries], axis=1)  # each (B, 1, V)
 
     def generate(self, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
-        """Greedy new tokens (B, max_new_tokens): the prompt in one pass, then a token per call,
-        through every chunk in turn (one chunk's session open at a time, unless there is one)."""
-        ids, mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
-        batch = ids.shape[0]
+        """Greedy new tokens (B, max_new_tokens), by the runtime's loop (``runtime.decode.greedy``):
+        each call runs through every chunk in turn (one chunk's session open at a time, unless
+        there is one)."""
+        batch = input_ids.shape[0]
         pasts = [self._empty(batch, a, b) for a, b in self.ranges]
         sessions = [open_session(self.files[0], "cpu", self.threads)] if self.chunks == 1 else None
-        new = np.zeros((batch, max_new_tokens), np.int64)
-        step_ids, pos = ids, positions(mask)
         bar = Progress(max_new_tokens * self.chunks, "onnxruntime generate", "calls", self.progress)
-        for n in range(max_new_tokens):
-            feeds = {"input_ids": step_ids, "attention_mask": mask, "position_ids": pos}
+
+        def step(ids: np.ndarray, mask: np.ndarray, pos: np.ndarray) -> np.ndarray:
+            feeds = {"input_ids": ids, "attention_mask": mask, "position_ids": pos}
             carry = None
             for c, (a, b) in enumerate(self.ranges):
                 session = sessions[0] if sessions else open_session(self.files[c], "cpu", self.threads)
                 carry, pasts[c] = self._run(session, a, b, feeds, pasts[c], carry)
                 del session
                 bar.update(1)
-            new[:, n] = carry[0][:, -1].argmax(-1)
-            step_ids = new[:, n : n + 1]
-            mask = np.concatenate([mask, np.ones((batch, 1), np.int64)], axis=1)
-            pos = positions(mask)[:, -1:]
-        bar.close()
-        return new
+            return carry[0][:, -1]
+
+        try:
+            return greedy(step, input_ids, attention_mask, max_new_tokens)
+        finally:
+            bar.close()
