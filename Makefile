@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train test-docs bench bench-pipeline bench-merge bench-large bench-bounded bench-7b clean
+.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train test-docs bench bench-pipeline bench-merge bench-large bench-bounded bench-7b gpu-check clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -132,6 +132,11 @@ bench-bounded: $(STAMP)
 # --no-verify with a check of its first layers, each streamed, with wall time and peak RSS.
 bench-7b: $(STAMP)
 	$(BIN)/python benchmarks/bench_7b.py --dir runs/bench-7b
+
+# What only a CUDA GPU can check (the CUDA tests, verify --provider cuda, its latency rows), in a
+# few minutes; on a machine without one it says "no CUDA device" and exits 0.
+gpu-check: $(STAMP)
+	$(BIN)/python benchmarks/gpu_check.py
 
 # Streaming merge of a generated ~4.2 GB float16 checkpoint vs PEFT's in-memory path.
 bench-merge: $(STAMP)
