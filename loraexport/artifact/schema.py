@@ -87,6 +87,9 @@ def check_export_meta(meta: object, where: str | Path, error: type[Exception]) -
     for name, token in tokens.items():
         if token is not None and not _is_int(token):
             raise bad(f"model.special_tokens.{name}", "an integer or null", token)
+    ends = model.get("eos_token_ids")  # every end token; special_tokens.eos is the first
+    if ends is not None and not (isinstance(ends, list) and all(_is_int(t) for t in ends)):
+        raise bad("model.eos_token_ids", "an array of integers", ends)
     graphs = meta.get("graphs", {})
     if not isinstance(graphs, dict):
         raise bad("graphs", "an object", graphs)
@@ -112,3 +115,13 @@ def read_export_meta(directory: str | Path, error: type[Exception]) -> dict:
     if not os.path.lexists(path):
         raise error(f"{path} not found: not a loraexport output directory")
     return check_export_meta(read_json(path, error), path, error)
+
+
+def end_ids(model: dict) -> list[int]:
+    """Every end-of-sequence id of a checked description's ``model``: ``eos_token_ids`` (all that
+    config.json and generation_config.json list), else ``special_tokens.eos`` alone."""
+    ends = model.get("eos_token_ids")
+    if ends:
+        return list(ends)
+    eos = model.get("special_tokens", {}).get("eos")
+    return [] if eos is None else [eos]

@@ -7,10 +7,12 @@ No torch here.
 
 from __future__ import annotations
 
+from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
 from loraexport.errors import ExportError
+from loraexport.models.hf.common import end_token_ids, generation_eos
 from loraexport.models.types import LLAMA, QWEN2
 
 
@@ -69,15 +71,21 @@ def bias_allowed(config: Any, module: str) -> bool:
     return False
 
 
-def model_facts(config) -> dict:
+def model_facts(config, model_dir: Path) -> dict:
     """``loraexport.json``'s ``model``: the facts a reader of a streamed export acts on, from its config
+    and ``model_dir``'s generation_config.json, as transformers reads them for a model in memory
     (the streamed proof holds the description to them)."""
     heads = config.num_attention_heads
-    eos = config.eos_token_id[0] if isinstance(config.eos_token_id, list) else config.eos_token_id
+    ends = end_token_ids(generation_eos(model_dir), config.eos_token_id)
     return {
         "kind": "causal",
         "model_type": config.model_type,
-        "special_tokens": {"bos": config.bos_token_id, "eos": eos, "pad": config.pad_token_id},
+        "special_tokens": {
+            "bos": config.bos_token_id,
+            "eos": ends[0] if ends else None,
+            "pad": config.pad_token_id,
+        },
+        "eos_token_ids": ends,
         "n_layers": config.num_hidden_layers,
         "attention_heads": heads,
         "kv_heads": getattr(config, "num_key_value_heads", None) or heads,

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from loraexport.artifact.schema import end_ids
 from loraexport.models.types import GENAI_TYPES
 
 GENAI_CONFIG = "genai_config.json"
@@ -30,7 +31,8 @@ def genai_config(model_meta: dict[str, Any], graph: dict[str, Any], filename: st
     """The config for one decoder graph, from the export's description (``runtime_meta``) and
     the graph's I/O names."""
     tokens = model_meta.get("special_tokens", {})
-    eos = tokens.get("eos")
+    ends = end_ids(model_meta)  # every end id: genai stops at any of a list
+    eos = ends[0] if len(ends) == 1 else ends or None
     context = int(model_meta["context_length"])
     decoder = {
         "filename": filename,
@@ -59,7 +61,7 @@ def genai_config(model_meta: dict[str, Any], graph: dict[str, Any], filename: st
     for key, value in (("bos_token_id", tokens.get("bos")), ("eos_token_id", eos)):
         if value is not None:
             model[key] = value
-    pad = tokens.get("pad") if tokens.get("pad") is not None else eos  # genai pads with eos when none
+    pad = tokens.get("pad") if tokens.get("pad") is not None else (ends or [None])[0]  # else the first end id
     if pad is not None:
         model["pad_token_id"] = pad
     search = {

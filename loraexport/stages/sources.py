@@ -125,7 +125,7 @@ class FromCheckpoint:
         log(f"exporting {self.path} streamed ({precision.value}, {how}) …")
         with self.stage(f"export, streamed ({precision.value}; {how})"):
             result = write_streamed(self.src, tmp, precision, log, self.show_progress)
-        facts = model_facts(self.src.config)
+        facts = model_facts(self.src.config, self.src.checkpoint.dir)
         meta.update(export_description(facts, result, precision.value, self.mode.value, streamed=True))
         meta.update(describe_quantization(precision, self.mode))
         return result

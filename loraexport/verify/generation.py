@@ -10,7 +10,7 @@ import numpy as np
 from torch import nn
 
 from loraexport.models.base import ModelFamily
-from loraexport.verify.task import until_eos
+from loraexport.verify.task import first_end, until_eos
 
 
 @dataclass
@@ -35,7 +35,7 @@ def compare_generation(
     unmerged: nn.Module,
     prompts: list[tuple[dict, int]],
     got_tokens: list[np.ndarray],
-    eos: int | None,
+    eos: list[int] | int | None,  # every end id
     task: dict[tuple[int, ...], str] | None = None,
     decode: Callable[[list[int]], str] | None = None,
 ) -> GenerationResult:
@@ -47,7 +47,8 @@ def compare_generation(
         want = family.generate(unmerged, inputs, max_new).numpy()
         result.max_new_tokens = max(result.max_new_tokens, max_new)
         for i, (w, g) in enumerate(zip(want.tolist(), got.tolist(), strict=True)):
-            cut = w.index(eos) + 1 if eos in w else len(w)
+            end = first_end(w, eos)  # torch stops at any end id: compared up to and with it
+            cut = len(w) if end is None else end + 1
             result.rows += 1
             if w[:cut] == g[:cut]:
                 result.identical_rows += 1

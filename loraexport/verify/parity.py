@@ -24,6 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from loraexport.artifact.schema import end_ids
 from loraexport.models.base import ModelFamily
 from loraexport.runtime.model import OnnxModel, RuntimeInputError, chain_forward
 from loraexport.verify.generation import GenerationResult, compare_generation  # noqa: F401 (re-exported)
@@ -265,7 +266,7 @@ def check_parity(
     ox = [opened.forward_all(*a) for a in args]
     prompts, got_tokens, eos = [], [], None
     if kind != "encoder":
-        eos = opened.tokens.get("eos")
+        eos = end_ids(opened.meta["model"])  # every end id
         # every given source (held-out data), else ``rows`` (default 64) random prompts
         chosen = sources[:generation_rows] if sources and generation_rows else sources
         prompts = list(family.prompts(unmerged, tokenizer, chosen, generation_rows or RANDOM_PROMPTS, seed))

@@ -16,5 +16,13 @@ def task_targets(family, unmerged, tokenizer, sources, targets) -> dict[tuple[in
     return out
 
 
-def until_eos(tokens: list[int], eos: int | None) -> list[int]:
-    return tokens[: tokens.index(eos)] if eos in tokens else tokens
+def until_eos(tokens: list[int], ends) -> list[int]:
+    """``tokens`` up to (without) the first of the end ids ``ends`` (a collection, an id, or None)."""
+    cut = first_end(tokens, ends)
+    return tokens if cut is None else tokens[:cut]
+
+
+def first_end(tokens: list[int], ends) -> int | None:
+    """The index of the first of ``ends`` (a collection of ids, one id, or None) in ``tokens``."""
+    stops = set(ends) if isinstance(ends, list | tuple | set | frozenset) else {ends}
+    return next((i for i, t in enumerate(tokens) if t in stops), None)

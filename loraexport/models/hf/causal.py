@@ -23,6 +23,7 @@ from loraexport.errors import ModelFormatError
 from loraexport.models.base import Inputs, ParityCase
 from loraexport.models.hf.common import (
     cache_dims,
+    end_token_ids,
     max_positions,
     random_cases,
     text_config,
@@ -125,13 +126,15 @@ def _specs(model: nn.Module, last_position: bool = False) -> list[GraphSpec]:
 
 
 # ---- metadata, parity, generation ---------------------------------------------------------------
-def _special_tokens(model: nn.Module) -> dict[str, int | None]:
-    c = text_config(model)
+def _end_ids(model: nn.Module) -> list[int]:
+    """Every end id of generation_config.json and config.json (``common.end_token_ids``)."""
     gen = getattr(model, "generation_config", None)
-    eos = getattr(gen, "eos_token_id", None) or c.eos_token_id
-    if isinstance(eos, list):
-        eos = eos[0]
-    return {"bos": c.bos_token_id, "eos": eos, "pad": c.pad_token_id}
+    return end_token_ids(getattr(gen, "eos_token_id", None), text_config(model).eos_token_id)
+
+
+def _special_tokens(model: nn.Module) -> dict[str, int | None]:
+    c, ends = text_config(model), _end_ids(model)
+    return {"bos": c.bos_token_id, "eos": ends[0] if ends else None, "pad": c.pad_token_id}
 
 
 def _meta(model: nn.Module) -> dict[str, Any]:
@@ -144,6 +147,7 @@ def _meta(model: nn.Module) -> dict[str, Any]:
         "kind": "causal",
         "model_type": model.config.model_type,
         "special_tokens": _special_tokens(model),
+        "eos_token_ids": _end_ids(model),
         "n_layers": n,
         "attention_heads": c.num_attention_heads,
         "kv_heads": kv,

@@ -222,6 +222,27 @@ def max_positions(config) -> int:
     return n
 
 
+def end_token_ids(*values) -> list[int]:
+    """Every end-of-sequence id of ``values`` (``eos_token_id`` of generation_config.json, then of
+    config.json: an id, a list of ids, or None), in that order, each once."""
+    out: list[int] = []
+    for v in values:
+        for t in v if isinstance(v, list | tuple) else [v]:
+            if isinstance(t, int) and not isinstance(t, bool) and t not in out:
+                out.append(t)
+    return out
+
+
+def generation_eos(model_dir: Path):
+    """``eos_token_id`` of ``model_dir/generation_config.json`` (None without the file or key):
+    what transformers puts in ``model.generation_config``, read without building the model."""
+    path = Path(model_dir) / "generation_config.json"
+    if not path.is_file():
+        return None
+    cfg = read_json(path, ModelFormatError)
+    return cfg.get("eos_token_id") if isinstance(cfg, dict) else None
+
+
 def text_config(model: nn.Module):
     return model.config.get_text_config(decoder=True)
 

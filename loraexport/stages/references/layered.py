@@ -92,7 +92,9 @@ class Layered:
         adapter = "kept in float32" if self.kind is ExportMode.UNMERGED else "merged"
         if meta.get("quantization") != quantization_description(precision, adapter):
             proven.proof.claims.append("loraexport.json: 'quantization' is not how the export was made")
-        if meta.get("model") != model_facts(src.config):  # what a reader acts on: tokens, cache shapes
+        if meta.get("model") != model_facts(
+            src.config, src.checkpoint.dir
+        ):  # what a reader acts on: tokens, cache shapes
             proven.proof.claims.append("loraexport.json: 'model' is not what the checkpoint's config says")
         return proven
 
