@@ -9,7 +9,7 @@ import stat
 from pathlib import Path
 
 from loraexport.core.untrusted import short_repr
-from loraexport.errors import first_line
+from loraexport.errors import InvalidInputError, first_line
 
 # protobuf cannot parse a message over 2 GiB (INT_MAX bytes): a larger .onnx is no ONNX model,
 # and is refused from its size alone, before a byte of it is read. Weights beyond it live in
@@ -27,8 +27,9 @@ _SUB_BYTE_BITS = {
 }
 
 
-class RuntimeInputError(ValueError):
-    """The exported directory cannot be run (missing files, unsafe external data)."""
+class RuntimeInputError(InvalidInputError, ValueError):
+    """The exported directory cannot be run (missing files, unsafe external data), or a call's
+    inputs do not fit it (ids, shapes, lengths): refused before onnxruntime sees them."""
 
 
 def _tensors(graph):

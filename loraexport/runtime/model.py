@@ -175,6 +175,9 @@ class OnnxModel:
         """Every output of a full forward without a cache, keyed ``<graph>.<output>``, at every
         position: a graph that computes the last position's logits only is run one token at a
         time through its cache (teacher forcing), the path generation takes."""
+        input_ids, attention_mask, decoder_input_ids = self._checked(
+            input_ids, attention_mask, decoder_input_ids
+        )
         active = self._active(adapter)
         if self.kind == "causal" and self.logits == "last":
             ids, mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
@@ -214,17 +217,54 @@ class OnnxModel:
     ) -> np.ndarray:
         """The main output of one forward pass (a prompt pass): logits (B, T, V), (B, 1, V) from
         a graph that computes the last position's only, or an encoder's first output."""
+        input_ids, attention_mask, decoder_input_ids = self._checked(
+            input_ids, attention_mask, decoder_input_ids
+        )
         outs = self._single_pass(input_ids, attention_mask, decoder_input_ids, self._active(adapter))
         if self.kind == "seq2seq":
             return outs["decoder.logits"]
         return outs["model.logits"] if "model.logits" in outs else next(iter(outs.values()))
+
+    @property
+    def vocab_size(self) -> int | None:
+        """The ids the model takes, ``[0, vocab_size)`` (None: an export that does not say)."""
+        return vocab_size(self.meta["model"])
+
+    @property
+    def _context(self) -> int | None:
+        """The positions a sequence may use (a Hugging Face model's context, the reference's max_len)."""
+        model = self.meta["model"]
+        return model.get("context_length", model.get("max_len"))
+
+    def _checked(self, input_ids, attention_mask, decoder_input_ids=None) -> tuple:
+        """A call's inputs as int64 arrays, after refusing (``RuntimeInputError``, before any
+        onnxruntime call) what the export cannot take: ids that are not integers, not (batch,
+        tokens), or outside the vocabulary; a mask of another shape or with values other than 0
+        and 1; more tokens than the model's context."""
+        vocab, context = self.vocab_size, self._context
+        ids = _token_ids(input_ids, "input_ids", vocab, context)
+        mask = np.asarray(attention_mask)
+        if mask.shape != ids.shape:
+            raise RuntimeInputError(
+                f"attention_mask is {mask.shape}; it must be input_ids' shape {ids.shape}"
+            )
+        if mask.dtype.kind not in "biuf" or (mask.size and not np.isin(mask, (0, 1)).all()):
+            raise RuntimeInputError("attention_mask must hold 0 and 1 only")
+        decoder = (
+            None
+            if decoder_input_ids is None
+            else _token_ids(decoder_input_ids, "decoder_input_ids", vocab, context)
+        )
+        return ids, mask.astype(np.int64), decoder
 
     def _check_length(self, input_ids: np.ndarray, max_new_tokens: int) -> None:
         """Refuse a request the model cannot hold (before a buffer for it is allocated): a
         non-integer count, or a causal prompt and new tokens beyond its ``context_length``."""
         if not isinstance(max_new_tokens, int | np.integer) or isinstance(max_new_tokens, bool):
             raise RuntimeInputError(f"max_new_tokens must be an integer, not {short_repr(max_new_tokens)}")
-        limit = self.meta["model"].get("context_length")
+        if max_new_tokens < 0:
+            raise RuntimeInputError(f"max_new_tokens must be 0 or more, not {max_new_tokens}")
+        limit = self._context
         total = (input_ids.shape[1] if self.kind == "causal" and input_ids.ndim == 2 else 0) + max_new_tokens
         if isinstance(limit, int) and total > limit:
             raise RuntimeInputError(
@@ -251,8 +291,7 @@ class OnnxModel:
         active = self._active(adapter)
         if self.kind == "encoder":
             raise RuntimeInputError("an encoder model does not generate")
-        input_ids = input_ids.astype(np.int64)
-        mask = attention_mask.astype(np.int64)
+        input_ids, mask, _ = self._checked(input_ids, attention_mask)
         self._check_length(input_ids, max_new_tokens)
         if self.kind == "causal" and self.kv_cache == "shared-buffer":
             return _shared(
@@ -275,6 +314,31 @@ class OnnxModel:
             return _decoding(greedy, decoder.step, bos, np.ones_like(bos), max_new_tokens)
         run = lambda feeds: self._run("model", feeds, active)  # noqa: E731
         return _decoding(greedy, Growing(run, B, self.cache_shape).step, input_ids, mask, max_new_tokens)
+
+
+def vocab_size(model: dict) -> int | None:
+    """A description's vocabulary size: ``vocab_size``, or the reference's ``vocab`` list."""
+    if isinstance(model.get("vocab_size"), int):
+        return model["vocab_size"]
+    return len(model["vocab"]) if isinstance(model.get("vocab"), list) else None
+
+
+def _token_ids(values, name: str, vocab: int | None, context: int | None) -> np.ndarray:
+    """``values`` as (batch, tokens) int64 ids, each in ``[0, vocab)``, at most ``context`` tokens."""
+    ids = np.asarray(values)
+    if ids.dtype.kind not in "iu":
+        raise RuntimeInputError(f"{name} must hold integer token ids, not {ids.dtype} values")
+    if ids.ndim != 2 or ids.shape[1] == 0:
+        raise RuntimeInputError(
+            f"{name} must be (batch, tokens) with a token or more, not of shape {ids.shape}"
+        )
+    outside = (ids < 0) | (ids >= vocab) if isinstance(vocab, int) else ids < 0
+    if outside.any():
+        bad = int(ids[outside].flat[0])
+        raise RuntimeInputError(f"{name} holds id {bad}, outside the vocabulary [0, {vocab or '…'})")
+    if isinstance(context, int) and ids.shape[1] > context:
+        raise RuntimeInputError(f"{name} holds {ids.shape[1]} tokens; the model's context is {context}")
+    return ids.astype(np.int64)
 
 
 def _shared(fn, session: ort.InferenceSession, *args):

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -26,7 +25,7 @@ from torch import nn
 
 from loraexport.artifact.schema import end_ids
 from loraexport.models.base import ModelFamily
-from loraexport.runtime.model import OnnxModel, RuntimeInputError, chain_forward
+from loraexport.runtime.model import OnnxModel, RuntimeInputError, chain_forward, vocab_size
 from loraexport.verify.generation import GenerationResult, compare_generation  # noqa: F401 (re-exported)
 from loraexport.verify.task import task_targets
 
@@ -204,14 +203,20 @@ def compare_outputs(
     )
 
 
-def check_same_model(expected: dict, kind: str, shape: tuple[int, int, int], where: Path) -> None:
-    """The export is of this model's kind and cache shape (layers, key/value heads, head size);
-    else it is an export of another model (``RuntimeInputError``: exit 3, before any run)."""
+def check_same_model(expected: dict, opened: OnnxModel) -> None:
+    """The export is of this model's kind, cache shape (layers, key/value heads, head size) and
+    vocabulary; else it is an export of another model (``RuntimeInputError``: exit 3, before any run)."""
+    kind, shape, where = opened.kind, opened.cache_shape, opened.dir
     want = (expected.get("n_layers"), expected.get("kv_heads"), expected.get("head_dim"))
     if kind != expected["kind"] or (kind != "encoder" and tuple(shape) != want):
         raise RuntimeInputError(
             f"{where} is an export of another model: a {_described(kind, shape)}, "
             f"but the base is a {_described(expected['kind'], want)}"
+        )
+    vocab, base = opened.vocab_size, vocab_size(expected)
+    if vocab is not None and base is not None and vocab != base:
+        raise RuntimeInputError(
+            f"{where} is an export of another model: a vocabulary of {vocab}, the base's {base}"
         )
 
 
@@ -253,7 +258,7 @@ def check_parity(
     opened = onnx_model if isinstance(onnx_model, OnnxModel) else onnx_model()
     kind, shape, provider = opened.kind, opened.cache_shape, opened.provider
     multiple = noise_multiple(opened.kv_cache == "shared-buffer", quantized)
-    check_same_model(family.runtime_meta(unmerged), kind, shape, opened.dir)
+    check_same_model(family.runtime_meta(unmerged), opened)
     cases = family.parity_cases(unmerged, samples, seed)
     args = [
         (

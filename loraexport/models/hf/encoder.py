@@ -71,6 +71,8 @@ def _meta(model: nn.Module) -> dict[str, Any]:
         "model_type": model.config.model_type,
         "output": _output(model),
         "special_tokens": {"pad": model.config.pad_token_id},
+        "vocab_size": model.config.vocab_size,
+        "context_length": max_positions(model.config),
     }
 
 
