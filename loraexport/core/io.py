@@ -46,11 +46,26 @@ def require_file(path: str | Path, what: str) -> Path:
     p = Path(path)
     if problem := _stat_problem(p):
         raise InputNotFoundError(f"{what} cannot be read: {p} ({problem})")
-    if not p.is_file():
+    if not p.exists():
         raise InputNotFoundError(f"{what} not found: {p}")
+    if not p.is_file():  # a directory, a FIFO, a device (/dev/zero): never opened
+        raise InputNotFoundError(f"{what} must be a regular file: {p} is {_file_kind(p)}")
     if not os.access(p, os.R_OK):
         raise InputNotFoundError(f"{what} is not readable: {p}")
     return p
+
+
+def _file_kind(p: Path) -> str:
+    for test, kind in (
+        (p.is_dir, "a directory"),
+        (p.is_fifo, "a FIFO"),
+        (p.is_char_device, "a character device"),
+        (p.is_block_device, "a block device"),
+        (p.is_socket, "a socket"),
+    ):
+        if test():
+            return kind
+    return "not a regular file"
 
 
 def write_json(path: Path, data: Any) -> None:

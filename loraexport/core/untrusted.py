@@ -55,6 +55,25 @@ def parse_json(raw: bytes, where: str, error: type[Exception]) -> Any:
         raise error(f"{where}: not valid JSON ({reason})") from e
 
 
+def text_only(value: Any, where: str, error: type[Exception]) -> Any:
+    """``value`` (parsed JSON) if each string in it is text: JSON's ``\\ud800`` escapes decode to a
+    lone surrogate, which no tokenizer or UTF-8 writer takes; ``error`` naming ``where`` else."""
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            try:
+                v.encode("utf-8")
+            except UnicodeEncodeError as e:
+                code = ord(v[e.start])
+                raise error(f"{where}: a lone surrogate (\\u{code:04x}) in a string: not text") from e
+        elif isinstance(v, dict):
+            stack += [*v.keys(), *v.values()]
+        elif isinstance(v, list):
+            stack += v
+    return value
+
+
 def read_bounded(path: Path, error: type[Exception], limit: int, what: str = "file") -> bytes:
     """The bytes of a regular file of at most ``limit`` bytes; the size is checked before
     reading, and no more than ``limit + 1`` bytes are ever read (the file may grow meanwhile)."""
@@ -113,4 +132,4 @@ def read_json_lines(
                 raise error(f"{p}:{n}: line longer than {_mb(limit)}")
             if not line.strip():
                 continue
-            yield n, parse_json(line, f"{p}:{n}", error)
+            yield n, text_only(parse_json(line, f"{p}:{n}", error), f"{p}:{n}", error)

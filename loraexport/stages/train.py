@@ -8,13 +8,14 @@ Hugging Face decoders and sequence classifiers on their JSON Lines formats (``da
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from loraexport.artifact.output import plan_output, write_output
 from loraexport.core import threads as torch_threads
 from loraexport.core.io import write_json
-from loraexport.errors import InvalidInputError
+from loraexport.errors import InvalidInputError, UsageError
 from loraexport.lora.config import LoraConfig
 from loraexport.lora.inject import check_ranks
 from loraexport.models.hf.common import max_positions, text_config
@@ -31,6 +32,20 @@ from loraexport.training.options import TrainOptions
 # on large batches; for Hugging Face bases, the rate of PEFT's and QLoRA's examples (2e-4).
 DEFAULTS = {"reference": {"lr": 3e-3, "batch_size": 64}, "hf": {"lr": 2e-4, "batch_size": 8}}
 DEFAULT_MAX_LENGTH = 256
+
+
+def _check_held_out(data, eval_data) -> None:
+    """--eval-data is held out: never the --data file itself (the same file by any path)."""
+    if eval_data is None:
+        return
+    try:
+        same = Path(data).resolve() == Path(eval_data).resolve() or os.path.samefile(data, eval_data)
+    except OSError:  # a missing file is reported where it is read, in order
+        same = False
+    if same:
+        raise UsageError(
+            f"--eval-data {eval_data} is the --data file: the held-out set must not be the training set"
+        )
 
 
 def train(
@@ -51,6 +66,7 @@ def train(
     """
     opts = _options(options, option_fields)
     inputs = {"--base": base, "--data": data, "--eval-data": opts.eval_data}
+    _check_held_out(data, opts.eval_data)
     plan = plan_output(out, force=force, inputs=inputs)
     for stale in plan.removed_stale:
         (log or (lambda _: None))(f"removed {stale.name}, left by a run that was killed")

@@ -243,3 +243,45 @@ def test_interrupt_is_exit_130_and_writes_nothing(monkeypatch, sample_base, smal
     r = _train(sample_base, small_data, out)
     assert one_line(r, 130, "interrupted: ") == "interrupted: nothing was written"
     nothing_left(out)
+
+
+@pytest.mark.parametrize("where", ["--data", "--eval-data"])
+def test_a_lone_surrogate_is_exit_3_with_the_line(tmp_path, sample_base, small_data, out, where):
+    """JSON's ``\\ud800`` escape decodes to a lone surrogate, which no tokenizer takes: it used to
+    end in exit 1 ("internal error: TypeError"), now it is the file and line (issue 26)."""
+    bad = tmp_path / "bad.jsonl"
+    good = small_data.read_text().splitlines()[0]
+    bad.write_text(good + "\n" + '{"source": "w1 \\ud800 w2", "target": "x"}\n')
+    args = (bad, out) if where == "--data" else (small_data, out, "--eval-data", bad)
+    r = _train(sample_base, *args)
+    refused(r, 3, f"{bad}:2", "lone surrogate")
+    nothing_left(out)
+
+
+@pytest.mark.parametrize("kind", ["directory", "fifo", "device"])
+def test_data_that_is_no_regular_file_says_what_it_is(tmp_path, sample_base, out, kind):
+    """A path that exists but is no file is named for what it is, never opened (a FIFO would block,
+    /dev/zero never ends), where it used to say "data file not found"."""
+    import os
+
+    if kind == "directory":
+        data, what = tmp_path / "folder", "a directory"
+        data.mkdir()
+    elif kind == "fifo":
+        data, what = tmp_path / "fifo", "a FIFO"
+        os.mkfifo(data)
+    else:
+        data, what = Path("/dev/zero"), "a character device"
+    r = _train(sample_base, data, out)
+    refused(r, 3, "data file must be a regular file", what)
+    nothing_left(out)
+
+
+def test_eval_data_that_is_the_training_data_is_refused(tmp_path, sample_base, small_data, out):
+    """The held-out set is never the training set: the same file, by any path, is exit 2."""
+    link = tmp_path / "same.jsonl"
+    link.symlink_to(small_data)
+    for other in (small_data, link):
+        r = _train(sample_base, small_data, out, "--eval-data", other)
+        refused(r, 2, "is the --data file")
+    nothing_left(out)
