@@ -62,10 +62,12 @@ class Active:
 class AdapterOptions:
     """The adapters of one export, each loaded when first asked for and kept."""
 
-    def __init__(self, adapters: dict[str, Path], inputs: set[str]) -> None:
-        """``inputs``: the graph inputs an adapter may fill (every session's)."""
+    def __init__(self, adapters: dict[str, Path], inputs: set[str], max_bytes: int | None = None) -> None:
+        """``inputs``: the graph inputs an adapter may fill (every session's); ``max_bytes``: the
+        largest file that can hold them (``adapter_bytes``), checked before a byte is read."""
         self.adapters = adapters
         self.inputs = inputs
+        self.max_bytes = max_bytes
         self._loaded: dict[Path, Active] = {}
 
     def options(self, adapter: str | Path | None) -> Active | None:
@@ -82,6 +84,12 @@ class AdapterOptions:
         if path not in self._loaded:
             if not path.is_file():
                 raise RuntimeInputError(f"adapter file not found: {path}")
+            size = path.stat().st_size
+            if self.max_bytes is not None and size > self.max_bytes:
+                raise RuntimeInputError(
+                    f"{path}: {size:,} bytes, more than an adapter of this export's LoRA inputs can hold "
+                    f"({self.max_bytes:,} at most); not read"
+                )
             active = Active(path)
             unknown = sorted(set(active.tensors) - self.inputs)
             if unknown:
@@ -91,3 +99,18 @@ class AdapterOptions:
                 )
             self._loaded[path] = active
         return self._loaded[path]
+
+
+def adapter_bytes(shapes: list) -> int | None:
+    """The largest ``.onnx_adapter`` that holds tensors of ``shapes`` (the graph's LoRA inputs):
+    float32 values, and room for each tensor's name and header and the file's own; None when a
+    shape is not fully known."""
+    total = 0
+    for shape in shapes:
+        if not shape or not all(isinstance(d, int) and d >= 0 for d in shape):
+            return None
+        n = 4
+        for d in shape:
+            n *= d
+        total += n + 1024
+    return total + 65536

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from loraexport.artifact.schema import KINDS, META, check_export_meta, read_export_meta  # noqa: F401 (re-exported)
 from loraexport.core.untrusted import short_repr
 from loraexport.errors import InvalidInputError, first_line
-from loraexport.runtime.adapters import Active, AdapterOptions, find_adapters
+from loraexport.runtime.adapters import Active, AdapterOptions, adapter_bytes, find_adapters
 from loraexport.runtime.decode import Growing, greedy
 from loraexport.runtime.files import (  # noqa: F401 (re-exported)
     MAX_ONNX_BYTES,
@@ -141,7 +141,11 @@ class OnnxModel:
         self.kv_cache = graph.get("kv_cache", "growing")
         # --mode adapter: adapter files by name; ``adapter=`` activates one for a call
         self.adapters = find_adapters(self.dir, self.meta)
-        self._adapters = AdapterOptions(self.adapters, set().union(*self.lora_inputs.values()))
+        shapes = {
+            i.name: i.shape for sess in self.sessions.values() for i in sess.get_overridable_initializers()
+        }
+        names = set().union(*self.lora_inputs.values())
+        self._adapters = AdapterOptions(self.adapters, names, adapter_bytes([shapes[n] for n in names]))
         self.adapter = adapter
         self._adapters.options(adapter)  # an unknown name fails here, not at the first call
 

@@ -395,3 +395,31 @@ def test_verify_names_every_adapter_once(served, tmp_path):
     ok(r)
     names = sorted(json.loads(r.stdout)["parity_by_provider"])
     assert names == sorted(f"cpu, adapter {n}" for n in ("r2", "adapter", "none-2", "none"))
+
+
+def test_an_adapter_file_larger_than_its_inputs_is_refused_unread(served, tmp_path, monkeypatch):
+    """A 3 GB ``.onnx_adapter`` (sparse) is refused by its size against the export's LoRA inputs,
+    before onnxruntime reads a byte (it used to read 3.1 GB for 20 s first); the export's own
+    adapter files fit the bound and still load (issue 26)."""
+    import os
+    import time
+
+    import numpy as np
+    import onnxruntime as ort
+
+    from loraexport.runtime.model import OnnxModel, RuntimeInputError
+
+    tmp, _ = served
+    model = OnnxModel(tmp / "onnx")
+    big = tmp_path / "big.onnx_adapter"
+    with open(big, "wb") as f:
+        os.truncate(f.fileno(), 3 * 1024**3)
+    monkeypatch.setattr(ort.AdapterFormat, "read_adapter", lambda *a: pytest.fail("the file was read"))
+    ids = np.array([[5, 6, 7]])
+    t0 = time.perf_counter()
+    with pytest.raises(RuntimeInputError, match="more than an adapter of this export's LoRA inputs can hold"):
+        model.forward(ids, np.ones_like(ids), adapter=big)
+    assert time.perf_counter() - t0 < 2
+    monkeypatch.undo()
+    for name in model.adapters:  # each real adapter file is within the bound
+        assert np.isfinite(model.forward(ids, np.ones_like(ids), adapter=name)).all()
