@@ -33,6 +33,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper
 
+from loraexport.artifact.output.plan import remove_stale, scratch_prefix
 from loraexport.core.progress import Progress
 from loraexport.errors import InvalidInputError
 from loraexport.runtime.decode import greedy, positions
@@ -119,12 +120,15 @@ def cut(proto: onnx.ModelProto, a: int, b: int, layers: int) -> onnx.ModelProto:
 def scratch_dir(beside: Path, what: str, avoid: tuple[Path, ...] = ()) -> str:
     """A scratch folder beside ``beside`` (the same file system: the weights are hard-linked into
     it, not copied), removed by its user; in the system's temporary folder instead when beside it
-    would be inside one of ``avoid`` (the inputs: nothing is written inside an input). One line
-    when the folder cannot be written."""
+    would be inside one of ``avoid`` (the inputs: nothing is written inside an input). Its name
+    says which run made it (``artifact.output.plan.scratch_prefix``), so the next run there
+    removes it if that run was killed. One line when the folder cannot be written."""
     parent = beside.resolve().parent
     inside = any(parent == a.resolve() or a.resolve() in parent.parents for a in avoid)
+    where = Path(tempfile.gettempdir()) if inside else parent
+    remove_stale(None, {str(i): a for i, a in enumerate(avoid)}, where)  # what runs killed left here
     try:
-        return tempfile.mkdtemp(prefix=f".loraexport-{what}-", dir=None if inside else parent)
+        return tempfile.mkdtemp(prefix=scratch_prefix(what), dir=where)
     except OSError as e:
         raise InvalidInputError(
             f"cannot write a scratch folder beside {beside} (it holds hard links to the weights "

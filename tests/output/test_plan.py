@@ -105,6 +105,38 @@ def test_stale_temporary_folders_of_dead_runs_are_removed(tmp_path):
     assert alive.is_dir() and other.is_dir()
 
 
+def test_scratch_folders_of_killed_runs_are_removed_by_the_next_run(tmp_path):
+    """A run killed with SIGKILL (``kill -9`` while it verifies) leaves its scratch folder beside
+    the output (``.loraexport-chunks-BOOT-PID-*``, hard links to the weights); the next run there
+    removes it: its process is gone, or it is of another boot. A live run's, and a folder of
+    another name, stay (issue 26)."""
+    from loraexport.artifact.output.plan import boot_id, scratch_prefix
+
+    killed = subprocess.run(
+        [sys.executable, "-c", (
+            "import os, signal, sys; sys.path.insert(0, sys.argv[1]); "
+            "from loraexport.verify.chunked import scratch_dir; from pathlib import Path; "
+            "d = scratch_dir(Path(sys.argv[2]) / 'out', 'chunks'); "
+            "open(d + '/model.onnx.data', 'w').write('x'); "
+            "os.kill(os.getpid(), signal.SIGKILL)"
+        ), str(Path(__file__).resolve().parents[2]), str(tmp_path)],
+        capture_output=True,
+    )  # fmt: skip
+    assert killed.returncode == -9
+    (left,) = tmp_path.glob(".loraexport-chunks-*")
+    other_boot = (
+        tmp_path / f".loraexport-base-{'f' * 8 if boot_id() != 'f' * 8 else '0' * 8}-{os.getppid()}-abcd1234"
+    )
+    other_boot.mkdir()
+    live = tmp_path / f"{scratch_prefix('chunks')}abcd1234"  # this process's: alive
+    live.mkdir()
+    unrelated = tmp_path / ".loraexport-notes"
+    unrelated.mkdir()
+    plan = plan_output(tmp_path / "out")
+    assert sorted(plan.removed_stale) == sorted([left, other_boot])
+    assert not left.exists() and not other_boot.exists() and live.is_dir() and unrelated.is_dir()
+
+
 # ---- report files ------------------------------------------------------------------------------------
 def _report_plan(path: Path, force: bool = False, **inputs):
     return plan_files([path, path.with_suffix(".md")], force=force, inputs=inputs)

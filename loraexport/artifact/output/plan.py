@@ -28,6 +28,8 @@ MANIFEST = META
 REPORT_HEADING = "# loraexport report"
 TMP_SUFFIX_BYTES = len(".tmp-4194304-xxxxxxxx") + 1  # the leading dot of the temporary name
 _STALE = re.compile(r"^\.(?P<name>.+)\.(?:tmp|old)-(?P<pid>\d+)-[0-9a-f]{8}$")
+# A run's scratch folder beside its output (``scratch_prefix``): what, the boot, the process.
+_SCRATCH = re.compile(r"^\.loraexport-[a-z0-9-]+?-(?P<boot>[0-9a-f]{8})-(?P<pid>\d+)-[a-z0-9_]{8}$")
 
 PathLike = str | os.PathLike
 Inputs = Mapping[str, "PathLike | Sequence[PathLike] | None"]
@@ -249,18 +251,46 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
-def remove_stale(target: Path, inputs: Inputs) -> list[Path]:
-    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` beside ``target`` whose process is gone
-    (a run killed with SIGKILL cannot clean up after itself); never one that is an input."""
+def boot_id() -> str:
+    """This boot of the machine, 8 hex digits (Linux's ``boot_id``; zeros where there is none):
+    a process id names a run only within one boot."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id", encoding="ascii") as f:
+            text = f.read(64).replace("-", "").strip()
+    except OSError:
+        return "0" * 8
+    return text[:8] if re.fullmatch(r"[0-9a-f]{8}", text[:8]) else "0" * 8
+
+
+def scratch_prefix(what: str) -> str:
+    """The name a scratch folder of this run starts with: ``.loraexport-WHAT-BOOT-PID-``, so a later
+    run can prove it stale (``remove_stale``): another boot, or a process that is gone."""
+    return f".loraexport-{what}-{boot_id()}-{os.getpid()}-"
+
+
+def _stale(name: str, target: Path | None) -> bool:
+    """``name`` is an output's temporary folder (of ``target``; None: any) or a scratch folder,
+    left by a run that is gone."""
+    if m := _STALE.match(name):
+        return (target is None or m["name"] == target.name) and not _pid_alive(int(m["pid"]))
+    if m := _SCRATCH.match(name):
+        return m["boot"] != boot_id() or not _pid_alive(int(m["pid"]))
+    return False
+
+
+def remove_stale(target: Path | None, inputs: Inputs, parent: Path | None = None) -> list[Path]:
+    """Remove ``.NAME.tmp-PID-*`` / ``.NAME.old-PID-*`` beside ``target`` whose process is gone, and
+    any run's scratch folder there (``.loraexport-*-BOOT-PID-*``) of another boot or a process
+    that is gone: a run killed with SIGKILL cannot clean up after itself. Never one that is an
+    input. ``parent`` instead of ``target``: every stale folder in it."""
     removed = []
-    parent = target.parent
+    parent = target.parent if parent is None else parent
     try:
         entries = list(os.scandir(parent))
     except OSError:
         return removed
     for e in entries:
-        m = _STALE.match(e.name)
-        if not m or m["name"] != target.name or _pid_alive(int(m["pid"])):
+        if not _stale(e.name, target):
             continue
         p = parent / e.name
         try:
