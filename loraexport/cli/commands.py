@@ -14,12 +14,21 @@ from loraexport.cli.options import (
     export_options,
     force_option,
     json_option,
+    junit_option,
     mode_option,
     pickle_option,
     serve_mode_option,
     verify_options,
 )
-from loraexport.cli.output import exporter_log, log, print_report, print_table, run_of
+from loraexport.cli.output import (
+    exporter_log,
+    junit_plan,
+    log,
+    print_report,
+    print_table,
+    run_of,
+    write_junit,
+)
 from loraexport.core.enums import Precision
 from loraexport.errors import VerificationFailedError
 
@@ -100,6 +109,7 @@ def export(ctx, model_dir, adapters, weights, out, spec, force, allow_pickle):
 @serve_mode_option
 @click.option("--no-verify", is_flag=True, help="Skip parity and latency.")
 @force_option
+@junit_option
 @verify_options
 @click.pass_context
 def merge_and_export(ctx, spec, verify_options, no_verify, force, allow_pickle, as_json, **paths):
@@ -115,12 +125,21 @@ def merge_and_export(ctx, spec, verify_options, no_verify, force, allow_pickle, 
 
     base, adapters, weights, out = paths["base"], paths["adapters"], paths["weights"], paths["out"]
     run = run_of(ctx, force, allow_pickle, verify_output=not no_verify)
+    inputs = {
+        "--base": base,
+        "--adapter": list(adapters),
+        "--out": out,
+        "--eval-data": verify_options.eval_data,
+    }
+    plan = junit_plan(paths["junit"], force, inputs)
     try:
         report = mae(base, list(adapters), out, spec, verify_options, weights=list(weights) or None, run=run)
     except VerificationFailedError as e:
+        write_junit(plan, e.report, f"loraexport merge-and-export {out}")
         exporter_log(ctx, e.report.export)
         print_report(e.report, out, as_json)
         raise
+    write_junit(plan, report, f"loraexport merge-and-export {out}")
     exporter_log(ctx, report.export)
     print_report(report, out, as_json)
 

@@ -25,6 +25,14 @@ pickle_option = click.option(
 )
 
 
+junit_option = click.option(
+    "--junit",
+    type=PATH,
+    help="Also write the checks as JUnit XML here (a failed gate is a <failure>), for CI; never into an "
+    "input.",
+)
+
+
 def json_option(what: str):
     return click.option("--json", "as_json", is_flag=True, help=what)
 

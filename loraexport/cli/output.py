@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from loraexport.spec import Run
+
+if TYPE_CHECKING:
+    from loraexport.artifact.output import OutputPlan
 
 
 def log(ctx: click.Context):
@@ -46,3 +50,22 @@ def print_table(info: dict) -> None:
     width = max(len(k) for k in info)
     for k, v in info.items():
         click.echo(f"{k:<{width}}  {v}")
+
+
+def junit_plan(path, force: bool, inputs: dict) -> OutputPlan | None:
+    """``--junit FILE`` checked as every output is, before any work (None without it)."""
+    if path is None:
+        return None
+    from loraexport.artifact.output import plan_files
+
+    return plan_files([Path(path)], force=force, inputs=inputs, label="--junit")
+
+
+def write_junit(plan: OutputPlan | None, report, name: str) -> None:
+    """The report's checks as JUnit XML (``report.junit``), written atomically."""
+    if plan is None or report is None:
+        return
+    from loraexport.artifact.output import write_files
+    from loraexport.report.junit import junit_xml
+
+    write_files(plan, {plan.targets[0]: junit_xml(report, name)})

@@ -6,8 +6,8 @@ import json
 
 import click
 
-from loraexport.cli.options import PATH, adapter_options, verify_options
-from loraexport.cli.output import log, print_report, run_of
+from loraexport.cli.options import PATH, adapter_options, junit_option, verify_options
+from loraexport.cli.output import junit_plan, log, print_report, run_of, write_junit
 from loraexport.core.enums import ExportMode
 from loraexport.errors import VerificationFailedError
 
@@ -50,9 +50,10 @@ from loraexport.errors import VerificationFailedError
         "memory bounded by a layer (default: for a streamed export, or a model that would not fit)."
     ),
 )
+@junit_option
 @verify_options
 @click.pass_context
-def verify(ctx, verify_options, check_files, force, allow_pickle, as_json, **args):
+def verify(ctx, verify_options, check_files, force, allow_pickle, as_json, junit, **args):
     """Check an exported model against base + adapter unmerged: parity and latency.
 
     Exit 4 when parity fails (the report is still written). With --check-files DIR: only
@@ -72,6 +73,13 @@ def verify(ctx, verify_options, check_files, force, allow_pickle, as_json, **arg
             raise click.UsageError(f"Missing option '{name}' (required unless --check-files).")
     from loraexport.stages.verify import verify as verify_api
 
+    inputs = {
+        "--base": base,
+        "--adapter": list(adapters),
+        "--onnx": onnx_dir,
+        "--eval-data": verify_options.eval_data,
+    }
+    plan = junit_plan(junit, force, inputs)
     try:
         report = verify_api(
             base,
@@ -85,8 +93,10 @@ def verify(ctx, verify_options, check_files, force, allow_pickle, as_json, **arg
             stream=args["stream"],
         )
     except VerificationFailedError as e:
+        write_junit(plan, e.report, f"loraexport verify {onnx_dir}")
         print_report(e.report, None, as_json)
         raise
+    write_junit(plan, report, f"loraexport verify {onnx_dir}")
     print_report(report, None, as_json)
 
 

@@ -28,7 +28,7 @@ from loraexport.stages.prove import graph_files
 from loraexport.stages.references.adapters import Adapters
 from loraexport.stages.references.in_memory import InMemory
 from loraexport.stages.references.layered import Layered
-from loraexport.stages.residency import check_session_fits, check_streamable, wants_stream
+from loraexport.stages.residency import check_session_fits, check_streamable, verifies_in_memory, wants_stream
 from loraexport.stages.sources import FromCheckpoint, from_checkpoint, model_report
 from loraexport.stages.verification import Verification
 from loraexport.verify import gates
@@ -115,7 +115,7 @@ def verify(
         report.manifest = files
         _write_and_raise(report, out_plan)
     check_mode(meta, mode, weights, onnx_path)
-    if stream is not False and (meta.get("streamed") is True or wants_stream(base, stream)):
+    if _layered(base, meta, stream):
         source = _layered_source(base, adapters, onnx_path, meta, weights, opts, run)
         report = source.report(None)
         report.notes.append("verified against the unmerged model computed layer by layer from the checkpoint")
@@ -135,6 +135,19 @@ def verify(
         verify_into(Verification(report, onnx_path, meta, opts, run.log), in_memory(loaded, merged, meta))
     report.manifest = files
     return _write_and_raise(report, out_plan)
+
+
+def _layered(base, meta: dict, stream: bool | None) -> bool:
+    """Whether the reference is computed layer by layer: ``--stream``; by default for a model that
+    would not fit in memory, and for an export written from the checkpoint unless the model is
+    small enough to verify in memory (``residency.verifies_in_memory``, as merge-and-export
+    decides; a half-stored one stays layered)."""
+    if stream is not None:
+        return stream and wants_stream(base, True)
+    if wants_stream(base, None):
+        return True
+    small = verifies_in_memory(base) and not Precision.parse(meta.get("weights_dtype", "float32")).is_half
+    return meta.get("streamed") is True and not small
 
 
 def _layered_source(
