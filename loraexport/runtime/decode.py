@@ -44,9 +44,12 @@ def prompt(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarra
     return ids, mask
 
 
-def greedy(step: Step, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int) -> np.ndarray:
+def greedy(
+    step: Step, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int, ends=()
+) -> np.ndarray:
     """Greedy decoding through ``step``: the prompt in one call, then one token per call; the new
-    ids (B, max_new_tokens)."""
+    ids (B, max_new_tokens). ``ends``: end ids; decoding stops early once every row has made one
+    (the ids are then fewer columns; ``until_end`` pads and measures them)."""
     ids, prompt_mask = prompt(input_ids, attention_mask)
     batch, length = ids.shape
     new = np.zeros((batch, max(max_new_tokens, 0)), np.int64)
@@ -56,12 +59,27 @@ def greedy(step: Step, input_ids: np.ndarray, attention_mask: np.ndarray, max_ne
     mask[:, :length] = prompt_mask
     logits = step(ids, prompt_mask, positions(prompt_mask))
     first = prompt_mask.sum(axis=1, keepdims=True)  # (B, 1): each row's next position
+    stops = np.asarray(sorted(set(ends)), np.int64)
+    done = np.zeros(batch, bool)
     for k in range(max_new_tokens):
         new[:, k] = logits.argmax(axis=-1)
+        done |= np.isin(new[:, k], stops)
+        if stops.size and done.all():
+            return new[:, : k + 1]
         if k == max_new_tokens - 1:
             break
         logits = step(new[:, k : k + 1], mask[:, : length + k + 1], first + k)
     return new
+
+
+def until_end(new: np.ndarray, ends, pad: int) -> tuple[np.ndarray, np.ndarray]:
+    """Each row of ``new`` up to and with its first end id, the rest ``pad``; and each row's
+    length (as Hugging Face's ``generate`` returns a batch that stopped)."""
+    new = new.copy()
+    hit = np.isin(new, np.asarray(sorted(set(ends)), np.int64))
+    lengths = np.where(hit.any(axis=1), hit.argmax(axis=1) + 1, new.shape[1])
+    new[np.arange(new.shape[1])[None, :] >= lengths[:, None]] = pad
+    return new, lengths.astype(np.int64)
 
 
 def teacher_forced(step: Step, input_ids: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

@@ -110,8 +110,10 @@ def generate_shared(
     max_new_tokens: int,
     cache_shape: tuple[int, int, int],
     bound: dict[str, ort.OrtValue] | None = None,
+    ends=(),
 ) -> np.ndarray:
-    """Greedy decoding through one shared buffer per layer; new ids (B, max_new_tokens).
+    """Greedy decoding through one shared buffer per layer; new ids (B, max_new_tokens), fewer
+    when every row has made one of ``ends`` (``runtime.decode.greedy``).
 
     The buffers hold MAX = prompt length + ``max_new_tokens`` positions, allocated once. The
     prompt runs in one call (no past), then one token per call. Rows keep decoding after their
@@ -122,7 +124,7 @@ def generate_shared(
     if max_new_tokens <= 0:
         return np.zeros((batch, 0), np.int64)
     cache = SharedCache(session, batch, prompt_len + max_new_tokens, cache_shape, bound)
-    return greedy(cache.step, ids, prompt_mask, max_new_tokens)
+    return greedy(cache.step, ids, prompt_mask, max_new_tokens, ends)
 
 
 def forward_stepwise(

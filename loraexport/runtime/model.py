@@ -21,11 +21,11 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from loraexport.artifact.schema import KINDS, META, check_export_meta, read_export_meta  # noqa: F401 (re-exported)
+from loraexport.artifact.schema import KINDS, META, check_export_meta, end_ids, read_export_meta  # noqa: F401 (re-exported)
 from loraexport.core.untrusted import short_repr
 from loraexport.errors import InvalidInputError, first_line
 from loraexport.runtime.adapters import Active, AdapterOptions, adapter_bytes, find_adapters
-from loraexport.runtime.decode import Growing, greedy
+from loraexport.runtime.decode import Growing, greedy, until_end
 from loraexport.runtime.files import (  # noqa: F401 (re-exported)
     MAX_ONNX_BYTES,
     RuntimeInputError,
@@ -39,6 +39,7 @@ from loraexport.runtime.fused import (  # noqa: F401 (positions, empty_past: re-
     next_past,
     positions,
 )
+from loraexport.runtime.inputs import checked_inputs, vocab_size
 
 PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
 # What onnxruntime raises for a model it cannot load (bad graph, bad protobuf, missing data...).
@@ -241,25 +242,8 @@ class OnnxModel:
         return model.get("context_length", model.get("max_len"))
 
     def _checked(self, input_ids, attention_mask, decoder_input_ids=None) -> tuple:
-        """A call's inputs as int64 arrays, after refusing (``RuntimeInputError``, before any
-        onnxruntime call) what the export cannot take: ids that are not integers, not (batch,
-        tokens), or outside the vocabulary; a mask of another shape or with values other than 0
-        and 1; more tokens than the model's context."""
-        vocab, context = self.vocab_size, self._context
-        ids = _token_ids(input_ids, "input_ids", vocab, context)
-        mask = np.asarray(attention_mask)
-        if mask.shape != ids.shape:
-            raise RuntimeInputError(
-                f"attention_mask is {mask.shape}; it must be input_ids' shape {ids.shape}"
-            )
-        if mask.dtype.kind not in "biuf" or (mask.size and not np.isin(mask, (0, 1)).all()):
-            raise RuntimeInputError("attention_mask must hold 0 and 1 only")
-        decoder = (
-            None
-            if decoder_input_ids is None
-            else _token_ids(decoder_input_ids, "decoder_input_ids", vocab, context)
-        )
-        return ids, mask.astype(np.int64), decoder
+        """A call's inputs checked against this export before any onnxruntime call (``runtime.inputs``)."""
+        return checked_inputs(self.vocab_size, self._context, input_ids, attention_mask, decoder_input_ids)
 
     def _check_length(self, input_ids: np.ndarray, max_new_tokens: int) -> None:
         """Refuse a request the model cannot hold (before a buffer for it is allocated): a
@@ -292,6 +276,25 @@ class OnnxModel:
         ``adapter``: an adapter-mode export's adapter (a name in ``adapters``, or an
         ``.onnx_adapter`` file).
         """
+        return self._generate(input_ids, attention_mask, max_new_tokens, adapter)
+
+    def generate_until_end(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        max_new_tokens: int,
+        adapter: str | Path | None = None,
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy decoding that stops each row at any of the export's end ids
+        (``model.eos_token_ids``), as Hugging Face's ``generate`` does: the new ids, each row with
+        its end token and then the pad id (the first end id where the model has none), and each
+        row's length; decoding ends once every row has. Otherwise as ``generate``."""
+        ends = end_ids(self.meta["model"])
+        new = self._generate(input_ids, attention_mask, max_new_tokens, adapter, ends)
+        pad = self.tokens.get("pad")
+        return until_end(new, ends, pad if pad is not None else (ends[0] if ends else 0))
+
+    def _generate(self, input_ids, attention_mask, max_new_tokens: int, adapter, ends=()) -> np.ndarray:
         active = self._active(adapter)
         if self.kind == "encoder":
             raise RuntimeInputError("an encoder model does not generate")
@@ -306,6 +309,7 @@ class OnnxModel:
                 max_new_tokens,
                 self.cache_shape,
                 self._bound(active),
+                ends,
             )
         B = input_ids.shape[0]
         if self.kind == "seq2seq":  # the decoder starts from <bos>, its positions its own count
@@ -315,34 +319,11 @@ class OnnxModel:
             run = lambda feeds: self._run("decoder", feeds, active)  # noqa: E731
             bos = np.full((B, 1), self.tokens.get("bos", 1), dtype=np.int64)
             decoder = Growing(run, B, self.cache_shape, fixed, causal=False)
-            return _decoding(greedy, decoder.step, bos, np.ones_like(bos), max_new_tokens)
+            return _decoding(greedy, decoder.step, bos, np.ones_like(bos), max_new_tokens, ends)
         run = lambda feeds: self._run("model", feeds, active)  # noqa: E731
-        return _decoding(greedy, Growing(run, B, self.cache_shape).step, input_ids, mask, max_new_tokens)
-
-
-def vocab_size(model: dict) -> int | None:
-    """A description's vocabulary size: ``vocab_size``, or the reference's ``vocab`` list."""
-    if isinstance(model.get("vocab_size"), int):
-        return model["vocab_size"]
-    return len(model["vocab"]) if isinstance(model.get("vocab"), list) else None
-
-
-def _token_ids(values, name: str, vocab: int | None, context: int | None) -> np.ndarray:
-    """``values`` as (batch, tokens) int64 ids, each in ``[0, vocab)``, at most ``context`` tokens."""
-    ids = np.asarray(values)
-    if ids.dtype.kind not in "iu":
-        raise RuntimeInputError(f"{name} must hold integer token ids, not {ids.dtype} values")
-    if ids.ndim != 2 or ids.shape[1] == 0:
-        raise RuntimeInputError(
-            f"{name} must be (batch, tokens) with a token or more, not of shape {ids.shape}"
+        return _decoding(
+            greedy, Growing(run, B, self.cache_shape).step, input_ids, mask, max_new_tokens, ends
         )
-    outside = (ids < 0) | (ids >= vocab) if isinstance(vocab, int) else ids < 0
-    if outside.any():
-        bad = int(ids[outside].flat[0])
-        raise RuntimeInputError(f"{name} holds id {bad}, outside the vocabulary [0, {vocab or '…'})")
-    if isinstance(context, int) and ids.shape[1] > context:
-        raise RuntimeInputError(f"{name} holds {ids.shape[1]} tokens; the model's context is {context}")
-    return ids.astype(np.int64)
 
 
 def _shared(fn, session: ort.InferenceSession, *args):

@@ -117,3 +117,41 @@ def test_onnxruntime_genai_stops_at_the_second_end_id(tmp_path):
     gen.write_text(json.dumps(config | {"eos_token_id": [2, stop]}))
     merge_and_export(tmp_path / "base", tmp_path / "adapter", tmp_path / "ends", verify_output=False)
     assert greedy(tmp_path / "ends") == free[: free.index(stop)]
+
+
+@pytest.mark.slow
+def test_the_runtime_stops_where_peft_generate_stops(tmp_path):
+    """``OnnxModel.generate_until_end`` stops each row at any end id and pads it as Hugging
+    Face's ``generate`` does: PEFT's unmerged model with the base's generation_config.json
+    (two end ids, the second one a token the model generates) gives the same ids and lengths."""
+    import numpy as np
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    from loraexport.runtime.model import OnnxModel
+
+    model = make_hf_decoder(tmp_path / "base", "llama")
+    make_peft_adapter(model, tmp_path / "adapter", "llama")
+    prompts = np.array([[5, 17, 33, 8, 61, 41, 3], [9, 12, 40, 7, 22, 19, 4]])
+    mask = np.ones_like(prompts)
+    merge_and_export(tmp_path / "base", tmp_path / "adapter", tmp_path / "free", verify_output=False)
+    free = OnnxModel(tmp_path / "free").generate(prompts, mask, 12)
+    stop = int(free[0, 3])  # the first row makes it 4th: an end id from now on
+    gen = tmp_path / "base" / "generation_config.json"
+    config = json.loads(gen.read_text()) if gen.is_file() else {}
+    gen.write_text(json.dumps(config | {"eos_token_id": [2, stop], "pad_token_id": 0}))
+    merge_and_export(tmp_path / "base", tmp_path / "adapter", tmp_path / "ends", verify_output=False)
+    got, lengths = OnnxModel(tmp_path / "ends").generate_until_end(prompts, mask, 12)
+
+    peft_model = PeftModel.from_pretrained(
+        AutoModelForCausalLM.from_pretrained(tmp_path / "base"), tmp_path / "adapter"
+    )
+    with torch.no_grad():
+        out = peft_model.generate(
+            input_ids=torch.from_numpy(prompts), attention_mask=torch.from_numpy(mask), max_new_tokens=12,
+            do_sample=False,
+        )  # fmt: skip
+    want = out[:, prompts.shape[1] :].numpy()
+    assert got.tolist() == want.tolist()
+    assert lengths[0] == free[0].tolist().index(stop) + 1
