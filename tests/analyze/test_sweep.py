@@ -63,6 +63,8 @@ def test_sweep_trains_tabulates_and_keeps_adapters(tmp_path, seq2seq_base, small
 
 def test_sweep_cli_runs_both_full_tables(tmp_path, seq2seq_base, small_data):
     out = tmp_path / "sweep"
+    held = tmp_path / "held.jsonl"  # a file of its own: --eval-data is never the --data file
+    held.write_bytes(small_data.read_bytes())
     result = ok(
         run(
             "sweep",
@@ -71,7 +73,7 @@ def test_sweep_cli_runs_both_full_tables(tmp_path, seq2seq_base, small_data):
             "--data",
             small_data,
             "--eval-data",
-            small_data,
+            held,
             "--out",
             out,
             "--steps",

@@ -44,6 +44,8 @@ def test_every_command_writes_a_true_manifest(seq2seq_base, seq2seq_adapter, seq
     data.write_text(
         "".join(json.dumps({"source": s, "target": s[::-1]}) + "\n" for s in ("123", "4567", "89"))
     )
+    held = tmp_path / "held.jsonl"  # --eval-data is never the --data file
+    held.write_bytes(data.read_bytes())
     r = run(
         "train",
         "--base",
@@ -51,7 +53,7 @@ def test_every_command_writes_a_true_manifest(seq2seq_base, seq2seq_adapter, seq
         "--data",
         data,
         "--eval-data",
-        data,
+        held,
         "--out",
         adapter,
         "--steps",

@@ -51,6 +51,7 @@ def recipes(tmp_path_factory) -> Path:
     make_peft_adapter(model, root / "ad", "llama")
     shutil.copytree(SAMPLE_BASE, root / "ref")
     (root / "eval.jsonl").write_text('{"source": "123", "target": "321"}\n')
+    (root / "held.jsonl").write_text('{"source": "123", "target": "321"}\n')  # --eval-data of its own
     return root
 
 
@@ -343,7 +344,7 @@ def test_numbers_that_cannot_work_are_usage_errors(w, command, option, value):
         refused(run(command, *base[command], *extra, option, value), 2, option)
 
 
-TRAIN = ["train", "--base", "ref", "--data", "eval.jsonl", "--eval-data", "eval.jsonl", "--out", "o"]
+TRAIN = ["train", "--base", "ref", "--data", "eval.jsonl", "--eval-data", "held.jsonl", "--out", "o"]
 
 
 @pytest.mark.slow

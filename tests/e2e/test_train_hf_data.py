@@ -207,4 +207,6 @@ def test_a_good_file_trains(bases, tmp_path, monkeypatch):
     monkeypatch.undo()
     data = tmp_path / "data.jsonl"
     data.write_bytes(_lines(*[GOOD_LABELLED, {"text": "w4", "label": 0}] * 4))
-    ok(_train(bases["bert"], data, tmp_path / "out", "--eval-data", data))
+    held = tmp_path / "held.jsonl"  # --eval-data is never the --data file
+    held.write_bytes(data.read_bytes())
+    ok(_train(bases["bert"], data, tmp_path / "out", "--eval-data", held))
