@@ -271,3 +271,48 @@ def test_the_default_writes_from_the_checkpoint_and_verifies_a_small_model_in_me
     assert [s["name"] for s in report["stages"]][-1] == "verify, the model in memory"
     ok(run("merge-and-export", "--base", base, "--adapter", adapter, "--out", tmp_path / "s", "--stream"))
     assert any("layer by layer" in n for n in _report(tmp_path / "s")["notes"])
+
+
+@pytest.mark.slow
+def test_a_run_killed_while_it_verifies_leaves_nothing_after_the_next(tmp_path):
+    """``kill -9`` of ``merge-and-export --stream`` while its verification runs the export a few
+    layers at a time leaves its scratch folder (``.loraexport-chunks-*``, hard links to the
+    weights) beside the output; the next run to the same output removes it, and nothing
+    ``.loraexport-*`` remains (issue 26)."""
+    import signal
+    import subprocess
+    import time
+
+    from clihelp import COMMAND
+
+    make_peft_adapter(
+        make_hf_decoder(tmp_path / "base", "llama", **MEMORY_MODEL), tmp_path / "adapter", "llama"
+    )
+    work = tmp_path / "work"
+    work.mkdir()
+    out = work / "out"
+    pair = ["--base", tmp_path / "base", "--adapter", tmp_path / "adapter"]
+    args = [
+        *COMMAND,
+        "--quiet",
+        "merge-and-export",
+        *pair,
+        "--out",
+        out,
+        "--stream",
+        "--no-latency",
+        "--threads",
+        "1",
+    ]
+    proc = subprocess.Popen([str(a) for a in args], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 240
+    while not list(work.glob(".loraexport-chunks-*")) and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, "the run ended before its verification made a scratch folder"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert list(work.glob(".loraexport-*")), "the killed run left nothing: the test did not test"
+    r = subprocess.run([str(a) for a in [*args, "--force"]], capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    assert not list(work.glob(".loraexport-*")) and not list(work.glob(".out.*"))
+    assert (out / "report.json").is_file()
