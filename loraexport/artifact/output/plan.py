@@ -269,10 +269,10 @@ def scratch_prefix(what: str) -> str:
 
 
 def _stale(name: str, target: Path | None) -> bool:
-    """``name`` is an output's temporary folder (of ``target``; None: any) or a scratch folder,
-    left by a run that is gone."""
+    """``name`` is a temporary folder of the output ``target`` (None: no output's) or a scratch
+    folder, left by a run that is gone."""
     if m := _STALE.match(name):
-        return (target is None or m["name"] == target.name) and not _pid_alive(int(m["pid"]))
+        return target is not None and m["name"] == target.name and not _pid_alive(int(m["pid"]))
     if m := _SCRATCH.match(name):
         return m["boot"] != boot_id() or not _pid_alive(int(m["pid"]))
     return False
