@@ -43,8 +43,8 @@ def verify_into(v: Verification, reference: Reference) -> None:
     threads, inputs); a quantized export proven weight by weight (a failed proof ends it: parity
     and quality would measure a file that is not the reference's); parity; what rounding costs;
     latency. Every finding goes into ``v.report``, judged by ``verify.gates``."""
-    reference.setup(v)
-    try:
+    try:  # setup may leave scratch behind when it fails: closed either way
+        reference.setup(v)
         proven = None
         if quantization(v.meta.get("weights_dtype")):
             proven = reference.prove(v)
