@@ -53,9 +53,15 @@ from loraexport.verify.proof import (
     compare_graph,
     compare_initializers,
 )
+from loraexport.verify.scoped import scoped_float_graph
 from loraexport.verify.tensorfile import TensorFile, tensor_array
 
 # loraexport.json's claims a reader acts on, which the export made again must repeat
+SCOPED = (
+    "the file's float graph rebuilt from its node and tensor names (torch.onnx's module scopes) with "
+    "the reference's weights, quantized again as loraexport.json says and compared tensor by tensor; "
+    "every linear module and parameter taken once; the wiring is judged by parity"
+)
 CLAIMS = ("model", "weights_dtype", "mode", "quantization", "graphs", "lora_inputs")
 NBITS = (Precision.INT8, Precision.INT4)
 
@@ -133,8 +139,10 @@ def prove_export(
             log(f"proof: quantizing the graph this run exported again, {precision.value}, to compare with …")
             proven = _prove_requantized(subject, made, onnx_dir, precision)
         else:
-            log(f"proof: exporting the reference again, {precision.value}, to compare with …")
-            proven = _prove_exported(loaded, subject, onnx_dir, meta)
+            proven = _prove_scoped(loaded, subject, onnx_dir, meta, precision)
+            if proven is None:
+                log(f"proof: exporting the reference again, {precision.value}, to compare with …")
+                proven = _prove_exported(loaded, subject, onnx_dir, meta)
     except RuntimeInputError as e:
         raise InvalidInputError(str(e)) from e
     proven.proof.seconds = time.perf_counter() - t0
@@ -166,6 +174,48 @@ def _prove_written(src, path: Path, precision: Precision) -> Proven:
         check_claims(expected, origins, fp)
     proof.files.append(fp)
     return Proven(proof, {path.name: origins})
+
+
+def _prove_scoped(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict, precision) -> Proven | None:
+    """A torch.onnx file proven without exporting the reference again (``verify.scoped``): its
+    float graph rebuilt from its node and tensor names with the reference's weights, quantized
+    again and compared. None (the proof then exports the reference) where the names do not map,
+    or the file is not what they say: the export made again decides, and says what differs."""
+    if (
+        precision not in NBITS
+        or subject.mode not in (ExportMode.MERGED, ExportMode.BASE)
+        or "optimize" in meta
+    ):
+        return None
+    specs = loaded.family.graph_specs(subject.model)
+    if [f"{s.name}.onnx" for s in specs] != graph_files(meta) or not all(
+        (onnx_dir / f"{s.name}.onnx").is_file() for s in specs
+    ):
+        return None
+    proof = Proof(SCOPED)
+    origins: dict[str, Origins] = {}
+    for spec in specs:
+        fp = FileProof(f"{spec.name}.onnx")
+        proof.files.append(fp)
+        with TensorFile(onnx_dir / fp.file) as got:
+            io = [[v.name for v in got.proto.graph.input], [v.name for v in got.proto.graph.output]]
+            made = scoped_float_graph(got.proto, spec.module, subject.model)
+            if made is None or io != [list(spec.input_names), list(spec.output_names)]:
+                return None
+            want, origins[fp.file] = quantized_proto(made[0], precision), made[1]
+            read = {t.name: t for t in want.graph.initializer}.__getitem__
+            compare_graph(want, got.proto, fp)
+            compare_initializers(want, lambda n, read=read: tensor_array(read(n)), got, fp, origins[fp.file])
+            check_claims(want, origins[fp.file], fp)
+        described = meta.get("graphs", {}).get(spec.name) if isinstance(meta.get("graphs"), dict) else None
+        if (
+            not fp.passed
+            or not isinstance(described, dict)
+            or io != [described.get("inputs"), described.get("outputs")]
+        ):
+            return None
+    _claims(proof, meta, expected_claims(loaded, subject))
+    return Proven(proof, origins, subject) if proof.passed else None
 
 
 def _prove_exported(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict) -> Proven:

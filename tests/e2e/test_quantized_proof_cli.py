@@ -168,6 +168,51 @@ def test_torch_onnx_graph_weights_of_two_layers_swapped(llama, plain_int4, tmp_p
     _wrong(_verify(llama, planted), q0, "model.layers.0.self_attn.q_proj")
 
 
+def test_a_torch_onnx_graph_is_proven_from_its_names(llama, plain_int4, tmp_path):
+    """An honest torch.onnx file: proven without exporting the reference again (``verify.scoped``),
+    every quantized weight and float tensor compared."""
+    ok(_verify(llama, plain_int4, "--report", tmp_path / "r.json"))
+    proof = json.loads((tmp_path / "r.json").read_text())["proof"]
+    assert proof["passed"] and proof["method"].startswith("the file's float graph rebuilt from its node")
+    assert proof["quantized_tensors"] == proof["modules"] > 0  # one weight per module, both ways
+
+
+def test_torch_onnx_nodes_renamed_with_their_weights(llama, plain_int4, tmp_path):
+    """Two layers' q_proj weights swapped, and the two nodes renamed to match: every node holds
+    the module its name says, so the proof from the names passes; the wiring is wrong, and parity
+    against the dequantized reference (the weights placed where the names say) fails."""
+    planted = tmp_path / "renamed"
+    shutil.copytree(plain_int4, planted)
+    model = onnx.load(str(planted / "model.onnx"), load_external_data=False)
+    q = [n for n in model.graph.node if n.op_type == "MatMulNBits" and "/self_attn/q_proj/" in n.name]
+    a, b = (n for n in q if "layers.0/" in n.name or "layers.1/" in n.name)
+    a.name, b.name = b.name, a.name
+    onnx.save(model, str(planted / "model.onnx"))
+    edit_initializers(planted / "model.onnx", lambda t: [swap(t, a.input[i], b.input[i]) for i in (1, 2)])
+    restamp(planted)
+    r = _verify(llama, planted, "--report", tmp_path / "r.json")
+    _wrong(r, "parity")
+    report = json.loads((tmp_path / "r.json").read_text())
+    assert report["proof"]["passed"] and not report["passed"]
+
+
+def test_torch_onnx_graph_embedding_scaled(llama, plain_int4, tmp_path):
+    """A float tensor the names account for, wrong: the proof from the names fails, and the
+    reference exported again names the tensor."""
+    planted = _planted(plain_int4, tmp_path, _scale(r"embed_tokens\.weight$", 1.001))
+    _wrong(_verify(llama, planted), "embed_tokens.weight")
+
+
+def test_torch_onnx_graph_with_an_unclaimed_tensor(llama, plain_int4, tmp_path):
+    out = tmp_path / "extra"
+    shutil.copytree(plain_int4, out)
+    model = onnx.load(str(out / "model.onnx"))
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(4, np.float32), "stowaway"))
+    onnx.save(model, str(out / "model.onnx"))
+    restamp(out)
+    _wrong(_verify(llama, out), "'stowaway' is unclaimed")
+
+
 def test_int8_dynamic_scale_changed(llama, dynamic, tmp_path):
     planted = _planted(
         dynamic, tmp_path, lambda a: a.update({n: a[n] * 1.01 for n in names(a, "_scale$")[:1]})
