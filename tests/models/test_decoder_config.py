@@ -15,15 +15,8 @@ transformers = pytest.importorskip("transformers")
 from loraexport.errors import ExportError  # noqa: E402
 from loraexport.models.hf.decoder_config import check_fused, decoder_config  # noqa: E402
 
-SMALL = dict(
-    hidden_size=64,
-    intermediate_size=128,
-    num_hidden_layers=2,
-    num_attention_heads=4,
-    num_key_value_heads=2,
-    max_position_embeddings=128,
-    vocab_size=100,
-)
+SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
+SMALL |= dict(num_key_value_heads=2, max_position_embeddings=128, vocab_size=100)
 CONFIGS = {
     "llama_gqa": (transformers.LlamaConfig, {"rope_theta": 500000.0}),
     "llama_biases_tied": (
