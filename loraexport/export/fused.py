@@ -47,11 +47,11 @@ from torch import nn
 
 from loraexport.core.enums import Precision
 from loraexport.errors import ExportError
-from loraexport.export.fused_config import check_config
 from loraexport.export.fused_source import ModuleSource, Source, _Linear
 from loraexport.export.graph_writer import HALF, Graph, Sink
 from loraexport.export.onnx import EXTERNAL_DATA_BYTES
 from loraexport.lora.merge import cast_checked
+from loraexport.models.hf.decoder_config import check_fused
 
 OPSETS = {"": 21, "com.microsoft": 1}
 IR_VERSION = 10  # what opset 21 needs; onnxruntime 1.32 loads it (the genai builder writes 10 too)
@@ -72,19 +72,14 @@ class _Dims:
     head_dim: int
     vocab: int
     eps: float
-    theta: float
+    inv_freq: torch.Tensor  # RoPE's (head_dim / 2,), float32
     max_positions: int
 
 
 def _dims(src: Source) -> _Dims:
     """The shapes the graph needs, or ``ExportError`` for a model it cannot express."""
-    config = src.config
-    theta = check_config(config)
-    heads, kv_heads = (
-        config.num_attention_heads,
-        getattr(config, "num_key_value_heads", None) or config.num_attention_heads,
-    )
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // heads
+    c = check_fused(src.decoder)
+    heads, kv_heads, head_dim = c.heads, c.kv, c.head_dim
     if not src.layers:
         raise ExportError("fused export: the model has no layers")
     q_out = src.linear_shape("model.layers.0.self_attn.q_proj")[0]
@@ -100,9 +95,9 @@ def _dims(src: Source) -> _Dims:
         kv_heads=kv_heads,
         head_dim=head_dim,
         vocab=src.linear_shape("lm_head")[0],
-        eps=float(config.rms_norm_eps),
-        theta=theta,
-        max_positions=int(config.max_position_embeddings),
+        eps=c.eps,
+        inv_freq=c.inv_freq(),
+        max_positions=int(c.max_positions),
     )
 
 
@@ -174,8 +169,7 @@ def _mask_inputs(g: Graph) -> tuple[str, str, str]:
 
 def _rotary_caches(g: Graph, d: _Dims) -> tuple[str, str]:
     """cos/sin (max_positions, head_dim/2) as HF computes them (float32, rotate_half halves)."""
-    inv_freq = 1.0 / (d.theta ** (torch.arange(0, d.head_dim, 2, dtype=torch.float) / d.head_dim))
-    freqs = torch.arange(d.max_positions, dtype=torch.float)[:, None] * inv_freq  # (P, D/2)
+    freqs = torch.arange(d.max_positions, dtype=torch.float)[:, None] * d.inv_freq  # (P, D/2)
     return g.weight("rotary.cos", freqs.cos().numpy()), g.weight("rotary.sin", freqs.sin().numpy())
 
 

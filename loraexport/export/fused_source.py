@@ -12,6 +12,7 @@ from torch import nn
 
 from loraexport.errors import ExportError
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
+from loraexport.models.hf.decoder_config import DecoderConfig, decoder_config
 from loraexport.models.types import FUSED_TYPES
 
 
@@ -27,7 +28,8 @@ class _Linear:
 class Source(Protocol):
     """Where the writer takes the weights from, by Hugging Face name (``model.layers.0.mlp.up_proj``)."""
 
-    config: Any  # attributes: a transformers config, or config.json as a namespace
+    config: Any  # a transformers config (its token ids)
+    decoder: DecoderConfig  # what the graph computes from that config
     layers: int
 
     def linear_shape(self, path: str) -> tuple[int, int]: ...
@@ -78,6 +80,7 @@ class ModuleSource:
                 f"fused export: {type(model).__name__} ({family!r}) is not one of {FUSED_TYPES}"
             )
         self.model, self.config, self.layers = model, config, len(model.model.layers)
+        self.decoder = decoder_config(config)
 
     def linear_shape(self, path: str) -> tuple[int, int]:
         base = _unwrap(self.model.get_submodule(path), _short(path))[0]
@@ -101,6 +104,6 @@ class ModuleSource:
     def lm_head(self) -> _Linear:
         head = self.linear("lm_head")
         embed = self.embedding()
-        if getattr(self.config, "tie_word_embeddings", False) and not torch.equal(head.weight, embed):
+        if self.decoder.tie and not torch.equal(head.weight, embed):
             raise ExportError("fused export: tie_word_embeddings is set but lm_head.weight != embed_tokens")
         return head  # tied: its weight is the embedding, stored transposed for the MatMul

@@ -22,9 +22,7 @@ from pathlib import Path
 
 import torch
 
-from loraexport.core.io import read_json
 from loraexport.errors import AdapterMismatchError, ModelFormatError
-from loraexport.export.fused_config import bias_allowed
 from loraexport.export.fused_source import _Linear
 from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import cast_checked, merge_state_dict
@@ -38,28 +36,7 @@ from loraexport.lora.stream import (
 )
 from loraexport.lora.weights import adapter_weights
 from loraexport.models import strict
-from loraexport.models.types import FUSED_TYPES
-
-CONFIG = "config.json"
-
-
-def read_config(model_dir: Path) -> dict:
-    """``config.json`` of a fused-family checkpoint, or ``ModelFormatError``."""
-    config = read_json(model_dir / CONFIG, ModelFormatError)
-    if not isinstance(config, dict):
-        raise ModelFormatError(f"{model_dir / CONFIG}: not a JSON object")
-    kind = config.get("model_type")
-    if kind not in FUSED_TYPES:
-        raise ModelFormatError(
-            f"{model_dir}: model_type {kind!r}: a streamed export writes {', '.join(FUSED_TYPES)} only"
-        )
-    for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings"):
-        value = config.get(key)
-        if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20):
-            raise ModelFormatError(f"{model_dir / CONFIG}: {key} must be a positive integer, got {value!r}")
-    if not isinstance(config.get("rms_norm_eps", 1e-6), int | float):
-        raise ModelFormatError(f"{model_dir / CONFIG}: rms_norm_eps must be a number")
-    return config
+from loraexport.models.hf.decoder_config import decoder_config, read_config
 
 
 class Checkpoint:
@@ -148,7 +125,8 @@ class CheckpointSource:
         self.checkpoint = Checkpoint(model_dir, on_read)
         read_config(self.checkpoint.dir)  # a fused family, before transformers reads it
         self.config = hf_config(self.checkpoint.dir)[1].get_text_config(decoder=True)
-        self.layers = int(self.config.num_hidden_layers)
+        self.decoder = decoder_config(self.config)
+        self.layers = int(self.decoder.layers)
         self.adapters = list(adapters or [])
         self.weights = adapter_weights(len(self.adapters), weights)
         self.merge, self.storage = merge, storage
@@ -191,13 +169,11 @@ class CheckpointSource:
 
     def expected_shapes(self) -> dict[str, tuple[int, ...]]:
         """The shape of every tensor the fused graph reads, as config.json gives them."""
-        c = self.config
-        h, heads = int(c.hidden_size), int(c.num_attention_heads)
-        kv = int(getattr(c, "num_key_value_heads", None) or heads)
-        hd = int(getattr(c, "head_dim", None) or h // heads)
-        inter, vocab = int(c.intermediate_size), int(c.vocab_size)
+        c = self.decoder
+        h, heads, kv, hd = int(c.hidden), int(c.heads), int(c.kv), int(c.head_dim)
+        inter, vocab = int(c.intermediate), int(c.vocab)
         out: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (vocab, h), "model.norm.weight": (h,)}
-        if self.checkpoint.has("lm_head.weight") or not getattr(c, "tie_word_embeddings", False):
+        if c.head_name(self.checkpoint.has("lm_head.weight")) != "model.embed_tokens.weight":
             out["lm_head.weight"] = (vocab, h)
         for i in range(self.layers):
             p = f"model.layers.{i}"
@@ -213,7 +189,7 @@ class CheckpointSource:
             sizes |= {"gate_proj": inter, "up_proj": inter, "down_proj": h}
             for n, size in sizes.items():
                 module = f"{p}.{'mlp' if n in ('gate_proj', 'up_proj', 'down_proj') else 'self_attn'}.{n}"
-                if bias_allowed(c, module):
+                if c.bias(module):
                     out[f"{module}.bias"] = (size,)
         return out
 
@@ -243,7 +219,7 @@ class CheckpointSource:
     def linear(self, path: str) -> _Linear:
         key = f"{path}.weight"
         w0 = self._tensor(key)
-        bias = self._tensor(f"{path}.bias") if bias_allowed(self.config, path) else None
+        bias = self._tensor(f"{path}.bias") if self.decoder.bias(path) else None
         touched = [a for a in self.adapters if path in a.weights or key in a.replacements]
         if self.merge and touched:
             merged, _ = merge_state_dict(
@@ -268,11 +244,12 @@ class CheckpointSource:
         return self._tensor("model.embed_tokens.weight")
 
     def _head_name(self) -> str:
-        if self.checkpoint.has("lm_head.weight"):
-            return "lm_head.weight"
-        if getattr(self.config, "tie_word_embeddings", False):
-            return "model.embed_tokens.weight"
-        raise ModelFormatError(f"{self.checkpoint.dir}: no lm_head.weight and tie_word_embeddings is not set")
+        name = self.decoder.head_name(self.checkpoint.has("lm_head.weight"))
+        if name is None:
+            raise ModelFormatError(
+                f"{self.checkpoint.dir}: no lm_head.weight and tie_word_embeddings is not set"
+            )
+        return name
 
     def lm_head(self) -> _Linear:
         if self.checkpoint.has("lm_head.weight"):

@@ -10,7 +10,7 @@ ENCODER_TYPES = ("bert", "roberta")  # encoders (models.hf.encoder)
 FUSED_TYPES = ("llama", "mistral", "qwen2")
 LAST_POSITION_TYPES = ("gpt2",)  # --optimize: the torch.onnx export, LM head on the last position
 OPTIMIZED_TYPES = FUSED_TYPES + LAST_POSITION_TYPES
-QWEN2 = "qwen2"  # q/k/v biases and sliding windows of its own (export.fused_config, verify.streamed_config)
+QWEN2 = "qwen2"  # q/k/v biases and sliding windows of its own (models.hf.decoder_config)
 # onnxruntime-genai's model type for each (export.genai)
 GENAI_TYPES = {"llama": "llama", "mistral": "mistral", "qwen2": "qwen2", "gpt2": "decoder"}
 LLAMA = "llama"  # biases only under attention_bias / mlp_bias; no sliding window

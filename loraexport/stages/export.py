@@ -22,10 +22,10 @@ from loraexport.errors import ExportError, InvalidInputError, ModelFormatError, 
 from loraexport.export import genai
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
 from loraexport.export.adapter_files import adapter_file_tensors
-from loraexport.export.fused_config import check_config
 from loraexport.export.onnx import ExportResult, check_opset
 from loraexport.lora.adapter import Adapter
 from loraexport.models.base import ModelFamily
+from loraexport.models.hf.decoder_config import check_fused_dir
 from loraexport.models.registry import detect_family
 from loraexport.models.types import FUSED_TYPES, OPTIMIZED_TYPES
 from loraexport.report.contents import Report
@@ -148,7 +148,7 @@ def check_optimize(model_dir: str | Path, optimize: bool) -> None:
         )
     if config.get("model_type") in FUSED_TYPES:
         try:
-            check_config(config)
+            check_fused_dir(model_dir)
         except ExportError as e:
             raise InvalidInputError(f"--optimize: {model_dir}/config.json: {e}") from e
 

@@ -13,9 +13,9 @@ from loraexport.core.enums import ExportMode, Precision
 from loraexport.core.io import read_json
 from loraexport.core.memory import available, peak_rss
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError
-from loraexport.export.fused_config import check_config
 from loraexport.export.quantize import NBITS_BLOCK
-from loraexport.export.streamed import Checkpoint, float32_bytes, read_config
+from loraexport.export.streamed import Checkpoint, float32_bytes
+from loraexport.models.hf.decoder_config import check_fused_dir, read_config
 from loraexport.models.types import FUSED_TYPES
 from loraexport.spec import ExportSpec
 from loraexport.verify.options import VerifyOptions
@@ -78,9 +78,7 @@ def streamable(model_dir: str | Path, spec: ExportSpec, verify: VerifyOptions | 
     if spec.mode is ExportMode.UNMERGED and any(_is_dora(a) for a in adapters):
         return False
     try:
-        from loraexport.models.hf.common import read_config as hf_config
-
-        check_config(hf_config(Path(model_dir))[1].get_text_config(decoder=True))
+        check_fused_dir(model_dir)
     except (ExportError, ModelFormatError, OSError, ValueError):
         return False
     return True
@@ -127,11 +125,9 @@ def check_streamable(
         raise InvalidInputError(
             f"a streamed verification runs on the CPU; --provider {providers[0]} is not streamed"
         )
-    from loraexport.models.hf.common import read_config as hf_config
-
     read_config(Path(model_dir))  # a fused family, before transformers reads it
     try:
-        check_config(hf_config(Path(model_dir))[1].get_text_config(decoder=True))  # as the writer reads it
+        check_fused_dir(model_dir)  # as the writer reads it
     except ExportError as e:
         raise InvalidInputError(f"--stream: {Path(model_dir) / 'config.json'}: {e}") from e
 

@@ -28,7 +28,6 @@ from loraexport.core.memory import Stage, StageRecord
 from loraexport.core.progress import Progress
 from loraexport.errors import UnsupportedAdapterError
 from loraexport.export.fused import write_fused_decoder
-from loraexport.export.fused_config import model_facts
 from loraexport.export.onnx import ExportResult
 from loraexport.export.optimize import fused_result
 from loraexport.export.streamed import CheckpointSource
@@ -36,6 +35,7 @@ from loraexport.lora.adapter import Adapter
 from loraexport.lora.merge import MergeStats
 from loraexport.lora.weights import check_dora
 from loraexport.models.base import ModelFamily
+from loraexport.models.hf.decoder_config import model_facts
 from loraexport.models.registry import detect_family
 from loraexport.report.contents import Report
 from loraexport.spec import ExportSpec, Run

@@ -45,8 +45,7 @@ def streamed_inputs(
     what they are)."""
     from loraexport.models.hf.tokenizer import encode, load_tokenizer
 
-    vocab = int(src.config.vocab_size)
-    positions = int(src.config.max_position_embeddings)
+    vocab, positions = int(src.decoder.vocab), int(src.decoder.max_positions)
     if positions < 2 * NEW_TOKENS:
         raise InvalidInputError(
             f"max_position_embeddings {positions}: a streamed verification needs {2 * NEW_TOKENS} positions"

@@ -28,9 +28,8 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
-from loraexport.export.fused_config import bias_allowed
+from loraexport.models.hf.decoder_config import decoder_config, read_config
 from loraexport.verify import streamed_ops
-from loraexport.verify.streamed_config import decoder_config
 from loraexport.verify.streamed_ops import (
     Cast,
     linear_blocks,
@@ -77,17 +76,11 @@ class StreamedDecoder:
         self.weights = weights
         self.progress = progress
         self.overrides = dict(overrides or {})
-        cfg = json.loads((self.model_dir / "config.json").read_text())
-        self._cfg = cfg
-        c = decoder_config(cfg, self.model_dir)
-        self.theta, self.hidden, self.n_heads, self.n_kv, self.head_dim = (
-            c.theta,
-            c.hidden,
-            c.heads,
-            c.kv,
-            c.head_dim,
-        )
-        self.eps, self.n_layers, self.tie, self.windows = c.eps, c.layers, c.tie, c.windows
+        c = self.config = decoder_config(read_config(self.model_dir))
+        if c.unsupported is not None:
+            raise ValueError(f"{self.model_dir}: {c.unsupported}")
+        self.n_heads, self.n_kv, self.head_dim = c.heads, c.kv, c.head_dim
+        self.eps, self.n_layers, self.windows = c.eps, c.layers, c.windows
         self._files: dict[str, Path] = {}  # tensor name -> shard
         self._meta: dict[str, tuple[list[int], int]] = {}  # tensor name -> (shape, itemsize)
         index = self.model_dir / "model.safetensors.index.json"
@@ -102,9 +95,7 @@ class StreamedDecoder:
                     sl = f.get_slice(name)
                     self._files[name] = self.model_dir / shard
                     self._meta[name] = (list(sl.get_shape()), _ITEMSIZE[sl.get_dtype()])
-        # transformers keeps a checkpoint's own lm_head even when the config ties it
-        tied = self.tie and "lm_head.weight" not in self._meta
-        self._head_name = "model.embed_tokens.weight" if tied else "lm_head.weight"
+        self._head_name = c.head_name("lm_head.weight" in self._meta) or "lm_head.weight"
         for name, t in self.overrides.items():
             if name not in self._meta or list(t.shape) != self._meta[name][0]:
                 raise ValueError(f"{self.model_dir}: override {name} fits no tensor of the checkpoint")
@@ -214,7 +205,7 @@ class StreamedDecoder:
             self.progress(self._done, self._total)
 
     def _linear(self, x: torch.Tensor, w: Weights, br: dict[str, list[Branch]], module: str) -> torch.Tensor:
-        bias = w.get(module + ".bias") if bias_allowed(self._cfg, module) else None
+        bias = w.get(module + ".bias") if self.config.bias(module) else None
         if module in self.magnitudes and module in br:  # DoRA (a LoRA stream)
             ((a, b, c),) = br[module]
             weight = w[module + ".weight"]
@@ -292,10 +283,7 @@ class StreamedDecoder:
         # Positions as transformers' generate computes them for left padding (pads get 0).
         pos = (attention_mask.long().cumsum(-1) - 1).masked_fill(attention_mask == 0, 0)[:, -t:]
         masks = self._masks(attention_mask, t)
-        inv_freq = 1.0 / (
-            self.theta ** (torch.arange(0, self.head_dim, 2, dtype=torch.float) / self.head_dim)
-        )
-        freqs = pos[..., None].float() * inv_freq  # RoPE angles in float32, then cast: as transformers
+        freqs = pos[..., None].float() * self.config.inv_freq()  # in float32, then cast: as transformers
         emb = torch.cat((freqs, freqs), dim=-1)
         rope = {d: (emb.cos().to(d), emb.sin().to(d)) for d in dtypes}
 

@@ -32,9 +32,9 @@ from loraexport.core.memory import Stage
 from loraexport.core.progress import Progress
 from loraexport.errors import InvalidInputError
 from loraexport.export.fused import write_fused_decoder
-from loraexport.export.fused_config import model_facts
 from loraexport.export.quantize import quantization_description
 from loraexport.export.streamed import CheckpointSource
+from loraexport.models.hf.decoder_config import model_facts
 from loraexport.stages.prove import Proven, float_compute_dir, prove_checkpoint
 from loraexport.stages.verification import Verification
 from loraexport.training.data import read_pairs
