@@ -62,10 +62,13 @@ def set_end_ids(base: Path, ends: list[int]) -> None:
     path.write_text(json.dumps(config | {"eos_token_id": ends}))
 
 
-def run_without_torch(code: str, *args: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_without_torch(
+    code: str, *args: str, stdin: str = "", timeout: float = 300
+) -> subprocess.CompletedProcess:
     """``code`` in a child Python where torch, transformers and peft cannot be imported."""
     return subprocess.run(
         [sys.executable, "-c", BLOCK_TORCH + code, *args],
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
