@@ -38,6 +38,17 @@ def example(tmp_path_factory):
     return tmp / "onnx", (ids, text), peft_greedy(base, adapter, CHAT, NEW_TOKENS, chat=True), base
 
 
+@pytest.mark.slow
+def test_the_runtime_imports_with_torch_and_transformers_blocked():
+    code = (
+        "import loraexport.runtime, loraexport.runtime.text, loraexport.runtime.chat\n"
+        "from loraexport.runtime import OnnxModel, Sampling, TextStream\n"
+        "print(sorted(k for k in ('torch', 'transformers') if sys.modules.get(k) is not None))\n"
+    )
+    r = run_without_torch(code)
+    assert r.returncode == 0 and r.stdout.strip() == "[]", r.stderr[-2000:]
+
+
 CHILD = """
 import json, sys
 from loraexport.runtime import OnnxModel
