@@ -1,4 +1,5 @@
-"""Decoding, written once: the greedy loop (``greedy``) and the teacher-forced loop
+"""Decoding, written once: the loop that makes new tokens (``tokens``, one at a time, each
+chosen by a picker: ``argmax`` for ``greedy``, or a sampler) and the teacher-forced loop
 (``teacher_forced``), over a cache strategy.
 
 A strategy is a ``step(ids, mask, pos) -> logits``: it runs ``ids`` (B, S) — the prompt, then one
@@ -18,7 +19,7 @@ each row at its first end token. Only numpy and the standard library (no torch).
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -44,17 +45,21 @@ def prompt(input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarra
     return ids, mask
 
 
-def greedy(
-    step: Step, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int, ends=()
-) -> np.ndarray:
-    """Greedy decoding through ``step``: the prompt in one call, then one token per call; the new
-    ids (B, max_new_tokens). ``ends``: end ids; decoding stops early once every row has made one
-    (the ids are then fewer columns; ``until_end`` pads and measures them)."""
+def argmax(logits: np.ndarray) -> np.ndarray:
+    """The greedy choice: each row's highest logit (the first of equal ones), (B, V) -> (B,)."""
+    return logits.argmax(axis=-1)
+
+
+def tokens(
+    step: Step, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int, pick=argmax, ends=()
+) -> Iterator[np.ndarray]:
+    """Decoding through ``step``: the prompt in one call, then one token per call; each new
+    column of ids (B,) as it is chosen by ``pick(logits (B, V)) -> ids (B,)``. ``ends``: end
+    ids; decoding stops once every row has made one (rows that ended go on in lockstep)."""
     ids, prompt_mask = prompt(input_ids, attention_mask)
     batch, length = ids.shape
-    new = np.zeros((batch, max(max_new_tokens, 0)), np.int64)
     if max_new_tokens <= 0:
-        return new
+        return
     mask = np.ones((batch, length + max_new_tokens), np.int64)  # generated tokens are never padding
     mask[:, :length] = prompt_mask
     logits = step(ids, prompt_mask, positions(prompt_mask))
@@ -62,14 +67,22 @@ def greedy(
     stops = np.asarray(sorted(set(ends)), np.int64)
     done = np.zeros(batch, bool)
     for k in range(max_new_tokens):
-        new[:, k] = logits.argmax(axis=-1)
-        done |= np.isin(new[:, k], stops)
-        if stops.size and done.all():
-            return new[:, : k + 1]
-        if k == max_new_tokens - 1:
-            break
-        logits = step(new[:, k : k + 1], mask[:, : length + k + 1], first + k)
-    return new
+        new = np.asarray(pick(logits), np.int64).reshape(batch, 1)  # (B, 1)
+        yield new[:, 0]
+        done |= np.isin(new[:, 0], stops)
+        if (stops.size and done.all()) or k == max_new_tokens - 1:
+            return
+        logits = step(new, mask[:, : length + k + 1], first + k)
+
+
+def greedy(
+    step: Step, input_ids: np.ndarray, attention_mask: np.ndarray, max_new_tokens: int, ends=()
+) -> np.ndarray:
+    """Greedy decoding through ``step`` (``tokens``): the new ids (B, max_new_tokens), fewer
+    columns when every row has made one of ``ends`` (``until_end`` pads and measures them)."""
+    ids, mask = prompt(input_ids, attention_mask)
+    columns = list(tokens(step, ids, mask, max_new_tokens, argmax, ends))
+    return np.stack(columns, axis=1) if columns else np.zeros((ids.shape[0], 0), np.int64)
 
 
 def until_end(new: np.ndarray, ends, pad: int) -> tuple[np.ndarray, np.ndarray]:

@@ -1,94 +1,57 @@
-"""Run an exported model with onnxruntime alone (no torch): sessions, forward, greedy decoding.
+"""Run an exported model with onnxruntime alone (no torch): forward, decoding, text.
 
 ``loraexport.json`` in the exported directory says which graphs exist and their tokens::
 
     from loraexport.runtime import OnnxModel
     model = OnnxModel("runs/demo")                 # CPU; provider="cuda" for CUDA
     ids = model.generate(input_ids, attention_mask, max_new_tokens=10)
+    text = model.generate_text("The capital of France is", 16)   # an export with tokenizer.json
 
 Everything is checked before it is used: ``loraexport.json`` is read bounded and key by key
 (``read_export_meta``), an ONNX file's size and its external data's bounds before onnxruntime
 reads or maps them (``check_external_data``).
 
-This module imports only numpy, onnxruntime, onnx (when a file is checked) and the standard
-library (through ``loraexport.core.untrusted``), so an app can ship without torch.
+This module imports only numpy, onnxruntime, onnx (when a file is checked), tokenizers (for
+text) and the standard library (through ``loraexport.core.untrusted``), so an app can ship
+without torch.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterator
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
-import onnxruntime as ort
 
 from loraexport.artifact.schema import KINDS, META, check_export_meta, end_ids, read_export_meta  # noqa: F401 (re-exported)
 from loraexport.core.untrusted import short_repr
-from loraexport.errors import InvalidInputError, first_line
+from loraexport.errors import first_line
+from loraexport.runtime import text
 from loraexport.runtime.adapters import Active, AdapterOptions, adapter_bytes, find_adapters
-from loraexport.runtime.decode import Growing, greedy, until_end
+from loraexport.runtime.chain import chain_forward
+from loraexport.runtime.decode import Growing, Step, argmax, greedy, tokens, until_end
 from loraexport.runtime.files import (  # noqa: F401 (re-exported)
     MAX_ONNX_BYTES,
     RuntimeInputError,
     check_external_data,
 )
 from loraexport.runtime.fused import (  # noqa: F401 (positions, empty_past: re-exported)
+    SharedCache,
     empty_past,
     forward_growing,
     forward_stepwise,
-    generate_shared,
-    next_past,
     positions,
 )
 from loraexport.runtime.inputs import checked_inputs, vocab_size
-
-PROVIDERS = {"cpu": "CPUExecutionProvider", "cuda": "CUDAExecutionProvider"}
-# What onnxruntime raises for a model it cannot load (bad graph, bad protobuf, missing data...).
-_ORT_LOAD_ERRORS = tuple(
-    getattr(ort.capi.onnxruntime_pybind11_state, name)
-    for name in ("Fail", "InvalidGraph", "InvalidArgument", "NoSuchFile", "InvalidProtobuf", "NotImplemented")
-    if hasattr(ort.capi.onnxruntime_pybind11_state, name)
+from loraexport.runtime.sampling import Sampling
+from loraexport.runtime.sessions import (  # noqa: F401 (PROVIDERS, session_options: re-exported)
+    ORT_ERRORS,
+    PROVIDERS,
+    open_session,
+    session_options,
+    translated,
 )
-# onnxruntime's own severities: 0 verbose … 3 error, 4 fatal. Its errors reach loraexport as
-# exceptions (one line each); logged as well, they would print a coloured copy on fd 2 first.
-_ORT_FATAL_ONLY = 4
-
-
-# ---- sessions -----------------------------------------------------------------------------------
-def session_options(threads: int | None = None, spinning: bool = False) -> ort.SessionOptions:
-    """Fixed thread counts; ``spinning``: onnxruntime's threads spin between runs, waiting for
-    the next one (its own default: an app decoding token after token gains from it). Off (the
-    default here) for a harness that runs onnxruntime and torch in turn on the same cores, where a
-    spinning thread takes the core the other side needs: verification, latency, ``make bench``.
-
-    onnxruntime logs only fatal errors: every error it has also raises, and loraexport says
-    it in one line (the log would print a second, ANSI-coloured copy on stderr first).
-    """
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or 0
-    so.inter_op_num_threads = 1
-    so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
-        so.add_session_config_entry("session.inter_op.allow_spinning", "0")
-    so.log_severity_level = _ORT_FATAL_ONLY
-    return so
-
-
-def open_session(
-    path: str | Path, provider: str = "cpu", threads: int | None = None, spinning: bool = False
-) -> ort.InferenceSession:
-    p = Path(path)
-    if provider not in PROVIDERS:
-        raise RuntimeInputError(f"unknown provider {provider!r}; choose from {', '.join(PROVIDERS)}")
-    if PROVIDERS[provider] not in ort.get_available_providers():
-        raise RuntimeInputError(f"onnxruntime has no {PROVIDERS[provider]} on this machine")
-    check_external_data(p)
-    providers = [PROVIDERS[provider]] + (["CPUExecutionProvider"] if provider != "cpu" else [])
-    try:
-        options = session_options(threads, spinning)
-        return ort.InferenceSession(str(p), sess_options=options, providers=providers)
-    except _ORT_LOAD_ERRORS as e:
-        raise RuntimeInputError(f"onnxruntime cannot load {p}: {first_line(e)}") from e
 
 
 class OnnxModel:
@@ -164,7 +127,7 @@ class OnnxModel:
             if active is not None:
                 feeds |= active.feeds(self.lora_inputs[graph])
             outs = sess.run(None, feeds)
-        except _ORT_LOAD_ERRORS as e:  # e.g. an export of another model: its inputs do not fit
+        except ORT_ERRORS as e:  # e.g. an export of another model: its inputs do not fit
             raise RuntimeInputError(
                 f"onnxruntime cannot run {graph}.onnx of {self.dir}: {first_line(e)}"
             ) from e
@@ -188,7 +151,9 @@ class OnnxModel:
             ids, mask = input_ids.astype(np.int64), attention_mask.astype(np.int64)
             if self.kv_cache == "shared-buffer":
                 bound = self._bound(active)
-                outs = _shared(forward_stepwise, self.sessions["model"], ids, mask, self.cache_shape, bound)
+                outs = translated(
+                    forward_stepwise, self.sessions["model"], ids, mask, self.cache_shape, bound
+                )
             else:
                 run = lambda feeds: self._run("model", feeds, active)  # noqa: E731
                 outs = forward_growing(run, ids, mask, self.cache_shape)
@@ -295,87 +260,106 @@ class OnnxModel:
         return until_end(new, ends, pad if pad is not None else (ends[0] if ends else 0))
 
     def _generate(self, input_ids, attention_mask, max_new_tokens: int, adapter, ends=()) -> np.ndarray:
+        step, ids, mask = self._decoder(input_ids, attention_mask, max_new_tokens, adapter)
+        return translated(greedy, step, ids, mask, max_new_tokens, ends)
+
+    def stream_ids(
+        self,
+        input_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        max_new_tokens: int,
+        adapter: str | Path | None = None,
+        pick: Callable[[np.ndarray], np.ndarray] | None = None,
+    ) -> Iterator[np.ndarray]:
+        """Each new column of ids (B,) as it is made, until every row has made one of the
+        export's end ids (``model.eos_token_ids``) or ``max_new_tokens`` are made. ``pick(logits
+        (B, V)) -> ids (B,)`` chooses each token: greedy by default, or ``Sampling(...).picker()``.
+        The inputs are checked when this is called, before the first token."""
+        step, ids, mask = self._decoder(input_ids, attention_mask, max_new_tokens, adapter)
+        return _guarded(tokens(step, ids, mask, max_new_tokens, pick or argmax, end_ids(self.meta["model"])))
+
+    def _decoder(
+        self, input_ids, attention_mask, max_new_tokens: int, adapter
+    ) -> tuple[Step, np.ndarray, np.ndarray]:
+        """The decoder's cache strategy (``runtime.decode``) and the prompt it starts from, once
+        the call is checked: the fused graph's shared buffer, or a growing cache."""
         active = self._active(adapter)
         if self.kind == "encoder":
             raise RuntimeInputError("an encoder model does not generate")
         input_ids, mask, _ = self._checked(input_ids, attention_mask)
         self._check_length(input_ids, max_new_tokens)
-        if self.kind == "causal" and self.kv_cache == "shared-buffer":
-            return _shared(
-                generate_shared,
-                self.sessions["model"],
-                input_ids,
-                mask,
-                max_new_tokens,
-                self.cache_shape,
-                self._bound(active),
-                ends,
-            )
         B = input_ids.shape[0]
+        if self.kind == "causal" and self.kv_cache == "shared-buffer":
+            total = input_ids.shape[1] + max_new_tokens
+            bound = self._bound(active)
+            cache = translated(SharedCache, self.sessions["model"], B, total, self.cache_shape, bound)
+            return cache.step, input_ids, mask
         if self.kind == "seq2seq":  # the decoder starts from <bos>, its positions its own count
             enc = self._run("encoder", {"input_ids": input_ids, "attention_mask": mask}, active)
             fixed = {"encoder_attention_mask": mask}
             fixed.update({k: v for k, v in enc.items() if k.startswith("encoder_key_values.")})
             run = lambda feeds: self._run("decoder", feeds, active)  # noqa: E731
             bos = np.full((B, 1), self.tokens.get("bos", 1), dtype=np.int64)
-            decoder = Growing(run, B, self.cache_shape, fixed, causal=False)
-            return _decoding(greedy, decoder.step, bos, np.ones_like(bos), max_new_tokens, ends)
+            return Growing(run, B, self.cache_shape, fixed, causal=False).step, bos, np.ones_like(bos)
         run = lambda feeds: self._run("model", feeds, active)  # noqa: E731
-        return _decoding(
-            greedy, Growing(run, B, self.cache_shape).step, input_ids, mask, max_new_tokens, ends
-        )
+        return Growing(run, B, self.cache_shape).step, input_ids, mask
+
+    # ---- text (``runtime.text``: the export's tokenizer.json, read with the tokenizers library) ----
+    @cached_property
+    def tokenizer(self) -> text.ExportTokenizer:
+        """The export's tokenizer, read at its first use; a ``RuntimeInputError`` where the export
+        has no ``tokenizer.json`` (the reference model: its vocabulary is its own, use ids)."""
+        return text.ExportTokenizer(self.dir, self.vocab_size)
+
+    def generate_text(
+        self,
+        prompt: str | list[dict],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        adapter: str | Path | None = None,
+        chat: bool = False,
+    ) -> str:
+        """The text generated after ``prompt``, up to any of the export's end ids (left out) or
+        ``max_new_tokens``, special tokens left out. Greedy by default; ``temperature`` > 0
+        samples, from the ``top_k`` tokens and the fewest whose probabilities sum to ``top_p``,
+        drawn from ``numpy.random.default_rng(seed)``. ``chat``: ``prompt`` (a user message, or a
+        list of ``{"role", "content"}``) goes through the export's chat template (needs jinja2).
+        Every argument is checked before any work (``RuntimeInputError`` naming it)."""
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        return text.generate(self, prompt, max_new_tokens, sampling, adapter, chat)
+
+    def stream_text(
+        self,
+        prompt: str | list[dict],
+        max_new_tokens: int,
+        *,
+        temperature: float = 0.0,
+        top_k: int | None = None,
+        top_p: float | None = None,
+        seed: int | None = None,
+        adapter: str | Path | None = None,
+        chat: bool = False,
+    ) -> Iterator[str]:
+        """``generate_text`` as pieces of text, each yielded as soon as its tokens make whole
+        characters: joined, they are ``generate_text``'s text. Arguments checked when called."""
+        sampling = Sampling(temperature, top_k, top_p, seed)
+        return text.stream(self, prompt, max_new_tokens, sampling, adapter, chat)
+
+    def embed(
+        self, texts: list[str], *, normalize: bool = True, adapter: str | Path | None = None
+    ) -> np.ndarray:
+        """An encoder's embedding of each text (N, hidden): its last hidden states averaged over
+        the text's tokens (mean pooling, as sentence-transformers' all-MiniLM-L6-v2), scaled to
+        length 1 unless ``normalize=False``."""
+        return text.embed(self, texts, normalize, adapter)
 
 
-def _shared(fn, session: ort.InferenceSession, *args):
-    """``runtime.fused``'s ``fn`` on a shared-buffer graph; what it refuses, and what onnxruntime
-    cannot run, is a ``RuntimeInputError``."""
-    return _decoding(fn, session, *args)
-
-
-def _decoding(fn, *args):
-    """``fn(*args)`` (a decoding loop, ``runtime.decode``); what it refuses, and what onnxruntime
-    cannot run, is a ``RuntimeInputError``."""
-    try:
-        return fn(*args)
-    except InvalidInputError as e:
-        raise RuntimeInputError(str(e)) from e
-    except _ORT_LOAD_ERRORS as e:
-        raise RuntimeInputError(f"onnxruntime cannot run this graph: {first_line(e)}") from e
-
-
-def chain_forward(
-    run,
-    kind: str,
-    shape: tuple[int, int, int],
-    input_ids: np.ndarray,
-    attention_mask: np.ndarray,
-    decoder_input_ids: np.ndarray | None = None,
-    dtype: type = np.float32,
-) -> dict[str, np.ndarray]:
-    """A full forward through the exported graphs, whatever runs them.
-
-    ``run(graph, feeds) -> {output: array}`` is an onnxruntime session here, or the torch
-    modules that were exported (``loraexport.verify``), so both sides chain graphs alike.
-    Each ``run`` takes from ``feeds`` only the inputs its graph declares.
-    """
-    input_ids = input_ids.astype(np.int64)
-    mask = attention_mask.astype(np.int64)
-    if kind == "encoder":
-        feeds = {"input_ids": input_ids, "attention_mask": mask, "token_type_ids": np.zeros_like(input_ids)}
-        return {f"model.{k}": v for k, v in run("model", feeds).items()}
-    past = empty_past(input_ids.shape[0], *shape, dtype)
-    if kind == "seq2seq":
-        enc = run("encoder", {"input_ids": input_ids, "attention_mask": mask})
-        cross = {k: v for k, v in enc.items() if k.startswith("encoder_key_values.")}
-        dec = run(
-            "decoder",
-            {
-                "input_ids": decoder_input_ids.astype(np.int64),
-                "encoder_attention_mask": mask,
-                **past,
-                **cross,
-            },
-        )
-        return {**{f"encoder.{k}": v for k, v in enc.items()}, **{f"decoder.{k}": v for k, v in dec.items()}}
-    feeds = {"input_ids": input_ids, "attention_mask": mask, "position_ids": positions(mask), **past}
-    return {f"model.{k}": v for k, v in run("model", feeds).items()}
+def _guarded(columns: Iterator[np.ndarray]) -> Iterator[np.ndarray]:
+    """``columns`` (a decoding loop), with what it refuses and what onnxruntime cannot run said
+    as a ``RuntimeInputError`` (``sessions.translated``)."""
+    while (column := translated(next, columns, None)) is not None:
+        yield column

@@ -20,7 +20,8 @@ from loraexport.core.progress import Progress
 from loraexport.core.threads import cores
 from loraexport.errors import InvalidInputError, first_line
 from loraexport.export.streamed import CheckpointSource
-from loraexport.runtime.model import _ORT_LOAD_ERRORS, OnnxModel, RuntimeInputError
+from loraexport.runtime.model import OnnxModel, RuntimeInputError
+from loraexport.runtime.sessions import ORT_ERRORS
 from loraexport.training.data import read_pairs
 from loraexport.verify.chunked import ChunkedDecoder, is_fused
 from loraexport.verify.options import VerifyOptions
@@ -111,7 +112,7 @@ def onnx_outputs(
             del model
     except RuntimeInputError as e:
         raise InvalidInputError(str(e)) from e
-    except _ORT_LOAD_ERRORS as e:  # a graph that does not run on these inputs: not this model's export
+    except ORT_ERRORS as e:  # a graph that does not run on these inputs: not this model's export
         raise InvalidInputError(f"onnxruntime cannot run {directory}: {first_line(e)}") from e
     gc.collect()
     return logits.astype(np.float64), tokens

@@ -167,3 +167,40 @@ def test_smollm2_trained_by_loraexport_loads_in_peft_and_exports(tmp_path):
     g = report["parity"]["generation"]
     assert report["passed"] and g["task_rows"] == 20
     assert g["task_exact_onnx"] == g["task_exact_reference"]
+
+
+CHAT_PROMPT = "What is the capital of France?"
+
+
+def test_smollm2_generate_text_without_torch_is_peft_greedy_text(tmp_path):
+    """issue 26: the default export of SmolLM2 with its adapter, run by ``loraexport.runtime`` in
+    a process where torch and transformers cannot be imported: ``generate_text`` (a plain prompt,
+    and a chat prompt through SmolLM2's own template) is the text of PEFT's greedy tokens up to
+    its end id, and the streamed pieces join into it."""
+    from app_example import peft_greedy, run_without_torch
+
+    base, adapter, out = (REAL / "smollm2").resolve(), (REAL / "smollm2-adapter").resolve(), tmp_path / "out"
+    exe = Path(sys.executable).with_name("loraexport")
+    proc = subprocess.run(
+        [str(exe), "export", "--model", str(base), "--adapter", str(adapter), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    _, want = peft_greedy(base, adapter, "The capital of France is", 32)
+    _, want_chat = peft_greedy(base, adapter, CHAT_PROMPT, 32, chat=True)
+    code = (
+        "import json\nfrom loraexport.runtime import OnnxModel\n"
+        "m = OnnxModel(sys.argv[1])\n"
+        "print(json.dumps([m.generate_text('The capital of France is', 32),"
+        " list(m.stream_text('The capital of France is', 32)),"
+        f" m.generate_text({CHAT_PROMPT!r}, 32, chat=True)]))\n"
+    )
+    r = run_without_torch(code, str(out))
+    assert r.returncode == 0, r.stderr[-3000:]
+    text, pieces, chat = json.loads(r.stdout)
+    print(repr(text), repr(chat))
+    assert text == want and len(text) >= 20
+    assert "".join(pieces) == text
+    assert chat == want_chat and len(chat) >= 5
