@@ -54,19 +54,27 @@ def test_an_honest_quantized_export_passes(family, variant, tmp_path):
         assert verified["proof"]["modules"] == 2 * 7 + 1
 
 
-@pytest.mark.parametrize("variant", ["int4", "int8-dynamic"])
-@pytest.mark.parametrize("name", ["llama", "gpt2"])  # Linear and Conv1D layers
+@pytest.mark.parametrize(
+    "name, variant",
+    [
+        ("llama", "int4"),
+        ("llama", "int8-dynamic"),
+        ("qwen2", "int8"),
+        ("gpt2", "int4"),
+        ("gpt2", "int8-dynamic"),
+    ],
+)  # Linear and Conv1D layers; Qwen2's biases and tied LM head
 def test_the_torch_onnx_graph_is_proven_too(name, variant, tmp_path):
-    """Without --optimize, tensors carry the exporter's names: modules are found by value."""
+    """--no-stream: tensors carry the exporter's names. int8/int4 are proven from the file's
+    node and tensor names (``verify.scoped``); int8-dynamic by exporting the reference again."""
     base, adapter = save_base_and_adapter(name, tmp_path / "in")
     out = tmp_path / "out"
-    ok(
-        run(
-            "merge-and-export", "--base", base, "--adapter", adapter, "--out", out, *VARIANTS[variant], *QUICK
-        )
-    )
+    ok(run("merge-and-export", "--base", base, "--adapter", adapter, "--out", out, "--no-stream",
+           *VARIANTS[variant], *QUICK))  # fmt: skip
     r = ok(run("verify", "--base", base, "--adapter", adapter, "--onnx", out, *QUICK, "--json"))
-    _checked(out, json.loads(r.stdout))
+    method = _checked(out, json.loads(r.stdout))["proof"]["method"]
+    scoped = method.startswith("the file's float graph rebuilt from its node")
+    assert scoped is (variant != "int8-dynamic"), method
 
 
 def test_an_encoder_and_the_encoder_decoder(seq2seq_base, seq2seq_adapter, tmp_path):
