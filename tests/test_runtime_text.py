@@ -156,6 +156,11 @@ def test_each_argument_error_is_refused_before_onnxruntime_runs(example, case, c
     assert "\n" not in str(e.value)
 
 
+def test_stream_text_names_an_argument_it_does_not_take(example):
+    with pytest.raises(RuntimeInputError, match="no argument .temprature.; it takes temperature"):
+        OnnxModel(example[0]).stream_text(PROMPT, 4, temprature=0.5)
+
+
 def test_an_export_without_tokenizer_json_says_so(example, tmp_path, causal_onnx):
     onnx = shutil.copytree(example[0], tmp_path / "onnx")
     (onnx / "tokenizer.json").unlink()

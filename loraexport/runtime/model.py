@@ -53,6 +53,9 @@ from loraexport.runtime.sessions import (  # noqa: F401 (PROVIDERS, session_opti
     translated,
 )
 
+# generate_text's keyword arguments and their defaults (stream_text takes the same)
+TEXT_OPTIONS = dict(temperature=0.0, top_k=None, top_p=None, seed=None, adapter=None, chat=False)
+
 
 class OnnxModel:
     """An exported loraexport directory: ``model.onnx``, or ``encoder.onnx`` + ``decoder.onnx``.
@@ -332,22 +335,19 @@ class OnnxModel:
         sampling = Sampling(temperature, top_k, top_p, seed)
         return text.generate(self, prompt, max_new_tokens, sampling, adapter, chat)
 
-    def stream_text(
-        self,
-        prompt: str | list[dict],
-        max_new_tokens: int,
-        *,
-        temperature: float = 0.0,
-        top_k: int | None = None,
-        top_p: float | None = None,
-        seed: int | None = None,
-        adapter: str | Path | None = None,
-        chat: bool = False,
-    ) -> Iterator[str]:
+    def stream_text(self, prompt: str | list[dict], max_new_tokens: int, **options) -> Iterator[str]:
         """``generate_text`` as pieces of text, each yielded as soon as its tokens make whole
-        characters: joined, they are ``generate_text``'s text. Arguments checked when called."""
-        sampling = Sampling(temperature, top_k, top_p, seed)
-        return text.stream(self, prompt, max_new_tokens, sampling, adapter, chat)
+        characters: joined, they are ``generate_text``'s text. ``options``: ``generate_text``'s
+        keyword arguments (``temperature``, ``top_k``, ``top_p``, ``seed``, ``adapter``,
+        ``chat``). Arguments checked when called."""
+        unknown = sorted(set(options) - set(TEXT_OPTIONS))
+        if unknown:
+            raise RuntimeInputError(
+                f"stream_text: no argument {unknown[0]!r}; it takes {', '.join(TEXT_OPTIONS)}"
+            )
+        given = TEXT_OPTIONS | options
+        sampling = Sampling(*(given[k] for k in ("temperature", "top_k", "top_p", "seed")))
+        return text.stream(self, prompt, max_new_tokens, sampling, given["adapter"], given["chat"])
 
     def embed(
         self, texts: list[str], *, normalize: bool = True, adapter: str | Path | None = None
