@@ -3,7 +3,10 @@
 A fenced block's info string says what it is: ``sh`` (run with bash, every command checked),
 ``python`` (run with the virtual environment's python) or ``text`` (an illustration: not run).
 A line ``<!-- slow -->`` just before the fence marks a block that runs only under
-``make test-docs`` (real models, the benchmarks, ``make demo``, the test suite itself).
+``make test-docs`` (real models, the benchmarks, ``make demo``, the test suite itself). A line
+``<!-- make TARGET -->`` just before the fence marks a block that needs an environment of its
+own, which that target makes and runs it in (docs/runtime.md's Optimum block: ``make
+test-optimum``); the other runs of blocks leave it out.
 
 Blocks run in reading order: README.md first, then the docs/*.md files in the order README.md
 links them, each file's blocks top to bottom, all in one copy of the repository (the files git
@@ -26,6 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 RUNNABLE = {"sh", "python"}
 KINDS = RUNNABLE | {"text"}
 SLOW = "<!-- slow -->"
+OWN_TARGET = re.compile(r"^<!-- (make [\w-]+) -->$")
 FENCE = re.compile(r"^(`{3,})(.*)$")
 DOC_LINK = re.compile(r"\]\((docs/[\w.-]+\.md)(?:#[\w-]*)?\)")
 STAMP = ".installed"  # the Makefile's: .venv/.installed
@@ -39,6 +43,7 @@ class Block:
     kind: str
     slow: bool
     text: str
+    target: str | None = None  # the make target that alone runs it, in its own environment
 
     @property
     def where(self) -> str:
@@ -60,8 +65,10 @@ def blocks_of(path: Path) -> list[Block]:
         end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == fence), None)
         if end is None:
             raise ValueError(f"{rel}:{i + 1}: a code fence that is never closed")
-        slow = i > 0 and lines[i - 1].strip() == SLOW
-        out.append(Block(rel, i + 1, info, slow, "\n".join(lines[i + 1 : end]) + "\n"))
+        before = lines[i - 1].strip() if i > 0 else ""
+        target = OWN_TARGET.match(before)
+        text = "\n".join(lines[i + 1 : end]) + "\n"
+        out.append(Block(rel, i + 1, info, before == SLOW, text, target and target.group(1)))
         i = end + 1
     return out
 
