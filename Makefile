@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train test-docs bench bench-pipeline bench-merge bench-large bench-bounded bench-7b gpu-check clean
+.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train test-docs test-optimum bench bench-pipeline bench-merge bench-large bench-bounded bench-7b gpu-check clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -70,13 +70,32 @@ test: $(STAMP)
 
 # The inner loop: everything but the tests marked slow (exports, subprocesses, training).
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -m "not slow and not real"
+	$(BIN)/python -m pytest -m "not slow and not real and not optimum"
 
 # Every command block of README.md and docs/*.md, in order, in a fresh copy of the repository,
 # the <!-- slow --> ones included (make demo, the real models, the benchmarks: hours, ~35 GB of
 # disk, ~20 GB of memory); `make test` runs the fast ones (tests/test_doc_blocks.py, docs/ci.md).
 test-docs: $(STAMP)
 	LORAEXPORT_DOC_BLOCKS_SLOW=1 $(BIN)/python -m pytest -m docs -p no:cacheprovider -s tests/test_doc_blocks.py
+
+# docs/runtime.md's Optimum block, in an environment of its own: optimum-onnx 0.1.0 (its only
+# release) needs transformers 4.x, and .venv has transformers 5. torch first, from this machine's
+# disk, then pinned again so that nothing pulls another; the test itself runs in .venv (the
+# example, PEFT's greedy text) and runs the block with $(OPTIMUM_VENV)/bin/python.
+OPTIMUM_VENV  := .venv-optimum
+OPTIMUM_STAMP := $(OPTIMUM_VENV)/.installed
+OPTIMUM       := optimum-onnx==0.1.0 transformers==4.57.1 onnxruntime
+$(OPTIMUM_STAMP): Makefile
+	@echo "installing into $(OPTIMUM_VENV) (log: $(OPTIMUM_VENV)/install.log) …"
+	@test -x $(OPTIMUM_VENV)/bin/python || $(PYTHON) -m venv $(OPTIMUM_VENV)
+	@( $(OPTIMUM_VENV)/bin/python -m pip install $(TORCH) && \
+	   $(OPTIMUM_VENV)/bin/python -m pip install $(TORCH) $(OPTIMUM) ) > $(OPTIMUM_VENV)/install.log 2>&1 \
+	   || { tail -30 $(OPTIMUM_VENV)/install.log; exit 1; }
+	@touch $(OPTIMUM_STAMP)
+
+test-optimum: $(STAMP) $(OPTIMUM_STAMP)
+	LORAEXPORT_OPTIMUM_PYTHON=$(OPTIMUM_VENV)/bin/python $(BIN)/python -m pytest -m optimum \
+		-p no:cacheprovider tests/test_runtime_docs.py
 
 # Mutation fuzzing of the safetensors, index and adapter_config.json parsers, Adapter.load, and
 # model config.json (reference and Hugging Face) and tokenizer_config.json through loading:
