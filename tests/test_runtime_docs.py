@@ -5,15 +5,18 @@ a runnable snippet that a test executes"). ``make test-docs`` runs them too, in 
 
 Optimum's block needs transformers 4.x (optimum-onnx 0.1.0), which ``.venv`` does not have:
 ``make test-optimum`` makes ``.venv-optimum`` and runs the test marked ``optimum``, which runs
-that block with its python (``LORAEXPORT_OPTIMUM_PYTHON``); ``make test`` deselects it."""
+that block with its python (``LORAEXPORT_OPTIMUM_PYTHON``), and the encoder test beside it
+(``ORTModelForFeatureExtraction``); ``make test`` deselects both."""
 
 from __future__ import annotations
 
 import json
 import os
+import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from app_example import PROMPT, peft_greedy
 from doc_blocks import NESTED, REPO, Block, blocks_of, environment, run_block, tracked_files
@@ -97,3 +100,56 @@ def test_optimum_block_prints_peft_s_greedy_text(tmp_path):
     example = root / "runs" / "example"
     _, want = peft_greedy(example / "base", example / "adapter-a", PROMPT, NEW_TOKENS)
     assert printed == [want]
+
+
+# Mean-pooled last hidden states of a width-32 encoder, float32 onnxruntime against float32 torch:
+# a few roundings in sums of 32 products (test_runtime_text.py's embeddings measured 1e-7).
+POOLED_ATOL = 1e-5
+IDS = [[1, 5, 17, 42, 9, 2], [1, 33, 2, 0, 0, 0]]  # two rows, the second padded
+MASK = [[1, 1, 1, 1, 1, 1], [1, 1, 1, 0, 0, 0]]
+POOL_WITH_OPTIMUM = """
+import json, sys
+import torch
+from optimum.onnxruntime import ORTModelForFeatureExtraction
+
+model = ORTModelForFeatureExtraction.from_pretrained(sys.argv[1])
+ids, mask = (torch.tensor(json.loads(a)) for a in sys.argv[2:])
+hidden = model(input_ids=ids, attention_mask=mask).last_hidden_state  # (N, T, H)
+m = mask[:, :, None].float()
+print(json.dumps(((hidden * m).sum(1) / m.sum(1)).tolist()))  # (N, H)
+"""
+
+
+def _pooled(model) -> np.ndarray:
+    import torch
+
+    mask = torch.tensor(MASK)
+    with torch.no_grad():
+        hidden = model(input_ids=torch.tensor(IDS), attention_mask=mask).last_hidden_state  # (N, T, H)
+    m = mask[:, :, None].float()
+    return ((hidden * m).sum(1) / m.sum(1)).numpy()  # (N, H)
+
+
+@pytest.mark.optimum
+def test_optimum_feature_extraction_is_the_mean_pooled_peft_encoder(tmp_path):
+    """A tiny BERT with a PEFT adapter on query and value, exported merged, read by Optimum's
+    ``ORTModelForFeatureExtraction``: its mean-pooled hidden states are PEFT's, not the base's."""
+    from hf_tiny import save_base_and_adapter
+    from peft import PeftModel
+    from transformers import AutoModel
+
+    from loraexport.stages.export import export
+
+    python = _optimum_python()
+    base, adapter = save_base_and_adapter("bert", tmp_path)
+    export(base, tmp_path / "onnx", adapter=adapter)
+    args = [str(tmp_path / "onnx"), json.dumps(IDS), json.dumps(MASK)]
+    ran = subprocess.run(
+        [python, "-c", POOL_WITH_OPTIMUM, *args], capture_output=True, text=True, timeout=BLOCK_TIMEOUT
+    )
+    assert ran.returncode == 0, ran.stderr[-3000:]
+    got = np.array(json.loads(ran.stdout), np.float32)
+    want = _pooled(PeftModel.from_pretrained(AutoModel.from_pretrained(base), adapter).eval())
+    assert got.shape == want.shape == (len(IDS), 32)
+    np.testing.assert_allclose(got, want, atol=POOLED_ATOL)
+    assert np.abs(got - _pooled(AutoModel.from_pretrained(base).eval())).max() > 100 * POOLED_ATOL
