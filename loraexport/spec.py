@@ -17,7 +17,14 @@ from dataclasses import dataclass, fields, replace
 from enum import Enum
 from typing import Any
 
-from loraexport.core.enums import MAX_LORA_RANK, ExportMode, Precision, half_precision, quantization
+from loraexport.core.enums import (
+    MAX_LORA_RANK,
+    NBITS_BLOCKS,
+    ExportMode,
+    Precision,
+    half_precision,
+    quantization,
+)
 from loraexport.errors import InvalidInputError
 
 # = export.onnx.DEFAULT_OPSET (not imported: that loads torch); tests/test_spec.py holds them equal
@@ -52,6 +59,7 @@ class ExportSpec:
     exporter: str | None = None  # None: the family's
     max_rank: int | None = None  # adapter mode: the graph's rank (default: the adapters' largest)
     keep_adapter: bool = False  # asked as --keep-adapter (then ``mode`` is unmerged or adapter)
+    block_size: int | None = None  # --block-size: int8/int4's weights per scale (None: the default)
 
     @classmethod
     def from_options(
@@ -66,6 +74,7 @@ class ExportSpec:
         opset: int = DEFAULT_OPSET,
         exporter: str | None = None,
         max_rank: int | None = None,
+        block_size: int | None = None,
     ) -> ExportSpec:
         """The spec the options of ``export``/``merge-and-export`` ask for, checked (one line,
         ``InvalidInputError``) by ``COMBINATIONS``; what needs the adapters is ``check``'s."""
@@ -76,6 +85,9 @@ class ExportSpec:
         quant = quantization(quantize) if quantize is not None else None
         if quantize is not None and quant is None:
             raise InvalidInputError(f"--quantize must be one of {', '.join(Precision.choices('quantized'))}")
+        if block_size is not None and (type(block_size) is not int or block_size not in NBITS_BLOCKS):
+            sizes = ", ".join(map(str, NBITS_BLOCKS))
+            raise InvalidInputError(f"--block-size must be one of {sizes}, got {block_size!r}")
         spec = cls(
             mode=asked,
             precision=half or quant or Precision.FLOAT32,
@@ -85,6 +97,7 @@ class ExportSpec:
             exporter=exporter,
             max_rank=max_rank,
             keep_adapter=bool(keep_adapter),
+            block_size=block_size,
         )
         both = bool(half and quant)
         for rule in COMBINATIONS:
@@ -128,7 +141,7 @@ class ExportSpec:
     @classmethod
     def of_graph(
         cls, precision: Precision | str | None = None, *, optimize: bool = False, exporter: str | None = None,
-        opset: int | None = None,
+        opset: int | None = None, block_size: int | None = None,
     ) -> ExportSpec:  # fmt: skip
         """The spec of a graph export alone (verify's comparison graphs, the proof's replay)."""
         return cls(
@@ -136,6 +149,7 @@ class ExportSpec:
             graph=Graph.OPTIMIZED if optimize else Graph.PLAIN,
             opset=opset or DEFAULT_OPSET,
             exporter=exporter,
+            block_size=block_size,
         )
 
     def check_streamed(self) -> None:
@@ -190,6 +204,11 @@ COMBINATIONS: tuple[Rule, ...] = (
         "precision",
     ),
     Rule(
+        lambda s, both: s.block_size is not None and s.precision not in (Precision.INT8, Precision.INT4),
+        "--block-size sets MatMulNBits' blocks: give --quantize int8 or int4",
+        "precision",
+    ),
+    Rule(
         lambda s, both: s.keep_adapter and not s.precision.is_quantized,
         "--keep-adapter keeps the adapter beside a quantized base: give --quantize",
         "mode × precision",
@@ -215,7 +234,8 @@ def refusals_table() -> str:
 
 
 SPEC_FIELDS = (
-    "mode", "dtype", "quantize", "keep_adapter", "optimize", "stream", "opset", "exporter", "max_rank"
+    "mode", "dtype", "quantize", "keep_adapter", "optimize", "stream", "opset", "exporter", "max_rank",
+    "block_size",
 )  # fmt: skip
 
 

@@ -33,6 +33,11 @@ def test_the_default_opset_is_the_exporters():
     assert DEFAULT_OPSET == EXPORT_DEFAULT
 
 
+def test_a_block_size_is_part_of_the_spec():
+    spec = ExportSpec.from_options(quantize="int4", block_size=64)
+    assert spec.block_size == 64 and ExportSpec.from_options(quantize="int8").block_size is None
+
+
 def test_options_become_one_spec():
     spec = ExportSpec.from_options(quantize="int4", keep_adapter=True, optimize=True, stream=False)
     assert spec.mode is ExportMode.UNMERGED and spec.keep_adapter  # --keep-adapter is the unmerged mode
@@ -52,6 +57,12 @@ def test_options_become_one_spec():
         ({"quantize": "int8-dynamic", "stream": True}, "--quantize int8-dynamic is not streamed"),
         ({"mode": "base"}, "--mode must be one of"),
         ({"quantize": "int3"}, "unknown dtype"),
+        ({"block_size": 32}, "--block-size sets MatMulNBits' blocks: give --quantize int8 or int4"),
+        ({"block_size": 32, "quantize": "int8-dynamic"}, "--block-size sets MatMulNBits' blocks"),
+        ({"block_size": 32, "dtype": "float16"}, "--block-size sets MatMulNBits' blocks"),
+        ({"block_size": 24, "quantize": "int4"}, "--block-size must be one of 16, 32, 64, 128, got 24"),
+        ({"block_size": 32.0, "quantize": "int4"}, "--block-size must be one of 16, 32, 64, 128, got 32.0"),
+        ({"block_size": True, "quantize": "int4"}, "--block-size must be one of"),
     ],
 )
 def test_each_refused_combination_is_one_line(options, message):
@@ -63,11 +74,12 @@ def test_each_refused_combination_is_one_line(options, message):
 def test_every_rule_of_the_table_refuses_something_and_passes_something():
     """A rule that can never fire, or always fires, is no rule: each is seen both ways."""
     specs = [
-        ExportSpec(mode=m, precision=p, residency=r, keep_adapter=k)
+        ExportSpec(mode=m, precision=p, residency=r, keep_adapter=k, block_size=b)
         for m in (ExportMode.MERGED, ExportMode.UNMERGED, ExportMode.ADAPTER)
         for p in Precision
         for r in (None, Residency.MEMORY, Residency.STREAM)
         for k in (False, True)
+        for b in (None, 32)
     ]
     for rule in COMBINATIONS:
         fired = [rule.refuses(s, both) for s in specs for both in (False, True)]

@@ -12,7 +12,7 @@ from pathlib import Path
 import click
 
 from loraexport.cli.types import MAX_OPSET, MAX_OPSET_TORCHSCRIPT, MIN_OPSET, Number, PositiveInt
-from loraexport.core.enums import MAX_LORA_RANK, ExportMode, Precision
+from loraexport.core.enums import MAX_LORA_RANK, NBITS_BLOCKS, ExportMode, Precision
 from loraexport.spec import SPEC_FIELDS, ExportSpec
 from loraexport.verify.options import VerifyOptions
 
@@ -61,8 +61,8 @@ def adapter_options(required: bool = True):
 
 
 def export_options(f):
-    """--opset, --exporter, --dtype, --quantize, --keep-adapter, --optimize, --stream and --max-rank
-    (and the command's --mode), shared by export and merge-and-export: given to the command as one
+    """--opset, --exporter, --dtype, --quantize, --block-size, --keep-adapter, --optimize, --stream and
+    --max-rank (and the command's --mode), shared by export and merge-and-export: given to the command as one
     ``ExportSpec`` (keyword ``spec``), checked by its table before any work."""
 
     inner = f
@@ -70,6 +70,8 @@ def export_options(f):
     @functools.wraps(inner)
     def command(*args, **kwargs):
         asked = {name: kwargs.pop(name) for name in SPEC_FIELDS if name in kwargs}
+        if asked.get("block_size") is not None:  # a choice of click's, as text
+            asked["block_size"] = int(asked["block_size"])
         return inner(*args, spec=ExportSpec.from_options(**asked), **kwargs)
 
     f = click.option(
@@ -99,6 +101,14 @@ def export_options(f):
         "--keep-adapter",
         is_flag=True,
         help="With --quantize: quantize the base only and keep the LoRA branches in float32 beside it.",
+    )(f)
+    f = click.option(
+        "--block-size",
+        type=click.Choice([str(b) for b in NBITS_BLOCKS]),
+        help=(
+            "With --quantize int8 or int4: weights per scale (default 16). Larger blocks decode faster "
+            "and keep less of the weights' detail (docs/quantization.md)."
+        ),
     )(f)
     f = click.option(
         "--quantize",

@@ -99,3 +99,5 @@ def half_precision(value: str | Precision | None) -> Precision | None:
 # The largest LoRA rank ``--mode adapter`` builds a graph for (``--max-rank``): past this it is
 # no low-rank adapter, and the zero defaults alone would be as large as the weights they adapt.
 MAX_LORA_RANK = 4096
+# --block-size: the int8/int4 block sizes a user may choose (MatMulNBits: powers of two from 16)
+NBITS_BLOCKS = (16, 32, 64, 128)

@@ -286,8 +286,10 @@ def write_fused_decoder(
     streamed: bool = False,
     on_bytes: Callable[[int], None] | None = None,
     origins: dict | None = None,
+    block: int | None = None,
 ) -> dict:
-    """Write the fused decoder graph of ``src`` at ``path`` (``origins``: see ``build_fused_graph``).
+    """Write the fused decoder graph of ``src`` at ``path`` (``origins``: see ``build_fused_graph``;
+    ``block``: int8/int4's block size, default ``export.quantize.NBITS_BLOCK``).
 
     ``precision``: the projections' storage (float32; float16/bfloat16 behind a Cast; int8/int4 as
     MatMulNBits, quantized here one weight at a time). ``streamed``: every initializer goes to
@@ -301,7 +303,7 @@ def write_fused_decoder(
     path = Path(path)
     sink = Sink(path.with_name(path.name + ".data")) if streamed else None
     try:
-        proto, g, info = build_fused_graph(src, precision, sink, on_bytes, origins)
+        proto, g, info = build_fused_graph(src, precision, sink, on_bytes, origins, block)
     finally:
         if sink is not None:
             sink.close()
@@ -319,13 +321,14 @@ def build_fused_graph(
     sink: Sink | None = None,
     on_bytes: Callable[[int], None] | None = None,
     origins: dict | None = None,
+    block: int | None = None,
 ) -> tuple[onnx.ModelProto, Graph, dict]:
     """The fused decoder graph of ``src`` as a model (its initializers handed to ``sink`` as they
     are made, when given: a file's, or verify's comparison with a file), the ``Graph`` that made it
     (``origins``: which modules each projection holds, into ``origins`` when given) and
     ``write_fused_decoder``'s description."""
     d = _dims(src)
-    g = Graph(precision, sink, on_bytes)
+    g = Graph(precision, sink, on_bytes, block)
     if origins is not None:
         g.origins = origins
     embed = src.embedding()

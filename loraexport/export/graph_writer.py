@@ -15,7 +15,7 @@ from onnx import TensorProto, helper
 from loraexport.core.enums import Precision
 from loraexport.errors import ExportError
 from loraexport.export.qformat import nbits_quantize
-from loraexport.export.quantize import NBITS_ACCURACY_LEVEL, NBITS_BLOCK
+from loraexport.export.quantize import NBITS_ACCURACY_LEVEL, nbits_block
 from loraexport.lora.merge import cast_checked
 
 MS = "com.microsoft"
@@ -80,6 +80,7 @@ class Graph:
         precision: Precision = Precision.FLOAT32,
         sink: Sink | None = None,
         on_bytes: Callable[[int], None] | None = None,
+        block: int | None = None,
     ) -> None:
         self.nodes: list[onnx.NodeProto] = []
         self.initializers: dict[str, onnx.TensorProto] = {}
@@ -87,6 +88,7 @@ class Graph:
         self.branches = 0  # LoRA branches written
         self.packed = {"qkv": 0, "mlp": 0}  # layers whose group is one packed MatMul
         self.precision, self.sink, self.on_bytes = precision, sink, on_bytes
+        self.block = nbits_block(precision, block) if precision in BITS else None  # int8/int4
         self.quantized = {4: 0, 8: 0}  # MatMulNBits written, by bits
         # each projection's weight (``<name>.weight.T``, whatever it is stored as): the modules it
         # holds, as (Hugging Face path, output rows) in the order they are packed along N
@@ -144,12 +146,12 @@ class Graph:
         one weight at a time: symmetric, no zero points (``export.qformat``)."""
         wt = weight.T.to(torch.float32).numpy()  # (K, N)
         k, n = wt.shape
-        packed, scales = nbits_quantize(wt, bits, NBITS_BLOCK[self.precision])
+        packed, scales = nbits_quantize(wt, bits, self.block)
         del wt
         self.quantized[bits] += 1
         b = self.tensor(f"{name}.weight.T_Q{bits}", torch.from_numpy(packed))
         s = self.tensor(f"{name}.weight.T_scales", torch.from_numpy(scales))
         return self.op(
             "MatMulNBits", [x, b, s], f"{name}.out", domain=MS,
-            K=k, N=n, bits=bits, block_size=NBITS_BLOCK[self.precision], accuracy_level=NBITS_ACCURACY_LEVEL,
+            K=k, N=n, bits=bits, block_size=self.block, accuracy_level=NBITS_ACCURACY_LEVEL,
         )  # fmt: skip

@@ -37,6 +37,7 @@ def optimized_export(
     exporter: str,
     precision: Precision | None = None,
     origins: dict | None = None,
+    block: int | None = None,
 ) -> ExportResult:
     """--optimize: the fused graph for Llama, Mistral and Qwen2 (written quantized when
     ``precision`` is int8/int4; its inputs and outputs named as ``specs``'); GPT-2's torch.onnx
@@ -45,7 +46,7 @@ def optimized_export(
     (``export.graph_writer.Graph.origins``)."""
     if model.config.model_type in FUSED_TYPES:
         io = (specs[0].input_names, specs[0].output_names)
-        return fused_export(model, out_dir, io, precision, origins)
+        return fused_export(model, out_dir, io, precision, origins, block)
     return last_position_export(specs, out_dir, opset, exporter)
 
 
@@ -55,6 +56,7 @@ def fused_export(
     graph_io: tuple[list[str], list[str]],
     precision: Precision | None = None,
     origins: dict | None = None,
+    block: int | None = None,
 ) -> ExportResult:
     """``out_dir/model.onnx`` written by ``export.fused`` (``graph_io``: its input and output
     names, those of the plain export); int8/int4 ``precision``: quantized as it is written, as the
@@ -64,7 +66,9 @@ def fused_export(
 
     t0 = time.perf_counter()
     nbits = precision if precision in (Precision.INT8, Precision.INT4) else Precision.FLOAT32
-    info = write_fused_decoder(ModuleSource(model), out_dir / "model.onnx", nbits, origins=origins)
+    info = write_fused_decoder(
+        ModuleSource(model), out_dir / "model.onnx", nbits, origins=origins, block=block
+    )
     graph = "written by loraexport (fused onnxruntime operators)"
     return fused_result(out_dir, graph_io, {"graph": graph, **info}, t0)
 

@@ -39,7 +39,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from loraexport.core.enums import Precision
+from loraexport.core.enums import NBITS_BLOCKS, Precision
 from loraexport.errors import ExportError, first_line
 
 # Weights per scale along K, chosen by measurement on SmolLM2-135M (reference texts, top-1
@@ -84,7 +84,20 @@ def lora_matmuls(path: Path, factors: Iterable[np.ndarray]) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in products and set(n.input) & (hits | transposed)]
 
 
-def quantization_description(precision: Precision, adapter: str) -> dict:
+def nbits_block(precision: Precision, block: int | None = None) -> int:
+    """The block size of an int8/int4 export: ``block`` (``--block-size``), else the default."""
+    return block or NBITS_BLOCK[precision]
+
+
+def recorded_block(meta: dict) -> int | None:
+    """The block size ``loraexport.json`` records for an int8/int4 export, if it is one a user may
+    choose (None otherwise: the default is then expected, and a false claim fails the proof)."""
+    q = meta.get("quantization")
+    block = q.get("block_size") if isinstance(q, dict) else None
+    return block if type(block) is int and block in NBITS_BLOCKS else None
+
+
+def quantization_description(precision: Precision, adapter: str, block: int | None = None) -> dict:
     """How a graph was quantized, for ``loraexport.json`` and the report: the quantizer's settings
     (what verify's proof applies again), and where the adapter went."""
     if precision is Precision.INT8_DYNAMIC:
@@ -96,13 +109,13 @@ def quantization_description(precision: Precision, adapter: str) -> dict:
     else:
         method = (
             f"onnxruntime MatMulNBits: weights int{NBITS[precision]}, blocks of "
-            f"{NBITS_BLOCK[precision]}, symmetric, accuracy level {NBITS_ACCURACY_LEVEL} "
+            f"{nbits_block(precision, block)}, symmetric, accuracy level {NBITS_ACCURACY_LEVEL} "
             "(activations int8 per block)"
         )
         if precision is Precision.INT4:
             method += "; the MLP down projections and the LM head in 8 bits"
         settings = {
-            "block_size": NBITS_BLOCK[precision],
+            "block_size": nbits_block(precision, block),
             "symmetric": True,
             "accuracy_level": NBITS_ACCURACY_LEVEL,
             "eight_bit": EIGHT_BIT if precision is Precision.INT4 else "all",
@@ -130,10 +143,13 @@ def _quiet(captured: io.StringIO):
         logging.getLogger().setLevel(root_level)
 
 
-def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = None) -> str:
+def quantize_graph(
+    path: Path, precision: Precision, keep: list[str] | None = None, block: int | None = None
+) -> str:
     """Quantize ``path`` (an ONNX file, with its ``.data`` if any) in place; return the log.
 
-    ``keep``: MatMul nodes to leave in float32. Raises ``ExportError`` when the quantizer fails.
+    ``keep``: MatMul nodes to leave in float32; ``block``: int8/int4's block size (default
+    ``NBITS_BLOCK``). Raises ``ExportError`` when the quantizer fails.
     """
     external = path.with_name(path.name + ".data").is_file()
     scratch = path.with_name(f".{path.stem}.quantized.onnx")
@@ -143,7 +159,8 @@ def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = No
             if precision is Precision.INT8_DYNAMIC:
                 _dynamic(path, scratch, set(keep or []), external)
             elif precision in NBITS:
-                _nbits_model(onnx.load(str(path)), precision, keep).save_model_to_file(str(scratch), external)
+                model = _nbits_model(onnx.load(str(path)), precision, keep, block)
+                model.save_model_to_file(str(scratch), external)
             else:
                 raise ExportError(f"{precision.value} is not a quantization")
     except (KeyboardInterrupt, MemoryError, ExportError):
@@ -157,7 +174,7 @@ def quantize_graph(path: Path, precision: Precision, keep: list[str] | None = No
 
 
 def quantized_proto(
-    model: onnx.ModelProto, precision: Precision, keep: list[str] | None = None
+    model: onnx.ModelProto, precision: Precision, keep: list[str] | None = None, block: int | None = None
 ) -> onnx.ModelProto:
     """``model`` (a float graph in memory, changed in place) with its MatMuls but ``keep``
     quantized as ``quantize_graph`` quantizes a file (int8, int4): the proof compares a file
@@ -165,19 +182,19 @@ def quantized_proto(
     captured = io.StringIO()
     try:
         with _quiet(captured):
-            return _nbits_model(model, precision, keep).model
+            return _nbits_model(model, precision, keep, block).model
     except (KeyboardInterrupt, MemoryError):
         raise
     except Exception as e:  # the quantizer raises many types; keep its message
         raise ExportError(f"onnxruntime.quantization failed: {first_line(e)}") from e
 
 
-def _nbits_model(model: onnx.ModelProto, precision: Precision, keep: list[str] | None):
+def _nbits_model(model: onnx.ModelProto, precision: Precision, keep: list[str] | None, block: int | None):
     """int8/int4 of ``model`` (a quantizer's ONNXModel): int4 keeps the wide MatMuls in 8 bits."""
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
     gemms_to_matmuls(model)
-    kept, block = set(keep or []), NBITS_BLOCK[precision]
+    kept, block = set(keep or []), nbits_block(precision, block)
     if precision is Precision.INT4:
         wide, rest = _wide_matmuls(model, kept)
         if wide:  # first these in 8 bits, all else left alone

@@ -59,7 +59,9 @@ def export_model(
         if family.optimized_specs is None:
             raise ExportError(f"--optimize: the {family.name} family has no optimized graph")
         nbits = quant if quant in (Precision.INT8, Precision.INT4) else None
-        how = {"precision": nbits} | ({"origins": origins} if origins is not None else {})
+        how = {"precision": nbits, "block": spec.block_size} | (
+            {"origins": origins} if origins is not None else {}
+        )
         specs = family.optimized_specs(model)
         result = optimized_export(model, specs, out_dir, opset, exporter or family.exporter, **how)
     else:
@@ -68,7 +70,9 @@ def export_model(
         for g in result.inputs:
             store_weights_half(out_dir / f"{g}.onnx", half.value, EXTERNAL_DATA_BYTES)
     if quant and not result.optimized.get("quantized"):  # a graph written quantized is done
-        result.exporter_log += quantize_graphs(out_dir, list(result.inputs), quant, keep, on_float)
+        result.exporter_log += quantize_graphs(
+            out_dir, list(result.inputs), quant, keep, on_float, spec.block_size
+        )
     if half or quant:
         names = [f for g in result.inputs for f in (f"{g}.onnx", f"{g}.onnx.data")]
         result.files = [f for f in names if (out_dir / f).is_file()]
@@ -76,9 +80,11 @@ def export_model(
     return result
 
 
-def quantize_graphs(out_dir: Path, graphs: list[str], quant: Precision, keep, on_float=None) -> str:
-    """Quantize each graph file in place, all MatMuls but those whose weight is one of ``keep``;
-    return the quantizer's log."""
+def quantize_graphs(
+    out_dir: Path, graphs: list[str], quant: Precision, keep, on_float=None, block: int | None = None
+) -> str:
+    """Quantize each graph file in place, all MatMuls but those whose weight is one of ``keep``
+    (int8/int4 in blocks of ``block``, default ``NBITS_BLOCK``); return the quantizer's log."""
     log = ""
     for g in graphs:
         path = out_dir / f"{g}.onnx"
@@ -87,26 +93,32 @@ def quantize_graphs(out_dir: Path, graphs: list[str], quant: Precision, keep, on
         kept = lora_matmuls(path, keep) if keep else []
         if keep and not kept:
             raise ExportError(f"{path.name}: the LoRA branch's MatMuls were not found; cannot keep them")
-        log += quantize_graph(path, quant, kept)
+        log += quantize_graph(path, quant, kept, block)
     return log
 
 
 def describe(
-    family: ModelFamily, model: nn.Module, result: ExportResult, precision: Precision | None, mode: ExportMode
+    family: ModelFamily,
+    model: nn.Module,
+    result: ExportResult,
+    precision: Precision | None,
+    mode: ExportMode,
+    block: int | None = None,
 ) -> dict:
     """``loraexport.json``'s description of an export (``provenance``); a quantized one says how,
     and whether the adapter was merged before quantizing or kept beside the quantized base."""
     facts = family.runtime_meta(model) | {"family": family.name}
     out = export_description(facts, result, (precision or Precision.FLOAT32).value, mode.value)
-    return out | describe_quantization(precision, mode)
+    return out | describe_quantization(precision, mode, block)
 
 
-def describe_quantization(precision: Precision | None, mode: ExportMode) -> dict:
+def describe_quantization(precision: Precision | None, mode: ExportMode, block: int | None = None) -> dict:
     """``{"quantization": ...}`` for a quantized export (its settings, where the adapter is)."""
     if precision is None or not precision.is_quantized:
         return {}
     kept = mode in (ExportMode.UNMERGED, ExportMode.ADAPTER)
-    return {"quantization": quantization_description(precision, "kept in float32" if kept else "merged")}
+    adapter = "kept in float32" if kept else "merged"
+    return {"quantization": quantization_description(precision, adapter, block)}
 
 
 def torch_exporter_of(meta: dict) -> str | None:
@@ -174,7 +186,9 @@ def export_into(
     result = export_model(
         loaded.family, subject.model, out_dir, spec, subject.keep, on_float=on_float, origins=origins
     )
-    meta.update(describe(loaded.family, subject.model, result, subject.precision, subject.mode))
+    meta.update(
+        describe(loaded.family, subject.model, result, subject.precision, subject.mode, spec.block_size)
+    )
     if subject.probes is not None:
         describe_adapters(out_dir, list(result.inputs), subject.probes, subject.rank, loaded.adapters, meta)
     return result

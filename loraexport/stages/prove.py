@@ -30,7 +30,7 @@ from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX
 from loraexport.export.fused import build_fused_graph
 from loraexport.export.fused_source import ModuleSource
-from loraexport.export.quantize import lora_matmuls, quantized_proto
+from loraexport.export.quantize import lora_matmuls, quantized_proto, recorded_block
 from loraexport.runtime.adapters import Active
 from loraexport.runtime.files import RuntimeInputError
 from loraexport.spec import ExportSpec
@@ -128,21 +128,22 @@ def prove_export(
     lora = meta.get("lora_inputs") if isinstance(meta.get("lora_inputs"), dict) else {}
     rank = lora.get("rank") if isinstance(lora.get("rank"), int) else None
     subject = export_subject(loaded, mode, precision, rank)
+    block = recorded_block(meta)  # a block size loraexport.json claims falsely fails _claims
     t0 = time.perf_counter()
     try:
         if meta.get("exporter") == BUILDER and precision in NBITS and mode is not ExportMode.ADAPTER:
             log(f"proof: writing the {precision.value} graph of the reference again, tensor by tensor …")
-            proven = _prove_written(ModuleSource(subject.model), onnx_dir / "model.onnx", precision)
+            proven = _prove_written(ModuleSource(subject.model), onnx_dir / "model.onnx", precision, block)
             proven.subject = subject
-            _claims(proven.proof, meta, expected_claims(loaded, subject))
+            _claims(proven.proof, meta, expected_claims(loaded, subject, block))
         elif made is not None and made.files and precision in NBITS:
             log(f"proof: quantizing the graph this run exported again, {precision.value}, to compare with …")
-            proven = _prove_requantized(subject, made, onnx_dir, precision)
+            proven = _prove_requantized(subject, made, onnx_dir, precision, block)
         else:
-            proven = _prove_scoped(loaded, subject, onnx_dir, meta, precision)
+            proven = _prove_scoped(loaded, subject, onnx_dir, meta, precision, block)
             if proven is None:
                 log(f"proof: exporting the reference again, {precision.value}, to compare with …")
-                proven = _prove_exported(loaded, subject, onnx_dir, meta)
+                proven = _prove_exported(loaded, subject, onnx_dir, meta, block)
     except RuntimeInputError as e:
         raise InvalidInputError(str(e)) from e
     proven.proof.seconds = time.perf_counter() - t0
@@ -153,21 +154,21 @@ def prove_checkpoint(src, onnx_dir: Path, meta: dict, precision: Precision) -> P
     """The proof of a fused export against a checkpoint read tensor by tensor (``--stream``)."""
     try:
         t0 = time.perf_counter()
-        proven = _prove_written(src, onnx_dir / "model.onnx", precision)
+        proven = _prove_written(src, onnx_dir / "model.onnx", precision, recorded_block(meta))
         proven.proof.seconds = time.perf_counter() - t0
     except RuntimeInputError as e:
         raise InvalidInputError(str(e)) from e
     return proven
 
 
-def _prove_written(src, path: Path, precision: Precision) -> Proven:
+def _prove_written(src, path: Path, precision: Precision, block: int | None) -> Proven:
     """The fused graph of ``src`` written again in ``precision`` and compared as it is made."""
     proof = Proof("the fused graph written again from the reference weights, compared tensor by tensor")
     fp = FileProof(path.name)
     origins: Origins = {}
     with TensorFile(path) as actual:
         sink = CompareSink(actual, fp, origins)
-        expected, _, _ = build_fused_graph(src, precision, sink, origins=origins)
+        expected, _, _ = build_fused_graph(src, precision, sink, origins=origins, block=block)
         compare_graph(expected, actual.proto, fp)
         inline = {t.name: t for t in expected.graph.initializer}
         compare_initializers(expected, lambda n: tensor_array(inline[n]), actual, fp, origins, sink.done)
@@ -176,7 +177,9 @@ def _prove_written(src, path: Path, precision: Precision) -> Proven:
     return Proven(proof, {path.name: origins})
 
 
-def _prove_scoped(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict, precision) -> Proven | None:
+def _prove_scoped(
+    loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict, precision, block: int | None
+) -> Proven | None:
     """A torch.onnx file proven without exporting the reference again (``verify.scoped``): its
     float graph rebuilt from its node and tensor names with the reference's weights, quantized
     again and compared. None (the proof then exports the reference) where the names do not map,
@@ -202,7 +205,7 @@ def _prove_scoped(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict, 
             made = scoped_float_graph(got.proto, spec.module, subject.model)
             if made is None or io != [list(spec.input_names), list(spec.output_names)]:
                 return None
-            want, origins[fp.file] = quantized_proto(made[0], precision), made[1]
+            want, origins[fp.file] = quantized_proto(made[0], precision, block=block), made[1]
             read = {t.name: t for t in want.graph.initializer}.__getitem__
             compare_graph(want, got.proto, fp)
             compare_initializers(want, lambda n, read=read: tensor_array(read(n)), got, fp, origins[fp.file])
@@ -214,11 +217,13 @@ def _prove_scoped(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict, 
             or io != [described.get("inputs"), described.get("outputs")]
         ):
             return None
-    _claims(proof, meta, expected_claims(loaded, subject))
+    _claims(proof, meta, expected_claims(loaded, subject, block))
     return Proven(proof, origins, subject) if proof.passed else None
 
 
-def _prove_exported(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict) -> Proven:
+def _prove_exported(
+    loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict, block: int | None
+) -> Proven:
     """The reference exported into a scratch folder as ``meta`` says, compared file by file."""
     proof = Proof("the reference exported again as loraexport.json says, compared tensor by tensor")
     origins: dict[str, Origins] = {}
@@ -234,7 +239,9 @@ def _prove_exported(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict
     try:
         replay: dict = {}
         opset = meta.get("opset") if isinstance(meta.get("opset"), int) else None
-        how = ExportSpec.of_graph(optimize="optimize" in meta, exporter=torch_exporter_of(meta), opset=opset)
+        how = ExportSpec.of_graph(
+            optimize="optimize" in meta, exporter=torch_exporter_of(meta), opset=opset, block_size=block
+        )
         export_into(loaded, subject, scratch, replay, how, on_float=on_float, origins=fused)
         if fused:
             origins["model.onnx"] = fused
@@ -255,7 +262,9 @@ def _prove_exported(loaded: Loaded, subject: Subject, onnx_dir: Path, meta: dict
     return Proven(proof, origins, subject)
 
 
-def _prove_requantized(subject: Subject, made: FloatGraphs, onnx_dir: Path, precision: Precision) -> Proven:
+def _prove_requantized(
+    subject: Subject, made: FloatGraphs, onnx_dir: Path, precision: Precision, block: int | None
+) -> Proven:
     """Each float graph of ``made``, its weights matched to the reference's modules by value,
     quantized again in memory and compared with the file of the same name."""
     proof = Proof(
@@ -274,7 +283,7 @@ def _prove_requantized(subject: Subject, made: FloatGraphs, onnx_dir: Path, prec
         kept = lora_matmuls(path, subject.keep) if subject.keep else []
         model = onnx.load(str(path))
         origins[name] = float_origins(model, index)
-        want = quantized_proto(model, precision, kept)
+        want = quantized_proto(model, precision, kept, block)
         read = {t.name: t for t in want.graph.initializer}.__getitem__
         with TensorFile(onnx_dir / name) as got:
             compare_graph(want, got.proto, fp)
@@ -283,7 +292,7 @@ def _prove_requantized(subject: Subject, made: FloatGraphs, onnx_dir: Path, prec
     return Proven(proof, origins, subject)
 
 
-def expected_claims(loaded: Loaded, subject: Subject) -> dict:
+def expected_claims(loaded: Loaded, subject: Subject, block: int | None = None) -> dict:
     """What ``loraexport.json`` must say of an export of ``subject`` that proof compares without
     exporting it again: the model's facts, the precision, the mode, the quantizer's settings."""
     from loraexport.stages.graphs import describe_quantization
@@ -293,7 +302,7 @@ def expected_claims(loaded: Loaded, subject: Subject) -> dict:
         "weights_dtype": (subject.precision or Precision.FLOAT32).value,
         "mode": subject.mode.value,
     }
-    return out | describe_quantization(subject.precision, subject.mode)
+    return out | describe_quantization(subject.precision, subject.mode, block)
 
 
 def _claims(proof: Proof, meta: dict, expected: dict) -> None:

@@ -124,10 +124,10 @@ class FromCheckpoint:
         )
         log(f"exporting {self.path} streamed ({precision.value}, {how}) …")
         with self.stage(f"export, streamed ({precision.value}; {how})"):
-            result = write_streamed(self.src, tmp, precision, log, self.show_progress)
+            result = write_streamed(self.src, tmp, precision, log, self.show_progress, spec.block_size)
         facts = model_facts(self.src.config, self.src.checkpoint.dir)
         meta.update(export_description(facts, result, precision.value, self.mode.value, streamed=True))
-        meta.update(describe_quantization(precision, self.mode))
+        meta.update(describe_quantization(precision, self.mode, spec.block_size))
         return result
 
     def inputs(self, key: str) -> dict:
@@ -197,15 +197,21 @@ def load_checkpoint(base, adapter_paths, weights, kept: bool, half, allow_pickle
 
 
 def write_streamed(
-    src: CheckpointSource, out_dir: Path, precision: Precision, log: Log, progress: bool
+    src: CheckpointSource,
+    out_dir: Path,
+    precision: Precision,
+    log: Log,
+    progress: bool,
+    block: int | None = None,
 ) -> ExportResult:
-    """``out_dir/model.onnx`` (+ ``.data``) written from ``src`` tensor by tensor."""
+    """``out_dir/model.onnx`` (+ ``.data``) written from ``src`` tensor by tensor (int8/int4 in
+    blocks of ``block``, default ``NBITS_BLOCK``)."""
     t0 = time.perf_counter()
     path = out_dir / "model.onnx"
     total = src.checkpoint.nbytes
     with Progress(total, "export", "B", progress) as bar:
         src.checkpoint.on_read = bar.update
-        info = write_fused_decoder(src, path, precision, streamed=True)
+        info = write_fused_decoder(src, path, precision, streamed=True, block=block)
         src.checkpoint.on_read = None
     cache = [f"{i}.{k}" for i in range(src.layers) for k in ("key", "value")]
     graph_io = (

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import onnx
 import pytest
 from clihelp import QUICK, ok, run
 from hf_tiny import save_base_and_adapter
@@ -121,3 +122,35 @@ def test_streamed_int4(tmp_path, keep):
         r = ok(run("verify", "--base", base, "--adapter", adapter, "--onnx", out, stream, *QUICK, "--json"))
         _checked(out, json.loads(r.stdout))
     shutil.rmtree(out)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        ("--quantize", "int4", "--block-size", "32"),
+        ("--quantize", "int8", "--block-size", "64", "--no-stream"),
+        ("--quantize", "int4", "--block-size", "32", "--keep-adapter", "--no-stream"),
+        ("--optimize", "--quantize", "int8", "--block-size", "128", "--no-stream"),
+    ],
+    ids=["fused-streamed", "torch.onnx", "keep-adapter", "fused-in-memory"],
+)
+def test_a_chosen_block_size_is_written_recorded_and_proven(options, tmp_path):
+    """--block-size: every MatMulNBits of the file has it, loraexport.json records it, and verify
+    proves the file with it (each proof path: written again, from the names, exported again)."""
+    base, adapter = save_base_and_adapter("llama", tmp_path / "in")
+    out = tmp_path / "out"
+    ok(run("merge-and-export", "--base", base, "--adapter", adapter, "--out", out, *options, *QUICK))
+    r = ok(run("verify", "--base", base, "--adapter", adapter, "--onnx", out, *QUICK, "--json"))
+    _checked(out, json.loads(r.stdout))
+    block = int(options[options.index("--block-size") + 1])
+    q = json.loads((out / "loraexport.json").read_text())["quantization"]
+    assert q["block_size"] == block and f"blocks of {block}," in q["method"]
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    sizes = {
+        a.i
+        for n in model.graph.node
+        if n.op_type == "MatMulNBits"
+        for a in n.attribute
+        if a.name == "block_size"
+    }
+    assert sizes == {block}

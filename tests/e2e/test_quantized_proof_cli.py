@@ -213,6 +213,22 @@ def test_torch_onnx_graph_with_an_unclaimed_tensor(llama, plain_int4, tmp_path):
     _wrong(_verify(llama, out), "'stowaway' is unclaimed")
 
 
+@pytest.mark.parametrize("made, claimed", [(16, 32), (32, 16)])
+def test_a_block_size_loraexport_json_claims_falsely(llama, tmp_path, made, claimed):
+    """The file's blocks are one size, loraexport.json (restamped) says another: the proof makes
+    the file again as claimed, and it differs."""
+    out = _export(llama, tmp_path / "out", "--quantize", "int8", "--block-size", str(made), "--no-latency")
+
+    def claim(meta):
+        meta["quantization"]["block_size"] = claimed
+        meta["quantization"]["method"] = meta["quantization"]["method"].replace(
+            f"blocks of {made},", f"blocks of {claimed},"
+        )
+
+    edit_meta(out, claim)
+    _wrong(_verify(llama, out), "is uint8[")
+
+
 def test_int8_dynamic_scale_changed(llama, dynamic, tmp_path):
     planted = _planted(
         dynamic, tmp_path, lambda a: a.update({n: a[n] * 1.01 for n in names(a, "_scale$")[:1]})

@@ -26,6 +26,7 @@ from loraexport.core.io import sha256_file
 from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
 from loraexport.export.adapter_files import NO_ADAPTER, adapter_file_tensors, file_name
+from loraexport.export.quantize import recorded_block
 from loraexport.runtime.adapters import Active, find_adapters
 from loraexport.runtime.model import RuntimeInputError
 from loraexport.spec import ExportSpec
@@ -213,14 +214,18 @@ def _timings(result, loaded, onnx_path, meta, files, threads, latency: bool, log
         # already rounded, and the merge is rounded the same way; quantized: quantized alike)
         precision = half_precision(meta.get("weights_dtype")) or quantization(meta.get("weights_dtype"))
         storage = torch_dtype(half_precision(meta.get("weights_dtype")))
+        block = recorded_block(meta)
         merged = merged_model(loaded.base, loaded.adapters[:1], storage_dtype=storage)[0]
         for key, m, mode in (("merged", merged, ExportMode.MERGED), ("base", loaded.base, ExportMode.BASE)):
             d = Path(td) / key
             d.mkdir()
             res = export_model(
-                loaded.family, m, d, ExportSpec.of_graph(precision, optimize=optimize, exporter=exporter)
+                loaded.family,
+                m,
+                d,
+                ExportSpec.of_graph(precision, optimize=optimize, exporter=exporter, block_size=block),
             )
-            dirs[key] = open_model(d, "cpu", threads, describe(loaded.family, m, res, precision, mode))
+            dirs[key] = open_model(d, "cpu", threads, describe(loaded.family, m, res, precision, mode, block))
         first = files[0][1]
         for batch, seq in LATENCY_SHAPES:
             args = {k: v.numpy() for k, v in loaded.family.latency_inputs(loaded.base, batch, seq).items()}

@@ -26,6 +26,7 @@ from torch import nn
 from loraexport.core import threads as torch_threads
 from loraexport.core.enums import ExportMode, Precision
 from loraexport.errors import InvalidInputError
+from loraexport.export.quantize import recorded_block
 from loraexport.runtime.model import PROVIDERS, RuntimeInputError
 from loraexport.spec import ExportSpec
 from loraexport.stages.graphs import describe, export_model, torch_exporter_of
@@ -183,9 +184,12 @@ def _quality(v: Verification, loaded: Loaded, quant: Precision) -> None:
     log(f"quality: the {quant.value} export against the unmerged float32 model …")
     with tempfile.TemporaryDirectory(prefix="loraexport-quantized-base-") as td:
         log(f"exporting the base, quantized to {quant.value} the same way, for comparison …")
-        how = ExportSpec.of_graph(quant, optimize="optimize" in meta, exporter=torch_exporter_of(meta))
+        block = recorded_block(meta)
+        how = ExportSpec.of_graph(
+            quant, optimize="optimize" in meta, exporter=torch_exporter_of(meta), block_size=block
+        )
         result = export_model(loaded.family, loaded.base, Path(td), how)
-        base_meta = describe(loaded.family, loaded.base, result, quant, ExportMode.BASE)
+        base_meta = describe(loaded.family, loaded.base, result, quant, ExportMode.BASE, block)
         try:
             cost = quantization_cost(
                 loaded.family, loaded.base, unmerged, open_model(onnx_path, "cpu", threads, meta),

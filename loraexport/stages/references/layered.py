@@ -32,7 +32,7 @@ from loraexport.core.memory import Stage
 from loraexport.core.progress import Progress
 from loraexport.errors import InvalidInputError
 from loraexport.export.fused import write_fused_decoder
-from loraexport.export.quantize import quantization_description
+from loraexport.export.quantize import quantization_description, recorded_block
 from loraexport.export.streamed import CheckpointSource
 from loraexport.models.hf.decoder_config import model_facts
 from loraexport.stages.prove import Proven, float_compute_dir, prove_checkpoint
@@ -90,7 +90,7 @@ class Layered:
                 finally:
                     src.checkpoint.on_read = None
         adapter = "kept in float32" if self.kind is ExportMode.UNMERGED else "merged"
-        if meta.get("quantization") != quantization_description(precision, adapter):
+        if meta.get("quantization") != quantization_description(precision, adapter, recorded_block(meta)):
             proven.proof.claims.append("loraexport.json: 'quantization' is not how the export was made")
         if meta.get("model") != model_facts(
             src.config, src.checkpoint.dir
