@@ -27,7 +27,6 @@ import contextlib
 import datetime
 import gc
 import hashlib
-import inspect
 import io
 import json
 import os
@@ -138,14 +137,15 @@ def tree_stamp(d: Path) -> list:
 
 
 def export_rows(base: Path, adapter: Path, out: Path, fresh: bool, digest: str) -> dict[str, Row]:
+    from loraexport.spec import RUN_FIELDS, SPEC_FIELDS
     from loraexport.stages.export import export
 
-    params = inspect.signature(export).parameters
+    known = set(SPEC_FIELDS) | set(RUN_FIELDS)  # export() takes the options as keywords (**fields)
     rows = {}
     for key, label, kwargs in EXPORTS:
         row = Row(key, label)
         rows[key] = row
-        missing = [k for k in kwargs if k not in params]
+        missing = [k for k in kwargs if k not in known]
         if missing:
             row.note = f"not available (export() has no `{'`, `'.join(missing)}` yet)"
             continue
