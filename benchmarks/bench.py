@@ -13,6 +13,9 @@ by other means) at prompt passes b1×128, b4×128, b1×512 (full logits on every
 decoding (128-token prompt, 64 new tokens, batch 1, end to end), all variants interleaved in
 one process with fixed threads and no onnxruntime spinning, medians with IQR, ratios against
 PEFT eager, and efficiency against a GEMM peak and read bandwidth measured in the same run.
+On the SmolLM2 shape it then races onnxruntime-genai's model builder (bench_builder.py: export
+time, file bytes, decode with the same thread spinning on both sides), and it ends with issue 25's
+acceptance table (bench_acceptance.py), the host named, "holds" beside each target.
 
 Writes OUT/bench.md, bench.json, bench.png (OUT: runs/bench; exports in OUT/exports, reused
 while loraexport's source, the inputs and the options are unchanged; --fresh re-exports).
@@ -25,6 +28,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import datetime
+import filecmp
 import gc
 import hashlib
 import io
@@ -42,6 +46,8 @@ os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+import bench_acceptance  # noqa: E402
+import bench_builder  # noqa: E402
 import bench_ceilings  # noqa: E402
 import bench_models  # noqa: E402
 import bench_table  # noqa: E402
@@ -67,6 +73,7 @@ EXPORTS = (
     ),
 )
 GENAI_EXPORT = "onnx_opt"  # the export onnxruntime-genai runs (its shared key/value buffer)
+RACE_SHAPES = ("smollm2",)  # the shapes raced against onnxruntime-genai's builder (bench_builder)
 T0 = time.perf_counter()
 
 
@@ -173,6 +180,24 @@ def export_rows(base: Path, adapter: Path, out: Path, fresh: bool, digest: str) 
     return rows
 
 
+def same_graph(a: Path, b: Path) -> bool:
+    """Two exports whose graphs and weights are the same bytes (model.onnx and its data)."""
+    names = ("model.onnx", "model.onnx.data")
+    if any((a / n).is_file() != (b / n).is_file() for n in names):
+        return False
+    return all(filecmp.cmp(a / n, b / n, shallow=False) for n in names if (a / n).is_file())
+
+
+def mark_duplicate(rows: dict[str, Row], root: Path) -> None:
+    """A Llama-family decoder's plain export is --optimize's fused graph, byte for byte: timed
+    once, in the --optimize row; the plain row says so."""
+    plain, opt = rows.get("onnx_fp32"), rows.get("onnx_opt")
+    if not plain or not opt or plain.note or opt.note:
+        return
+    if same_graph(root / plain.key, root / opt.key):
+        plain.note = "the same files as `--optimize` (this model's default export): timed once, in that row"
+
+
 # ---- runners -----------------------------------------------------------------------------------
 def torch_runners(model, last_position: bool = False):
     """(prompt, decode); ``last_position``: the prompt pass computes the last position's logits
@@ -268,10 +293,21 @@ def run_model(shape, args, digest: str) -> dict:
         return result
     base, adapter = found
     rows = export_rows(base, adapter, args.out / "exports" / shape.key, args.fresh, digest)
+    mark_duplicate(rows, args.out / "exports" / shape.key)
     log("  loading PEFT eager and merged …")
     with hushed():
         peft = bench_models.load_torch(base, adapter, merged=False)
         merged = bench_models.load_torch(base, adapter, merged=True)
+    peers = merge_s = None
+    if args.race and shape.key in RACE_SHAPES:
+        opt = rows.get("onnx_opt")
+        ours_fp32 = args.out / "exports" / shape.key / opt.key if opt and not opt.note else None
+        root = args.out / "exports" / shape.key / "race"
+        try:
+            peers, merge_s = bench_builder.make_peers(merged, base, adapter, ours_fp32, root, args.fresh, log)
+        except Exception as e:  # the race's failure leaves the table standing
+            result["race_note"] = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            log(f"  race {result['race_note']}")
     work = bench_models.work_of(merged)
     lora_bytes = sum(p.numel() * 4 for n, p in peft.named_parameters() if "lora_" in n)
     ordered = [
@@ -391,6 +427,11 @@ def run_model(shape, args, digest: str) -> dict:
     result["cpu_others"] = meter.others()
     del ordered, live, variants, rows, peft, merged
     gc.collect()
+    if peers:
+        race_meter = CpuMeter()
+        result["race"] = bench_builder.race(peers, ids, NEW_TOKENS, tokens.get("peft"), args, log)
+        result["race"] |= {"merge_s": merge_s, "cpu_others": race_meter.others()}
+    gc.collect()
     return result
 
 
@@ -407,6 +448,10 @@ def apply_ceilings(start: dict, end: dict, models: list[dict]) -> None:
             d = r.get("decode")
             if d:
                 d["bw_eff"] = (r["weight_bytes_per_token"] or 0) * d["tok_s"] / (start["read_gbps"] * 1e9)
+        for r in (m.get("race") or {}).get("rows", []):
+            d = r.get("decode")
+            if d:
+                d["bw_eff"] = r["weight_bytes_per_token"] * d["tok_s"] / (start["read_gbps"] * 1e9)
 
 
 def wait_quiet(limit_s: float) -> None:
@@ -424,16 +469,18 @@ def wait_quiet(limit_s: float) -> None:
 
 
 def machine() -> dict:
-    cpu = platform.processor()
+    cpu, cache = platform.processor(), None
     flags: set[str] = set()
     with contextlib.suppress(OSError), open("/proc/cpuinfo") as f:
         for line in f:
             if line.startswith("model name"):
                 cpu = line.split(":", 1)[1].strip()
+            elif line.startswith("cache size"):  # the last level, as the (virtual) machine reports it
+                cache = line.split(":", 1)[1].strip()
             elif line.startswith("flags"):
                 flags = set(line.split(":", 1)[1].split())
     isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f in flags]
-    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "isa": isa}
+    return {"cpu": cpu, "cores": len(os.sched_getaffinity(0)), "isa": isa, "cache": cache}
 
 
 def versions() -> dict:
@@ -469,6 +516,18 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, help="fewest interleaved rounds per prompt point (6; decode half)")
     ap.add_argument("--fresh", action="store_true", help="re-export even when a matching export exists")
     ap.add_argument(
+        "--no-race",
+        dest="race",
+        action="store_false",
+        help="leave out the race against onnxruntime-genai's model builder (bench_builder.py)",
+    )
+    ap.add_argument(
+        "--race-spinning",
+        choices=("on", "off"),
+        default="on",
+        help="onnxruntime's thread spinning in the race, both sides (on: an app's setting)",
+    )
+    ap.add_argument(
         "--wait-quiet",
         type=float,
         default=0.0,
@@ -479,6 +538,7 @@ def main() -> None:
     args.out = args.out or Path("runs/bench-quick" if args.quick else "runs/bench")
     args.budget = args.budget if args.budget is not None else (0.5 if args.quick else 8.0)
     args.rounds = args.rounds or (4 if args.quick else 6)
+    args.race_spinning = args.race_spinning == "on"
     wanted = [m.strip() for m in args.models.split(",") if m.strip()]
     all_shapes = bench_models.shapes(args.quick)
     unknown = [m for m in wanted if m not in all_shapes]
@@ -528,10 +588,12 @@ def main() -> None:
         "models": models,
         "wall_s": time.perf_counter() - T0,
     }
+    results["acceptance"] = [v.as_dict() for v in bench_acceptance.verdicts(results)]
     md = bench_table.markdown(results)
+    md += "\n" + bench_table.race_markdown(results)
+    md += "\n" + bench_acceptance.markdown(results)
     md += (
-        f"\n{results['date']}, {results['machine']['cpu']} ({results['machine']['cores']} cores, "
-        f"{' '.join(results['machine']['isa'])}), "
+        f"\n{results['date']}, {bench_acceptance.host_line(results)}, "
         + ", ".join(f"{k} {v}" for k, v in results["versions"].items() if v)
         + f"; wall {results['wall_s']:.0f} s; load average {load_start[0]:.1f} → {os.getloadavg()[0]:.1f}.\n"
     )
