@@ -164,12 +164,27 @@ def markdown(results: dict) -> str:
     spin = {True: "on", False: "off"}.get(race.get("spinning"), "—")
     lines = [
         f"Issue 25's acceptance, this run: {results['date']}, {host_line(results)}, "
-        f"{results['threads']} threads. onnxruntime's thread spinning: {spin} on both sides of the "
-        f"race against the builder; off for the prompt passes (torch runs in turn there).",
+        f"{results['threads']} threads. onnxruntime's thread spinning {spin}, the same on both sides, "
+        f"in the race against the builder; off in the prompt passes (torch runs in turn there).",
         "",
         "| target | goal | measured (spread) | |",
         "|---|---:|---|---|",
     ]
     for v in verdicts(results):
         lines.append(f"| {v.target.what} | {v.target.goal} | {v.shown} | {v.word} |")
+    busy = others(results)
+    if busy is not None:
+        loud = ": a busy machine, these figures are disturbed" if busy > 0.1 else ""
+        lines += ["", f"Other processes used up to {100 * busy:.0f}% of the cores while it was timed{loud}."]
     return "\n".join(lines) + "\n"
+
+
+def others(results: dict) -> float | None:
+    """The largest share of the cores other processes took during any timed block of the run."""
+    shares = [
+        block["cpu_others"]["others"]
+        for m in results.get("models", [])
+        for block in (m, m.get("race") or {})
+        if block.get("cpu_others")
+    ]
+    return max(shares, default=None)

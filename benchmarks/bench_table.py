@@ -125,6 +125,8 @@ def notes(results: dict) -> list[str]:
         exp = ", ".join(f"{r['label']} {r['export_s']:.1f}" for r in rows if r.get("export_s") is not None)
         o = m.get("cpu_others") or {}
         out.append(f"- {m['label']}: MB of weights read per token: {mb}.")
+        if m.get("points_note"):
+            out.append(f"  Prompt passes: {m['points_note']}.")
         out.append(
             f"  Greedy tokens identical to PEFT eager's before the first difference "
             f"(of {results['decode']['new_tokens']}; one random prompt): {same}."
@@ -224,8 +226,10 @@ def race_markdown(results: dict) -> str:
             ]
             out.append("| " + " | ".join(cells) + " |")
         merge = race.get("merge_s")
+        busy = (race.get("cpu_others") or {}).get("others")
         out += [
             "",
+            f"Other processes used {100 * busy:.0f}% of the cores meanwhile. " if busy is not None else "",
             "File: the graphs and their external data. Export: each its own process, interpreter and "
             "imports included; the builder's input, the merged model saved as a Hugging Face folder, "
             + (f"took {merge:.1f} s more." if merge is not None else "was reused from an earlier run.")

@@ -101,3 +101,11 @@ def test_the_table_names_the_host_and_gives_one_verdict_per_target():
     rows = [line for line in md.splitlines() if line.startswith("| ") and not line.startswith("| target")]
     assert len(rows) == len(acc.verdicts(results()))
     assert all(line.rstrip(" |").endswith(("holds", "does not hold", "not measured")) for line in rows)
+
+
+def test_the_table_says_when_other_processes_disturbed_the_run():
+    r = results()
+    assert "Other processes" not in acc.markdown(r)
+    r["models"][0]["cpu_others"] = {"others": 0.05, "steal": 0.0}
+    r["models"][1]["race"]["cpu_others"] = {"others": 0.52, "steal": 0.0}
+    assert "used up to 52% of the cores while it was timed: a busy machine" in acc.markdown(r)
