@@ -11,8 +11,9 @@ Export time, same run: `python -m onnxruntime_genai.models.builder -i MERGED -p 
 against `python -m loraexport.cli export --model BASE --adapter ADAPTER --quantize int4` (the
 default export: the fused graph written from the checkpoint), each its own process, so both
 wall times include the interpreter and its imports; the builder's excludes the merge that made
-its input (timed beside it). Both are made fresh every run; the builder's float32 export is reused
-while its input and onnxruntime-genai's version are unchanged.
+its input (timed beside it; saved every run and removed once read). Both are made fresh every run;
+the builder's float32 export is reused while the base, the adapter and onnxruntime-genai's version
+are unchanged.
 
 The race: decode (a 128-token prompt, then 64 greedy tokens, batch 1, end to end) of the builder's
 int4 and float32 files run by onnxruntime-genai, our int4 and float32 through
@@ -87,26 +88,18 @@ def genai_version() -> str:
 
 
 # ---- the builder's input ------------------------------------------------------------------------
-def merged_folder(merged_model, base: Path, adapter: Path, root: Path) -> tuple[Path, float | None]:
-    """The merged model as a Hugging Face folder with a tokenizer, under ``root/merged``; reused
-    while the base and adapter are unchanged. Returns the folder and the seconds saving it took
-    (None when reused)."""
+def save_merged(merged_model, out: Path) -> float:
+    """The merged model as a Hugging Face folder with a tokenizer, in ``out``; the seconds it took."""
     from tokenizers import Tokenizer, models
     from transformers import PreTrainedTokenizerFast
 
-    out, stamp = root / "merged", root / "merged.key.json"
-    want = json.loads(json.dumps({"base": tree_stamp(base), "adapter": tree_stamp(adapter)}))
-    if stamp.is_file() and (out / "config.json").is_file() and json.loads(stamp.read_text()) == want:
-        return out, None
     shutil.rmtree(out, ignore_errors=True)
     t0 = time.perf_counter()
     merged_model.save_pretrained(out)
     tok = Tokenizer(models.WordLevel(TOKENS, unk_token="<unk>"))
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
     fast.save_pretrained(out)
-    seconds = time.perf_counter() - t0
-    stamp.write_text(json.dumps(want))
-    return out, seconds
+    return time.perf_counter() - t0
 
 
 # ---- exports, each its own process ----------------------------------------------------------------
@@ -144,11 +137,11 @@ def ours_export(base: Path, adapter: Path, out: Path) -> float:
     return run_timed(cmd, out.parent / f"{out.name}.log")
 
 
-def cached_builder_export(hf_dir: Path, out: Path, precision: str, fresh: bool) -> tuple[float, bool]:
-    """``builder_export``, reused while its input and onnxruntime-genai's version are unchanged:
-    (seconds when made, reused)."""
+def cached_builder_export(hf_dir: Path, out: Path, precision: str, inputs: dict, fresh: bool):
+    """``builder_export``, reused while ``inputs`` (what the merged model came from) and
+    onnxruntime-genai's version are unchanged: (seconds when made, reused)."""
     stamp = out.parent / f"{out.name}.key.json"
-    want = json.loads(json.dumps({"input": tree_stamp(hf_dir), "genai": genai_version(), "p": precision}))
+    want = json.loads(json.dumps(inputs | {"genai": genai_version(), "p": precision}))
     if not fresh and stamp.is_file() and (out / "genai_config.json").is_file():
         have = json.loads(stamp.read_text())
         if have.get("key") == want:
@@ -160,9 +153,18 @@ def cached_builder_export(hf_dir: Path, out: Path, precision: str, fresh: bool) 
 
 def make_peers(merged_model, base: Path, adapter: Path, ours_fp32: Path | None, root: Path, fresh: bool, log):
     """The race's rows, their exports made (or reused, see the module's text); a row whose export
-    failed carries the reason in ``note``. Also returns the merge's seconds (None when reused)."""
+    failed carries the reason in ``note``. Also returns the seconds saving the builder's input took
+    (the merged model, saved every run and removed once the builder has read it)."""
     root.mkdir(parents=True, exist_ok=True)
-    hf_dir, merge_s = merged_folder(merged_model, base, adapter, root)
+    hf_dir = root / "merged"
+    merge_s = save_merged(merged_model, hf_dir)
+    try:
+        return _export_peers(hf_dir, base, adapter, ours_fp32, root, fresh, log), merge_s
+    finally:
+        shutil.rmtree(hf_dir, ignore_errors=True)
+
+
+def _export_peers(hf_dir: Path, base: Path, adapter: Path, ours_fp32: Path | None, root: Path, fresh, log):
     b4, o4, b32 = root / "builder_int4", root / "ours_int4", root / "builder_fp32"
     folders = {"builder_int4": b4, "ours_int4": o4, "ours_int4_genai": o4, "builder_fp32": b32}
     folders["ours_fp32"] = ours_fp32
@@ -185,13 +187,14 @@ def make_peers(merged_model, base: Path, adapter: Path, ours_fp32: Path | None, 
             log(f"  race: {peers[key].note}")
     peers["ours_int4_genai"].note = peers["ours_int4"].note
     try:
-        seconds, reused = cached_builder_export(hf_dir, b32, "fp32", fresh)
+        inputs = {"base": tree_stamp(base), "adapter": tree_stamp(adapter)}
+        seconds, reused = cached_builder_export(hf_dir, b32, "fp32", inputs, fresh)
         peers["builder_fp32"].export_s = seconds
         peers["builder_fp32"].export_note = "when made (reused)" if reused else "this run, its own process"
         log(f"  race: builder_fp32 {'reused' if reused else 'exported'} ({seconds:.1f} s when made)")
     except (BuildFailed, OSError) as e:
         peers["builder_fp32"].note = f"export failed: {e}"
-    return peers, merge_s
+    return peers
 
 
 # ---- runners ------------------------------------------------------------------------------------

@@ -232,7 +232,7 @@ def race_markdown(results: dict) -> str:
             f"Other processes used {100 * busy:.0f}% of the cores meanwhile. " if busy is not None else "",
             "File: the graphs and their external data. Export: each its own process, interpreter and "
             "imports included; the builder's input, the merged model saved as a Hugging Face folder, "
-            + (f"took {merge:.1f} s more." if merge is not None else "was reused from an earlier run.")
+            + (f"took {merge:.1f} s more to save." if merge is not None else "")
             + " Tokens as PEFT's: greedy tokens identical to PEFT eager's before the first difference.",
             "",
         ]
