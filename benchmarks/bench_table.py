@@ -125,6 +125,8 @@ def notes(results: dict) -> list[str]:
         exp = ", ".join(f"{r['label']} {r['export_s']:.1f}" for r in rows if r.get("export_s") is not None)
         o = m.get("cpu_others") or {}
         out.append(f"- {m['label']}: MB of weights read per token: {mb}.")
+        if m.get("points_note"):
+            out.append(f"  Prompt passes: {m['points_note']}.")
         out.append(
             f"  Greedy tokens identical to PEFT eager's before the first difference "
             f"(of {results['decode']['new_tokens']}; one random prompt): {same}."
@@ -181,3 +183,57 @@ def chart(results: dict, path: Path) -> None:
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
+
+
+def race_markdown(results: dict) -> str:
+    """The race against onnxruntime-genai's builder (bench_builder), one row per file and runner."""
+    out = []
+    for m in results["models"]:
+        race = m.get("race")
+        if not race:
+            continue
+        spin = "on" if race["spinning"] else "off"
+        out += [
+            f"**{m['label']}: against onnxruntime-genai's model builder.** Decode end to end "
+            f"({results['decode']['prompt']}-token prompt, {results['decode']['new_tokens']} greedy "
+            f"tokens, batch 1), interleaved, {race['threads']} threads; onnxruntime's thread spinning: "
+            f"{spin}, the same on both sides.",
+            "",
+            "| row | decode tok/s (IQR) | × builder int4 | % BW | MB read per token | file MB | export s "
+            "| tokens as PEFT's |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|",
+        ]
+        for r in race["rows"]:
+            d = r.get("decode")
+            if not d:
+                out.append(f"| {r['label']} | {r['note'] or 'not timed'} |" + " |" * 6)
+                continue
+            vs = f"{d['vs_builder_int4']:.2f}×" if d.get("vs_builder_int4") else "—"
+            bw = f"{100 * d['bw_eff']:.0f}%" if d.get("bw_eff") is not None else "—"
+            exp = f"{r['export_s']:.1f}" if r.get("export_s") is not None else "—"
+            if r.get("export_s") is not None and "reused" in r.get("export_note", ""):
+                exp += " (when made)"
+            same = d["same_prefix_as_peft"]
+            cells = [
+                r["label"],
+                f"{d['tok_s']:.1f} ({100 * d['iqr_rel']:.0f}%)",
+                vs,
+                bw,
+                f"{r['weight_bytes_per_token'] / 1e6:.0f}",
+                f"{r['file_bytes'] / 1e6:.0f}",
+                exp,
+                f"{same}/{results['decode']['new_tokens']}" if same is not None else "—",
+            ]
+            out.append("| " + " | ".join(cells) + " |")
+        merge = race.get("merge_s")
+        busy = (race.get("cpu_others") or {}).get("others")
+        out += [
+            "",
+            f"Other processes used {100 * busy:.0f}% of the cores meanwhile. " if busy is not None else "",
+            "File: the graphs and their external data. Export: each its own process, interpreter and "
+            "imports included; the builder's input, the merged model saved as a Hugging Face folder, "
+            + (f"took {merge:.1f} s more to save." if merge is not None else "")
+            + " Tokens as PEFT's: greedy tokens identical to PEFT eager's before the first difference.",
+            "",
+        ]
+    return "\n".join(out)
