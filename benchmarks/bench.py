@@ -238,29 +238,7 @@ def onnx_runners(directory: Path, threads: int):
 def genai_runner(directory: Path, threads: int):
     """onnxruntime-genai on loraexport's float32 export, as written, with our threads and no
     spinning overlaid on its session options (the files are not touched)."""
-    import onnxruntime_genai as og
-
-    cfg = og.Config(str(directory))
-    opts = {
-        "intra_op_num_threads": threads,
-        "inter_op_num_threads": 1,
-        "session.intra_op.allow_spinning": "0",
-        "session.inter_op.allow_spinning": "0",
-    }
-    cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
-    model = og.Model(cfg)
-
-    def decode(ids, mask, n):
-        total = ids.shape[1] + n
-        params = og.GeneratorParams(model)
-        params.set_search_options(do_sample=False, max_length=total, min_length=total)
-        gen = og.Generator(model, params)
-        gen.append_tokens(ids.astype(np.int32))
-        while not gen.is_done():
-            gen.generate_next_token()
-        return np.asarray(gen.get_sequence(0))[ids.shape[1] :]
-
-    return decode
+    return bench_builder.genai_decode(directory, threads, spinning=False)
 
 
 def compare_logits(outs: dict[str, np.ndarray]) -> dict[str, dict]:
