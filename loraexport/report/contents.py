@@ -212,7 +212,9 @@ class Report:
                 lines.append(
                     f"\nGreedy decoding (onnxruntime with KV cache vs torch unmerged): "
                     f"{g.identical_rows}/{g.rows} rows identical, up to {g.max_new_tokens} new tokens."
+                    + (f" {g.tied_rows} parted at a tie (either token is right):" if g.tied_rows else "")
                 )
+                lines += [f"- {t}" for t in g.ties]
                 if g.task_rows:
                     n, on, ref = g.task_rows, g.task_exact_onnx, g.task_exact_reference
                     lines.append(
@@ -311,6 +313,7 @@ class Report:
                 text += f", top-1 {p.top1_agreement:.1%}"
             if g := p.generation:
                 text += f", generation {g.identical_rows}/{g.rows}"
+                text += f" (+{g.tied_rows} tied)" if g.tied_rows else ""
                 text += f", held-out exact match {g.task_exact_onnx}/{g.task_rows}" if g.task_rows else ""
             rows.append((f"parity [{p.provider}]", text))
         for q in self.quantization:

@@ -31,7 +31,7 @@ def _parity(suite: ET.Element, p: ParityResult) -> None:
             _case(suite, where, f"{c.name}: {o.output}", why if not o.passed else [], figures)
     g = p.generation
     if g is not None:
-        failed = [f"generation: {g.first_mismatch}"] if g.identical_rows != g.rows else []
+        failed = [f"generation: {g.first_mismatch}"] if not g.passed else []
         _case(suite, where, "generation", failed, f"{g.identical_rows}/{g.rows} rows identical")
 
 
