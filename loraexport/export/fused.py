@@ -48,9 +48,8 @@ from torch import nn
 from loraexport.core.enums import Precision
 from loraexport.errors import ExportError
 from loraexport.export.fused_source import ModuleSource, Source, _Linear
-from loraexport.export.graph_writer import HALF, Graph, Sink
+from loraexport.export.graph_writer import BITS, Graph, Sink
 from loraexport.export.onnx import EXTERNAL_DATA_BYTES
-from loraexport.lora.merge import cast_checked
 from loraexport.models.hf.decoder_config import check_fused
 
 OPSETS = {"": 21, "com.microsoft": 1}
@@ -332,15 +331,8 @@ def build_fused_graph(
     if origins is not None:
         g.origins = origins
     embed = src.embedding()
-    if precision in HALF:  # gathered in half precision, then cast: never a float32 copy of the table
-        stored = g.tensor(
-            "embed_tokens.weight", cast_checked(embed, HALF[precision], "model.embed_tokens.weight")
-        )
-        gathered = g.op("Gather", [stored, "input_ids"], "embeddings.half")
-        residual = g.op("Cast", [gathered], "embeddings", to=TensorProto.FLOAT)
-    else:
-        table = g.tensor("embed_tokens.weight", embed.to(torch.float32))
-        residual = g.op("Gather", [table, "input_ids"], "embeddings")
+    tied = precision in BITS and src.tied_head()  # int8/int4: the LM head reads the embedding's codes
+    residual = g.embedding(embed, "input_ids", "lm_head" if tied else None)
     del embed
     shared = (*_mask_inputs(g), *_rotary_caches(g, d))
     first = src.vector("model.layers.0.input_layernorm.weight")

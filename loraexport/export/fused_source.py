@@ -37,6 +37,7 @@ class Source(Protocol):
     def vector(self, name: str) -> torch.Tensor: ...  # a norm's weight
     def embedding(self) -> torch.Tensor: ...
     def lm_head(self) -> _Linear: ...
+    def tied_head(self) -> bool: ...  # the LM head's weight is the embedding table itself
 
 
 # ---- reading a model in memory ------------------------------------------------------------------
@@ -107,3 +108,6 @@ class ModuleSource:
         if self.decoder.tie and not torch.equal(head.weight, embed):
             raise ExportError("fused export: tie_word_embeddings is set but lm_head.weight != embed_tokens")
         return head  # tied: its weight is the embedding, stored transposed for the MatMul
+
+    def tied_head(self) -> bool:
+        return bool(self.decoder.tie)  # lm_head() refuses a head that differs from the embedding

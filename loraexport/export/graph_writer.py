@@ -14,7 +14,7 @@ from onnx import TensorProto, helper
 
 from loraexport.core.enums import Precision
 from loraexport.errors import ExportError
-from loraexport.export.qformat import nbits_quantize
+from loraexport.export.qformat import EMBEDDING, TIED, nbits_quantize
 from loraexport.export.quantize import NBITS_ACCURACY_LEVEL, nbits_block
 from loraexport.lora.merge import cast_checked
 
@@ -131,7 +131,7 @@ class Graph:
         ``export.quantize`` keeps the MLP's down projections and the LM head); ``parts``: the
         modules whose weights ``weight`` holds (``origins``)."""
         out = f"{name}.out"
-        self.origins[f"{name}.weight.T"] = tuple(parts)
+        self.origins.setdefault(f"{name}.weight.T", tuple(parts))  # set already: the embedding's too
         if self.precision in BITS:
             bits = 8 if wide or self.precision is Precision.INT8 else BITS[self.precision]
             return self._nbits(x, weight, name, bits)
@@ -141,16 +141,53 @@ class Graph:
             return self.op("MatMul", [x, cast], out)
         return self.op("MatMul", [x, self.tensor(f"{name}.weight.T", weight.T.to(torch.float32))], out)
 
+    def embedding(self, table: torch.Tensor, ids: str, head: str | None) -> str:
+        """The rows of ``table`` (V, H) for ``ids``, float32. int8/int4: ``GatherBlockQuantized`` of
+        8-bit codes in the graph's blocks (the precision the LM head keeps); ``head``: the name of the
+        LM head whose weight *is* this table (tied), whose ``MatMulNBits`` then reads the same codes
+        and scales (stored once); else the table is quantized on its own. Other precisions, and a
+        hidden size that is not a whole number of blocks (the codes would be padded): ``Gather``."""
+        if self.precision not in BITS or table.shape[1] % self.block:
+            if self.precision in HALF:  # gathered in half precision, then cast: no float32 copy
+                where = "model.embed_tokens.weight"
+                half = self.tensor("embed_tokens.weight", cast_checked(table, HALF[self.precision], where))
+                gathered = self.op("Gather", [half, ids], "embeddings.half")
+                return self.op("Cast", [gathered], "embeddings", to=TensorProto.FLOAT)
+            stored = self.tensor("embed_tokens.weight", table.to(torch.float32))
+            return self.op("Gather", [stored, ids], "embeddings")
+        vocab, hidden = table.shape
+        name = head or "embed_tokens"
+        parts = ((head, vocab), (EMBEDDING, TIED)) if head else ((EMBEDDING, vocab),)
+        self.origins[f"{name}.weight.T"] = parts
+        b, s, blocks = self._codes(table, name, 8)
+        scales = self.op("Reshape", [s, self.const("embedding_scales_shape", [vocab, blocks, 1], np.int64)],
+                         "embeddings.scales")  # fmt: skip
+        rows = self.op(
+            "GatherBlockQuantized", [b, ids, scales], "embeddings.blocks", domain=MS,
+            gather_axis=0, quantize_axis=2, block_size=self.block, bits=8,
+        )  # fmt: skip
+        shape = self.const("embedding_shape", [0, 0, hidden], np.int64)
+        return self.op("Reshape", [rows, shape], "embeddings")
+
+    def _codes(self, weight: torch.Tensor, name: str, bits: int) -> tuple[str, str, int]:
+        """``weight`` (N, K) quantized as MatMulNBits stores it (onnxruntime's own block quantizer,
+        the one MatMulNBitsQuantizer calls; symmetric, no zero points: ``export.qformat``), once:
+        (packed codes, scales, blocks), the names of tensors written already when ``name`` has them
+        (a tied embedding's codes, read again by the LM head)."""
+        b, s = f"{name}.weight.T_Q{bits}", f"{name}.weight.T_scales"
+        if b not in self.initializers:
+            wt = weight.T.to(torch.float32).numpy()  # (K, N)
+            packed, scales = nbits_quantize(wt, bits, self.block)
+            del wt
+            self.tensor(b, torch.from_numpy(packed))
+            self.tensor(s, torch.from_numpy(scales))
+        return b, s, int(self.initializers[s].dims[1])
+
     def _nbits(self, x: str, weight: torch.Tensor, name: str, bits: int) -> str:
-        """MatMulNBits with onnxruntime's own block quantizer (the one MatMulNBitsQuantizer calls),
-        one weight at a time: symmetric, no zero points (``export.qformat``)."""
-        wt = weight.T.to(torch.float32).numpy()  # (K, N)
-        k, n = wt.shape
-        packed, scales = nbits_quantize(wt, bits, self.block)
-        del wt
+        """MatMulNBits of ``x`` and ``weight`` (N, K) in ``bits`` (``_codes``)."""
+        n, k = weight.shape
+        b, s, _ = self._codes(weight, name, bits)
         self.quantized[bits] += 1
-        b = self.tensor(f"{name}.weight.T_Q{bits}", torch.from_numpy(packed))
-        s = self.tensor(f"{name}.weight.T_scales", torch.from_numpy(scales))
         return self.op(
             "MatMulNBits", [x, b, s], f"{name}.out", domain=MS,
             K=k, N=n, bits=bits, block_size=self.block, accuracy_level=NBITS_ACCURACY_LEVEL,

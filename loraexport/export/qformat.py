@@ -7,6 +7,9 @@ verify's weight-level proof (``verify.proof``) and by its dequantized reference
 - ``MatMulNBits`` (int8, int4; symmetric, blocks along K): ``B`` (N, blocks, block·bits/8) uint8,
   codes packed low nibble first for 4 bits; ``scales`` (N, blocks) float32; no zero points, so a
   code's zero is the middle of its range (8, or 128). ``w[k, n] = (code − zero) · scale[n, k // block]``.
+- ``GatherBlockQuantized`` (the input embedding of a fused int8/int4 decoder): the same 8-bit codes
+  and scales as a MatMulNBits weight (N = vocabulary, K = hidden), read as (V, blocks, block) with
+  the scales reshaped to (V, blocks, 1); a tied LM head's MatMulNBits reads the very same tensors.
 - ``quantize_dynamic`` (int8-dynamic): ``W_quantized`` (K, N) int8, ``W_scale`` (N,) float32 and
   ``W_zero_point`` (N,) int8 per output channel: ``w[k, n] = (q − zp[n]) · scale[n]``.
 """
@@ -16,6 +19,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
+
+# The module a ``GatherBlockQuantized`` table holds (the input embedding of the decoders
+# ``export.fused`` writes), and the rows a module is given in ``origins`` when it holds the same
+# rows as the module before it: a tied embedding, whose codes the LM head's MatMulNBits reads too.
+EMBEDDING = "model.embed_tokens"
+TIED = 0
 
 # What the quantizers append to a float initializer's name, by the role of the tensor made.
 NBITS_SUFFIXES = {"_Q4": "weight", "_Q8": "weight", "_scales": "scales", "_zero_points": "zero_points"}

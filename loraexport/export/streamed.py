@@ -251,6 +251,9 @@ class CheckpointSource:
             )
         return name
 
+    def tied_head(self) -> bool:
+        return not self.checkpoint.has("lm_head.weight") and self._head_name() == "model.embed_tokens.weight"
+
     def lm_head(self) -> _Linear:
         if self.checkpoint.has("lm_head.weight"):
             return self.linear("lm_head")  # an adapter may target it: merged or kept like the others

@@ -25,7 +25,7 @@ from onnx import helper
 from torch import nn
 
 from loraexport.core.values import ValueIndex
-from loraexport.export.qformat import dynamic_dequantize, source_of
+from loraexport.export.qformat import TIED, dynamic_dequantize, source_of
 from loraexport.lora.inject import is_transposed, linear_shape
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
 from loraexport.lora.views import set_tensor, shared_copy
@@ -89,11 +89,16 @@ def dequantized_rows(f: TensorFile, name: str, base: str, role) -> torch.Tensor:
 
 
 def _split(rows: torch.Tensor, parts) -> dict[str, torch.Tensor]:
-    out, start = {}, 0
+    """Each module's rows of a packed tensor; a ``TIED`` module gets the very tensor of the module
+    before it (a tied embedding and LM head stay one tensor in the reference too)."""
+    out, start, last = {}, 0, None
     for module, n in parts:
+        if n == TIED and last is not None:
+            out[module] = out[last]
+            continue
         n = rows.shape[0] if n < 0 else n
         out[module] = rows[start : start + n]
-        start += n
+        start, last = start + n, module
     return out
 
 
@@ -120,9 +125,12 @@ def _linear(model: nn.Module, path: str) -> tuple[str, nn.Module]:
 
 def dequantized_copy(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.Module:
     """``model`` (shared, not copied) with each module of ``weights`` given its dequantized weight
-    (out, in): as it is for ``nn.Linear``, transposed for ``Conv1D``. A tied LM head gets its own
-    tensor: the embedding it shares stays float, as the graph's does."""
+    (out, in): as it is for ``nn.Linear``, transposed for ``Conv1D``; an embedding's table (V, H)
+    as it is. A tied LM head gets its own tensor when the embedding stays float, as the graph's
+    does; when the graph gathers the head's codes, both are given that one tensor (``_split``)."""
     out = shared_copy(model)
+    made: dict = {}  # one value given to two modules stays one tensor (keyed by id: ``values`` keeps them)
+    values = []
     for path, rows in weights.items():
         prefix, layer = _linear(out, path)
         value = rows.T.contiguous() if is_transposed(layer) else rows
@@ -130,7 +138,8 @@ def dequantized_copy(model: nn.Module, weights: dict[str, torch.Tensor]) -> nn.M
             raise ValueError(
                 f"{path}: dequantized weight {tuple(value.shape)} is not {tuple(layer.weight.shape)}"
             )
-        set_tensor(out, f"{prefix}.weight", value)
+        values.append(value)
+        set_tensor(out, f"{prefix}.weight", value, made)
     return out.eval()
 
 
@@ -231,10 +240,13 @@ class FileWeights:
             src = source_of(name)
             if role.kind != "weight" or src is None or src[0] not in origins:
                 continue
-            start = 0
+            start, last = 0, 0
             for module, rows in origins[src[0]]:
+                if rows == TIED:  # the rows of the module before it
+                    self._where[module] = (name, src[0], start - last, last)
+                    continue
                 self._where[module] = (name, src[0], start, rows)
-                start += rows
+                start, last = start + rows, rows
         self._cached: tuple[str, np.ndarray] | None = None
 
     def __call__(self, module: str) -> torch.Tensor | None:
@@ -246,6 +258,22 @@ class FileWeights:
             self._cached = None  # the previous tensor is freed before the next is read
             self._cached = (name, dequantized_rows(self._file, name, base, self._roles[name]))
         return self._cached[1][start : start + rows]
+
+    def rows(self, module: str, ids: torch.Tensor) -> torch.Tensor | None:
+        """Rows ``ids`` of ``module``'s weight (an embedding's table), float32, dequantized alone
+        (never the whole table), or None when the export does not quantize it."""
+        if module not in self._where:
+            return None
+        name, base, start, _ = self._where[module]
+        role = self._roles[name]
+        fmt = role.fmt
+        at = (start + ids).numpy()
+        packed = torch.from_numpy(np.ascontiguousarray(self._file.array(name)[at]))
+        packed = packed.reshape(len(at), fmt.blocks, -1)
+        codes = torch.stack((packed & 15, packed >> 4), dim=-1) if fmt.bits == 4 else packed
+        scales = torch.from_numpy(np.array(self._file.array(base + "_scales")[at], np.float32))
+        w = (codes.reshape(len(ids), fmt.blocks, fmt.block).to(torch.float32) - fmt.zero) * scales[..., None]
+        return w.reshape(len(ids), -1)[:, : fmt.k].contiguous()
 
     def close(self) -> None:
         self._cached = None

@@ -122,6 +122,7 @@ class Role:
 def roles(proto: onnx.ModelProto) -> dict[str, Role]:
     """The quantized initializers of ``proto`` (weights, scales, zero points) by name."""
     out: dict[str, Role] = {}
+    dims = {t.name: tuple(t.dims) for t in proto.graph.initializer}
     for n in proto.graph.node:
         if n.op_type not in QUANTIZED_OPS:
             continue
@@ -137,8 +138,14 @@ def roles(proto: onnx.ModelProto) -> dict[str, Role]:
             out[n.input[1]] = Role("weight", n.op_type, where)
             if len(n.input) > 3 and n.input[3]:
                 out[n.input[3]] = Role("zero_points", n.op_type, where)
-        elif n.op_type in ("GatherBlockQuantized", "DequantizeLinear"):
-            for i, kind in ((0, "weight"), (1 if n.op_type == "DequantizeLinear" else 2, "scales")):
+        elif n.op_type == "GatherBlockQuantized" and n.input and n.input[0] in dims:
+            shape = dims[n.input[0]]  # (V, blocks, block·bits/8): a MatMulNBits weight's layout
+            bits = int(attrs.get("bits", 4))
+            if len(shape) == 3 and n.input[0] not in out:  # a MatMulNBits reading it says the same
+                fmt = NBits(shape[1] * shape[2] * 8 // bits, shape[0], bits, int(attrs.get("block_size", 0)))
+                out[n.input[0]] = Role("weight", n.op_type, where, fmt)
+        elif n.op_type == "DequantizeLinear":
+            for i, kind in ((0, "weight"), (1, "scales")):
                 if len(n.input) > i and n.input[i]:
                     out[n.input[i]] = Role(kind, n.op_type, where)
     return out

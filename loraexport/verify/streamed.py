@@ -170,6 +170,17 @@ class StreamedDecoder:
                 out.update({n: f.get_tensor(n) for n in rest if self._files[n] == path})
         return out | {n: self.overrides[n] for n in rest if n in self.overrides} | supplied
 
+    def _embedding_rows(self, uniq: torch.Tensor) -> torch.Tensor:
+        """The embedding's rows ``uniq``: the export's dequantized ones where ``weights`` has them
+        (a quantized table), else the checkpoint's."""
+        supplied = getattr(self.weights, "rows", None)
+        rows = supplied("model.embed_tokens", uniq) if supplied is not None else None
+        if rows is not None:
+            return rows
+        with safe_open(self._files["model.embed_tokens.weight"], framework="pt") as f:
+            table = f.get_slice("model.embed_tokens.weight")
+            return torch.cat([table[int(j) : int(j) + 1] for j in uniq])
+
     def _cast(
         self, stored: Weights, dtype: torch.dtype, modules: Iterable[str]
     ) -> tuple[Weights, dict[str, list[Branch]]]:
@@ -288,9 +299,7 @@ class StreamedDecoder:
         rope = {d: (emb.cos().to(d), emb.sin().to(d)) for d in dtypes}
 
         uniq, inverse = ids.unique(return_inverse=True)
-        with safe_open(self._files["model.embed_tokens.weight"], framework="pt") as f:
-            table = f.get_slice("model.embed_tokens.weight")
-            rows = torch.cat([table[int(j) : int(j) + 1] for j in uniq])
+        rows = self._embedding_rows(uniq)
         hidden: dict[Stream, torch.Tensor] = {}
         self._apply({"rows": rows}, streams, [], lambda s, w, br: hidden.update({s: w["rows"][inverse]}))
         del rows

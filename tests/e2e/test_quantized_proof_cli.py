@@ -249,12 +249,35 @@ def test_int8_dynamic_one_code_changed(llama, dynamic, tmp_path):
 
 @pytest.mark.parametrize(
     "pattern, factor",
-    [(r"^layers\.1\.post_norm\.weight$", 1.01), (r"^embed_tokens\.weight$", 1.001), (r"^rotary\.cos$", 0.99)],
-    ids=["norm", "embedding", "rotary"],
+    [(r"^layers\.1\.post_norm\.weight$", 1.01), (r"^rotary\.cos$", 0.99)],
+    ids=["norm", "rotary"],
 )
 def test_float_tensors_of_a_quantized_graph_are_proven_too(llama, int4, tmp_path, pattern, factor):
     planted = _planted(int4, tmp_path, _scale(pattern, factor))
     _wrong(_verify(llama, planted), pattern.strip("^$").replace("\\", ""))
+
+
+def test_the_gathered_embedding_codes_are_proven(llama, int4, tmp_path):
+    """The embedding's own 8-bit codes (untied Llama, GatherBlockQuantized): one row moved by 16
+    steps in each element; nothing else reads them, so only the proof can see it."""
+
+    def change(arrays):
+        arrays["embed_tokens.weight.T_Q8"] = arrays["embed_tokens.weight.T_Q8"].copy()
+        arrays["embed_tokens.weight.T_Q8"][3] ^= np.uint8(0x10)
+
+    _wrong(_verify(llama, _planted(int4, tmp_path, change)), "embed_tokens.weight.T_Q8", "model.embed_tokens")
+
+
+def test_the_embedding_gathered_with_other_bits(llama, int4, tmp_path):
+    """The codes untouched, the gather told they are 4-bit: the graph is proven node by node."""
+    out = tmp_path / "bits"
+    shutil.copytree(int4, out)
+    model = onnx.load(str(out / "model.onnx"))
+    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+    next(a for a in node.attribute if a.name == "bits").i = 4
+    onnx.save(model, str(out / "model.onnx"))
+    restamp(out)
+    _wrong(_verify(llama, out), "embeddings.blocks")
 
 
 def test_a_node_reading_another_layers_weights(llama, int8, tmp_path):
@@ -381,8 +404,9 @@ def test_a_passing_report_shows_proof_then_parity_then_quality(llama, int4, tmp_
     data = json.loads((tmp_path / "report.json").read_text())
     kinds = {c["name"]: c["kind"] for c in data["checks"]}
     assert kinds == {"files": "proof", "weights": "proof", "parity": "proof", "quantization": "quality"}
-    assert data["proof"]["passed"] and data["proof"]["quantized_tensors"] == 9  # 4 packed per layer + lm_head
-    assert data["proof"]["modules"] == 15  # q,k,v,o,gate,up,down × 2 layers + lm_head, each held once
+    # 4 packed per layer + lm_head + the embedding (untied: its own codes, gathered)
+    assert data["proof"]["passed"] and data["proof"]["quantized_tensors"] == 10
+    assert data["proof"]["modules"] == 16  # q,k,v,o,gate,up,down × 2 layers, lm_head, embed_tokens: once each
     # the export computing in float32 against the dequantized reference: float32 noise
     assert data["parity"]["passed"] and data["parity"]["max_abs_err"] < 1e-4
     assert data["parity"]["as_written"]["max_abs_diff"] > 0  # int8 activations are measured

@@ -297,3 +297,63 @@ def test_decode_step_latency_report(tmp_path):
     t0 = time.perf_counter()
     generate_shared(session, ids, mask, 32, CACHE)
     print(f"fused shared-buffer decode: {(time.perf_counter() - t0) / 32 * 1e3:.3f} ms/step")
+
+
+# ---- int8/int4: the embedding gathered from 8-bit codes ------------------------------------------
+@pytest.mark.parametrize("family, precision, block", [("qwen2", "int4", 16), ("llama", "int8", 32)])
+def test_quantized_embedding_is_gathered_from_the_codes(family, precision, block, tmp_path):
+    """int8/int4: ``GatherBlockQuantized`` of 8-bit codes; a tied head (Qwen2) reads the very same
+    codes and scales (one tensor, two modules), an untied one (Llama) has its own. The rows it
+    gathers are the codes' dequantized values exactly (one float32 product each, on both sides)."""
+    from loraexport.core.enums import Precision
+    from loraexport.export.fused_source import ModuleSource
+    from loraexport.export.qformat import NBits, nbits_dequantize
+
+    model = _model(family)
+    origins: dict = {}
+    fused.write_fused_decoder(
+        ModuleSource(model), tmp_path / "model.onnx", Precision(precision), origins=origins, block=block
+    )
+    proto = onnx.load(str(tmp_path / "model.onnx"))
+    inits = {t.name: numpy_helper.to_array(t) for t in proto.graph.initializer}
+    gather = next(n for n in proto.graph.node if n.op_type.startswith("Gather") and "input_ids" in n.input)
+    assert gather.op_type == "GatherBlockQuantized" and "embed_tokens.weight" not in inits
+    name = "lm_head" if family == "qwen2" else "embed_tokens"
+    assert gather.input[0] == f"{name}.weight.T_Q8"
+    head = next(n for n in proto.graph.node if n.output[0] == "lm_head.out")
+    assert (head.input[1] == gather.input[0]) is (family == "qwen2")
+    modules = dict(origins[f"{name}.weight.T"])
+    assert "model.embed_tokens" in modules and ("lm_head" in modules) is (family == "qwen2")
+
+    table = model.model.embed_tokens.weight.detach().numpy()
+    v, h = table.shape
+    rows = nbits_dequantize(inits[gather.input[0]], inits[f"{name}.weight.T_scales"], NBits(h, v, 8, block)).T
+    # 8-bit symmetric blocks: |error| ≤ half a step = max|block| / 127 / 2
+    assert np.abs(rows - table).max() <= np.abs(table).max() / 254 + 1e-7
+    sub = onnx.helper.make_model(
+        onnx.helper.make_graph(
+            [n for n in proto.graph.node if "embedding" in n.output[0]],
+            "embedding",
+            [onnx.helper.make_tensor_value_info("input_ids", onnx.TensorProto.INT64, [1, None])],
+            [onnx.helper.make_tensor_value_info("embeddings", onnx.TensorProto.FLOAT, None)],
+            [t for t in proto.graph.initializer if t.name.startswith((name, "const.embedding"))],
+        ),
+        opset_imports=proto.opset_import,
+        ir_version=proto.ir_version,
+    )
+    ids = np.array([[0, 5, v - 1, 5]], np.int64)
+    (got,) = ort.InferenceSession(sub.SerializeToString(), providers=["CPUExecutionProvider"]).run(
+        None, {"input_ids": ids}
+    )
+    np.testing.assert_array_equal(got[0], rows[ids[0]])  # bit for bit: the same products
+
+
+def test_embedding_stays_float_when_its_rows_are_not_whole_blocks(tmp_path):
+    """hidden 64 in blocks of 128: the codes would be padded; the table is gathered in float32."""
+    from loraexport.core.enums import Precision
+    from loraexport.export.fused_source import ModuleSource
+
+    fused.write_fused_decoder(ModuleSource(_model("qwen2")), tmp_path / "m.onnx", Precision.INT4, block=128)
+    proto = onnx.load(str(tmp_path / "m.onnx"))
+    assert not [n for n in proto.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert "embed_tokens.weight" in {t.name for t in proto.graph.initializer}
