@@ -17,7 +17,7 @@ are compared with PEFT's unmerged float32 model in torch, pooled the same way:
 The float32 export's row separates what the export costs (nothing: ~1e-7) from what quantizing
 costs; the ``adapter`` row is the adapter's own effect (base against adapted PEFT) for scale.
 
-    python benchmarks/bench_minilm.py --real runs/real --dir runs/bench-minilm   # ~2 min on 2 cores
+    python benchmarks/bench_minilm.py --real runs/real --dir runs/bench-minilm   # ~1 min on 2 cores
 """
 
 from __future__ import annotations
@@ -138,9 +138,16 @@ def figures(folders: dict[str, Path], reference: np.ndarray, texts: list[str]) -
     return out
 
 
-def measure(base: Path, adapter: Path, work: Path, log=print) -> dict:
-    """Export each of ``VARIANTS`` (and the quantized ones' base, for ``adapter_retained``) under
-    ``work``, embed the sentences and compare with PEFT. Returns figures as numbers, per variant."""
+def measure(
+    base: Path, adapter: Path, work: Path, log=print, variants: tuple[str, ...] = tuple(VARIANTS)
+) -> dict:
+    """Export each of ``variants`` (keys of ``VARIANTS``; and the quantized ones' base, for
+    ``adapter_retained``) under ``work``, embed the sentences and compare with PEFT. Returns
+    figures as numbers, per variant (on 2 shared cores: ~55 s for all five, ~40 s for float32,
+    int8 and int4)."""
+    unknown = [v for v in variants if v not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
     from loraexport.stages.export import export
 
     texts = sentences()
@@ -148,17 +155,17 @@ def measure(base: Path, adapter: Path, work: Path, log=print) -> dict:
     adapted, plain = peft_embeddings(base, adapter, texts)
     log(f"PEFT float32 embeddings of {len(texts)} sentences in {time.perf_counter() - t0:.1f} s")
     folders, base_folders, seconds = {}, {}, {}
-    for key, options in VARIANTS.items():
+    for key in variants:
+        options = VARIANTS[key]
         folders[key] = work / key
         t0 = time.perf_counter()
         export(base, folders[key], adapter=adapter, force=True, log=lambda _: None, **options)
         seconds[key] = time.perf_counter() - t0
         log(f"exported {key} in {seconds[key]:.1f} s")
         quantized = _base_options(options)
-        name = "-".join(f"{v}" for v in quantized.values())
-        if quantized and name not in base_folders:  # the base quantized the same way: Q₀
-            base_folders[name] = work / f"base-{name}"
-            export(base, base_folders[name], force=True, log=lambda _: None, **quantized)
+        if quantized and _name(quantized) not in base_folders:  # the base quantized the same way: Q₀
+            base_folders[_name(quantized)] = work / f"base-{_name(quantized)}"
+            export(base, base_folders[_name(quantized)], force=True, log=lambda _: None, **quantized)
     rows = figures(folders, adapted, texts)
     bases = figures(base_folders, plain, texts)
     for key, row in rows.items():
@@ -167,7 +174,7 @@ def measure(base: Path, adapter: Path, work: Path, log=print) -> dict:
         row["file_mb"] = (folders[key] / "model.onnx").stat().st_size / 1e6
         quantized = _base_options(VARIANTS[key])
         if quantized:
-            q0 = bases["-".join(f"{v}" for v in quantized.values())]["embeddings"]
+            q0 = bases[_name(quantized)]["embeddings"]
             row["adapter_retained"] = adapter_retained(emb, q0, adapted, plain)
     effect = compare(plain, adapted)  # the adapter's own effect, for scale
     effect["pairs_found"] = pairs_found(adapted)
@@ -177,6 +184,10 @@ def measure(base: Path, adapter: Path, work: Path, log=print) -> dict:
 def _base_options(options: dict) -> dict:
     """The options that quantize the base as ``options`` quantize the export (none: float32)."""
     return {k: v for k, v in options.items() if k in ("quantize", "block_size")}
+
+
+def _name(options: dict) -> str:
+    return "-".join(str(v) for v in options.values())  # int4, int4-32
 
 
 def _cos(value: float) -> str:
