@@ -250,6 +250,26 @@ def test_embed_is_the_mean_pooled_peft_encoder(encoder):
     np.testing.assert_allclose(raw / np.linalg.norm(raw, axis=1, keepdims=True), got, atol=1e-6)
 
 
+def test_embed_ignores_the_padding_and_truncation_in_tokenizer_json(encoder, tmp_path):
+    """all-MiniLM-L6-v2's tokenizer.json pads and cuts every text to 128 tokens (its
+    sentence-transformers setting); until 2026-12-07 embed averaged that padding in as tokens
+    (cosine 0.19 to PEFT's embedding on real sentences). The ids are the text's own, as
+    transformers' tokenizer gives them, and a text too long is refused, not cut."""
+    onnx = tmp_path / "onnx"
+    shutil.copytree(encoder[0], onnx)
+    path = onnx / "tokenizer.json"
+    tok = json.loads(path.read_text())
+    tok["padding"] = {"strategy": {"Fixed": 16}, "direction": "Right", "pad_to_multiple_of": None}
+    tok["padding"] |= {"pad_id": 0, "pad_type_id": 0, "pad_token": "[PAD]"}
+    tok["truncation"] = {"max_length": 6, "strategy": "LongestFirst", "stride": 0, "direction": "Right"}
+    path.write_text(json.dumps(tok))
+    model = OnnxModel(onnx)
+    assert model.tokenizer.encode("w1 w2") == OnnxModel(encoder[0]).tokenizer.encode("w1 w2")
+    np.testing.assert_allclose(model.embed(TEXTS), OnnxModel(encoder[0]).embed(TEXTS), atol=1e-6)
+    with pytest.raises(RuntimeInputError, match=r"texts\[0\] makes 130 tokens"):
+        model.embed([" ".join(["w2"] * 128)])
+
+
 def test_embed_refuses_what_it_cannot_embed(encoder, example):
     model = OnnxModel(encoder[0])
     for texts in ("w1 w2", [], [5], None):

@@ -50,6 +50,11 @@ class ExportTokenizer:
             raise RuntimeInputError(
                 f"{path}: not a tokenizer the tokenizers library reads ({first_line(e)})"
             ) from e
+        # tokenizer.json may hold its maker's padding and truncation (all-MiniLM-L6-v2's: padded
+        # and cut to 128 tokens), which transformers' tokenizer leaves aside too: a text's ids are
+        # its own, callers pad with a mask, and a text too long is refused, not cut.
+        self.tokenizer.no_padding()
+        self.tokenizer.no_truncation()
         size = self.tokenizer.get_vocab_size(with_added_tokens=True)
         if vocab_size is not None and size > vocab_size:
             raise RuntimeInputError(
