@@ -113,7 +113,7 @@ def references(peft, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- the files -----------------------------------------------------------------------------------
-def ours_export(base: Path, adapter: Path, out: Path, options: tuple[str, ...]) -> float:
+def ours_verified_export(base: Path, adapter: Path, out: Path, options: tuple[str, ...]) -> float:
     """`loraexport merge-and-export OPTIONS --no-latency`, verified (report.json), its own process."""
     cmd = [sys.executable, "-m", "loraexport.cli", "merge-and-export", "--base", str(base)]
     cmd += ["--adapter", str(adapter), "--out", str(out), *options, "--no-latency", "--force"]
@@ -176,7 +176,7 @@ def measure(base: Path, adapter: Path, out: Path, threads: int, digest: str, fre
             make = lambda d=d: builder_from_peft(peft, out / "merged", d)  # noqa: E731
             cache_key = inputs | {"genai": bench_builder.genai_version(), "p": "int4"}
         else:
-            make = lambda d=d, options=options: ours_export(base, adapter, d, options)  # noqa: E731
+            make = lambda d=d, options=options: ours_verified_export(base, adapter, d, options)  # noqa: E731
             cache_key = inputs | {"source": digest, "options": list(options)}
         try:
             seconds, reused = bench_builder.cached(d, cache_key, make, fresh)
