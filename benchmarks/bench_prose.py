@@ -121,8 +121,8 @@ def ours_verified_export(base: Path, adapter: Path, out: Path, options: tuple[st
 
 
 def builder_from_peft(peft, hf_dir: Path, out: Path) -> float:
-    """The builder's int4 of PEFT's ``merge_and_unload`` (``peft`` is merged in place: call last);
-    the seconds of the export alone. The Hugging Face folder is removed once read."""
+    """The builder's int4 of PEFT's ``merge_and_unload`` (``peft`` is merged in place: its references
+    come first); the seconds of the export alone. The Hugging Face folder is removed once read."""
     try:
         bench_builder.save_merged(peft.merge_and_unload(), hf_dir)
         return bench_builder.builder_export(hf_dir, out, "int4")
@@ -231,7 +231,7 @@ def markdown(results: dict) -> str:
             f"positions; the adapter changes float32's top-1 at {prose['decisions']}), each file run by "
             "onnxruntime-genai, against PEFT unmerged float32.",
             "",
-            "| file | top-1 | adapter decisions kept | file MB | our adapter_retained (held out) |",
+            "| file | top-1 | adapter decisions kept | file MB | our report: adapter_retained (top-1) |",
             "|---|---:|---:|---:|---:|",
         ]
         for r in prose["rows"]:
@@ -242,14 +242,17 @@ def markdown(results: dict) -> str:
             if r["kept_share"] is not None:
                 kept += f" ({100 * r['kept_share']:.0f}%)"
             ret = f"{100 * r['adapter_retained']:.1f}%" if r.get("adapter_retained") is not None else "—"
+            if r.get("report_top1") is not None:
+                ret += f" ({100 * r['report_top1']:.1f}%)"
             out.append(
                 f"| {r['label']} | {100 * r['top1']:.1f}% | {kept} | {r['file_bytes'] / 1e6:.0f} | {ret} |"
             )
         out += [
             "",
             "Adapter decisions kept: the positions where the adapter changes PEFT float32's top-1 "
-            "(against the base's) and the file keeps the adapter's token. adapter_retained: our "
-            "report.json's figure, on loraexport's own reference texts (— for the builder's file). "
+            "(against the base's) and the file keeps the adapter's token. Our report: report.json's "
+            "adapter_retained and top-1 from `merge-and-export`'s verify, held out (loraexport's own "
+            "reference texts, not this prose; none for the builder's file). "
             f"{prose['wall_s']:.0f} s for this table.",
             "",
         ]
