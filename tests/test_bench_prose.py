@@ -66,3 +66,16 @@ def test_the_shipped_prose_is_at_least_300_smollm2_tokens():
         pytest.skip(f"{real} absent (samples/real/prepare.py makes it; LORAEXPORT_REAL says where)")
     ids = tokenizers.Tokenizer.from_file(str(real)).encode(prose.PROSE.read_text()).ids
     assert len(ids) >= prose.MIN_POSITIONS
+
+
+def test_the_table_quotes_each_file_with_its_counts_and_says_why_a_row_is_missing():
+    ours = {"key": "ours_int4", "label": "ours int4", "note": "", "top1": 0.758, "kept": 27, "decisions": 55}
+    ours |= {"kept_share": 27 / 55, "file_bytes": 244e6, "adapter_retained": 0.993, "report_top1": 0.836}
+    builder = {"key": "builder_int4", "label": "builder int4", "note": "export failed: exit 1"}
+    prose_rows = {"text": "samples/real/prose.txt", "positions": 363, "decisions": 55, "wall_s": 60.0}
+    model = {"label": "SmolLM2", "prose": prose_rows | {"rows": [builder, ours]}}
+    md = prose.markdown({"models": [model, {"label": "GPT-2", "rows": []}]})
+    assert "| builder int4 | export failed: exit 1 |" in md
+    assert "| ours int4 | 75.8% | 27/55 (49%) | 244 | 99.3% (83.6%) |" in md
+    assert "363 positions; the adapter changes float32's top-1 at 55" in md
+    assert "GPT-2" not in md
