@@ -1,8 +1,9 @@
 """Issue 25's prose rows: the real SmolLM2-135M and its sample adapter, teacher-forced on English
 prose (``samples/real/prose.txt``), each file run by onnxruntime-genai, against PEFT unmerged float32.
 
-The text, tokenized by SmolLM2's tokenizer after its ``bos_token_id``, is fed whole; position i
-predicts token i + 1, so the figures cover every token of the text. The reference is one forward
+The text (six paragraphs written for this repository, 720 tokens), tokenized by SmolLM2's
+tokenizer after its ``bos_token_id``, is fed whole; position i predicts token i + 1, so the
+figures cover every token of the text. The reference is one forward
 pass of PEFT eager unmerged in float32 (its top-1 at each position) and one of the same model with
 the adapter disabled (the base's top-1): where the two differ the adapter made a decision.
 
