@@ -33,6 +33,7 @@ import os
 import shutil
 import sys
 import time
+import warnings
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -166,7 +167,9 @@ def measure(base: Path, adapter: Path, out: Path, threads: int, digest: str, fre
     t0 = time.perf_counter()
     out.mkdir(parents=True, exist_ok=True)
     ids = prose_ids(base)
-    peft = load_torch(base, adapter, merged=False)
+    with warnings.catch_warnings():  # transformers' deprecation notes, not ours to act on
+        warnings.simplefilter("ignore")
+        peft = load_torch(base, adapter, merged=False)
     peft_top1, base_top1 = references(peft, ids)
     inputs = {"base": bench_builder.tree_stamp(base), "adapter": bench_builder.tree_stamp(adapter)}
     rows = []
