@@ -14,8 +14,10 @@ decoding (128-token prompt, 64 new tokens, batch 1, end to end), all variants in
 one process with fixed threads and no onnxruntime spinning, medians with IQR, ratios against
 PEFT eager, and efficiency against a GEMM peak and read bandwidth measured in the same run.
 On the SmolLM2 shape it then races onnxruntime-genai's model builder (bench_builder.py: export
-time, file bytes, decode with the same thread spinning on both sides), and it ends with issue 25's
-acceptance table (bench_acceptance.py), the host named, "holds" beside each target.
+time, file bytes, decode with the same thread spinning on both sides); on the real SmolLM2 it runs
+the builder's int4 and our int4 and int8 files in onnxruntime-genai, teacher-forced on English prose
+(bench_prose.py: top-1 and the adapter's decisions kept, against PEFT float32); and it ends with
+issue 25's acceptance table (bench_acceptance.py), the host named, "holds" beside each target.
 
 Writes OUT/bench.md, bench.json, bench.png (OUT: runs/bench; exports in OUT/exports, reused
 while loraexport's source, the inputs and the options are unchanged; --fresh re-exports).
@@ -50,6 +52,7 @@ import bench_acceptance  # noqa: E402
 import bench_builder  # noqa: E402
 import bench_ceilings  # noqa: E402
 import bench_models  # noqa: E402
+import bench_prose  # noqa: E402
 import bench_table  # noqa: E402
 import numpy as np  # noqa: E402
 from bench_table import POINTS, point_key  # noqa: E402
@@ -417,6 +420,9 @@ def run_model(shape, args, digest: str) -> dict:
     result["cpu_others"] = meter.others()
     del ordered, live, variants, rows, peft, merged
     gc.collect()
+    if shape.real:
+        prose_out = args.out / "exports" / shape.key / "prose"
+        result |= bench_prose.step(base, adapter, prose_out, args.threads, digest, args.fresh, log)
     if peers:
         race_meter = CpuMeter()
         result["race"] = bench_builder.race(peers, ids, NEW_TOKENS, tokens.get("peft"), args, log)
@@ -585,6 +591,7 @@ def main() -> None:
     results["acceptance"] = [v.as_dict() for v in bench_acceptance.verdicts(results)]
     md = bench_table.markdown(results)
     md += "\n" + bench_table.race_markdown(results)
+    md += "\n" + bench_prose.markdown(results)
     md += "\n" + bench_acceptance.markdown(results)
     md += (
         f"\n{results['date']}, {bench_acceptance.host_line(results)}, "

@@ -7,7 +7,6 @@ from dataclasses import dataclass
 
 WALL_LIMIT_S = 15 * 60  # make bench's own budget (issue 25)
 PROMPT_POINT = "b1x128"
-NOT_IN_BENCH = "not measured by make bench yet"
 
 
 @dataclass(frozen=True)
@@ -131,8 +130,56 @@ def wall(results: dict) -> Verdict:
     return Verdict(target, s, f"{s:.0f} s ({s / 60:.1f} min)")
 
 
-def not_in_bench(what: str, limit: float, at_least: bool, unit: str = "×") -> Verdict:
-    return Verdict(Target(what, limit, at_least, unit), None, NOT_IN_BENCH)
+def _prose(results: dict) -> tuple[dict, str]:
+    """The real SmolLM2's prose rows by key (bench_prose), or why there are none."""
+    model = _model(results, "real")
+    prose = model.get("prose")
+    if not prose:
+        return {}, model.get("prose_note") or model.get("skipped") or "no real SmolLM2 in this run"
+    return {r["key"]: r for r in prose["rows"]}, ""
+
+
+def _pct(r: dict) -> str:
+    return f"{100 * r['top1']:.1f}%"
+
+
+def _kept(r: dict) -> str:
+    return f"{r['kept']}/{r['decisions']}"
+
+
+def prose_top1_over_builder(results: dict) -> Verdict:
+    target = Target("Real SmolLM2 prose, int4 top-1 agreement − builder int4's (points)", 10, True, " pts")
+    rows, why = _prose(results)
+    ours, theirs = rows.get("ours_int4", {}), rows.get("builder_int4", {})
+    if "top1" not in ours or "top1" not in theirs:
+        return Verdict(target, None, why or ours.get("note") or theirs.get("note") or "not measured")
+    value = 100 * (ours["top1"] - theirs["top1"])
+    return Verdict(target, value, f"{value:+.1f} pts ({_pct(ours)} − {_pct(theirs)}, of {ours['positions']})")
+
+
+def prose_top1(results: dict, key: str, label: str, limit: float) -> Verdict:
+    target = Target(f"Real SmolLM2 prose, {label} top-1 agreement", limit, True, "%")
+    rows, why = _prose(results)
+    r = rows.get(key, {})
+    if "top1" not in r:
+        return Verdict(target, None, why or r.get("note") or "not measured")
+    return Verdict(target, r["top1"], f"{_pct(r)} of {r['positions']} positions")
+
+
+PROSE_LABELS = {"ours_int4_keep": "`--keep-adapter`", "builder_int4": "builder int4"}
+
+
+def prose_kept(results: dict, key: str, label: str, limit: float, beside: tuple[str, ...] = ()) -> Verdict:
+    """``key``'s share of the adapter's decisions kept; the rows ``beside`` quoted after it."""
+    target = Target(f"Real SmolLM2 prose, {label} adapter decisions kept", limit, True, "%")
+    rows, why = _prose(results)
+    r = rows.get(key, {})
+    if r.get("kept_share") is None:
+        return Verdict(target, None, why or r.get("note") or "no adapter decision on this text")
+    shown = f"{100 * r['kept_share']:.0f}% ({_kept(r)})"
+    for other in (rows[k] for k in beside if rows.get(k, {}).get("kept_share") is not None):
+        shown += f"; {PROSE_LABELS[other['key']]} {100 * other['kept_share']:.0f}% ({_kept(other)})"
+    return Verdict(target, r["kept_share"], shown)
 
 
 def verdicts(results: dict) -> list[Verdict]:
@@ -145,10 +192,10 @@ def verdicts(results: dict) -> list[Verdict]:
         file_ratio(results),
         export_ratio(results),
         wall(results),
-        not_in_bench("Real SmolLM2 prose, int4 top-1 agreement − builder int4's (points)", 10, True, " pts"),
-        not_in_bench("Real SmolLM2 prose, int4 adapter decisions kept", 0.7, True, "%"),
-        not_in_bench("Real SmolLM2 prose, int8 top-1 agreement", 0.97, True, "%"),
-        not_in_bench("Real SmolLM2 prose, int8 adapter decisions kept", 0.9, True, "%"),
+        prose_top1_over_builder(results),
+        prose_kept(results, "ours_int4", "int4", 0.7, beside=("ours_int4_keep", "builder_int4")),
+        prose_top1(results, "ours_int8", "int8", 0.97),
+        prose_kept(results, "ours_int8", "int8", 0.9),
     ]
 
 

@@ -103,16 +103,16 @@ def save_merged(merged_model, out: Path) -> float:
 
 
 # ---- exports, each its own process ----------------------------------------------------------------
-def run_timed(cmd: list[str], log_path: Path) -> float:
+def run_timed(cmd: list[str], log_path: Path, ok: tuple[int, ...] = (0,)) -> float:
     """Run ``cmd`` offline with this repository first on the path; its wall seconds. Output goes
-    to ``log_path``; a failure raises ``BuildFailed`` with the log's last lines."""
+    to ``log_path``; an exit code not in ``ok`` raises ``BuildFailed`` with the log's last lines."""
     env = os.environ | OFFLINE
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH", "")) if p)
     t0 = time.perf_counter()
     with open(log_path, "w") as log:
         r = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, check=False)
     seconds = time.perf_counter() - t0
-    if r.returncode != 0:
+    if r.returncode not in ok:
         tail = log_path.read_text(errors="replace").strip().splitlines()[-3:]
         raise BuildFailed(f"exit {r.returncode} from {' '.join(cmd[:4])} …: {' | '.join(tail)[-300:]}")
     return seconds
@@ -137,18 +137,26 @@ def ours_export(base: Path, adapter: Path, out: Path) -> float:
     return run_timed(cmd, out.parent / f"{out.name}.log")
 
 
-def cached_builder_export(hf_dir: Path, out: Path, precision: str, inputs: dict, fresh: bool):
-    """``builder_export``, reused while ``inputs`` (what the merged model came from) and
-    onnxruntime-genai's version are unchanged: (seconds when made, reused)."""
+def cached(out: Path, key: dict, make, fresh: bool) -> tuple[float, bool]:
+    """``make()`` (which writes ``out`` and returns its seconds), skipped while ``out`` has a
+    genai_config.json and ``out``.key.json records the same ``key``: (seconds when made, reused)."""
     stamp = out.parent / f"{out.name}.key.json"
-    want = json.loads(json.dumps(inputs | {"genai": genai_version(), "p": precision}))
+    want = json.loads(json.dumps(key))
     if not fresh and stamp.is_file() and (out / "genai_config.json").is_file():
         have = json.loads(stamp.read_text())
         if have.get("key") == want:
             return have["seconds"], True
-    seconds = builder_export(hf_dir, out, precision)
+    stamp.unlink(missing_ok=True)
+    seconds = make()
     stamp.write_text(json.dumps({"key": want, "seconds": seconds}))
     return seconds, False
+
+
+def cached_builder_export(hf_dir: Path, out: Path, precision: str, inputs: dict, fresh: bool):
+    """``builder_export``, reused while ``inputs`` (what the merged model came from) and
+    onnxruntime-genai's version are unchanged: (seconds when made, reused)."""
+    key = inputs | {"genai": genai_version(), "p": precision}
+    return cached(out, key, lambda: builder_export(hf_dir, out, precision), fresh)
 
 
 def make_peers(merged_model, base: Path, adapter: Path, ours_fp32: Path | None, root: Path, fresh: bool, log):
@@ -198,8 +206,8 @@ def _export_peers(hf_dir: Path, base: Path, adapter: Path, ours_fp32: Path | Non
 
 
 # ---- runners ------------------------------------------------------------------------------------
-def genai_decode(directory: Path, threads: int, spinning: bool):
-    """onnxruntime-genai's own loop on ``directory``, with our threads and ``spinning`` overlaid on
+def genai_model(directory: Path, threads: int, spinning: bool):
+    """onnxruntime-genai's ``Model`` of ``directory``, with our threads and ``spinning`` overlaid on
     its session options (the files are not touched)."""
     import onnxruntime_genai as og
 
@@ -212,7 +220,14 @@ def genai_decode(directory: Path, threads: int, spinning: bool):
         "session.inter_op.allow_spinning": spin,
     }
     cfg.overlay(json.dumps({"model": {"decoder": {"session_options": opts}}}))
-    model = og.Model(cfg)
+    return og.Model(cfg)
+
+
+def genai_decode(directory: Path, threads: int, spinning: bool):
+    """onnxruntime-genai's own loop on ``directory`` (``genai_model``)."""
+    import onnxruntime_genai as og
+
+    model = genai_model(directory, threads, spinning)
 
     def decode(ids: np.ndarray, mask: np.ndarray, n: int) -> np.ndarray:
         total = ids.shape[1] + n

@@ -34,7 +34,26 @@ def _race_row(key: str, tok_s: float, file_mb: float, export_s: float, bw_eff: f
     return row | {"file_bytes": file_mb * 1e6, "export_s": export_s}
 
 
-def results(ours_tok_s: float = 100.0, int4_ms: float = 120.0, wall_s: float = 800.0) -> dict:
+def _prose_row(key: str, top1: float, kept: int, decisions: int = 55) -> dict:
+    row = {"key": key, "note": "", "positions": 363, "top1": top1, "decisions": decisions, "kept": kept}
+    return row | {"kept_share": kept / decisions, "file_bytes": 86e6}
+
+
+def prose(
+    int4_top1: float = 0.758, int4_kept: int = 39, int8_top1: float = 0.973, int8_kept: int = 50
+) -> dict:
+    rows = [
+        _prose_row("builder_int4", 0.605, 14),
+        _prose_row("ours_int4", int4_top1, int4_kept),
+        _prose_row("ours_int4_keep", 0.746, 25),
+        _prose_row("ours_int8", int8_top1, int8_kept),
+    ]
+    return {"positions": 363, "decisions": 55, "rows": rows}
+
+
+def results(
+    ours_tok_s: float = 100.0, int4_ms: float = 120.0, wall_s: float = 800.0, **prose_figures
+) -> dict:
     smollm2_rows = [
         {"key": "onnx_opt"} | _prompt(200.0),
         {"key": "onnx_opt_int4"} | _prompt(int4_ms),
@@ -56,6 +75,7 @@ def results(ours_tok_s: float = 100.0, int4_ms: float = 120.0, wall_s: float = 8
         "models": [
             {"key": "gpt2", "rows": [{"key": "onnx_opt"} | _prompt(180.0)]},
             {"key": "smollm2", "rows": smollm2_rows, "race": race},
+            {"key": "real", "rows": [], "prose": prose(**prose_figures)},
         ],
     }
 
@@ -93,6 +113,51 @@ def test_a_missing_figure_is_not_measured_with_the_reason():
     assert decode.holds is None and decode.word == "not measured" and decode.shown == "no race in this run"
     gpt2 = v["GPT-2-small shape int8: b1×128 prompt pass ÷ our float32 `--optimize`"]
     assert gpt2.word == "not measured" and "onnx_opt_int8" in gpt2.shown
+
+
+PROSE_GAIN = "Real SmolLM2 prose, int4 top-1 agreement − builder int4's (points)"
+PROSE_INT4_KEPT = "Real SmolLM2 prose, int4 adapter decisions kept"
+PROSE_INT8_TOP1 = "Real SmolLM2 prose, int8 top-1 agreement"
+PROSE_INT8_KEPT = "Real SmolLM2 prose, int8 adapter decisions kept"
+
+
+def test_the_prose_targets_hold_from_the_real_models_rows():
+    v = _by_what(acc.verdicts(results()))
+    assert v[PROSE_GAIN].value == pytest.approx(15.3) and v[PROSE_GAIN].word == "holds"
+    assert v[PROSE_GAIN].shown == "+15.3 pts (75.8% − 60.5%, of 363)"
+    assert v[PROSE_INT4_KEPT].value == pytest.approx(39 / 55) and v[PROSE_INT4_KEPT].word == "holds"
+    assert "39/55" in v[PROSE_INT4_KEPT].shown and "builder int4 25% (14/55)" in v[PROSE_INT4_KEPT].shown
+    assert "`--keep-adapter` 45% (25/55)" in v[PROSE_INT4_KEPT].shown
+    assert v[PROSE_INT8_TOP1].value == pytest.approx(0.973) and v[PROSE_INT8_TOP1].word == "holds"
+    assert v[PROSE_INT8_KEPT].shown == "91% (50/55)" and v[PROSE_INT8_KEPT].word == "holds"
+
+
+@pytest.mark.parametrize(
+    ("figures", "what"),
+    [
+        ({"int4_top1": 0.704}, PROSE_GAIN),  # 9.9 points over the builder's 60.5%
+        ({"int4_kept": 38}, PROSE_INT4_KEPT),  # 69%
+        ({"int8_top1": 0.969}, PROSE_INT8_TOP1),
+        ({"int8_kept": 49}, PROSE_INT8_KEPT),  # 89%
+    ],
+)
+def test_a_prose_target_missed_says_does_not_hold(figures, what):
+    v = _by_what(acc.verdicts(results(**figures)))
+    assert v[what].word == "does not hold"
+    others = {PROSE_GAIN, PROSE_INT4_KEPT, PROSE_INT8_TOP1, PROSE_INT8_KEPT} - {what}
+    assert all(v[o].word == "holds" for o in others)
+
+
+def test_the_prose_targets_say_why_they_are_not_measured():
+    r = results()
+    r["models"][2] = {"key": "real", "skipped": "runs/real/smollm2 not found"}
+    v = _by_what(acc.verdicts(r))
+    assert all(v[w].shown == "runs/real/smollm2 not found" for w in (PROSE_GAIN, PROSE_INT8_TOP1))
+    r["models"][2] = {"key": "real", "rows": [], "prose": prose()}
+    r["models"][2]["prose"]["rows"][0] = {"key": "builder_int4", "note": "export failed: exit 1"}
+    v = _by_what(acc.verdicts(r))
+    assert v[PROSE_GAIN].word == "not measured" and v[PROSE_GAIN].shown == "export failed: exit 1"
+    assert v[PROSE_INT4_KEPT].word == "holds" and "builder" not in v[PROSE_INT4_KEPT].shown
 
 
 def test_the_table_names_the_host_and_gives_one_verdict_per_target():
