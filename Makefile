@@ -134,8 +134,8 @@ do-no-harm: $(STAMP)
 # onnxruntime-genai; GPT-2-small and SmolLM2-135M shapes (+ the real SmolLM2 when runs/real has
 # it, with its teacher-forced prose rows); the race against onnxruntime-genai's model builder and
 # issue 25's acceptance table ("holds" beside each target). At most 15 minutes on 2 cores, on a
-# quiet machine, its exports reused (the prose rows' three verified exports, made again after a
-# change to loraexport, add about 12 minutes). `python benchmarks/bench.py --quick`: ~1 min.
+# quiet machine (`--prose-verify` also verifies the prose rows' exports for our adapter_retained:
+# about 4 more minutes a file). `python benchmarks/bench.py --quick`: ~1 min.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --out runs/bench
 

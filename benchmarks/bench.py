@@ -422,7 +422,9 @@ def run_model(shape, args, digest: str) -> dict:
     gc.collect()
     if shape.real:
         prose_out = args.out / "exports" / shape.key / "prose"
-        result |= bench_prose.step(base, adapter, prose_out, args.threads, digest, args.fresh, log)
+        result |= bench_prose.step(
+            base, adapter, prose_out, args.threads, digest, args.fresh, log, args.prose_verify
+        )
     if peers:
         race_meter = CpuMeter()
         result["race"] = bench_builder.race(peers, ids, NEW_TOKENS, tokens.get("peft"), args, log)
@@ -515,6 +517,11 @@ def main() -> None:
         help="interleaved rounds per prompt point, budget allowing (6; at least 3); decode half",
     )
     ap.add_argument("--fresh", action="store_true", help="re-export even when a matching export exists")
+    ap.add_argument(
+        "--prose-verify",
+        action="store_true",
+        help="verify the prose rows' exports too (our adapter_retained beside them; ~4 min a file)",
+    )
     ap.add_argument(
         "--no-race",
         dest="race",

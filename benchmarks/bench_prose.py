@@ -9,9 +9,10 @@ the adapter disabled (the base's top-1): where the two differ the adapter made a
 
 The files: onnxruntime-genai's builder int4 with its defaults (the merged model, PEFT
 ``merge_and_unload``, saved as a Hugging Face folder: ``bench_builder``), and ours from
-``loraexport merge-and-export --optimize`` with ``--quantize int4``, ``int4 --keep-adapter`` and
-``int8``, verified (``--no-latency``) so that report.json has our held-out ``adapter_retained``
-(computed on loraexport's own reference texts, not on this prose). Each file is run by
+``loraexport merge-and-export --optimize`` with ``--quantize int4``, ``int4 --keep-adapter``,
+``int8`` and ``int4 --block-size 64``, ``--no-verify`` (seconds each); with ``--verify`` (bench.py:
+``--prose-verify``; about 4 minutes a file) verified, so that report.json has our held-out
+``adapter_retained`` (computed on loraexport's own reference texts, not on this prose). Each file is run by
 onnxruntime-genai: the tokens appended one at a time, the logits read after each (every graph
 then computes the position it is given, the builder's and our last-position ``--optimize`` alike).
 
@@ -55,6 +56,10 @@ FILES = {
         ("--optimize", "--quantize", "int4", "--keep-adapter"),
     ),
     "ours_int8": ("loraexport int8 `--optimize`", ("--optimize", "--quantize", "int8")),
+    "ours_int4_b64": (
+        "loraexport int4 `--optimize --block-size 64`",
+        ("--optimize", "--quantize", "int4", "--block-size", "64"),
+    ),
 }
 MERGE_AND_EXPORT_GATE_FAILED = 4  # its exit code when a parity gate fails: the files are written
 
@@ -115,10 +120,12 @@ def references(peft, ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 # ---- the files -----------------------------------------------------------------------------------
-def ours_verified_export(base: Path, adapter: Path, out: Path, options: tuple[str, ...]) -> float:
-    """`loraexport merge-and-export OPTIONS --no-latency`, verified (report.json), its own process."""
+def ours_export(base: Path, adapter: Path, out: Path, options: tuple[str, ...], verify: bool) -> float:
+    """`loraexport merge-and-export OPTIONS`, its own process: verified (``--no-latency``; report.json
+    then has our held-out adapter_retained, minutes per file) or ``--no-verify`` (seconds)."""
     cmd = [sys.executable, "-m", "loraexport.cli", "merge-and-export", "--base", str(base)]
-    cmd += ["--adapter", str(adapter), "--out", str(out), *options, "--no-latency", "--force"]
+    checks = ("--no-latency",) if verify else ("--no-verify",)
+    cmd += ["--adapter", str(adapter), "--out", str(out), *options, *checks, "--force"]
     return bench_builder.run_timed(cmd, out.parent / f"{out.name}.log", ok=(0, MERGE_AND_EXPORT_GATE_FAILED))
 
 
@@ -160,7 +167,9 @@ def teacher_forced(directory: Path, ids: np.ndarray, threads: int) -> np.ndarray
     return top
 
 
-def measure(base: Path, adapter: Path, out: Path, threads: int, digest: str, fresh: bool, log) -> dict:
+def measure(
+    base: Path, adapter: Path, out: Path, threads: int, digest: str, fresh: bool, log, verify: bool = False
+) -> dict:
     """The four files' rows (see the module's text); a file whose export failed has a ``note``."""
     from bench_models import load_torch
 
@@ -180,8 +189,8 @@ def measure(base: Path, adapter: Path, out: Path, threads: int, digest: str, fre
             make = lambda d=d: builder_from_peft(peft, out / "merged", d)  # noqa: E731
             cache_key = inputs | {"genai": bench_builder.genai_version(), "p": "int4"}
         else:
-            make = lambda d=d, options=options: ours_verified_export(base, adapter, d, options)  # noqa: E731
-            cache_key = inputs | {"source": digest, "options": list(options)}
+            make = lambda d=d, options=options: ours_export(base, adapter, d, options, verify)  # noqa: E731
+            cache_key = inputs | {"source": digest, "options": list(options), "verify": verify}
         try:
             seconds, reused = bench_builder.cached(d, cache_key, make, fresh)
         except (bench_builder.BuildFailed, OSError) as e:
@@ -207,12 +216,14 @@ def measure(base: Path, adapter: Path, out: Path, threads: int, digest: str, fre
     }
 
 
-def step(base: Path, adapter: Path, out: Path, threads: int, digest: str, fresh: bool, log) -> dict:
+def step(
+    base: Path, adapter: Path, out: Path, threads: int, digest: str, fresh: bool, log, verify: bool = False
+) -> dict:
     """``make bench``'s prose step for the real model: ``{"prose": …}``, or ``{"prose_note": why}``
     when it failed (the rest of the table stands)."""
     log("  prose: teacher-forcing the real SmolLM2's files on samples/real/prose.txt …")
     try:
-        prose = measure(base, adapter, out, threads, digest, fresh, log)
+        prose = measure(base, adapter, out, threads, digest, fresh, log, verify)
     except Exception as e:  # the prose rows' failure leaves the table standing
         note = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         log(f"  prose {note}")
@@ -245,7 +256,9 @@ def markdown(results: dict) -> str:
             kept = f"{r['kept']}/{r['decisions']}"
             if r["kept_share"] is not None:
                 kept += f" ({100 * r['kept_share']:.0f}%)"
-            ret = f"{100 * r['adapter_retained']:.1f}%" if r.get("adapter_retained") is not None else "—"
+            ret = "not verified"
+            if r.get("adapter_retained") is not None:
+                ret = f"{100 * r['adapter_retained']:.1f}%"
             if r.get("report_top1") is not None:
                 ret += f" ({100 * r['report_top1']:.1f}%)"
             out.append(
@@ -271,13 +284,15 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=Path("runs/bench/exports/real/prose"), help="exports here")
     ap.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)))
     ap.add_argument("--fresh", action="store_true", help="re-export even when a matching export exists")
+    ap.add_argument("--verify", action="store_true", help="verify our exports (adapter_retained; minutes)")
     args = ap.parse_args()
     import bench  # its source digest keys our exports, as make bench's
     import torch
 
     torch.set_num_threads(args.threads)
     base, adapter = args.real / "smollm2", args.real / "smollm2-adapter"
-    prose = measure(base, adapter, args.out, args.threads, bench.source_digest(), args.fresh, bench.log)
+    digest = bench.source_digest()
+    prose = measure(base, adapter, args.out, args.threads, digest, args.fresh, bench.log, args.verify)
     model = {"label": "SmolLM2-135M (real weights and adapter)", "prose": prose}
     (args.out / "prose.json").write_text(json.dumps(prose, indent=1) + "\n")
     print(markdown({"models": [model]}))
