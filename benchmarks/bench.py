@@ -51,6 +51,7 @@ sys.path.insert(0, str(REPO))
 import bench_acceptance  # noqa: E402
 import bench_builder  # noqa: E402
 import bench_ceilings  # noqa: E402
+import bench_minilm  # noqa: E402
 import bench_models  # noqa: E402
 import bench_prose  # noqa: E402
 import bench_table  # noqa: E402
@@ -494,6 +495,23 @@ def versions() -> dict:
     return out
 
 
+def run_minilm(args, wanted: list[str]) -> dict:
+    """The real MiniLM (never quantized): int8 and int4 sentence embeddings against PEFT float32
+    (``bench_minilm``); a dict with ``note`` when left out or failed."""
+    adapter = args.real / "minilm-adapter"
+    if args.quick or "real" not in wanted or not adapter.is_dir():
+        return {"note": "left out (--quick, no real model asked for, or no runs/real/minilm-adapter)"}
+    log("MiniLM (real, never quantized): float32, int8, int4 sentence embeddings …")
+    try:
+        return bench_minilm.measure(
+            bench_minilm.minilm_dir(), adapter, args.out / "exports" / "minilm", log=lambda m: log(f"  {m}"),
+            variants=("float32", "int8", "int4"),
+        )  # fmt: skip
+    except Exception as e:  # its failure leaves the rest of the table standing
+        log(f"  MiniLM failed: {type(e).__name__}: {e}")
+        return {"note": f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"}
+
+
 def main() -> None:
     cores = len(os.sched_getaffinity(0))
     ap = argparse.ArgumentParser(
@@ -580,6 +598,7 @@ def main() -> None:
             reason = f"failed: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
             models.append({"key": key, "label": shape.label, "skipped": reason})
         gc.collect()
+    minilm = run_minilm(args, wanted)
     log("ceilings again …")
     after = bench_ceilings.measure(args.threads, args.quick)
     apply_ceilings(ceilings, after, models)
@@ -593,6 +612,7 @@ def main() -> None:
         "quick": args.quick,
         "load_average": {"start": load_start, "end": os.getloadavg()},
         "models": models,
+        "minilm": minilm,
         "wall_s": time.perf_counter() - T0,
     }
     results["acceptance"] = [v.as_dict() for v in bench_acceptance.verdicts(results)]

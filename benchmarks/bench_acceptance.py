@@ -122,6 +122,21 @@ def export_ratio(results: dict) -> Verdict:
     return Verdict(target, value, shown)
 
 
+def minilm_cosine(results: dict, variant: str, limit: float) -> Verdict:
+    """The real MiniLM's worst sentence-embedding cosine of ``variant`` against PEFT float32."""
+    what = f"Real MiniLM (never quantized), {variant}: worst embedding cosine vs PEFT fp32"
+    target = Target(what, limit, True, "")
+    m = results.get("minilm") or {}
+    row = (m.get("variants") or {}).get(variant)
+    if not row:
+        return Verdict(target, None, m.get("note") or "not measured")
+    shown = (
+        f"{row['min_cos']:.4f} (median {row['median_cos']:.4f}; nearest neighbour as PEFT's "
+        f"{100 * row['nn_same']:.0f}%, {m['sentences']} sentences)"
+    )
+    return Verdict(target, row["min_cos"], shown)
+
+
 def wall(results: dict) -> Verdict:
     target = Target("`make bench` wall time (to the table)", WALL_LIMIT_S, at_least=False, unit=" s")
     s = results.get("wall_s")
@@ -196,6 +211,9 @@ def verdicts(results: dict) -> list[Verdict]:
         prose_kept(results, "ours_int4", "int4", 0.7, beside=("ours_int4_keep", "builder_int4")),
         prose_top1(results, "ours_int8", "int8", 0.97),
         prose_kept(results, "ours_int8", "int8", 0.9),
+        # the budgets of tests/real (test_minilm_int8/int4_embeddings), reasons given there
+        minilm_cosine(results, "int8", 0.998),
+        minilm_cosine(results, "int4", 0.94),
     ]
 
 

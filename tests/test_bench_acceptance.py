@@ -174,3 +174,33 @@ def test_the_table_says_when_other_processes_disturbed_the_run():
     r["models"][0]["cpu_others"] = {"others": 0.05, "steal": 0.0}
     r["models"][1]["race"]["cpu_others"] = {"others": 0.52, "steal": 0.0}
     assert "used up to 52% of the cores while it was timed: a busy machine" in acc.markdown(r)
+
+
+MINILM_INT8 = "Real MiniLM (never quantized), int8: worst embedding cosine vs PEFT fp32"
+MINILM_INT4 = "Real MiniLM (never quantized), int4: worst embedding cosine vs PEFT fp32"
+
+
+def _minilm(int8: float, int4: float) -> dict:
+    row = lambda c: {"min_cos": c, "median_cos": c + 1e-4, "nn_same": 1.0}  # noqa: E731
+    return {"sentences": 40, "variants": {"float32": row(1.0), "int8": row(int8), "int4": row(int4)}}
+
+
+@pytest.mark.parametrize(
+    "int8, int4, words",
+    [(0.9996, 0.964, ("holds", "holds")), (0.9979, 0.964, ("does not hold", "holds")),
+     (0.9996, 0.939, ("holds", "does not hold"))],
+)  # fmt: skip
+def test_the_minilm_targets_are_its_worst_cosines(int8, int4, words):
+    r = results()
+    r["minilm"] = _minilm(int8, int4)
+    v = _by_what(acc.verdicts(r))
+    assert (v[MINILM_INT8].word, v[MINILM_INT4].word) == words
+    assert v[MINILM_INT8].value == int8 and "40 sentences" in v[MINILM_INT8].shown
+
+
+def test_the_minilm_targets_say_why_they_are_not_measured():
+    r = results()
+    v = _by_what(acc.verdicts(r))
+    assert v[MINILM_INT8].word == "not measured" and v[MINILM_INT8].shown == "not measured"
+    r["minilm"] = {"note": "failed: OSError: no model"}
+    assert _by_what(acc.verdicts(r))[MINILM_INT4].shown == "failed: OSError: no model"
