@@ -109,6 +109,13 @@ def file_ratio(results: dict) -> Verdict:
         return Verdict(target, None, ours.get("note") or theirs.get("note") or "not measured")
     value = ours["file_bytes"] / theirs["file_bytes"]
     shown = f"{value:.2f}× ({ours['file_bytes'] / 1e6:.0f} MB ÷ {theirs['file_bytes'] / 1e6:.0f} MB)"
+    prose, _ = _prose(results)  # the same files of the real model, in --block-size 64
+    b64, builder = prose.get("ours_int4_b64", {}), prose.get("builder_int4", {})
+    if b64.get("file_bytes") and builder.get("file_bytes") and "top1" in b64:
+        shown += (
+            f"; `--block-size 64`: {b64['file_bytes'] / builder['file_bytes']:.2f}× on the real model, "
+            f"prose top-1 {_pct(b64)}"
+        )
     return Verdict(target, value, shown)
 
 

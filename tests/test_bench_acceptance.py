@@ -204,3 +204,13 @@ def test_the_minilm_targets_say_why_they_are_not_measured():
     assert v[MINILM_INT8].word == "not measured" and v[MINILM_INT8].shown == "not measured"
     r["minilm"] = {"note": "failed: OSError: no model"}
     assert _by_what(acc.verdicts(r))[MINILM_INT4].shown == "failed: OSError: no model"
+
+
+def test_the_file_row_quotes_the_larger_blocks_beside_the_default():
+    r = results()
+    rows = r["models"][2]["prose"]["rows"]
+    rows.append({"key": "ours_int4_b64", "top1": 0.717, "file_bytes": 106e6})
+    builder = next(x for x in rows if x["key"] == "builder_int4")
+    builder["file_bytes"] = 87e6
+    shown = _by_what(acc.verdicts(r))["SmolLM2 shape: int4 file bytes, ours ÷ builder's"].shown
+    assert "`--block-size 64`: 1.22× on the real model, prose top-1 71.7%" in shown
