@@ -316,3 +316,22 @@ def test_a_run_killed_while_it_verifies_leaves_nothing_after_the_next(tmp_path):
     assert r.returncode == 0, r.stderr
     assert not list(work.glob(".loraexport-*")) and not list(work.glob(".out.*"))
     assert (out / "report.json").is_file()
+
+
+def test_streamed_int8_of_a_tied_decoder_gathers_the_heads_codes_and_passes(tmp_path):
+    """Qwen2 ties its embedding to the LM head: the streamed int8 graph gathers the head's codes,
+    the layer-streamed reference reads the same dequantized rows (parity passes), and the proof
+    holds both modules by one tensor."""
+    import onnx
+    from hf_tiny import save_base_and_adapter
+
+    base, adapter = save_base_and_adapter("qwen2", tmp_path / "in")
+    out = tmp_path / "out"
+    ok(run("merge-and-export", "--base", base, "--adapter", adapter, "--out", out, "--stream",
+           "--quantize", "int8", "--no-latency"))  # fmt: skip
+    report = _report(out)
+    assert report["passed"] and report["parity"]["top1_agreement"] == 1.0
+    assert report["proof"]["modules"] == 2 * 7 + 2
+    graph = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    (gather,) = [n for n in graph.graph.node if n.op_type == "GatherBlockQuantized"]
+    assert gather.input[0] == "lm_head.weight.T_Q8"
