@@ -331,8 +331,11 @@ def build_fused_graph(
     if origins is not None:
         g.origins = origins
     embed = src.embedding()
-    tied = precision in BITS and src.tied_head()  # int8/int4: the LM head reads the embedding's codes
-    residual = g.embedding(embed, "input_ids", "lm_head" if tied else None)
+    # int8/int4: the embedding as 8-bit codes, a tied LM head's own; with the adapter kept in float32
+    # (--keep-adapter: fidelity to the adapter first) the table stays float32, as the branches do
+    quantized = precision in BITS and not src.kept()
+    tied = quantized and src.tied_head()
+    residual = g.embedding(embed, "input_ids", "lm_head" if tied else None, quantized)
     del embed
     shared = (*_mask_inputs(g), *_rotary_caches(g, d))
     first = src.vector("model.layers.0.input_layernorm.weight")

@@ -38,6 +38,7 @@ class Source(Protocol):
     def embedding(self) -> torch.Tensor: ...
     def lm_head(self) -> _Linear: ...
     def tied_head(self) -> bool: ...  # the LM head's weight is the embedding table itself
+    def kept(self) -> bool: ...  # LoRA branches are kept beside the weights (--keep-adapter)
 
 
 # ---- reading a model in memory ------------------------------------------------------------------
@@ -111,3 +112,6 @@ class ModuleSource:
 
     def tied_head(self) -> bool:
         return bool(self.decoder.tie)  # lm_head() refuses a head that differs from the embedding
+
+    def kept(self) -> bool:
+        return any(isinstance(m, (LoRALinear, WeightedLoRALinear)) for m in self.model.modules())

@@ -141,13 +141,14 @@ class Graph:
             return self.op("MatMul", [x, cast], out)
         return self.op("MatMul", [x, self.tensor(f"{name}.weight.T", weight.T.to(torch.float32))], out)
 
-    def embedding(self, table: torch.Tensor, ids: str, head: str | None) -> str:
+    def embedding(self, table: torch.Tensor, ids: str, head: str | None, quantized: bool = True) -> str:
         """The rows of ``table`` (V, H) for ``ids``, float32. int8/int4: ``GatherBlockQuantized`` of
         8-bit codes in the graph's blocks (the precision the LM head keeps); ``head``: the name of the
         LM head whose weight *is* this table (tied), whose ``MatMulNBits`` then reads the same codes
-        and scales (stored once); else the table is quantized on its own. Other precisions, and a
-        hidden size that is not a whole number of blocks (the codes would be padded): ``Gather``."""
-        if self.precision not in BITS or table.shape[1] % self.block:
+        and scales (stored once); else the table is quantized on its own. Not ``quantized``, other
+        precisions, and a hidden size that is not a whole number of blocks (the codes would be
+        padded): ``Gather`` of the table as it is stored."""
+        if not quantized or self.precision not in BITS or table.shape[1] % self.block:
             if self.precision in HALF:  # gathered in half precision, then cast: no float32 copy
                 where = "model.embed_tokens.weight"
                 half = self.tensor("embed_tokens.weight", cast_checked(table, HALF[self.precision], where))

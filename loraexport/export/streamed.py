@@ -251,6 +251,9 @@ class CheckpointSource:
             )
         return name
 
+    def kept(self) -> bool:
+        return bool(self.adapters) and not self.merge
+
     def tied_head(self) -> bool:
         return not self.checkpoint.has("lm_head.weight") and self._head_name() == "model.embed_tokens.weight"
 
