@@ -296,3 +296,12 @@ def test_minilm_int4_embeddings(tmp_path, minilm_reference):
     print(json.dumps(got), f"adapter retained {retained:.3f}")
     assert got["min_cos"] >= MINILM_INT4_MIN_COS and got["nn_same"] == 1.0, got
     assert MINILM_INT4_RETAINED[0] <= retained <= MINILM_INT4_RETAINED[1], retained
+
+
+def test_the_shipped_prose_is_at_least_300_smollm2_tokens():
+    """make bench's prose rows (benchmarks/bench_prose.py) need at least 300 positions (issue 25)."""
+    from tokenizers import Tokenizer
+
+    text = (Path(__file__).resolve().parents[2] / "samples" / "real" / "prose.txt").read_text()
+    ids = Tokenizer.from_file(str(REAL / "smollm2" / "tokenizer.json")).encode(text).ids
+    assert len(ids) >= 300, len(ids)
