@@ -71,21 +71,26 @@ def float_origins(graph: Path | onnx.ModelProto, index: ValueIndex) -> Origins:
     return out
 
 
-def dequantized_rows(f: TensorFile, name: str, base: str, role) -> torch.Tensor:
+def dequantized_rows(f: TensorFile, name: str, base: str, role, at: np.ndarray | None = None) -> torch.Tensor:
     """The float32 weight a quantized tensor of ``f`` stands for, as rows (N, K): one row per
-    output, as ``nn.Linear`` holds it. Computed with torch (threads, no transposed copy); equal
-    bit for bit to ``export.qformat``'s reading (tested)."""
+    output, as ``nn.Linear`` holds it; ``at``: only these rows of a MatMulNBits-format tensor (an
+    embedding's gathered rows, never the whole table). Computed with torch (threads, no transposed
+    copy); equal bit for bit to ``export.qformat``'s reading (tested)."""
     fmt = role.fmt
     if fmt is None:  # quantize_dynamic: (K, N) per output channel
         w = dynamic_dequantize(f.array(name), f.array(base + "_scale"), f.array(base + "_zero_point"))
         return torch.from_numpy(np.ascontiguousarray(w.T))
-    packed = torch.from_numpy(np.array(f.array(name), copy=True)).reshape(fmt.n, fmt.blocks, -1)
+    n = fmt.n if at is None else len(at)
+    picked = (lambda a: a) if at is None else (lambda a: a[at])  # noqa: E731
+    packed = torch.from_numpy(np.array(picked(f.array(name)), copy=True)).reshape(n, fmt.blocks, -1)
     codes = torch.stack((packed & 15, packed >> 4), dim=-1) if fmt.bits == 4 else packed
-    scales = torch.from_numpy(np.array(f.array(base + "_scales"), np.float32)).reshape(fmt.n, fmt.blocks, 1)
-    rows = codes.reshape(fmt.n, fmt.blocks, fmt.block).to(torch.float32)
+    scales = torch.from_numpy(np.array(picked(f.array(base + "_scales")), np.float32)).reshape(
+        n, fmt.blocks, 1
+    )
+    rows = codes.reshape(n, fmt.blocks, fmt.block).to(torch.float32)
     del packed, codes
     rows.sub_(fmt.zero).mul_(scales)  # in place: one float32 copy of the weight, never three
-    return rows.reshape(fmt.n, -1)[:, : fmt.k].contiguous()
+    return rows.reshape(n, -1)[:, : fmt.k].contiguous()
 
 
 def _split(rows: torch.Tensor, parts) -> dict[str, torch.Tensor]:
@@ -265,15 +270,7 @@ class FileWeights:
         if module not in self._where:
             return None
         name, base, start, _ = self._where[module]
-        role = self._roles[name]
-        fmt = role.fmt
-        at = (start + ids).numpy()
-        packed = torch.from_numpy(np.ascontiguousarray(self._file.array(name)[at]))
-        packed = packed.reshape(len(at), fmt.blocks, -1)
-        codes = torch.stack((packed & 15, packed >> 4), dim=-1) if fmt.bits == 4 else packed
-        scales = torch.from_numpy(np.array(self._file.array(base + "_scales")[at], np.float32))
-        w = (codes.reshape(len(ids), fmt.blocks, fmt.block).to(torch.float32) - fmt.zero) * scales[..., None]
-        return w.reshape(len(ids), -1)[:, : fmt.k].contiguous()
+        return dequantized_rows(self._file, name, base, self._roles[name], (start + ids).numpy())
 
     def close(self) -> None:
         self._cached = None

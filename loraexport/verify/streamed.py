@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from safetensors import safe_open
 
+from loraexport.export.qformat import EMBEDDING
 from loraexport.models.hf.decoder_config import decoder_config, read_config
 from loraexport.verify import streamed_ops
 from loraexport.verify.streamed_ops import (
@@ -174,7 +175,7 @@ class StreamedDecoder:
         """The embedding's rows ``uniq``: the export's dequantized ones where ``weights`` has them
         (a quantized table), else the checkpoint's."""
         supplied = getattr(self.weights, "rows", None)
-        rows = supplied("model.embed_tokens", uniq) if supplied is not None else None
+        rows = supplied(EMBEDDING, uniq) if supplied is not None else None
         if rows is not None:
             return rows
         with safe_open(self._files["model.embed_tokens.weight"], framework="pt") as f:
