@@ -63,6 +63,10 @@ def main() -> None:
     for name, code, wall, peak in rows:
         print(f"| {name} | {code} | {wall:.0f} s | {peak:.2f} GB | {(peak - baseline) / fp32:.2f}x |")
 
+    failed = [f"{name} (exit {code})" for name, code, _, _ in rows if code != 0]
+    if failed:  # a row whose run failed measured nothing: the table is not a result
+        sys.exit(f"FAILED: {', '.join(failed)}; its output is above")
+
 
 if __name__ == "__main__":
     main()

@@ -143,6 +143,10 @@ def main() -> None:
             f"| {name} | {code} | {wall:.0f} s | {peak:.2f} GB | {peak / (size / 1e9):.2f}x | {above:.2f}x |"
         )
 
+    failed = [f"{name} (exit {code})" for name, code, _, _ in rows if code != 0]
+    if failed:  # a row whose run failed measured nothing: the table is not a result
+        sys.exit(f"FAILED: {', '.join(failed)}; its output is above")
+
 
 if __name__ == "__main__":
     main()
