@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -84,21 +85,65 @@ def save_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     save_file({k: v.contiguous() for k, v in tensors.items()}, str(path), metadata={"format": "pt"})
 
 
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20, stop: threading.Event | None = None) -> str:
+    """``path``'s sha256; ``stop``: set by another thread, the reading ends (``Cancelled``)."""
     h = hashlib.sha256()
     try:
         with open(path, "rb") as f:
             while block := f.read(chunk):
+                if stop is not None and stop.is_set():
+                    raise Cancelled(f"hashing {path} stopped")
                 h.update(block)
     except OSError as e:
         raise InputNotFoundError(f"cannot read {path}: {e.strerror or e}") from e
     return h.hexdigest()
 
 
-def sha256_dir(path: Path) -> str:
+def sha256_dir(path: Path, stop: threading.Event | None = None) -> str:
     """One digest over every file in a directory (names and contents, sorted by name)."""
     h = hashlib.sha256()
     for f in sorted(p for p in path.rglob("*") if p.is_file()):
         h.update(str(f.relative_to(path)).encode())
-        h.update(sha256_file(f).encode())
+        h.update(sha256_file(f, stop=stop).encode())
     return h.hexdigest()
+
+
+class Cancelled(Exception):
+    """A background read stopped because its result is no longer wanted."""
+
+
+class DirDigest:
+    """``sha256_dir(path)`` computed in a thread while the caller works: hashlib hashes without the
+    GIL, so on a machine with a core to spare the digest costs no wall time. ``result()`` waits for
+    it (and raises what hashing raised); ``cancel()`` stops it at the next chunk, for a caller that
+    failed and will not ask. A context manager: leaving it cancels what was not asked for."""
+
+    def __init__(self, path: Path):
+        self._stop = threading.Event()
+        self._digest: str | None = None
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, args=(Path(path),), name="sha256", daemon=True)
+        self._thread.start()
+
+    def _run(self, path: Path) -> None:
+        try:
+            self._digest = sha256_dir(path, self._stop)
+        except BaseException as e:  # re-raised in the caller's thread by result()
+            self._error = e
+
+    def result(self) -> str:
+        self._thread.join()
+        if self._error is not None:
+            raise self._error
+        assert self._digest is not None
+        return self._digest
+
+    def cancel(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def __enter__(self) -> DirDigest:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.cancel()

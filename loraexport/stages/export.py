@@ -17,7 +17,7 @@ from loraexport.artifact.output.plan import is_adapter_file, plan_files
 from loraexport.artifact.output.write import write_files
 from loraexport.artifact.schema import META, read_export_meta
 from loraexport.core.enums import ExportMode
-from loraexport.core.io import read_json, write_json
+from loraexport.core.io import DirDigest, read_json, write_json
 from loraexport.errors import ExportError, InvalidInputError, ModelFormatError, UsageError
 from loraexport.export import genai
 from loraexport.export.adapter import ADAPTER_SUFFIX, GraphLora, write_adapter_file
@@ -63,14 +63,15 @@ def write_export(
     folder is moved into place when complete, also when a check failed (the report says why)."""
     meta: dict = {}
     report = None
-    with write_output(out_plan, meta=meta) as tmp:
+    # the input folder's sha256 (provenance) is read while the graphs are written: see DirDigest
+    with write_output(out_plan, meta=meta) as tmp, DirDigest(source.path) as digest:
         # the float graphs before quantizing, for the proof (quantized again, not exported again)
         verifies = check is not None and run.verify_output
         keeps = verifies and spec.quant is not None and isinstance(source, FromModel)
         made = FloatGraphs(tmp, source.avoid) if keeps else None
         try:
             result = source.write(tmp, meta, spec, run.log, made.keep if made else None)
-            meta["inputs"] = source.inputs(key)
+            meta["inputs"] = source.inputs(key, digest.result())
             write_extras(source.family, source.path, tmp, meta)
             if check is not None:
                 report = source.report(result)

@@ -133,8 +133,9 @@ def adapter_provenance(loaded: Loaded) -> list[dict]:
     ]
 
 
-def model_provenance(path: str | Path) -> dict:
-    return {"path": str(path), "sha256": sha256_dir(Path(path))}
+def model_provenance(path: str | Path, digest: str | None = None) -> dict:
+    """The model folder's path and sha256 (``digest``, when computed already: ``core.io.DirDigest``)."""
+    return {"path": str(path), "sha256": digest or sha256_dir(Path(path))}
 
 
 def base_info(path: str | Path, family: ModelFamily, model: nn.Module) -> dict:

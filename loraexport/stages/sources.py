@@ -80,8 +80,10 @@ class FromModel:
         log(f"exported {', '.join(result.files)} in {result.seconds:.1f} s")
         return result
 
-    def inputs(self, key: str) -> dict:
-        out = {key: model_provenance(self.path)}
+    def inputs(self, key: str, digest: str) -> dict:
+        """loraexport.json's ``inputs``: the model folder under ``key`` (``digest``: its sha256_dir)
+        and the adapters."""
+        out = {key: model_provenance(self.path, digest)}
         if self.loaded.adapters:
             out["adapters"] = adapter_provenance(self.loaded)
         return out
@@ -130,8 +132,8 @@ class FromCheckpoint:
         meta.update(describe_quantization(precision, self.mode, spec.block_size))
         return result
 
-    def inputs(self, key: str) -> dict:
-        out = {key: model_provenance(self.path)}
+    def inputs(self, key: str, digest: str) -> dict:
+        out = {key: model_provenance(self.path, digest)}
         if self.src.adapters:
             out["adapters"] = [
                 {"path": str(a.path), "sha256": a.sha256(), "weight": w}
