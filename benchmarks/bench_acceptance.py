@@ -125,8 +125,20 @@ def export_ratio(results: dict) -> Verdict:
     if ours.get("export_s") is None or theirs.get("export_s") is None:
         return Verdict(target, None, ours.get("note") or theirs.get("note") or "not measured")
     value = ours["export_s"] / theirs["export_s"]
-    shown = f"{value:.2f}× ({ours['export_s']:.1f} s ÷ {theirs['export_s']:.1f} s, one each, own processes)"
+    runs = [len(p.get("export_runs") or [None]) for p in (ours, theirs)]
+    how = "one each" if runs == [1, 1] else f"medians of {min(runs)} alternated"
+    spread = "; ".join(
+        f"{who} {_spread(p.get('export_runs'))}" for who, p in (("ours", ours), ("builder's", theirs))
+        if len(p.get("export_runs") or []) > 1
+    )  # fmt: skip
+    spread = f"; runs {spread}" if spread else ""
+    times = f"{ours['export_s']:.1f} s ÷ {theirs['export_s']:.1f} s"
+    shown = f"{value:.2f}× ({times}, {how}, own processes{spread})"
     return Verdict(target, value, shown)
+
+
+def _spread(runs: list[float]) -> str:
+    return f"{min(runs):.1f}–{max(runs):.1f} s"
 
 
 def minilm_cosine(results: dict, variant: str, limit: float) -> Verdict:

@@ -214,3 +214,18 @@ def test_the_file_row_quotes_the_larger_blocks_beside_the_default():
     builder["file_bytes"] = 87e6
     shown = _by_what(acc.verdicts(r))["SmolLM2 shape: int4 file bytes, ours ÷ builder's"].shown
     assert "`--block-size 64`: 1.22× on the real model, prose top-1 71.7%" in shown
+
+
+def test_the_export_times_are_medians_of_alternated_runs_with_their_spread():
+    r = results()
+    rows = {row["key"]: row for row in r["models"][1]["race"]["rows"]}
+    rows["ours_int4"] |= {"export_s": 7.0, "export_runs": [7.4, 7.0, 6.9]}
+    rows["builder_int4"] |= {"export_s": 8.0, "export_runs": [8.0, 8.3, 7.9]}
+    export = _by_what(acc.verdicts(r))["SmolLM2 shape: int4 export wall time, ours ÷ builder's"]
+    assert export.value == pytest.approx(7.0 / 8.0) and export.word == "holds"
+    assert "medians of 3 alternated" in export.shown
+    assert "ours 6.9–7.4 s" in export.shown and "builder's 7.9–8.3 s" in export.shown
+    rows["ours_int4"] |= {"export_s": 8.1, "export_runs": [8.1]}  # one run: said so
+    rows["builder_int4"] |= {"export_runs": [8.0]}
+    export = _by_what(acc.verdicts(r))["SmolLM2 shape: int4 export wall time, ours ÷ builder's"]
+    assert export.word == "does not hold" and "one each" in export.shown and "runs" not in export.shown
