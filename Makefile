@@ -7,7 +7,7 @@ TORCH  := torch==2.13.0
 export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 
-.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train test-docs test-optimum bench bench-pipeline bench-merge bench-large bench-bounded bench-7b gpu-check clean
+.PHONY: install install-real test test-fast test-real lint fuzz do-no-harm demo demo-sweep demo-real demo-real-train test-docs test-optimum bench bench-pipeline bench-merge bench-large bench-bounded bench-7b bench-formats gpu-check clean
 
 $(STAMP): pyproject.toml
 	@echo "installing into $(VENV) (log: $(VENV)/install.log) …"
@@ -138,6 +138,14 @@ do-no-harm: $(STAMP)
 # about 4 more minutes a file). `python benchmarks/bench.py --quick`: ~1 min.
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench.py --out runs/bench
+
+# Why a quantized format is chosen or refused (docs/measurements.md, "Formats and kernels"): each
+# onnxruntime kernel alone at SmolLM2's shapes, decode step and 128-token prompt (~15 s); then the
+# candidate formats simulated in torch on the real SmolLM2 (prose top-1, adapter decisions kept)
+# and the real MiniLM (embedding cosine), against PEFT float32 (~1 min; needs make demo-real).
+bench-formats: $(STAMP) runs/real/.prepared
+	$(BIN)/python benchmarks/bench_kernels.py
+	$(BIN)/python benchmarks/sim_formats.py --real runs/real
 
 # A generated 2.6 GB decoder: ONNX with external data, parity in onnxruntime (~20 GB of RAM).
 bench-large: $(STAMP)
