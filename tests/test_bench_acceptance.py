@@ -229,3 +229,13 @@ def test_the_export_times_are_medians_of_alternated_runs_with_their_spread():
     rows["builder_int4"] |= {"export_runs": [8.0]}
     export = _by_what(acc.verdicts(r))["SmolLM2 shape: int4 export wall time, ours ÷ builder's"]
     assert export.word == "does not hold" and "one each" in export.shown and "runs" not in export.shown
+
+
+def test_the_int8_prompt_rows_name_int8_dynamic_beside_them_without_holding_by_it():
+    r = results()
+    r["models"][1]["rows"].append({"key": "onnx_opt_int8d"} | _prompt(90.0))
+    row = _by_what(acc.verdicts(r))["SmolLM2 shape int8: b1×128 prompt pass ÷ our float32 `--optimize`"]
+    assert row.word == "does not hold" and row.value == pytest.approx(130 / 200)  # int8's own figure
+    assert "int8-dynamic (activations int8 per token): 0.45×" in row.shown
+    int4 = _by_what(acc.verdicts(r))["SmolLM2 shape int4: b1×128 prompt pass ÷ our float32 `--optimize`"]
+    assert "int8-dynamic" not in int4.shown

@@ -115,7 +115,7 @@ def export_options(f):
         type=click.Choice(Precision.choices("quantized")),
         help=(
             "Quantize the graph's MatMul weights: int8 or int4 (weight-only MatMulNBits, blocks), "
-            "int8-dynamic (quantize_dynamic: fastest prompts, least accurate)."
+            "int8-dynamic (int8 weights and int8 activations per token: fastest prompts, least accurate)."
         ),
     )(f)
     f = click.option(

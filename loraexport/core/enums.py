@@ -45,7 +45,7 @@ class Precision(str, Enum):
     FLOAT16 = "float16"
     BFLOAT16 = "bfloat16"
     INT8 = "int8"  # weight-only MatMulNBits, 8 bits in blocks (activations int8 per block)
-    INT8_DYNAMIC = "int8-dynamic"  # quantize_dynamic: int8 weights, activations per tensor
+    INT8_DYNAMIC = "int8-dynamic"  # quantize_dynamic's int8 weights, activations int8 per token
     INT4 = "int4"  # weight-only MatMulNBits, 4 bits in blocks
 
     @classmethod

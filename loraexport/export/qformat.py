@@ -11,7 +11,9 @@ verify's weight-level proof (``verify.proof``) and by its dequantized reference
   and scales as a MatMulNBits weight (N = vocabulary, K = hidden), read as (V, blocks, block) with
   the scales reshaped to (V, blocks, 1); a tied LM head's MatMulNBits reads the very same tensors.
 - ``quantize_dynamic`` (int8-dynamic): ``W_quantized`` (K, N) int8, ``W_scale`` (N,) float32 and
-  ``W_zero_point`` (N,) int8 per output channel: ``w[k, n] = (q − zp[n]) · scale[n]``.
+  ``W_zero_point`` (N,) int8 per output channel: ``w[k, n] = (q − zp[n]) · scale[n]``; its
+  activations quantized per token at run time (``export.quantize.per_token_activations``), a chain
+  ``per_token_input`` reads back.
 """
 
 from __future__ import annotations
@@ -105,3 +107,16 @@ def source_of(name: str) -> tuple[str, str] | None:
             if name.endswith(suffix) and len(name) > len(suffix):
                 return name[: -len(suffix)], role
     return None
+
+
+def per_token_input(codes: str, producer: dict) -> str | None:
+    """The float activation whose per-token codes are ``codes`` (the chain ``Div → Round → Add →
+    Cast`` that ``export.quantize.per_token_activations`` writes, read back through ``producer``:
+    output name → ONNX node), or None when ``codes`` is not made so."""
+    name = codes
+    for op in ("Cast", "Add", "Round", "Div"):
+        node = producer.get(name)
+        if node is None or node.op_type != op or not node.name.endswith(f"/per_token/{op}"):
+            return None
+        name = node.input[0]
+    return name

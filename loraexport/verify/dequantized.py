@@ -7,7 +7,7 @@ arithmetic rather than by how much of the adapter survived:
 * onnxruntime: the same graph computing in float32 (``float_compute_graph``): ``MatMulNBits`` at
   accuracy level 0 (weights dequantized, activations kept float32, instead of level 4's int8
   activations per block), and ``quantize_dynamic``'s MatMulInteger chains as a MatMul of the float
-  input with ``DequantizeLinear`` of the weight (instead of activations quantized per tensor).
+  input with ``DequantizeLinear`` of the weight (instead of activations quantized per token).
 
 The two then agree to float32 noise, with the tolerance ``verify.parity`` derives for any float32
 export; what int8 activations add is measured (the file as written against its float-compute twin),
@@ -25,7 +25,7 @@ from onnx import helper
 from torch import nn
 
 from loraexport.core.values import ValueIndex
-from loraexport.export.qformat import TIED, dynamic_dequantize, source_of
+from loraexport.export.qformat import TIED, dynamic_dequantize, per_token_input, source_of
 from loraexport.lora.inject import is_transposed, linear_shape
 from loraexport.lora.layer import LoRALinear, WeightedLoRALinear
 from loraexport.lora.views import set_tensor, shared_copy
@@ -168,7 +168,9 @@ def float_compute_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def _dynamic_to_float(proto: onnx.ModelProto) -> int:
     """Each ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul`` chain of ``quantize_dynamic``
-    as ``MatMul(x, DequantizeLinear(W_quantized, W_scale, W_zero_point, axis=1))``."""
+    (or with the per-token quantizer ``export.quantize.per_token_activations`` writes in its
+    place: ``qformat.per_token_input``) as ``MatMul(x, DequantizeLinear(W_quantized, W_scale,
+    W_zero_point, axis=1))``. The activation quantizer's own nodes are left, unused."""
     graph = proto.graph
     producer = {o: n for n in graph.node for o in n.output}
     consumers: dict[str, list[onnx.NodeProto]] = {}
@@ -184,7 +186,11 @@ def _dynamic_to_float(proto: onnx.ModelProto) -> int:
         quant = producer.get(n.input[0])
         cast = (consumers.get(n.output[0]) or [None])[0]
         mul = (consumers.get(cast.output[0]) or [None])[0] if cast is not None else None
-        if quant is None or quant.op_type != "DynamicQuantizeLinear" or cast is None or mul is None:
+        if quant is not None and quant.op_type == "DynamicQuantizeLinear":  # per tensor
+            x = quant.input[0]
+        else:  # per token (int8-dynamic), or not a quantized activation
+            x = per_token_input(n.input[0], producer)
+        if x is None or cast is None or mul is None:
             continue
         src = source_of(n.input[1])
         if src is None or src[0] + "_scale" not in inits:
@@ -193,7 +199,7 @@ def _dynamic_to_float(proto: onnx.ModelProto) -> int:
         replace[id(mul)] = [  # where the chain's result was made: after everything it reads
             helper.make_node("DequantizeLinear", [n.input[1], src[0] + "_scale", n.input[3]], [w],
                              name=f"{w}/DequantizeLinear", axis=1),
-            helper.make_node("MatMul", [quant.input[0], w], [mul.output[0]], name=f"{w}/MatMul"),
+            helper.make_node("MatMul", [x, w], [mul.output[0]], name=f"{w}/MatMul"),
         ]  # fmt: skip
         drop.update((id(n), id(cast)))
     if replace:
