@@ -247,6 +247,40 @@ def test_int8_dynamic_one_code_changed(llama, dynamic, tmp_path):
     _wrong(_verify(llama, _planted(dynamic, tmp_path, change)), "1 of", "codes")
 
 
+def test_int8_dynamic_activation_levels_changed(llama, dynamic, tmp_path):
+    """The weights untouched, the per-token quantizer's 1/127 made 1/63 (coarser activations):
+    a constant of the graph, proven as every tensor is."""
+    planted = _planted(dynamic, tmp_path, lambda a: a.update({"per_token.inv_levels": np.float32(1 / 63)}))
+    _wrong(_verify(llama, planted), "per_token.inv_levels")
+
+
+def test_int8_dynamic_one_quantizer_back_to_per_tensor(llama, dynamic, tmp_path):
+    """One product's activations quantized per tensor again (quantize_dynamic's own node), the
+    weights untouched: the graph is proven node by node."""
+    out = tmp_path / "per-tensor"
+    shutil.copytree(dynamic, out)
+    model = onnx.load(str(out / "model.onnx"))
+    cast = next(n for n in model.graph.node if n.op_type == "Cast" and n.name.endswith("/per_token/Cast"))
+    x = next(n for n in model.graph.node if n.name == cast.name.replace("/Cast", "/Div")).input[0]
+    users = [n for n in model.graph.node if n.op_type == "MatMulInteger" and n.input[0] == cast.output[0]]
+    scale = next(n for n in model.graph.node if n.name == cast.name.replace("/Cast", "/Max")).output[0]
+    keep = [
+        n
+        for n in model.graph.node
+        if n.name.rsplit("/per_token/", 1)[0] != cast.name.rsplit("/per_token/", 1)[0]
+    ]
+    dql = onnx.helper.make_node(
+        "DynamicQuantizeLinear", [x], [cast.output[0], scale, "planted_zero_point"], name="planted/DQL"
+    )
+    for u in users:
+        u.input[2] = "planted_zero_point"
+    del model.graph.node[:]
+    model.graph.node.extend([dql, *keep])
+    onnx.save(model, str(out / "model.onnx"))
+    restamp(out)
+    _wrong(_verify(llama, out), "weights differ", "no node computes", "per_token")
+
+
 @pytest.mark.parametrize(
     "pattern, factor",
     [(r"^layers\.1\.post_norm\.weight$", 1.01), (r"^rotary\.cos$", 0.99)],
