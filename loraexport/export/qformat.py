@@ -12,7 +12,7 @@ verify's weight-level proof (``verify.proof``) and by its dequantized reference
   the scales reshaped to (V, blocks, 1); a tied LM head's MatMulNBits reads the very same tensors.
 - ``quantize_dynamic`` (int8-dynamic): ``W_quantized`` (K, N) int8, ``W_scale`` (N,) float32 and
   ``W_zero_point`` (N,) int8 per output channel: ``w[k, n] = (q − zp[n]) · scale[n]``; its
-  activations quantized per token at run time (``export.quantize.per_token_activations``), a chain
+  activations quantized per token at run time (``export.dynamic.per_token_activations``), a chain
   ``per_token_input`` reads back.
 """
 
@@ -111,7 +111,7 @@ def source_of(name: str) -> tuple[str, str] | None:
 
 def per_token_input(codes: str, producer: dict) -> str | None:
     """The float activation whose per-token codes are ``codes`` (the chain ``Div → Round → Add →
-    Cast`` that ``export.quantize.per_token_activations`` writes, read back through ``producer``:
+    Cast`` that ``export.dynamic.per_token_activations`` writes, read back through ``producer``:
     output name → ONNX node), or None when ``codes`` is not made so."""
     name = codes
     for op in ("Cast", "Add", "Round", "Div"):

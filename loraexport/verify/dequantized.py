@@ -168,7 +168,7 @@ def float_compute_graph(proto: onnx.ModelProto) -> tuple[onnx.ModelProto, int]:
 
 def _dynamic_to_float(proto: onnx.ModelProto) -> int:
     """Each ``DynamicQuantizeLinear → MatMulInteger → Cast → Mul`` chain of ``quantize_dynamic``
-    (or with the per-token quantizer ``export.quantize.per_token_activations`` writes in its
+    (or with the per-token quantizer ``export.dynamic.per_token_activations`` writes in its
     place: ``qformat.per_token_input``) as ``MatMul(x, DequantizeLinear(W_quantized, W_scale,
     W_zero_point, axis=1))``. The activation quantizer's own nodes are left, unused."""
     graph = proto.graph

@@ -1,4 +1,4 @@
-"""int8-dynamic's activations, quantized per token (``export.quantize.per_token_activations``):
+"""int8-dynamic's activations, quantized per token (``export.dynamic.per_token_activations``):
 the rewrite of ``quantize_dynamic``'s per-tensor quantizer computes what it says, row by row, in
 every opset the exporters write, and the dequantized twin (``verify.dequantized``) reads it back."""
 
