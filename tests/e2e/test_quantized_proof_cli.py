@@ -76,6 +76,16 @@ def _planted(src, tmp_path, change, graph="model.onnx"):
     return out
 
 
+def _rewritten(src, out, edit):
+    """A copy of the export ``src`` at ``out`` whose graph ``edit(model)`` changed, restamped."""
+    shutil.copytree(src, out)
+    model = onnx.load(str(out / "model.onnx"))
+    edit(model)
+    onnx.save(model, str(out / "model.onnx"))
+    restamp(out)
+    return out
+
+
 def _scale(pattern: str, factor: float):
     def change(arrays):
         for n in names(arrays, pattern):
@@ -204,12 +214,10 @@ def test_torch_onnx_graph_embedding_scaled(llama, plain_int4, tmp_path):
 
 
 def test_torch_onnx_graph_with_an_unclaimed_tensor(llama, plain_int4, tmp_path):
-    out = tmp_path / "extra"
-    shutil.copytree(plain_int4, out)
-    model = onnx.load(str(out / "model.onnx"))
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(4, np.float32), "stowaway"))
-    onnx.save(model, str(out / "model.onnx"))
-    restamp(out)
+    def edit(model):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(4, np.float32), "stowaway"))
+
+    out = _rewritten(plain_int4, tmp_path / "extra", edit)
     _wrong(_verify(llama, out), "'stowaway' is unclaimed")
 
 
@@ -257,27 +265,26 @@ def test_int8_dynamic_activation_levels_changed(llama, dynamic, tmp_path):
 def test_int8_dynamic_one_quantizer_back_to_per_tensor(llama, dynamic, tmp_path):
     """One product's activations quantized per tensor again (quantize_dynamic's own node), the
     weights untouched: the graph is proven node by node."""
-    out = tmp_path / "per-tensor"
-    shutil.copytree(dynamic, out)
-    model = onnx.load(str(out / "model.onnx"))
-    cast = next(n for n in model.graph.node if n.op_type == "Cast" and n.name.endswith("/per_token/Cast"))
-    x = next(n for n in model.graph.node if n.name == cast.name.replace("/Cast", "/Div")).input[0]
-    users = [n for n in model.graph.node if n.op_type == "MatMulInteger" and n.input[0] == cast.output[0]]
-    scale = next(n for n in model.graph.node if n.name == cast.name.replace("/Cast", "/Max")).output[0]
-    keep = [
-        n
-        for n in model.graph.node
-        if n.name.rsplit("/per_token/", 1)[0] != cast.name.rsplit("/per_token/", 1)[0]
-    ]
-    dql = onnx.helper.make_node(
-        "DynamicQuantizeLinear", [x], [cast.output[0], scale, "planted_zero_point"], name="planted/DQL"
-    )
-    for u in users:
-        u.input[2] = "planted_zero_point"
-    del model.graph.node[:]
-    model.graph.node.extend([dql, *keep])
-    onnx.save(model, str(out / "model.onnx"))
-    restamp(out)
+
+    def edit(model):
+        cast = next(n for n in model.graph.node if n.op_type == "Cast" and n.name.endswith("/per_token/Cast"))
+        x = next(n for n in model.graph.node if n.name == cast.name.replace("/Cast", "/Div")).input[0]
+        users = [n for n in model.graph.node if n.op_type == "MatMulInteger" and n.input[0] == cast.output[0]]
+        scale = next(n for n in model.graph.node if n.name == cast.name.replace("/Cast", "/Max")).output[0]
+        keep = [
+            n
+            for n in model.graph.node
+            if n.name.rsplit("/per_token/", 1)[0] != cast.name.rsplit("/per_token/", 1)[0]
+        ]
+        dql = onnx.helper.make_node(
+            "DynamicQuantizeLinear", [x], [cast.output[0], scale, "planted_zero_point"], name="planted/DQL"
+        )
+        for u in users:
+            u.input[2] = "planted_zero_point"
+        del model.graph.node[:]
+        model.graph.node.extend([dql, *keep])
+
+    out = _rewritten(dynamic, tmp_path / "per-tensor", edit)
     _wrong(_verify(llama, out), "weights differ", "no node computes", "per_token")
 
 
@@ -304,46 +311,40 @@ def test_the_gathered_embedding_codes_are_proven(llama, int4, tmp_path):
 
 def test_the_embedding_gathered_with_other_bits(llama, int4, tmp_path):
     """The codes untouched, the gather told they are 4-bit: the graph is proven node by node."""
-    out = tmp_path / "bits"
-    shutil.copytree(int4, out)
-    model = onnx.load(str(out / "model.onnx"))
-    node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
-    next(a for a in node.attribute if a.name == "bits").i = 4
-    onnx.save(model, str(out / "model.onnx"))
-    restamp(out)
+
+    def edit(model):
+        node = next(n for n in model.graph.node if n.op_type == "GatherBlockQuantized")
+        next(a for a in node.attribute if a.name == "bits").i = 4
+
+    out = _rewritten(int4, tmp_path / "bits", edit)
     _wrong(_verify(llama, out), "embeddings.blocks")
 
 
 def test_a_node_reading_another_layers_weights(llama, int8, tmp_path):
     """The weights untouched, a node rewired: the graph is proven node by node."""
-    out = tmp_path / "rewired"
-    shutil.copytree(int8, out)
-    model = onnx.load(str(out / "model.onnx"))
-    node = next(n for n in model.graph.node if n.output[0] == "layers.0.attn.o_proj.out")
-    node.input[1], node.input[2] = (i.replace("layers.0.", "layers.1.") for i in node.input[1:3])
-    onnx.save(model, str(out / "model.onnx"))
-    restamp(out)
+
+    def edit(model):
+        node = next(n for n in model.graph.node if n.output[0] == "layers.0.attn.o_proj.out")
+        node.input[1], node.input[2] = (i.replace("layers.0.", "layers.1.") for i in node.input[1:3])
+
+    out = _rewritten(int8, tmp_path / "rewired", edit)
     _wrong(_verify(llama, out), "layers.0.attn.o_proj.out", "reads")
 
 
 def test_accuracy_level_changed_in_the_file(llama, int8, tmp_path):
-    out = tmp_path / "level"
-    shutil.copytree(int8, out)
-    model = onnx.load(str(out / "model.onnx"))
-    node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
-    next(a for a in node.attribute if a.name == "accuracy_level").i = 1
-    onnx.save(model, str(out / "model.onnx"))
-    restamp(out)
+    def edit(model):
+        node = next(n for n in model.graph.node if n.op_type == "MatMulNBits")
+        next(a for a in node.attribute if a.name == "accuracy_level").i = 1
+
+    out = _rewritten(int8, tmp_path / "level", edit)
     _wrong(_verify(llama, out), "attribute accuracy_level")
 
 
 def test_an_unclaimed_tensor_and_a_missing_one(llama, int8, tmp_path):
-    out = tmp_path / "extra"
-    shutil.copytree(int8, out)
-    model = onnx.load(str(out / "model.onnx"))
-    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(4, np.float32), "stowaway"))
-    onnx.save(model, str(out / "model.onnx"))
-    restamp(out)
+    def edit(model):
+        model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones(4, np.float32), "stowaway"))
+
+    out = _rewritten(int8, tmp_path / "extra", edit)
     _wrong(_verify(llama, out), "'stowaway' is unclaimed")
 
 
