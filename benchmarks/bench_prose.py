@@ -279,6 +279,7 @@ def markdown(results: dict) -> str:
 def main() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--real", type=Path, default=Path("runs/real"), help="prepare.py's folder")
     ap.add_argument("--out", type=Path, default=Path("runs/bench/exports/real/prose"), help="exports here")

@@ -16,6 +16,7 @@ import time
 import warnings
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar too
 warnings.filterwarnings("ignore")
 
 import numpy as np  # noqa: E402

@@ -36,6 +36,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")  # transformers' "Loading weights" bar too
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import bench_prose  # noqa: E402
