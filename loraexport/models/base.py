@@ -60,3 +60,6 @@ class ModelFamily:
     # query and value projections, the LoRA paper's choice at a fixed budget, §7.1); the default
     # names the reference Transformer's
     default_targets: Callable[[nn.Module], tuple[str, ...]] = lambda model: DEFAULT_TARGETS
+    # (model, tokenizer, texts) -> the texts as cases for a quantized export's quality figures, for
+    # a family without generation (an encoder); None: random token ids there
+    text_cases: Callable[[nn.Module, Any, list[str]], list[ParityCase]] | None = None

@@ -210,15 +210,20 @@ def adapter_figures(sums: np.ndarray) -> tuple[float | None, float | None]:
 
 
 def _cases(family, unmerged, tokenizer, sources, samples, seed) -> tuple[list[ParityCase], str]:
-    """Text (the given sources, else ``REFERENCE_TEXTS``) for a decoder with a tokenizer, as
-    unpadded batches; else the parity cases."""
-    if tokenizer is None or quantized_kind(unmerged, family) != "causal":
+    """Text (the given sources, else ``REFERENCE_TEXTS``) when the base has a tokenizer: a
+    decoder's as unpadded batches, an encoder's as its family's ``text_cases``; else the parity
+    cases (random token ids)."""
+    causal = quantized_kind(unmerged, family) == "causal"
+    if tokenizer is None or not (causal or family.text_cases is not None):
         return family.parity_cases(unmerged, samples, seed), "random token ids"
     texts = list(sources or REFERENCE_TEXTS)
-    cases = [
-        ParityCase(f"text-{i}", inputs, inputs["attention_mask"].bool())
-        for i, (inputs, _) in enumerate(family.prompts(unmerged, tokenizer, texts, len(texts), seed))
-    ]
+    if causal:
+        cases = [
+            ParityCase(f"text-{i}", inputs, inputs["attention_mask"].bool())
+            for i, (inputs, _) in enumerate(family.prompts(unmerged, tokenizer, texts, len(texts), seed))
+        ]
+    else:
+        cases = family.text_cases(unmerged, tokenizer, texts)
     return cases, ("--eval-data text" if sources else "reference texts")
 
 
