@@ -97,7 +97,7 @@ def merge_and_export(
         source = FromModel(Path(base), loaded, subject, stats)
 
         def check(report: Report, onnx_dir: Path, meta: dict, made) -> None:
-            v = Verification(report, onnx_dir, meta, opts, log, made=made)
+            v = Verification(report, onnx_dir, meta, opts, log, made=made, wrote=True, base=Path(base))
             verify_into(v, in_memory(loaded, merged, meta))
 
     _, report = write_export(source, out_plan, spec, run, "base", check)
@@ -119,8 +119,9 @@ def _streamed_check(
         )
         if not small:
             v = Verification(
-                report, onnx_dir, meta, opts, run.log, records=source.records, progress=run.show_progress
-            )
+                report, onnx_dir, meta, opts, run.log, records=source.records, progress=run.show_progress,
+                base=Path(source.path),
+            )  # fmt: skip
             verify_into(v, layered(source))
             return
         with Stage("verify, the model in memory", source.records):
@@ -129,6 +130,7 @@ def _streamed_check(
             merged, report.merge = merged_model(
                 loaded.base, loaded.adapters, loaded.weights, storage_dtype=storage
             )
-            verify_into(Verification(report, onnx_dir, meta, opts, run.log), in_memory(loaded, merged, meta))
+            v = Verification(report, onnx_dir, meta, opts, run.log, base=Path(source.path))
+            verify_into(v, in_memory(loaded, merged, meta))
 
     return check

@@ -52,12 +52,15 @@ def print_table(info: dict) -> None:
         click.echo(f"{k:<{width}}  {v}")
 
 
-def junit_plan(path, force: bool, inputs: dict) -> OutputPlan | None:
-    """``--junit FILE`` checked as every output is, before any work (None without it)."""
+def junit_plan(path, force: bool, inputs: dict, outputs: dict | None = None) -> OutputPlan | None:
+    """``--junit FILE`` checked as every output is, before any work (None without it), and kept
+    apart from the run's other ``outputs`` (``--report`` and its .md, ``--out``)."""
     if path is None:
         return None
     from loraexport.artifact.output import plan_files
+    from loraexport.artifact.output.plan import check_apart
 
+    check_apart(Path(path), "--junit", outputs or {})
     return plan_files([Path(path)], force=force, inputs=inputs, label="--junit")
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import click
 
@@ -79,7 +80,9 @@ def verify(ctx, verify_options, check_files, force, allow_pickle, as_json, junit
         "--onnx": onnx_dir,
         "--eval-data": verify_options.eval_data,
     }
-    plan = junit_plan(junit, force, inputs)
+    report = args["report_path"]
+    outputs = {"--report": [report, Path(report).with_suffix(".md")]} if report is not None else {}
+    plan = junit_plan(junit, force, inputs, outputs)
     try:
         report = verify_api(
             base,

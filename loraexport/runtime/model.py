@@ -57,6 +57,22 @@ from loraexport.runtime.sessions import (  # noqa: F401 (PROVIDERS, session_opti
 TEXT_OPTIONS = dict(temperature=0.0, top_k=None, top_p=None, seed=None, adapter=None, chat=False)
 
 
+def _check_outputs(sessions: dict, meta: dict, directory: Path) -> None:
+    """Each graph's outputs are those ``loraexport.json`` describes (``graphs.<name>.outputs``), in
+    order: a graph that lost one (a cache a later step feeds back) is refused when opened, not
+    midway through a generation."""
+    graphs = meta.get("graphs") if isinstance(meta.get("graphs"), dict) else {}
+    for name, session in sessions.items():
+        described = graphs.get(name, {}).get("outputs") if isinstance(graphs.get(name), dict) else None
+        got = [o.name for o in session.get_outputs()]
+        if isinstance(described, list) and got != described:
+            missing = [o for o in described if o not in got] or ["their order"]
+            raise RuntimeInputError(
+                f"{directory / name}.onnx: its outputs are not those loraexport.json describes "
+                f"({short_repr(missing[0])} differs)"
+            )
+
+
 class OnnxModel:
     """An exported loraexport directory: ``model.onnx``, or ``encoder.onnx`` + ``decoder.onnx``.
 
@@ -92,6 +108,7 @@ class OnnxModel:
         names = ["encoder", "decoder"] if self.kind == "seq2seq" else ["model"]
         self.spinning = spinning
         self.sessions = {n: open_session(self.dir / f"{n}.onnx", provider, threads, spinning) for n in names}
+        _check_outputs(self.sessions, self.meta, self.dir)
         self.input_names = {n: {i.name for i in s.get_inputs()} for n, s in self.sessions.items()}
         # graph inputs with defaults (--mode adapter: the LoRA factors), which an adapter fills
         self.lora_inputs = {
@@ -130,7 +147,7 @@ class OnnxModel:
             if active is not None:
                 feeds |= active.feeds(self.lora_inputs[graph])
             outs = sess.run(None, feeds)
-        except ORT_ERRORS as e:  # e.g. an export of another model: its inputs do not fit
+        except (*ORT_ERRORS, ValueError) as e:  # e.g. an export of another model: its inputs do not fit
             raise RuntimeInputError(
                 f"onnxruntime cannot run {graph}.onnx of {self.dir}: {first_line(e)}"
             ) from e

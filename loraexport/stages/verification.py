@@ -30,6 +30,8 @@ class Verification:
     threads: int = 1
     pairs: list | None = None  # (source, target) of --eval-data
     made: FloatGraphs | None = None  # merge-and-export: the graphs as exported, before quantizing
+    wrote: bool = False  # merge-and-export: this run exported the files from this very reference
+    base: Path | None = None  # the base's folder: the config and tokenizer files the export copies
     records: list[StageRecord] = field(default_factory=list)  # streamed: each step's time and memory
     progress: bool = False  # streamed: draw bars (on a terminal)
 

@@ -1,7 +1,8 @@
 """The verify stage: one flow (``verify_into``) for every export and residency — a reference
 (``stages.references``: the model in memory, each adapter's own model, or the unmerged model
 computed layer by layer) × a runner (one onnxruntime session, or a few layers at a time:
-``verify.chunked``) × the gates (``verify.gates``). Proof first for a quantized export, then
+``verify.chunked``) × the gates (``verify.gates``). Proof first (a quantized export; a float32 one
+``proves`` says), then
 parity, what rounding costs, and latency, into a ``Report``; ``verify`` writes ``report.json`` and
 ``report.md`` atomically."""
 
@@ -13,7 +14,7 @@ from torch import nn
 
 from loraexport.artifact.manifest import check_manifest
 from loraexport.artifact.output import OutputPlan, plan_files, write_files
-from loraexport.artifact.schema import read_export_meta
+from loraexport.artifact.schema import BUILDER, read_export_meta
 from loraexport.core.dtypes import torch_dtype
 from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.core.io import require_dir
@@ -22,6 +23,7 @@ from loraexport.report.contents import Report
 from loraexport.report.files import report_texts
 from loraexport.runtime.model import RuntimeInputError, check_external_data
 from loraexport.spec import RUN_FIELDS, Run, run_of, split_fields
+from loraexport.stages.extras import prove_extras
 from loraexport.stages.inputs import Loaded, as_list, check_eval_data, load_inputs, machine
 from loraexport.stages.merge import merged_model
 from loraexport.stages.prove import graph_files
@@ -46,19 +48,41 @@ def verify_into(v: Verification, reference: Reference) -> None:
     try:  # setup may leave scratch behind when it fails: closed either way
         reference.setup(v)
         proven = None
-        if quantization(v.meta.get("weights_dtype")):
+        quantized = quantization(v.meta.get("weights_dtype"))
+        if quantized or proves(v, reference):
             proven = reference.prove(v)
+            if v.base is not None:  # and the files beside the graph are the base's
+                proven.proof.files.append(prove_extras(v.base, v.onnx_path, v.meta))
             v.report.proof = proven.proof
             if not proven.proof.passed:
-                v.log(
-                    "proof: the export is not the reference's quantization; parity and quality not measured"
-                )
+                v.log("proof: the export is not the reference's; parity and quality not measured")
                 return
+            if not quantized:  # a float32 file proven equal: parity runs it against the model itself
+                proven = None
         reference.parity(v, proven)
         reference.quality(v, proven)
         reference.latency(v)
     finally:
         reference.close()
+
+
+def proves(v: Verification, reference: Reference) -> bool:
+    """Whether a float export is proven too, tensor by tensor, before parity (``stages.prove``):
+    parity reads the positions, ids and token types its cases feed, a proof every weight and
+    attribute. A float32 graph loraexport writes (written again: seconds), and any other float32
+    export ``verify`` reads (exported again: as long as the export); not one ``merge-and-export``
+    has just exported from this very reference (``v.wrote``), nor float16/bfloat16 (yet), nor an
+    adapter-mode graph verified with adapters other than those it was exported with."""
+    if v.meta.get("weights_dtype", Precision.FLOAT32.value) != Precision.FLOAT32.value:
+        return False
+    if isinstance(reference, Layered):  # the checkpoint read tensor by tensor: the fused graph only
+        return is_fused(v.meta)
+    if isinstance(reference, Adapters):  # LoRA inputs for the adapters it was exported with (it
+        # serves any that fits): proven when verify is given those, and parity judges any other
+        listed = [e.get("source_sha256") for e in v.meta.get("adapter_files") or [] if isinstance(e, dict)]
+        given = [a.sha256() for a in reference.loaded.adapters if a.path is not None]
+        return not v.wrote and bool(listed) and sorted(map(str, listed)) == sorted(given)
+    return v.meta.get("exporter") == BUILDER or not v.wrote
 
 
 def in_memory(loaded: Loaded, merged: nn.Module, meta: dict) -> Reference:
@@ -121,7 +145,9 @@ def verify(
         report.notes.append("verified against the unmerged model computed layer by layer from the checkpoint")
         records, progress = source.records, run.show_progress
         verify_into(
-            Verification(report, onnx_path, meta, opts, run.log, records=records, progress=progress),
+            Verification(
+                report, onnx_path, meta, opts, run.log, records=records, progress=progress, base=Path(base)
+            ),
             layered(source),
         )
         source.finish(report)
@@ -132,7 +158,8 @@ def verify(
             loaded.base, loaded.adapters, loaded.weights, storage_dtype=torch_dtype(half)
         )
         report = model_report(Path(base), loaded, stats, None)
-        verify_into(Verification(report, onnx_path, meta, opts, run.log), in_memory(loaded, merged, meta))
+        v = Verification(report, onnx_path, meta, opts, run.log, base=Path(base))
+        verify_into(v, in_memory(loaded, merged, meta))
     report.manifest = files
     return _write_and_raise(report, out_plan)
 
@@ -216,7 +243,7 @@ def raise_if_failed(report: Report, written: Path | None) -> None:
 def plan_report(path: str | Path, force: bool, inputs: dict) -> OutputPlan:
     """``--report FILE``: FILE (report.json) and FILE with the suffix .md beside it."""
     p = Path(path)
-    if p.suffix == ".md":
+    if p.suffix.lower() == ".md":  # report.MD too: on a case-insensitive disk, the same file as its .md
         raise UsageError(
             f"--report {p} ends in .md: it names the JSON report, and the Markdown one is written "
             "beside it with the suffix .md; give e.g. --report report.json"

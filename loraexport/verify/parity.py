@@ -17,6 +17,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -210,14 +211,32 @@ def compare_outputs(
 def check_same_model(expected: dict, opened: OnnxModel) -> None:
     """The export is of this model's kind, cache shape (layers, key/value heads, head size) and
     vocabulary; else it is an export of another model (``RuntimeInputError``: exit 3, before any run)."""
-    kind, shape, where = opened.kind, opened.cache_shape, opened.dir
+    check_model_facts(expected, opened.kind, tuple(opened.cache_shape), opened.vocab_size, opened.dir)
+
+
+def check_described_model(expected: dict, onnx_dir: Path, meta: dict) -> None:
+    """``check_same_model`` before any session is opened (before the proof, which would say only
+    that the files are not this reference's): the kind and vocabulary ``loraexport.json`` gives,
+    the cache shape the decoder graph's inputs declare (``past_key_values.{i}.key``: (B, heads, T, D))."""
+    from loraexport.verify.tensorfile import TensorFile
+
+    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
+    graph = onnx_dir / ("decoder.onnx" if model.get("kind") == "seq2seq" else "model.onnx")
+    with TensorFile(graph) as f:
+        past = [i for i in f.proto.graph.input if i.name.startswith("past_key_values.")]
+    dims = [d.dim_value or None for d in past[0].type.tensor_type.shape.dim] if past else []
+    shape = (len(past) // 2, dims[1], dims[3]) if len(dims) == 4 else (0, 0, 0)
+    check_model_facts(expected, model.get("kind"), shape, vocab_size(model), onnx_dir)
+
+
+def check_model_facts(expected: dict, kind, shape: tuple, vocab: int | None, where: Path) -> None:
     want = (expected.get("n_layers"), expected.get("kv_heads"), expected.get("head_dim"))
     if kind != expected["kind"] or (kind != "encoder" and tuple(shape) != want):
         raise RuntimeInputError(
             f"{where} is an export of another model: a {_described(kind, shape)}, "
             f"but the base is a {_described(expected['kind'], want)}"
         )
-    vocab, base = opened.vocab_size, vocab_size(expected)
+    base = vocab_size(expected)
     if vocab is not None and base is not None and vocab != base:
         raise RuntimeInputError(
             f"{where} is an export of another model: a vocabulary of {vocab}, the base's {base}"

@@ -155,6 +155,9 @@ def test_report_cannot_overwrite_an_input_or_any_file(w):
         refused(run(*verify, "--report", "reports", "--force"), 3, "is a folder")
         refused(run(*verify, "--report", "file/report.json"), 3, "not a directory")
         refused(run(*verify, "--report", "report.md"), 2, "ends in .md")
+        refused(
+            run(*verify, "--report", "report.MD"), 2, "ends in .md"
+        )  # the same file as its .md, on some disks
     (w / "r.md").write_text("my notes")  # the .md written beside the report is an output too
     with untouched(w):
         refused(run(*verify, "--report", "r.json"), 3, "output exists", str(w / "r.md"))

@@ -47,21 +47,41 @@ def test_an_honest_export_is_a_passing_suite(llama, tmp_path):
     assert suite.get("failures") == "0" and not suite.findall(".//failure")
 
 
-def test_a_planted_wrong_weight_is_a_failure_in_the_parity_gate(llama, tmp_path):
-    import shutil
-
-    onnx = shutil.copytree(llama / "onnx", tmp_path / "onnx")
-
+def _planted(onnx, *pattern: str):
     def scale(arrays):
-        name = names(arrays, r"layers\.0\.", "o_proj")[0]
+        name = names(arrays, *pattern)[0]
         arrays[name] = (arrays[name] * np.float32(1.5)).astype(arrays[name].dtype)
 
     edit_initializers(onnx / "model.onnx", scale)
     restamp(onnx)  # loraexport.json rewritten to match: the manifest cannot tell
+    return onnx
+
+
+def _failed(junit) -> list:
+    return [c for c in _suite(junit).findall("testcase") if c.find("failure") is not None]
+
+
+def test_a_planted_wrong_weight_is_a_failure_in_the_proof_gate(llama, tmp_path):
+    import shutil
+
+    onnx = _planted(shutil.copytree(llama / "onnx", tmp_path / "onnx"), r"layers\.0\.", "o_proj")
     junit = tmp_path / "verify.xml"
     r = _verify(llama, onnx, junit, "--no-latency")
     assert r.exit_code == 4, r.output
-    failed = [c for c in _suite(junit).findall("testcase") if c.find("failure") is not None]
+    failed = _failed(junit)
+    assert [c.get("classname") for c in failed] == ["weights"], [c.get("name") for c in failed]
+    assert "o_proj" in failed[0].find("failure").get("message")
+
+
+def test_a_planted_wrong_weight_is_a_failure_in_the_parity_gate(llama, tmp_path):
+    """float16 files are judged by parity alone (not proven yet): the planted weight fails there."""
+    onnx = tmp_path / "onnx"
+    pair = ("--model", llama / "base", "--adapter", llama / "adapter")
+    ok(run("export", *pair, "--out", onnx, "--dtype", "float16", "--no-stream"))
+    junit = tmp_path / "verify.xml"
+    r = _verify(llama, _planted(onnx, "MatMul"), junit, "--no-latency")  # torch.onnx's names
+    assert r.exit_code == 4, r.output
+    failed = _failed(junit)
     assert failed and all(c.get("classname") == "parity.cpu" for c in failed), [c.get("name") for c in failed]
     assert "tolerance" in failed[0].find("failure").get("message")
 
@@ -89,3 +109,13 @@ def test_junit_inside_an_input_is_refused_before_work(llama):
     r = _verify(llama, llama / "onnx", llama / "onnx" / "verify.xml")
     refused(r, 2, "--junit", "sits inside the --onnx")
     assert not (llama / "onnx" / "verify.xml").exists()
+
+
+@pytest.mark.parametrize("junit", ["r.json", "r.md"])
+def test_junit_on_the_reports_own_files_is_refused_before_work(llama, tmp_path, junit):
+    """--junit and --report (its .json, or the .md written beside it) are two outputs of one run:
+    refused before any work, nothing written (it ran whole, then blamed another program)."""
+    report = tmp_path / "r.json"
+    r = _verify(llama, llama / "onnx", tmp_path / junit, "--report", report)
+    refused(r, 2, "--junit", "two outputs of one run")
+    assert not list(tmp_path.iterdir())

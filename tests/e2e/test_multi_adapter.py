@@ -49,7 +49,7 @@ def test_two_weighted_adapters_export_and_verify(causal_base, causal_adapter, tm
     r = run(
         "verify", "--base", causal_base, *pair, "--weight", "0.7", "--weight", "0.4", "--onnx", out, *QUICK
     )
-    refused(r, 4, "parity failed", printed=True)
+    refused(r, 4, "weights differ", printed=True)  # the proof: another merge
     # one weight for two adapters is a usage error (exit 2), named
     r = run("verify", "--base", causal_base, *pair, "--weight", "0.7", "--onnx", out, *QUICK)
     refused(r, 2, "2 --adapter but 1 --weight")

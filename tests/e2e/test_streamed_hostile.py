@@ -168,7 +168,8 @@ def test_float16_storage_refuses_an_embedding_beyond_its_range(llama, tmp_path):
 
 
 def test_a_tensor_in_two_shards_is_refused(llama, tmp_path):
-    base, _, model = llama
+    """By the streamed export and by ``merge`` (which merged the module twice and wrote both)."""
+    _, adapter, model = llama
     v = tmp_path / "v"
     copy.deepcopy(model).save_pretrained(v, max_shard_size="20KB")
     index = json.loads((v / "model.safetensors.index.json").read_text())
@@ -179,6 +180,31 @@ def test_a_tensor_in_two_shards_is_refused(llama, tmp_path):
     save_file(t, str(v / other), metadata={"format": "pt"})
     with untouched(tmp_path):
         refused(run("export", "--model", v, "--out", tmp_path / "o", "--stream"), 3, "is in two shards")
+        refused(
+            run("merge", "--base", v, "--adapter", adapter, "--out", tmp_path / "m"), 3, name, "is also in"
+        )
+
+
+@pytest.mark.parametrize(
+    "config, needle",
+    [
+        ({"model_type": "llama", "hidden_size": "x"}, "hidden_size must be an integer"),
+        ({"model_type": "llama", "rope_parameters": {"rope_theta": -5.0}}, "rope_parameters.rope_theta"),
+        ([1, 2], "not a JSON object"),
+    ],
+    ids=["hidden-size", "rope-theta", "not-an-object"],
+)
+def test_merge_refuses_a_config_a_loader_would(llama, tmp_path, config, needle):
+    """merge copies config.json into its output: one a loader refuses was copied, exit 0, and the
+    merged checkpoint could not be loaded."""
+    base, adapter, _ = llama
+    v = tmp_path / "v"
+    shutil.copytree(base, v)
+    (v / "config.json").write_text(json.dumps(config))
+    with untouched(tmp_path):
+        refused(
+            run("merge", "--base", v, "--adapter", adapter, "--out", tmp_path / "m"), 3, "config.json", needle
+        )
 
 
 def test_two_adapters_replacing_one_tensor_differently_are_refused(tmp_path):
@@ -194,17 +220,20 @@ def test_two_adapters_replacing_one_tensor_differently_are_refused(tmp_path):
     refused(run("export", "--model", tmp_path / "base", *args), 3, "two adapters replace")
 
 
+FALSE_FACTS = (4, "'model' is not what the checkpoint's config says")  # the proof's claims (was exit 3)
+
+
 @pytest.mark.parametrize(
-    ("edit", "needles"),
+    ("edit", "code", "needles"),
     [
-        (lambda meta, out: meta["model"].update(n_layers=1), ("n_layers", "do not describe the graph")),
-        (lambda meta, out: meta["model"].update(head_dim=3), ("head_dim", "do not describe the graph")),
-        (lambda meta, out: (out / "model.onnx.data").unlink(), ("model.onnx.data",)),
-        (lambda meta, out: (out / "model.onnx").write_bytes(b"garbage"), ("not a readable ONNX model",)),
+        (lambda meta, out: meta["model"].update(n_layers=1), *FALSE_FACTS),
+        (lambda meta, out: meta["model"].update(head_dim=3), *FALSE_FACTS),
+        (lambda meta, out: (out / "model.onnx.data").unlink(), 3, "model.onnx.data"),
+        (lambda meta, out: (out / "model.onnx").write_bytes(b"garbage"), 3, "not a readable ONNX model"),
     ],
     ids=["n-layers", "head-dim", "no-data", "garbage-graph"],
 )
-def test_verify_stream_refuses_a_tampered_export_in_one_line(llama, tmp_path, edit, needles):
+def test_verify_stream_refuses_a_tampered_export_in_one_line(llama, tmp_path, edit, code, needles):
     base, adapter, _ = llama
     out = tmp_path / "out"
     ok(run("export", "--model", base, "--adapter", adapter, "--out", out, "--stream"))
@@ -213,7 +242,7 @@ def test_verify_stream_refuses_a_tampered_export_in_one_line(llama, tmp_path, ed
     (out / "loraexport.json").write_text(json.dumps(meta))
     restamp(out)  # loraexport.json made to agree with the files (else: exit 4, files changed)
     r = run("verify", "--base", base, "--adapter", adapter, "--onnx", out, "--stream")
-    line = refused(r, 3, *needles)
+    line = refused(r, code, needles, printed=code == 4)
     assert ".loraexport-chunks" not in line  # the export's own file is named, not a scratch copy
     assert not list(tmp_path.glob(".loraexport-*"))
 

@@ -3,6 +3,8 @@ step raises, its ``close`` runs, so the scratch it made is removed."""
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import pytest
 
 from loraexport.errors import InvalidInputError
@@ -23,6 +25,7 @@ class _Reference:
 
     def prove(self, v):
         self._step("prove")
+        return SimpleNamespace(proof=SimpleNamespace(passed=True))
 
     def parity(self, v, proven):
         self._step("parity")
@@ -39,19 +42,31 @@ class _Reference:
 
 class _V:
     meta = {"weights_dtype": "float32"}
+    wrote = True  # merge-and-export's own torch.onnx float32 graph: parity only (``stages.verify.proves``)
+    report = SimpleNamespace(proof=None)
+
+    def log(self, line):
+        pass
 
 
-@pytest.mark.parametrize("fail_in", ["setup", "parity", "quality", "latency"])
+class _Read(_V):
+    wrote = False  # a folder verify reads: its float32 graph is proven first
+
+
+@pytest.mark.parametrize("fail_in", ["setup", "prove", "parity", "quality", "latency"])
 def test_close_runs_whatever_step_fails(fail_in):
     # Adapters.setup makes its scratch folder before it reads the export's adapter files; a
     # hostile file made it raise there, and the folder was left in the temporary directory.
     reference = _Reference(fail_in)
     with pytest.raises(InvalidInputError, match=f"{fail_in} failed"):
-        verify_into(_V(), reference)
+        verify_into(_Read(), reference)
     assert reference.steps[-2:] == [fail_in, "close"]
 
 
 def test_the_steps_in_order():
     reference = _Reference("")
-    verify_into(_V(), reference)
+    verify_into(_Read(), reference)
+    assert reference.steps == ["setup", "prove", "parity", "quality", "latency", "close"]
+    reference = _Reference("")
+    verify_into(_V(), reference)  # what merge-and-export has just exported with torch.onnx: not again
     assert reference.steps == ["setup", "parity", "quality", "latency", "close"]

@@ -45,17 +45,24 @@ def test_parity_passes(which, request):
 
 def test_planted_weight_error_is_caught(seq2seq_base, seq2seq_adapter, seq2seq_onnx, tmp_path):
     broken = copy_dir(seq2seq_onnx, tmp_path / "broken")
-    _corrupt_one_weight(broken)
-    restamp(broken)  # loraexport.json agrees with the changed file: only parity can tell
-    with pytest.raises(VerificationFailedError, match="parity failed") as e:
+    name = _corrupt_one_weight(broken)
+    restamp(broken)  # loraexport.json agrees with the changed file: the proof tells, naming it
+    with pytest.raises(VerificationFailedError, match="weights differ") as e:
         verify(seq2seq_base, seq2seq_adapter, broken, samples=3, latency=False)
     report = e.value.report  # the library raises, the report travels with the error
-    assert report.passed is False
-    failures = report.parity[0].failures
-    assert failures and failures[0].startswith("b1xs8/")  # the report names the case and output
-    data = report.to_json()
-    assert data["parity"]["passed"] is False
-    assert any(not c["passed"] for c in data["parity"]["cases"])
+    assert report.passed is False and report.parity == []  # parity is not measured on a wrong file
+    assert any(name in f for f in report.proof.failures), report.proof.failures
+    # parity alone catches it too, naming the case and the output
+    from loraexport.runtime.model import OnnxModel
+    from loraexport.stages.inputs import load_inputs
+    from loraexport.stages.merge import unmerged_model
+    from loraexport.verify.parity import check_parity
+
+    loaded = load_inputs(seq2seq_base, [seq2seq_adapter], False, None)
+    unmerged = unmerged_model(loaded.base, loaded.adapters, loaded.weights)
+    result = check_parity(loaded.family, unmerged, OnnxModel(broken, spinning=False), samples=3)
+    assert result.passed is False and result.failures[0].startswith("b1xs8/")
+    assert any(not c.passed for c in result.cases)
 
 
 def test_wrong_scaling_is_caught(seq2seq_base, seq2seq_adapter, seq2seq_onnx, tmp_path):

@@ -167,6 +167,19 @@ def check_not_input(out: Path, label: str, inputs: Inputs) -> None:
                 )
 
 
+def check_apart(out: Path, label: str, others: Inputs) -> None:
+    """Two outputs of one run (``--junit`` and ``--report``'s two files, or ``--out``) may not be,
+    contain or sit inside each other, links resolved (exit 2): the second would replace the first."""
+    for name, value in others.items():
+        for raw in _as_paths(value):
+            other = Path(os.path.abspath(os.fspath(raw)))
+            how = _overlap(Path(os.path.abspath(os.fspath(out))), other)
+            if how:
+                raise UsageError(
+                    f"{label} {out} {how} the {name} {other}: two outputs of one run; choose another path"
+                )
+
+
 def _is_previous_output_dir(p: Path) -> bool:
     """A folder loraexport wrote (it holds loraexport.json, not as a link) or an empty one."""
     if os.path.islink(p) or not os.path.isdir(p):
@@ -189,7 +202,7 @@ def _is_previous_report(p: Path) -> bool:
             head = f.read(8 * 1024 * 1024 + 1)
     except OSError:
         return False
-    if p.suffix == ".md":
+    if p.suffix.lower() == ".md":
         return head.startswith(REPORT_HEADING.encode())
     try:
         data = json.loads(head.decode("utf-8"))

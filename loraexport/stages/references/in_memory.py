@@ -39,6 +39,7 @@ from loraexport.verify import gates
 from loraexport.verify.dequantized import DEQUANTIZED_REFERENCE, as_written
 from loraexport.verify.half import half_precision_costs
 from loraexport.verify.latency import measure_latency, open_model
+from loraexport.verify.parity import check_described_model
 from loraexport.verify.parity_on import parity_on
 from loraexport.verify.quantized import quantization_cost
 from loraexport.verify.stored import STORED_EPS, stored_weights_error
@@ -50,6 +51,10 @@ def setup_in_memory(v: Verification, loaded: Loaded) -> None:
     v.providers = resolve_providers(v.opts.providers)
     v.threads = torch_threads.use(sum(p.numel() for p in loaded.base.parameters()), v.opts.threads, v.log)
     v.pairs = read_pairs(v.opts.eval_data) if v.opts.eval_data else None
+    try:  # an export of another model is refused as such (exit 3), before the proof says it differs
+        check_described_model(loaded.family.runtime_meta(loaded.base), v.onnx_path, v.meta)
+    except RuntimeInputError as e:
+        raise InvalidInputError(str(e)) from e
 
 
 @dataclass

@@ -73,7 +73,7 @@ class Layered:
         self.inputs = streamed_inputs(self.src, v.opts.seed, v.sources)
 
     def prove(self, v: Verification) -> Proven:
-        """The weight-level proof of a fused export against the checkpoint, tensor by tensor."""
+        """The proof of a fused export (quantized or float32) against the checkpoint, tensor by tensor."""
         src, onnx_dir, meta = self.src, v.onnx_path, v.meta
         precision = Precision.parse(meta["weights_dtype"])
         if not is_fused(meta):
@@ -90,7 +90,9 @@ class Layered:
                 finally:
                     src.checkpoint.on_read = None
         adapter = "kept in float32" if self.kind is ExportMode.UNMERGED else "merged"
-        if meta.get("quantization") != quantization_description(precision, adapter, recorded_block(meta)):
+        block = recorded_block(meta)
+        quantized = quantization_description(precision, adapter, block) if precision.is_quantized else None
+        if meta.get("quantization") != quantized:
             proven.proof.claims.append("loraexport.json: 'quantization' is not how the export was made")
         if meta.get("model") != model_facts(
             src.config, src.checkpoint.dir
