@@ -351,4 +351,11 @@ def _why(e: Exception) -> str:
         line = next((ln.strip() for ln in detail.splitlines() if ln.strip()), "")
         return f"it holds something other than tensors: {line}"
     line = next((ln.strip() for ln in text.splitlines() if ln.strip()), "")
+    for advice in ADVICE:  # never pass on torch's advice to turn its safety off
+        line = line.split(advice, 1)[0].rstrip(" .:;(")
     return f"{type(e).__name__}: {line}" if line else type(e).__name__
+
+
+# Where torch.load's messages start advising weights_only=False (one line of the legacy format's
+# failure says so mid-line): cut there.
+ADVICE = ("Re-running `torch.load`", "In PyTorch 2.6", "(1) ")

@@ -50,8 +50,11 @@ def target_names(model: nn.Module, config: LoraConfig) -> list[str]:
 
 
 def check_ranks(model: nn.Module, config: LoraConfig) -> None:
-    """Every targeted layer can hold its rank: r <= min(in, out). A larger r adds parameters
-    (memory grows with r) but cannot raise the rank of ΔW = B·A; refused naming the layer."""
+    """What training an adapter with ``config`` needs: every module it targets is a linear layer
+    (``check_linear_targets``), and every targeted layer can hold its rank: r <= min(in, out). A
+    larger r adds parameters (memory grows with r) but cannot raise the rank of ΔW = B·A;
+    refused naming the layer."""
+    check_linear_targets(model, config)
     for path in target_names(model, config):
         in_f, out_f = linear_shape(model.get_submodule(path))
         r = config.rank(path)
@@ -60,6 +63,20 @@ def check_ranks(model: nn.Module, config: LoraConfig) -> None:
                 f"rank {r} is larger than {path} can use: it is {out_f}×{in_f}, so ΔW = B·A has rank "
                 f"at most {min(in_f, out_f)}; choose a rank of at most {min(in_f, out_f)}"
             )
+
+
+def check_linear_targets(model: nn.Module, config: LoraConfig) -> None:
+    """``config`` targets linear layers only. An embedding or a whole block it also matched was
+    recorded in the adapter's target_modules with no tensors for it, and every reader of the
+    adapter (merge, export, PEFT) then refused it as malformed."""
+    linear = set(linear_names(model))
+    other = next((n for n, m in model.named_modules() if n and n not in linear and config.matches(n)), None)
+    if other is not None:
+        kind = type(model.get_submodule(other)).__name__
+        raise AdapterMismatchError(
+            f"target_modules {config.target_modules!r} match {other} ({kind}), which is not a linear "
+            "layer: LoRA is trained here on linear layers only; name those (e.g. q_proj, v_proj)"
+        )
 
 
 def _parent(model: nn.Module, path: str) -> tuple[nn.Module, str]:

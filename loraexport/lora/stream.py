@@ -193,7 +193,12 @@ def stream_merge(
     t0 = time.perf_counter()
     shards, index = checkpoint_shards(base)
     headers = {s: read_header(base / s) for s in shards}
-    by_name = {t.name: (s, t) for s, (ts, _) in headers.items() for t in ts}
+    by_name: dict = {}
+    for s, (ts, _) in headers.items():
+        for t in ts:  # one tensor in two shards: which one a loader takes is anyone's guess
+            if t.name in by_name:
+                raise ModelFormatError(f"{base / s}: tensor {t.name!r} is also in {by_name[t.name][0]}")
+            by_name[t.name] = (s, t)
     targets: set[str] = set()
     for adapter in adapters:
         for path in sorted(adapter.weights):

@@ -69,6 +69,13 @@ HF_FLOATS: dict[str, tuple[float, float]] = {
     "embd_pdrop": (0.0, 1.0),
     "attn_pdrop": (0.0, 1.0),
     "summary_first_dropout": (0.0, 1.0),
+    "partial_rotary_factor": (1e-6, 1.0),
+}
+# The same, inside rope_parameters / rope_scaling (transformers 5 writes rope_theta there)
+ROPE_FLOATS: dict[str, tuple[float, float]] = {
+    "rope_theta": HF_FLOATS["rope_theta"],
+    "partial_rotary_factor": (1e-6, 1.0),
+    "factor": (1e-6, 1e6),
 }
 HF_BOOLS = ("tie_word_embeddings", "is_decoder", "add_cross_attention", "is_encoder_decoder")
 TOKEN_IDS = ("bos_token_id", "eos_token_id", "pad_token_id", "sep_token_id", "decoder_start_token_id")
@@ -95,14 +102,7 @@ def check_hf_config(raw: Mapping[str, Any], where: Path) -> None:
     for key, (low, high, nullable) in HF_INTS.items():
         if key in raw and not (nullable and raw[key] is None):
             check_int(where, key, raw[key], low, high)
-    for key, (low, high) in HF_FLOATS.items():
-        v = raw.get(key)
-        if v is None:
-            continue
-        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
-            raise ModelFormatError(
-                f"{where}: {key} must be a number from {low:g} to {high:g}, got {short_repr(v)}"
-            )
+    _check_floats(raw, HF_FLOATS, where, "")
     for key in HF_BOOLS:
         if key in raw and not isinstance(raw[key], bool):
             raise ModelFormatError(f"{where}: {key} must be true or false, got {short_repr(raw[key])}")
@@ -128,6 +128,19 @@ def check_hf_config(raw: Mapping[str, Any], where: Path) -> None:
     for key in ("rope_scaling", "rope_parameters"):
         if raw.get(key) is not None and not isinstance(raw[key], dict):
             raise ModelFormatError(f"{where}: {key} must be an object or null, got {short_repr(raw[key])}")
+        if isinstance(raw.get(key), dict):  # transformers 5 keeps rope_theta here
+            _check_floats(raw[key], ROPE_FLOATS, where, f"{key}.")
+
+
+def _check_floats(raw: Mapping[str, Any], table: Mapping[str, tuple[float, float]], where: Path, prefix: str):
+    for key, (low, high) in table.items():
+        v = raw.get(key)
+        if v is None:
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not low <= v <= high:
+            raise ModelFormatError(
+                f"{where}: {prefix}{key} must be a number from {low:g} to {high:g}, got {short_repr(v)}"
+            )
 
 
 def check_token_ids(raw: Mapping[str, Any], where: Path) -> None:

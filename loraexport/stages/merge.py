@@ -68,6 +68,7 @@ def merge(
     storage = torch_dtype(dtype)
     out_plan = plan(out, run.force, run.log, {"--base": base, "--adapter": adapters})
     base_dir = require_dir(base, "base model directory")
+    _check_config(base_dir)
     loaded = [Adapter.load(a, run.allow_pickle) for a in adapters]
     shards, _ = checkpoint_shards(base_dir)
     total = sum((base_dir / s).stat().st_size for s in shards)
@@ -97,3 +98,20 @@ def merge(
             },
         )
     return stats
+
+
+def _check_config(base_dir: Path) -> None:
+    """The base's config.json, copied into the output, is checked as loading it would check it
+    (``models.checks.check_hf_config``): one a loader would refuse is refused before the merge,
+    not after it wrote a checkpoint nothing can load. A checkpoint without one merges as it is."""
+    from loraexport.core.untrusted import read_json
+    from loraexport.errors import ModelFormatError
+    from loraexport.models.checks import check_hf_config
+
+    path = base_dir / "config.json"
+    if not (path.exists() or path.is_symlink()):
+        return
+    raw = read_json(path, ModelFormatError)
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{path}: not a JSON object")
+    check_hf_config(raw, path)

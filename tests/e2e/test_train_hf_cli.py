@@ -285,6 +285,9 @@ def test_dora_trains_and_peft_agrees(bases, data, kind, tmp_path):
         ("bert", ["--targets", "classifier"], ["'classifier' is inside the classification head"]),
         ("gpt2", ["--targets", "c_attn,lm_head"], ["both nn.Linear and GPT-2's Conv1D"]),
         ("llama", ["--targets", "gate"], ["match no linear layer", "q_proj"]),
+        # recorded with no tensors, the adapter was then refused by merge and export (exit 0 here)
+        ("llama", ["--targets", "embed_tokens,lm_head"], ["model.embed_tokens (Embedding)", "not a linear"]),
+        ("llama", ["--target-regex", ".*"], ["not a linear layer"]),
         ("llama", ["--rank", "64"], ["rank 64 is larger than", "at most 32"]),
     ],
 )

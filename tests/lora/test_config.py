@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import peft
 import pytest
@@ -306,3 +307,24 @@ def test_missing_required_key(key):
 def test_not_an_object(data):
     with pytest.raises(AdapterFormatError, match="JSON object"):
         LoraConfig.from_dict(data)
+
+
+@pytest.mark.parametrize(
+    "targets, culprit",
+    [(["embed", "q"], "embed (Embedding)"), (".*", "not a linear layer"), (["block"], "block (Sequential)")],
+)
+def test_training_targets_linear_layers_only(targets, culprit):
+    """``check_ranks`` (what ``train`` checks before any allocation) refuses a target that matches
+    an embedding or a whole block: recorded with no tensors, the adapter was refused by every
+    reader afterwards. Linear layers alone pass."""
+    from torch import nn
+
+    from loraexport.errors import AdapterMismatchError
+    from loraexport.lora.inject import check_ranks
+
+    model = nn.Module()
+    model.embed, model.q = nn.Embedding(10, 8), nn.Linear(8, 8)
+    model.block = nn.Sequential(nn.Linear(8, 8))
+    check_ranks(model, LoraConfig(r=2, lora_alpha=4, target_modules=["q"]))
+    with pytest.raises(AdapterMismatchError, match=re.escape(culprit)):
+        check_ranks(model, LoraConfig(r=2, lora_alpha=4, target_modules=targets))

@@ -250,6 +250,17 @@ def test_pickle_refused_by_weights_only_is_one_line_without_advice_to_disable_it
     assert "False" not in str(e.value)  # torch's own message suggests weights_only=False
 
 
+@pytest.mark.parametrize("content", [b"\0" * 1024, b"PK\3\4" + b"\0" * 60], ids=["legacy-tar", "broken-zip"])
+def test_an_unreadable_pickle_is_one_line_without_advice_to_disable_weights_only(adapter_dir, content):
+    """Neighbours of the one above: torch's legacy-format failure advises weights_only=False
+    mid-line; the line is cut before the advice."""
+    (adapter_dir / PICKLE_NAME).write_bytes(content)
+    with pytest.raises(AdapterFormatError) as e:
+        Adapter.load(adapter_dir, allow_pickle=True)
+    one_line_message(e, PICKLE_NAME)
+    assert "False" not in str(e.value) and "Re-running" not in str(e.value), str(e.value)
+
+
 def test_complex_replacement_tensor_refused(tmp_path):
     """A trained bias stored as complex64 would lose its imaginary part in the merge's cast."""
     d = tmp_path / "adapter"

@@ -189,6 +189,18 @@ def test_check_state_shapes():
         (dict(architectures="GPT2LMHeadModel"), "architectures must be a list of class names"),
         (dict(hidden_act=["gelu"]), "hidden_act must be an activation's name"),
         (dict(rope_scaling=[1]), "rope_scaling must be an object or null"),
+        # transformers 5 writes rope_theta inside rope_parameters: a negative one made a NaN graph
+        (
+            dict(rope_parameters={"rope_theta": -5.0}),
+            "rope_parameters.rope_theta must be a number from 1e-06",
+        ),
+        (dict(rope_parameters={"rope_theta": 0}), "rope_parameters.rope_theta must be a number"),
+        (
+            dict(rope_parameters={"partial_rotary_factor": "x"}),
+            "rope_parameters.partial_rotary_factor must be",
+        ),
+        (dict(rope_scaling={"factor": float("inf")}), "rope_scaling.factor must be a number"),
+        (dict(partial_rotary_factor=2.0), "partial_rotary_factor must be a number from 1e-06 to 1"),
         (dict(quantization_config={"quant_method": "gptq"}), "quantization_config is set"),
         (dict(is_encoder_decoder=True), "is_encoder_decoder is true"),
     ],

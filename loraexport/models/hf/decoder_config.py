@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from loraexport.core.io import read_json
+from loraexport.core.untrusted import short_repr
 from loraexport.errors import ExportError, ModelFormatError
 from loraexport.models.hf import common
 from loraexport.models.types import FUSED_TYPES, LLAMA, QWEN2
@@ -86,7 +87,10 @@ def read_config(model_dir: Path) -> dict:
     for key in ("hidden_size", "num_attention_heads", "num_hidden_layers", "max_position_embeddings"):
         value = config.get(key)
         if not (isinstance(value, int) and not isinstance(value, bool) and 0 < value <= 1 << 20):
-            raise ModelFormatError(f"{model_dir / CONFIG}: {key} must be a positive integer, got {value!r}")
+            raise ModelFormatError(
+                f"{model_dir / CONFIG}: {key} must be an integer from 1 to {1 << 20} for a streamed export, "
+                f"got {short_repr(value)}"
+            )
     if not isinstance(config.get("rms_norm_eps", 1e-6), int | float):
         raise ModelFormatError(f"{model_dir / CONFIG}: rms_norm_eps must be a number")
     return config
