@@ -8,7 +8,8 @@ chosen (or refused) on measurement:
 
 - ``MatMul`` float32 (MLAS SGEMM): the reference;
 - ``MatMulNBits`` 4/8 bits, blocks of 16/32/64, accuracy level 4 (activations int8 per block: the
-  kernel our int8/int4 exports use) and level 1 (float32 arithmetic);
+  kernel our int8/int4 exports use), level 1 (float32 arithmetic) and, for int8, level 3 (bf16:
+  whether this CPU has a faster float path than level 1's);
 - ``MatMulNBits`` with zero points: uint8 (asymmetric int4, integer offsets) and float32 (a float
   offset per block, as HQQ or GGUF's Q4_1 store it);
 - a float offset per block computed beside a symmetric ``MatMulNBits``: w = scale·(code − 8) +
@@ -141,7 +142,7 @@ def _w8a8(k: int, n: int, per_token: bool, rng) -> Nodes:
 
 def variants() -> list[tuple[str, Callable[[int, int, np.random.Generator], Nodes]]]:
     out: list = [("MatMul float32", _float)]
-    nbits = ((4, 16, 4), (4, 32, 4), (4, 64, 4), (4, 32, 1), (8, 16, 4), (8, 64, 4), (8, 16, 1))
+    nbits = ((4, 16, 4), (4, 32, 4), (4, 64, 4), (4, 32, 1), (8, 16, 4), (8, 64, 4), (8, 16, 1), (8, 16, 3))
     for bits, block, level in nbits:
         label = f"MatMulNBits int{bits} b{block} level {level}"
         out.append((label, lambda k, n, rng, b=bits, bl=block, lv=level: _nbits(k, n, b, bl, lv, None, rng)))

@@ -14,6 +14,8 @@ embedding too) by its dequantized value, and rounds the projections' inputs as t
   scale a row) or per tensor (``quantize_dynamic``);
 - asymmetric int4: a scale and an offset per block, the offset a float (what HQQ and GGUF's Q4_1
   store) or an integer (``MatMulNBits``' uint8 zero points);
+- ``searched``: the symmetric grid with each block's scale chosen for the least squared error
+  (clipping), a rounding that needs no calibration data;
 - ``keep``: the base's projections quantized, the adapter's update added in float32
   (``--keep-adapter``).
 
@@ -52,6 +54,35 @@ def sym(w, bits: int, block: int):
     n, k = w.shape
     packed, scales = nbits_quantize(w.T.contiguous().numpy(), bits, block)
     return torch.from_numpy(nbits_dequantize(packed, scales, NBits(k, n, bits, block)).T.copy())
+
+
+# the clipping ratios ``searched`` tries: the block's largest magnitude, down to 60% of it
+CLIP_RATIOS = tuple(1.0 - 0.02 * i for i in range(21))
+
+
+def searched(w, bits: int, block: int):
+    """Symmetric blocks on our exports' grid (codes −2^(bits−1)…2^(bits−1)−1, the largest
+    magnitude on −2^(bits−1): onnxruntime's convention), each block's scale the one of
+    ``CLIP_RATIOS`` × the absmax scale with the least squared error (clipping a few large weights
+    to round the rest finer): what a better rounding without calibration data could give."""
+    import torch
+
+    n, k = w.shape
+    wb = w.double().reshape(n, k // block, block)  # (N, blocks, block)
+    lo, hi = -(2 ** (bits - 1)), 2 ** (bits - 1) - 1
+    peak = torch.gather(wb, -1, wb.abs().argmax(-1, keepdim=True))  # signed, (N, blocks, 1)
+    best, best_err = None, None
+    for ratio in CLIP_RATIOS:
+        scale = peak / lo * ratio
+        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        got = (wb / scale).round().clamp(lo, hi) * scale
+        err = ((got - wb) ** 2).sum(-1, keepdim=True)
+        if best is None:
+            best, best_err = got, err
+        else:
+            better = err < best_err
+            best, best_err = torch.where(better, got, best), torch.where(better, err, best_err)
+    return best.reshape(n, k).float()
 
 
 def per_channel8(w):
@@ -138,6 +169,12 @@ def variants() -> list[tuple[str, Weight, Act, bool]]:
         ("int4 b16, down and head 8-bit b16 (ours)", _ours_int4, lambda n, x: act_blocks(x, 16), False),
         ("the same, --keep-adapter", _ours_int4, lambda n, x: act_blocks(x, 16), True),
         (
+            "the same, scales searched (least squared error per block)",
+            lambda n, w: searched(w, 8, 16) if wide(n, w.shape[1]) else searched(w, 4, 16),
+            lambda n, x: act_blocks(x, 16),
+            False,
+        ),
+        (
             "int4 b32, down and head 8-bit b64 (smaller)",
             lambda n, w: sym(w, _by_role(n, w.shape[1], 8, 4), _by_role(n, w.shape[1], 64, 32)),
             lambda n, x: act_blocks(x, _by_role(n, x.shape[-1], 64, 32)),
@@ -146,6 +183,12 @@ def variants() -> list[tuple[str, Weight, Act, bool]]:
         (
             "int4 b32 everywhere, head 8-bit b32 (the builder's bytes)",
             lambda n, w: sym(w, 8 if n == "lm_head" else 4, 32),
+            lambda n, x: act_blocks(x, 32),
+            False,
+        ),
+        (
+            "the same, scales searched",
+            lambda n, w: searched(w, 8 if n == "lm_head" else 4, 32),
             lambda n, x: act_blocks(x, 32),
             False,
         ),

@@ -158,3 +158,24 @@ def test_wide_is_what_our_int4_keeps_in_8_bits():
     assert sim.wide("lm_head", 576)
     assert sim.wide("model.layers.0.mlp.down_proj", 1536)
     assert not sim.wide("model.layers.0.mlp.up_proj", 576)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.integers(0, 2**31 - 1), st.sampled_from([4, 8]))
+def test_searched_scales_never_round_worse_than_absmax(seed, bits):
+    """Per block, the searched scale's squared error is at most the absmax scale's (ratio 1.0 is
+    among those tried), and every weight sits on its block's grid: codes −2^(bits−1)…2^(bits−1)−1
+    times one scale."""
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(3, 64, generator=g) * torch.rand(3, 64, generator=g) ** 3  # heavy-tailed
+    got, plain = sim.searched(w, bits, 16), sim.sym(w, bits, 16)
+    err = lambda q: ((q - w) ** 2).reshape(3, 4, 16).sum(-1)  # noqa: E731
+    assert torch.all(err(got) <= err(plain) * (1 + 1e-5) + 1e-12)
+    blocks = got.reshape(3, 4, 16).double()
+    # the block's peak lands on code −2^(bits−1) (the searched scale clips it there or is absmax's),
+    # so its largest magnitude is 2^(bits−1) steps: every value is a whole number of steps
+    step = blocks.abs().amax(-1, keepdim=True) / 2 ** (bits - 1)
+    codes = blocks / torch.where(step == 0, torch.ones_like(step), step)
+    assert torch.all((codes - codes.round()).abs() < 1e-4) and torch.all(codes.abs() <= 2 ** (bits - 1))
+    peaks = w.abs().reshape(3, 4, 16).amax(-1, keepdim=True)
+    assert torch.all((got - w).abs().reshape(3, 4, 16) <= peaks + 1e-6)  # no weight moves past its peak
