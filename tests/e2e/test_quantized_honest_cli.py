@@ -14,6 +14,8 @@ import pytest
 from clihelp import QUICK, ok, run
 from hf_tiny import save_base_and_adapter
 
+from loraexport.stages.extras import EXTRAS  # the config and tokenizer files' proof
+
 pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
 
@@ -92,7 +94,8 @@ def test_an_encoder_and_the_encoder_decoder(seq2seq_base, seq2seq_adapter, tmp_p
         r = ok(run("verify", "--base", b, "--adapter", a, "--onnx", out, *QUICK, "--json"))
         report = json.loads(r.stdout)
         assert report["proof"]["passed"] and report["parity"]["passed"], report["proof"]["failures"]
-        assert {f["file"] for f in report["proof"]["files"]} <= {"model.onnx", "encoder.onnx", "decoder.onnx"}
+        graphs = {"model.onnx", "encoder.onnx", "decoder.onnx"}
+        assert {f["file"] for f in report["proof"]["files"]} <= graphs | {EXTRAS}
 
 
 def test_adapter_mode_with_two_adapters(tmp_path):
@@ -106,7 +109,7 @@ def test_adapter_mode_with_two_adapters(tmp_path):
     report = json.loads(r.stdout)
     files = {f["file"] for f in report["proof"]["files"]}
     assert (
-        files == {"model.onnx", "adapter.onnx_adapter", "adapter-2.onnx_adapter"}
+        files == {"model.onnx", "adapter.onnx_adapter", "adapter-2.onnx_adapter", EXTRAS}
         and report["proof"]["passed"]
     )
     assert len(report["parity_by_provider"]) == 3  # each adapter, and none, against the dequantized base

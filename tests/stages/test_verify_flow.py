@@ -44,6 +44,7 @@ class _V:
     meta = {"weights_dtype": "float32"}
     wrote = True  # merge-and-export's own torch.onnx float32 graph: parity only (``stages.verify.proves``)
     report = SimpleNamespace(proof=None)
+    base = None  # no base folder: no side files to prove
 
     def log(self, line):
         pass
