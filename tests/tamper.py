@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 from collections.abc import Callable
 from pathlib import Path
 
@@ -80,3 +81,14 @@ def edit_meta(directory: Path, change: Callable[[dict], None]) -> None:
     change(meta)
     path.write_text(json.dumps(meta, indent=2) + "\n")
     restamp(directory)
+
+
+def planted(
+    src: Path, out: Path, change: Callable[[dict[str, np.ndarray]], None], graph: str = "model.onnx"
+) -> Path:
+    """A copy of the export ``src`` at ``out`` with ``change`` made to ``graph``'s initializers,
+    restamped (so that only the proof or parity can tell)."""
+    shutil.copytree(src, out)
+    edit_initializers(out / graph, change)
+    restamp(out)
+    return out

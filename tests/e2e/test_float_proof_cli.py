@@ -15,7 +15,7 @@ import onnx
 import pytest
 from clihelp import QUICK, ok, refused, run
 from hf_tiny import save_base_and_adapter
-from tamper import edit_initializers, edit_meta, names, restamp
+from tamper import edit_meta, names, planted, restamp
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
@@ -48,11 +48,7 @@ def llama(tmp_path_factory):
 
 
 def _planted(src, tmp_path, change, graph="model.onnx"):
-    out = tmp_path / "planted"
-    shutil.copytree(src, out)
-    edit_initializers(out / graph, change)
-    restamp(out)
-    return out
+    return planted(src, tmp_path / "planted", change, graph)
 
 
 def _rows(pattern: str, rows, factor: float):

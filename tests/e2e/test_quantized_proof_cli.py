@@ -18,7 +18,7 @@ import pytest
 from clihelp import QUICK, ok, refused, run
 from hf_tiny import save_base_and_adapter
 from safetensors.torch import load_file, save_file
-from tamper import edit_initializers, edit_meta, names, restamp, swap, swap_layers
+from tamper import edit_initializers, edit_meta, names, planted, restamp, swap, swap_layers
 
 pytest.importorskip("peft")
 pytestmark = pytest.mark.slow
@@ -68,12 +68,7 @@ def _verify(inputs, onnx_dir, *options):
 
 
 def _planted(src, tmp_path, change, graph="model.onnx"):
-    """A copy of the export ``src`` with ``change`` made to its initializers, restamped."""
-    out = tmp_path / "planted"
-    shutil.copytree(src, out)
-    edit_initializers(out / graph, change)
-    restamp(out)
-    return out
+    return planted(src, tmp_path / "planted", change, graph)
 
 
 def _rewritten(src, out, edit):
