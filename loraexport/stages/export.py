@@ -31,6 +31,7 @@ from loraexport.models.types import FUSED_TYPES, OPTIMIZED_TYPES
 from loraexport.report.contents import Report
 from loraexport.report.files import write_report
 from loraexport.spec import RUN_FIELDS, SPEC_FIELDS, ExportSpec, Run, run_of, spec_of, split_fields
+from loraexport.stages.float_graphs import FloatGraphs
 from loraexport.stages.graphs import (  # noqa: F401 (re-exported: the export stage's names)
     Subject,
     describe,
@@ -43,7 +44,6 @@ from loraexport.stages.graphs import (  # noqa: F401 (re-exported: the export st
     torch_exporter_of,
 )
 from loraexport.stages.inputs import as_list, check_dora_mode, load_inputs, plan
-from loraexport.stages.prove import FloatGraphs
 from loraexport.stages.residency import check_streamable, streams
 from loraexport.stages.sources import FromCheckpoint, FromModel, from_checkpoint
 

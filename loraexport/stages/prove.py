@@ -34,6 +34,7 @@ from loraexport.export.quantize import lora_matmuls, quantized_proto, recorded_b
 from loraexport.runtime.adapters import Active
 from loraexport.runtime.files import RuntimeInputError
 from loraexport.spec import ExportSpec
+from loraexport.stages.float_graphs import FloatGraphs, link_or_copy
 from loraexport.stages.graphs import Subject, export_into, export_subject, torch_exporter_of
 from loraexport.stages.inputs import Loaded, Log
 from loraexport.verify.chunked import scratch_dir
@@ -80,41 +81,6 @@ def graph_files(meta: dict) -> list[str]:
     """The graph files of an export, by its kind (never by names loraexport.json gives)."""
     kind = meta.get("model", {}).get("kind") if isinstance(meta.get("model"), dict) else None
     return ["encoder.onnx", "decoder.onnx"] if kind == "seq2seq" else ["model.onnx"]
-
-
-class FloatGraphs:
-    """The graph files of this run's export as the exporter wrote them, before quantizing (hard
-    links beside the output, removed on ``close``): ``merge-and-export`` hands them to the proof,
-    which quantizes them again instead of exporting the reference a second time. The proof still
-    matches every float weight to the reference's modules by value, so a graph that is not the
-    reference's export fails as it would have."""
-
-    def __init__(self, beside: Path, avoid: tuple[Path, ...] = ()):
-        self.dir = Path(scratch_dir(beside, "float-graphs", avoid))
-        self.files: list[str] = []
-
-    def keep(self, path: Path) -> None:  # export_model's on_float: called before each graph is quantized
-        """A graph alone is hard-linked (the quantizer replaces it by a rename). A graph with external
-        data is copied, both files: the quantizer rewrites such a graph file in place, and onnx
-        refuses to load external data with more than one link (its guard against hard-link attacks)."""
-        data = path.with_name(path.name + ".data")
-        for source in (path, data):
-            if source.is_file():
-                _link_or_copy(source, self.dir / source.name, copy=data.is_file())
-        self.files.append(path.name)
-
-    def close(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-
-def _link_or_copy(source: Path, target: Path, copy: bool) -> None:
-    if not copy:
-        try:
-            target.hardlink_to(source)
-            return
-        except OSError:  # another file system: a copy
-            pass
-    shutil.copyfile(source, target)
 
 
 def prove_export(
@@ -246,16 +212,20 @@ def _prove_exported(
         export_into(loaded, subject, scratch, replay, how, on_float=on_float, origins=fused)
         if fused:
             origins["model.onnx"] = fused
+        quantized = subject.precision is not None and subject.precision.is_quantized
         for name in graph_files(replay):
             fp = FileProof(name)
             proof.files.append(fp)
             if not (onnx_dir / name).is_file():
                 fp.fail("missing from the export")
                 continue
+            if not quantized and name not in origins:  # a float graph: a differing weight named by module
+                on_float(scratch / name)
             with TensorFile(scratch / name) as want, TensorFile(onnx_dir / name) as got:
                 compare_graph(want.proto, got.proto, fp)
                 compare_initializers(want.proto, want.array, got, fp, origins.get(name, {}))
-                check_claims(want.proto, origins.get(name, {}), fp)
+                if quantized:  # which modules each quantized weight holds, both ways
+                    check_claims(want.proto, origins.get(name, {}), fp)
         _adapter_files(proof, scratch, replay, onnx_dir, meta)
         _claims(proof, meta, {k: replay[k] for k in CLAIMS if k in replay})
     finally:
@@ -374,7 +344,7 @@ def float_compute_dir(onnx_dir: Path, meta: dict, avoid: tuple[Path, ...] = ()) 
             onnx.save_model(float_compute_graph(proto)[0], str(scratch / name))
         for entry in os.scandir(onnx_dir):
             if entry.is_file(follow_symlinks=False) and entry.name not in graphs:
-                _link_or_copy(Path(entry.path), scratch / entry.name, copy=False)
+                link_or_copy(Path(entry.path), scratch / entry.name, copy=False)
     except BaseException:
         shutil.rmtree(scratch, ignore_errors=True)
         raise

@@ -12,8 +12,8 @@ from pathlib import Path
 
 from loraexport.core.memory import StageRecord
 from loraexport.report.contents import Report
+from loraexport.stages.float_graphs import FloatGraphs
 from loraexport.stages.inputs import Log, quiet
-from loraexport.stages.prove import FloatGraphs
 from loraexport.verify import gates
 from loraexport.verify.options import VerifyOptions
 from loraexport.verify.quantized import QuantCost

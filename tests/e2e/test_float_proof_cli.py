@@ -156,3 +156,27 @@ def test_a_dropped_graph_output_is_a_failed_proof_not_an_internal_error(llama, t
     onnx.save(model, str(out / "model.onnx"))
     restamp(out)
     _wrong(_verify(inputs, out), "graph output", "present.1.value")
+
+
+def test_a_torch_onnx_weight_that_differs_is_named_by_its_module(tmp_path):
+    """torch.onnx names a linear layer's weight as it likes (``val_55``, ``onnx::MatMul_668``):
+    the proof names the module that holds it, as it does for a quantized weight."""
+    inputs = save_base_and_adapter("llama", tmp_path / "in")
+    out = tmp_path / "out"
+    _export(inputs, out, "--no-stream")
+    model = onnx.load(str(out / "model.onnx"), load_external_data=False)
+    q = "model.layers.1.self_attn.q_proj"  # merged with the adapter: no other layer holds its values
+    assert not any(q in t.name for t in model.graph.initializer)  # the exporter's own names
+
+    def change(arrays):  # q_proj's weight, found by value (transposed, as MatMul reads it)
+        from loraexport.stages.inputs import load_inputs
+        from loraexport.stages.merge import merged_model
+
+        loaded = load_inputs(inputs[0], [inputs[1]], False, None)
+        merged, _ = merged_model(loaded.base, loaded.adapters)
+        want = merged.get_submodule(q).weight.detach().numpy().T
+        (name,) = [n for n, a in arrays.items() if a.shape == want.shape and np.array_equal(a, want)]
+        arrays[name] = arrays[name] * np.float32(1.01)
+
+    planted = _planted(out, tmp_path, change)
+    _wrong(_verify(inputs, planted), q)

@@ -13,9 +13,10 @@ from hf_tiny import save_base_and_adapter
 from tamper import edit_initializers
 
 from loraexport.core.enums import ExportMode, Precision
+from loraexport.stages.float_graphs import FloatGraphs
 from loraexport.stages.graphs import export_into, export_subject, quantize_graphs
 from loraexport.stages.inputs import load_inputs
-from loraexport.stages.prove import FloatGraphs, prove_export
+from loraexport.stages.prove import prove_export
 
 pytest.importorskip("peft")
 
