@@ -46,7 +46,7 @@ from onnx import TensorProto, helper
 from torch import nn
 
 from loraexport.core.enums import Precision
-from loraexport.errors import ExportError
+from loraexport.errors import ExportError, ModelFormatError
 from loraexport.export.fused_source import ModuleSource, Source, _Linear
 from loraexport.export.graph_writer import BITS, Graph, Sink
 from loraexport.export.onnx import EXTERNAL_DATA_BYTES
@@ -88,16 +88,36 @@ def _dims(src: Source) -> _Dims:
             f"fused export: head_dim not derivable (heads {heads}, kv_heads {kv_heads}, head_dim {head_dim}, "
             f"q_proj out {q_out}, k_proj out {k_out})"
         )
+    vocab, hidden = src.linear_shape("lm_head")
+    _check_rotary_bytes(int(c.max_positions), len(c.inv_freq()), vocab * hidden * 4)
     return _Dims(
         layers=src.layers,
         heads=heads,
         kv_heads=kv_heads,
         head_dim=head_dim,
-        vocab=src.linear_shape("lm_head")[0],
+        vocab=vocab,
         eps=c.eps,
         inv_freq=c.inv_freq(),
         max_positions=int(c.max_positions),
     )
+
+
+# The rotary tables (cos and sin, max_positions × rotary_dim/2 float32 each) may take this much, or
+# as much as the embedding table: real long-context models stay far below both (Qwen2.5-7B-1M:
+# 0.5 GB against a 2.2 GB embedding), while a config's positions and head size, each within its own
+# range, could ask for 16 GB from a checkpoint of kilobytes.
+ROTARY_FLOOR_BYTES = 256 * 2**20
+
+
+def _check_rotary_bytes(positions: int, half: int, embedding_bytes: int) -> None:
+    need = positions * half * 4 * 2
+    if need > max(ROTARY_FLOOR_BYTES, embedding_bytes):
+        raise ModelFormatError(
+            f"config.json: max_position_embeddings {positions} with a rotary dimension of {2 * half} "
+            f"needs {need / 2**20:,.0f} MiB of cos/sin tables, more than the embedding's "
+            f"{embedding_bytes / 2**20:,.1f} MiB and {ROTARY_FLOOR_BYTES // 2**20} MiB: "
+            "is max_position_embeddings right?"
+        )
 
 
 # ---- writing the graph --------------------------------------------------------------------------

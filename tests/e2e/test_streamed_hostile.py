@@ -314,3 +314,20 @@ def test_an_export_inside_the_base_gets_its_scratch_folder_outside(llama, tmp_pa
     temp = Path(tempfile.gettempdir()).resolve()
     assert made and all(d is None or Path(d).resolve() == temp for d in made), made
     assert not list(v.glob(".loraexport-*"))
+
+
+@pytest.mark.parametrize("how", [("--stream",), ("--optimize", "--no-stream")])
+def test_rotary_tables_a_config_asks_for_beyond_the_model_are_refused(tmp_path, how):
+    """head_dim 256 and 2^20 positions, each within its range, asked a 36 KB checkpoint for 1 GB of
+    cos/sin tables (written, exit 0): refused before they are made, from the checkpoint or in memory."""
+    import transformers
+
+    config = transformers.LlamaConfig(
+        vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=1, num_attention_heads=1,
+        num_key_value_heads=1, head_dim=256, max_position_embeddings=2**20,
+    )  # fmt: skip
+    torch.manual_seed(0)
+    transformers.LlamaForCausalLM(config).save_pretrained(tmp_path / "v")
+    with untouched(tmp_path):
+        r = run("export", "--model", tmp_path / "v", "--out", tmp_path / "o", *how)
+        refused(r, 3, "max_position_embeddings 1048576", "1,024 MiB of cos/sin tables")
