@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 from artifacts import copy_dir
 from clihelp import needs_bin, ok, program, refused, run, untouched
+from tamper import edit_meta
 
 from loraexport.artifact.provenance import write as write_manifest
 
@@ -90,6 +91,15 @@ def test_check_files_passes_then_catches_changes(seq2seq_onnx, tmp_path):
     line = refused(run("verify", "--check-files", out), 4)
     what = "changed: decoder.onnx; missing: encoder.onnx"
     assert line == f"error: {out}: files do not match loraexport.json ({what})"
+
+
+@pytest.mark.parametrize("listed", [{}, {"decoder.onnx"}])
+def test_a_table_that_leaves_a_graph_out_checks_nothing_and_fails(seq2seq_onnx, tmp_path, listed):
+    """loraexport.json rewritten to list no graph (its own digest recomputed): every file was
+    "unlisted", reported only, and --check-files passed."""
+    out = copy_dir(seq2seq_onnx, tmp_path / "onnx")
+    edit_meta(out, lambda m: m.update(files={k: v for k, v in m["files"].items() if k in listed}))
+    refused(run("verify", "--check-files", out), 4, "lists no sha256 for encoder.onnx, a graph of the export")
 
 
 @pytest.mark.parametrize(
