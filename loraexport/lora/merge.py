@@ -79,9 +79,14 @@ def cast_checked(t: torch.Tensor, dtype: torch.dtype, name: str) -> torch.Tensor
     out = t.to(dtype)
     if out.is_floating_point() and out.numel() and not math.isfinite(_amax(out)) and math.isfinite(_amax(t)):
         info = torch.finfo(dtype)
-        raise InvalidInputError(
-            f"{name!r} holds values beyond {str(dtype).removeprefix('torch.')}'s range (±{info.max:g}); "
+        # float16 overflows where bfloat16 and float32 do not; past float32's range, none helps
+        fix = (
             "store it in bfloat16 or float32"
+            if info.max < 1e10  # float16's ±65504
+            else "no floating-point format a model stores holds it: check the adapter's scale and weights"
+        )
+        raise InvalidInputError(
+            f"{name!r} holds values beyond {str(dtype).removeprefix('torch.')}'s range (±{info.max:g}); {fix}"
         )
     return out
 

@@ -117,3 +117,20 @@ def test_merging_twice_from_the_base_is_identical(seq2seq_base, seq2seq_adapter)
     m2, _ = merged_model(copy.deepcopy(base), [adapter])
     for (k, v1), v2 in zip(m1.state_dict().items(), m2.state_dict().values(), strict=True):
         assert torch.equal(v1, v2), k
+
+
+@pytest.mark.parametrize(
+    "value, dtype, advice",
+    [
+        (1e5, torch.float16, "store it in bfloat16 or float32"),
+        (1e300, torch.float32, "no floating-point format a model stores holds it"),  # bfloat16 would not
+        (1e300, torch.bfloat16, "no floating-point format a model stores holds it"),
+    ],
+)
+def test_a_cast_beyond_the_range_says_what_would_hold_it(value, dtype, advice):
+    from loraexport.errors import InvalidInputError
+    from loraexport.lora.merge import cast_checked
+
+    with pytest.raises(InvalidInputError, match=advice) as e:
+        cast_checked(torch.tensor([value], dtype=torch.float64), dtype, "w")
+    assert "\n" not in str(e.value)
