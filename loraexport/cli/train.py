@@ -13,6 +13,16 @@ from loraexport.cli.types import Names, Number, PositiveInt, Seed, Warmup
 from loraexport.training.options import MAX_ALPHA, MAX_GRAD_ACCUM, MAX_LENGTH, MAX_RANK, TrainOptions
 
 
+def _target_regex(ctx, param, value):
+    """A regex train can record (exit 2 here, not 3 blaming an adapter_config.json not yet written)."""
+    from loraexport.lora.config import target_regex_problem
+
+    problem = None if value is None else target_regex_problem(value)
+    if problem:
+        raise click.BadParameter(f"{value!r}: {problem}")
+    return value
+
+
 @click.command()
 @click.option("--base", required=True, type=click.Path(path_type=Path), help="Base model directory.")
 @click.option(
@@ -56,7 +66,9 @@ from loraexport.training.options import MAX_ALPHA, MAX_GRAD_ACCUM, MAX_LENGTH, M
     help="Comma-separated module names (default: the attention query and value projections: q,v; "
     "q_proj,v_proj for Llama, Mistral, Qwen2; c_attn for GPT-2; query,value for BERT, RoBERTa).",
 )
-@click.option("--target-regex", help="A regex over full module paths instead of --targets.")
+@click.option(
+    "--target-regex", callback=_target_regex, help="A regex over full module paths instead of --targets."
+)
 @click.option(
     "--dropout", default=0.0, show_default=True, type=Number(float, 0, 1, hi_open=True), help="LoRA dropout."
 )

@@ -132,6 +132,16 @@ def _nested_repeat(pattern: str) -> str | None:
     return None
 
 
+def target_regex_problem(pattern: str) -> str | None:
+    """What keeps ``pattern`` (``train --target-regex``: ``target_modules`` as one regex) from
+    being used, as the adapter's config would be refused for it; None: nothing."""
+    try:
+        _check_regex("target_modules", pattern, "{}")
+    except (AdapterFormatError, UnsupportedAdapterError) as e:
+        return str(e).split(f"regex {short_repr(pattern)}", 1)[-1].lstrip(": ")
+    return None
+
+
 def _check_regex(key: str, pattern: str, template: str) -> None:
     """``pattern`` compiles where PEFT puts it, and cannot backtrack for hours on a module name."""
     if len(pattern) > _MAX_REGEX_LEN:

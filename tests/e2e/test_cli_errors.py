@@ -165,9 +165,14 @@ def test_targets_matching_no_module_lists_the_linear_names(sample_base, small_da
     nothing_left(out)
 
 
-def test_target_regex_invalid(sample_base, small_data, out):
-    r = _train(sample_base, small_data, out, "--target-regex", "(q|v")
-    refused(r, 3, "target_modules")
+@pytest.mark.parametrize(
+    "regex, needle", [("(q|v", "missing ), unterminated subpattern"), ("(a+)+$", "exponential time")]
+)
+def test_target_regex_invalid(sample_base, small_data, out, regex, needle):
+    """An option's value: exit 2 naming --target-regex (was exit 3, blaming adapter_config.json)."""
+    r = _train(sample_base, small_data, out, "--target-regex", regex)
+    refused(r, 2, "--target-regex", needle)
+    nothing_left(out)
 
 
 def test_dropout_out_of_range(sample_base, small_data, out):
