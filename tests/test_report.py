@@ -221,3 +221,15 @@ def test_summary_rows():
 def test_summary_says_the_parity_verdict(err, word):
     rows = dict(_report(parity=[_parity(logits_err=err)]).summary_rows())
     assert rows["parity [cpu]"].startswith(f"{word}: max abs err {max(err, 1e-6):.2e}")
+
+
+def test_a_parity_failure_is_a_failed_junit_case_of_its_provider():
+    """What a CI system reads of a parity failure (every planted file now fails the proof first)."""
+    import xml.etree.ElementTree as ET
+
+    from loraexport.report.junit import junit_xml
+
+    xml = junit_xml(_report(parity=[_parity(logits_err=1e-3)]), "loraexport verify x")
+    failed = [c for c in ET.fromstring(xml).iter("testcase") if c.find("failure") is not None]
+    assert [c.get("classname") for c in failed] == ["parity.cpu"]
+    assert "tolerance" in failed[0].find("failure").get("message")

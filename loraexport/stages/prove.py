@@ -65,7 +65,7 @@ SCOPED = (
 )
 CLAIMS = ("model", "weights_dtype", "mode", "quantization", "graphs", "lora_inputs")
 NBITS = (Precision.INT8, Precision.INT4)
-PROVEN_WRITTEN = (*NBITS, Precision.FLOAT32)  # the fused graph's precisions proven by writing it again
+PROVEN_WRITTEN = (*NBITS, Precision.FLOAT32, Precision.FLOAT16, Precision.BFLOAT16)  # the fused graph's
 
 
 @dataclass
@@ -86,7 +86,7 @@ def graph_files(meta: dict) -> list[str]:
 def prove_export(
     loaded: Loaded, onnx_dir: Path, meta: dict, log: Log, made: FloatGraphs | None = None
 ) -> Proven:
-    """The proof of the export ``onnx_dir`` (``meta``; quantized, or float32: ``stages.verify.proves``)
+    """The proof of the export ``onnx_dir`` (``meta``; quantized, or float: ``stages.verify.proves``)
     against the reference ``loaded`` gives. ``made``: the float graphs this run exported (``meta``
     then describes this run's export). Raises ``InvalidInputError`` for files that cannot be read."""
     precision = Precision.parse(meta.get("weights_dtype", "float32"))

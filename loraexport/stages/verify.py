@@ -67,13 +67,13 @@ def verify_into(v: Verification, reference: Reference) -> None:
 
 
 def proves(v: Verification, reference: Reference) -> bool:
-    """Whether a float export is proven too, tensor by tensor, before parity (``stages.prove``):
-    parity reads the positions, ids and token types its cases feed, a proof every weight and
-    attribute. A float32 graph loraexport writes (written again: seconds), and any other float32
-    export ``verify`` reads (exported again: as long as the export); not one ``merge-and-export``
-    has just exported from this very reference (``v.wrote``), nor float16/bfloat16 (yet), nor an
+    """Whether a float export (float32, float16, bfloat16) is proven too, tensor by tensor, before
+    parity (``stages.prove``): parity reads the positions, ids and token types its cases feed, a
+    proof every weight and attribute. A graph loraexport writes (written again: seconds), and any
+    other export ``verify`` reads (exported again: as long as the export); not one
+    ``merge-and-export`` has just exported from this very reference (``v.wrote``), nor an
     adapter-mode graph verified with adapters other than those it was exported with."""
-    if v.meta.get("weights_dtype", Precision.FLOAT32.value) != Precision.FLOAT32.value:
+    if Precision.parse(v.meta.get("weights_dtype", Precision.FLOAT32.value)).is_quantized:
         return False
     if isinstance(reference, Layered):  # the checkpoint read tensor by tensor: the fused graph only
         return is_fused(v.meta)

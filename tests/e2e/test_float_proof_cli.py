@@ -180,3 +180,18 @@ def test_a_torch_onnx_weight_that_differs_is_named_by_its_module(tmp_path):
 
     planted = _planted(out, tmp_path, change)
     _wrong(_verify(inputs, planted), q)
+
+
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16"])
+def test_a_half_precision_file_is_proven_against_its_rounded_weights(tmp_path, dtype):
+    """The fused graph (verify holds it in memory: --no-stream) and the torch.onnx one: honest,
+    each proven; a rotary row past the cases scaled in the fused one, exit 4."""
+    base, adapter = save_base_and_adapter("llama", tmp_path / "in")
+    check = ("verify", "--base", base, "--adapter", adapter, "--no-stream", *QUICK, "--onnx")
+    export = ("export", "--model", base, "--adapter", adapter, "--dtype", dtype, "--out")
+    for name, how in (("fused", "--optimize"), ("torch-onnx", "--no-stream")):
+        ok(run(*export, tmp_path / name, how))
+        proof = json.loads(ok(run(*check, tmp_path / name, "--json")).stdout)["proof"]
+        assert proof["passed"] and proof["tensors"] > 0, proof
+    rows = _rows(r"^rotary\.(cos|sin)", slice(PAST_THE_CASES, None), 1.1)
+    _wrong(run(*check, _planted(tmp_path / "fused", tmp_path, rows)), "rotary.cos")
