@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from loraexport.artifact.schema import META
+from loraexport.artifact.schema import META, graph_files
 from loraexport.core.untrusted import short_repr
 from loraexport.errors import InvalidInputError, ModelFormatError, VerificationFailedError
 
@@ -244,13 +244,7 @@ def check_manifest(directory: str | Path) -> ManifestCheck:
         result.unlisted = [rel for rel, _ in _entries(d) if rel not in files]
     except OSError as e:  # a folder inside that cannot be listed
         raise InvalidInputError(f"{d}: cannot list {e.filename} ({e.strerror})") from e
-    graphs = [g for g in _graphs(meta) if g in result.unlisted or f"{g}.data" in result.unlisted]
+    graphs = [g for g in graph_files(meta) if g in result.unlisted or f"{g}.data" in result.unlisted]
     if graphs and result.description == "ok":  # a table that lists nothing checks nothing
         result.description = f"lists no sha256 for {graphs[0]}, a graph of the export"
     return result
-
-
-def _graphs(meta: dict) -> list[str]:
-    """The graph files an export of ``meta``'s kind has (as ``stages.prove.graph_files`` says)."""
-    model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
-    return ["encoder.onnx", "decoder.onnx"] if model.get("kind") == "seq2seq" else ["model.onnx"]

@@ -125,3 +125,9 @@ def end_ids(model: dict) -> list[int]:
         return list(ends)
     eos = model.get("special_tokens", {}).get("eos")
     return [] if eos is None else [eos]
+
+
+def graph_files(meta: dict) -> list[str]:
+    """The graph files of an export, by its kind (never by names loraexport.json gives)."""
+    kind = meta.get("model", {}).get("kind") if isinstance(meta.get("model"), dict) else None
+    return ["encoder.onnx", "decoder.onnx"] if kind == "seq2seq" else ["model.onnx"]

@@ -15,11 +15,12 @@ from loraexport.training.options import MAX_ALPHA, MAX_GRAD_ACCUM, MAX_LENGTH, M
 
 def _target_regex(ctx, param, value):
     """A regex train can record (exit 2 here, not 3 blaming an adapter_config.json not yet written)."""
+    from loraexport.core.untrusted import short_repr
     from loraexport.lora.config import target_regex_problem
 
     problem = None if value is None else target_regex_problem(value)
     if problem:
-        raise click.BadParameter(f"{value!r}: {problem}")
+        raise click.BadParameter(f"{short_repr(value)}{problem}")
     return value
 
 

@@ -135,19 +135,23 @@ def _nested_repeat(pattern: str) -> str | None:
 def target_regex_problem(pattern: str) -> str | None:
     """What keeps ``pattern`` (``train --target-regex``: ``target_modules`` as one regex) from
     being used, as the adapter's config would be refused for it; None: nothing."""
-    try:
-        _check_regex("target_modules", pattern, "{}")
-    except (AdapterFormatError, UnsupportedAdapterError) as e:
-        return str(e).split(f"regex {short_repr(pattern)}", 1)[-1].lstrip(": ")
-    return None
+    found = _regex_problem(pattern, "{}")
+    return found[1] if found else None
 
 
 def _check_regex(key: str, pattern: str, template: str) -> None:
     """``pattern`` compiles where PEFT puts it, and cannot backtrack for hours on a module name."""
+    found = _regex_problem(pattern, template)
+    if found:
+        error, problem = found
+        raise error(f"adapter_config.json: {key!r} regex {short_repr(pattern)}{problem}")
+
+
+def _regex_problem(pattern: str, template: str) -> tuple[type[Exception], str] | None:
+    """(the error class, what is wrong) of ``pattern`` embedded in ``template``; None: usable."""
     if len(pattern) > _MAX_REGEX_LEN:
-        raise UnsupportedAdapterError(
-            f"adapter_config.json: {key!r} regex {short_repr(pattern)} is {len(pattern)} characters long; "
-            f"refusing regexes over {_MAX_REGEX_LEN}"
+        return UnsupportedAdapterError, (
+            f" is {len(pattern)} characters long; refusing regexes over {_MAX_REGEX_LEN}"
         )
     regex = template.format(pattern)
     try:
@@ -156,12 +160,11 @@ def _check_regex(key: str, pattern: str, template: str) -> None:
             re.compile(regex)
             nested = _nested_repeat(regex)  # as embedded: the template may hold the user's groups
     except (re.error, OverflowError, RecursionError, ValueError) as e:
-        raise AdapterFormatError(f"adapter_config.json: {key!r} regex {short_repr(pattern)}: {e}") from e
+        return AdapterFormatError, f": {e}"
     if nested:
-        raise UnsupportedAdapterError(
-            f"adapter_config.json: {key!r} regex {short_repr(pattern)} has {nested}, which can take "
-            "exponential time to match; refusing it (rewrite it without nesting)"
-        )
+        why = "which can take exponential time to match; refusing it (rewrite it without nesting)"
+        return UnsupportedAdapterError, f" has {nested}, {why}"
+    return None
 
 
 def _invalid(key: str, must: str, value: Any) -> AdapterFormatError:

@@ -22,7 +22,7 @@ from typing import Any
 
 from torch import nn
 
-from loraexport.core.untrusted import short_repr
+from loraexport.core.untrusted import read_json, short_repr
 from loraexport.errors import ModelFormatError
 from loraexport.lora.stream import TensorInfo, checkpoint_shards, read_header
 from loraexport.models.strict import Names, hf_names, refuse
@@ -141,6 +141,15 @@ def _check_floats(raw: Mapping[str, Any], table: Mapping[str, tuple[float, float
             raise ModelFormatError(
                 f"{where}: {prefix}{key} must be a number from {low:g} to {high:g}, got {short_repr(v)}"
             )
+
+
+def read_checked_config(path: Path) -> dict:
+    """``config.json`` at ``path``, read bounded, its values checked (``check_hf_config``)."""
+    raw = read_json(path, ModelFormatError)
+    if not isinstance(raw, dict):
+        raise ModelFormatError(f"{path}: expected a JSON object")
+    check_hf_config(raw, path)
+    return raw
 
 
 def check_token_ids(raw: Mapping[str, Any], where: Path) -> None:

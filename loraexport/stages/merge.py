@@ -104,14 +104,8 @@ def _check_config(base_dir: Path) -> None:
     """The base's config.json, copied into the output, is checked as loading it would check it
     (``models.checks.check_hf_config``): one a loader would refuse is refused before the merge,
     not after it wrote a checkpoint nothing can load. A checkpoint without one merges as it is."""
-    from loraexport.core.untrusted import read_json
-    from loraexport.errors import ModelFormatError
-    from loraexport.models.checks import check_hf_config
+    from loraexport.models.checks import read_checked_config
 
     path = base_dir / "config.json"
-    if not (path.exists() or path.is_symlink()):
-        return
-    raw = read_json(path, ModelFormatError)
-    if not isinstance(raw, dict):
-        raise ModelFormatError(f"{path}: not a JSON object")
-    check_hf_config(raw, path)
+    if path.exists() or path.is_symlink():
+        read_checked_config(path)

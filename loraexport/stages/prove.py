@@ -24,7 +24,7 @@ import onnx
 import torch
 from torch import nn
 
-from loraexport.artifact.schema import BUILDER
+from loraexport.artifact.schema import BUILDER, graph_files
 from loraexport.core.enums import ExportMode, Precision
 from loraexport.errors import InvalidInputError
 from loraexport.export.adapter import ADAPTER_SUFFIX
@@ -75,12 +75,6 @@ class Proven:
     proof: Proof
     origins: dict[str, Origins] = field(default_factory=dict)  # by graph file name
     subject: Subject | None = None
-
-
-def graph_files(meta: dict) -> list[str]:
-    """The graph files of an export, by its kind (never by names loraexport.json gives)."""
-    kind = meta.get("model", {}).get("kind") if isinstance(meta.get("model"), dict) else None
-    return ["encoder.onnx", "decoder.onnx"] if kind == "seq2seq" else ["model.onnx"]
 
 
 def prove_export(

@@ -14,7 +14,7 @@ from torch import nn
 
 from loraexport.artifact.manifest import check_manifest
 from loraexport.artifact.output import OutputPlan, plan_files, write_files
-from loraexport.artifact.schema import BUILDER, read_export_meta
+from loraexport.artifact.schema import BUILDER, graph_files, read_export_meta
 from loraexport.core.dtypes import torch_dtype
 from loraexport.core.enums import ExportMode, Precision, half_precision, quantization
 from loraexport.core.io import require_dir
@@ -26,7 +26,6 @@ from loraexport.spec import RUN_FIELDS, Run, run_of, split_fields
 from loraexport.stages.extras import prove_extras
 from loraexport.stages.inputs import Loaded, as_list, check_eval_data, load_inputs, machine
 from loraexport.stages.merge import merged_model
-from loraexport.stages.prove import graph_files
 from loraexport.stages.references.adapters import Adapters
 from loraexport.stages.references.in_memory import InMemory
 from loraexport.stages.references.layered import Layered

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from loraexport.artifact.schema import end_ids
+from loraexport.artifact.schema import end_ids, graph_files
 from loraexport.models.base import ModelFamily
 from loraexport.runtime.model import OnnxModel, RuntimeInputError, chain_forward, vocab_size
 from loraexport.verify.generation import (  # noqa: F401 (GenerationResult re-exported)
@@ -221,7 +221,7 @@ def check_described_model(expected: dict, onnx_dir: Path, meta: dict) -> None:
     from loraexport.verify.tensorfile import TensorFile
 
     model = meta.get("model") if isinstance(meta.get("model"), dict) else {}
-    graph = onnx_dir / ("decoder.onnx" if model.get("kind") == "seq2seq" else "model.onnx")
+    graph = onnx_dir / graph_files(meta)[-1]  # the decoder's (the one with the cache)
     with TensorFile(graph) as f:
         past = [i for i in f.proto.graph.input if i.name.startswith("past_key_values.")]
     dims = [d.dim_value or None for d in past[0].type.tensor_type.shape.dim] if past else []

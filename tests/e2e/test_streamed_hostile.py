@@ -190,7 +190,7 @@ def test_a_tensor_in_two_shards_is_refused(llama, tmp_path):
     [
         ({"model_type": "llama", "hidden_size": "x"}, "hidden_size must be an integer"),
         ({"model_type": "llama", "rope_parameters": {"rope_theta": -5.0}}, "rope_parameters.rope_theta"),
-        ([1, 2], "not a JSON object"),
+        ([1, 2], "expected a JSON object"),
     ],
     ids=["hidden-size", "rope-theta", "not-an-object"],
 )

@@ -26,12 +26,12 @@ from loraexport.errors import ModelFormatError, first_line
 from loraexport.models.base import Inputs, ParityCase
 from loraexport.models.checks import (
     check_hf_checkpoint,
-    check_hf_config,
     check_hf_depth,
     check_hf_shapes,
     check_token_ids,
     checkpoint_tensors,
     hf_value,
+    read_checked_config,
 )
 from loraexport.models.strict import check_loaded
 from loraexport.models.types import ROBERTA
@@ -98,10 +98,7 @@ def read_config(directory: Path):
     import transformers
 
     path = directory / "config.json"
-    raw = read_json(path, ModelFormatError)
-    if not isinstance(raw, dict):
-        raise ModelFormatError(f"{path}: expected a JSON object")
-    check_hf_config(raw, path)
+    raw = read_checked_config(path)
     config_class = transformers.CONFIG_MAPPING[raw["model_type"]]
     with quiet_transformers():
         check_hf_shapes(raw, config_class(), path)
